@@ -1,0 +1,163 @@
+"""The deployable checkpoint: weights plus everything needed to use them.
+
+`best.safetensors` holds plain state-dict keys and, in its header, the
+architecture, class names, normalisation, image size, the epoch and its
+validation accuracy, the resolved config and library versions. A `config.json`
+beside it follows timm's pretrained-config format, so
+`timm.create_model("local-dir:RUN", pretrained=True)` loads the run too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from monkeytrain import __version__
+from monkeytrain.augment import CROP_PCT
+from monkeytrain.errors import UserError
+from monkeytrain.model import create_model, strip_wrapper_prefixes
+
+BEST_NAME = "best.safetensors"
+FORMAT = "monkeytrain-1"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint's header says about its model."""
+
+    architecture: str
+    class_names: list[str]
+    class_folders: list[str]
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    epoch: int
+    val_accuracy: float
+    config: dict
+    synthetic_data: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_metadata(self) -> dict[str, str]:
+        """safetensors metadata is str -> str: JSON for anything structured."""
+        return {
+            "format": FORMAT,
+            "architecture": self.architecture,
+            "num_classes": str(self.num_classes),
+            "class_names": json.dumps(self.class_names),
+            "class_folders": json.dumps(self.class_folders),
+            "mean": json.dumps(self.mean),
+            "std": json.dumps(self.std),
+            "image_size": str(self.image_size),
+            "crop_pct": str(CROP_PCT),
+            "epoch": str(self.epoch),
+            "val_accuracy": repr(self.val_accuracy),
+            "config": json.dumps(self.config, sort_keys=True),
+            "synthetic_data": json.dumps(self.synthetic_data),
+            "versions": json.dumps(library_versions()),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "CheckpointInfo":
+        return cls(
+            architecture=metadata["architecture"],
+            class_names=json.loads(metadata["class_names"]),
+            class_folders=json.loads(metadata["class_folders"]),
+            mean=json.loads(metadata["mean"]),
+            std=json.loads(metadata["std"]),
+            image_size=int(metadata["image_size"]),
+            epoch=int(metadata["epoch"]),
+            val_accuracy=float(metadata["val_accuracy"]),
+            config=json.loads(metadata["config"]),
+            synthetic_data=json.loads(metadata.get("synthetic_data", "false")),
+        )
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import safetensors
+    import timm
+
+    return {
+        "monkeytrain": __version__, "torch": torch.__version__, "timm": timm.__version__,
+        "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors under the model's own names (no DDP or compile prefixes)."""
+    state = strip_wrapper_prefixes(model.state_dict())
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Temporary file, fsync, rename: a reader sees the old file or the new one, never half."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo) -> Path:
+    """Write best.safetensors and timm's config.json into `run_dir` (main process only)."""
+    path = run_dir / BEST_NAME
+    write_atomically(path, save(plain_state_dict(model), metadata=info.to_metadata()))
+    write_atomically(run_dir / "config.json", json.dumps(timm_config(info), indent=2).encode())
+    return path
+
+
+def timm_config(info: CheckpointInfo) -> dict:
+    """timm's pretrained-config (config.json) for a local-dir or hub-style load."""
+    return {
+        "architecture": info.architecture,
+        "num_classes": info.num_classes,
+        "label_names": info.class_names,
+        "pretrained_cfg": {
+            "input_size": [3, info.image_size, info.image_size],
+            "crop_pct": CROP_PCT,
+            "interpolation": "bilinear",
+            "mean": info.mean,
+            "std": info.std,
+            "num_classes": info.num_classes,
+        },
+    }
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Weights and header of a monkeytrain checkpoint, or a UserError saying what is wrong."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the best.safetensors of a finished run.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid checkpoint.") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} has no monkeytrain metadata; pass a best.safetensors written by monkeytrain.")
+    return weights, CheckpointInfo.from_metadata(metadata)
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, CheckpointInfo]:
+    """A fresh model with the checkpoint's weights, in eval mode, and its header."""
+    weights, info = read_checkpoint(path)
+    model = create_model(info.architecture, info.num_classes)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), info

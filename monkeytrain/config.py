@@ -1,0 +1,192 @@
+"""The one training config: a dataclass whose fields document themselves.
+
+Values resolve in this order, later winning: field defaults, the `--debug`
+preset, a `--config FILE.yaml` preset, then command-line flags. Unknown keys
+are an error. The resolved config is saved in the run directory and in the
+checkpoint metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from monkeytrain.errors import UserError
+
+
+def _option(default: Any, help: str, **argparse_extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data: Optional[str] = _option(
+        None,
+        "Dataset root (Kaggle layout, flattened, or train/val[/test]). Default: "
+        "$MONKEYTRAIN_DATA, else data/10-monkey-species, else a generated synthetic set.",
+    )
+    train_dir: Optional[str] = _option(None, "Explicit training folder of class subfolders.")
+    val_dir: Optional[str] = _option(None, "Explicit validation folder of class subfolders.")
+    test_dir: Optional[str] = _option(None, "Explicit test folder of class subfolders.")
+    val_fraction: float = _option(
+        0.1,
+        "Fraction of training images held out (stratified, seeded) to pick the best "
+        "epoch when the data has no separate test split; 0 selects on the test split.",
+    )
+    strict_data: bool = _option(False, "Fail on a corrupt or non-image file instead of skipping it.")
+    image_size: int = _option(224, "Side of the square training and evaluation crops, in pixels.")
+    num_workers: int = _option(4, "DataLoader worker processes per rank.")
+    cache_dir: Optional[str] = _option(
+        None, "Cache for channel statistics and the synthetic set. Default: "
+        "$MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain."
+    )
+    # --- augmentation ---
+    min_crop_scale: float = _option(0.35, "Smallest area fraction kept by the random resized crop.")
+    rotation: float = _option(15.0, "Largest random rotation, in degrees either way.")
+    color_jitter: float = _option(0.3, "Strength of random brightness, contrast and saturation changes.")
+    # --- model ---
+    model: str = _option("resnet18", "Any timm model name (resnet18, resnet50, ...).")
+    pretrained: Optional[str] = _option(
+        None,
+        "Start from pretrained weights: bare flag for timm hub weights, or a local "
+        ".safetensors file (a monkeytrain checkpoint too). Default: from scratch.",
+        nargs="?", const="hub",
+    )
+    # --- optimisation ---
+    epochs: int = _option(30, "Number of training epochs.")
+    batch_size: int = _option(64, "Images per batch on each process.")
+    optimizer: str = _option("sgd", "sgd (with momentum) or adamw.", choices=("sgd", "adamw"))
+    lr: float = _option(0.05, "Peak learning rate, reached after warmup.")
+    momentum: float = _option(0.9, "SGD momentum (AdamW beta1).")
+    weight_decay: float = _option(5e-4, "Weight decay, not applied to norm and bias parameters.")
+    warmup_epochs: float = _option(2.0, "Linear warmup length before the cosine decay, in epochs.")
+    label_smoothing: float = _option(0.1, "Label smoothing of the cross-entropy loss.")
+    grad_accum_steps: int = _option(1, "Batches whose gradients are summed before each optimizer step.")
+    clip_grad_norm: float = _option(0.0, "Clip the gradient norm to this value; 0 disables clipping.")
+    mixed_precision: str = _option("no", "Autocast precision: no, fp16 or bf16.", choices=("no", "fp16", "bf16"))
+    seed: int = _option(0, "Seed for weights, data order, splits and augmentation.")
+    max_steps_per_epoch: int = _option(0, "Stop each epoch after this many batches; 0 runs all.")
+    # --- run ---
+    output_dir: str = _option("runs", "Folder that holds one directory per run.")
+    run_name: Optional[str] = _option(None, "Run directory name. Default: a timestamp.")
+    cpu: bool = _option(False, "Train on the CPU even when a GPU is present.")
+    debug: bool = _option(False, "Quick check: CPU, small images, a few steps, two epochs.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Values `--debug` sets, beneath any YAML preset or flag the user gives.
+DEBUG_PRESET = dict(
+    cpu=True, image_size=64, epochs=2, max_steps_per_epoch=3, batch_size=16, num_workers=0
+)
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; unset flags stay absent."""
+    parser = argparse.ArgumentParser(
+        prog="monkeytrain/train.py",
+        description="Train an image classifier on an image-folder dataset.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if _base_type(f) is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=_base_type(f), help=help_text, **extra)
+    return parser
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    annotation = str(f.type).replace("Optional[", "").rstrip("]")
+    return {"str": str, "int": int, "float": float, "bool": bool}[annotation]
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Resolve defaults, the debug preset, a YAML preset and flags into one config."""
+    cli = vars(build_parser().parse_args(argv))
+    preset_path = cli.pop("config", None)
+    overrides = {**(load_yaml_preset(Path(preset_path)) if preset_path else {}), **cli}
+    values = {**(DEBUG_PRESET if overrides.get("debug") else {}), **overrides}
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def load_yaml_preset(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (dashes or underscores), checking names and types."""
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; check the path given to --config.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML ({error.__class__.__name__}); fix its syntax.")
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must be a mapping of option names to values.")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(
+                f"unknown key '{key}' in {path}; valid keys are the flags listed by --help."
+            )
+        values[name] = _coerce(FIELDS[name], value, f"key '{key}' in {path}")
+    return values
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = _base_type(f)
+    if value is None and "Optional" in str(f.type):
+        return None
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, str) and type(value) is kind:
+        return value
+    raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}.")
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject values that cannot work, naming the flag to change."""
+    checks = [
+        (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.image_size >= 16, "--image-size must be at least 16 pixels"),
+        (0.0 <= config.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+        (config.lr > 0, "--lr must be positive"),
+        (config.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
+        (config.num_workers >= 0, "--num-workers must not be negative"),
+        (0.0 < config.min_crop_scale <= 1.0, "--min-crop-scale must be in (0, 1]"),
+        (config.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
+        (0.0 <= config.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
+        (config.max_steps_per_epoch >= 0, "--max-steps-per-epoch must not be negative"),
+        (config.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw"),
+        (config.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"{message}; fix the flag or the config file.")
+    if config.data and (config.train_dir or config.val_dir or config.test_dir):
+        raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML, loadable again with --config."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,213 @@
+"""From a config to checked train / validation / test file lists, and their loaders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from monkeytrain import layout
+from monkeytrain.config import TrainConfig
+from monkeytrain.distributed import shard_indices
+from monkeytrain.errors import UserError
+from monkeytrain.imagefiles import ImageFile, SkippedFile, candidate_files, load_rgb, scan_labelled_files
+from monkeytrain.splits import find_leaks, stratified_holdout
+from monkeytrain.synthetic import ensure_synthetic_dataset
+
+DEFAULT_DATA_ROOT = Path("data/10-monkey-species")
+
+
+@dataclass
+class DatasetSplits:
+    """Checked file lists for each split, and everything a run reports about them."""
+
+    class_folders: list[str]
+    class_names: list[str]
+    train: list[ImageFile]
+    val: list[ImageFile]
+    test: list[ImageFile]
+    # True when the best epoch is chosen on the test split itself (--val-fraction 0).
+    selection_on_test: bool
+    layout: str
+    root: str
+    synthetic: bool = False
+    skipped: list[SkippedFile] = field(default_factory=list)
+    leaks: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        """A JSON-ready account of the data a run used."""
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "synthetic": self.synthetic,
+            "selection_on_test": self.selection_on_test,
+            "class_folders": self.class_folders,
+            "class_names": self.class_names,
+            "counts": {name: len(files) for name, files in self.named_splits().items()},
+            "skipped_count": len(self.skipped),
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "leaks": [[str(a), str(b)] for a, b in self.leaks],
+            "files": {name: [str(f.path) for f in files] for name, files in self.named_splits().items()},
+        }
+
+    def named_splits(self) -> dict[str, list[ImageFile]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def distinct_splits(self) -> dict[str, list[ImageFile]]:
+        """The splits that must not share files (validation is the test split with --val-fraction 0)."""
+        splits = self.named_splits()
+        if self.selection_on_test:
+            del splits["val"]
+        return splits
+
+
+def default_cache_dir(config: TrainConfig) -> Path:
+    chosen = config.cache_dir or os.environ.get("MONKEYTRAIN_CACHE")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "monkeytrain"
+
+
+def user_data_root(config: TrainConfig) -> Optional[Path]:
+    """The dataset root the user asked for, or found at the default place; None means synthetic."""
+    if config.data:
+        return Path(config.data)
+    if os.environ.get("MONKEYTRAIN_DATA"):
+        return Path(os.environ["MONKEYTRAIN_DATA"])
+    return DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None
+
+
+def find_split_folders(config: TrainConfig, root: Optional[Path]) -> layout.SplitFolders:
+    if config.train_dir or config.val_dir or config.test_dir:
+        return layout.folders_from_explicit(config.train_dir, config.val_dir, config.test_dir)
+    assert root is not None
+    return layout.folders_from_root(root)
+
+
+def discover_splits(
+    folders: layout.SplitFolders, val_fraction: float, seed: int, strict: bool
+) -> DatasetSplits:
+    """Scan every split, hold out a validation split where needed, and check the result."""
+    class_folders = layout.check_same_classes(folders)
+    scanned = {}
+    skipped: list[SkippedFile] = []
+    for name, folder in (("train", folders.train), ("selection", folders.selection), ("test", folders.test)):
+        if folder is not None:
+            scanned[name], split_skipped = scan_split(folder, class_folders)
+            skipped += split_skipped
+    if skipped and strict:
+        first = skipped[0]
+        raise UserError(
+            f"{first.path} is {first.reason} ({len(skipped)} bad file(s) in all); "
+            "remove or replace it, or drop --strict-data to skip such files."
+        )
+    train, val, selection_on_test = choose_validation(scanned, val_fraction, seed)
+    splits = DatasetSplits(
+        class_folders=class_folders,
+        class_names=layout.display_names(class_folders, folders.labels_file),
+        train=train, val=val, test=scanned["test"],
+        selection_on_test=selection_on_test, layout=folders.layout,
+        root=str(folders.train), skipped=skipped,
+    )
+    check_no_empty_class(splits, folders)
+    splits.leaks = find_leaks(splits.distinct_splits())
+    return splits
+
+
+def scan_split(folder: Path, class_folders: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
+    labelled = [
+        (path, label)
+        for label, name in enumerate(class_folders)
+        for path in candidate_files(folder / name)
+    ]
+    return scan_labelled_files(labelled)
+
+
+def choose_validation(
+    scanned: dict[str, list[ImageFile]], val_fraction: float, seed: int
+) -> tuple[list[ImageFile], list[ImageFile], bool]:
+    """(train, validation, selection_on_test) for the layout at hand."""
+    if "selection" in scanned:
+        return scanned["train"], scanned["selection"], False
+    if val_fraction == 0:
+        return scanned["train"], scanned["test"], True
+    train, held_out = stratified_holdout(scanned["train"], val_fraction, seed)
+    return train, held_out, False
+
+
+def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) -> None:
+    where = {"train": folders.train, "test": folders.test}
+    for split_name, files in (("train", splits.train), ("test", splits.test)):
+        present = {f.label for f in files}
+        for label, folder_name in enumerate(splits.class_folders):
+            if label not in present:
+                raise UserError(
+                    f"class folder {where[split_name] / folder_name} has no readable images; "
+                    "add images or remove the folder from every split."
+                )
+
+
+class ImageListDataset(Dataset):
+    """(transformed image, label) for a list of checked image files."""
+
+    def __init__(self, files: list[ImageFile], transform: Callable):
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        item = self.files[index]
+        return self.transform(load_rgb(item.path)), item.label
+
+
+def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """A shuffling loader; Accelerate's `prepare` shards it across ranks."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+    )
+
+
+def sharded_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int
+) -> DataLoader:
+    """This rank's disjoint, unpadded shard, in order: every sample is seen exactly once
+    across ranks, so sums of per-shard results are exact whatever the dataset size."""
+    shard = Subset(dataset, shard_indices(len(dataset), rank, world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
+    """The run's checked splits: the user's dataset, or the synthetic one as a loud fallback."""
+    root = user_data_root(config)
+    explicit = bool(config.train_dir or config.val_dir or config.test_dir)
+    synthetic = root is None and not explicit
+    if synthetic:
+        with accelerator.main_process_first():  # one rank generates, the others then reuse it
+            root = ensure_synthetic_dataset(default_cache_dir(config))
+        log.warn(
+            f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}: training on a generated SYNTHETIC "
+            f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
+        )
+    splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
+                             config.strict_data)
+    splits.synthetic = synthetic
+    report_data_problems(splits, log)
+    return splits
+
+
+def report_data_problems(splits: DatasetSplits, log) -> None:
+    for skipped in splits.skipped:
+        log.warn(f"skipping {skipped.path}: {skipped.reason}.")
+    if splits.leaks:
+        pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
+        log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
+    if splits.selection_on_test:
+        log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
+                 "will be selection-biased.")

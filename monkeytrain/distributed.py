@@ -1,0 +1,37 @@
+"""Named collectives: each says what it reduces, and is a no-op on one process."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from accelerate.utils import broadcast_object_list, reduce
+
+T = TypeVar("T")
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `tensor` over all ranks (pixel sums, correct counts, ...)."""
+    return reduce(tensor, reduction="sum")
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank, so all ranks take the same branch."""
+    votes = sum_across_ranks(torch.tensor([0 if flag else 1], device=device))
+    return int(votes.item()) == 0
+
+
+def broadcast_from_main(value: T) -> T:
+    """Every rank receives the main process's `value` (any picklable object)."""
+    holder: list[Any] = [value]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """This rank's disjoint share of `range(num_items)`, with no padding duplicates.
+
+    Shards differ in length by at most one, so anything computed per shard must
+    be reduced as sums and counts, never as per-rank means.
+    """
+    return list(range(rank, num_items, world_size))

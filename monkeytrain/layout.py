@@ -1,0 +1,124 @@
+"""Where the splits of a dataset live on disk, and what its classes are called.
+
+Accepted layouts, tried in this order under a root folder:
+
+- Kaggle as downloaded: `training/training/<class>/`, `validation/validation/<class>/`
+- flattened Kaggle: `training/<class>/`, `validation/<class>/`
+- `train/` + `val/` (+ `test/`)
+
+or explicit `--train-dir` with `--val-dir` and/or `--test-dir`. A split is a
+folder of class subfolders; class indices follow sorted folder names.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from monkeytrain.errors import UserError
+
+LABELS_FILE = "monkey_labels.txt"
+
+
+@dataclass(frozen=True)
+class SplitFolders:
+    """The folders of one dataset.
+
+    `selection` is None when the layout has no folder for picking the best
+    epoch; it is then held out of `train` (or, with --val-fraction 0, the test
+    folder is used and the test figure is selection-biased).
+    """
+
+    train: Path
+    selection: Optional[Path]
+    test: Path
+    labels_file: Optional[Path]
+    layout: str
+
+
+def folders_from_root(root: Path) -> SplitFolders:
+    """Recognise one of the accepted layouts under `root`."""
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} does not exist; check --data or $MONKEYTRAIN_DATA.")
+    labels = root / LABELS_FILE if (root / LABELS_FILE).is_file() else None
+    kaggle = (root / "training" / "training", root / "validation" / "validation")
+    if all(p.is_dir() for p in kaggle):
+        return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
+    if (root / "training").is_dir() and (root / "validation").is_dir():
+        return SplitFolders(root / "training", None, root / "validation", labels, "kaggle-flattened")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        if (root / "test").is_dir():
+            return SplitFolders(root / "train", root / "val", root / "test", labels, "train-val-test")
+        return SplitFolders(root / "train", None, root / "val", labels, "train-val")
+    raise UserError(
+        f"no dataset layout found in {root}; expected training/training/<class>/ and "
+        "validation/validation/<class>/ (Kaggle), training/ and validation/, or train/ and val/."
+    )
+
+
+def folders_from_explicit(train: Optional[str], val: Optional[str], test: Optional[str]) -> SplitFolders:
+    """Splits named one by one: the training folder and at least one other."""
+    if not train:
+        raise UserError("--val-dir and --test-dir need --train-dir as well.")
+    if not (val or test):
+        raise UserError("--train-dir needs --val-dir or --test-dir so there is a split to report on.")
+    for flag, folder in (("--train-dir", train), ("--val-dir", val), ("--test-dir", test)):
+        if folder and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder} does not exist or is not a folder; check the path.")
+    train_path = Path(train)
+    if test:
+        selection = Path(val) if val else None
+        return SplitFolders(train_path, selection, Path(test), find_labels_file(train_path), "explicit")
+    return SplitFolders(train_path, None, Path(val), find_labels_file(train_path), "explicit")
+
+
+def find_labels_file(train_folder: Path) -> Optional[Path]:
+    """monkey_labels.txt in the training folder or up to two folders above it."""
+    for folder in (train_folder, *list(train_folder.resolve().parents)[:2]):
+        if (folder / LABELS_FILE).is_file():
+            return folder / LABELS_FILE
+    return None
+
+
+def class_folders(split: Path) -> list[str]:
+    """Sorted names of the non-hidden subfolders of a split folder."""
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_same_classes(folders: SplitFolders) -> list[str]:
+    """The class folder names, after checking that every split has the same ones."""
+    train_classes = class_folders(folders.train)
+    if not train_classes:
+        raise UserError(f"{folders.train} has no class subfolders; put each class's images in its own folder.")
+    others = [f for f in (folders.selection, folders.test) if f is not None]
+    for other in others:
+        other_classes = class_folders(other)
+        for name, present, absent in _first_difference(train_classes, folders.train, other_classes, other):
+            raise UserError(
+                f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
+            )
+    return train_classes
+
+
+def _first_difference(a: list[str], a_dir: Path, b: list[str], b_dir: Path) -> list[tuple[str, Path, Path]]:
+    """The first class folder found in one split and not the other, if any."""
+    differences = [(n, a_dir, b_dir) for n in a if n not in b] + [(n, b_dir, a_dir) for n in b if n not in a]
+    return differences[:1]
+
+
+def display_names(class_folder_names: list[str], labels_file: Optional[Path]) -> list[str]:
+    """Common names from monkey_labels.txt where it has them, else the folder names."""
+    common = read_common_names(labels_file) if labels_file else {}
+    return [common.get(name, name) for name in class_folder_names]
+
+
+def read_common_names(labels_file: Path) -> dict[str, str]:
+    """Map folder label (n0) to common name (mantled howler) from the Kaggle labels file."""
+    rows = list(csv.reader(labels_file.read_text(errors="replace").splitlines()))
+    names = {}
+    for row in rows[1:]:
+        if len(row) >= 3 and row[0].strip():
+            names[row[0].strip()] = row[2].strip().replace("_", " ")
+    return names

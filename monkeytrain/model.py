@@ -1,0 +1,67 @@
+"""Building a timm classifier, from scratch or from pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from monkeytrain.errors import UserError
+
+HUB = "hub"
+# Wrappers that prefix state-dict keys: DDP ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def create_model(name: str, num_classes: int, pretrained: Optional[str] = None) -> torch.nn.Module:
+    """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model '{name}'; pick a name from timm.list_models(), e.g. resnet18.")
+    if pretrained == HUB:
+        return _create_from_hub(name, num_classes)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if pretrained:
+        load_weights_file(model, Path(pretrained))
+    return model
+
+
+def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as error:  # hub, network and cache failures all end the same way for the user
+        raise UserError(
+            f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
+            f"({error.__class__.__name__}); check the network, or pass --pretrained PATH.safetensors."
+        ) from None
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        clean[key] = value
+    return clean
+
+
+def load_weights_file(model: torch.nn.Module, path: Path) -> None:
+    """Load a local .safetensors file, replacing the head when its class count differs."""
+    if not path.is_file():
+        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    try:
+        weights = strip_wrapper_prefixes(load_file(str(path)))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid weights file.")
+    own = model.state_dict()
+    compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    head = model.pretrained_cfg.get("classifier", "fc") + "."
+    body_missing = [k for k in own if k not in compatible and not k.startswith(head)]
+    if body_missing:
+        raise UserError(
+            f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "
+            "pass weights saved for the same --model."
+        )
+    model.load_state_dict(compatible, strict=False)

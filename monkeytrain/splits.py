@@ -1,0 +1,58 @@
+"""Holding out a validation split, and finding files shared between splits."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from monkeytrain.imagefiles import ImageFile
+
+
+def stratified_holdout(
+    files: list[ImageFile], fraction: float, seed: int
+) -> tuple[list[ImageFile], list[ImageFile]]:
+    """Split `files` into (kept, held out), holding out `fraction` of each class.
+
+    Files with identical content stay together, so a duplicate can never sit on
+    both sides (the real monkey set has dozens of such pairs). The split depends
+    only on the file list, the fraction and the seed.
+    """
+    rng = random.Random(seed)
+    kept, held_out = [], []
+    for label in sorted({f.label for f in files}):
+        groups = _groups_by_content([f for f in files if f.label == label])
+        rng.shuffle(groups)
+        target = round(fraction * sum(len(g) for g in groups))
+        taken = 0
+        for group in groups:
+            # Keep at least one group for training whatever the fraction.
+            if taken < target and group is not groups[-1]:
+                held_out.extend(group)
+                taken += len(group)
+            else:
+                kept.extend(group)
+    return sorted(kept, key=_order), sorted(held_out, key=_order)
+
+
+def _groups_by_content(files: list[ImageFile]) -> list[list[ImageFile]]:
+    groups: dict[str, list[ImageFile]] = defaultdict(list)
+    for f in sorted(files, key=_order):
+        groups[f.digest].append(f)
+    return list(groups.values())
+
+
+def _order(f: ImageFile) -> str:
+    return str(f.path)
+
+
+def find_leaks(splits: dict[str, list[ImageFile]]) -> list[tuple[Path, Path]]:
+    """Pairs of files with identical content that sit in two different splits."""
+    first_seen: dict[str, tuple[str, Path]] = {}
+    leaks = []
+    for split_name, files in splits.items():
+        for f in files:
+            if f.digest in first_seen and first_seen[f.digest][0] != split_name:
+                leaks.append((first_seen[f.digest][1], f.path))
+            first_seen.setdefault(f.digest, (split_name, f.path))
+    return leaks

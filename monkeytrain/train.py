@@ -1,0 +1,190 @@
+"""Train, select the best epoch, reload it and evaluate on the test split.
+
+    accelerate launch monkeytrain/train.py [flags]      # any Accelerate setup
+    python -m monkeytrain.train --debug                  # one process, quick check
+
+This file is wiring: it creates the one Accelerator, builds the pieces from
+the other modules, runs the epochs and always closes the Accelerator.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script, Python puts monkeytrain/ itself first on sys.path; put the
+    # project root there instead so only absolute `monkeytrain.` imports resolve.
+    _package_dir = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _package_dir]
+    sys.path.insert(0, str(_package_dir.parent))
+
+import json
+import math
+import time
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+
+from monkeytrain.augment import eval_transform, train_transform
+from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_checkpoint
+from monkeytrain.config import TrainConfig, parse_config, save_config
+from monkeytrain.data import (
+    DatasetSplits, ImageListDataset, default_cache_dir, resolve_dataset, sharded_loader, shuffled_loader,
+)
+from monkeytrain.distributed import broadcast_from_main
+from monkeytrain.engine import EvalResult, evaluate, train_one_epoch
+from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+from monkeytrain.model import create_model
+from monkeytrain.optim import build_optimizer, build_scheduler
+from monkeytrain.selection import BestEpoch
+from monkeytrain.stats import ChannelStats, channel_stats
+from monkeytrain.tracking import RunLog, make_run_log
+
+
+@exits_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    """Parse flags, train, and return the results written to results.json."""
+    config = parse_config(argv)
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
+    accelerator = Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    try:
+        return run(config, accelerator)
+    finally:
+        accelerator.end_training()  # without it, gloo ranks can abort at exit
+
+
+def run(config: TrainConfig, accelerator: Accelerator) -> dict:
+    started = time.perf_counter()
+    set_seed(config.seed)
+    run_dir = prepare_run_dir(config, accelerator)
+    log = make_run_log(run_dir, accelerator.is_main_process)
+    splits = resolve_dataset(config, accelerator, log)
+    stats, cached = channel_stats(splits.train, config.image_size, default_cache_dir(config),
+                                  accelerator, config.num_workers)
+    log.info(f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
+             f"{len(splits.class_names)} classes; channel mean {fmt(stats.mean)} std {fmt(stats.std)}"
+             f" ({'cached' if cached else 'computed'}); {accelerator.num_processes} process(es) on "
+             f"{accelerator.device}, run directory {run_dir}")
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "data_manifest.json").write_text(json.dumps(splits.manifest(), indent=2))
+
+    best = fit(config, accelerator, splits, stats, run_dir, log)
+    results = final_evaluation(config, accelerator, splits, run_dir, best)
+    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    if accelerator.is_main_process:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.info(f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images "
+             f"(best epoch {best.epoch}); results in {run_dir / 'results.json'}")
+    return results
+
+
+def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """The run directory, named alike on every rank, never one holding a finished run."""
+    config.run_name = config.run_name or broadcast_from_main(time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(config.output_dir) / config.run_name
+    if (run_dir / BEST_NAME).exists():
+        raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name or move it away.")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def fit(config, accelerator, splits: DatasetSplits, stats: ChannelStats, run_dir: Path, log: RunLog) -> BestEpoch:
+    """Train every epoch; after each, rank 0 saves the checkpoint if validation improved."""
+    augment = train_transform(config.image_size, stats.mean, stats.std,
+                              config.min_crop_scale, config.rotation, config.color_jitter)
+    train_loader = accelerator.prepare(shuffled_loader(
+        ImageListDataset(splits.train, augment), config.batch_size, config.num_workers, config.seed))
+    val_loader = eval_loader(splits.val, config, stats, accelerator)
+    batches = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
+    steps_per_epoch = math.ceil(batches / config.grad_accum_steps)
+
+    model = create_model(config.model, len(splits.class_names), config.pretrained)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    best = BestEpoch()
+    for epoch in range(1, config.epochs + 1):
+        trained = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator,
+                                  config.max_steps_per_epoch, config.clip_grad_norm, f"epoch {epoch}")
+        validated = evaluate(accelerator.unwrap_model(model), val_loader, accelerator, len(splits.class_names))
+        improved = best.update(epoch, validated.accuracy, validated.loss)  # same inputs on every rank
+        if improved and accelerator.is_main_process:
+            save_checkpoint(run_dir, accelerator.unwrap_model(model),
+                            checkpoint_info(config, splits, stats, epoch, validated.accuracy))
+        accelerator.wait_for_everyone()  # reached by every rank, improved or not
+        log.epoch({
+            "epoch": epoch, "epochs": config.epochs,
+            "train_loss": trained.loss, "train_accuracy": trained.accuracy,
+            "val_loss": validated.loss, "val_accuracy": validated.accuracy,
+            "lr": scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
+            "epoch_seconds": trained.seconds, "is_best": improved,
+        })
+    return best
+
+
+def eval_loader(files, config: TrainConfig, stats: ChannelStats, accelerator: Accelerator):
+    dataset = ImageListDataset(files, eval_transform(config.image_size, stats.mean, stats.std))
+    return sharded_loader(dataset, config.batch_size, config.num_workers,
+                          accelerator.process_index, accelerator.num_processes)
+
+
+def checkpoint_info(config, splits: DatasetSplits, stats: ChannelStats, epoch: int, accuracy: float) -> CheckpointInfo:
+    return CheckpointInfo(
+        architecture=config.model, class_names=splits.class_names, class_folders=splits.class_folders,
+        mean=stats.mean, std=stats.std, image_size=config.image_size, epoch=epoch,
+        val_accuracy=accuracy, config=config.to_dict(), synthetic_data=splits.synthetic,
+    )
+
+
+def final_evaluation(config, accelerator, splits: DatasetSplits, run_dir: Path, best: BestEpoch) -> dict:
+    """Every rank reloads best.safetensors into a fresh model and scores the test split."""
+    model, info = load_model(run_dir / BEST_NAME, accelerator.device)
+    stats = ChannelStats(info.mean, info.std)
+    test = evaluate(model, eval_loader(splits.test, config, stats, accelerator), accelerator, info.num_classes)
+    return results_summary(test, info, splits, best, run_dir, accelerator.num_processes)
+
+
+def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,
+                    best: BestEpoch, run_dir: Path, world_size: int) -> dict:
+    summary = {
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "test_images": test.count,
+        "per_class_accuracy": dict(zip(info.class_names, test.per_class_accuracy())),
+        "confusion_matrix": test.confusion.tolist(),
+        "class_names": info.class_names,
+        "best_epoch": best.epoch,
+        "best_val_accuracy": best.accuracy,
+        "best_val_loss": best.loss,
+        "val_images": len(splits.val),
+        "selection_biased": splits.selection_on_test,
+        "synthetic_data": splits.synthetic,
+        "checkpoint": str(run_dir / BEST_NAME),
+        "world_size": world_size,
+    }
+    if splits.selection_on_test:
+        summary["note"] = ("the best epoch was chosen on the test split (--val-fraction 0), "
+                           "so test_accuracy is selection-biased (optimistic)")
+    return summary
+
+
+def fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+if __name__ == "__main__":
+    main()
