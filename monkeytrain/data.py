@@ -179,8 +179,12 @@ def sharded_loader(
     """This rank's disjoint, unpadded shard, in order: every sample is seen exactly once
     across ranks, so sums of per-shard results are exact whatever the dataset size."""
     shard = Subset(dataset, shard_indices(len(dataset), rank, world_size))
+    # Its own generator: iterating a loader draws a seed, and drawing it from the
+    # global RNG would make training depend on how often we evaluated (or
+    # whether channel statistics came from the cache).
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      generator=torch.Generator().manual_seed(0),
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:

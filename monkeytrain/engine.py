@@ -38,7 +38,7 @@ class EvalResult:
 
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(dim=1).clamp_min(1)
-        return (self.confusion.diag() / totals).tolist()
+        return (self.confusion.diag().double() / totals).tolist()
 
 
 def train_one_epoch(

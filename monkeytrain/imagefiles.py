@@ -60,8 +60,10 @@ def check_image_bytes(data: bytes) -> Optional[str]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # a full decode, so truncated files are caught here
+    except UnidentifiedImageError:
+        return "not an image in any format Pillow reads"
     except DECODE_ERRORS as error:
-        return f"not a readable image ({error.__class__.__name__}: {error})"
+        return f"a damaged or truncated image ({error})"
     return None
 
 

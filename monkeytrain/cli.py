@@ -1,0 +1,134 @@
+"""The `monkeytrain` command: train, predict, evaluate, inspect-data, download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monkeytrain", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("train", help="train (same flags as monkeytrain/train.py; --help there)",
+                        add_help=False)
+
+    predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
+    predict.add_argument("--top-k", type=int, default=3, help="how many classes to show (default: 3)")
+    predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+
+    score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
+    score.add_argument("folder", type=Path)
+    score.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
+    score.add_argument("--json", action="store_true", help="print one JSON document")
+    score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+
+    inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
+    inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
+    inspect.add_argument("--val-fraction", type=float, default=0.1)
+    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--json", action="store_true", help="print the full data manifest")
+
+    download = commands.add_parser("download", help="fetch 10 Monkey Species from Kaggle (kagglehub)")
+    download.add_argument("--dest", type=Path, default=Path("data/10-monkey-species"))
+    return parser
+
+
+@exits_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from monkeytrain.train import main as train_main
+
+        train_main(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    {"predict": run_predict, "evaluate": run_evaluate,
+     "inspect-data": run_inspect, "download": run_download}[args.command](args)
+
+
+def device_for(cpu_only: bool) -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from monkeytrain.predict import collect_images, predict
+
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1.")
+    images, skipped = collect_images(args.inputs)
+    for bad in skipped:
+        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+    predictions = predict(args.checkpoint, images, args.top_k, device_for(args.cpu))
+    if args.json:
+        print(json.dumps([{"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
+                          for p in predictions], indent=2))
+        return
+    for p in predictions:
+        print(f"{p.path}: " + ", ".join(f"{c} {q:.1%}" for c, q in p.top))
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from monkeytrain.predict import evaluate_folder
+
+    accelerator = Accelerator(cpu=args.cpu)
+    result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
+    for bad in skipped:
+        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+    per_class = dict(zip(info.class_names, result.per_class_accuracy()))
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "images": result.count,
+                          "per_class_accuracy": per_class,
+                          "confusion_matrix": result.confusion.tolist()}, indent=2))
+        return
+    print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f})")
+    for name, accuracy in per_class.items():
+        print(f"  {name:<28} {accuracy:.1%}")
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from monkeytrain.config import TrainConfig
+    from monkeytrain.data import discover_splits, find_split_folders, user_data_root
+
+    config = TrainConfig(data=args.data, val_fraction=args.val_fraction, seed=args.seed)
+    root = user_data_root(config)
+    if root is None:
+        raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")
+    splits = discover_splits(find_split_folders(config, root), args.val_fraction, args.seed, strict=False)
+    manifest = splits.manifest()
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return
+    print(f"{root}: layout {manifest['layout']}, {len(splits.class_names)} classes")
+    for split, files in splits.named_splits().items():
+        per_class = [sum(f.label == i for f in files) for i in range(len(splits.class_names))]
+        print(f"  {split:<5} {len(files):>5} images  per class {per_class}")
+    for name, folder in zip(splits.class_names, splits.class_folders):
+        print(f"  {folder}: {name}")
+    for bad in splits.skipped:
+        print(f"  skipped {bad.path}: {bad.reason}")
+    for a, b in splits.leaks:
+        print(f"  leak: {a} = {b}")
+    if splits.selection_on_test:
+        print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
+
+
+def run_download(args: argparse.Namespace) -> None:
+    from monkeytrain.download import download_monkey_species
+
+    print(f"downloaded to {download_monkey_species(args.dest)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Using a finished checkpoint: top-k predictions for images, and scoring an image folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from monkeytrain import layout
+from monkeytrain.augment import eval_transform
+from monkeytrain.checkpoint import CheckpointInfo, load_model
+from monkeytrain.data import ImageListDataset, sharded_loader
+from monkeytrain.engine import EvalResult, evaluate
+from monkeytrain.errors import UserError
+from monkeytrain.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+
+
+def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """Readable images among files and folders given; a named file that is not one is an error."""
+    paths = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise UserError(f"{item} does not exist; pass image files or folders of images.")
+        paths += candidate_files(item) if item.is_dir() else [item]
+    images, skipped = scan_labelled_files([(p, -1) for p in paths])
+    named_files = {Path(i) for i in inputs if Path(i).is_file()}
+    for bad in skipped:
+        if bad.path in named_files:
+            raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
+    if not images:
+        raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
+    return images, skipped
+
+
+@torch.no_grad()
+def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
+            device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
+    """Top-k class names and probabilities for each image, from the checkpoint alone."""
+    model, info = load_model(checkpoint, device)
+    dataset = ImageListDataset(images, eval_transform(info.image_size, info.mean, info.std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    k = min(top_k, info.num_classes)
+    predictions = []
+    for batch, _ in loader:
+        probabilities = model(batch.to(device)).float().softmax(dim=1).cpu()
+        values, indices = probabilities.topk(k, dim=1)
+        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+            top = [(info.class_names[i], p) for i, p in zip(row_indices, row_values)]
+            predictions.append(Prediction(images[len(predictions)].path, top))
+    return predictions
+
+
+def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """Images of a folder of class subfolders, labelled by the checkpoint's class folders."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass a folder of class subfolders.")
+    names = layout.class_folders(folder)
+    unknown = [n for n in names if n not in info.class_folders]
+    if unknown or not names:
+        raise UserError(
+            f"{folder} has class folder '{unknown[0] if unknown else '(none)'}' that the checkpoint does "
+            f"not know; expected subfolders among {', '.join(info.class_folders)}."
+        )
+    labelled = [(p, info.class_folders.index(n)) for n in names for p in candidate_files(folder / n)]
+    images, skipped = scan_labelled_files(labelled)
+    if not images:
+        raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
+    return images, skipped
+
+
+def evaluate_folder(checkpoint: Path, folder: Path, accelerator, batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
+    """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
+    model, info = load_model(checkpoint, accelerator.device)
+    images, skipped = labelled_folder(folder, info)
+    dataset = ImageListDataset(images, eval_transform(info.image_size, info.mean, info.std))
+    loader = sharded_loader(dataset, batch_size, 0, accelerator.process_index, accelerator.num_processes)
+    return evaluate(model, loader, accelerator, info.num_classes), info, skipped

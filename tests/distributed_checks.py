@@ -1,0 +1,97 @@
+"""Run under `torchrun --nproc_per_node 2`: each rank prints one JSON line of what it saw.
+
+    collectives DATA_ROOT CACHE_DIR   channel stats and a test-split evaluation
+    train OUTPUT_DIR TRAIN_FLAGS...   the real training entry point, recording
+                                      which files each rank writes and every
+                                      best-epoch decision it takes
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from monkeytrain import selection, train
+from monkeytrain.data import discover_splits, sharded_loader, ImageListDataset
+from monkeytrain.augment import eval_transform
+from monkeytrain.engine import evaluate
+from monkeytrain.layout import folders_from_root
+from monkeytrain.model import create_model
+from monkeytrain.stats import channel_stats
+
+
+def report(**fields) -> None:
+    print("RANK-REPORT " + json.dumps(fields), flush=True)
+
+
+def collectives(data_root: str, cache_dir: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    splits = discover_splits(folders_from_root(Path(data_root)), 0.0, 0, strict=False)
+    stats, cached = channel_stats(splits.train, 32, Path(cache_dir), accelerator)
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(splits.class_names)).eval()
+    dataset = ImageListDataset(splits.test, eval_transform(32, stats.mean, stats.std))
+    loader = sharded_loader(dataset, 4, 0, accelerator.process_index, accelerator.num_processes)
+    result = evaluate(model, loader, accelerator, len(splits.class_names))
+    report(rank=accelerator.process_index, world=accelerator.num_processes,
+           mean=stats.mean, std=stats.std, cached=cached, shard=len(loader.dataset),
+           count=result.count, confusion=result.confusion.tolist(), loss=result.loss)
+    accelerator.end_training()
+
+
+def record_writes(output_dir: Path, writes: list[str]) -> None:
+    """Note every file opened for writing, replaced or created under `output_dir`."""
+    real_open, real_replace, real_mkdir = builtins.open, os.replace, os.mkdir
+    inside = lambda p: str(Path(p).resolve()).startswith(str(output_dir.resolve()))
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and inside(file):
+            writes.append(f"open {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def replace_(src, dst, *args, **kwargs):
+        if inside(dst):
+            writes.append(f"replace {dst}")
+        return real_replace(src, dst, *args, **kwargs)
+
+    def mkdir_(path, *args, **kwargs):
+        if inside(path):
+            writes.append(f"mkdir {path}")
+        return real_mkdir(path, *args, **kwargs)
+
+    builtins.open = io.open = open_
+    os.replace, os.mkdir = replace_, mkdir_
+
+
+def record_decisions(decisions: list) -> None:
+    real_update = selection.BestEpoch.update
+
+    def update(self, epoch, accuracy, loss):
+        improved = real_update(self, epoch, accuracy, loss)
+        decisions.append([epoch, accuracy, loss, improved])
+        return improved
+
+    selection.BestEpoch.update = update
+
+
+def train_run(output_dir: str, *flags: str) -> None:
+    writes: list[str] = []
+    decisions: list = []
+    record_decisions(decisions)
+    record_writes(Path(output_dir), writes)
+    results = train.main(["--output-dir", output_dir, *flags])
+    report(rank=int(os.environ["RANK"]), writes=writes, decisions=decisions,
+           best_epoch=results["best_epoch"], test_accuracy=results["test_accuracy"],
+           test_images=results["test_images"])
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    {"collectives": collectives, "train": train_run}[command](*arguments)

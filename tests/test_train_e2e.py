@@ -1,0 +1,111 @@
+"""The real entry points, run in subprocesses: train, reload, predict, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+PROJECT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = PROJECT / "monkeytrain" / "train.py"
+SMALL = ["--cpu", "--image-size", "32", "--batch-size", "8", "--num-workers", "0"]
+
+
+def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "MONKEYTRAIN_DATA"}
+    environment.update(OMP_NUM_THREADS="2", **env)
+    done = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def monkeytrain(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "monkeytrain.cli", *arguments], cwd)
+
+
+def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path):
+    cache = tmp_path / "cache"
+    done = run([sys.executable, str(TRAIN_SCRIPT), "--debug", "--image-size", "32", "--run-name", "demo"],
+               tmp_path, MONKEYTRAIN_CACHE=str(cache))
+    assert "SYNTHETIC" in done.stderr
+    run_dir = tmp_path / "runs" / "demo"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["synthetic_data"] is True and results["test_images"] == 100
+    with safe_open(str(run_dir / "best.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["synthetic_data"]) is True
+
+    test_folder = cache / "synthetic-v1" / "test"
+    predicted = json.loads(monkeytrain("predict", "--checkpoint", str(run_dir / "best.safetensors"),
+                                       "--top-k", "2", "--json", str(test_folder / "star"), cwd=tmp_path).stdout)
+    assert len(predicted) == 10
+    assert all(len(p["top"]) == 2 and p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predicted)
+    assert {t["class"] for p in predicted for t in p["top"]} <= set(results["class_names"])
+
+    scored = json.loads(monkeytrain("evaluate", "--checkpoint", str(run_dir / "best.safetensors"),
+                                    "--json", str(test_folder), cwd=tmp_path).stdout)
+    # The same checkpoint on the same test split: the same figures as the run's own final evaluation.
+    assert scored["images"] == 100
+    assert scored["accuracy"] == results["test_accuracy"]
+    assert scored["confusion_matrix"] == results["confusion_matrix"]
+
+
+def test_run_directory_records_config_metrics_and_checkpoint(tmp_path, make_image_folder):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=10)
+    cache = str(tmp_path / "cache")
+    run([sys.executable, "-m", "monkeytrain.train", "--data", str(data), *SMALL, "--epochs", "2",
+         "--run-name", "a", "--cache-dir", cache], tmp_path)
+    run_dir = tmp_path / "runs" / "a"
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second",
+            "epoch_seconds"} <= set(metrics[0])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run_name"] == "a" and config["epochs"] == 2 and config["data"] == str(data)
+
+    with safe_open(str(run_dir / "best.safetensors"), framework="pt") as handle:
+        header = handle.metadata()
+        keys = list(handle.keys())
+    assert header["architecture"] == "resnet18" and header["num_classes"] == "3"
+    assert json.loads(header["class_names"]) == ["common name 0", "common name 1", "common name 2"]
+    assert json.loads(header["config"])["run_name"] == "a"
+    assert len(json.loads(header["mean"])) == 3 and header["image_size"] == "32"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    best = max(metrics, key=lambda m: (m["val_accuracy"], -m["val_loss"]))
+    assert results["best_epoch"] == best["epoch"] == int(header["epoch"])
+    assert results["selection_biased"] is False
+    assert sum(map(sum, results["confusion_matrix"])) == results["test_images"] == 30
+    manifest = json.loads((run_dir / "data_manifest.json").read_text())
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
+
+
+def test_same_seed_repeats_bit_for_bit_and_config_file_reproduces(tmp_path, make_image_folder):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    run([sys.executable, str(TRAIN_SCRIPT), "--data", str(data), *SMALL, "--epochs", "2",
+         "--run-name", "a", *common], tmp_path)
+    run([sys.executable, str(TRAIN_SCRIPT), "--config", "runs/a/config.yaml", "--run-name", "b"], tmp_path)
+    run([sys.executable, str(TRAIN_SCRIPT), "--config", "runs/a/config.yaml", "--run-name", "c",
+         "--seed", "1"], tmp_path)
+    a, b, c = (load_file(str(tmp_path / "runs" / n / "best.safetensors")) for n in "abc")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any(not (a[k] == c[k]).all() for k in a)
+
+
+def test_accelerate_launch_runs_the_script_as_written(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT),
+         "--debug", "--image-size", "32", "--run-name", "launched", "--mixed-precision", "bf16",
+         "--grad-accum-steps", "2"], tmp_path, MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+    results = json.loads((tmp_path / "runs" / "launched" / "results.json").read_text())
+    assert results["test_images"] == 100
