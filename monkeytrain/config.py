@@ -70,7 +70,10 @@ class TrainConfig:
     label_smoothing: float = _option(0.1, "Label smoothing of the cross-entropy loss.")
     grad_accum_steps: int = _option(1, "Batches whose gradients are summed before each optimizer step.")
     clip_grad_norm: float = _option(0.0, "Clip the gradient norm to this value; 0 disables clipping.")
-    mixed_precision: str = _option("no", "Autocast precision: no, fp16 or bf16.", choices=("no", "fp16", "bf16"))
+    mixed_precision: Optional[str] = _option(
+        None, "Autocast precision: no, fp16 or bf16. Default: what `accelerate launch` was "
+        "configured with, else no.", choices=("no", "fp16", "bf16"),
+    )
     seed: int = _option(0, "Seed for weights, data order, splits and augmentation.")
     max_steps_per_epoch: int = _option(0, "Stop each epoch after this many batches; 0 runs all.")
     # --- run ---
@@ -178,7 +181,7 @@ def validate(config: TrainConfig) -> None:
         (0.0 <= config.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
         (config.max_steps_per_epoch >= 0, "--max-steps-per-epoch must not be negative"),
         (config.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw"),
-        (config.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+        (config.mixed_precision in (None, "no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
     ]
     for ok, message in checks:
         if not ok:

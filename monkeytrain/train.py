@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
     try:
         return run(config, accelerator)
     finally:

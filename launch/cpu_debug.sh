@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One CPU process, small images, a few steps: checks the whole pipeline in under a minute.
+# Extra flags go to monkeytrain/train.py, e.g.  launch/cpu_debug.sh --data data/10-monkey-species
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec accelerate launch --config_file accelerate_configs/cpu.yaml monkeytrain/train.py --debug "$@"

@@ -1,0 +1,110 @@
+"""Shared fixtures: small real image-folder datasets written to a temporary folder.
+
+`make_image_folder(root, layout="kaggle", classes=3, per_class=6, size=24)`
+writes PNG files that a model can learn (each class its own colour) and whose
+bytes all differ (per-image noise), so no accidental leakage between splits.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import pytest
+from PIL import Image
+
+LAYOUTS = {
+    # layout name -> {split name: folder relative to the root}
+    "kaggle": {"train": "training/training", "test": "validation/validation"},
+    "flattened": {"train": "training", "test": "validation"},
+    "train-val": {"train": "train", "test": "val"},
+    "train-val-test": {"train": "train", "val": "val", "test": "test"},
+}
+KAGGLE_LAYOUTS = ("kaggle", "flattened")
+DEFAULT_PER_CLASS = 6
+LABELS_HEADER = "Label,  Latin Name           , Common Name                   , Train Images , Validation Images"
+
+
+def class_colour(label: int, classes: int) -> tuple[int, int, int]:
+    """Well separated, saturated hues: class `label` of `classes`."""
+    red, green, blue = colorsys.hsv_to_rgb(label / max(classes, 1), 0.9, 0.85)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def noisy_image(colour: tuple[int, int, int], size: int, seed: list[int]) -> Image.Image:
+    """A `size` x `size` RGB image of `colour` plus seeded noise of +-12 per channel."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-12, 13, size=(size, size, 3))
+    pixels = np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def write_labels_file(path: Path, names: list[str], counts: list[int]) -> None:
+    """A monkey_labels.txt like Kaggle's: padded CSV, common names with underscores."""
+    rows = [LABELS_HEADER]
+    for index, (name, count) in enumerate(zip(names, counts)):
+        rows.append(f"{name:<5}, latin_name_{index:<10}, common_name_{index:<18}, {count:<12} , {count}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def write_image_folder(
+    root: Path,
+    layout: str = "kaggle",
+    classes: int = 3,
+    per_class: Union[int, dict[str, int]] = DEFAULT_PER_CLASS,
+    size: int = 24,
+    seed: int = 0,
+) -> Path:
+    """Write a dataset under `root` and return `root`.
+
+    layout: "kaggle" (training/training/<class>, validation/validation/<class>),
+        "flattened" (training/<class>, validation/<class>), "train-val"
+        (train/<class>, val/<class>) or "train-val-test" (train/, val/, test/).
+    classes: class folders n0 .. n{classes-1}.
+    per_class: images per class in every split; a dict maps a class folder name
+        (n0, ...) to its count, names it lacks get 6. A count of 0 leaves the
+        class folder empty.
+    size: side of the square PNG images, in pixels.
+    seed: changes every image's noise (two folders made with different seeds
+        share no file contents).
+    A monkey_labels.txt (common names common_name_<i>) is written for the two
+    Kaggle layouts.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    names = [f"n{i}" for i in range(classes)]
+    counts = [per_class.get(n, DEFAULT_PER_CLASS) if isinstance(per_class, dict) else per_class for n in names]
+    root.mkdir(parents=True, exist_ok=True)
+    for split_index, folder in enumerate(LAYOUTS[layout].values()):
+        for label, (name, count) in enumerate(zip(names, counts)):
+            class_dir = root / folder / name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = noisy_image(class_colour(label, classes), size, [seed, split_index, label, i])
+                image.save(class_dir / f"{name}_{i:03d}.png")
+    if layout in KAGGLE_LAYOUTS:
+        write_labels_file(root / "monkey_labels.txt", names, counts)
+    return root
+
+
+@pytest.fixture
+def make_image_folder() -> Callable[..., Path]:
+    """Factory: make_image_folder(root, layout="kaggle", classes=3, per_class=6, size=24) -> root.
+
+    See `write_image_folder` for the layouts and arguments.
+    """
+    return write_image_folder
+
+
+@pytest.fixture
+def cpu_accelerator():
+    """A single-process CPU Accelerator; Accelerate's global state is reset around it so
+    tests that build their own Accelerator with other settings are not affected."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)

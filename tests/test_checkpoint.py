@@ -1,0 +1,193 @@
+"""monkeytrain.checkpoint: the deployable best.safetensors and timm's config.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from monkeytrain.checkpoint import (
+    BEST_NAME, CheckpointInfo, load_model, plain_state_dict, read_checkpoint, save_checkpoint, write_atomically,
+)
+from monkeytrain.config import TrainConfig
+from monkeytrain.errors import UserError
+from monkeytrain.model import create_model
+
+TINY = "test_resnet"
+
+
+def make_info(architecture: str = TINY, classes: int = 3, **changes) -> CheckpointInfo:
+    values = dict(
+        architecture=architecture,
+        class_names=[f"common name {i}" for i in range(classes)],
+        class_folders=[f"n{i}" for i in range(classes)],
+        mean=[0.1 + 0.2, 0.456789123456789, 1 / 3],
+        std=[0.229, 2 / 7, 0.225],
+        image_size=32,
+        epoch=7,
+        val_accuracy=0.1 + 0.7,  # not exactly representable: must survive the round trip bit for bit
+        config={**TrainConfig(model=architecture, image_size=32).to_dict(), "nested": {"a": [1, 2.5, None]}},
+        synthetic_data=True,
+    )
+    values.update(changes)
+    return CheckpointInfo(**values)
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for DistributedDataParallel: keeps the model as `.module`."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model(TINY, 3).eval()
+
+
+def test_metadata_round_trips_every_field(tmp_path, tiny_model):
+    info = make_info()
+    path = save_checkpoint(tmp_path, tiny_model, info)
+    assert path == tmp_path / BEST_NAME
+    weights, read_back = read_checkpoint(path)
+    assert read_back == info
+    assert read_back.num_classes == 3
+    for field in ("val_accuracy", "mean", "std"):
+        assert getattr(read_back, field) == getattr(info, field)  # exact, not approximate
+
+
+def test_header_records_format_versions_and_crop(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path, tiny_model, make_info())
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"].startswith("monkeytrain")
+    assert metadata["num_classes"] == "3"
+    assert float(metadata["crop_pct"]) == pytest.approx(0.875)
+    versions = json.loads(metadata["versions"])
+    assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
+    assert {"monkeytrain", "accelerate", "safetensors", "python"} <= set(versions)
+
+
+def test_saved_weights_equal_the_model(tmp_path, tiny_model):
+    weights, _ = read_checkpoint(save_checkpoint(tmp_path, tiny_model, make_info()))
+    expected = tiny_model.state_dict()
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("wrap", [
+    pytest.param(lambda m: Wrapper(m), id="module."),
+    pytest.param(lambda m: torch.compile(m), id="_orig_mod."),
+    pytest.param(lambda m: Wrapper(torch.compile(m)), id="module._orig_mod."),
+    pytest.param(lambda m: torch.compile(Wrapper(m)), id="_orig_mod.module."),
+])
+def test_saved_keys_carry_no_wrapper_prefix(tmp_path, tiny_model, wrap):
+    wrapped = wrap(tiny_model)
+    assert all(k.startswith(("module.", "_orig_mod.")) for k in wrapped.state_dict())  # the premise
+    state = plain_state_dict(wrapped)
+    assert set(state) == set(tiny_model.state_dict())
+    weights, _ = read_checkpoint(save_checkpoint(tmp_path, wrapped, make_info()))
+    assert set(weights) == set(tiny_model.state_dict())
+
+
+def test_write_leaves_no_temporary_file(tmp_path, tiny_model):
+    save_checkpoint(tmp_path, tiny_model, make_info())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "config.json"]
+
+
+def test_existing_checkpoint_is_replaced_whole(tmp_path, tiny_model):
+    path = tmp_path / BEST_NAME
+    path.write_bytes(b"\xff" * (4 * 1024 * 1024))  # an old, larger file
+    save_checkpoint(tmp_path, tiny_model, make_info(epoch=3))
+    save_checkpoint(tmp_path, tiny_model, make_info(epoch=9))
+    _, info = read_checkpoint(path)
+    assert info.epoch == 9
+    assert path.stat().st_size < 4 * 1024 * 1024
+    assert b"\xff" * 64 not in path.read_bytes()[-4096:]  # no tail of the old file
+
+
+def test_write_atomically_replaces_exact_bytes(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old content that is longer than the new one")
+    write_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+
+    def failing_replace(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        write_atomically(path, b"new and much longer")
+    assert path.read_bytes() == b"old"
+
+
+def test_timm_config_json_describes_the_model(tmp_path, tiny_model):
+    info = make_info()
+    save_checkpoint(tmp_path, tiny_model, info)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == TINY
+    assert config["num_classes"] == 3
+    assert config["label_names"] == info.class_names
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["mean"] == info.mean and config["pretrained_cfg"]["std"] == info.std
+
+
+def test_timm_local_dir_loads_the_run_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4).eval()
+    save_checkpoint(tmp_path, model, make_info("resnet18", classes=4))
+    reloaded = timm.create_model("local-dir:" + str(tmp_path), pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+    assert reloaded.pretrained_cfg["mean"] == make_info().mean
+
+
+def test_load_model_rebuilds_an_equal_model_in_eval_mode(tmp_path, tiny_model):
+    save_checkpoint(tmp_path, tiny_model, make_info())
+    model, info = load_model(tmp_path / BEST_NAME)
+    assert not model.training
+    assert info == make_info()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), tiny_model(images))
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_checkpoint(tmp_path / "best.safetensors")
+
+
+@pytest.mark.parametrize("content", [b"", b"this is a text file\n", b"\x80\x02}q\x00." * 20])
+def test_non_safetensors_file_is_a_user_error(tmp_path, content):
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=str(path)):
+        read_checkpoint(path)
+
+
+def test_torch_pickle_checkpoint_is_a_user_error(tmp_path, tiny_model):
+    path = tmp_path / "model.pth"
+    torch.save(tiny_model.state_dict(), path)
+    with pytest.raises(UserError, match="safetensors"):
+        read_checkpoint(path)
+
+
+def test_safetensors_without_monkeytrain_metadata_is_a_user_error(tmp_path, tiny_model):
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    with pytest.raises(UserError, match="monkeytrain"):
+        read_checkpoint(path)

@@ -1,0 +1,161 @@
+"""Bad input ends with one sentence naming the problem, exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from monkeytrain import cli, train
+
+PROJECT = Path(__file__).resolve().parent.parent
+SMALL = ["--cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MONKEYTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+
+
+def error_of(entry_point, argv: list[str], capsys) -> str:
+    """The one error line an entry point printed before exiting with status 2."""
+    with pytest.raises(SystemExit) as stopped:
+        entry_point(argv)
+    assert stopped.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.fixture
+def data(tmp_path, make_image_folder) -> Path:
+    return make_image_folder(tmp_path / "data", classes=3, per_class=4)
+
+
+def test_missing_data_folder(capsys):
+    assert "/no/such/place does not exist" in error_of(train.main, ["--data", "/no/such/place"], capsys)
+
+
+def test_invalid_flag_values(capsys, data):
+    assert "--epochs must be at least 1" in error_of(train.main, ["--data", str(data), "--epochs", "0"], capsys)
+    assert "--val-fraction" in error_of(train.main, ["--val-fraction", "1.5"], capsys)
+    assert "invalid choice: 'lion'" in error_of(train.main, ["--optimizer", "lion"], capsys)
+    assert "needs a GPU" in error_of(train.main, ["--mixed-precision", "fp16", "--cpu"], capsys)
+
+
+def test_config_file_errors(capsys, tmp_path):
+    assert "missing.yaml does not exist" in error_of(train.main, ["--config", "missing.yaml"], capsys)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    assert "unknown key 'learning_rate'" in error_of(train.main, ["--config", str(preset)], capsys)
+
+
+def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, data):
+    bad = data / "training" / "training" / "n1" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    message = error_of(train.main, ["--data", str(data), "--strict-data", *SMALL], capsys)
+    assert f"{bad} is a damaged or truncated image" in message and "--strict-data" in message
+
+    results = train.main(["--data", str(data), *SMALL, "--run-name", "lenient"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "broken.jpg" in line]
+    assert len(warnings) == 1 and "skipping" in warnings[0]
+    assert results["test_images"] == 12
+    assert '"skipped_count": 1' in (Path("runs/lenient/data_manifest.json")).read_text()
+
+
+def test_empty_class_and_mismatched_classes(capsys, data):
+    for image in (data / "validation" / "validation" / "n2").iterdir():
+        image.unlink()
+    assert "n2 has no readable images" in error_of(train.main, ["--data", str(data), *SMALL], capsys)
+    (data / "validation" / "validation" / "n2").rmdir()
+    message = error_of(train.main, ["--data", str(data), *SMALL], capsys)
+    assert "class folder 'n2'" in message and "not in" in message
+
+
+def test_no_images_at_all(capsys, tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "texts" / split / "a").mkdir(parents=True)
+        (tmp_path / "texts" / split / "a" / "notes.txt").write_text("hello")
+    assert "has no readable images" in error_of(train.main, ["--data", str(tmp_path / "texts"), *SMALL], capsys)
+
+
+def test_model_and_weights_errors(capsys, data, tmp_path, monkeypatch):
+    assert "unknown timm model 'resnet9000'" in error_of(
+        train.main, ["--data", str(data), *SMALL, "--model", "resnet9000"], capsys)
+    assert "missing.safetensors does not exist" in error_of(
+        train.main, ["--data", str(data), *SMALL, "--pretrained", "missing.safetensors"], capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "could not fetch pretrained weights" in error_of(
+        train.main, ["--data", str(data), *SMALL, "--pretrained"], capsys)
+
+
+def test_explicit_dirs_need_a_second_split(capsys, data):
+    message = error_of(train.main, ["--train-dir", str(data / "training" / "training"), *SMALL], capsys)
+    assert "--train-dir needs --val-dir or --test-dir" in message
+
+
+def test_finished_run_is_never_overwritten(capsys, data):
+    finished = Path("runs/done")
+    finished.mkdir(parents=True)
+    (finished / "best.safetensors").write_bytes(b"precious")
+    assert "already holds a checkpoint" in error_of(
+        train.main, ["--data", str(data), *SMALL, "--run-name", "done"], capsys)
+    assert (finished / "best.safetensors").read_bytes() == b"precious"
+
+
+def test_predict_and_evaluate_errors(capsys, tmp_path, data):
+    assert "does not exist" in error_of(cli.main, ["predict", "--checkpoint", "nope.safetensors", "x.png"], capsys)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert "not a readable .safetensors" in error_of(
+        cli.main, ["predict", "--checkpoint", str(garbage), str(data)], capsys)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    assert "no monkeytrain metadata" in error_of(
+        cli.main, ["predict", "--checkpoint", str(foreign), str(data)], capsys)
+
+    train.main(["--data", str(data), *SMALL, "--run-name", "ok"])
+    checkpoint = "runs/ok/best.safetensors"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert "notes.txt is not an image" in error_of(
+        cli.main, ["predict", "--checkpoint", checkpoint, str(notes)], capsys)
+    (tmp_path / "other" / "zebra").mkdir(parents=True)
+    assert "class folder 'zebra'" in error_of(
+        cli.main, ["evaluate", "--checkpoint", checkpoint, str(tmp_path / "other")], capsys)
+
+
+def test_inspect_and_download_errors(capsys, tmp_path, monkeypatch):
+    assert "does not exist" in error_of(cli.main, ["inspect-data", str(tmp_path / "nothing")], capsys)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert "not empty" in error_of(cli.main, ["download", "--dest", str(occupied)], capsys)
+    assert (occupied / "keep.txt").read_text() == "mine"
+
+    import kagglehub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to kaggle.com")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", offline)
+    assert "could not download" in error_of(cli.main, ["download", "--dest", str(tmp_path / "fresh")], capsys)
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", "/no/such/place"],
+    [sys.executable, "-m", "monkeytrain.cli", "predict", "--checkpoint", "missing.safetensors", "x.jpg"],
+])
+def test_real_entry_points_print_no_traceback(command, tmp_path):
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MONKEYTRAIN_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("monkeytrain: error:")

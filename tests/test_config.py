@@ -1,0 +1,165 @@
+"""monkeytrain.config: defaults, --debug, YAML presets, flags, and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from monkeytrain.config import DEBUG_PRESET, TrainConfig, load_yaml_preset, parse_config, save_config
+from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+
+
+def write_yaml(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_flags_gives_the_dataclass_defaults():
+    assert parse_config([]) == TrainConfig()
+
+
+def test_yaml_preset_sets_values_and_flags_override_it(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "lr: 0.2\nepochs: 7\nmodel: resnet34\nbatch-size: 12\n")
+    config = parse_config(["--config", preset, "--epochs", "3"])
+    assert config.lr == 0.2
+    assert config.model == "resnet34"
+    assert config.batch_size == 12  # dashed YAML keys work like the flags
+    assert config.epochs == 3  # the flag wins over the preset
+
+
+def test_flag_before_config_still_overrides_the_preset(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "epochs: 7\n")
+    assert parse_config(["--epochs", "4", "--config", preset]).epochs == 4
+
+
+def test_yaml_int_is_accepted_for_a_float_field(tmp_path):
+    config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", "lr: 1\n")])
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+
+
+def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "epochs: 3\nlearning_rat: 0.1\n")
+    with pytest.raises(UserError, match="learning_rat"):
+        parse_config(["--config", preset])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("epochs: three\n", "epochs"),
+    ("epochs: 2.5\n", "epochs"),
+    ("lr: fast\n", "lr"),
+    ("cpu: 1\n", "cpu"),
+    ("model: 18\n", "model"),
+])
+def test_wrong_yaml_type_is_an_error_naming_the_key(tmp_path, text, key):
+    preset = write_yaml(tmp_path / "p.yaml", text)
+    with pytest.raises(UserError, match=f"'{key}'"):
+        parse_config(["--config", preset])
+
+
+def test_missing_and_malformed_yaml_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "absent.yaml")])
+    with pytest.raises(UserError, match="YAML"):
+        parse_config(["--config", write_yaml(tmp_path / "bad.yaml", "epochs: [1,\n")])
+    with pytest.raises(UserError, match="mapping"):
+        parse_config(["--config", write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n")])
+
+
+@pytest.mark.parametrize("flags, flag_named", [
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--val-fraction", "-0.1"], "--val-fraction"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--image-size", "8"], "--image-size"),
+    (["--lr", "0"], "--lr"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps"),
+    (["--num-workers", "-1"], "--num-workers"),
+    (["--min-crop-scale", "0"], "--min-crop-scale"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+])
+def test_invalid_flag_values_are_user_errors_naming_the_flag(flags, flag_named):
+    with pytest.raises(UserError, match=flag_named):
+        parse_config(flags)
+
+
+def test_invalid_value_from_yaml_is_also_rejected(tmp_path):
+    with pytest.raises(UserError, match="--val-fraction"):
+        parse_config(["--config", write_yaml(tmp_path / "p.yaml", "val_fraction: 1.0\n")])
+
+
+def test_choice_flags_reject_other_values():
+    # argparse itself refuses (exit status 2, like a UserError)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--optimizer", "lamb"])
+    assert exit_info.value.code == 2
+
+
+def test_data_and_explicit_dirs_together_are_rejected():
+    with pytest.raises(UserError, match="--data"):
+        parse_config(["--data", "a", "--train-dir", "b", "--val-dir", "c"])
+
+
+def test_debug_preset_applies_beneath_explicit_flags():
+    config = parse_config(["--debug", "--image-size", "32"])
+    assert config.image_size == 32  # the explicit flag wins
+    for name, value in DEBUG_PRESET.items():
+        if name != "image_size":
+            assert getattr(config, name) == value
+    # and the preset really differs from the plain defaults, or this test proves nothing
+    plain = TrainConfig()
+    assert all(getattr(plain, name) != value for name, value in DEBUG_PRESET.items())
+
+
+def test_debug_preset_lies_beneath_the_yaml_preset(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "epochs: 5\ndebug: true\n")
+    config = parse_config(["--config", preset])
+    assert config.debug is True
+    assert config.epochs == 5  # YAML beats the debug preset
+    assert config.max_steps_per_epoch == DEBUG_PRESET["max_steps_per_epoch"]
+
+
+def test_no_debug_flag_cancels_a_debug_yaml(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "debug: true\n")
+    config = parse_config(["--config", preset, "--no-debug"])
+    assert config.debug is False
+    assert config.epochs == TrainConfig().epochs
+
+
+def test_pretrained_flag_alone_means_hub_and_takes_a_path():
+    assert parse_config([]).pretrained is None
+    assert parse_config(["--pretrained"]).pretrained == "hub"
+    assert parse_config(["--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", "x.safetensors",
+                           "--cpu", "--val-fraction", "0"])
+    save_config(config, tmp_path / "config.yaml")
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
+    assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(config)
+
+
+def test_every_field_has_help_text_and_a_flag():
+    from monkeytrain.config import build_parser
+
+    options = {a.dest for a in build_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+        assert f.name in options
+
+
+def test_to_json_round_trips_all_fields():
+    config = parse_config(["--epochs", "3", "--data", "somewhere"])
+    assert json.loads(config.to_json()) == dataclasses.asdict(config)
+
+
+def test_user_error_from_config_ends_with_one_line_and_status_2(capsys):
+    main = exits_cleanly_on_user_error(parse_config)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--val-fraction", "1.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--val-fraction" in err and "Traceback" not in err

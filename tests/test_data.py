@@ -1,0 +1,353 @@
+"""monkeytrain.data: from dataset folders to checked splits, the manifest and loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monkeytrain import layout
+from monkeytrain.config import parse_config
+from monkeytrain.data import (
+    ImageListDataset, default_cache_dir, discover_splits, resolve_dataset, sharded_loader, user_data_root,
+)
+from monkeytrain.errors import UserError
+
+
+def discover(root: Path, val_fraction: float = 0.2, seed: int = 0, strict: bool = False):
+    return discover_splits(layout.folders_from_root(root), val_fraction, seed, strict)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+class RecordingLog:
+    """Stands in for RunLog: keeps the warnings instead of printing them."""
+
+    def __init__(self):
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+# --- the shared fixture itself --------------------------------------------------------
+
+def test_make_image_folder_writes_unique_learnable_images(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=4, per_class=3)
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 3 * 4 * 3
+    assert len({digest(f) for f in files}) == len(files)  # no accidental duplicates
+    means = [np.asarray(Image.open(root / "train" / f"n{c}" / f"n{c}_000.png")).mean(axis=(0, 1))
+             for c in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert np.abs(means[a] - means[b]).max() > 60  # classes differ clearly in colour
+
+
+def test_make_image_folder_per_class_dict_and_size(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="flattened", classes=2, per_class={"n0": 1, "n1": 4}, size=10)
+    assert len(list((root / "training" / "n0").iterdir())) == 1
+    assert len(list((root / "validation" / "n1").iterdir())) == 4
+    assert Image.open(root / "training" / "n1" / "n1_000.png").size == (10, 10)
+
+
+# --- discovering splits in every layout -----------------------------------------------
+
+@pytest.mark.parametrize("name", ["kaggle", "flattened", "train-val"])
+def test_layouts_without_a_selection_folder_hold_out_validation(tmp_path, make_image_folder, name):
+    root = make_image_folder(tmp_path / "d", layout=name, classes=3, per_class=10)
+    splits = discover(root, val_fraction=0.2)
+    assert Counter(f.label for f in splits.val) == {0: 2, 1: 2, 2: 2}
+    assert Counter(f.label for f in splits.train) == {0: 8, 1: 8, 2: 8}
+    assert len(splits.test) == 30
+    assert splits.selection_on_test is False
+    train_root = layout.folders_from_root(root).train
+    assert all(train_root in f.path.parents for f in splits.train + splits.val)
+    assert not {f.path for f in splits.train} & {f.path for f in splits.val}
+    assert splits.leaks == [] and splits.skipped == []
+
+
+def test_train_val_test_layout_uses_its_val_folder(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=2, per_class=4)
+    splits = discover(root, val_fraction=0.5)
+    for name in ("train", "val", "test"):
+        files = splits.named_splits()[name]
+        assert len(files) == 8
+        assert all(f.path.parent.parent == root / name for f in files)
+    assert splits.layout == "train-val-test"
+
+
+def test_explicit_folders(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=2, per_class=3)
+    folders = layout.folders_from_explicit(str(root / "train"), None, str(root / "test"))
+    splits = discover_splits(folders, 0.0, 0, False)
+    assert splits.layout == "explicit"
+    assert {f.path.parent.parent for f in splits.train} == {root / "train"}
+
+
+def test_val_fraction_zero_selects_on_the_test_split(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=5)
+    splits = discover(root, val_fraction=0.0)
+    assert splits.selection_on_test is True
+    assert [f.path for f in splits.val] == [f.path for f in splits.test]
+    assert len(splits.train) == 10  # nothing held out of training
+    assert "val" not in splits.distinct_splits()
+    assert splits.leaks == []  # validation being the test split is not leakage
+
+
+def test_class_indices_follow_sorted_folder_names(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=11, per_class=1)
+    splits = discover(root, val_fraction=0.0)
+    assert splits.class_folders == sorted(f"n{i}" for i in range(11))  # n0, n1, n10, n2, ...
+    for f in splits.train + splits.test:
+        assert splits.class_folders[f.label] == f.path.parent.name
+
+
+def test_class_names_come_from_monkey_labels(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class=2)
+    splits = discover(root, val_fraction=0.0)
+    assert splits.class_names == ["common name 0", "common name 1", "common name 2"]
+
+
+def test_class_names_are_folder_names_without_monkey_labels(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class=2)
+    (root / "monkey_labels.txt").unlink()
+    assert discover(root, val_fraction=0.0).class_names == ["n0", "n1", "n2"]
+
+
+def test_files_are_judged_by_content_and_hidden_files_skipped(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=2)
+    jpeg = root / "train" / "n0" / "IMG_0001"  # a JPEG without extension
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(jpeg, "JPEG")
+    (root / "train" / "n0" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    hidden_dir = root / "train" / "n1" / ".thumbnails"
+    hidden_dir.mkdir()
+    Image.new("RGB", (4, 4)).save(hidden_dir / "t.png")
+    splits = discover(root, val_fraction=0.0)
+    used = {f.path for f in splits.train}
+    assert jpeg in used
+    assert root / "train" / "n0" / "n0_000.png" in used
+    assert len(splits.train) == 5
+    assert splits.skipped == []  # hidden files are not even looked at
+
+
+def add_bad_files(class_dir: Path) -> dict[str, Path]:
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(good, "JPEG")
+    bad = {
+        "corrupt": class_dir / "corrupt.png",
+        "truncated": class_dir / "truncated.jpg",
+        "empty": class_dir / "empty.jpg",
+        "text": class_dir / "notes.txt",
+    }
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+    corrupt = bytearray(png.getvalue())
+    corrupt[len(corrupt) // 2:len(corrupt) // 2 + 64] = bytes(64)
+    bad["corrupt"].write_bytes(bytes(corrupt))
+    bad["truncated"].write_bytes(good.getvalue()[:-40])
+    bad["empty"].write_bytes(b"")
+    bad["text"].write_text("this is not an image\n")
+    return bad
+
+
+def test_bad_files_are_skipped_with_a_reason_and_counted(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=5)
+    bad = add_bad_files(root / "training" / "training" / "n1")
+    bad_test = root / "validation" / "validation" / "n0" / "broken.png"
+    bad_test.write_bytes(b"\x89PNG\r\n\x1a\n" + b"nonsense")
+    splits = discover(root, val_fraction=0.2)
+    assert {s.path for s in splits.skipped} == set(bad.values()) | {bad_test}
+    assert all(s.reason for s in splits.skipped)
+    used = {f.path for f in splits.train + splits.val + splits.test}
+    assert not used & {s.path for s in splits.skipped}
+    assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 10
+    manifest = json.loads(json.dumps(splits.manifest()))
+    assert manifest["skipped_count"] == 5
+    assert {Path(s["path"]) for s in manifest["skipped"]} == {s.path for s in splits.skipped}
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert "empty" in reasons["empty.jpg"] and "not an image" in reasons["notes.txt"]
+    assert "truncated" in reasons["truncated.jpg"]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "empty", "text"])
+def test_strict_mode_fails_naming_the_bad_file(tmp_path, make_image_folder, kind):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=3)
+    bad = add_bad_files(root / "val" / "n0")
+    for other, path in bad.items():
+        if other != kind:
+            path.unlink()
+    with pytest.raises(UserError) as error:
+        discover(root, strict=True)
+    assert str(bad[kind]) in str(error.value)
+    assert "--strict-data" in str(error.value)
+
+
+def test_strict_mode_passes_clean_data(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=3)
+    assert len(discover(root, strict=True).test) == 6
+
+
+def test_class_missing_from_one_split_is_a_user_error_naming_it(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class=2)
+    shutil.rmtree(root / "validation" / "validation" / "n2")
+    with pytest.raises(UserError, match="'n2'"):
+        discover(root)
+
+
+@pytest.mark.parametrize("split_folder", ["training/training", "validation/validation"])
+def test_empty_class_is_a_user_error_naming_the_folder(tmp_path, make_image_folder, split_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class=4)
+    empty = root / split_folder / "n1"
+    for f in empty.iterdir():
+        f.unlink()
+    with pytest.raises(UserError) as error:
+        discover(root)
+    assert str(empty) in str(error.value)
+
+
+def test_class_with_only_unreadable_files_is_empty(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class={"n0": 3, "n1": 0})
+    (root / "train" / "n1" / "a.jpg").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(root / "val" / "n1" / "ok.png")
+    with pytest.raises(UserError, match="n1"):
+        discover(root)
+
+
+def test_empty_class_in_the_validation_folder_is_a_user_error(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=2, per_class=3)
+    empty = root / "val" / "n0"
+    for f in empty.iterdir():
+        f.unlink()
+    with pytest.raises(UserError) as error:
+        discover(root)
+    assert str(empty) in str(error.value)
+
+
+def test_no_images_at_all_is_a_user_error(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=0)
+    with pytest.raises(UserError, match="no readable images"):
+        discover(root)
+
+
+def test_no_class_folders_at_all_is_a_user_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    with pytest.raises(UserError):
+        discover(tmp_path)
+
+
+def test_holdout_never_leaves_selection_without_images(tmp_path, make_image_folder):
+    """A validation fraction too small to hold out anything must not leave the best-epoch
+    choice to an empty split: either an error saying so, or at least one image held out."""
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
+    try:
+        splits = discover(root, val_fraction=0.1)
+    except UserError:
+        return
+    assert len(splits.val) > 0
+
+
+def test_identical_files_in_two_splits_are_reported_as_leaks(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=2, per_class=3)
+    source = root / "train" / "n1" / "n1_002.png"
+    copy = root / "test" / "n1" / "copy_of_train.png"
+    shutil.copyfile(source, copy)
+    splits = discover(root)
+    assert splits.leaks == [(source, copy)]
+    assert splits.manifest()["leaks"] == [[str(source), str(copy)]]
+
+
+def test_duplicates_within_training_stay_on_one_side_of_the_holdout(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=10)
+    class_dir = root / "training" / "training" / "n0"
+    for i in range(5):  # five duplicated pairs
+        shutil.copyfile(class_dir / f"n0_{i:03d}.png", class_dir / f"dup_{i}.png")
+    for seed in range(6):
+        splits = discover(root, val_fraction=0.3, seed=seed)
+        assert not {f.digest for f in splits.train} & {f.digest for f in splits.val}
+        assert splits.leaks == []
+
+
+def test_same_seed_same_holdout_different_seed_different(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=12)
+    held = [tuple(f.path for f in discover(root, 0.25, seed).val) for seed in (0, 0, 1, 2, 3)]
+    assert held[0] == held[1]
+    assert len(set(held[1:])) > 1
+
+
+def test_manifest_is_json_and_accounts_for_every_file(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=5)
+    splits = discover(root, val_fraction=0.2)
+    manifest = json.loads(json.dumps(splits.manifest()))
+    assert manifest["layout"] == "kaggle"
+    assert manifest["class_folders"] == ["n0", "n1"]
+    assert manifest["class_names"] == ["common name 0", "common name 1"]
+    assert manifest["counts"] == {"train": 8, "val": 2, "test": 10}
+    assert manifest["skipped_count"] == 0
+    on_disk = {str(p) for p in root.rglob("*.png")}
+    listed = [p for files in manifest["files"].values() for p in files]
+    assert sorted(listed) == sorted(on_disk)
+
+
+# --- config-level helpers -------------------------------------------------------------
+
+def test_data_root_and_cache_come_from_flags_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(tmp_path / "env-data"))
+    monkeypatch.setenv("MONKEYTRAIN_CACHE", str(tmp_path / "env-cache"))
+    assert user_data_root(parse_config([])) == tmp_path / "env-data"
+    assert user_data_root(parse_config(["--data", "flag-data"])) == Path("flag-data")
+    assert default_cache_dir(parse_config([])) == tmp_path / "env-cache"
+    assert default_cache_dir(parse_config(["--cache-dir", "c"])) == Path("c")
+
+
+def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
+        tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
+    (root / "training" / "training" / "n0" / "bad.jpg").write_text("text")
+    shutil.copyfile(root / "training" / "training" / "n1" / "n1_000.png",
+                    root / "validation" / "validation" / "n1" / "dup.png")
+    log = RecordingLog()
+    config = parse_config(["--data", str(root), "--val-fraction", "0", "--cache-dir", str(tmp_path / "c")])
+    splits = resolve_dataset(config, cpu_accelerator, log)
+    assert splits.synthetic is False
+    text = "\n".join(log.warnings)
+    assert "bad.jpg" in text
+    assert "leakage" in text and "dup.png" in text
+    assert "--val-fraction 0" in text
+
+
+# --- datasets and loaders -------------------------------------------------------------
+
+def test_image_list_dataset_applies_the_transform_and_returns_labels(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=2, size=12)
+    splits = discover(root, val_fraction=0.0)
+    dataset = ImageListDataset(splits.train, lambda image: torch.tensor(np.asarray(image)))
+    assert len(dataset) == 4
+    pixels, label = dataset[3]
+    assert pixels.shape == (12, 12, 3) and label == splits.train[3].label
+    expected = np.asarray(Image.open(splits.train[3].path).convert("RGB"))
+    assert np.array_equal(pixels.numpy(), expected)
+
+
+@pytest.mark.parametrize("size, world", [(10, 3), (7, 2), (2, 4)])
+def test_sharded_loaders_see_every_item_exactly_once(size, world):
+    dataset = [(torch.tensor(i), 0) for i in range(size)]
+    seen = []
+    for rank in range(world):
+        for items, _ in sharded_loader(dataset, batch_size=2, num_workers=0, rank=rank, world_size=world):
+            seen += items.tolist()
+    assert sorted(seen) == list(range(size))

@@ -1,0 +1,232 @@
+"""monkeytrain.imagefiles: content-based detection, decoding to RGB, scanning."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monkeytrain.imagefiles import (
+    ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, scan_labelled_files, to_rgb,
+)
+
+
+def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def noise_image(size=(32, 24), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# --- detection by content -------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_complete_images_of_common_formats_pass(fmt):
+    assert check_image_bytes(encoded(noise_image(), fmt)) is None
+
+
+def test_empty_file_is_reported_as_empty():
+    assert "empty" in check_image_bytes(b"")
+
+
+def test_text_file_is_reported_as_not_an_image():
+    reason = check_image_bytes(b"Label, Latin Name\nn0, alouatta\n")
+    assert reason is not None and "not an image" in reason
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image_is_reported_as_damaged(fmt):
+    data = encoded(noise_image(), fmt)
+    reason = check_image_bytes(data[: len(data) // 2])
+    assert reason is not None and "truncated" in reason
+
+
+def test_png_with_corrupt_pixel_data_is_reported_as_damaged():
+    data = bytearray(encoded(noise_image((64, 64)), "PNG"))
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # zero out part of the compressed stream
+    reason = check_image_bytes(bytes(data))
+    assert reason is not None and "damaged" in reason
+
+
+def test_image_header_followed_by_garbage_is_not_accepted():
+    data = encoded(noise_image(), "PNG")[:33] + b"garbage" * 10
+    assert check_image_bytes(data) is not None
+
+
+# --- decoding to 8-bit RGB ------------------------------------------------------------
+
+def pixel(image: Image.Image, xy=(0, 0)) -> tuple:
+    assert image.mode == "RGB"
+    return tuple(int(v) for v in image.getpixel(xy))
+
+
+def test_grey_l_becomes_equal_rgb_channels():
+    assert pixel(to_rgb(Image.new("L", (3, 3), 100))) == (100, 100, 100)
+
+
+def test_rgb_is_returned_unchanged():
+    image = noise_image()
+    assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image))
+
+
+def test_rgba_is_composited_over_white():
+    image = Image.new("RGBA", (2, 1))
+    image.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red
+    image.putpixel((1, 0), (0, 0, 255, 255))  # opaque blue
+    rgb = to_rgb(image)
+    assert pixel(rgb, (0, 0)) == (255, 255, 255)
+    assert pixel(rgb, (1, 0)) == (0, 0, 255)
+
+
+def test_half_transparent_black_over_white_is_mid_grey():
+    grey = pixel(to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 128))))
+    assert all(abs(v - 127) <= 1 for v in grey)
+
+
+def test_palette_image_with_transparency_composites_over_white():
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))  # index 0 black, 1 red
+    image.putpixel((0, 0), 0)
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0
+    reloaded = Image.open(io.BytesIO(encoded(image, "PNG", transparency=0)))
+    assert reloaded.mode == "P" and "transparency" in reloaded.info
+    rgb = to_rgb(reloaded)
+    assert pixel(rgb, (0, 0)) == (255, 255, 255)  # transparent black shows the white background
+    assert pixel(rgb, (1, 0)) == (255, 0, 0)
+
+
+def test_palette_image_without_transparency_keeps_its_colours():
+    image = Image.new("P", (1, 1))
+    image.putpalette([10, 200, 30] + [0] * (256 * 3 - 3))
+    assert pixel(to_rgb(image)) == (10, 200, 30)
+
+
+def test_cmyk_becomes_rgb():
+    assert pixel(to_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 0)))) == (255, 255, 255)
+    assert pixel(to_rgb(Image.new("CMYK", (1, 1), (255, 0, 0, 0)))) == (0, 255, 255)
+    assert pixel(to_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 255)))) == (0, 0, 0)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 257, 30000, 65535]], dtype=np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    rgb = np.asarray(to_rgb(image)).astype(int)
+    expected = values[0] / 65535 * 255
+    assert np.all(np.abs(rgb[0, :, 0] - expected) <= 1), rgb[0, :, 0]
+    assert np.all(rgb[..., 0] == rgb[..., 1]) and np.all(rgb[..., 1] == rgb[..., 2])
+
+
+def test_sixteen_bit_png_file_loads_scaled(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 20000, dtype=np.uint16)).save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB"
+    assert abs(pixel(rgb)[0] - 20000 / 65535 * 255) <= 1  # clipping would give 255
+
+
+def test_one_bit_and_la_modes_become_rgb():
+    assert pixel(to_rgb(Image.new("1", (1, 1), 1))) == (255, 255, 255)
+    assert pixel(to_rgb(Image.new("LA", (1, 1), (0, 0)))) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "rotated.jpg"
+    image.save(path, "JPEG", exif=exif.tobytes(), quality=95)
+    loaded = load_rgb(path)
+    assert loaded.size == (20, 40)
+    # 6 turns the image clockwise (left half ends on top), 8 anticlockwise (on the bottom)
+    top, bottom = pixel(loaded, (10, 5))[0], pixel(loaded, (10, 35))[0]
+    assert (top > 200 and bottom < 50) if orientation == 6 else (top < 50 and bottom > 200)
+
+
+def test_image_without_orientation_keeps_its_size(tmp_path):
+    path = tmp_path / "plain.jpg"
+    Image.new("RGB", (40, 20)).save(path)
+    assert load_rgb(path).size == (40, 20)
+
+
+# --- finding and scanning files -------------------------------------------------------
+
+def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
+    for relative in ("b.png", "a.jpg", "sub/c", ".DS_Store", ".hidden/d.png", "sub/.e.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in candidate_files(tmp_path)]
+    assert found == ["a.jpg", "b.png", "sub/c"]
+
+
+def test_hidden_parent_of_the_scanned_folder_does_not_hide_everything(tmp_path):
+    folder = tmp_path / ".cache" / "class"
+    folder.mkdir(parents=True)
+    (folder / "img.png").write_bytes(b"x")
+    assert candidate_files(folder) == [folder / "img.png"]
+
+
+def test_scan_judges_files_by_content_not_name(tmp_path):
+    jpeg_without_extension = tmp_path / "photo"
+    jpeg_without_extension.write_bytes(encoded(noise_image(seed=1), "JPEG"))
+    png = tmp_path / "b.png"
+    png.write_bytes(encoded(noise_image(seed=2), "PNG"))
+    text_named_jpg = tmp_path / "notes.jpg"
+    text_named_jpg.write_text("just text")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(encoded(noise_image(seed=3), "JPEG")[:200])
+
+    images, skipped = scan_labelled_files(
+        [(jpeg_without_extension, 0), (png, 1), (text_named_jpg, 0), (empty, 1), (truncated, 0)])
+
+    assert images == [
+        ImageFile(jpeg_without_extension, 0, hashlib.sha1(jpeg_without_extension.read_bytes()).hexdigest()),
+        ImageFile(png, 1, hashlib.sha1(png.read_bytes()).hexdigest()),
+    ]
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert set(reasons) == {"notes.jpg", "empty.png", "cut.jpg"}
+    assert "not an image" in reasons["notes.jpg"]
+    assert "empty" in reasons["empty.png"]
+    assert "truncated" in reasons["cut.jpg"]
+    assert all(isinstance(s, SkippedFile) for s in skipped)
+
+
+def test_scan_keeps_input_order_and_labels(tmp_path):
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i:02d}.png")
+        paths[-1].write_bytes(encoded(noise_image((8, 8), seed=i), "PNG"))
+    labelled = [(p, i % 3) for i, p in enumerate(reversed(paths))]
+    images, skipped = scan_labelled_files(labelled)
+    assert skipped == []
+    assert [(f.path, f.label) for f in images] == labelled
+
+
+def test_identical_bytes_give_identical_digests(tmp_path):
+    data = encoded(noise_image(), "PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    (tmp_path / "b.png").write_bytes(data)
+    (tmp_path / "c.png").write_bytes(encoded(noise_image(seed=9), "PNG"))
+    images, _ = scan_labelled_files([(tmp_path / n, 0) for n in ("a.png", "b.png", "c.png")])
+    assert images[0].digest == images[1].digest != images[2].digest
+
+
+def test_load_rgb_decodes_a_grey_jpeg_without_extension(tmp_path):
+    path = tmp_path / "grey"
+    Image.new("L", (5, 7), 90).save(path, "JPEG")
+    loaded = load_rgb(path)
+    assert loaded.mode == "RGB" and loaded.size == (5, 7)
+    assert all(abs(v - 90) <= 2 for v in pixel(loaded))

@@ -1,0 +1,144 @@
+"""monkeytrain.layout: recognising dataset layouts, explicit folders, class names."""
+
+from __future__ import annotations
+
+import pytest
+
+from monkeytrain import layout
+from monkeytrain.errors import UserError
+
+
+@pytest.mark.parametrize("name, train, selection, test, layout_name, has_labels", [
+    ("kaggle", "training/training", None, "validation/validation", "kaggle", True),
+    ("flattened", "training", None, "validation", "kaggle-flattened", True),
+    ("train-val", "train", None, "val", "train-val", False),
+    ("train-val-test", "train", "val", "test", "train-val-test", False),
+])
+def test_every_layout_is_recognised(tmp_path, make_image_folder, name, train, selection, test,
+                                    layout_name, has_labels):
+    root = make_image_folder(tmp_path / "data", layout=name, classes=2, per_class=1)
+    folders = layout.folders_from_root(root)
+    assert folders.train == root / train
+    assert folders.selection == (root / selection if selection else None)
+    assert folders.test == root / test
+    assert folders.layout == layout_name
+    assert folders.labels_file == (root / "monkey_labels.txt" if has_labels else None)
+
+
+def test_kaggle_nested_layout_wins_over_its_outer_folders(tmp_path, make_image_folder):
+    # training/ and validation/ exist in the nested layout too; the nested one must be used
+    root = make_image_folder(tmp_path / "data", layout="kaggle", classes=2, per_class=1)
+    folders = layout.folders_from_root(root)
+    assert layout.class_folders(folders.train) == ["n0", "n1"]
+
+
+def test_missing_root_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match="nowhere"):
+        layout.folders_from_root(tmp_path / "nowhere")
+
+
+def test_root_without_a_known_layout_is_a_user_error(tmp_path):
+    (tmp_path / "train").mkdir()  # train/ alone, no val/
+    with pytest.raises(UserError, match="no dataset layout"):
+        layout.folders_from_root(tmp_path)
+
+
+def test_explicit_train_and_val(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    folders = layout.folders_from_explicit(str(root / "train"), str(root / "val"), None)
+    assert (folders.train, folders.selection, folders.test) == (root / "train", None, root / "val")
+    assert folders.layout == "explicit"
+
+
+def test_explicit_train_val_and_test(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
+    folders = layout.folders_from_explicit(str(root / "train"), str(root / "val"), str(root / "test"))
+    assert (folders.train, folders.selection, folders.test) == (root / "train", root / "val", root / "test")
+
+
+def test_explicit_train_and_test_only(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
+    folders = layout.folders_from_explicit(str(root / "train"), None, str(root / "test"))
+    assert (folders.selection, folders.test) == (None, root / "test")
+
+
+def test_explicit_dirs_find_the_labels_file_above_the_training_folder(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="kaggle", classes=2, per_class=1)
+    folders = layout.folders_from_explicit(
+        str(root / "training" / "training"), str(root / "validation" / "validation"), None)
+    assert folders.labels_file is not None
+    assert folders.labels_file.resolve() == (root / "monkey_labels.txt").resolve()
+
+
+@pytest.mark.parametrize("train, val, test, named", [
+    (None, "v", None, "--train-dir"),
+    ("t", None, None, "--val-dir or --test-dir"),
+])
+def test_incomplete_explicit_dirs_are_user_errors(train, val, test, named):
+    with pytest.raises(UserError, match=named):
+        layout.folders_from_explicit(train, val, test)
+
+
+def test_missing_explicit_folder_is_a_user_error_naming_flag_and_path(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    missing = tmp_path / "no-such-val"
+    with pytest.raises(UserError, match="--val-dir") as error:
+        layout.folders_from_explicit(str(root / "train"), str(missing), None)
+    assert str(missing) in str(error.value)
+    with pytest.raises(UserError, match="--test-dir"):
+        layout.folders_from_explicit(str(root / "train"), str(root / "val"), str(missing))
+
+
+def test_class_folders_are_sorted_and_skip_hidden_folders_and_files(tmp_path):
+    for name in ("n2", "n10", "n0", ".cache"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "readme.txt").write_text("not a class")
+    assert layout.class_folders(tmp_path) == ["n0", "n10", "n2"]
+
+
+def test_class_missing_from_one_split_names_the_class(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=3, per_class=1)
+    (root / "val" / "n1").rename(root / "val" / "n1_renamed")
+    folders = layout.folders_from_root(root)
+    with pytest.raises(UserError, match="'n1'"):
+        layout.check_same_classes(folders)
+
+
+def test_class_only_in_the_test_split_names_the_class(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
+    (root / "test" / "extra").mkdir()
+    with pytest.raises(UserError, match="'extra'"):
+        layout.check_same_classes(layout.folders_from_root(root))
+
+
+def test_training_folder_without_classes_is_a_user_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    with pytest.raises(UserError, match="no class subfolders"):
+        layout.check_same_classes(layout.folders_from_root(tmp_path))
+
+
+def test_common_names_come_from_the_labels_file(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="kaggle", classes=3, per_class=1)
+    names = layout.display_names(["n0", "n1", "n2"], root / "monkey_labels.txt")
+    assert names == ["common name 0", "common name 1", "common name 2"]
+
+
+def test_folder_names_are_used_where_the_labels_file_has_no_entry(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="kaggle", classes=2, per_class=1)
+    assert layout.display_names(["n0", "n7"], root / "monkey_labels.txt") == ["common name 0", "n7"]
+
+
+def test_folder_names_are_used_without_a_labels_file():
+    assert layout.display_names(["b_class", "a_class"], None) == ["b_class", "a_class"]
+
+
+def test_real_kaggle_labels_file_format_is_read(tmp_path):
+    # The first lines of the real file: padding and a tab around the fields
+    labels = tmp_path / "monkey_labels.txt"
+    labels.write_text(
+        "Label,  Latin Name           , Common Name                   , Train Images , Validation Images\n"
+        "n0   , alouatta_palliata\t , mantled_howler                , 131          , 26\n"
+        "n1   , erythrocebus_patas\t , patas_monkey                  , 139          , 28\n"
+    )
+    assert layout.read_common_names(labels) == {"n0": "mantled howler", "n1": "patas monkey"}

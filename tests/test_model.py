@@ -1,0 +1,131 @@
+"""monkeytrain.model: building timm models and loading local pretrained weights."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from monkeytrain.errors import UserError
+from monkeytrain.model import create_model, load_weights_file, strip_wrapper_prefixes
+
+# timm's tiny test networks keep these tests fast; resnet18 only where it matters.
+TINY = "test_resnet"
+
+
+def save_weights(model: torch.nn.Module, path, prefix: str = ""):
+    save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def states_equal(a: dict, b: dict, keys) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_create_model_has_the_requested_number_of_outputs():
+    model = create_model("resnet18", 7)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_unknown_model_name_is_a_user_error_naming_it():
+    with pytest.raises(UserError, match="resnet_does_not_exist"):
+        create_model("resnet_does_not_exist", 3)
+
+
+def test_local_weights_with_the_same_class_count_load_completely(tmp_path):
+    torch.manual_seed(1)
+    source = create_model(TINY, 4)
+    path = save_weights(source, tmp_path / "w.safetensors")
+    torch.manual_seed(2)
+    loaded = create_model(TINY, 4, pretrained=str(path))
+    expected = source.state_dict()
+    assert states_equal(loaded.state_dict(), expected, expected.keys())
+
+
+def test_local_weights_with_another_class_count_replace_the_head_and_keep_the_body(tmp_path):
+    torch.manual_seed(1)
+    source = create_model(TINY, 10)
+    path = save_weights(source, tmp_path / "w.safetensors")
+    torch.manual_seed(2)
+    fresh = create_model(TINY, 3).state_dict()
+    torch.manual_seed(2)
+    loaded = create_model(TINY, 3, pretrained=str(path)).state_dict()
+    body = [k for k in loaded if not k.startswith("fc.")]
+    assert len(body) > 10
+    assert states_equal(loaded, source.state_dict(), body)
+    assert loaded["fc.weight"].shape == (3, source.state_dict()["fc.weight"].shape[1])
+    # the new head is the freshly initialised one, not something derived from the old head
+    assert torch.equal(loaded["fc.weight"], fresh["fc.weight"])
+    first_conv = next(k for k in body if loaded[k].ndim == 4)
+    assert not torch.equal(loaded[first_conv], fresh[first_conv])  # the body is not the fresh one
+
+
+def test_head_replacement_works_for_a_head_not_named_fc(tmp_path):
+    torch.manual_seed(1)
+    source = create_model("test_efficientnet", 10)
+    path = save_weights(source, tmp_path / "w.safetensors")
+    loaded = create_model("test_efficientnet", 2, pretrained=str(path)).state_dict()
+    assert loaded["classifier.weight"].shape[0] == 2
+    body = [k for k in loaded if not k.startswith("classifier.")]
+    assert states_equal(loaded, source.state_dict(), body)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_wrapper_prefixes_in_the_file_are_stripped(tmp_path, prefix):
+    torch.manual_seed(1)
+    source = create_model(TINY, 4)
+    path = save_weights(source, tmp_path / "w.safetensors", prefix=prefix)
+    loaded = create_model(TINY, 4, pretrained=str(path)).state_dict()
+    assert states_equal(loaded, source.state_dict(), loaded.keys())
+
+
+def test_strip_wrapper_prefixes_in_either_nesting_order():
+    # torch.compile over DDP (what Accelerate builds with a dynamo backend) gives "_orig_mod.module."
+    tensor = torch.zeros(1)
+    state = {"module.a": tensor, "_orig_mod.b": tensor, "module._orig_mod.c": tensor,
+             "_orig_mod.module.d": tensor, "e.module.f": tensor}
+    assert set(strip_wrapper_prefixes(state)) == {"a", "b", "c", "d", "e.module.f"}
+
+
+@pytest.mark.parametrize("other", ["test_efficientnet", "resnet10t"])
+def test_weights_of_another_architecture_are_a_user_error(tmp_path, other):
+    path = save_weights(create_model(other, 3), tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="--model"):
+        create_model(TINY, 3, pretrained=str(path))
+
+
+def test_weights_of_same_names_but_other_shapes_are_a_user_error(tmp_path):
+    # test_resnet and resnet18 share most key names (conv1..., layer1...) but not their shapes:
+    # nothing may be half-loaded.
+    path = save_weights(create_model("resnet18", 3), tmp_path / "r18.safetensors")
+    with pytest.raises(UserError):
+        create_model(TINY, 3, pretrained=str(path))
+
+
+def test_missing_weights_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        create_model(TINY, 3, pretrained=str(tmp_path / "absent.safetensors"))
+
+
+def test_non_safetensors_weights_file_is_a_user_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(create_model(TINY, 3).state_dict(), path)
+    with pytest.raises(UserError, match="safetensors"):
+        load_weights_file(create_model(TINY, 3), path)
+
+
+def test_hub_weights_offline_are_a_user_error_without_waiting(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub reads these variables once at import, which has already happened here
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    started = time.monotonic()
+    with pytest.raises(UserError, match="resnet18"):
+        create_model("resnet18", 3, pretrained="hub")
+    assert time.monotonic() - started < 30

@@ -1,0 +1,116 @@
+"""monkeytrain.splits: the seeded stratified holdout and leak detection.
+
+These work on ImageFile records alone, so the tests build them directly: the
+digest stands for the file's content.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from monkeytrain.imagefiles import ImageFile
+from monkeytrain.splits import find_leaks, stratified_holdout
+
+
+def files_for(counts: dict[int, int], duplicates: int = 0) -> list[ImageFile]:
+    """`counts[label]` files per class, each of unique content except that the first
+    `duplicates` files of every class come as pairs with identical content."""
+    files = []
+    for label, count in counts.items():
+        for i in range(count):
+            digest = f"{label}-{i // 2}" if i < 2 * duplicates else f"{label}-unique-{i}"
+            files.append(ImageFile(Path(f"/data/c{label}/{i:03d}.png"), label, digest))
+    return files
+
+
+def paths(files):
+    return [f.path for f in files]
+
+
+def test_holdout_partitions_the_files():
+    files = files_for({0: 20, 1: 15, 2: 9})
+    kept, held = stratified_holdout(files, 0.2, seed=0)
+    assert sorted(paths(kept + held)) == sorted(paths(files))
+    assert not set(paths(kept)) & set(paths(held))
+
+
+def test_holdout_fraction_is_respected_per_class():
+    counts = {0: 20, 1: 40, 2: 10, 3: 7}
+    kept, held = stratified_holdout(files_for(counts), 0.25, seed=3)
+    held_per_class = Counter(f.label for f in held)
+    for label, count in counts.items():
+        assert abs(held_per_class[label] - 0.25 * count) <= 1, (label, held_per_class)
+    assert Counter(f.label for f in kept) + held_per_class == Counter(counts)
+
+
+def test_same_seed_gives_the_same_split_whatever_the_input_order():
+    files = files_for({0: 30, 1: 30})
+    first = stratified_holdout(files, 0.3, seed=7)
+    second = stratified_holdout(list(reversed(files)), 0.3, seed=7)
+    assert paths(first[1]) == paths(second[1])
+    assert paths(first[0]) == paths(second[0])
+
+
+def test_different_seeds_give_different_splits():
+    files = files_for({0: 30, 1: 30})
+    held_by_seed = {tuple(paths(stratified_holdout(files, 0.3, seed=s)[1])) for s in range(5)}
+    assert len(held_by_seed) > 1
+
+
+def test_identical_files_are_never_split_across_train_and_holdout():
+    files = files_for({0: 30, 1: 30}, duplicates=10)  # 10 pairs per class
+    for seed in range(20):
+        kept, held = stratified_holdout(files, 0.3, seed=seed)
+        assert not {f.digest for f in kept} & {f.digest for f in held}, seed
+    # and the pairs really do land in the holdout sometimes, so the check above means something
+    held_digests = Counter(f.digest for s in range(20) for f in stratified_holdout(files, 0.3, s)[1])
+    assert any(digest.count("-") == 1 for digest in held_digests)
+
+
+def test_every_class_keeps_training_images_even_at_high_fractions():
+    kept, held = stratified_holdout(files_for({0: 2, 1: 3, 2: 1}), 0.9, seed=0)
+    assert {f.label for f in kept} == {0, 1, 2}
+    assert held  # something is still held out
+
+
+def test_tiny_fraction_may_hold_out_nothing_but_never_loses_files():
+    files = files_for({0: 3, 1: 3})
+    kept, held = stratified_holdout(files, 0.1, seed=0)
+    assert len(kept) + len(held) == len(files)
+
+
+def test_results_are_sorted_by_path():
+    kept, held = stratified_holdout(files_for({0: 12, 1: 12}), 0.25, seed=1)
+    assert paths(kept) == sorted(paths(kept), key=str)
+    assert paths(held) == sorted(paths(held), key=str)
+
+
+def test_find_leaks_reports_identical_files_in_two_splits():
+    a = ImageFile(Path("/d/train/n0/a.png"), 0, "same")
+    b = ImageFile(Path("/d/val/n0/b.png"), 0, "same")
+    c = ImageFile(Path("/d/val/n1/c.png"), 1, "other")
+    assert find_leaks({"train": [a], "val": [b, c], "test": []}) == [(a.path, b.path)]
+
+
+def test_find_leaks_ignores_duplicates_within_one_split():
+    a = ImageFile(Path("/d/train/a.png"), 0, "same")
+    b = ImageFile(Path("/d/train/b.png"), 0, "same")
+    assert find_leaks({"train": [a, b], "test": [ImageFile(Path("/d/test/c.png"), 0, "x")]}) == []
+
+
+def test_find_leaks_reports_each_leaked_copy():
+    train = [ImageFile(Path("/d/train/a.png"), 0, "dup")]
+    val = [ImageFile(Path("/d/val/b.png"), 0, "dup")]
+    test = [ImageFile(Path("/d/test/c.png"), 0, "dup")]
+    leaks = find_leaks({"train": train, "val": val, "test": test})
+    assert {pair[1] for pair in leaks} == {Path("/d/val/b.png"), Path("/d/test/c.png")}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_holdout_has_no_leaks_by_construction(fraction):
+    files = files_for({0: 25, 1: 25, 2: 25}, duplicates=6)
+    kept, held = stratified_holdout(files, fraction, seed=11)
+    assert find_leaks({"train": kept, "val": held}) == []

@@ -1,0 +1,84 @@
+"""monkeytrain.synthetic: the deterministic fallback dataset."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monkeytrain import layout
+from monkeytrain.data import discover_splits
+from monkeytrain.synthetic import ensure_synthetic_dataset
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("cache"))
+
+
+def test_two_generations_are_byte_identical(synthetic_root, tmp_path):
+    again = ensure_synthetic_dataset(tmp_path / "other-cache")
+    assert again != synthetic_root
+    first, second = file_digests(synthetic_root), file_digests(again)
+    assert len(first) > 100
+    assert first == second
+
+
+def test_ten_classes_in_train_val_and_test(synthetic_root):
+    folders = layout.folders_from_root(synthetic_root)
+    assert folders.layout == "train-val-test"
+    classes = layout.check_same_classes(folders)
+    assert len(classes) == 10
+    for split in ("train", "val", "test"):
+        counts = {c: len(list((synthetic_root / split / c).iterdir())) for c in classes}
+        assert len(set(counts.values())) == 1 and min(counts.values()) > 0, (split, counts)
+    assert len(list((synthetic_root / "train" / classes[0]).iterdir())) > \
+        len(list((synthetic_root / "val" / classes[0]).iterdir()))
+
+
+def test_every_image_is_readable_unique_and_rgb(synthetic_root):
+    splits = discover_splits(layout.folders_from_root(synthetic_root), 0.1, 0, strict=True)
+    assert splits.skipped == [] and splits.leaks == []
+    all_files = splits.train + splits.val + splits.test
+    assert len({f.digest for f in all_files}) == len(all_files)
+    with Image.open(all_files[0].path) as image:
+        assert image.mode == "RGB" and image.size[0] == image.size[1] >= 32
+
+
+def test_classes_differ_in_colour(synthetic_root):
+    """Averaged over a class, the shape's hue shows: class mean colours must differ."""
+    means = []
+    for folder in sorted((synthetic_root / "train").iterdir()):
+        pixels = [np.asarray(Image.open(p), dtype=np.float64).mean(axis=(0, 1)) for p in sorted(folder.iterdir())]
+        means.append(np.mean(pixels, axis=0))
+    distances = [np.abs(a - b).max() for i, a in enumerate(means) for b in means[i + 1:]]
+    assert min(distances) > 3
+
+
+def test_an_existing_complete_dataset_is_reused(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path)
+    marker = root / "train" / "marker.txt"
+    marker.write_text("left alone")
+    before = file_digests(root)
+    assert ensure_synthetic_dataset(tmp_path) == root
+    assert marker.read_text() == "left alone" and file_digests(root) == before
+
+
+def test_an_incomplete_dataset_is_regenerated(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path)
+    expected = file_digests(root)
+    (root / ".complete").unlink()
+    next((root / "train").iterdir()).joinpath("junk.png").write_bytes(b"half written")
+    assert ensure_synthetic_dataset(tmp_path) == root
+    assert file_digests(root) == expected
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no staging folder left behind
