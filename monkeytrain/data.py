@@ -138,13 +138,16 @@ def choose_validation(
 
 
 def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) -> None:
-    where = {"train": folders.train, "test": folders.test}
-    for split_name, files in (("train", splits.train), ("test", splits.test)):
+    """Every class needs images in every split that comes from its own folder."""
+    checked = [(folders.train, splits.train), (folders.test, splits.test)]
+    if folders.selection is not None:
+        checked.append((folders.selection, splits.val))
+    for folder, files in checked:
         present = {f.label for f in files}
         for label, folder_name in enumerate(splits.class_folders):
             if label not in present:
                 raise UserError(
-                    f"class folder {where[split_name] / folder_name} has no readable images; "
+                    f"class folder {folder / folder_name} has no readable images; "
                     "add images or remove the folder from every split."
                 )
 
@@ -165,9 +168,14 @@ class ImageListDataset(Dataset):
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """A shuffling loader; Accelerate's `prepare` shards it across ranks."""
+    """A shuffling loader; Accelerate's `prepare` shards it across ranks.
+
+    The last partial batch is dropped (when there is a full one): a batch of one
+    image would make batch norm fail, and tiny batches add noise, not signal.
+    """
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        drop_last=len(dataset) >= batch_size,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )

@@ -34,15 +34,16 @@ def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         raise UserError(
             f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
-            f"({error.__class__.__name__}); check the network, or pass --pretrained PATH.safetensors."
+            f"({error.__class__.__name__}); check the network and HF_HUB_OFFLINE, or pass --pretrained PATH.safetensors."
         ) from None
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes, however nested (compile over DDP gives `_orig_mod.module.`)."""
     clean = {}
     for key, value in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            key = key[len(prefix):] if key.startswith(prefix) else key
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         clean[key] = value
     return clean
 

@@ -23,7 +23,9 @@ def stratified_holdout(
     for label in sorted({f.label for f in files}):
         groups = _groups_by_content([f for f in files if f.label == label])
         rng.shuffle(groups)
-        target = round(fraction * sum(len(g) for g in groups))
+        # At least one image per class when holding out at all, so small
+        # datasets never select on an empty validation split.
+        target = max(1, round(fraction * sum(len(g) for g in groups))) if fraction > 0 else 0
         taken = 0
         for group in groups:
             # Keep at least one group for training whatever the fraction.

@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node 2`: each rank prints one JSON line of what it saw.
+"""Run under `torchrun --nproc_per_node 2`: each rank writes a JSON report of what it saw.
 
     collectives DATA_ROOT CACHE_DIR   channel stats and a test-split evaluation
     train OUTPUT_DIR TRAIN_FLAGS...   the real training entry point, recording
@@ -28,7 +28,9 @@ from monkeytrain.stats import channel_stats
 
 
 def report(**fields) -> None:
-    print("RANK-REPORT " + json.dumps(fields), flush=True)
+    """One JSON file per rank in $RANK_REPORTS (stdout lines of two ranks can interleave)."""
+    path = Path(os.environ["RANK_REPORTS"]) / f"rank{os.environ['RANK']}.json"
+    path.write_text(json.dumps(fields))
 
 
 def collectives(data_root: str, cache_dir: str) -> None:

@@ -26,13 +26,14 @@ PER_CLASS = {"n0": 9, "n1": 8, "n2": 10}
 def run_two_ranks(*arguments: str, cwd: Path) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(CHECKS), *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reports = cwd / "rank_reports"
+    reports.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_REPORTS": str(reports)}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reports = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
-               if line.startswith("RANK-REPORT ")]
-    assert sorted(r["rank"] for r in reports) == [0, 1], done.stdout
-    return sorted(reports, key=lambda r: r["rank"])
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    return ranks
 
 
 @pytest.fixture
