@@ -1,49 +1,131 @@
-"""Image transforms: training augmentation, evaluation geometry, and the stats view."""
+"""Batched augmentation on uint8 image tensors, on whatever device they sit.
+
+Both data pipelines hand the training loop *stored views*: each image resized
+(shorter side) and centre-cropped to a square of `stored_size(image_size)`
+pixels, as uint8. Everything random happens here, batched, on the device:
+
+- training: one affine warp per sample (random resized crop, rotation and
+  horizontal flip composed into a single `affine_grid` + `grid_sample`), then
+  brightness, contrast and saturation jitter, then normalisation;
+- evaluation: the centre `image_size` crop, normalised.
+
+So the GPU-resident and the streaming pipelines draw from exactly the same
+augmentation distribution, and the same code is unit-tested on CPU tensors.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
-# Evaluation resizes the shorter side to size / CROP_PCT, then centre-crops
-# `size`: the usual ImageNet framing, recorded in timm's config.json too.
+# Stored views are image_size / CROP_PCT pixels square; evaluation takes their
+# centre image_size crop: the usual ImageNet framing (timm's crop_pct 0.875).
 CROP_PCT = 0.875
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
-def eval_geometry(image_size: int) -> list:
-    return [
-        v2.Resize(int(round(image_size / CROP_PCT)), antialias=True),
-        v2.CenterCrop(image_size),
-    ]
+def stored_size(image_size: int) -> int:
+    return int(round(image_size / CROP_PCT))
 
 
-def to_normalized_tensor(mean: list[float], std: list[float]) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def stored_view_transform(image_size: int) -> v2.Compose:
+    """PIL image -> uint8 [3, S, S] stored view (shorter side to S, centre crop)."""
+    side = stored_size(image_size)
+    return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.PILToTensor()])
 
 
-def train_transform(
-    image_size: int, mean: list[float], std: list[float],
-    min_crop_scale: float, rotation: float, color_jitter: float,
-) -> v2.Compose:
-    """Rotation, random resized crop, horizontal flip and colour jitter, then normalise.
+@dataclass(frozen=True)
+class AugmentSettings:
+    min_crop_scale: float = 0.35  # smallest crop area, as a fraction of the stored view
+    rotation: float = 15.0        # degrees, either way
+    color_jitter: float = 0.3     # brightness, contrast and saturation factors in 1 +- this
+    flip: bool = True
 
-    Rotating before cropping lets the crop trim most of the corners the
-    rotation leaves empty.
+
+def random_affine(batch: int, settings: AugmentSettings, generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """[batch, 2, 3] matrices mapping output to input coordinates (affine_grid's convention).
+
+    Crop: area fraction uniform in [min_crop_scale, 1], aspect ratio log-uniform in
+    [3/4, 4/3] (narrowed where a side would leave the view), position uniform where
+    it fits. Rotation: uniform in +-rotation
+    degrees, positive is counter-clockwise. Flip: with probability 1/2.
     """
-    return v2.Compose([
-        v2.RandomRotation(rotation),
-        v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter),
-        *to_normalized_tensor(mean, std),
-    ])
+    def uniform(low, high):
+        return torch.rand(batch, generator=generator, device=device) * (high - low) + low
+
+    area = uniform(settings.min_crop_scale, 1.0)
+    aspect = torch.exp(uniform(math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])))
+    # Keep both sides within the view, so the crop keeps exactly the area drawn.
+    aspect = torch.minimum(torch.maximum(aspect, area), 1 / area)
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
+    centre_x, centre_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if settings.flip else torch.ones_like(area)
+    angle = uniform(-1, 1) * math.radians(settings.rotation)
+    cos, sin = angle.cos(), angle.sin()
+    # theta = R @ [[f*w, 0, cx], [0, h, cy]]: crop (and flip) the output square, then
+    # rotate about the image centre; with y pointing down, this R turns content anticlockwise.
+    return torch.stack([
+        torch.stack([cos * flip * width, -sin * height, cos * centre_x - sin * centre_y], dim=1),
+        torch.stack([sin * flip * width, cos * height, sin * centre_x + cos * centre_y], dim=1),
+    ], dim=1)
 
 
-def eval_transform(image_size: int, mean: list[float], std: list[float]) -> v2.Compose:
-    """Resize and centre crop, then normalise: what validation, test and predict see."""
-    return v2.Compose([*eval_geometry(image_size), *to_normalized_tensor(mean, std)])
+def warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample float images [B, 3, H, W] through per-sample affine maps to [B, 3, size, size]."""
+    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def stats_transform(image_size: int) -> v2.Compose:
-    """The evaluation framing as uint8 pixels, for computing channel statistics."""
-    return v2.Compose([*eval_geometry(image_size), v2.PILToTensor()])
+def gray(images: torch.Tensor) -> torch.Tensor:
+    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, then saturation, each a per-sample factor in 1 +- strength."""
+    factors = 1 + (torch.rand(3, images.shape[0], 1, 1, 1, generator=generator,
+                              device=images.device) * 2 - 1) * strength
+    images = (images * factors[0]).clamp(0, 1)
+    mean_gray = gray(images).mean(dim=(2, 3), keepdim=True)
+    images = ((images - mean_gray) * factors[1] + mean_gray).clamp(0, 1)
+    per_pixel_gray = gray(images)
+    return ((images - per_pixel_gray) * factors[2] + per_pixel_gray).clamp(0, 1)
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    mean_t = images.new_tensor(mean).view(1, 3, 1, 1)
+    std_t = images.new_tensor(std).view(1, 3, 1, 1)
+    return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size crop, offsets rounded as torchvision's CenterCrop does."""
+    top = int(round((images.shape[-2] - size) / 2.0))
+    left = int(round((images.shape[-1] - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
+
+
+class Augmenter:
+    """Turns uint8 stored-view batches into normalised model inputs, for training or evaluation."""
+
+    def __init__(self, settings: AugmentSettings, image_size: int, mean: list[float], std: list[float],
+                 generator: torch.Generator):
+        self.settings, self.image_size = settings, image_size
+        self.mean, self.std = mean, std
+        self.generator = generator
+
+    def train(self, views: torch.Tensor) -> torch.Tensor:
+        images = views.float() / 255
+        theta = random_affine(images.shape[0], self.settings, self.generator, images.device)
+        images = warp(images, theta, self.image_size)
+        images = color_jitter(images, self.settings.color_jitter, self.generator)
+        return normalize(images, self.mean, self.std)
+
+    def eval(self, views: torch.Tensor) -> torch.Tensor:
+        return normalize(centre_crop(views, self.image_size).float() / 255, self.mean, self.std)

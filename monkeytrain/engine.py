@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,20 +43,24 @@ class EvalResult:
 
 
 def train_one_epoch(
-    model, loader, optimizer, scheduler, criterion, accelerator,
-    max_steps: int = 0, clip_grad_norm: float = 0.0, description: str = "train",
+    model, batches, augment: Callable, optimizer, scheduler, criterion, accelerator,
+    averager, clip_grad_norm: float = 0.0, description: str = "train", steps: int | None = None,
 ) -> TrainStats:
-    """Train over `loader` (at most `max_steps` batches when positive)."""
+    """Train on every (uint8 views, labels) batch of `batches` (`steps` of them, for the progress bar).
+
+    No host synchronisation inside the loop: losses and correct counts stay on
+    the device until the epoch's single reduction.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+    count = 0
     started = time.perf_counter()
-    batches = tqdm(loader, desc=description, leave=False, disable=not accelerator.is_main_process)
-    for step, (images, labels) in enumerate(batches):
-        if max_steps and step >= max_steps:
-            break
+    progress = tqdm(total=steps, desc=description, leave=False, disable=not accelerator.is_main_process)
+    for views, labels in batches:
         with accelerator.accumulate(model):
-            logits = model(images)
+            logits = model(augment(views))
             loss = criterion(logits, labels)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -64,34 +69,37 @@ def train_one_epoch(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        totals += _batch_totals(logits.detach(), labels, loss.detach() * labels.shape[0])
-    totals = sum_across_ranks(totals)
-    loss_sum, correct, count = totals.tolist()
-    return TrainStats(loss_sum / max(count, 1), correct / max(count, 1), int(count),
-                      time.perf_counter() - started)
+                averager.update()
+        loss_sum += loss.detach().double() * labels.shape[0]
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        count += labels.shape[0]
+        progress.update()
+    progress.close()
+    totals = sum_across_ranks(torch.stack([loss_sum, correct.double(),
+                                           torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]))
+    loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync
+    return TrainStats(loss_total / max(count_total, 1), correct_total / max(count_total, 1),
+                      int(count_total), time.perf_counter() - started)
 
 
-def _batch_totals(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor:
-    correct = (logits.argmax(dim=1) == labels).sum()
-    return torch.stack([loss_sum.double(), correct.double(),
-                        torch.tensor(labels.shape[0], dtype=torch.float64, device=labels.device)])
+def flip_averaged(model: Callable) -> Callable:
+    """Test-time augmentation: average the logits of each image and its mirror image."""
+    return lambda images: (model(images) + model(images.flip(dims=[3]))) / 2
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int) -> EvalResult:
-    """Loss, accuracy and confusion matrix over every sample of a sharded loader, once each.
+def evaluate(model: Callable, batches, prepare: Callable, accelerator, num_classes: int) -> EvalResult:
+    """Loss, accuracy and confusion matrix over every sample of sharded batches, once each.
 
-    `model` must be the unwrapped module: shards may differ in length by one
-    batch, and a DDP forward could wait on a rank that has already finished.
+    `model` must not be DDP-wrapped: shards may differ in length by one batch,
+    and a DDP forward could wait on a rank that has already finished.
     """
-    model.eval()
     device = accelerator.device
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for views, labels in batches:
         with accelerator.autocast():
-            logits = model(images)
+            logits = model(prepare(views))
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         pairs = labels * num_classes + logits.argmax(dim=1)
         confusion += torch.bincount(pairs, minlength=num_classes * num_classes).double()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -66,3 +67,14 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
             "pass weights saved for the same --model."
         )
     model.load_state_dict(compatible, strict=False)
+
+
+def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn.Module:
+    """`torch.compile(model)` when enabled, with Inductor's caches kept in `cache_dir`, so a
+    second run loads the compiled kernels instead of compiling again."""
+    if not enabled:
+        return model
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return torch.compile(model)

@@ -21,11 +21,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum) or AdamW; fused kernels on the GPU, foreach on the CPU."""
     groups = parameter_groups(model, config.weight_decay)
+    kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999), **kernels)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True, **kernels)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

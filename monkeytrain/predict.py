@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from monkeytrain import layout
-from monkeytrain.augment import eval_transform
+from monkeytrain.augment import Augmenter, AugmentSettings
 from monkeytrain.checkpoint import CheckpointInfo, load_model
-from monkeytrain.data import ImageListDataset, sharded_loader
-from monkeytrain.engine import EvalResult, evaluate
+from monkeytrain.data import sharded_loader
+from monkeytrain.engine import EvalResult, evaluate, flip_averaged
+from monkeytrain.views import view_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
 
@@ -39,17 +41,23 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     return images, skipped
 
 
+def inference(model: torch.nn.Module, info: CheckpointInfo) -> tuple[Callable, Callable]:
+    """(prepare uint8 stored views, model forward) exactly as the checkpoint's run evaluated."""
+    prepare = Augmenter(AugmentSettings(), info.image_size, info.mean, info.std, generator=None).eval
+    return prepare, flip_averaged(model) if info.config.get("tta_flip") else model
+
+
 @torch.no_grad()
 def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
             device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
     """Top-k class names and probabilities for each image, from the checkpoint alone."""
     model, info = load_model(checkpoint, device)
-    dataset = ImageListDataset(images, eval_transform(info.image_size, info.mean, info.std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    prepare, forward = inference(model, info)
+    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=batch_size)
     k = min(top_k, info.num_classes)
     predictions = []
-    for batch, _ in loader:
-        probabilities = model(batch.to(device)).float().softmax(dim=1).cpu()
+    for views, _ in loader:
+        probabilities = forward(prepare(views.to(device))).float().softmax(dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for row_values, row_indices in zip(values.tolist(), indices.tolist()):
             top = [(info.class_names[i], p) for i, p in zip(row_indices, row_values)]
@@ -79,6 +87,8 @@ def evaluate_folder(checkpoint: Path, folder: Path, accelerator, batch_size: int
     """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
     model, info = load_model(checkpoint, accelerator.device)
     images, skipped = labelled_folder(folder, info)
-    dataset = ImageListDataset(images, eval_transform(info.image_size, info.mean, info.std))
-    loader = sharded_loader(dataset, batch_size, 0, accelerator.process_index, accelerator.num_processes)
-    return evaluate(model, loader, accelerator, info.num_classes), info, skipped
+    loader = sharded_loader(view_dataset(images, info.image_size), batch_size, 0,
+                            accelerator.process_index, accelerator.num_processes)
+    batches = ((views.to(accelerator.device), labels.to(accelerator.device)) for views, labels in loader)
+    prepare, forward = inference(model, info)
+    return evaluate(forward, batches, prepare, accelerator, info.num_classes), info, skipped

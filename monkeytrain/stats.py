@@ -1,10 +1,11 @@
 """Per-channel mean and std of the training split, computed across all ranks.
 
-Each rank sums its disjoint shard (no padding duplicates) of the resized,
-un-augmented training images: pixel count, sum and sum of squares per
-channel, in float64. Pixel values are summed as integers 0..255, which float64
-holds exactly up to 2**53, so the all-reduced totals, and therefore mean and
-std, are bit-identical to a single-process pass whatever the shard order.
+Each rank sums its disjoint shard (no padding duplicates) of the training
+images as evaluation sees them (resized and centre-cropped, not augmented):
+pixel count, sum and sum of squares per channel, in float64. Pixel values are
+summed as integers 0..255, which float64 holds exactly up to 2**53, so the
+all-reduced totals, and therefore mean and std, are bit-identical to a
+single-process pass whatever the shard order.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
-from monkeytrain.augment import stats_transform
-from monkeytrain.data import ImageListDataset, sharded_loader
+from monkeytrain.augment import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
 from monkeytrain.imagefiles import ImageFile
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class ChannelStats:
     std: list[float]
 
 
-def pixel_sums(loader, device: torch.device) -> torch.Tensor:
-    """[pixel count, sum R, G, B, sum of squares R, G, B] of uint8 batches, in float64."""
+def pixel_sums(batches: Iterable, image_size: int, device: torch.device) -> torch.Tensor:
+    """[pixel count, sum R, G, B, sum of squares R, G, B] of the centre crops of uint8 views."""
     totals = torch.zeros(7, dtype=torch.float64, device=device)
-    for images, _ in loader:
-        pixels = images.to(device).double()  # N, 3, H, W in 0..255
+    for views, _ in batches:
+        pixels = centre_crop(views.to(device), image_size).double()  # N, 3, H, W in 0..255
         totals[0] += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
         totals[1:4] += pixels.sum(dim=(0, 2, 3))
         totals[4:7] += (pixels * pixels).sum(dim=(0, 2, 3))
@@ -49,16 +49,6 @@ def stats_from_sums(totals: torch.Tensor) -> ChannelStats:
     mean = sums / count
     variance = (squares / count - mean * mean).clamp_min(0)
     return ChannelStats((mean / 255).tolist(), (variance.sqrt() / 255).tolist())
-
-
-def compute_channel_stats(
-    files: list[ImageFile], image_size: int, accelerator, num_workers: int = 0, batch_size: int = 64
-) -> ChannelStats:
-    """One pass over this rank's shard, then a sum across ranks."""
-    dataset = ImageListDataset(files, stats_transform(image_size))
-    loader = sharded_loader(dataset, batch_size, num_workers,
-                            accelerator.process_index, accelerator.num_processes)
-    return stats_from_sums(sum_across_ranks(pixel_sums(loader, accelerator.device)))
 
 
 def cache_key(files: list[ImageFile], image_size: int) -> str:
@@ -85,14 +75,16 @@ def write_cached(path: Path, stats: ChannelStats) -> None:
 
 
 def channel_stats(
-    files: list[ImageFile], image_size: int, cache_dir: Path, accelerator, num_workers: int = 0
+    files: list[ImageFile], train_views: Iterable, image_size: int, cache_dir: Path, accelerator
 ) -> tuple[ChannelStats, bool]:
-    """(stats, came from cache). Ranks agree on using the cache, so none skips the collective."""
+    """(stats, came from cache). `train_views` yields this rank's disjoint shard of the
+    training split's stored views; ranks agree on using the cache, so none skips the collective."""
     cache_file = cache_dir / "stats" / f"{cache_key(files, image_size)}.json"
     cached = read_cached(cache_file)
     if all_ranks_agree(cached is not None, accelerator.device):
         return cached, True
-    stats = compute_channel_stats(files, image_size, accelerator, num_workers)
+    totals = sum_across_ranks(pixel_sums(train_views, image_size, accelerator.device))
+    stats = stats_from_sums(totals)
     if accelerator.is_main_process:
         write_cached(cache_file, stats)
     return stats, False

@@ -21,23 +21,25 @@ if __name__ == "__main__" and not __package__:
 
 import json
 import math
+import os
 import time
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
-from monkeytrain.augment import eval_transform, train_transform
+from monkeytrain.augment import Augmenter, AugmentSettings
+from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_checkpoint
 from monkeytrain.config import TrainConfig, parse_config, save_config
-from monkeytrain.data import (
-    DatasetSplits, ImageListDataset, default_cache_dir, resolve_dataset, sharded_loader, shuffled_loader,
-)
+from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset
 from monkeytrain.distributed import broadcast_from_main
-from monkeytrain.engine import EvalResult, evaluate, train_one_epoch
+from monkeytrain.engine import EvalResult, evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
-from monkeytrain.model import create_model
+from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
+from monkeytrain.pipeline import build_pipeline
+from monkeytrain.predict import inference
 from monkeytrain.selection import BestEpoch
 from monkeytrain.stats import ChannelStats, channel_stats
 from monkeytrain.tracking import RunLog, make_run_log
@@ -47,11 +49,14 @@ from monkeytrain.tracking import RunLog, make_run_log
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, train, and return the results written to results.json."""
     config = parse_config(argv)
-    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
     accelerator = Accelerator(
         cpu=config.cpu,
-        mixed_precision=config.mixed_precision,
+        # an explicit flag, else the launcher's setting, else bf16 on a GPU
+        mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+        or ("bf16" if on_gpu else "no"),
         gradient_accumulation_steps=config.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -69,19 +74,22 @@ def run(config: TrainConfig, accelerator: Accelerator) -> dict:
     run_dir = prepare_run_dir(config, accelerator)
     log = make_run_log(run_dir, accelerator.is_main_process)
     splits = resolve_dataset(config, accelerator, log)
-    stats, cached = channel_stats(splits.train, config.image_size, default_cache_dir(config),
-                                  accelerator, config.num_workers)
+    cache_dir = default_cache_dir(config)
+    pipeline = build_pipeline(config, splits, cache_dir, accelerator)
+    stats, cached = channel_stats(splits.train, pipeline.eval_batches("train"), config.image_size,
+                                  cache_dir, accelerator)
     log.info(f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
              f"{len(splits.class_names)} classes; channel mean {fmt(stats.mean)} std {fmt(stats.std)}"
-             f" ({'cached' if cached else 'computed'}); {accelerator.num_processes} process(es) on "
-             f"{accelerator.device}, run directory {run_dir}")
+             f" ({'cached' if cached else 'computed'}); {pipeline.mode} data pipeline; "
+             f"{accelerator.num_processes} process(es) on {accelerator.device}; run directory {run_dir}")
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
         (run_dir / "data_manifest.json").write_text(json.dumps(splits.manifest(), indent=2))
 
-    best = fit(config, accelerator, splits, stats, run_dir, log)
-    results = final_evaluation(config, accelerator, splits, run_dir, best)
-    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    best = fit(config, accelerator, splits, pipeline, stats, run_dir, log)
+    results = final_evaluation(config, accelerator, splits, pipeline, run_dir, best)
+    results.update(wall_seconds=round(time.perf_counter() - started, 2), data_pipeline=pipeline.mode,
+                   resident_data_bytes=pipeline.resident_bytes, peak_gpu_memory_bytes=peak_gpu_memory())
     if accelerator.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info(f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images "
@@ -101,30 +109,34 @@ def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
     return run_dir
 
 
-def fit(config, accelerator, splits: DatasetSplits, stats: ChannelStats, run_dir: Path, log: RunLog) -> BestEpoch:
+def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStats, run_dir: Path,
+        log: RunLog) -> BestEpoch:
     """Train every epoch; after each, rank 0 saves the checkpoint if validation improved."""
-    augment = train_transform(config.image_size, stats.mean, stats.std,
-                              config.min_crop_scale, config.rotation, config.color_jitter)
-    train_loader = accelerator.prepare(shuffled_loader(
-        ImageListDataset(splits.train, augment), config.batch_size, config.num_workers, config.seed))
-    val_loader = eval_loader(splits.val, config, stats, accelerator)
-    batches = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
-    steps_per_epoch = math.ceil(batches / config.grad_accum_steps)
+    augmenter = Augmenter(augment_settings(config), config.image_size, stats.mean, stats.std,
+                          torch.Generator(accelerator.device).manual_seed(config.seed * 1000 + accelerator.process_index))
+    steps = min(pipeline.batches_per_epoch, config.max_steps_per_epoch or pipeline.batches_per_epoch)
+    num_classes = len(splits.class_names)
 
-    model = create_model(config.model, len(splits.class_names), config.pretrained)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    plain = create_model(config.model, num_classes, config.pretrained)
+    plain = plain.to(accelerator.device, memory_format=torch.channels_last)
+    averager = weight_averager(plain, config.ema_decay)
+    optimizer = build_optimizer(plain, config, accelerator.device)
+    scheduler = build_scheduler(optimizer, config, math.ceil(steps / config.grad_accum_steps))
+    model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
+    model = compiled(model, config.compile, default_cache_dir(config))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    evaluated = flip_averaged(averager.model) if config.tta_flip else averager.model
 
     best = BestEpoch()
     for epoch in range(1, config.epochs + 1):
-        trained = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator,
-                                  config.max_steps_per_epoch, config.clip_grad_norm, f"epoch {epoch}")
-        validated = evaluate(accelerator.unwrap_model(model), val_loader, accelerator, len(splits.class_names))
+        trained = train_one_epoch(model, pipeline.train_epoch(epoch, steps), augmenter.train, optimizer,
+                                  scheduler, criterion, accelerator, averager, config.clip_grad_norm,
+                                  f"epoch {epoch}", steps)
+        averager.model.eval()
+        validated = evaluate(evaluated, pipeline.eval_batches("val"), augmenter.eval, accelerator, num_classes)
         improved = best.update(epoch, validated.accuracy, validated.loss)  # same inputs on every rank
         if improved and accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model),
+            save_checkpoint(run_dir, averager.model,
                             checkpoint_info(config, splits, stats, epoch, validated.accuracy))
         accelerator.wait_for_everyone()  # reached by every rank, improved or not
         log.epoch({
@@ -137,10 +149,9 @@ def fit(config, accelerator, splits: DatasetSplits, stats: ChannelStats, run_dir
     return best
 
 
-def eval_loader(files, config: TrainConfig, stats: ChannelStats, accelerator: Accelerator):
-    dataset = ImageListDataset(files, eval_transform(config.image_size, stats.mean, stats.std))
-    return sharded_loader(dataset, config.batch_size, config.num_workers,
-                          accelerator.process_index, accelerator.num_processes)
+def augment_settings(config: TrainConfig) -> AugmentSettings:
+    return AugmentSettings(min_crop_scale=config.min_crop_scale, rotation=config.rotation,
+                           color_jitter=config.color_jitter)
 
 
 def checkpoint_info(config, splits: DatasetSplits, stats: ChannelStats, epoch: int, accuracy: float) -> CheckpointInfo:
@@ -151,12 +162,16 @@ def checkpoint_info(config, splits: DatasetSplits, stats: ChannelStats, epoch: i
     )
 
 
-def final_evaluation(config, accelerator, splits: DatasetSplits, run_dir: Path, best: BestEpoch) -> dict:
+def final_evaluation(config, accelerator, splits: DatasetSplits, pipeline, run_dir: Path, best: BestEpoch) -> dict:
     """Every rank reloads best.safetensors into a fresh model and scores the test split."""
     model, info = load_model(run_dir / BEST_NAME, accelerator.device)
-    stats = ChannelStats(info.mean, info.std)
-    test = evaluate(model, eval_loader(splits.test, config, stats, accelerator), accelerator, info.num_classes)
+    prepare, forward = inference(model, info)
+    test = evaluate(forward, pipeline.eval_batches("test"), prepare, accelerator, info.num_classes)
     return results_summary(test, info, splits, best, run_dir, accelerator.num_processes)
+
+
+def peak_gpu_memory() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
 def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,

@@ -19,12 +19,15 @@ import torch
 from accelerate import Accelerator
 
 from monkeytrain import selection, train
-from monkeytrain.data import discover_splits, sharded_loader, ImageListDataset
-from monkeytrain.augment import eval_transform
+from monkeytrain.augment import Augmenter, AugmentSettings
+from monkeytrain.data import discover_splits
 from monkeytrain.engine import evaluate
 from monkeytrain.layout import folders_from_root
 from monkeytrain.model import create_model
+from monkeytrain.pipeline import ResidentPipeline, StreamPipeline
 from monkeytrain.stats import channel_stats
+
+IMAGE_SIZE = 32
 
 
 def report(**fields) -> None:
@@ -33,18 +36,28 @@ def report(**fields) -> None:
     path.write_text(json.dumps(fields))
 
 
+def stats_and_test_evaluation(pipeline, splits, cache_dir: Path, accelerator) -> dict:
+    """Channel stats of the training split and a fixed model's test-split evaluation."""
+    stats, cached = channel_stats(splits.train, pipeline.eval_batches("train"), IMAGE_SIZE, cache_dir, accelerator)
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(splits.class_names)).eval()
+    prepare = Augmenter(AugmentSettings(), IMAGE_SIZE, stats.mean, stats.std, generator=None).eval
+    result = evaluate(model, pipeline.eval_batches("test"), prepare, accelerator, len(splits.class_names))
+    return dict(mean=stats.mean, std=stats.std, cached=cached, count=result.count,
+                confusion=result.confusion.tolist(), loss=result.loss,
+                shard=sum(len(labels) for _, labels in pipeline.eval_batches("test")))
+
+
 def collectives(data_root: str, cache_dir: str) -> None:
     accelerator = Accelerator(cpu=True)
     splits = discover_splits(folders_from_root(Path(data_root)), 0.0, 0, strict=False)
-    stats, cached = channel_stats(splits.train, 32, Path(cache_dir), accelerator)
-    torch.manual_seed(0)
-    model = create_model("resnet18", len(splits.class_names)).eval()
-    dataset = ImageListDataset(splits.test, eval_transform(32, stats.mean, stats.std))
-    loader = sharded_loader(dataset, 4, 0, accelerator.process_index, accelerator.num_processes)
-    result = evaluate(model, loader, accelerator, len(splits.class_names))
-    report(rank=accelerator.process_index, world=accelerator.num_processes,
-           mean=stats.mean, std=stats.std, cached=cached, shard=len(loader.dataset),
-           count=result.count, confusion=result.confusion.tolist(), loss=result.loss)
+    pipelines = {
+        "stream": StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, accelerator),
+        "gpu": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, Path(cache_dir) / "views", accelerator),
+    }
+    report(rank=accelerator.process_index, world=accelerator.num_processes, **{
+        mode: stats_and_test_evaluation(pipeline, splits, Path(cache_dir) / mode, accelerator)
+        for mode, pipeline in pipelines.items()})
     accelerator.end_training()
 
 

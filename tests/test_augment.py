@@ -1,4 +1,4 @@
-"""monkeytrain.augment: training augmentation and the deterministic evaluation framing."""
+"""monkeytrain.augment: batched augmentation of uint8 stored views, and the evaluation framing."""
 
 from __future__ import annotations
 
@@ -6,75 +6,276 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
-from monkeytrain.augment import eval_transform, stats_transform, train_transform
+from monkeytrain import augment
+from monkeytrain.augment import (
+    Augmenter, AugmentSettings, centre_crop, color_jitter, normalize, random_affine, stored_size,
+    stored_view_transform, warp,
+)
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+IMAGE = 24
+SIDE = 27  # round(24 / 0.875)
+CPU = torch.device("cpu")
+STILL = AugmentSettings(min_crop_scale=1.0, rotation=0.0, color_jitter=0.0, flip=False)
 
 
-def noise_image(width=40, height=30, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
-def augment(**changes):
-    args = dict(image_size=24, mean=MEAN, std=STD, min_crop_scale=0.35, rotation=15.0, color_jitter=0.3)
-    args.update(changes)
-    return train_transform(**args)
+def noise_views(batch: int = 4, side: int = SIDE, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, generator=generator(seed))
 
 
-@pytest.mark.parametrize("width, height", [(40, 30), (30, 40), (24, 24), (100, 17)])
-def test_train_transform_gives_a_float_tensor_of_the_image_size(width, height):
-    out = augment()(noise_image(width, height))
-    assert isinstance(out, torch.Tensor)
-    assert out.dtype == torch.float32 and out.shape == (3, 24, 24)
+def augmenter(seed: int = 0, mean=MEAN, std=STD, **settings) -> Augmenter:
+    return Augmenter(AugmentSettings(**settings), IMAGE, mean, std, generator(seed))
+
+
+def angle_and_crop(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Undo theta = R(angle) @ [[f*w, 0, cx], [0, h, cy]] (the documented composition)."""
+    linear = theta[:, :, :2]
+    angle = torch.atan2(-theta[:, 0, 1], theta[:, 1, 1])  # second column is h * (-sin, cos)
+    cos, sin = angle.cos(), angle.sin()
+    unrotated_x = cos * theta[:, 0, 2] + sin * theta[:, 1, 2]  # R^T @ translation
+    unrotated_y = -sin * theta[:, 0, 2] + cos * theta[:, 1, 2]
+    return {
+        "degrees": torch.rad2deg(angle),
+        "signed_area": torch.linalg.det(linear),  # rotation keeps area; a flip makes it negative
+        "width": linear[:, :, 0].norm(dim=1),
+        "height": linear[:, :, 1].norm(dim=1),
+        "centre_x": unrotated_x,
+        "centre_y": unrotated_y,
+    }
+
+
+def scripted_affine(settings: AugmentSettings, draws: list[float]) -> torch.Tensor:
+    """random_affine for one sample whose uniform draws are these constants, in its order:
+    area, aspect, centre x, centre y, flip (when enabled), angle."""
+    queue = list(draws)
+
+    def fake_rand(*size, generator=None, device=None, **kwargs):
+        assert queue, "random_affine drew more numbers than scripted"
+        return torch.full(size, queue.pop(0), device=device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(augment.torch, "rand", fake_rand)
+        theta = random_affine(1, settings, generator(), CPU)
+    assert not queue, "random_affine drew fewer numbers than scripted"
+    return theta
+
+
+def test_stored_size_is_the_image_size_over_crop_pct():
+    assert stored_size(24) == 27 and stored_size(224) == 256 and stored_size(64) == 73
+
+
+# --- shapes, dtypes, ranges -------------------------------------------------------------------
+
+def test_train_output_is_a_normalised_float_channels_last_batch_of_the_image_size():
+    out = augmenter().train(noise_views(batch=5))
+    assert out.shape == (5, 3, IMAGE, IMAGE) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not out.is_contiguous()  # really channels_last, not a contiguous NCHW tensor
     assert torch.isfinite(out).all()
 
 
-def test_train_transform_is_random_but_seedable():
-    image, transform = noise_image(), augment()
-    torch.manual_seed(3)
-    first = transform(image)
-    second = transform(image)
-    torch.manual_seed(3)
-    again = transform(image)
-    assert not torch.equal(first, second)
-    assert torch.equal(first, again)
+def test_eval_output_is_a_float_channels_last_batch_of_the_image_size():
+    out = augmenter().eval(noise_views(batch=3))
+    assert out.shape == (3, 3, IMAGE, IMAGE) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_train_transform_normalises_with_the_given_statistics():
-    # No rotation, no jitter, a constant image: every crop and flip gives the same pixel.
-    colour = (200, 100, 50)
-    out = augment(rotation=0.0, color_jitter=0.0)(Image.new("RGB", (30, 30), colour))
-    expected = (torch.tensor(colour) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
-    assert torch.allclose(out, expected[:, None, None].expand(3, 24, 24), atol=1e-5)
+@pytest.mark.parametrize("fill", [None, 255, 0])
+def test_warp_and_jitter_keep_pixels_in_the_unit_range(fill):
+    # mean 0, std 1: the output is the pre-normalisation image. Strong jitter and rotation.
+    views = noise_views(batch=16, seed=1) if fill is None else torch.full((16, 3, SIDE, SIDE), fill, dtype=torch.uint8)
+    out = augmenter(seed=2, mean=[0, 0, 0], std=[1, 1, 1], color_jitter=0.9, rotation=45.0).train(views)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    if fill == 255:  # brightening white must clip at 1, not overflow
+        assert out.max() == 1.0
 
 
-def test_eval_transform_is_deterministic():
-    image, transform = noise_image(), eval_transform(24, MEAN, STD)
-    torch.manual_seed(0)
-    first = transform(image)
-    torch.manual_seed(1)
-    assert torch.equal(first, transform(image))
-    assert first.dtype == torch.float32 and first.shape == (3, 24, 24)
+# --- the affine warp --------------------------------------------------------------------------
+
+def test_an_identity_map_reproduces_the_input():
+    images = noise_views(batch=3).float() / 255
+    theta = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3)
+    np.testing.assert_allclose(warp(images, theta, SIDE).numpy(), images.numpy(), atol=1e-5)
 
 
-def test_eval_transform_centre_crops_after_resizing_the_shorter_side():
-    # 64x32 image: left quarter red, right quarter blue, centre green. Resizing the shorter
-    # side to 24 / 0.875 ~ 27 and cropping 24 keeps only the green centre.
+def test_a_mirrored_map_is_a_horizontal_flip():
+    images = noise_views(batch=2).float() / 255
+    theta = torch.tensor([[-1.0, 0, 0], [0, 1.0, 0]]).expand(2, 2, 3)
+    np.testing.assert_allclose(warp(images, theta, SIDE).numpy(), torch.flip(images, dims=[3]).numpy(), atol=1e-5)
+
+
+def test_full_crop_without_rotation_flip_or_jitter_reproduces_the_input():
+    views = noise_views(batch=32, side=IMAGE)  # views of the output size: the map is the identity
+    out = Augmenter(STILL, IMAGE, [0, 0, 0], [1, 1, 1], generator(0)).train(views)
+    np.testing.assert_allclose(out.numpy(), views.float().numpy() / 255, atol=1e-5)
+
+
+def test_sampled_flip_mirrors_the_image():
+    # full crop, square aspect (draw 0.5), flip drawn (< 0.5), no rotation (draw 0.5)
+    settings = AugmentSettings(min_crop_scale=1.0, rotation=15.0, color_jitter=0.0, flip=True)
+    theta = scripted_affine(settings, [1.0, 0.5, 0.5, 0.5, 0.2, 0.5])
+    image = noise_views(batch=1, side=IMAGE).float() / 255
+    np.testing.assert_allclose(warp(image, theta, IMAGE).numpy(), torch.flip(image, dims=[3]).numpy(), atol=1e-4)
+
+
+def test_a_sampled_90_degree_rotation_matches_torchvision_rotate():
+    # full crop, square aspect, angle draw 1.0 -> +rotation = +90 degrees (anticlockwise)
+    settings = AugmentSettings(min_crop_scale=1.0, rotation=90.0, color_jitter=0.0, flip=False)
+    theta = scripted_affine(settings, [1.0, 0.5, 0.5, 0.5, 1.0])
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, 0, 1, 5] = 1.0  # a red dot up and to the right
+    image[0, 1, :2, :] = 1.0  # a green band along the top
+    image[0, 2] = torch.rand(8, 8, generator=generator(3))
+    expected = TF.rotate(image, 90)
+    assert not torch.allclose(expected, image)
+    np.testing.assert_allclose(warp(image, theta, 8).numpy(), expected.numpy(), atol=1e-4)
+    # and by hand: anticlockwise moves the top band to the left edge
+    assert torch.allclose(warp(image, theta, 8)[0, 1, :, :2], torch.ones(8, 2), atol=1e-4)
+
+
+def test_rotation_crop_and_flip_are_sampled_within_the_configured_ranges():
+    settings = AugmentSettings(min_crop_scale=0.35, rotation=15.0, color_jitter=0.0, flip=True)
+    parts = angle_and_crop(random_affine(4000, settings, generator(5), CPU))
+    area = parts["signed_area"].abs()
+    assert area.min() >= 0.35 - 1e-5 and area.max() <= 1 + 1e-5
+    assert area.min() < 0.37 and area.max() > 0.95  # the whole range is used
+    degrees = parts["degrees"]
+    assert degrees.abs().max() <= 15 + 1e-3
+    assert degrees.min() < -14 and degrees.max() > 14
+    flipped = (parts["signed_area"] < 0).double().mean()
+    assert 0.45 < flipped < 0.55
+    aspect = parts["width"] / parts["height"]
+    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    # before rotation the crop lies inside the view
+    assert (parts["centre_x"].abs() <= 1 - parts["width"] + 1e-5).all()
+    assert (parts["centre_y"].abs() <= 1 - parts["height"] + 1e-5).all()
+
+
+def test_no_flip_and_no_rotation_when_disabled():
+    settings = AugmentSettings(min_crop_scale=0.5, rotation=0.0, color_jitter=0.0, flip=False)
+    theta = random_affine(500, settings, generator(1), CPU)
+    parts = angle_and_crop(theta)
+    assert (parts["signed_area"] > 0).all()
+    assert (theta[:, 0, 1] == 0).all() and (theta[:, 1, 0] == 0).all()
+
+
+def test_crop_area_never_falls_below_a_large_min_crop_scale():
+    settings = AugmentSettings(min_crop_scale=0.9, rotation=0.0, color_jitter=0.0, flip=False)
+    area = angle_and_crop(random_affine(2000, settings, generator(2), CPU))["signed_area"]
+    assert area.min() >= 0.9 - 1e-5
+
+
+# --- randomness -------------------------------------------------------------------------------
+
+def test_the_same_seed_gives_the_same_batch_and_another_seed_another():
+    views = noise_views(batch=6)
+    first = augmenter(seed=11).train(views)
+    assert torch.equal(first, augmenter(seed=11).train(views))
+    assert not torch.allclose(first, augmenter(seed=12).train(views))
+    # one augmenter draws afresh for each batch
+    repeated = augmenter(seed=11)
+    repeated.train(views)
+    assert not torch.allclose(first, repeated.train(views))
+
+
+def test_each_sample_of_a_batch_gets_its_own_augmentation():
+    views = noise_views(batch=1).expand(4, -1, -1, -1)  # four copies of one view
+    out = augmenter(seed=0).train(views)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[2], out[3])
+
+
+# --- evaluation framing -----------------------------------------------------------------------
+
+def test_eval_is_deterministic_and_is_the_normalised_centre_crop():
+    views = noise_views(batch=3, seed=4)
+    first = augmenter(seed=0).eval(views)
+    assert torch.equal(first, augmenter(seed=99).eval(views))
+    # 27 - 24 = 3: round(1.5) = 2 rows and columns cut at the top and left, 1 at the bottom and right
+    crop = views[:, :, 2:26, 2:26].double() / 255
+    expected = (crop - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    np.testing.assert_allclose(first.double().numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_normalize_uses_the_given_statistics():
+    images = torch.full((2, 3, 4, 4), 0.7)
+    out = normalize(images, MEAN, STD)
+    expected = [(0.7 - m) / s for m, s in zip(MEAN, STD)]
+    np.testing.assert_allclose(out[0, :, 0, 0].numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("height, width, size", [(9, 14, 4), (10, 7, 5), (27, 27, 24), (8, 13, 8), (6, 6, 3)])
+def test_centre_crop_matches_torchvision_center_crop(height, width, size):
+    images = torch.arange(2 * 3 * height * width).reshape(2, 3, height, width)
+    assert torch.equal(centre_crop(images, size), TF.center_crop(images, [size, size]))
+
+
+def test_stored_view_transform_gives_a_uint8_square_view():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+    view = stored_view_transform(IMAGE)(image)
+    assert isinstance(view, torch.Tensor)
+    assert view.dtype == torch.uint8 and view.shape == (3, SIDE, SIDE)
+
+
+def test_stored_view_keeps_the_centre_of_a_wide_image():
+    # 64x32: red left quarter, green middle half, blue right quarter. Shorter side to 27 and a
+    # centre square keeps the middle; its centre 24 crop is green alone.
     pixels = np.zeros((32, 64, 3), dtype=np.uint8)
     pixels[:, :16] = (255, 0, 0)
     pixels[:, 16:48] = (0, 255, 0)
     pixels[:, 48:] = (0, 0, 255)
-    out = eval_transform(24, [0, 0, 0], [1, 1, 1])(Image.fromarray(pixels))
-    assert out.shape == (3, 24, 24)
-    assert torch.allclose(out[1], torch.ones(24, 24), atol=1e-6)
-    assert out[0].max() < 1e-6 and out[2].max() < 1e-6
+    view = stored_view_transform(IMAGE)(Image.fromarray(pixels))
+    assert view.shape == (3, SIDE, SIDE)
+    centre = centre_crop(view, IMAGE)
+    assert (centre[1] == 255).all() and (centre[0] == 0).all() and (centre[2] == 0).all()
 
 
-def test_eval_and_stats_transforms_frame_images_alike():
-    image = noise_image(50, 35, seed=4)
-    pixels = stats_transform(24)(image)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
-    normalised = eval_transform(24, [0, 0, 0], [1, 1, 1])(image)
-    assert torch.allclose(normalised, pixels.float() / 255, atol=1e-6)
+# --- colour jitter ----------------------------------------------------------------------------
+
+def test_color_jitter_of_strength_zero_is_the_identity():
+    images = noise_views(batch=4).float() / 255
+    np.testing.assert_allclose(color_jitter(images, 0.0, generator(0)).numpy(), images.numpy(), atol=1e-6)
+
+
+def test_color_jitter_scales_a_grey_image_by_a_brightness_factor_within_range():
+    # Contrast and saturation leave a uniform grey image alone; brightness multiplies it.
+    images = torch.full((64, 3, 5, 5), 0.4)
+    out = color_jitter(images, 0.3, generator(1))
+    per_sample = out[:, 0, 0, 0]
+    assert torch.allclose(out, per_sample.view(-1, 1, 1, 1).expand_as(out), atol=1e-6)  # still uniform grey
+    assert per_sample.min() >= 0.4 * 0.7 - 1e-6 and per_sample.max() <= 0.4 * 1.3 + 1e-6
+    assert per_sample.min() < 0.4 * 0.8 and per_sample.max() > 0.4 * 1.2
+
+
+def test_color_jitter_matches_torchvision_brightness_contrast_saturation():
+    # Force the factors: draws u give 1 + (2u - 1) * strength for brightness, contrast, saturation.
+    strength = 0.4
+    draws = torch.tensor([[0.9, 0.2], [0.1, 0.95], [0.75, 0.0]]).view(3, 2, 1, 1, 1)
+    factors = 1 + (draws.view(3, 2) * 2 - 1) * strength
+    images = noise_views(batch=2, side=8, seed=6).float() / 255
+
+    def fake_rand(*size, generator=None, device=None, **kwargs):
+        assert tuple(size) == (3, 2, 1, 1, 1)
+        return draws.clone()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(augment.torch, "rand", fake_rand)
+        out = color_jitter(images, strength, generator(0))
+    for i in range(2):
+        expected = TF.adjust_brightness(images[i], float(factors[0, i]))
+        expected = TF.adjust_contrast(expected, float(factors[1, i]))
+        expected = TF.adjust_saturation(expected, float(factors[2, i]))
+        # torchvision's grey weights are 0.2989/0.587/0.114, ours 0.299/0.587/0.114
+        np.testing.assert_allclose(out[i].numpy(), expected.numpy(), atol=1e-3)
+
+
+def test_color_jitter_changes_a_colourful_image():
+    images = noise_views(batch=4).float() / 255
+    assert (color_jitter(images, 0.5, generator(0)) - images).abs().max() > 0.05

@@ -9,14 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from monkeytrain.augment import eval_transform
-from monkeytrain.data import ImageListDataset, discover_splits, sharded_loader
-from monkeytrain.engine import evaluate
+from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
+from monkeytrain.data import discover_splits
 from monkeytrain.layout import folders_from_root
-from monkeytrain.model import create_model
-from monkeytrain.stats import channel_stats
+from monkeytrain.pipeline import StreamPipeline
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 # 27 images a split: divisible neither by the world size (2) nor the batch size (4).
@@ -45,20 +42,20 @@ def test_stats_and_evaluation_match_one_process(odd_dataset, tmp_path, cpu_accel
     ranks = run_two_ranks("collectives", str(odd_dataset), str(tmp_path / "cache2"), cwd=tmp_path)
 
     splits = discover_splits(folders_from_root(odd_dataset), 0.0, 0, strict=False)
-    single, cached = channel_stats(splits.train, 32, tmp_path / "cache1", cpu_accelerator)
-    torch.manual_seed(0)
-    model = create_model("resnet18", 3).eval()
-    loader = sharded_loader(ImageListDataset(splits.test, eval_transform(32, single.mean, single.std)), 4, 0, 0, 1)
-    reference = evaluate(model, loader, cpu_accelerator, 3)
-
-    assert not cached and not any(r["cached"] for r in ranks)
+    reference = stats_and_test_evaluation(StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, cpu_accelerator),
+                                          splits, tmp_path / "cache1", cpu_accelerator)
+    assert not reference["cached"] and reference["count"] == 27
     for rank in ranks:
         assert rank["world"] == 2
-        assert rank["mean"] == single.mean and rank["std"] == single.std  # bit-identical
-        assert rank["count"] == 27 == reference.count
-        assert rank["confusion"] == reference.confusion.tolist()
-        assert rank["loss"] == pytest.approx(reference.loss, rel=1e-5)
-    assert [r["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
+        for mode in ("stream", "gpu"):  # both pipelines, resident on CPU tensors here
+            seen = rank[mode]
+            assert not seen["cached"]
+            assert seen["mean"] == reference["mean"] and seen["std"] == reference["std"]  # bit-identical
+            assert seen["count"] == 27
+            assert seen["confusion"] == reference["confusion"]
+            assert seen["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    for mode in ("stream", "gpu"):
+        assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
 
 
 def test_training_ranks_agree_and_only_rank0_writes(odd_dataset, tmp_path):

@@ -12,6 +12,9 @@ from monkeytrain.model import create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, parameter_groups, warmup_cosine
 
 
+CPU = torch.device("cpu")
+
+
 @pytest.fixture(scope="module")
 def model():
     return create_model("test_resnet", 3)
@@ -39,12 +42,23 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_build_optimizer_uses_the_config(model, name, kind):
     config = parse_config(["--optimizer", name, "--lr", "0.3", "--weight-decay", "0.01", "--momentum", "0.8"])
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, CPU)
     assert isinstance(optimizer, kind)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
     assert all(g["lr"] == 0.3 for g in optimizer.param_groups)
     momentum = optimizer.param_groups[0]["betas"][0] if name == "adamw" else optimizer.param_groups[0]["momentum"]
     assert momentum == 0.8
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_build_optimizer_picks_foreach_kernels_on_the_cpu_and_fused_on_cuda(name):
+    # Building a fused optimizer needs no GPU, only the device it is meant for.
+    layer = torch.nn.Linear(4, 2)
+    config = parse_config(["--optimizer", name])
+    on_cpu = build_optimizer(layer, config, CPU)
+    assert on_cpu.defaults.get("foreach") is True and not on_cpu.defaults.get("fused")
+    on_cuda = build_optimizer(layer, config, torch.device("cuda"))
+    assert on_cuda.defaults.get("fused") is True and not on_cuda.defaults.get("foreach")
 
 
 def test_warmup_cosine_starts_low_peaks_at_one_and_ends_near_zero():
@@ -72,7 +86,7 @@ def test_warmup_cosine_stays_at_zero_past_the_end():
 
 def test_scheduler_follows_optimizer_steps(model):
     config = parse_config(["--epochs", "4", "--warmup-epochs", "1", "--lr", "0.2"])
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, CPU)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=5)
     rates = []
     for _ in range(20):
@@ -89,7 +103,7 @@ def test_scheduler_follows_optimizer_steps(model):
 
 def test_warmup_longer_than_training_is_capped(model):
     config = parse_config(["--epochs", "1", "--warmup-epochs", "5", "--lr", "0.1"])
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, CPU)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=4)
     rates = []
     for _ in range(4):

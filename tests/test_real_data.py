@@ -19,6 +19,7 @@ def test_low_resolution_cpu_run_beats_twice_chance_and_uses_odd_files(tmp_path):
     command = [
         sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", REAL_DATA, "--cpu",
         "--image-size", "64", "--epochs", "5", "--batch-size", "32", "--num-workers", "2",
+        "--lr", "0.05", "--ema-decay", "0",  # an EMA needs far more than these 150 steps
         "--run-name", "real", "--cache-dir", str(tmp_path / "cache"),
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200)

@@ -3,39 +3,72 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from monkeytrain import layout
 from monkeytrain.data import discover_splits
-from monkeytrain.stats import ChannelStats, cache_key, channel_stats, compute_channel_stats, stats_from_sums
+from monkeytrain.imagefiles import ImageFile
+from monkeytrain.pipeline import ResidentPipeline
+from monkeytrain.stats import ChannelStats, cache_key, channel_stats, stats_from_sums
+from monkeytrain.views import view_dataset
 
 
 def training_files(root):
     return discover_splits(layout.folders_from_root(root), 0.0, 0, False).train
 
 
+def view_batches(files, image_size: int, batch_size: int = 4) -> DataLoader:
+    """The training split's stored views, as the streaming pipeline makes them."""
+    return DataLoader(view_dataset(files, image_size), batch_size=batch_size)
+
+
+def compute(files, image_size, accelerator, tmp_path, batch_size: int = 4) -> ChannelStats:
+    """Fresh statistics (an empty cache folder of their own)."""
+    cache = tmp_path / f"fresh-{len(list(tmp_path.glob('fresh-*')))}"
+    stats, cached = channel_stats(files, view_batches(files, image_size, batch_size), image_size, cache, accelerator)
+    assert not cached
+    return stats
+
+
+def read_back(path) -> ChannelStats:
+    saved = json.loads(path.read_text())
+    return ChannelStats(saved["mean"], saved["std"])
+
+
+class Unreadable:
+    """Train views that must not be read (a cache hit needs no pixels)."""
+
+    def __iter__(self):
+        raise AssertionError("the training views were read despite a cached result")
+
+
 def numpy_reference(files, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std in 0..1 units, in float64, of the evaluation framing (shorter
-    side resized to size / 0.875 with PIL's bilinear filter, then a centre crop), done here
-    with PIL and numpy alone."""
-    resize_to = int(round(image_size / 0.875))
+    """Mean and population std in 0..1 units, in float64, of the evaluation framing, done here
+    with PIL and numpy alone: shorter side resized to S = size / 0.875 with PIL's (antialiased)
+    bilinear filter, a centre S x S crop (the stored view), then its centre size x size crop."""
+    side = int(round(image_size / 0.875))
     pixels = []
     for f in files:
         with Image.open(f.path) as image:
             rgb = image.convert("RGB")
         width, height = rgb.size
-        scale = resize_to / min(width, height)
-        # torchvision truncates the longer side: int(size * long / short)
-        new_size = (resize_to, int(height * scale)) if width <= height else (int(width * scale), resize_to)
-        resized = rgb.resize(new_size, Image.BILINEAR, reducing_gap=None)
-        left = int(round((resized.width - image_size) / 2.0))
-        top = int(round((resized.height - image_size) / 2.0))
-        crop = np.asarray(resized.crop((left, top, left + image_size, top + image_size)), dtype=np.float64)
-        pixels.append(crop.reshape(-1, 3))
+        # torchvision keeps the shorter side at `side` and truncates the longer: int(side * long / short)
+        if width <= height:
+            new_size = (side, int(side * height / width))
+        else:
+            new_size = (int(side * width / height), side)
+        resized = rgb.resize(new_size, Image.BILINEAR)
+        left, top = int(round((resized.width - side) / 2.0)), int(round((resized.height - side) / 2.0))
+        view = resized.crop((left, top, left + side, top + side))
+        offset = int(round((side - image_size) / 2.0))
+        crop = view.crop((offset, offset, offset + image_size, offset + image_size))
+        pixels.append(np.asarray(crop, dtype=np.float64).reshape(-1, 3))
     everything = np.concatenate(pixels) / 255.0
     return everything.mean(axis=0), everything.std(axis=0)
 
@@ -45,46 +78,66 @@ def files(tmp_path, make_image_folder):
     return training_files(make_image_folder(tmp_path / "d", layout="train-val", classes=3, per_class=5, size=20))
 
 
-def test_stats_equal_a_numpy_reference_of_the_same_resized_images(files, cpu_accelerator):
-    stats = compute_channel_stats(files, 16, cpu_accelerator, batch_size=4)  # a partly filled last batch
+def test_stats_equal_a_numpy_reference_of_the_same_resized_images(files, tmp_path, cpu_accelerator):
+    stats = compute(files, 16, cpu_accelerator, tmp_path, batch_size=4)  # a partly filled last batch
     mean, std = numpy_reference(files, 16)
+    np.testing.assert_allclose(stats.mean, mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stats.std, std, rtol=0, atol=1e-12)
+
+
+def test_stats_from_resident_views_equal_the_reference(tmp_path, make_image_folder, cpu_accelerator):
+    # The way train.py calls it: the pipeline's own unpadded shard of the training split.
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=5, size=20)
+    splits = discover_splits(layout.folders_from_root(root), 0.0, 0, False)
+    pipeline = ResidentPipeline(splits, 16, 4, 0, tmp_path / "cache", cpu_accelerator)
+    stats, cached = channel_stats(splits.train, pipeline.eval_batches("train"), 16, tmp_path / "cache",
+                                  cpu_accelerator)
+    mean, std = numpy_reference(splits.train, 16)
+    assert not cached
     np.testing.assert_allclose(stats.mean, mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(stats.std, std, rtol=0, atol=1e-12)
 
 
 def test_stats_of_mixed_sizes_and_modes_equal_the_reference(tmp_path, cpu_accelerator):
-    from monkeytrain.imagefiles import ImageFile
-
     rng = np.random.default_rng(5)
     files = []
-    for i, (width, height, mode) in enumerate([(30, 20, "RGB"), (21, 33, "RGB"), (25, 25, "L"), (40, 17, "RGB")]):
+    shapes = [(30, 20, "RGB"), (21, 33, "RGB"), (25, 25, "L"), (40, 17, "RGB"), (19, 47, "RGB")]
+    for i, (width, height, mode) in enumerate(shapes):
         channels = (height, width) if mode == "L" else (height, width, 3)
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8), mode=mode).save(path)
         files.append(ImageFile(path, 0, str(i)))
-    stats = compute_channel_stats(files, 16, cpu_accelerator, batch_size=1)
+    stats = compute(files, 16, cpu_accelerator, tmp_path, batch_size=1)
     mean, std = numpy_reference(files, 16)
     np.testing.assert_allclose(stats.mean, mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(stats.std, std, rtol=0, atol=1e-12)
 
 
-def test_stats_do_not_depend_on_batch_size(files, cpu_accelerator):
-    assert compute_channel_stats(files, 16, cpu_accelerator, batch_size=1) == \
-        compute_channel_stats(files, 16, cpu_accelerator, batch_size=64)
+def test_stats_do_not_depend_on_batch_size(files, tmp_path, cpu_accelerator):
+    assert compute(files, 16, cpu_accelerator, tmp_path, batch_size=1) == \
+        compute(files, 16, cpu_accelerator, tmp_path, batch_size=64)
 
 
 def test_stats_of_non_square_images_use_the_centre_crop(tmp_path, cpu_accelerator):
     # A wide image: red centre, blue borders left and right that the crop must cut away.
-    from monkeytrain.imagefiles import ImageFile
-
     pixels = np.zeros((20, 60, 3), dtype=np.uint8)
     pixels[:, :, 2] = 255
     pixels[:, 18:42] = (255, 0, 0)
     path = tmp_path / "wide.png"
     Image.fromarray(pixels).save(path)
-    stats = compute_channel_stats([ImageFile(path, 0, "x")], 16, cpu_accelerator)
+    stats = compute([ImageFile(path, 0, "x")], 16, cpu_accelerator, tmp_path)
     assert stats.mean[0] == pytest.approx(1.0) and stats.mean[2] == pytest.approx(0.0)
     assert stats.std == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_stats_count_only_the_centre_crop_of_each_view(tmp_path, cpu_accelerator):
+    # Views handed in directly: a 1-pixel frame of 255 around a zero centre is cut away.
+    views = torch.zeros(2, 3, 18, 18, dtype=torch.uint8)
+    views[:, :, :1], views[:, :, -1:], views[:, :, :, :1], views[:, :, :, -1:] = 255, 255, 255, 255
+    views[1, 0, 1:17, 1:17] = 51  # second view: red 0.2 inside
+    stats, _ = channel_stats([], [(views, torch.zeros(2))], 16, tmp_path / "c", cpu_accelerator)
+    np.testing.assert_allclose(stats.mean, [0.1, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(stats.std, [0.1, 0.0, 0.0], atol=1e-12)
 
 
 def test_stats_from_sums_is_the_population_formula():
@@ -95,10 +148,10 @@ def test_stats_from_sums_is_the_population_formula():
     np.testing.assert_allclose(stats.std, values.std(axis=0) / 255, atol=1e-15)
 
 
-def test_second_call_comes_from_the_cache(files, tmp_path, cpu_accelerator):
+def test_second_call_comes_from_the_cache_without_reading_pixels(files, tmp_path, cpu_accelerator):
     cache = tmp_path / "cache"
-    first, first_cached = channel_stats(files, 16, cache, cpu_accelerator)
-    second, second_cached = channel_stats(files, 16, cache, cpu_accelerator)
+    first, first_cached = channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
+    second, second_cached = channel_stats(files, Unreadable(), 16, cache, cpu_accelerator)
     assert (first_cached, second_cached) == (False, True)
     assert second == first
     assert len(list((cache / "stats").glob("*.json"))) == 1
@@ -108,20 +161,21 @@ def test_second_call_comes_from_the_cache(files, tmp_path, cpu_accelerator):
 def test_cache_is_what_the_second_call_returns(files, tmp_path, cpu_accelerator):
     # Overwrite the cached values: a cache hit must return them, not recompute.
     cache = tmp_path / "cache"
-    channel_stats(files, 16, cache, cpu_accelerator)
+    channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
     (cached_file,) = (cache / "stats").glob("*.json")
     cached_file.write_text('{"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}')
-    stats, from_cache = channel_stats(files, 16, cache, cpu_accelerator)
+    stats, from_cache = channel_stats(files, Unreadable(), 16, cache, cpu_accelerator)
     assert from_cache and stats == ChannelStats([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 
 
 def test_unreadable_cache_file_is_recomputed(files, tmp_path, cpu_accelerator):
     cache = tmp_path / "cache"
-    expected, _ = channel_stats(files, 16, cache, cpu_accelerator)
+    expected, _ = channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
     (cached_file,) = (cache / "stats").glob("*.json")
     cached_file.write_text("{not json")
-    stats, from_cache = channel_stats(files, 16, cache, cpu_accelerator)
+    stats, from_cache = channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
     assert not from_cache and stats == expected
+    assert read_back(cached_file) == expected  # and the cache file is repaired
 
 
 def test_cache_key_changes_with_image_size_and_file_list(files, tmp_path, cpu_accelerator):
@@ -134,7 +188,7 @@ def test_cache_key_changes_with_image_size_and_file_list(files, tmp_path, cpu_ac
     assert cache_key(changed, 16) != key  # same paths, different content
     # and the cache honours it: another size or list is computed afresh
     cache = tmp_path / "cache"
-    channel_stats(files, 16, cache, cpu_accelerator)
-    assert channel_stats(files, 32, cache, cpu_accelerator)[1] is False
-    assert channel_stats(files[:-1], 16, cache, cpu_accelerator)[1] is False
+    channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
+    assert channel_stats(files, view_batches(files, 32), 32, cache, cpu_accelerator)[1] is False
+    assert channel_stats(files[:-1], view_batches(files[:-1], 16), 16, cache, cpu_accelerator)[1] is False
     assert len(list((cache / "stats").glob("*.json"))) == 3

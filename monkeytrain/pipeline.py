@@ -1,0 +1,122 @@
+"""Where batches of stored views come from: GPU-resident tensors or streaming DataLoaders.
+
+Both pipelines yield (uint8 views [B, 3, S, S], labels [B]) already on the
+training device; `augment.Augmenter` does the rest. `--data-pipeline auto`
+keeps the data on the GPU when its views fit comfortably in free GPU memory,
+and streams it otherwise (and always on the CPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from monkeytrain.data import DatasetSplits, sharded_loader, shuffled_loader
+from monkeytrain.distributed import all_ranks_agree, shard_indices
+from monkeytrain.errors import UserError
+from monkeytrain.views import cached_views, view_bytes, view_dataset
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# The resident views may take at most this share of the GPU memory free at start.
+RESIDENT_SHARE_OF_FREE_MEMORY = 0.3
+EVAL_BATCH = 256
+
+
+def choose_pipeline(requested: str, splits: DatasetSplits, image_size: int, accelerator) -> str:
+    """'gpu' or 'stream', the same on every rank."""
+    on_gpu = accelerator.device.type == "cuda"
+    if requested == "gpu" and not on_gpu:
+        raise UserError("--data-pipeline gpu needs a GPU; use --data-pipeline stream (or auto) on the CPU.")
+    if requested != "auto":
+        return requested
+    needed = view_bytes(sum(len(f) for f in splits.distinct_splits().values()), image_size)
+    fits = on_gpu and needed < RESIDENT_SHARE_OF_FREE_MEMORY * torch.cuda.mem_get_info(accelerator.device)[0]
+    return "gpu" if all_ranks_agree(fits, accelerator.device) else "stream"
+
+
+class ResidentPipeline:
+    """Every split's stored views held on the device; epochs shuffled there."""
+
+    mode = "gpu"
+
+    def __init__(self, splits: DatasetSplits, image_size: int, batch_size: int, seed: int,
+                 cache_dir: Path, accelerator):
+        self.device, self.batch_size, self.seed = accelerator.device, batch_size, seed
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.splits = {}
+        with accelerator.local_main_process_first():  # one decode per node; the others load the cache
+            for name, files in splits.named_splits().items():
+                if name == "val" and splits.selection_on_test:
+                    continue  # validation *is* the test split: hold it once
+                images, labels = cached_views(files, image_size, cache_dir)
+                self.splits[name] = (images.to(self.device), labels.to(self.device))
+        self.resident_bytes = sum(images.numel() for images, _ in self.splits.values())
+        self.splits.setdefault("val", self.splits["test"])
+        per_rank = len(splits.train) // self.world
+        self.batches_per_epoch = max(1, per_rank // batch_size)
+
+    def train_epoch(self, epoch: int, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's equal share of one device-side permutation: full batches, `steps` at most."""
+        images, labels = self.splits["train"]
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(labels), generator=generator, device=self.device)
+        per_rank = len(labels) // self.world
+        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        size = min(self.batch_size, per_rank)
+        for step in range(min(steps or self.batches_per_epoch, self.batches_per_epoch)):
+            index = mine[step * size:(step + 1) * size]
+            yield images[index], labels[index]
+
+    def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's disjoint, unpadded shard of a split, in order."""
+        images, labels = self.splits[name]
+        mine = torch.tensor(shard_indices(len(labels), self.rank, self.world), device=self.device)
+        for start in range(0, len(mine), EVAL_BATCH):
+            index = mine[start:start + EVAL_BATCH]
+            yield images[index], labels[index]
+
+
+class StreamPipeline:
+    """Stored views made by DataLoader workers each epoch, from the image files."""
+
+    mode = "stream"
+    resident_bytes = 0
+
+    def __init__(self, splits: DatasetSplits, image_size: int, batch_size: int, seed: int,
+                 num_workers: int, accelerator):
+        self.accelerator, self.num_workers = accelerator, num_workers
+        self.datasets = {name: view_dataset(files, image_size) for name, files in splits.named_splits().items()}
+        self.train_loader = accelerator.prepare(
+            shuffled_loader(self.datasets["train"], batch_size, num_workers, seed))
+        self.batches_per_epoch = len(self.train_loader)
+        self.eval_loaders: dict[str, DataLoader] = {}
+
+    def train_epoch(self, epoch: int, steps: int | None = None) -> Batches:
+        """Accelerate shards, shuffles and moves to the device; `steps` batches at most."""
+        # Accelerate only advances its sampler's epoch when a loop runs past the
+        # last batch, so set it: each epoch gets its own order, even if cut short.
+        self.train_loader.set_epoch(epoch)
+        if steps is None or steps >= self.batches_per_epoch:
+            return self.train_loader  # run to its end, so Accelerate's end-of-loader bookkeeping runs
+        return itertools.islice(self.train_loader, steps)
+
+    def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if name not in self.eval_loaders:
+            self.eval_loaders[name] = sharded_loader(
+                self.datasets[name], EVAL_BATCH // 4, self.num_workers,
+                self.accelerator.process_index, self.accelerator.num_processes)
+        device = self.accelerator.device
+        for images, labels in self.eval_loaders[name]:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def build_pipeline(config, splits: DatasetSplits, cache_dir: Path, accelerator):
+    mode = choose_pipeline(config.data_pipeline, splits, config.image_size, accelerator)
+    if mode == "gpu":
+        return ResidentPipeline(splits, config.image_size, config.batch_size, config.seed, cache_dir, accelerator)
+    return StreamPipeline(splits, config.image_size, config.batch_size, config.seed,
+                          config.num_workers, accelerator)

@@ -1,0 +1,142 @@
+"""monkeytrain.views: decoding stored views, and their one-file cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monkeytrain import layout, views
+from monkeytrain.data import discover_splits
+from monkeytrain.imagefiles import ImageFile
+from monkeytrain.views import cached_views, decode_views, view_bytes, view_dataset, views_cache_key
+
+IMAGE, SIDE = 16, 18  # round(16 / 0.875)
+
+
+@pytest.fixture
+def files(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=3, per_class=3, size=20)
+    return discover_splits(layout.folders_from_root(root), 0.0, 0, False).train
+
+
+def cache_files(cache_dir):
+    return sorted((cache_dir / "views").glob("*"))
+
+
+def refuse_to_decode(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again although the views were cached")
+
+    monkeypatch.setattr(views, "decode_views", fail)
+
+
+def test_decode_views_gives_uint8_views_and_the_files_labels(files):
+    images, labels = decode_views(files, IMAGE)
+    assert images.dtype == torch.uint8 and images.shape == (9, 3, SIDE, SIDE)
+    assert labels.dtype == torch.int64 and labels.tolist() == [f.label for f in files]
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
+    # row i is file i's view (threads must not reorder them)
+    for i in (0, 4, 8):
+        assert torch.equal(images[i], view_dataset(files, IMAGE)[i][0])
+
+
+def test_views_keep_the_class_colour(files):
+    # conftest colours each class; the view's mean colour is the class colour (+- noise)
+    images, labels = decode_views(files, IMAGE)
+    means = images.double().mean(dim=(2, 3))
+    for label in range(3):
+        rows = means[labels == label]
+        assert (rows - rows[0]).abs().max() < 6  # same class, same colour
+    assert (means[labels == 0][0] - means[labels == 1][0]).abs().max() > 50
+
+
+def test_decode_views_of_no_files_is_an_empty_batch():
+    images, labels = decode_views([], IMAGE)
+    assert images.shape == (0, 3, SIDE, SIDE) and images.dtype == torch.uint8
+    assert labels.shape == (0,) and labels.dtype == torch.int64
+
+
+def test_decode_views_of_odd_shapes_and_modes(tmp_path):
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (width, height, mode) in enumerate([(40, 17, "RGB"), (13, 31, "L"), (20, 20, "RGBA")]):
+        channels = {"L": (height, width), "RGB": (height, width, 3), "RGBA": (height, width, 4)}[mode]
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8), mode=mode).save(path)
+        files.append(ImageFile(path, i, str(i)))
+    images, labels = decode_views(files, IMAGE)
+    assert images.shape == (3, 3, SIDE, SIDE) and labels.tolist() == [0, 1, 2]
+    assert torch.equal(images[1, 0], images[1, 1]) and torch.equal(images[1, 1], images[1, 2])  # grey stays grey
+
+
+def test_cached_views_writes_one_file_and_a_second_call_loads_it(files, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    images, labels = cached_views(files, IMAGE, cache)
+    written = cache_files(cache)
+    assert len(written) == 1 and written[0].suffix == ".pt"  # no temporary left behind
+    refuse_to_decode(monkeypatch)
+    again_images, again_labels = cached_views(files, IMAGE, cache)
+    assert torch.equal(again_images, images) and torch.equal(again_labels, labels)
+    assert cache_files(cache) == written
+
+
+def test_cached_views_equal_freshly_decoded_ones(files, tmp_path):
+    cached_views(files, IMAGE, tmp_path / "cache")
+    loaded, labels = cached_views(files, IMAGE, tmp_path / "cache")
+    fresh, fresh_labels = decode_views(files, IMAGE)
+    assert torch.equal(loaded, fresh) and torch.equal(labels, fresh_labels)
+
+
+def test_another_image_size_or_file_list_gets_its_own_cache_file(files, tmp_path, monkeypatch):
+    key = views_cache_key(files, IMAGE)
+    assert views_cache_key(files, IMAGE) == key
+    assert views_cache_key(files, 32) != key
+    assert views_cache_key(files[:-1], IMAGE) != key
+    assert views_cache_key(list(reversed(files)), IMAGE) != key  # rows follow the list's order
+    assert views_cache_key([dataclasses.replace(files[0], digest="0" * 40), *files[1:]], IMAGE) != key
+    cache = tmp_path / "cache"
+    cached_views(files, IMAGE, cache)
+    bigger, _ = cached_views(files, 32, cache)
+    fewer, fewer_labels = cached_views(files[:-1], IMAGE, cache)
+    reordered, reordered_labels = cached_views(list(reversed(files)), IMAGE, cache)
+    assert bigger.shape[-1] == 37 and fewer.shape[0] == 8
+    assert torch.equal(reordered, decode_views(files, IMAGE)[0].flip(0))
+    assert reordered_labels.tolist() == [f.label for f in reversed(files)]
+    assert len(cache_files(cache)) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong keys"])
+def test_a_damaged_cache_file_is_rebuilt(files, tmp_path, damage):
+    cache = tmp_path / "cache"
+    expected, expected_labels = cached_views(files, IMAGE, cache)
+    (path,) = cache_files(cache)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"pictures": expected}, path)
+    images, labels = cached_views(files, IMAGE, cache)
+    assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
+    saved = torch.load(path, weights_only=True)  # and the file is whole again
+    assert torch.equal(saved["images"], expected)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a torch file"])
+def test_a_cache_file_of_garbage_is_rebuilt(files, tmp_path, content):
+    cache = tmp_path / "cache"
+    expected, _ = cached_views(files, IMAGE, cache)
+    (path,) = cache_files(cache)
+    path.write_bytes(content)
+    images, _ = cached_views(files, IMAGE, cache)
+    assert torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("image_size", [16, 24, 64])
+def test_view_bytes_is_the_size_of_the_decoded_views(files, image_size):
+    images, _ = decode_views(files[:4], image_size)
+    assert view_bytes(4, image_size) == images.nbytes
+    assert view_bytes(0, image_size) == 0
+    assert view_bytes(1000, image_size) == 1000 * images[0].nbytes
