@@ -16,6 +16,12 @@ class LiveWeights:
     def update(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class EmaWeights:
     """EMA of parameters and floating-point buffers (batch-norm statistics too):
@@ -40,6 +46,12 @@ class EmaWeights:
         torch._foreach_lerp_(self.average_float, self.live_float, 1.0 - self.decay)
         for average, live in self.counters:  # e.g. batch norm's num_batches_tracked
             average.copy_(live)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
 
 
 def weight_averager(model: torch.nn.Module, ema_decay: float) -> LiveWeights | EmaWeights:

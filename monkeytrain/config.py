@@ -87,6 +87,18 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the model (kernels cached in --cache-dir for later runs).")
     ema_decay: float = _option(0.998, "Evaluate and save an EMA of the weights with this decay per step; 0 disables.")
     tta_flip: bool = _option(True, "Evaluate on each image and its mirror image, averaging the logits.")
+    # --- resume ---
+    resume: Optional[str] = _option(
+        None, "auto: continue from the newest complete saved state of this run (start fresh if none); "
+        "or a RUN/state/step-* folder.")
+    save_every: int = _option(0, "Save the full training state every this many optimizer steps; 0 saves "
+                                 "only on SIGUSR1/SIGTERM.")
+    keep_states: int = _option(2, "How many saved training states to keep.")
+    # --- tracking ---
+    report_to: str = _option(
+        "auto", "wandb, none, or auto (wandb when it is installed and configured: an API key, or "
+        "WANDB_MODE set).", choices=("auto", "wandb", "none"))
+    log_checkpoint: bool = _option(False, "Upload the best checkpoint to W&B as an artifact.")
     # --- run ---
     output_dir: str = _option("runs", "Folder that holds one directory per run.")
     run_name: Optional[str] = _option(None, "Run directory name. Default: a timestamp.")
@@ -194,6 +206,9 @@ def validate(config: TrainConfig) -> None:
         (config.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw"),
         (config.data_pipeline in ("auto", "gpu", "stream"), "--data-pipeline must be auto, gpu or stream"),
         (0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
+        (config.save_every >= 0, "--save-every must not be negative"),
+        (config.report_to in ("auto", "wandb", "none"), "--report-to must be auto, wandb or none"),
+        (config.keep_states >= 1, "--keep-states must be at least 1"),
         (config.mixed_precision in (None, "no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
     ]
     for ok, message in checks:

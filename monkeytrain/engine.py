@@ -24,6 +24,7 @@ class TrainStats:
     accuracy: float
     images: int
     seconds: float
+    stopped: bool = False  # the epoch ended early on an agreed stop signal
 
     @property
     def images_per_second(self) -> float:
@@ -36,6 +37,8 @@ class EvalResult:
     accuracy: float
     count: int
     confusion: torch.Tensor  # [true class, predicted class] counts, on the CPU
+    predicted: torch.Tensor   # this rank's predicted class per sample, in shard order (CPU)
+    confidence: torch.Tensor  # and the softmax probability of that prediction
 
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(dim=1).clamp_min(1)
@@ -45,8 +48,12 @@ class EvalResult:
 def train_one_epoch(
     model, batches, augment: Callable, optimizer, scheduler, criterion, accelerator,
     averager, clip_grad_norm: float = 0.0, description: str = "train", steps: int | None = None,
+    after_step: Callable[[int], bool] = lambda batches_done: False,
 ) -> TrainStats:
     """Train on every (uint8 views, labels) batch of `batches` (`steps` of them, for the progress bar).
+
+    `after_step(batches done so far)` runs after every optimizer step; when it
+    returns True (a stop was agreed) the epoch ends there, with `stopped` set.
 
     No host synchronisation inside the loop: losses and correct counts stay on
     the device until the epoch's single reduction.
@@ -58,7 +65,8 @@ def train_one_epoch(
     count = 0
     started = time.perf_counter()
     progress = tqdm(total=steps, desc=description, leave=False, disable=not accelerator.is_main_process)
-    for views, labels in batches:
+    stopped = False
+    for batch, (views, labels) in enumerate(batches, start=1):
         with accelerator.accumulate(model):
             logits = model(augment(views))
             loss = criterion(logits, labels)
@@ -74,12 +82,15 @@ def train_one_epoch(
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         count += labels.shape[0]
         progress.update()
+        if accelerator.sync_gradients and after_step(batch):
+            stopped = True
+            break
     progress.close()
     totals = sum_across_ranks(torch.stack([loss_sum, correct.double(),
                                            torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]))
     loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync
     return TrainStats(loss_total / max(count_total, 1), correct_total / max(count_total, 1),
-                      int(count_total), time.perf_counter() - started)
+                      int(count_total), time.perf_counter() - started, stopped)
 
 
 def flip_averaged(model: Callable) -> Callable:
@@ -97,12 +108,15 @@ def evaluate(model: Callable, batches, prepare: Callable, accelerator, num_class
     device = accelerator.device
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    predictions, confidences = [], []
     for views, labels in batches:
         with accelerator.autocast():
             logits = model(prepare(views))
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        pairs = labels * num_classes + logits.argmax(dim=1)
-        confusion += torch.bincount(pairs, minlength=num_classes * num_classes).double()
+        confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).double()
+        predictions.append(predicted)
+        confidences.append(confidence)
     totals = sum_across_ranks(torch.cat([loss_sum, confusion]))
     confusion_matrix = totals[1:].reshape(num_classes, num_classes).long().cpu()
     count = int(confusion_matrix.sum())
@@ -111,4 +125,6 @@ def evaluate(model: Callable, batches, prepare: Callable, accelerator, num_class
         accuracy=float(confusion_matrix.diag().sum()) / max(count, 1),
         count=count,
         confusion=confusion_matrix,
+        predicted=torch.cat(predictions).cpu() if predictions else torch.zeros(0, dtype=torch.int64),
+        confidence=torch.cat(confidences).cpu() if confidences else torch.zeros(0),
     )

@@ -59,15 +59,17 @@ class ResidentPipeline:
         per_rank = len(splits.train) // self.world
         self.batches_per_epoch = max(1, per_rank // batch_size)
 
-    def train_epoch(self, epoch: int, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's equal share of one device-side permutation: full batches, `steps` at most."""
+    def train_epoch(self, epoch: int, steps: int | None = None,
+                    skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's equal share of one device-side permutation: full batches, `steps` at most,
+        the first `skip` of them left out (to continue an epoch after a resume)."""
         images, labels = self.splits["train"]
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(labels), generator=generator, device=self.device)
         per_rank = len(labels) // self.world
         mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
         size = min(self.batch_size, per_rank)
-        for step in range(min(steps or self.batches_per_epoch, self.batches_per_epoch)):
+        for step in range(skip, min(steps or self.batches_per_epoch, self.batches_per_epoch)):
             index = mine[step * size:(step + 1) * size]
             yield images[index], labels[index]
 
@@ -95,14 +97,15 @@ class StreamPipeline:
         self.batches_per_epoch = len(self.train_loader)
         self.eval_loaders: dict[str, DataLoader] = {}
 
-    def train_epoch(self, epoch: int, steps: int | None = None) -> Batches:
-        """Accelerate shards, shuffles and moves to the device; `steps` batches at most."""
+    def train_epoch(self, epoch: int, steps: int | None = None, skip: int = 0) -> Batches:
+        """Accelerate shards, shuffles and moves to the device; `steps` batches at most,
+        the first `skip` left out (decoded but not trained on, so the order is the same)."""
         # Accelerate only advances its sampler's epoch when a loop runs past the
         # last batch, so set it: each epoch gets its own order, even if cut short.
         self.train_loader.set_epoch(epoch)
-        if steps is None or steps >= self.batches_per_epoch:
-            return self.train_loader  # run to its end, so Accelerate's end-of-loader bookkeeping runs
-        return itertools.islice(self.train_loader, steps)
+        # Run to the loader's end when possible, so Accelerate's end-of-loader bookkeeping runs.
+        end = None if steps is None or steps >= self.batches_per_epoch else steps
+        return self.train_loader if end is None and skip == 0 else itertools.islice(self.train_loader, skip, end)
 
     def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if name not in self.eval_loaders:

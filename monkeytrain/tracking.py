@@ -1,19 +1,42 @@
-"""Run logs: the main process prints and appends metrics.jsonl; other ranks log nothing.
+"""Run logs: the main process prints, appends metrics.jsonl, draws the run's plots
+and, with `--report-to wandb`, mirrors all of it to one W&B run; other ranks log nothing.
 
-Both loggers share one interface, so the training loop never asks which rank it is on.
+Every logger shares one interface (info, warn, epoch, final, close), so the
+training loop never asks which rank it is on or whether a tracker is on.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import netrc
+import os
+import secrets
+import string
 import sys
 from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from monkeytrain.imagefiles import load_rgb
+from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
+
+REPORT_TO_CHOICES = ("auto", "wandb", "none")
+RUN_ID_NAME = "wandb_run_id.txt"
+DEFAULT_PROJECT = "monkeytrain"
+# WANDB_MODE values with which wandb.init needs no account and never logs in.
+NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
+CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "best_val_accuracy", "best_val_loss")
+MAX_MISCLASSIFIED = 500  # rows in the W&B table; the most confident mistakes first
+THUMBNAIL_PIXELS = 128
 
 
 class RunLog:
-    """Console lines and `metrics.jsonl` in the run directory."""
+    """Console lines, `metrics.jsonl` and the two plots in the run directory."""
 
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
 
     def info(self, message: str) -> None:
@@ -27,9 +50,16 @@ class RunLog:
             handle.write(json.dumps(metrics) + "\n")
         print(format_epoch(metrics), flush=True)
 
+    def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
+        """Once, after the test evaluation: curves.png and confusion_matrix.png."""
+        write_run_plots(self.run_dir, results)
+
+    def close(self) -> None:
+        pass
+
 
 class SilentLog(RunLog):
-    """What every rank but the main one gets."""
+    """What every rank but the main one gets: it writes nothing anywhere."""
 
     def __init__(self) -> None:
         pass
@@ -43,9 +73,186 @@ class SilentLog(RunLog):
     def epoch(self, metrics: dict) -> None:
         pass
 
+    def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
+        pass
 
-def make_run_log(run_dir: Path, is_main_process: bool) -> RunLog:
-    return RunLog(run_dir) if is_main_process else SilentLog()
+
+class WandbRunLog(RunLog):
+    """Everything RunLog does, and the same figures in one W&B run."""
+
+    def __init__(self, run_dir: Path, run: Any, wandb: Any, log_checkpoint: bool = False):
+        super().__init__(run_dir)
+        self.run, self.wandb, self.log_checkpoint = run, wandb, log_checkpoint
+        self.last_epoch: int | None = None
+
+    def epoch(self, metrics: dict) -> None:
+        super().epoch(metrics)
+        # "epochs" is the same every epoch and already in the config: no chart for it.
+        self.run.log({k: v for k, v in metrics.items() if k != "epochs"}, step=metrics["epoch"])
+        self.last_epoch = metrics["epoch"]
+
+    def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
+        super().final(results, misclassified, checkpoint_path)
+        self.run.summary.update({key: results[key] for key in SUMMARY_KEYS if key in results})
+        # The last epoch's step: W&B drops data logged to a step below the latest one.
+        self.run.log(final_media(self.wandb, self.run_dir, results, misclassified), step=self.last_epoch)
+        if self.log_checkpoint:
+            self.run.log_artifact(checkpoint_artifact(self.wandb, self.run.id, checkpoint_path, results),
+                                  aliases=["best"])
+
+    def close(self) -> None:
+        run, self.run = self.run, None
+        if run is not None:  # a second close finds nothing left to finish
+            run.finish()
+
+
+class TrackerUnavailable(Exception):
+    """W&B was asked for (or chosen by auto) but cannot be used; the message says why."""
+
+
+def make_run_log(run_dir: Path, is_main_process: bool, report_to: str = "none", config: dict | None = None,
+                 log_checkpoint: bool = False) -> RunLog:
+    """The logger for this process.
+
+    Other ranks get a silent one. The main process gets the local RunLog, or a
+    W&B-reporting one when `report_to` ("wandb", "none" or "auto": W&B when
+    installed and configured) resolves to W&B; a W&B problem costs one warning
+    line and training goes on with the local logs.
+    """
+    if report_to not in REPORT_TO_CHOICES:
+        raise ValueError(f"report_to must be one of {REPORT_TO_CHOICES}, got {report_to!r}")
+    if not is_main_process:
+        return SilentLog()
+    local = RunLog(run_dir)
+    if report_to == "none" or (report_to == "auto" and not wandb_set_up(os.environ)):
+        return local  # auto means "W&B when it is set up": nothing to warn about
+    try:
+        wandb, run = start_wandb_run(run_dir, report_to, config or {})
+    except TrackerUnavailable as problem:
+        local.warn(f"{problem}; logging to {run_dir} only.")
+        return local
+    return WandbRunLog(run_dir, run, wandb, log_checkpoint)
+
+
+def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, Any]:
+    """(the wandb module, a started run) or TrackerUnavailable; never an interactive prompt."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrackerUnavailable(f"--report-to {report_to}: the wandb package is not installed "
+                                 "(pip install wandb)") from None
+    # wandb.init asks for an API key on a terminal when it has none: only start
+    # it when it needs no account (offline) or already has credentials.
+    if not wandb_configured(os.environ):
+        raise TrackerUnavailable(
+            f"--report-to {report_to}: W&B is not configured (no WANDB_API_KEY, no ~/.netrc entry for "
+            f"{wandb_hosts(os.environ)[0]}, no WANDB_MODE=offline)")
+    run_id = persistent_run_id(run_dir, new_run_id)
+    try:
+        run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), id=run_id, resume="allow",
+            name=run_dir.name, job_type="train", config=config,
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),  # the offline run sits beside its checkpoint
+        )
+        run.define_metric("val_accuracy", summary="max")  # right even if the job dies before final()
+    except Exception as error:  # a tracker failure (network, bad key, server) must never stop training
+        reason = " ".join(str(error).split())  # wandb's messages span lines; the warning is one
+        raise TrackerUnavailable(f"--report-to {report_to}: W&B could not start a run "
+                                 f"({type(error).__name__}: {reason})") from error
+    return wandb, run
+
+
+def wandb_set_up(environ: Mapping[str, str]) -> bool:
+    """The package is installed and can start a run without asking anything."""
+    return importlib.util.find_spec("wandb") is not None and wandb_configured(environ)
+
+
+def wandb_configured(environ: Mapping[str, str], netrc_path: Path | None = None) -> bool:
+    """True when wandb.init can start without asking anything: an explicit
+    offline/disabled WANDB_MODE, WANDB_API_KEY, or a netrc login for the W&B host."""
+    if environ.get("WANDB_MODE", "").strip().lower() in NO_ACCOUNT_MODES:
+        return True
+    if environ.get("WANDB_API_KEY", "").strip():
+        return True
+    path = netrc_path or Path(environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        logins = netrc.netrc(str(path))
+    except (OSError, netrc.NetrcParseError):
+        return False
+    # W&B's API key is the password field; an entry without one makes wandb ask.
+    return any((login := logins.authenticators(host)) and login[2] for host in wandb_hosts(environ))
+
+
+def wandb_hosts(environ: Mapping[str, str]) -> list[str]:
+    """The netrc machine names wandb looks up: WANDB_BASE_URL's host[:port], else the
+    cloud's (api.wandb.ai; wandb 0.31 defaults to its api.forge.coreweave.com alias)."""
+    if environ.get("WANDB_BASE_URL"):
+        return [urlparse(environ["WANDB_BASE_URL"]).netloc]
+    return list(CLOUD_HOSTS)
+
+
+def persistent_run_id(run_dir: Path, new_id: Callable[[], str]) -> str:
+    """The W&B run id kept in RUN/wandb_run_id.txt, made on first use, so a
+    requeued or resumed job continues the same W&B run. Main process only."""
+    path = run_dir / RUN_ID_NAME
+    existing = path.read_text().strip() if path.is_file() else ""
+    if existing:
+        return existing
+    run_id = new_id()
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def new_run_id() -> str:
+    """8 random lowercase letters and digits, the form of W&B's own run ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def final_media(wandb: Any, run_dir: Path, results: dict, misclassified: list[dict]) -> dict:
+    """The end-of-run W&B entries: interactive confusion matrix, both PNGs, misclassified images."""
+    names = results["class_names"]
+    true, predicted = expand_confusion(results["confusion_matrix"])
+    return {
+        "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=true, preds=predicted, class_names=names,
+                                                             title="test confusion matrix"),
+        "test/confusion_matrix_png": wandb.Image(str(run_dir / CONFUSION_NAME)),
+        "curves": wandb.Image(str(run_dir / CURVES_NAME)),
+        "test/misclassified": misclassified_table(wandb, misclassified),
+    }
+
+
+def expand_confusion(matrix: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Per-image (true, predicted) class indices from [true][predicted] counts, which is
+    what wandb.plot.confusion_matrix takes."""
+    pairs = [(t, p) for t, row in enumerate(matrix) for p, count in enumerate(row) for _ in range(int(count))]
+    return [t for t, _ in pairs], [p for _, p in pairs]
+
+
+def misclassified_table(wandb: Any, misclassified: list[dict]) -> Any:
+    """Thumbnail, true and predicted class, confidence and path; the most confident mistakes first."""
+    table = wandb.Table(columns=["image", "true", "predicted", "confidence", "path"])
+    ranked = sorted(misclassified, key=lambda item: -item["confidence"])[:MAX_MISCLASSIFIED]
+    for item in ranked:
+        table.add_data(thumbnail(wandb, Path(item["path"])), item["true"], item["predicted"],
+                       float(item["confidence"]), str(item["path"]))
+    return table
+
+
+def thumbnail(wandb: Any, path: Path) -> Any:
+    """A small wandb.Image of the file, or None if it can no longer be read (the row still counts)."""
+    try:
+        image = load_rgb(path)
+    except OSError:
+        return None
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    return wandb.Image(image)
+
+
+def checkpoint_artifact(wandb: Any, run_id: str, checkpoint_path: Path, results: dict) -> Any:
+    artifact = wandb.Artifact(f"model-{run_id}", type="model",
+                              metadata={key: results[key] for key in SUMMARY_KEYS if key in results})
+    artifact.add_file(str(checkpoint_path))
+    return artifact
 
 
 def format_epoch(m: dict) -> str:

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -34,12 +36,16 @@ from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_c
 from monkeytrain.config import TrainConfig, parse_config, save_config
 from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset
 from monkeytrain.distributed import broadcast_from_main
-from monkeytrain.engine import EvalResult, evaluate, flip_averaged, train_one_epoch
+from monkeytrain.engine import evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
 from monkeytrain.pipeline import build_pipeline
 from monkeytrain.predict import inference
+from monkeytrain.results import misclassified, results_summary
+from monkeytrain.resume import (
+    STOP_CHECK_INTERVAL, Progress, StopSignal, TrainingState, agree_on_state, requeue_or_exit, resolve_resume,
+)
 from monkeytrain.selection import BestEpoch
 from monkeytrain.stats import ChannelStats, channel_stats
 from monkeytrain.tracking import RunLog, make_run_log
@@ -70,9 +76,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(config: TrainConfig, accelerator: Accelerator) -> dict:
     started = time.perf_counter()
+    stop = StopSignal()  # from the start: a SIGUSR1's default action would kill us unsaved
     set_seed(config.seed)
     run_dir = prepare_run_dir(config, accelerator)
-    log = make_run_log(run_dir, accelerator.is_main_process)
+    log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
+                       config.log_checkpoint)
+    try:
+        return train_and_report(config, accelerator, run_dir, log, stop, started)
+    finally:
+        log.close()
+
+
+def train_and_report(config: TrainConfig, accelerator: Accelerator, run_dir: Path, log: RunLog,
+                     stop: StopSignal, started: float) -> dict:
     splits = resolve_dataset(config, accelerator, log)
     cache_dir = default_cache_dir(config)
     pipeline = build_pipeline(config, splits, cache_dir, accelerator)
@@ -86,67 +102,131 @@ def run(config: TrainConfig, accelerator: Accelerator) -> dict:
         save_config(config, run_dir / "config.yaml")
         (run_dir / "data_manifest.json").write_text(json.dumps(splits.manifest(), indent=2))
 
-    best = fit(config, accelerator, splits, pipeline, stats, run_dir, log)
-    results = final_evaluation(config, accelerator, splits, pipeline, run_dir, best)
+    best, stopped = fit(config, accelerator, splits, pipeline, stats, run_dir, log, stop)
+    if stopped:
+        log.close()  # before a requeue, which ends this job at once
+        if accelerator.is_main_process:
+            requeue_or_exit(log)
+        return {"stopped": True}
+    results, wrong = final_evaluation(accelerator, splits, pipeline, run_dir, best)
     results.update(wall_seconds=round(time.perf_counter() - started, 2), data_pipeline=pipeline.mode,
                    resident_data_bytes=pipeline.resident_bytes, peak_gpu_memory_bytes=peak_gpu_memory())
     if accelerator.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.final(results, wrong, run_dir / BEST_NAME)
     log.info(f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images "
              f"(best epoch {best.epoch}); results in {run_dir / 'results.json'}")
     return results
 
 
 def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
-    """The run directory, named alike on every rank, never one holding a finished run."""
+    """The run directory, named alike on every rank; a finished run is only reopened to resume."""
     config.run_name = config.run_name or broadcast_from_main(time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(config.output_dir) / config.run_name
-    if (run_dir / BEST_NAME).exists():
-        raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name or move it away.")
+    if (run_dir / BEST_NAME).exists() and not config.resume:
+        raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name, move it away, "
+                        "or continue it with --resume auto.")
+    if (run_dir / "results.json").exists():
+        raise UserError(f"{run_dir} holds a finished run (results.json); pick another --run-name.")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
 
 
-def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStats, run_dir: Path,
-        log: RunLog) -> BestEpoch:
-    """Train every epoch; after each, rank 0 saves the checkpoint if validation improved."""
-    augmenter = Augmenter(augment_settings(config), config.image_size, stats.mean, stats.std,
-                          torch.Generator(accelerator.device).manual_seed(config.seed * 1000 + accelerator.process_index))
-    steps = min(pipeline.batches_per_epoch, config.max_steps_per_epoch or pipeline.batches_per_epoch)
-    num_classes = len(splits.class_names)
+@dataclass
+class Training:
+    """The prepared pieces one run trains with."""
 
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: torch.nn.Module
+    averager: object
+    augmenter: Augmenter
+    evaluated: Callable  # what validation runs: the (averaged) model, flip-averaged if asked
+    steps: int           # batches per epoch
+    state: TrainingState
+
+
+def build_training(config: TrainConfig, accelerator: Accelerator, num_classes: int, pipeline,
+                   stats: ChannelStats, run_dir: Path) -> Training:
+    generator = torch.Generator(accelerator.device).manual_seed(config.seed * 1000 + accelerator.process_index)
+    augmenter = Augmenter(augment_settings(config), config.image_size, stats.mean, stats.std, generator)
+    steps = min(pipeline.batches_per_epoch, config.max_steps_per_epoch or pipeline.batches_per_epoch)
     plain = create_model(config.model, num_classes, config.pretrained)
     plain = plain.to(accelerator.device, memory_format=torch.channels_last)
     averager = weight_averager(plain, config.ema_decay)
     optimizer = build_optimizer(plain, config, accelerator.device)
     scheduler = build_scheduler(optimizer, config, math.ceil(steps / config.grad_accum_steps))
     model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
-    model = compiled(model, config.compile, default_cache_dir(config))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    evaluated = flip_averaged(averager.model) if config.tta_flip else averager.model
+    return Training(
+        model=compiled(model, config.compile, default_cache_dir(config)), optimizer=optimizer,
+        scheduler=scheduler, criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        averager=averager, augmenter=augmenter,
+        evaluated=flip_averaged(averager.model) if config.tta_flip else averager.model, steps=steps,
+        state=TrainingState(run_dir, accelerator, averager, generator, config.keep_states),
+    )
 
-    best = BestEpoch()
-    for epoch in range(1, config.epochs + 1):
-        trained = train_one_epoch(model, pipeline.train_epoch(epoch, steps), augmenter.train, optimizer,
-                                  scheduler, criterion, accelerator, averager, config.clip_grad_norm,
-                                  f"epoch {epoch}", steps)
-        averager.model.eval()
-        validated = evaluate(evaluated, pipeline.eval_batches("val"), augmenter.eval, accelerator, num_classes)
-        improved = best.update(epoch, validated.accuracy, validated.loss)  # same inputs on every rank
-        if improved and accelerator.is_main_process:
-            save_checkpoint(run_dir, averager.model,
-                            checkpoint_info(config, splits, stats, epoch, validated.accuracy))
-        accelerator.wait_for_everyone()  # reached by every rank, improved or not
-        log.epoch({
-            "epoch": epoch, "epochs": config.epochs,
-            "train_loss": trained.loss, "train_accuracy": trained.accuracy,
-            "val_loss": validated.loss, "val_accuracy": validated.accuracy,
-            "lr": scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
-            "epoch_seconds": trained.seconds, "is_best": improved,
-        })
-    return best
+
+def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStats, run_dir: Path,
+        log: RunLog, stop: StopSignal) -> tuple[BestEpoch, bool]:
+    """Train the remaining epochs; returns the best epoch and whether a stop signal ended training."""
+    t = build_training(config, accelerator, len(splits.class_names), pipeline, stats, run_dir)
+    progress, best = Progress(), BestEpoch()
+    resume_from = agree_on_state(resolve_resume(config.resume, run_dir))
+    if resume_from is not None:
+        progress, best = t.state.load(resume_from)
+        log.info(f"resumed from {resume_from}: epoch {progress.epoch}, batch {progress.batch}")
+    for epoch in range(progress.epoch, config.epochs + 1):
+        trained = train_one_epoch(
+            t.model, pipeline.train_epoch(epoch, t.steps, skip=progress.batch), t.augmenter.train,
+            t.optimizer, t.scheduler, t.criterion, accelerator, t.averager, config.clip_grad_norm,
+            f"epoch {epoch}", t.steps - progress.batch,
+            after_step=step_boundary(config, accelerator, progress, epoch, best, t.state, stop))
+        if trained.stopped:
+            t.state.save(progress, best)
+            return best, True
+        progress.epoch, progress.batch = epoch + 1, 0
+        validate_and_checkpoint(config, accelerator, splits, pipeline, stats, run_dir, log, t, epoch, best, trained)
+        if stop.agreed(accelerator):
+            t.state.save(progress, best)
+            return best, True
+    return best, False
+
+
+def step_boundary(config, accelerator, progress: Progress, epoch: int, best: BestEpoch,
+                  state: TrainingState, stop: StopSignal) -> Callable[[int], bool]:
+    """After each optimizer step: note progress, save on schedule, and say whether to stop."""
+    skipped = progress.batch
+
+    def after_step(batches_done: int) -> bool:
+        progress.epoch, progress.batch = epoch, skipped + batches_done
+        progress.global_step += 1
+        if config.save_every and progress.global_step % config.save_every == 0:
+            state.save(progress, best)
+        return progress.global_step % STOP_CHECK_INTERVAL == 0 and stop.agreed(accelerator)
+
+    return after_step
+
+
+def validate_and_checkpoint(config, accelerator, splits, pipeline, stats, run_dir, log, t: Training,
+                            epoch: int, best: BestEpoch, trained) -> None:
+    """Score the validation split; rank 0 saves the checkpoint if it improved; log the epoch."""
+    t.averager.model.eval()
+    validated = evaluate(t.evaluated, pipeline.eval_batches("val"), t.augmenter.eval, accelerator,
+                         len(splits.class_names))
+    improved = best.update(epoch, validated.accuracy, validated.loss)  # same inputs on every rank
+    if improved and accelerator.is_main_process:
+        save_checkpoint(run_dir, t.averager.model, checkpoint_info(config, splits, stats, epoch, validated.accuracy))
+    accelerator.wait_for_everyone()  # reached by every rank, improved or not
+    log.epoch({
+        "epoch": epoch, "epochs": config.epochs,
+        "train_loss": trained.loss, "train_accuracy": trained.accuracy,
+        "val_loss": validated.loss, "val_accuracy": validated.accuracy,
+        "lr": t.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
+        "epoch_seconds": trained.seconds, "is_best": improved,
+    })
 
 
 def augment_settings(config: TrainConfig) -> AugmentSettings:
@@ -162,40 +242,18 @@ def checkpoint_info(config, splits: DatasetSplits, stats: ChannelStats, epoch: i
     )
 
 
-def final_evaluation(config, accelerator, splits: DatasetSplits, pipeline, run_dir: Path, best: BestEpoch) -> dict:
+def final_evaluation(accelerator, splits: DatasetSplits, pipeline, run_dir: Path,
+                     best: BestEpoch) -> tuple[dict, list[dict]]:
     """Every rank reloads best.safetensors into a fresh model and scores the test split."""
     model, info = load_model(run_dir / BEST_NAME, accelerator.device)
     prepare, forward = inference(model, info)
     test = evaluate(forward, pipeline.eval_batches("test"), prepare, accelerator, info.num_classes)
-    return results_summary(test, info, splits, best, run_dir, accelerator.num_processes)
+    summary = results_summary(test, info, splits, best, run_dir, accelerator.num_processes)
+    return summary, misclassified(test, splits.test, info.class_names, accelerator)
 
 
 def peak_gpu_memory() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-
-
-def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,
-                    best: BestEpoch, run_dir: Path, world_size: int) -> dict:
-    summary = {
-        "test_accuracy": test.accuracy,
-        "test_loss": test.loss,
-        "test_images": test.count,
-        "per_class_accuracy": dict(zip(info.class_names, test.per_class_accuracy())),
-        "confusion_matrix": test.confusion.tolist(),
-        "class_names": info.class_names,
-        "best_epoch": best.epoch,
-        "best_val_accuracy": best.accuracy,
-        "best_val_loss": best.loss,
-        "val_images": len(splits.val),
-        "selection_biased": splits.selection_on_test,
-        "synthetic_data": splits.synthetic,
-        "checkpoint": str(run_dir / BEST_NAME),
-        "world_size": world_size,
-    }
-    if splits.selection_on_test:
-        summary["note"] = ("the best epoch was chosen on the test split (--val-fraction 0), "
-                           "so test_accuracy is selection-biased (optimistic)")
-    return summary
 
 
 def fmt(values: list[float]) -> str:

@@ -1,0 +1,152 @@
+"""The two pictures every run directory gets: learning curves and the test confusion matrix.
+
+Drawn on matplotlib's Agg canvas directly (no pyplot), so nothing needs a
+display and no global backend state is touched inside a training process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+CURVES_NAME = "curves.png"
+CONFUSION_NAME = "confusion_matrix.png"
+SERIES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+MAX_FIGURE_INCHES = 30  # Agg refuses images over 2**16 pixels a side; 1000 classes must not end a run
+MAX_ANNOTATED_CLASSES = 40  # beyond this the count in each cell is too small to read
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """Per-epoch series from metrics.jsonl: {"epoch": [1, 2, ...], "train_loss": [...], ...}.
+
+    A requeued job may log an epoch again, so the last line for an epoch wins;
+    a line cut short by a killed job is skipped rather than losing the plot.
+    Missing values are NaN; a missing file gives empty series.
+    """
+    by_epoch: dict[int, dict] = {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            by_epoch[int(record["epoch"])] = record
+    epochs = sorted(by_epoch)
+    series = {name: [float(by_epoch[e].get(name, math.nan)) for e in epochs] for name in SERIES}
+    return {"epoch": epochs, **series}
+
+
+def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None) -> Path:
+    return save(curves_figure(series, best_epoch), path)
+
+
+def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None) -> Figure:
+    """Two panels, loss and accuracy per epoch, train and validation.
+
+    `best_epoch` (the selected one, from results.json) is starred; without it,
+    the epoch of highest validation accuracy.
+    """
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    epochs = series["epoch"]
+    marker = "o" if len(epochs) <= 30 else None  # a 2-epoch debug run would otherwise show nothing
+    for axes, kind in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        axes.plot(epochs, series[f"train_{kind}"], marker=marker, label="train")
+        axes.plot(epochs, series[f"val_{kind}"], marker=marker, label="validation")
+        axes.set(title=kind, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    accuracy_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    mark_best(accuracy_axes, epochs, series["val_accuracy"], best_epoch)
+    loss_axes.legend()
+    accuracy_axes.legend()
+    return figure
+
+
+def mark_best(axes, epochs: list[int], accuracies: list[float], best_epoch: int | None) -> None:
+    if best_epoch not in epochs:
+        best_epoch = highest_epoch(epochs, accuracies)
+    if best_epoch is None:
+        return
+    accuracy = accuracies[epochs.index(best_epoch)]
+    axes.plot([best_epoch], [accuracy], "k*", markersize=12, label=f"best {accuracy:.1%} (epoch {best_epoch})")
+
+
+def highest_epoch(epochs: list[int], accuracies: list[float]) -> int | None:
+    """The first epoch of highest accuracy, ignoring NaN; None when there is none."""
+    finite = [(a, -e) for e, a in zip(epochs, accuracies) if not math.isnan(a)]
+    return -max(finite)[1] if finite else None
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[float]], class_names: Sequence[str], path: Path) -> Path:
+    return save(confusion_figure(matrix, class_names), path)
+
+
+def confusion_figure(matrix: Sequence[Sequence[float]], class_names: Sequence[str]) -> Figure:
+    """Counts [true][predicted] in each cell, shaded by the fraction of the true class.
+
+    Raises ValueError unless `matrix` is square with one row per class name.
+    """
+    counts = confusion_array(matrix, class_names)
+    n = len(class_names)
+    # Shade by row fraction so a small class's mistakes are as visible as a big one's.
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.5, 0.65 * n + 3), MAX_FIGURE_INCHES)
+    figure = Figure(figsize=(side + 1, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class")
+    ticks = np.arange(n)
+    axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right", rotation_mode="anchor")
+    axes.set_yticks(ticks, labels=class_names)
+    axes.set(xlabel="predicted", ylabel="true")
+    total, correct = counts.sum(), np.trace(counts)
+    axes.set_title(f"test split: {correct:.0f} of {total:.0f} correct ({correct / max(total, 1):.1%})")
+    if n <= MAX_ANNOTATED_CLASSES:
+        write_counts(axes, counts, fractions)
+    return figure
+
+
+def confusion_array(matrix: Sequence[Sequence[float]], class_names: Sequence[str]) -> np.ndarray:
+    try:
+        counts = np.asarray(matrix, dtype=float)
+    except ValueError:
+        raise ValueError("confusion matrix rows differ in length") from None
+    n = len(class_names)
+    if n == 0 or counts.shape != (n, n):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match "
+                         f"{n} class names; expected ({n}, {n})")
+    if (counts < 0).any():
+        raise ValueError("confusion matrix holds negative counts")
+    return counts
+
+
+def write_counts(axes, counts: np.ndarray, fractions: np.ndarray) -> None:
+    n = counts.shape[0]
+    size = 10 if n <= 12 else max(5, 120 / n)  # stay inside the cells for many classes
+    for (row, column), count in np.ndenumerate(counts):
+        # white stays readable on dark cells; grey zeros let the mistakes stand out
+        colour = "white" if fractions[row, column] > 0.5 else "black" if count else "0.65"
+        axes.text(column, row, f"{count:.0f}", ha="center", va="center", color=colour, fontsize=size)
+
+
+def save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)  # attach the Agg canvas explicitly: no display, no pyplot state
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def write_run_plots(run_dir: Path, results: dict) -> list[Path]:
+    """curves.png from RUN/metrics.jsonl and confusion_matrix.png from the results dict."""
+    return [
+        plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES_NAME, results.get("best_epoch")),
+        plot_confusion_matrix(results["confusion_matrix"], results["class_names"], run_dir / CONFUSION_NAME),
+    ]

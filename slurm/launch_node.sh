@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# One machine's share of a training run: a single `accelerate launch` that
+# starts this machine's training processes, with SIGUSR1 forwarded to them.
+# slurm/train.sbatch runs it in the batch shell, slurm/train_multinode.sbatch
+# once per node through srun, and the tests run it directly; all of them set
+# the same variables (every one has a default):
+#
+#   NUM_MACHINES    machines in the run                      (1)
+#   MACHINE_RANK    this machine, 0 .. NUM_MACHINES-1         (0)
+#   MAIN_ADDR       address of the rendezvous host            (127.0.0.1)
+#   MAIN_PORT       rendezvous port there                     (20000 + SLURM_JOB_ID % 20000, else 29500)
+#   MONKEYTRAIN_ACCELERATE_CONFIG   Accelerate config file    (accelerate_configs/multi_gpu.yaml on one
+#                                   machine, multi_node.yaml on several, cpu_ddp.yaml on one in CPU mode)
+#   MONKEYTRAIN_CPU=1               CPU mode: train.py --cpu and no mixed precision (gloo ranks);
+#                                   implied by a config file named cpu*.yaml
+#   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (the GPUs SLURM gave it,
+#                                   else every GPU nvidia-smi lists; 2 in CPU mode)
+#   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (monkeytrain/train.py; tests use a stub)
+#   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
+#                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid)
+#
+#   slurm/launch_node.sh [train.py flags ...]
+#   slurm/launch_node.sh --forward-signal USR1     # signal the run started above on this machine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "launch_node.sh: error: $*" >&2; exit 2; }
+is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+NUM_MACHINES=${NUM_MACHINES:-1}
+MACHINE_RANK=${MACHINE_RANK:-0}
+MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    # One port per job (and the same one after a requeue), so two jobs sharing
+    # a node do not collide on Accelerate's default 29500.
+    MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+fi
+MAIN_PORT=${MAIN_PORT:-29500}
+pid_file=${MONKEYTRAIN_PID_FILE:-${TMPDIR:-/tmp}/monkeytrain-${SLURM_JOB_ID:-local}-machine${MACHINE_RANK}.pid}
+
+if [ "${1:-}" = --forward-signal ]; then
+    # Used by train_multinode.sbatch: SLURM can only signal a job step as a
+    # whole, which would also hit the launcher and DataLoader workers; the
+    # launch below forwards a signal sent to it to its training processes only.
+    [ -s "$pid_file" ] || die "no run on this machine ($pid_file is missing); nothing to signal."
+    exec kill -s "${2:-USR1}" "$(cat "$pid_file")"
+fi
+
+is_count "$NUM_MACHINES" && [ "$NUM_MACHINES" -ge 1 ] || die "NUM_MACHINES must be a positive whole number, got '$NUM_MACHINES'."
+is_count "$MACHINE_RANK" && [ "$MACHINE_RANK" -lt "$NUM_MACHINES" ] \
+    || die "MACHINE_RANK must be a whole number below NUM_MACHINES ($NUM_MACHINES), got '$MACHINE_RANK'."
+is_count "$MAIN_PORT" && [ "$MAIN_PORT" -ge 1 ] && [ "$MAIN_PORT" -le 65535 ] \
+    || die "MAIN_PORT must be a TCP port (1-65535), got '$MAIN_PORT'."
+
+# --- which config, which device, how many processes -------------------------
+cpu=${MONKEYTRAIN_CPU:-0}
+config=${MONKEYTRAIN_ACCELERATE_CONFIG:-}
+if [ -z "$config" ]; then
+    if [ "$NUM_MACHINES" -gt 1 ]; then config=accelerate_configs/multi_node.yaml
+    elif [ "$cpu" = 1 ]; then config=accelerate_configs/cpu_ddp.yaml
+    else config=accelerate_configs/multi_gpu.yaml; fi
+fi
+[ -f "$config" ] || die "Accelerate config '$config' does not exist; set MONKEYTRAIN_ACCELERATE_CONFIG to a file in accelerate_configs/."
+case "$(basename "$config")" in cpu*) cpu=1 ;; esac
+[ "$cpu" = 0 ] || [ "$cpu" = 1 ] || die "MONKEYTRAIN_CPU must be 0 or 1, got '$cpu'."
+
+procs=${MONKEYTRAIN_PROCS_PER_NODE:-}
+if [ -z "$procs" ]; then
+    if [ "$cpu" = 1 ]; then procs=2
+    elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then procs=$SLURM_GPUS_ON_NODE  # what --gres gave this node
+    elif command -v nvidia-smi >/dev/null; then procs=$(nvidia-smi --list-gpus | wc -l)
+    else procs=0; fi
+fi
+if [ -n "${MONKEYTRAIN_PROCS_PER_NODE:-}" ] && ! { is_count "$procs" && [ "$procs" -ge 1 ]; }; then
+    die "MONKEYTRAIN_PROCS_PER_NODE must be a whole number of at least 1, got '$procs'."
+fi
+[ "$procs" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
+
+script=${MONKEYTRAIN_TRAIN_SCRIPT:-monkeytrain/train.py}
+[ -f "$script" ] || die "training script '$script' does not exist; run from a monkeytrain checkout."
+
+accelerate=$(command -v accelerate || true)
+if [ -z "$accelerate" ] && [ -x .venv/bin/accelerate ]; then accelerate=.venv/bin/accelerate; fi
+[ -n "$accelerate" ] || die "'accelerate' is not on PATH; activate the environment monkeytrain is installed in before sbatch (jobs inherit your PATH)."
+
+launch=("$accelerate" launch --config_file "$config"
+        --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
+        --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
+        --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+train_flags=()
+if [ "$cpu" = 1 ]; then
+    # The multi-process launcher with Accelerator(cpu=True) in train.py gives real
+    # gloo ranks (`accelerate launch --cpu` would start only one process).
+    launch+=(--mixed_precision no)
+    train_flags+=(--cpu)
+    cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / procs > 0 ? cpus / procs : 1))}
+fi
+
+# --- launch, forwarding SIGUSR1 to the training processes --------------------
+# SLURM's warning signal (--signal=B:USR1@...) reaches only the batch shell. The
+# training processes are the launcher's children (torch's elastic agent starts
+# each in its own session), so they are signalled by parent pid: not the
+# launcher, which would die of it, nor DataLoader workers.
+forward() {
+    echo "launch_node.sh: machine $MACHINE_RANK: forwarding SIG$1 to the training processes" >&2
+    pkill "-$1" -P "$launcher" || true  # none yet: the launcher is still starting them
+}
+# The launcher starts with SIGUSR1 ignored, so a USR1 sent to a whole job step
+# (`scancel --signal=USR1 JOB`) cannot kill it; the training processes inherit
+# the ignore until train.py installs its own handler.
+(trap '' USR1; exec "${launch[@]}" "$script" "${train_flags[@]}" "$@") &
+launcher=$!
+echo $$ > "$pid_file"
+trap 'rm -f "$pid_file"' EXIT
+trap 'forward USR1' USR1
+# SLURM ends a job with SIGTERM to every process, then SIGKILL after KillWait:
+# this shell must outlive the training processes (which save their state on
+# SIGTERM), since the job ends the moment the batch shell exits.
+trap 'echo "launch_node.sh: machine $MACHINE_RANK: SIGTERM; waiting for the training processes" >&2' TERM
+
+# `wait` returns early whenever a trapped signal arrives: wait again until the
+# launcher is gone, then once more for its exit status (bash keeps it).
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+wait "$launcher"

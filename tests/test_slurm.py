@@ -1,0 +1,297 @@
+"""The SLURM scripts, run by a real one-node SLURM (slurm/local_cluster.sh), not a mock.
+
+The module's `slurm_cluster` fixture starts the cluster (installing slurm-wlm
+and munge with apt-get the first time; needs root) and stops it afterwards if
+it was not already running. When SLURM cannot be started the tests that need
+it are skipped, except in CI (CI=true), where that is a failure. The helpers
+`submit`, `job_state`, `wait_for_job` and `log_file` are meant for more SLURM
+tests (a requeue test, say); accounting is off, so job states come from
+`scontrol show job` (kept for MinJobAge = 1 h after a job ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+PROJECT = Path(__file__).resolve().parent.parent
+SLURM_DIR = PROJECT / "slurm"
+CLUSTER = SLURM_DIR / "local_cluster.sh"
+TRAIN_SCRIPT = PROJECT / "monkeytrain" / "train.py"
+STUB = Path(__file__).with_name("signal_stub.py")
+# The sbatch files ask for GPUs and 32 cores; a CPU-only node must be told otherwise.
+CPU_NODE = ["--gres=none", f"--cpus-per-task={os.cpu_count()}"]
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+        "--max-steps-per-epoch", "2", "--ema-decay", "0"]
+
+
+# --- helpers ------------------------------------------------------------------
+
+def job_environment(**extra: str) -> dict[str, str]:
+    """This environment for a job (sbatch passes it on), without settings that would change
+    what the scripts do by default, and with this interpreter's `accelerate` first on PATH."""
+    dropped = {"MONKEYTRAIN_DATA", "MONKEYTRAIN_RESUME_FLAG", "MONKEYTRAIN_ACCELERATE_CONFIG", "MONKEYTRAIN_CPU",
+               "MONKEYTRAIN_PROCS_PER_NODE", "MONKEYTRAIN_TRAIN_SCRIPT", "MONKEYTRAIN_ROOT", "HF_HUB_OFFLINE",
+               "WANDB_MODE", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDR", "MAIN_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("SLURM_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def submit(script: Path, *train_args: str, workdir: Path, env: dict[str, str], sbatch_flags=(),
+           wait: bool = False, timeout: float = 300) -> int:
+    """sbatch `script` from the checkout (SLURM_SUBMIT_DIR) with the job working in `workdir`
+    (its logs/ folder is created); with wait=True return only once the job has ended."""
+    (workdir / "logs").mkdir(exist_ok=True)
+    command = ["sbatch", "--parsable", f"--chdir={workdir}", *CPU_NODE, *sbatch_flags,
+               *(["--wait"] if wait else []), str(script), *train_args]
+    try:
+        done = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        job = (expired.stdout or b"").decode().strip().split(";")[0]
+        if job:
+            subprocess.run(["scancel", job])
+        raise AssertionError(f"sbatch --wait did not return within {timeout} s (job {job or '?'} cancelled)")
+    job_id = done.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), f"sbatch failed: {done.stdout}{done.stderr}"
+    return int(job_id)
+
+
+def job_state(job_id: int) -> dict[str, str]:
+    """`scontrol show job` as a dict: JobState, Restarts, ExitCode, StdOut, ..."""
+    shown = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)],
+                           capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", shown))
+
+
+def wait_for_job(job_id: int, timeout: float = 300) -> dict[str, str]:
+    """Poll until the job has ended (it may pass through PENDING/RUNNING/REQUEUED on the way)."""
+    deadline = time.monotonic() + timeout
+    while (state := job_state(job_id))["JobState"] not in FINISHED:
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job_id)])
+            raise AssertionError(f"job {job_id} still {state['JobState']} after {timeout} s; cancelled")
+        time.sleep(1)
+    return state
+
+
+def log_file(workdir: Path, job_id: int, job_name: str = "monkeytrain") -> Path:
+    """Where the scripts' `--output=logs/%x-%j.out` puts the job's log."""
+    return workdir / "logs" / f"{job_name}-{job_id}.out"
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"(no log file {path})"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def checkpoint_header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+# --- fixtures -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running local SLURM for this module; stopped at the end unless it was already up."""
+    was_running = False
+    try:
+        was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
+        started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
+        problem = None if started.returncode == 0 else (started.stderr.strip().splitlines() or ["no output"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    if problem:
+        reason = f"could not start a local SLURM with slurm/local_cluster.sh start: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: SLURM is required in CI)", pytrace=False)
+        pytest.skip(reason)
+    yield
+    if not was_running:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True)
+
+
+# --- real training ------------------------------------------------------------
+
+def test_train_sbatch_trains_two_cpu_ranks_to_completion(slurm_cluster, tmp_path):
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+    job = submit(SLURM_DIR / "train.sbatch", "--debug", "--image-size", "32", "--epochs", "1",
+                 "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env, wait=True)
+
+    log = read_log(log_file(tmp_path, job))
+    assert job_state(job)["JobState"] == "COMPLETED", log[-4000:]
+    run_dir = tmp_path / "runs" / f"slurm-{job}"  # the run name the script gives
+    assert (run_dir / "best.safetensors").is_file()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["synthetic_data"] is True
+    assert "2 process(es) on cpu" in log  # the trainer's start-up line, from rank 0
+
+
+def test_warning_signal_saves_requeues_and_finishes_every_epoch_once(slurm_cluster, tmp_path):
+    """SIGUSR1 mid-training: both ranks save, the job requeues itself, and the requeued job
+    (held by Slurm for about two minutes) resumes and completes with one restart."""
+    epochs = 8
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+    job = submit(SLURM_DIR / "train.sbatch", "--debug", "--max-steps-per-epoch", "0", "--image-size", "32",
+                 "--epochs", str(epochs), "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env)
+    log = log_file(tmp_path, job)
+    deadline = time.monotonic() + 180
+    while f"epoch   1/{epochs}" not in read_log(log):
+        assert job_state(job)["JobState"] not in FINISHED and time.monotonic() < deadline, read_log(log)[-4000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+
+    state = wait_for_job(job, timeout=480)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]
+    assert f"scontrol requeue {job}: ok" in text and "resumed from" in text
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    logged = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, epochs + 1))  # every epoch exactly once, across the restart
+    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
+
+
+def node_command() -> str:
+    """What train_multinode.sbatch has srun run on every node (the bash -c '...' text)."""
+    match = re.search(r"bash -c '([^']*launch_node\.sh \"\$@\")'", (SLURM_DIR / "train_multinode.sbatch").read_text())
+    assert match, "train_multinode.sbatch no longer runs slurm/launch_node.sh through bash -c '...'"
+    return match.group(1)
+
+
+def test_two_machines_train_one_run_with_one_process_statistics(tmp_path, make_image_folder):
+    """The multi-node launch line, as two machines on this host, one CPU rank each (no SLURM needed)."""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    common = ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "runs")]
+    port = str(free_port())
+    machines, logs = [], [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        # What train_multinode.sbatch exports, plus what SLURM sets on each node.
+        env = job_environment(SLURM_JOB_ID="4242", SLURM_NODEID=str(rank), NUM_MACHINES="2",
+                              MAIN_ADDR="127.0.0.1", MAIN_PORT=port, MONKEYTRAIN_CPU="1",
+                              MONKEYTRAIN_PROCS_PER_NODE="1")
+        with open(log, "w") as sink:  # files, not pipes: a full pipe would stall one machine and both hang
+            machines.append(subprocess.Popen(
+                ["bash", "-c", node_command(), "launch_node.sh", "--run-name", "two",
+                 "--cache-dir", str(tmp_path / "cache-two"), *common],
+                cwd=PROJECT, env=env, stdout=sink, stderr=subprocess.STDOUT))  # the batch shell's directory
+    try:
+        codes = [machine.wait(timeout=300) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    outputs = [read_log(log) for log in logs]
+    assert codes == [0, 0], "\n".join(f"--- machine {r}:\n{o[-3000:]}" for r, o in enumerate(outputs))
+    assert sum(o.count("2 process(es) on cpu") for o in outputs) == 1  # one global rank 0 across machines
+    assert "(computed)" in "".join(outputs)  # statistics reduced across the machines, not read from a cache
+
+    checkpoints = sorted((tmp_path / "runs").rglob("*.safetensors"))
+    assert checkpoints == [tmp_path / "runs" / "two" / "best.safetensors"]
+    assert json.loads((tmp_path / "runs" / "two" / "results.json").read_text())["world_size"] == 2
+
+    one = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--cpu", *common, "--run-name", "one",
+                          "--cache-dir", str(tmp_path / "cache-one")],
+                         cwd=tmp_path, env=job_environment(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two, reference = (checkpoint_header(tmp_path / "runs" / n / "best.safetensors") for n in ("two", "one"))
+    assert json.loads(two["mean"]) == json.loads(reference["mean"])  # exactly, not approximately
+    assert json.loads(two["std"]) == json.loads(reference["std"])
+
+
+# --- signal forwarding, with a stub in place of train.py ------------------------
+
+def signal_when_ready(job: int, stub_output: Path, ranks: int, log: Path) -> list[dict]:
+    """Once every stub rank is up, send SIGUSR1 the way --signal=B:USR1 does; return their reports."""
+    deadline = time.monotonic() + 120
+    while not all((stub_output / f"rank{r}.ready").exists() for r in range(ranks)):
+        state = job_state(job)["JobState"]
+        assert state not in FINISHED and time.monotonic() < deadline, f"ranks never started ({state}):\n{read_log(log)}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+    state = wait_for_job(job, timeout=120)
+    assert state["JobState"] == "COMPLETED", read_log(log)[-4000:]
+    return [json.loads((stub_output / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def assert_forwarded_once(reports: list[dict], job: int) -> None:
+    for report in reports:
+        assert report["signals"] == ["USR1"]  # every rank, exactly once
+        assert report["worker_alive"]  # a rank's own children are not signalled
+        assert report["world_size"] == "2"
+        argv = " ".join(report["argv"])
+        assert f"--cpu --run-name slurm-{job} --resume auto --greeting hello" in argv
+        assert report["env"] == {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def test_train_sbatch_forwards_the_warning_signal_to_each_rank(slurm_cluster, tmp_path):
+    stub_output = tmp_path / "stub"
+    stub_output.mkdir()
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(stub_output))
+    job = submit(SLURM_DIR / "train.sbatch", "--greeting", "hello", workdir=tmp_path, env=env)
+    reports = signal_when_ready(job, stub_output, 2, log_file(tmp_path, job))
+    assert_forwarded_once(reports, job)
+    assert "forwarding SIGUSR1" in read_log(log_file(tmp_path, job))
+
+
+def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(slurm_cluster, tmp_path):
+    stub_output = tmp_path / "stub"
+    stub_output.mkdir()
+    env = job_environment(MONKEYTRAIN_CPU="1", MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(stub_output))
+    job = submit(SLURM_DIR / "train_multinode.sbatch", "--greeting", "hello", workdir=tmp_path, env=env,
+                 sbatch_flags=["--nodes=1"])
+    log = log_file(tmp_path, job, "monkeytrain-multinode")
+    reports = signal_when_ready(job, stub_output, 2, log)
+    assert_forwarded_once(reports, job)
+    text = read_log(log)
+    assert f"1 machines, rendezvous {job_state(job)['BatchHost']}:{20000 + job % 20000}" in text
+    assert "forwarding SIGUSR1 to the training processes on every node" in text
+
+
+# --- bad input ------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, named", [
+    ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK"),
+    ({"MAIN_PORT": "http"}, "MAIN_PORT"),
+    ({"MONKEYTRAIN_ACCELERATE_CONFIG": "accelerate_configs/nope.yaml"}, "nope.yaml"),
+    ({"MONKEYTRAIN_CPU": "1", "MONKEYTRAIN_PROCS_PER_NODE": "two"}, "MONKEYTRAIN_PROCS_PER_NODE"),
+    ({"MONKEYTRAIN_CPU": "1", "MONKEYTRAIN_PROCS_PER_NODE": "0"}, "MONKEYTRAIN_PROCS_PER_NODE"),
+])
+def test_launch_node_rejects_bad_settings_in_one_line(tmp_path, setting, named):
+    done = subprocess.run([str(SLURM_DIR / "launch_node.sh"), "--debug"], cwd=tmp_path,
+                          env=job_environment(**setting), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr
+
+
+def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
+    env = job_environment(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path))
+    done = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "not a monkeytrain checkout" in done.stderr
+
+
+def test_local_cluster_rejects_an_unknown_command():
+    done = subprocess.run([str(CLUSTER), "restart"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: slurm/local_cluster.sh start|stop|status" in done.stderr

@@ -1,0 +1,356 @@
+"""Run logs: local files always, one offline W&B run from the main process, one warning line
+when W&B cannot be used, nothing at all from other ranks."""
+
+from __future__ import annotations
+
+import glob
+import os
+import json
+import struct
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
+from monkeytrain.tracking import (
+    RUN_ID_NAME,
+    RunLog,
+    SilentLog,
+    WandbRunLog,
+    expand_confusion,
+    make_run_log,
+    persistent_run_id,
+    wandb_configured,
+)
+
+CLASS_NAMES = ["howler", "patas", "uakari"]
+RESULTS = {
+    "test_accuracy": 0.8, "test_loss": 0.61, "confusion_matrix": [[5, 1, 0], [0, 4, 2], [1, 0, 7]],
+    "class_names": CLASS_NAMES, "per_class_accuracy": {"howler": 5 / 6, "patas": 4 / 6, "uakari": 7 / 8},
+    "best_epoch": 2, "best_val_accuracy": 0.75, "best_val_loss": 0.7,
+}
+CONFIG = {"model": "resnet18", "lr": 0.05, "epochs": 3}
+
+
+def epoch_metrics(epoch: int) -> dict:
+    return dict(epoch=epoch, epochs=3, train_loss=2.0 / epoch, train_accuracy=0.25 * epoch,
+                val_loss=2.5 / epoch, val_accuracy=[0.5, 0.75, 0.7][epoch - 1], lr=0.05 / epoch,
+                images_per_second=100.0 * epoch, epoch_seconds=1.5, is_best=epoch < 3)
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch) -> Path:
+    """No W&B account anywhere: a fresh HOME, no WANDB_* variables; W&B's folders in tmp_path.
+    Returns the WANDB_DIR. Tests that want offline mode set WANDB_MODE themselves."""
+    for name in [n for n in os.environ if n.startswith("WANDB_") or n == "NETRC"]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name, folder in [("WANDB_DIR", "wandb_dir"), ("WANDB_DATA_DIR", "wandb_data"),
+                         ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_CONFIG_DIR", "wandb_config")]:
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / folder))
+    yield tmp_path / "wandb_dir"
+    if isinstance(sys.modules.get("wandb"), types.ModuleType):
+        sys.modules["wandb"].teardown()  # the next test's wandb.init reads its own environment
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    path = tmp_path / "runs" / "job-1"
+    path.mkdir(parents=True)
+    return path
+
+
+def misclassified_items(folder: Path) -> list[dict]:
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        paths.append(folder / f"wrong_{i}.png")
+        Image.new("RGB", (300, 200), colour).save(paths[-1])
+    return [{"path": str(paths[0]), "true": "howler", "predicted": "patas", "confidence": 0.55},
+            {"path": str(paths[1]), "true": "patas", "predicted": "uakari", "confidence": 0.9}]
+
+
+def run_a_job(log: RunLog, run_dir: Path, folder: Path) -> None:
+    """What train.py does with a log: epochs, then final, then close (twice, to be sure it is safe)."""
+    for epoch in (1, 2, 3):
+        log.epoch(epoch_metrics(epoch))
+    checkpoint = run_dir / "best.safetensors"
+    checkpoint.write_bytes(b"weights" * 100)
+    log.final(RESULTS, misclassified_items(folder), checkpoint)
+    log.close()
+    log.close()
+
+
+# --- reading an offline run back -------------------------------------------------------------
+
+def wandb_records(path: Path):
+    """Every Record in a .wandb transaction log (wandb 0.31 ships no reader of its own).
+
+    The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0),
+    then 32 KiB blocks of chunks, each with a 7-byte header (CRC32, length, type:
+    1 full, 2 first, 3 middle, 4 last); a block tail under 7 bytes is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, parts = path.read_bytes(), 32768, 7, []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        parts.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(run_folder: Path) -> dict:
+    """The run id, config, per-step history, final summary and artifacts of one offline run."""
+    run = {"config": {}, "history": {}, "summary": {}, "artifacts": {}}
+    for record in wandb_records(next(run_folder.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":  # the config passed to wandb.init travels in the run record
+            run["id"] = record.run.run_id
+            run["config"].update({item_key(i): json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            run["config"].update({item_key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            row = {item_key(i): json.loads(i.value_json) for i in record.history.item}
+            run["history"][row["_step"]] = row
+        elif kind == "summary":
+            run["summary"].update({item_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "artifact":
+            contents = {e.path: e.local_path for e in record.artifact.manifest.contents}
+            run["artifacts"][record.artifact.type + ":" + record.artifact.name] = contents
+    return run
+
+
+def offline_run_folders(wandb_dir: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(wandb_dir / "wandb" / "offline-run-*")))
+
+
+def finished_offline_runs(wandb_dir: Path) -> list[dict]:
+    """Every offline run under `wandb_dir`, read back once W&B has written it all.
+
+    run.finish() can return before wandb-core has flushed the transaction log
+    (seen on a loaded machine); shutting W&B down waits for it, as process exit does.
+    """
+    import wandb
+
+    wandb.teardown()
+    return [read_offline_run(folder) | {"folder": folder} for folder in offline_run_folders(wandb_dir)]
+
+
+def table_artifact(run: dict, name: str) -> dict:
+    """The JSON of a logged wandb.Table, from the run_table artifact W&B staged for it."""
+    (contents,) = [c for key, c in run["artifacts"].items() if key.startswith("run_table:") and name in key]
+    return json.loads(Path(contents[f"test/{name}.table.json"]).read_text())
+
+
+# --- W&B in offline mode ---------------------------------------------------------------------
+
+def test_offline_wandb_run_holds_the_metrics_summary_tables_and_checkpoint(wandb_env, run_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True)
+    assert isinstance(log, WandbRunLog)
+    run_a_job(log, run_dir, tmp_path)
+
+    assert "monkeytrain: warning" not in capsys.readouterr().err
+    (run,) = finished_offline_runs(wandb_env)
+    assert run["id"] == (run_dir / RUN_ID_NAME).read_text().strip() and run["folder"].name.endswith(run["id"])
+    assert run["config"]["lr"] == 0.05 and run["config"]["model"] == "resnet18"
+    for epoch in (1, 2, 3):  # the epoch is the step, every per-epoch figure is there
+        row, expected = run["history"][epoch], epoch_metrics(epoch)
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                    "images_per_second", "epoch_seconds"):
+            assert row[key] == pytest.approx(expected[key]), (epoch, key)
+    assert run["summary"]["test_accuracy"] == 0.8
+    assert run["summary"]["best_val_accuracy"] == 0.75 and run["summary"]["best_epoch"] == 2
+    assert run["summary"]["val_accuracy"] == {"max": 0.75}
+
+    rows = table_artifact(run, "misclassified")["data"]
+    assert [(r[1], r[2], r[3]) for r in rows] == [("patas", "uakari", 0.9), ("howler", "patas", 0.55)]
+    assert all(r[0]["_type"] == "image-file" and max(r[0]["width"], r[0]["height"]) <= 128 for r in rows)
+    assert sum(r[2] for r in table_artifact(run, "confusion_matrix_table")["data"]) == 20  # every test image
+    (model,) = [c for key, c in run["artifacts"].items() if key.startswith("model:")]
+    assert Path(model["best.safetensors"]).read_bytes() == b"weights" * 100
+
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (run_dir / CURVES_NAME).stat().st_size > 5000 and (run_dir / CONFUSION_NAME).stat().st_size > 5000
+
+
+def test_a_requeued_job_continues_the_same_wandb_run(wandb_env, run_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = make_run_log(run_dir, True, "wandb", config=CONFIG)
+    first.epoch(epoch_metrics(1))
+    first.close()
+    run_id = (run_dir / RUN_ID_NAME).read_text().strip()
+    second = make_run_log(run_dir, True, "auto", config=CONFIG)  # auto: offline mode counts as configured
+    assert isinstance(second, WandbRunLog)
+    second.epoch(epoch_metrics(2))
+    second.close()
+    assert (run_dir / RUN_ID_NAME).read_text().strip() == run_id
+    runs = finished_offline_runs(wandb_env)
+    assert [run["id"] for run in runs] == [run_id, run_id]
+    assert [sorted(run["history"]) for run in runs] == [[1], [2]]
+
+
+def test_wandb_files_default_to_the_run_directory(wandb_env, run_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR")
+    make_run_log(run_dir, True, "wandb").close()
+    assert len(offline_run_folders(run_dir)) == 1
+
+
+# --- falling back to local logs ----------------------------------------------------------------
+
+def warning_lines(captured) -> list[str]:
+    return [line for line in captured.err.splitlines() if line.startswith("monkeytrain: warning:")]
+
+
+def test_auto_without_credentials_logs_locally_without_a_word(wandb_env, run_dir, capsys):
+    log = make_run_log(run_dir, True, "auto", config=CONFIG)
+    assert type(log) is RunLog
+    captured = capsys.readouterr()
+    assert warning_lines(captured) == [] and "wandb:" not in captured.out + captured.err
+    assert not (run_dir / RUN_ID_NAME).exists() and offline_run_folders(wandb_env) == []
+
+
+def test_wandb_without_credentials_falls_back_to_local_logs_with_one_warning(wandb_env, run_dir, capsys):
+    report_to = "wandb"
+    log = make_run_log(run_dir, True, report_to, config=CONFIG)
+    assert type(log) is RunLog
+    captured = capsys.readouterr()
+    (line,) = warning_lines(captured)
+    assert "W&B is not configured" in line and f"--report-to {report_to}" in line and str(run_dir) in line
+    output = (captured.out + captured.err).splitlines()
+    assert not [line for line in output if line.startswith("wandb:")]  # W&B never started: no prompt either
+    assert not (run_dir / RUN_ID_NAME).exists() and offline_run_folders(wandb_env) == []
+
+
+def test_missing_wandb_package_falls_back_and_training_logs_still_go_to_metrics_jsonl(
+        wandb_env, run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    log = make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True)
+    assert type(log) is RunLog
+    (line,) = warning_lines(capsys.readouterr())
+    assert "wandb package is not installed" in line
+    run_a_job(log, run_dir, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["val_accuracy"] for line in lines] == [0.5, 0.75, 0.7]
+    assert (run_dir / CURVES_NAME).exists() and (run_dir / CONFUSION_NAME).exists()
+
+
+def test_a_wandb_init_failure_falls_back_with_one_warning(wandb_env, run_dir, monkeypatch, capsys):
+    def init(**kwargs):
+        raise RuntimeError("api.wandb.ai\nunreachable")
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert type(make_run_log(run_dir, True, "wandb")) is RunLog
+    (line,) = warning_lines(capsys.readouterr())
+    assert "could not start a run (RuntimeError: api.wandb.ai unreachable)" in line
+
+
+def test_report_to_none_is_local_and_quiet(wandb_env, run_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert type(make_run_log(run_dir, True, "none")) is RunLog
+    assert capsys.readouterr().err == "" and list(run_dir.iterdir()) == []
+    with pytest.raises(ValueError, match="report_to"):
+        make_run_log(run_dir, True, "tensorboard")
+
+
+def test_other_ranks_write_nothing(wandb_env, run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = make_run_log(run_dir, False, "wandb", config=CONFIG, log_checkpoint=True)
+    assert isinstance(log, SilentLog)
+    log.info("hello")
+    log.warn("careful")
+    run_a_job(log, run_dir, tmp_path)
+    assert capsys.readouterr() == ("", "")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.safetensors"]  # only what the test wrote
+    assert offline_run_folders(wandb_env) == []
+
+
+def test_local_log_closes_twice(run_dir):
+    log = make_run_log(run_dir, True)
+    log.close()
+    log.close()
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("environ, netrc_text, expected", [
+    ({}, None, False),
+    ({"WANDB_MODE": "offline"}, None, True),
+    ({"WANDB_MODE": "disabled"}, None, True),
+    ({"WANDB_MODE": "online"}, None, False),
+    ({"WANDB_API_KEY": "k" * 40}, None, True),
+    ({"WANDB_API_KEY": " "}, None, False),
+    ({}, "machine api.wandb.ai login user password p\n", True),
+    ({}, "machine example.org login user password p\n", False),
+    ({}, "machine api.forge.coreweave.com login user password p\n", True),   # wandb 0.31's default host
+    ({"WANDB_BASE_URL": "http://localhost:8080"}, "machine localhost:8080 login u password p\n", True),
+    ({"WANDB_BASE_URL": "https://wandb.example.org"}, "machine wandb.example.org login u password p\n", True),
+    ({"WANDB_BASE_URL": "https://wandb.example.org"}, "machine api.wandb.ai login u password p\n", False),
+    ({}, "machine api.wandb.ai login user\n", False),              # no password: W&B would ask for one
+    ({}, "machine api.wandb.ai login user password p\nnonsense\n", False),  # unreadable file
+])
+def test_wandb_configured(tmp_path, environ, netrc_text, expected):
+    netrc_path = tmp_path / "netrc"
+    if netrc_text is not None:
+        netrc_path.write_text(netrc_text)
+    assert wandb_configured(environ, netrc_path) is expected
+
+
+def test_wandb_configured_reads_the_netrc_named_by_netrc(tmp_path):
+    (tmp_path / "mynetrc").write_text("machine api.wandb.ai login user password p\n")
+    assert wandb_configured({"NETRC": str(tmp_path / "mynetrc")}) is True
+
+
+def test_persistent_run_id_is_made_once_then_reused(tmp_path):
+    ids = iter(["first111", "second22"])
+    assert persistent_run_id(tmp_path, lambda: next(ids)) == "first111"
+    assert persistent_run_id(tmp_path, lambda: next(ids)) == "first111"
+    assert (tmp_path / RUN_ID_NAME).read_text() == "first111\n"
+    (tmp_path / RUN_ID_NAME).write_text("\n")  # an empty file is no id
+    assert persistent_run_id(tmp_path, lambda: next(ids)) == "second22"
+
+
+def test_expand_confusion_gives_one_pair_per_image():
+    assert expand_confusion([[2, 1], [0, 1]]) == ([0, 0, 0, 1], [0, 0, 1, 1])
+
+
+def test_the_training_script_reports_one_offline_run_with_its_final_accuracy(wandb_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train_script = Path(__file__).resolve().parent.parent / "monkeytrain" / "train.py"
+    command = [sys.executable, str(train_script), "--debug", "--image-size", "32", "--report-to", "wandb",
+               "--run-name", "tracked", "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tracked"
+    results = json.loads((run_dir / "results.json").read_text())
+    (folder,) = offline_run_folders(wandb_env)  # the process has exited: its log is complete
+    run = read_offline_run(folder)
+    assert run["summary"]["test_accuracy"] == results["test_accuracy"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for logged in metrics:
+        assert run["history"][logged["epoch"]]["val_accuracy"] == pytest.approx(logged["val_accuracy"])
+    assert run["config"]["run_name"] == "tracked"
+    assert (run_dir / CURVES_NAME).is_file() and (run_dir / CONFUSION_NAME).is_file()
