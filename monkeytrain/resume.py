@@ -123,7 +123,8 @@ class TrainingState:
             handle.write("complete\n")
             handle.flush()
             os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+        if final.exists():  # the same step saved twice (a stop right after a scheduled save)
+            self._retire(final)
         os.replace(staging, final)
         directory = os.open(self.root, os.O_RDONLY)
         try:
@@ -131,7 +132,15 @@ class TrainingState:
         finally:
             os.close(directory)
         for old in state_dirs(self.root.parent)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._retire(old)
+
+    def _retire(self, state: Path) -> None:
+        """Delete a state so that a kill midway never leaves a COMPLETE folder missing files:
+        first rename it out of sight (atomic), then delete it (the next save sweeps leftovers)."""
+        retired = self.root / f".tmp-retired-{state.name}"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(state, retired)
+        shutil.rmtree(retired, ignore_errors=True)
 
     def load(self, path: Path) -> tuple[Progress, BestEpoch]:
         """Restore a saved state on every rank; returns where to continue."""

@@ -84,7 +84,7 @@ def test_sigkill_at_random_moments_never_leaves_anything_unloadable(tmp_path, da
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(chance.uniform(3.0, 9.0))
         # a staging folder this process made and had not yet published: the kill lands mid-write
-        staging = [p for p in (run_dir / "state").glob(".tmp-*") if p.stat().st_mtime >= started]
+        staging = [p for p in (run_dir / "state").glob(".tmp-step-*") if p.stat().st_mtime >= started]
         process.send_signal(signal.SIGKILL)
         process.wait()
         if process.returncode == 0:
