@@ -49,9 +49,8 @@ class ResidentPipeline:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.splits = {}
         with accelerator.local_main_process_first():  # one decode per node; the others load the cache
-            for name, files in splits.named_splits().items():
-                if name == "val" and splits.selection_on_test:
-                    continue  # validation *is* the test split: hold it once
+            # validation may *be* the test split (--val-fraction 0): hold it once
+            for name, files in splits.distinct_splits().items():
                 images, labels = cached_views(files, image_size, cache_dir)
                 self.splits[name] = (images.to(self.device), labels.to(self.device))
         self.resident_bytes = sum(images.numel() for images, _ in self.splits.values())
