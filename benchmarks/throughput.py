@@ -8,7 +8,7 @@ All three measurements run the package's own training epoch
 (`engine.train_one_epoch`) on the same model, optimizer and precision:
 
 1. model alone: pre-made, normalised synthetic batches already on the device;
-2. gpu pipeline: the resident uint8 views, device-side shuffling and batched
+2. resident pipeline: the resident uint8 views, device-side shuffling and batched
    GPU augmentation (`pipeline.ResidentPipeline` + `augment.Augmenter`);
 3. stream pipeline: DataLoader workers decoding the image files every epoch.
 
@@ -121,18 +121,18 @@ def main() -> None:
         # What holding the data costs on the device, against the raw uint8 size of the views.
         held = gpu_memory_allocated(device) - allocated if device.type == "cuda" else resident.resident_bytes
         raw = view_bytes(sum(len(files) for files in splits.named_splits().values()), args.image_size)
-        gpu = bench.images_per_second(forever(resident), augmenter.train)
+        kept = bench.images_per_second(forever(resident), augmenter.train)
         stream = StreamPipeline(splits, args.image_size, args.batch_size, 0, args.num_workers, accelerator)
         streamed = bench.images_per_second(forever(stream), augmenter.train)
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
           f"compile {args.compile}, channels_last")
-    print(f"model alone      {alone:10.0f} images/s")
-    print(f"gpu pipeline     {gpu:10.0f} images/s   {gpu / alone:6.1%} of model alone")
-    print(f"stream pipeline  {streamed:10.0f} images/s   {streamed / alone:6.1%} of model alone "
+    print(f"model alone       {alone:10.0f} images/s")
+    print(f"resident pipeline {kept:10.0f} images/s   {kept / alone:6.1%} of model alone")
+    print(f"stream pipeline   {streamed:10.0f} images/s   {streamed / alone:6.1%} of model alone "
           f"({args.num_workers} workers)")
-    print(f"gpu / stream     {gpu / streamed:10.2f}x")
+    print(f"resident / stream {kept / streamed:10.2f}x")
     print(f"resident views   {held / 2**20:10.1f} MiB  ({held / raw:.3f}x the raw uint8 size), "
           f"loaded in {load_seconds:.1f} s")
     if device.type == "cuda":

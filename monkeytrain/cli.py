@@ -60,14 +60,22 @@ def device_for(cpu_only: bool) -> str:
     return "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
 
 
+def warn_about_files(skipped: list, images: list = ()) -> None:
+    from monkeytrain.imagefiles import oversized_warning
+
+    for bad in skipped:
+        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+    for large in (image for image in images if image.oversized):
+        print(f"monkeytrain: warning: {oversized_warning(large)}", file=sys.stderr)
+
+
 def run_predict(args: argparse.Namespace) -> None:
     from monkeytrain.predict import collect_images, predict
 
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1.")
     images, skipped = collect_images(args.inputs)
-    for bad in skipped:
-        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+    warn_about_files(skipped, images)
     predictions = predict(args.checkpoint, images, args.top_k, device_for(args.cpu))
     if args.json:
         print(json.dumps([{"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
@@ -84,8 +92,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
-    for bad in skipped:
-        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+    warn_about_files(skipped)
     per_class = dict(zip(info.class_names, result.per_class_accuracy()))
     if args.json:
         print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "images": result.count,

@@ -14,7 +14,9 @@ from monkeytrain import layout
 from monkeytrain.config import TrainConfig
 from monkeytrain.distributed import shard_indices
 from monkeytrain.errors import UserError
-from monkeytrain.imagefiles import ImageFile, SkippedFile, candidate_files, load_rgb, scan_labelled_files
+from monkeytrain.imagefiles import (
+    ImageFile, SkippedFile, candidate_files, load_rgb, oversized_warning, scan_labelled_files,
+)
 from monkeytrain.splits import find_leaks, stratified_holdout
 from monkeytrain.synthetic import ensure_synthetic_dataset
 
@@ -155,16 +157,17 @@ def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) ->
 class ImageListDataset(Dataset):
     """(transformed image, label) for a list of checked image files."""
 
-    def __init__(self, files: list[ImageFile], transform: Callable):
+    def __init__(self, files: list[ImageFile], transform: Callable, min_side: Optional[int] = None):
         self.files = files
         self.transform = transform
+        self.min_side = min_side  # the transform's smallest output side: large JPEGs decode faster
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         item = self.files[index]
-        return self.transform(load_rgb(item.path)), item.label
+        return self.transform(load_rgb(item.path, self.min_side)), item.label
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
@@ -217,6 +220,8 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
 def report_data_problems(splits: DatasetSplits, log) -> None:
     for skipped in splits.skipped:
         log.warn(f"skipping {skipped.path}: {skipped.reason}.")
+    for large in (f for files in splits.distinct_splits().values() for f in files if f.oversized):
+        log.warn(oversized_warning(large))
     if splits.leaks:
         pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # PIL raises these for files that are not images or are damaged; all mean "skip".
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
+# down to twice the wanted size, so the antialiased resize after it keeps its quality.
+DRAFT_REDUCING_GAP = 2
+
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,17 @@ class ImageFile:
     path: Path
     label: int
     digest: str
+    pixels: int = 0  # width x height as stored
+
+    @property
+    def oversized(self) -> bool:
+        """Larger than Pillow's decompression-bomb threshold (about 89 megapixels)."""
+        return self.pixels > (Image.MAX_IMAGE_PIXELS or float("inf"))
+
+
+def oversized_warning(image: ImageFile) -> str:
+    return (f"{image.path} is a very large image ({image.pixels / 1e6:.0f} megapixels); it is used, "
+            "decoded at reduced size, but a smaller copy of it would load faster.")
 
 
 @dataclass(frozen=True)
@@ -46,9 +62,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file, apply its EXIF orientation and return it as RGB."""
+def quiet_pillow_size_warning() -> None:
+    """Pillow warns about every image over MAX_IMAGE_PIXELS as a raw Python warning; the scan
+    reports such files itself, one line each. Set before each use, as test runners and other
+    libraries reset the warning filters (idempotent: the filter moves to the front)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def load_rgb(path: Path, min_side: Optional[int] = None) -> Image.Image:
+    """Decode an image file, apply its EXIF orientation and return it as RGB.
+
+    With `min_side`, a large JPEG is decoded at a reduced scale (a power of two)
+    that keeps both sides at least 2 * min_side: far faster, for a caller that
+    resizes to min_side anyway.
+    """
+    quiet_pillow_size_warning()
     with Image.open(path) as image:
+        if min_side:
+            image.draft(None, (min_side * DRAFT_REDUCING_GAP, min_side * DRAFT_REDUCING_GAP))
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
 
@@ -77,11 +108,14 @@ def candidate_files(folder: Path) -> list[Path]:
 
 
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
+    quiet_pillow_size_warning()
     data = path.read_bytes()
     problem = check_image_bytes(data)
     if problem:
         return SkippedFile(path, problem)
-    return ImageFile(path, label, hashlib.sha1(data).hexdigest())
+    with Image.open(io.BytesIO(data)) as image:  # the header only: checked above
+        pixels = image.width * image.height
+    return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
 
 
 def scan_labelled_files(

@@ -1,14 +1,16 @@
-"""Where batches of stored views come from: GPU-resident tensors or streaming DataLoaders.
+"""Where batches of stored views come from: resident tensors or streaming DataLoaders.
 
 Both pipelines yield (uint8 views [B, 3, S, S], labels [B]) already on the
 training device; `augment.Augmenter` does the rest. `--data-pipeline auto`
-keeps the data on the GPU when its views fit comfortably in free GPU memory,
-and streams it otherwise (and always on the CPU).
+keeps the decoded views resident in the training device's memory (GPU memory,
+or host memory on a CPU run) when they fit comfortably in what is free, and
+streams them otherwise.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -17,31 +19,45 @@ from torch.utils.data import DataLoader
 
 from monkeytrain.data import DatasetSplits, sharded_loader, shuffled_loader
 from monkeytrain.distributed import all_ranks_agree, shard_indices
-from monkeytrain.errors import UserError
 from monkeytrain.views import cached_views, view_bytes, view_dataset
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-# The resident views may take at most this share of the GPU memory free at start.
+# The resident views may take at most this share of the device memory free at start
+# (on a CPU run: of the host memory available, shared among the run's processes).
 RESIDENT_SHARE_OF_FREE_MEMORY = 0.3
+MAX_AUTO_WORKERS = 8
 EVAL_BATCH = 256
 
 
 def choose_pipeline(requested: str, splits: DatasetSplits, image_size: int, accelerator) -> str:
-    """'gpu' or 'stream', the same on every rank."""
-    on_gpu = accelerator.device.type == "cuda"
-    if requested == "gpu" and not on_gpu:
-        raise UserError("--data-pipeline gpu needs a GPU; use --data-pipeline stream (or auto) on the CPU.")
+    """'resident' or 'stream', the same on every rank."""
     if requested != "auto":
         return requested
     needed = view_bytes(sum(len(f) for f in splits.distinct_splits().values()), image_size)
-    fits = on_gpu and needed < RESIDENT_SHARE_OF_FREE_MEMORY * torch.cuda.mem_get_info(accelerator.device)[0]
-    return "gpu" if all_ranks_agree(fits, accelerator.device) else "stream"
+    fits = needed < RESIDENT_SHARE_OF_FREE_MEMORY * free_memory(accelerator)
+    return "resident" if all_ranks_agree(fits, accelerator.device) else "stream"
+
+
+def free_memory(accelerator) -> int:
+    """Bytes this process may fill: free GPU memory, or its share of the available host memory."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.mem_get_info(accelerator.device)[0]
+    import psutil  # an Accelerate dependency
+
+    return psutil.virtual_memory().available // accelerator.num_processes
+
+
+def default_workers(accelerator) -> int:
+    """DataLoader workers per rank: the cores this process may use, shared among the ranks, at most 8
+    (more than the machine has only slows it down, and torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_AUTO_WORKERS, cores // accelerator.num_processes))
 
 
 class ResidentPipeline:
-    """Every split's stored views held on the device; epochs shuffled there."""
+    """Every split's stored views held on the training device (GPU or CPU); epochs shuffled there."""
 
-    mode = "gpu"
+    mode = "resident"
 
     def __init__(self, splits: DatasetSplits, image_size: int, batch_size: int, seed: int,
                  cache_dir: Path, accelerator):
@@ -118,7 +134,7 @@ class StreamPipeline:
 
 def build_pipeline(config, splits: DatasetSplits, cache_dir: Path, accelerator):
     mode = choose_pipeline(config.data_pipeline, splits, config.image_size, accelerator)
-    if mode == "gpu":
+    if mode == "resident":
         return ResidentPipeline(splits, config.image_size, config.batch_size, config.seed, cache_dir, accelerator)
-    return StreamPipeline(splits, config.image_size, config.batch_size, config.seed,
-                          config.num_workers, accelerator)
+    workers = default_workers(accelerator) if config.num_workers is None else config.num_workers
+    return StreamPipeline(splits, config.image_size, config.batch_size, config.seed, workers, accelerator)

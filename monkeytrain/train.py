@@ -40,6 +40,7 @@ from monkeytrain.engine import evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
+from monkeytrain.pace import RemainingTime, estimate_line, long_cpu_run_advice
 from monkeytrain.pipeline import build_pipeline
 from monkeytrain.predict import inference
 from monkeytrain.results import misclassified, results_summary
@@ -97,7 +98,8 @@ def train_and_report(config: TrainConfig, accelerator: Accelerator, run_dir: Pat
     log.info(f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
              f"{len(splits.class_names)} classes; channel mean {fmt(stats.mean)} std {fmt(stats.std)}"
              f" ({'cached' if cached else 'computed'}); {pipeline.mode} data pipeline; "
-             f"{accelerator.num_processes} process(es) on {accelerator.device}; run directory {run_dir}")
+             f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.recipe} recipe; "
+             f"run directory {run_dir}")
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
         (run_dir / "data_manifest.json").write_text(json.dumps(splits.manifest(), indent=2))
@@ -178,6 +180,7 @@ def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStat
     if resume_from is not None:
         progress, best = t.state.load(resume_from)
         log.info(f"resumed from {resume_from}: epoch {progress.epoch}, batch {progress.batch}")
+    pace = RemainingTime(progress.epoch, config.epochs)
     for epoch in range(progress.epoch, config.epochs + 1):
         trained = train_one_epoch(
             t.model, pipeline.train_epoch(epoch, t.steps, skip=progress.batch), t.augmenter.train,
@@ -189,6 +192,7 @@ def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStat
             return best, True
         progress.epoch, progress.batch = epoch + 1, 0
         validate_and_checkpoint(config, accelerator, splits, pipeline, stats, run_dir, log, t, epoch, best, trained)
+        report_time_left(pace, epoch, config, accelerator.device.type == "cpu", log)
         if stop.agreed(accelerator):
             t.state.save(progress, best)
             return best, True
@@ -227,6 +231,16 @@ def validate_and_checkpoint(config, accelerator, splits, pipeline, stats, run_di
         "lr": t.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
         "epoch_seconds": trained.seconds, "is_best": improved,
     })
+
+
+def report_time_left(pace: RemainingTime, epoch: int, config: TrainConfig, on_cpu: bool, log: RunLog) -> None:
+    seconds_left = pace.due(epoch)
+    if seconds_left is None:
+        return
+    log.info(estimate_line(seconds_left, config.epochs - epoch))
+    advice = long_cpu_run_advice(seconds_left, config.recipe) if on_cpu and pace.is_first(epoch) else None
+    if advice:
+        log.warn(advice)
 
 
 def augment_settings(config: TrainConfig) -> AugmentSettings:

@@ -20,12 +20,12 @@ from monkeytrain.augment import stored_size, stored_view_transform
 from monkeytrain.data import ImageListDataset
 from monkeytrain.imagefiles import ImageFile
 
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2  # 2: large JPEGs decoded in draft mode
 
 
 def view_dataset(files: list[ImageFile], image_size: int) -> ImageListDataset:
     """(uint8 stored view [3, S, S], label) for each of a list of checked image files."""
-    return ImageListDataset(files, stored_view_transform(image_size))
+    return ImageListDataset(files, stored_view_transform(image_size), min_side=stored_size(image_size))
 
 
 def view_bytes(num_images: int, image_size: int) -> int:

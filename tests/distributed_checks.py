@@ -53,7 +53,7 @@ def collectives(data_root: str, cache_dir: str) -> None:
     splits = discover_splits(folders_from_root(Path(data_root)), 0.0, 0, strict=False)
     pipelines = {
         "stream": StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, accelerator),
-        "gpu": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, Path(cache_dir) / "views", accelerator),
+        "resident": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, Path(cache_dir) / "views", accelerator),
     }
     report(rank=accelerator.process_index, world=accelerator.num_processes, **{
         mode: stats_and_test_evaluation(pipeline, splits, Path(cache_dir) / mode, accelerator)

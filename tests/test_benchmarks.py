@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -15,19 +17,22 @@ def test_throughput_tiny_mode_prints_every_figure_and_ratio(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = {name: float(value) for name, value in
-               re.findall(r"^(model alone|gpu pipeline|stream pipeline)\s+([\d.]+) images/s", done.stdout, re.M)}
-    assert set(figures) == {"model alone", "gpu pipeline", "stream pipeline"} and min(figures.values()) > 0
-    assert re.search(r"gpu pipeline .* of model alone", done.stdout)
+               re.findall(r"^(model alone|resident pipeline|stream pipeline)\s+([\d.]+) images/s", done.stdout, re.M)}
+    assert set(figures) == {"model alone", "resident pipeline", "stream pipeline"} and min(figures.values()) > 0
+    assert re.search(r"resident pipeline .* of model alone", done.stdout)
     ratio = float(re.search(r"resident views .*\(([\d.]+)x the raw uint8 size\)", done.stdout).group(1))
     assert ratio == 1.0  # on the CPU the views are held as they are, nothing more
 
 
-def test_time_to_accuracy_reports_the_run(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--debug", "--image-size", "32",
-                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+def test_time_to_accuracy_reports_each_seed_and_the_mean(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2", "--debug",
+                           "--image-size", "32", "--model", "resnet10t", "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    wall = float(re.search(r"wall time\s+([\d.]+) s", done.stdout).group(1))
-    accuracy = float(re.search(r"test accuracy\s+([\d.]+)%", done.stdout).group(1))
-    assert wall > 0 and 0 <= accuracy <= 100
-    assert re.search(r"data pipeline\s+stream", done.stdout)
+    per_seed = re.findall(r"^seed (\d+)\s+test accuracy\s+([\d.]+)%.*wall\s+([\d.]+) s$", done.stdout, re.M)
+    assert [int(seed) for seed, _, _ in per_seed] == [0, 1]
+    accuracies = [float(accuracy) for _, accuracy, _ in per_seed]
+    mean = float(re.search(r"^test accuracy\s+([\d.]+)% mean, ([\d.]+) points std", done.stdout, re.M).group(1))
+    assert mean == pytest.approx(sum(accuracies) / 2, abs=0.006)
+    assert all(float(wall) > 0 for _, _, wall in per_seed)
+    assert re.search(r"^data pipeline\s+resident\s+recipe cpu", done.stdout, re.M)

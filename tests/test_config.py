@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from monkeytrain.config import DEBUG_PRESET, TrainConfig, load_yaml_preset, parse_config, save_config
+from monkeytrain.config import (
+    CPU_RECIPE, DEBUG_PRESET, TrainConfig, load_yaml_preset, parse_config, resolve_recipe, save_config,
+)
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 
 
@@ -16,8 +18,61 @@ def write_yaml(path, text: str):
     return str(path)
 
 
-def test_no_flags_gives_the_dataclass_defaults():
-    assert parse_config([]) == TrainConfig()
+def test_the_gpu_recipe_is_the_dataclass_defaults():
+    assert parse_config(["--recipe", "gpu"]) == TrainConfig(recipe="gpu")
+
+
+def test_a_cpu_run_starts_from_the_cpu_recipe():
+    config = parse_config(["--cpu"])
+    assert config.recipe == "cpu"
+    for name, value in CPU_RECIPE.items():
+        assert getattr(config, name) == value, name
+    # the recipe really differs from the GPU one where it matters, or this test proves nothing
+    gpu = TrainConfig()
+    assert config.epochs < gpu.epochs and config.image_size < gpu.image_size
+
+
+def test_auto_picks_the_recipe_of_the_device(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_recipe("auto", cpu_flag=False) == "gpu"
+    assert resolve_recipe("auto", cpu_flag=True) == "cpu"
+    assert parse_config(["--debug"]).recipe == "cpu"  # --debug trains on the CPU
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu
+    assert resolve_recipe("auto", cpu_flag=False) == "cpu"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_recipe("auto", cpu_flag=False) == "cpu"
+    assert resolve_recipe("gpu", cpu_flag=True) == "gpu"  # asked for explicitly: kept
+
+
+def test_recipe_lies_beneath_debug_yaml_and_flags(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "lr: 0.3\n")
+    config = parse_config(["--cpu", "--config", preset, "--epochs", "3"])
+    assert (config.lr, config.epochs, config.image_size) == (0.3, 3, CPU_RECIPE["image_size"])
+    debug = parse_config(["--debug"])
+    assert debug.batch_size == DEBUG_PRESET["batch_size"] and debug.epochs == DEBUG_PRESET["epochs"]
+    assert debug.image_size == CPU_RECIPE["image_size"]
+    assert debug.lr == CPU_RECIPE["lr"]  # what --debug does not set comes from the recipe
+
+
+def test_the_gpu_recipe_can_be_asked_for_on_the_cpu():
+    config = parse_config(["--cpu", "--recipe", "gpu"])
+    assert config.recipe == "gpu" and config.epochs == TrainConfig().epochs
+
+
+def test_saved_config_says_which_recipe_applied_and_reproduces_it(tmp_path):
+    config = parse_config(["--cpu"])
+    save_config(config, tmp_path / "config.yaml")
+    assert "recipe: cpu" in (tmp_path / "config.yaml").read_text()
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
+
+
+def test_old_gpu_pipeline_name_still_works(capsys):
+    assert parse_config(["--data-pipeline", "gpu"]).data_pipeline == "resident"
+    assert "now called resident" in capsys.readouterr().err
 
 
 def test_yaml_preset_sets_values_and_flags_override_it(tmp_path):
@@ -108,9 +163,9 @@ def test_debug_preset_applies_beneath_explicit_flags():
     for name, value in DEBUG_PRESET.items():
         if name != "image_size":
             assert getattr(config, name) == value
-    # and the preset really differs from the plain defaults, or this test proves nothing
-    plain = TrainConfig()
-    assert all(getattr(plain, name) != value for name, value in DEBUG_PRESET.items())
+    # and the preset really differs from the CPU recipe's values, or this test proves nothing
+    plain = parse_config(["--cpu"])
+    assert all(getattr(plain, name) != value for name, value in DEBUG_PRESET.items() if name != "cpu")
 
 
 def test_debug_preset_lies_beneath_the_yaml_preset(tmp_path):
@@ -125,7 +180,7 @@ def test_no_debug_flag_cancels_a_debug_yaml(tmp_path):
     preset = write_yaml(tmp_path / "p.yaml", "debug: true\n")
     config = parse_config(["--config", preset, "--no-debug"])
     assert config.debug is False
-    assert config.epochs == TrainConfig().epochs
+    assert config.epochs == parse_config([]).epochs
 
 
 def test_pretrained_flag_alone_means_hub_and_takes_a_path():

@@ -330,6 +330,18 @@ def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
     assert "--val-fraction 0" in text
 
 
+def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_image_folder, cpu_accelerator,
+                                                              monkeypatch):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3, size=24)
+    pixels = np.random.default_rng(9).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "training" / "training" / "n0" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is over it, 24 x 24 is not
+    log = RecordingLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
+    large = [w for w in log.warnings if "very large image" in w]
+    assert len(large) == 1 and "huge.png" in large[0]
+
+
 # --- datasets and loaders -------------------------------------------------------------
 
 def test_image_list_dataset_applies_the_transform_and_returns_labels(tmp_path, make_image_folder):

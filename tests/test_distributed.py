@@ -47,14 +47,14 @@ def test_stats_and_evaluation_match_one_process(odd_dataset, tmp_path, cpu_accel
     assert not reference["cached"] and reference["count"] == 27
     for rank in ranks:
         assert rank["world"] == 2
-        for mode in ("stream", "gpu"):  # both pipelines, resident on CPU tensors here
+        for mode in ("stream", "resident"):  # both pipelines, resident on CPU tensors here
             seen = rank[mode]
             assert not seen["cached"]
             assert seen["mean"] == reference["mean"] and seen["std"] == reference["std"]  # bit-identical
             assert seen["count"] == 27
             assert seen["confusion"] == reference["confusion"]
             assert seen["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-    for mode in ("stream", "gpu"):
+    for mode in ("stream", "resident"):
         assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from monkeytrain.imagefiles import (
-    ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, scan_labelled_files, to_rgb,
+    ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, oversized_warning, scan_labelled_files,
+    to_rgb,
 )
 
 
@@ -193,8 +194,8 @@ def test_scan_judges_files_by_content_not_name(tmp_path):
         [(jpeg_without_extension, 0), (png, 1), (text_named_jpg, 0), (empty, 1), (truncated, 0)])
 
     assert images == [
-        ImageFile(jpeg_without_extension, 0, hashlib.sha1(jpeg_without_extension.read_bytes()).hexdigest()),
-        ImageFile(png, 1, hashlib.sha1(png.read_bytes()).hexdigest()),
+        ImageFile(jpeg_without_extension, 0, hashlib.sha1(jpeg_without_extension.read_bytes()).hexdigest(), 32 * 24),
+        ImageFile(png, 1, hashlib.sha1(png.read_bytes()).hexdigest(), 32 * 24),
     ]
     reasons = {s.path.name: s.reason for s in skipped}
     assert set(reasons) == {"notes.jpg", "empty.png", "cut.jpg"}
@@ -230,3 +231,42 @@ def test_load_rgb_decodes_a_grey_jpeg_without_extension(tmp_path):
     loaded = load_rgb(path)
     assert loaded.mode == "RGB" and loaded.size == (5, 7)
     assert all(abs(v - 90) <= 2 for v in pixel(loaded))
+
+
+# --- large images ---------------------------------------------------------------------
+
+def test_a_large_jpeg_decodes_at_reduced_scale_when_a_small_side_is_wanted(tmp_path):
+    path = tmp_path / "large.jpg"
+    path.write_bytes(encoded(noise_image((1024, 768)).resize((1024, 768)), "JPEG"))
+    assert load_rgb(path).size == (1024, 768)
+    reduced = load_rgb(path, min_side=64)
+    # draft mode: a power-of-two scale that keeps both sides at least twice the wanted side
+    assert reduced.size == (256, 192) and min(reduced.size) >= 2 * 64
+    assert load_rgb(path, min_side=400).size == (1024, 768)  # no smaller scale would keep 800 px
+
+
+def test_reduced_scale_decoding_gives_nearly_the_same_stored_view(tmp_path):
+    from monkeytrain.augment import stored_view_transform
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((1024, 768), Image.BICUBIC)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encoded(smooth, "JPEG", quality=95))
+    transform = stored_view_transform(64)
+    full = transform(load_rgb(path)).float()
+    drafted = transform(load_rgb(path, min_side=73)).float()
+    assert full.shape == drafted.shape == (3, 73, 73)
+    assert (full - drafted).abs().mean() < 2.0  # grey levels out of 255
+
+
+def test_an_oversized_image_is_used_and_flagged_without_a_python_warning(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a 100-megapixel photo
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    big.write_bytes(encoded(noise_image((40, 40)), "PNG"))      # 1,600 pixels: over the threshold
+    small.write_bytes(encoded(noise_image((20, 20)), "PNG"))    # 400 pixels
+    images, skipped = scan_labelled_files([(big, 0), (small, 0)])
+    assert skipped == [] and [image.oversized for image in images] == [True, False]
+    assert images[0].pixels == 1600
+    load_rgb(big)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "big.png is a very large image" in oversized_warning(images[0])

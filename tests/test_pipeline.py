@@ -10,7 +10,6 @@ import torch
 
 from monkeytrain import layout, pipeline
 from monkeytrain.data import discover_splits
-from monkeytrain.errors import UserError
 from monkeytrain.pipeline import ResidentPipeline, StreamPipeline, choose_pipeline
 from monkeytrain.views import decode_views, view_bytes
 
@@ -82,7 +81,7 @@ def concatenated(batches) -> tuple[torch.Tensor, torch.Tensor]:
 def test_train_epoch_yields_full_uint8_batches_on_the_device(root, tmp_path, cpu_accelerator):
     splits = splits_of(root)
     rp = resident(splits, cpu_accelerator, tmp_path, batch_size=4)
-    assert rp.mode == "gpu" and rp.batches_per_epoch == 5  # 21 // 4
+    assert rp.mode == "resident" and rp.batches_per_epoch == 5  # 21 // 4
     batches = list(rp.train_epoch(1))
     assert len(batches) == 5
     for images, labels in batches:
@@ -200,14 +199,33 @@ def test_streamed_training_batches_are_full_uint8_views(root, tmp_path, cpu_acce
 
 # --- choosing a pipeline ----------------------------------------------------------------------
 
-def test_gpu_pipeline_on_the_cpu_is_a_user_error(root, cpu_accelerator):
-    with pytest.raises(UserError, match="--data-pipeline"):
-        choose_pipeline("gpu", splits_of(root), IMAGE, cpu_accelerator)
+@pytest.mark.parametrize("requested", ["resident", "stream"])
+def test_an_explicit_pipeline_is_kept(root, cpu_accelerator, requested):
+    assert choose_pipeline(requested, splits_of(root), IMAGE, cpu_accelerator) == requested
 
 
-@pytest.mark.parametrize("requested", ["auto", "stream"])
-def test_the_cpu_streams(root, cpu_accelerator, requested):
-    assert choose_pipeline(requested, splits_of(root), IMAGE, cpu_accelerator) == "stream"
+def test_auto_keeps_the_views_in_host_memory_on_the_cpu_when_they_fit(root, cpu_accelerator, monkeypatch):
+    splits = splits_of(root)
+    needed = view_bytes(sum(len(files) for files in splits.distinct_splits().values()), IMAGE)
+    share = pipeline.RESIDENT_SHARE_OF_FREE_MEMORY
+    monkeypatch.setattr(pipeline, "free_memory", lambda accelerator: int(needed / share) + 1)
+    assert choose_pipeline("auto", splits, IMAGE, cpu_accelerator) == "resident"
+    monkeypatch.setattr(pipeline, "free_memory", lambda accelerator: int(needed / share) - 1)
+    assert choose_pipeline("auto", splits, IMAGE, cpu_accelerator) == "stream"
+
+
+def test_free_host_memory_is_shared_among_the_processes(cpu_accelerator):
+    import psutil
+
+    available = psutil.virtual_memory().available
+    assert 0.5 * available < pipeline.free_memory(cpu_accelerator) <= 1.5 * available
+
+
+def test_default_workers_fit_the_cores_this_process_may_use(cpu_accelerator, monkeypatch):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert pipeline.default_workers(cpu_accelerator) == 2
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert pipeline.default_workers(cpu_accelerator) == pipeline.MAX_AUTO_WORKERS
 
 
 @pytest.mark.parametrize("seedable", [False, True])

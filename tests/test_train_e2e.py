@@ -12,6 +12,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from monkeytrain import synthetic
+
 PROJECT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = PROJECT / "monkeytrain" / "train.py"
 SMALL = ["--cpu", "--image-size", "32", "--batch-size", "8", "--num-workers", "0"]
@@ -34,13 +36,14 @@ def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path):
     done = run([sys.executable, str(TRAIN_SCRIPT), "--debug", "--image-size", "32", "--run-name", "demo"],
                tmp_path, MONKEYTRAIN_CACHE=str(cache))
     assert "SYNTHETIC" in done.stderr
+    assert "cpu recipe" in done.stdout and "left (1 more epoch)" in done.stdout  # the time-left estimate
     run_dir = tmp_path / "runs" / "demo"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["synthetic_data"] is True and results["test_images"] == 100
     with safe_open(str(run_dir / "best.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()["synthetic_data"]) is True
 
-    test_folder = cache / "synthetic-v1" / "test"
+    test_folder = cache / synthetic.VERSION / "test"
     predicted = json.loads(monkeytrain("predict", "--checkpoint", str(run_dir / "best.safetensors"),
                                        "--top-k", "2", "--json", str(test_folder / "star"), cwd=tmp_path).stdout)
     assert len(predicted) == 10

@@ -1,0 +1,53 @@
+"""How long the rest of a run will take: an estimate after its first epoch, then
+every tenth of the run, as a progress bar over epochs would show it."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+ESTIMATES_PER_RUN = 10
+LONG_RUN_SECONDS = 3600  # past this, a CPU run says how to make it shorter
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '4 min 05 s', '2 h 10 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class RemainingTime:
+    """Estimates the time left from the mean wall time of the epochs this process has run."""
+
+    def __init__(self, first_epoch: int, last_epoch: int, clock: Callable[[], float] = time.perf_counter):
+        self.first, self.last, self.clock = first_epoch, last_epoch, clock
+        self.started = clock()
+        self.every = max(1, (last_epoch - first_epoch + 1) // ESTIMATES_PER_RUN)
+
+    def due(self, epoch: int) -> Optional[float]:
+        """Seconds left after `epoch` when an estimate is due (after the first epoch, then every
+        tenth of the run, never after the last); otherwise None."""
+        done, left = epoch - self.first + 1, self.last - epoch
+        if left <= 0 or (done > 1 and done % self.every):
+            return None
+        return (self.clock() - self.started) / done * left
+
+    def is_first(self, epoch: int) -> bool:
+        return epoch == self.first
+
+
+def estimate_line(seconds_left: float, epochs_left: int) -> str:
+    return f"about {format_duration(seconds_left)} left ({epochs_left} more epoch{'s' * (epochs_left != 1)})"
+
+
+def long_cpu_run_advice(seconds_left: float, recipe: str) -> Optional[str]:
+    """One line for a CPU run that will take over an hour, naming the faster way; else None."""
+    if seconds_left <= LONG_RUN_SECONDS:
+        return None
+    faster = ("--recipe cpu (small images, a few minutes on a laptop)" if recipe != "cpu"
+              else "fewer --epochs or a smaller --image-size")
+    return f"this CPU run will take about {format_duration(seconds_left)}; for a faster one use {faster}."

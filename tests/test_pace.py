@@ -1,0 +1,93 @@
+"""monkeytrain.pace: the time-left estimate, when it is printed, and the advice for long CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from monkeytrain.pace import RemainingTime, estimate_line, format_duration, long_cpu_run_advice
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.4, "0 s"), (45, "45 s"), (59.6, "1 min 00 s"), (245, "4 min 05 s"), (3600, "1 h 00 min"),
+    (7830, "2 h 10 min"),
+])
+def test_durations_read_like_a_person_would_say_them(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_estimate_after_the_first_epoch_then_every_tenth_of_the_run():
+    clock = FakeClock()
+    pace = RemainingTime(1, 40, clock)
+    due = {}
+    for epoch in range(1, 41):
+        clock.now += 6.0  # every epoch takes 6 s
+        left = pace.due(epoch)
+        if left is not None:
+            due[epoch] = left
+    assert list(due) == [1, 4, 8, 12, 16, 20, 24, 28, 32, 36]  # none after the last epoch
+    assert due[1] == pytest.approx(39 * 6.0) and due[20] == pytest.approx(20 * 6.0)
+
+
+def test_estimate_uses_the_mean_of_the_epochs_run_by_this_process():
+    clock = FakeClock()
+    pace = RemainingTime(11, 20, clock)  # resumed at epoch 11: epochs 1-10 do not count
+    clock.now += 8.0
+    assert pace.due(11) == pytest.approx(9 * 8.0) and pace.is_first(11)
+    clock.now += 2.0
+    assert pace.due(12) == pytest.approx(8 * 5.0) and not pace.is_first(12)
+
+
+def test_a_short_run_estimates_after_every_epoch():
+    clock = FakeClock()
+    pace = RemainingTime(1, 3, clock)
+    assert [pace.due(epoch) is not None for epoch in (1, 2, 3)] == [True, True, False]
+
+
+def test_estimate_line_names_the_time_and_the_epochs_left():
+    assert estimate_line(250, 39) == "about 4 min 10 s left (39 more epochs)"
+    assert estimate_line(5, 1) == "about 5 s left (1 more epoch)"
+
+
+def test_a_cpu_run_over_an_hour_names_the_faster_recipe():
+    assert long_cpu_run_advice(3599, "gpu") is None
+    advice = long_cpu_run_advice(2 * 3600, "gpu")
+    assert "2 h 00 min" in advice and "--recipe cpu" in advice
+    assert "--recipe" not in long_cpu_run_advice(2 * 3600, "cpu")  # already the fast one: fewer epochs
+    assert "--epochs" in long_cpu_run_advice(2 * 3600, "cpu")
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+@pytest.mark.parametrize("on_cpu, recipe, warned", [(True, "gpu", True), (True, "cpu", True), (False, "gpu", False)])
+def test_training_prints_the_estimate_and_warns_once_about_a_long_cpu_run(on_cpu, recipe, warned):
+    from monkeytrain.config import TrainConfig
+    from monkeytrain.train import report_time_left
+
+    clock = FakeClock()
+    pace, log = RemainingTime(1, 150, clock), RecordingLog()
+    config = TrainConfig(epochs=150, recipe=recipe)
+    for epoch in range(1, 16):
+        clock.now += 45.0  # 45 s an epoch: 150 epochs take almost two hours
+        report_time_left(pace, epoch, config, on_cpu, log)
+    assert log.lines == ["about 1 h 51 min left (149 more epochs)", "about 1 h 41 min left (135 more epochs)"]
+    assert len(log.warnings) == int(warned)  # after the first epoch only
+    if warned:
+        assert ("--recipe cpu" in log.warnings[0]) == (recipe == "gpu")
