@@ -119,6 +119,10 @@ class TrainConfig:
     output_dir: str = _option("runs", "Folder that holds one directory per run.")
     run_name: Optional[str] = _option(None, "Run directory name. Default: a timestamp.")
     cpu: bool = _option(False, "Train on the CPU even when a GPU is present.")
+    cpu_threads: Optional[int] = _option(
+        None, "Threads a CPU run trains with (this replaces OMP_NUM_THREADS, which accelerate launch "
+        "without a config sets to 1). Default: the cores this process may use, shared among the "
+        "run's processes.")
     debug: bool = _option(False, "Quick check: CPU, small images, a few steps, two epochs.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +246,7 @@ def validate(config: TrainConfig) -> None:
         (config.lr > 0, "--lr must be positive"),
         (config.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (config.num_workers is None or config.num_workers >= 0, "--num-workers must not be negative"),
+        (config.cpu_threads is None or config.cpu_threads >= 1, "--cpu-threads must be at least 1"),
         (0.0 < config.min_crop_scale <= 1.0, "--min-crop-scale must be in (0, 1]"),
         (config.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
         (0.0 <= config.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -35,3 +36,9 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     be reduced as sums and counts, never as per-rank means.
     """
     return list(range(rank, num_items, world_size))
+
+
+def cores_per_process(accelerator) -> int:
+    """The CPU cores this process may use, shared among the run's processes (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // accelerator.num_processes)

@@ -10,7 +10,6 @@ streams them otherwise.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from monkeytrain.data import DatasetSplits, sharded_loader, shuffled_loader
-from monkeytrain.distributed import all_ranks_agree, shard_indices
+from monkeytrain.distributed import all_ranks_agree, cores_per_process, shard_indices
 from monkeytrain.views import cached_views, view_bytes, view_dataset
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -50,8 +49,7 @@ def free_memory(accelerator) -> int:
 def default_workers(accelerator) -> int:
     """DataLoader workers per rank: the cores this process may use, shared among the ranks, at most 8
     (more than the machine has only slows it down, and torch warns about it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_AUTO_WORKERS, cores // accelerator.num_processes))
+    return min(MAX_AUTO_WORKERS, cores_per_process(accelerator))
 
 
 class ResidentPipeline:

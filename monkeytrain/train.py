@@ -35,7 +35,7 @@ from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_checkpoint
 from monkeytrain.config import TrainConfig, parse_config, save_config
 from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset
-from monkeytrain.distributed import broadcast_from_main
+from monkeytrain.distributed import broadcast_from_main, cores_per_process
 from monkeytrain.engine import evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 from monkeytrain.model import compiled, create_model
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
+    if accelerator.device.type == "cpu":
+        # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,
+        # which would make the main command train at half speed on two cores.
+        torch.set_num_threads(config.cpu_threads or cores_per_process(accelerator))
     try:
         return run(config, accelerator)
     finally:

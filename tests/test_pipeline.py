@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 
 import pytest
@@ -222,9 +223,9 @@ def test_free_host_memory_is_shared_among_the_processes(cpu_accelerator):
 
 
 def test_default_workers_fit_the_cores_this_process_may_use(cpu_accelerator, monkeypatch):
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert pipeline.default_workers(cpu_accelerator) == 2
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert pipeline.default_workers(cpu_accelerator) == pipeline.MAX_AUTO_WORKERS
 
 
