@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU of this node, one DDP rank each, bf16.  --batch-size is per GPU.
 #   launch/all_gpus.sh --data data/10-monkey-species --epochs 80
+# SIGTERM, SIGINT or SIGUSR1 to this script (or its process group): every rank
+# saves its state and stops; continue with --resume auto --run-name NAME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-gpus=$(nvidia-smi --list-gpus | wc -l)
-exec accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes "$gpus" \
-    monkeytrain/train.py "$@"
+export MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml
+exec slurm/launch_node.sh "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Two real CPU ranks (gloo): the DDP code path without a GPU.
 # Extra flags go to monkeytrain/train.py, e.g.  launch/cpu_ddp.sh --debug
+# SIGTERM, SIGINT or SIGUSR1 to this script (or its process group): both ranks
+# save their state and stop; continue with --resume auto --run-name NAME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # two ranks share the cores
-exec accelerate launch --config_file accelerate_configs/cpu_ddp.yaml monkeytrain/train.py --cpu "$@"
+export MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml  # train.py --cpu, the cores split
+exec slurm/launch_node.sh "$@"

@@ -3,4 +3,5 @@
 # Extra flags go to monkeytrain/train.py, e.g.  launch/cpu_debug.sh --data data/10-monkey-species
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec accelerate launch --config_file accelerate_configs/cpu.yaml monkeytrain/train.py --debug "$@"
+export MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu.yaml MONKEYTRAIN_PROCS_PER_NODE=1
+exec slurm/launch_node.sh --debug "$@"

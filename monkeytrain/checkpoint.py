@@ -10,7 +10,6 @@ beside it follows timm's pretrained-config format, so
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from monkeytrain import __version__
 from monkeytrain.augment import CROP_PCT
 from monkeytrain.errors import UserError
 from monkeytrain.model import create_model, strip_wrapper_prefixes
+from monkeytrain.storage import write_atomically
 
 BEST_NAME = "best.safetensors"
 FORMAT = "monkeytrain-1"
@@ -100,23 +100,10 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Temporary file, fsync, rename: a reader sees the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo) -> Path:
-    """Write best.safetensors and timm's config.json into `run_dir` (main process only)."""
+    """Write best.safetensors and timm's config.json into `run_dir` (main process only).
+
+    On a full disk this raises `DiskFull` and the previous best.safetensors stays as it was."""
     path = run_dir / BEST_NAME
     write_atomically(path, save(plain_state_dict(model), metadata=info.to_metadata()))
     write_atomically(run_dir / "config.json", json.dumps(timm_config(info), indent=2).encode())

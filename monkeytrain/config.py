@@ -107,8 +107,11 @@ class TrainConfig:
     resume: Optional[str] = _option(
         None, "auto: continue from the newest complete saved state of this run (start fresh if none); "
         "or a RUN/state/step-* folder.")
-    save_every: int = _option(0, "Save the full training state every this many optimizer steps; 0 saves "
-                                 "only on SIGUSR1/SIGTERM.")
+    save_every: int = _option(0, "Also save the full training state every this many optimizer steps; 0: "
+                                 "only on the time schedule and on a stop signal.")
+    save_every_minutes: float = _option(
+        10.0, "Save the full training state every this many minutes of wall time (checked every 8 "
+        "optimizer steps and at each epoch end), so a crash or SIGKILL loses at most that; 0 disables.")
     keep_states: int = _option(2, "How many saved training states to keep.")
     # --- tracking ---
     report_to: str = _option(
@@ -256,6 +259,7 @@ def validate(config: TrainConfig) -> None:
         (config.recipe in RECIPE_CHOICES, "--recipe must be auto, gpu or cpu"),
         (0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
         (config.save_every >= 0, "--save-every must not be negative"),
+        (config.save_every_minutes >= 0, "--save-every-minutes must not be negative"),
         (config.report_to in ("auto", "wandb", "none"), "--report-to must be auto, wandb or none"),
         (config.keep_states >= 1, "--keep-states must be at least 1"),
         (config.mixed_precision in (None, "no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),

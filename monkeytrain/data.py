@@ -17,7 +17,9 @@ from monkeytrain.errors import UserError
 from monkeytrain.imagefiles import (
     ImageFile, SkippedFile, candidate_files, load_rgb, oversized_warning, scan_labelled_files,
 )
+from monkeytrain.preemption import ignore_stop_signals
 from monkeytrain.splits import find_leaks, stratified_holdout
+from monkeytrain.storage import check_writable_dir
 from monkeytrain.synthetic import ensure_synthetic_dataset
 
 DEFAULT_DATA_ROOT = Path("data/10-monkey-species")
@@ -70,6 +72,14 @@ class DatasetSplits:
 def default_cache_dir(config: TrainConfig) -> Path:
     chosen = config.cache_dir or os.environ.get("MONKEYTRAIN_CACHE")
     return Path(chosen) if chosen else Path.home() / ".cache" / "monkeytrain"
+
+
+def usable_cache_dir(config: TrainConfig) -> Path:
+    """The cache folder, created and checked writable up front (on every rank: the probe file
+    is per process), so a bad --cache-dir ends in one sentence rather than a traceback."""
+    cache_dir = default_cache_dir(config)
+    check_writable_dir(cache_dir, "--cache-dir")
+    return cache_dir
 
 
 def user_data_root(config: TrainConfig) -> Optional[Path]:
@@ -179,7 +189,7 @@ def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: i
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
         drop_last=len(dataset) >= batch_size,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )
 
@@ -194,7 +204,7 @@ def sharded_loader(
     # global RNG would make training depend on how often we evaluated (or
     # whether channel statistics came from the cache).
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(0),
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 

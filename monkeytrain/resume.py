@@ -1,4 +1,4 @@
-"""Preemption-safe training state: save on a schedule or on a signal, resume from the newest.
+"""Saved training states: save on a schedule or on a signal, resume from the newest.
 
 A state lives in `RUN/state/step-NNNNNNNN/`: Accelerate's own `save_state`
 (model, optimizer, scheduler, grad scaler, every rank's RNG states) plus one
@@ -6,11 +6,8 @@ A state lives in `RUN/state/step-NNNNNNNN/`: Accelerate's own `save_state`
 the augmentation generator, the weight average). It is written to a
 temporary folder by all ranks together, marked COMPLETE, then renamed into
 place, so a kill at any moment leaves either the old states or the new one,
-never a half-written folder that `--resume auto` would pick.
-
-SIGUSR1 (SLURM's warning before preemption) or SIGTERM only set a flag; the
-ranks agree on it at a step boundary (a collective, so none is left waiting),
-all of them save, and the job requeues itself under SLURM or exits.
+never a half-written folder that `--resume auto` would pick. When to save
+and when to stop is `preemption.py`'s business.
 """
 
 from __future__ import annotations
@@ -18,23 +15,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from monkeytrain.distributed import all_ranks_agree, broadcast_from_main
+from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
 from monkeytrain.selection import BestEpoch
+from monkeytrain.storage import DiskFull, folder_size, out_of_space
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
-# Ranks compare their stop flags every this many optimizer steps (a collective:
-# checking every step would cost a device sync each step).
-STOP_CHECK_INTERVAL = 8
 
 
 @dataclass
@@ -68,22 +61,6 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-class StopSignal:
-    """Remembers a SIGUSR1 or SIGTERM until the ranks next agree on stopping."""
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._note)
-
-    def _note(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self, accelerator) -> bool:
-        """True on every rank when any rank received a signal (every rank must call this)."""
-        return not all_ranks_agree(self.received is None, accelerator.device)
-
-
 class TrainingState:
     """Saves and restores everything a bit-identical continuation needs."""
 
@@ -92,7 +69,8 @@ class TrainingState:
         self.accelerator, self.averager, self.generator, self.keep = accelerator, averager, generator, keep
 
     def save(self, progress: Progress, best: BestEpoch) -> Path:
-        """All ranks call this together."""
+        """All ranks call this together. On a full disk the half-written state is deleted and
+        `DiskFull` raised (by each rank that hit it); older complete states stay as they were."""
         accelerator = self.accelerator
         final = self.root / f"{STATE_PREFIX}{progress.global_step:08d}"
         staging = self.root / f".tmp-{final.name}"
@@ -101,13 +79,24 @@ class TrainingState:
                 shutil.rmtree(leftover, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        torch.save(self._extras(progress, best), staging / f"progress-rank{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self._publish(staging, final)
+        try:
+            accelerator.save_state(str(staging))
+            torch.save(self._extras(progress, best), staging / f"progress-rank{accelerator.process_index}.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                self._publish(staging, final)
+        except Exception as error:  # torch and safetensors wrap ENOSPC in their own error types
+            if not out_of_space(error, self.root):
+                raise
+            raise self._abandon(staging, final) from error
         accelerator.wait_for_everyone()
         return final
+
+    def _abandon(self, staging: Path, final: Path) -> DiskFull:
+        """Delete a state that did not fit; the error saying how much it had written by then."""
+        written = folder_size(staging)  # before deleting: the least the state needs
+        shutil.rmtree(staging, ignore_errors=True)
+        return DiskFull(final, written, at_least=True, flag="--output-dir")
 
     def _extras(self, progress: Progress, best: BestEpoch) -> dict:
         return {
@@ -159,14 +148,3 @@ class TrainingState:
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:
     """Every rank resumes from the state the main process found."""
     return broadcast_from_main(path)
-
-
-def requeue_or_exit(log) -> None:
-    """Under SLURM, put this job back in the queue (it resumes with --resume auto); else just stop."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        log.info("stopped on a signal after saving the training state; continue with --resume auto.")
-        return
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    log.info(f"stopped on a signal after saving; scontrol requeue {job}: "
-             f"{'ok' if done.returncode == 0 else done.stderr.strip()}")

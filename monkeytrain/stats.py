@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -22,6 +21,7 @@ import torch
 from monkeytrain.augment import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
 from monkeytrain.imagefiles import ImageFile
+from monkeytrain.storage import write_cache
 
 STATS_VERSION = 2
 
@@ -68,10 +68,8 @@ def read_cached(path: Path) -> Optional[ChannelStats]:
 
 
 def write_cached(path: Path, stats: ChannelStats) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps({"mean": stats.mean, "std": stats.std}))
-    os.replace(temporary, path)
+    """Best effort: on a full disk or an unwritable folder, warn and go on without the cache."""
+    write_cache(path, json.dumps({"mean": stats.mean, "std": stats.std}).encode())
 
 
 def channel_stats(

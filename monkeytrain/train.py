@@ -34,7 +34,7 @@ from monkeytrain.augment import Augmenter, AugmentSettings
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_checkpoint
 from monkeytrain.config import TrainConfig, parse_config, save_config
-from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset
+from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset, usable_cache_dir
 from monkeytrain.distributed import broadcast_from_main, cores_per_process
 from monkeytrain.engine import evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
@@ -44,10 +44,10 @@ from monkeytrain.pace import RemainingTime, estimate_line, long_cpu_run_advice
 from monkeytrain.pipeline import build_pipeline
 from monkeytrain.predict import inference
 from monkeytrain.results import misclassified, results_summary
-from monkeytrain.resume import (
-    STOP_CHECK_INTERVAL, Progress, StopSignal, TrainingState, agree_on_state, requeue_or_exit, resolve_resume,
-)
+from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption, requeue_or_exit
+from monkeytrain.resume import Progress, TrainingState, agree_on_state, resolve_resume
 from monkeytrain.selection import BestEpoch
+from monkeytrain.storage import check_writable_dir
 from monkeytrain.stats import ChannelStats, channel_stats
 from monkeytrain.tracking import RunLog, make_run_log
 
@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(config: TrainConfig, accelerator: Accelerator) -> dict:
     started = time.perf_counter()
-    stop = StopSignal()  # from the start: a SIGUSR1's default action would kill us unsaved
+    stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
     set_seed(config.seed)
+    usable_cache_dir(config)  # before the run directory: a bad --cache-dir leaves nothing behind
     run_dir = prepare_run_dir(config, accelerator)
     log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
                        config.log_checkpoint)
@@ -93,7 +94,7 @@ def run(config: TrainConfig, accelerator: Accelerator) -> dict:
 
 
 def train_and_report(config: TrainConfig, accelerator: Accelerator, run_dir: Path, log: RunLog,
-                     stop: StopSignal, started: float) -> dict:
+                     stop: Preemption, started: float) -> dict:
     splits = resolve_dataset(config, accelerator, log)
     cache_dir = default_cache_dir(config)
     pipeline = build_pipeline(config, splits, cache_dir, accelerator)
@@ -134,9 +135,15 @@ def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
                         "or continue it with --resume auto.")
     if (run_dir / "results.json").exists():
         raise UserError(f"{run_dir} holds a finished run (results.json); pick another --run-name.")
+    problem = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            check_writable_dir(run_dir, "--output-dir")  # now, not as a traceback at the first save
+        except UserError as error:
+            problem = str(error)
+    problem = broadcast_from_main(problem)  # every rank stops; none is left waiting for the main one
+    if problem:
+        raise UserError(problem)
     return run_dir
 
 
@@ -176,7 +183,7 @@ def build_training(config: TrainConfig, accelerator: Accelerator, num_classes: i
 
 
 def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStats, run_dir: Path,
-        log: RunLog, stop: StopSignal) -> tuple[BestEpoch, bool]:
+        log: RunLog, stop: Preemption) -> tuple[BestEpoch, bool]:
     """Train the remaining epochs; returns the best epoch and whether a stop signal ended training."""
     t = build_training(config, accelerator, len(splits.class_names), pipeline, stats, run_dir)
     progress, best = Progress(), BestEpoch()
@@ -192,28 +199,38 @@ def fit(config, accelerator, splits: DatasetSplits, pipeline, stats: ChannelStat
             f"epoch {epoch}", t.steps - progress.batch,
             after_step=step_boundary(config, accelerator, progress, epoch, best, t.state, stop))
         if trained.stopped:
-            t.state.save(progress, best)
+            save_state(t.state, progress, best, stop)
             return best, True
         progress.epoch, progress.batch = epoch + 1, 0
         validate_and_checkpoint(config, accelerator, splits, pipeline, stats, run_dir, log, t, epoch, best, trained)
         report_time_left(pace, epoch, config, accelerator.device.type == "cpu", log)
-        if stop.agreed(accelerator):
-            t.state.save(progress, best)
+        stopping, save_due = stop.check(accelerator)
+        if stopping or save_due:
+            save_state(t.state, progress, best, stop)
+        if stopping:
             return best, True
     return best, False
 
 
+def save_state(state: TrainingState, progress: Progress, best: BestEpoch, stop: Preemption) -> None:
+    state.save(progress, best)
+    stop.schedule.saved()
+
+
 def step_boundary(config, accelerator, progress: Progress, epoch: int, best: BestEpoch,
-                  state: TrainingState, stop: StopSignal) -> Callable[[int], bool]:
+                  state: TrainingState, stop: Preemption) -> Callable[[int], bool]:
     """After each optimizer step: note progress, save on schedule, and say whether to stop."""
     skipped = progress.batch
 
     def after_step(batches_done: int) -> bool:
         progress.epoch, progress.batch = epoch, skipped + batches_done
         progress.global_step += 1
-        if config.save_every and progress.global_step % config.save_every == 0:
-            state.save(progress, best)
-        return progress.global_step % STOP_CHECK_INTERVAL == 0 and stop.agreed(accelerator)
+        stopping, save_due = (stop.check(accelerator) if progress.global_step % STOP_CHECK_INTERVAL == 0
+                              else (False, False))
+        scheduled = config.save_every and progress.global_step % config.save_every == 0
+        if (save_due or scheduled) and not stopping:  # on a stop, fit() saves this very step
+            save_state(state, progress, best, stop)
+        return stopping
 
     return after_step
 

@@ -19,6 +19,7 @@ import torch
 from monkeytrain.augment import stored_size, stored_view_transform
 from monkeytrain.data import ImageListDataset
 from monkeytrain.imagefiles import ImageFile
+from monkeytrain.storage import write_cache
 
 VIEWS_VERSION = 2  # 2: large JPEGs decoded in draft mode
 
@@ -53,7 +54,8 @@ def views_cache_key(files: list[ImageFile], image_size: int) -> str:
 def cached_views(files: list[ImageFile], image_size: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored views of `files`, from the cache file when there is one, else decoded and cached.
 
-    Call it on one process per node first (others then find the file).
+    Call it on one process per node first (others then find the file). When the
+    cache cannot be written, the views are still returned, after one warning.
     """
     path = cache_dir / "views" / f"{views_cache_key(files, image_size)}.pt"
     if path.is_file():
@@ -64,8 +66,6 @@ def cached_views(files: list[ImageFile], image_size: int, cache_dir: Path) -> tu
         except Exception:  # torch.load raises many types for damaged files; rebuild below
             pass
     images, labels = decode_views(files, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"images": images, "labels": labels}, temporary)
-    os.replace(temporary, path)
+    # a full disk only costs the next run a decode: write_cache warns and we go on
+    write_cache(path, lambda handle: torch.save({"images": images, "labels": labels}, handle))
     return images, labels

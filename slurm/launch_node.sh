@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One machine's share of a training run: a single `accelerate launch` that
-# starts this machine's training processes, with SIGUSR1 forwarded to them.
+# starts this machine's training processes, with SIGUSR1, SIGTERM and SIGINT
+# forwarded to them. launch/*.sh use it too, outside SLURM.
 # slurm/train.sbatch runs it in the batch shell, slurm/train_multinode.sbatch
 # once per node through srun, and the tests run it directly; all of them set
 # the same variables (every one has a default):
@@ -17,7 +18,8 @@
 #                                   else every GPU nvidia-smi lists; 2 in CPU mode)
 #   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (monkeytrain/train.py; tests use a stub)
 #   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
-#                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid)
+#                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid;
+#                                   outside SLURM, local-<this pid> instead of the job id)
 #
 #   slurm/launch_node.sh [train.py flags ...]
 #   slurm/launch_node.sh --forward-signal USR1     # signal the run started above on this machine
@@ -36,7 +38,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 fi
 MAIN_PORT=${MAIN_PORT:-29500}
-pid_file=${MONKEYTRAIN_PID_FILE:-${TMPDIR:-/tmp}/monkeytrain-${SLURM_JOB_ID:-local}-machine${MACHINE_RANK}.pid}
+pid_file=${MONKEYTRAIN_PID_FILE:-${TMPDIR:-/tmp}/monkeytrain-${SLURM_JOB_ID:-local-$$}-machine${MACHINE_RANK}.pid}
 
 if [ "${1:-}" = --forward-signal ]; then
     # Used by train_multinode.sbatch: SLURM can only signal a job step as a
@@ -88,6 +90,11 @@ launch=("$accelerate" launch --config_file "$config"
         --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
 train_flags=()
+if [ "$((NUM_MACHINES * procs))" = 1 ]; then
+    # One process: accelerate's --quiet keeps its CalledProcessError traceback from
+    # following train.py's one-line error (several processes have no such switch).
+    launch+=(--quiet)
+fi
 if [ "$cpu" = 1 ]; then
     # The multi-process launcher with Accelerator(cpu=True) in train.py gives real
     # gloo ranks (`accelerate launch --cpu` would start only one process).
@@ -97,29 +104,46 @@ if [ "$cpu" = 1 ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / procs > 0 ? cpus / procs : 1))}
 fi
 
-# --- launch, forwarding SIGUSR1 to the training processes --------------------
-# SLURM's warning signal (--signal=B:USR1@...) reaches only the batch shell. The
-# training processes are the launcher's children (torch's elastic agent starts
-# each in its own session), so they are signalled by parent pid: not the
-# launcher, which would die of it, nor DataLoader workers.
+# --- launch, forwarding stop signals to the training processes -------------
+# SLURM's warning signal (--signal=B:USR1@...) reaches only the batch shell, and
+# `kill`, `timeout`, systemd and Docker signal the top process or its process
+# group. Either way this shell passes SIGUSR1, SIGTERM and SIGINT on to the
+# training processes, which save their state and exit 0; the launcher itself
+# never sees them (its own session, so a process-group signal misses it), so it
+# ends cleanly instead of with torchrun's SignalException traceback, and this
+# script exits as an interrupted job does (128 + the signal). The training
+# processes are the launcher's children (torch's elastic agent starts each in its
+# own session), so they are signalled by parent pid: not the launcher, nor
+# DataLoader workers. setpriv --pdeathsig: should this shell be SIGKILLed, the
+# launcher gets SIGTERM, passes it on, and no rank trains on as an orphan.
 forward() {
     echo "launch_node.sh: machine $MACHINE_RANK: forwarding SIG$1 to the training processes" >&2
     pkill "-$1" -P "$launcher" || true  # none yet: the launcher is still starting them
 }
+stop() {
+    stopped_by=$1
+    forward "$1"
+}
+detach=(setsid)
+if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig TERM); fi
 # The launcher starts with SIGUSR1 ignored, so a USR1 sent to a whole job step
 # (`scancel --signal=USR1 JOB`) cannot kill it; the training processes inherit
 # the ignore until train.py installs its own handler.
-(trap '' USR1; exec "${launch[@]}" "$script" "${train_flags[@]}" "$@") &
+(trap '' USR1; exec "${detach[@]}" "${launch[@]}" "$script" "${train_flags[@]}" "$@") &
 launcher=$!
+stopped_by=
 echo $$ > "$pid_file"
 trap 'rm -f "$pid_file"' EXIT
 trap 'forward USR1' USR1
-# SLURM ends a job with SIGTERM to every process, then SIGKILL after KillWait:
-# this shell must outlive the training processes (which save their state on
-# SIGTERM), since the job ends the moment the batch shell exits.
-trap 'echo "launch_node.sh: machine $MACHINE_RANK: SIGTERM; waiting for the training processes" >&2' TERM
+trap 'stop TERM' TERM
+trap 'stop INT' INT
 
 # `wait` returns early whenever a trapped signal arrives: wait again until the
 # launcher is gone, then once more for its exit status (bash keeps it).
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
-wait "$launcher"
+status=0
+wait "$launcher" || status=$?
+if [ -n "$stopped_by" ] && [ "$status" = 0 ]; then
+    exit $((128 + $(kill -l "$stopped_by")))  # the training processes saved and stopped
+fi
+exit "$status"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import timm
@@ -12,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from monkeytrain.checkpoint import (
-    BEST_NAME, CheckpointInfo, load_model, plain_state_dict, read_checkpoint, save_checkpoint, write_atomically,
+    BEST_NAME, CheckpointInfo, load_model, plain_state_dict, read_checkpoint, save_checkpoint,
 )
 from monkeytrain.config import TrainConfig
 from monkeytrain.errors import UserError
@@ -111,27 +110,6 @@ def test_existing_checkpoint_is_replaced_whole(tmp_path, tiny_model):
     assert info.epoch == 9
     assert path.stat().st_size < 4 * 1024 * 1024
     assert b"\xff" * 64 not in path.read_bytes()[-4096:]  # no tail of the old file
-
-
-def test_write_atomically_replaces_exact_bytes(tmp_path):
-    path = tmp_path / "file.bin"
-    path.write_bytes(b"old content that is longer than the new one")
-    write_atomically(path, b"new")
-    assert path.read_bytes() == b"new"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
-
-
-def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "file.bin"
-    path.write_bytes(b"old")
-
-    def failing_replace(source, destination):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        write_atomically(path, b"new and much longer")
-    assert path.read_bytes() == b"old"
 
 
 def test_timm_config_json_describes_the_model(tmp_path, tiny_model):

@@ -1,0 +1,111 @@
+"""Stopping cleanly, whoever sends the signal, and saving on a wall-clock schedule.
+
+SIGUSR1 (SLURM's warning before a time limit or preemption), SIGTERM
+(`timeout`, systemd, Docker, Kubernetes, SLURM at a time limit) and SIGINT
+(Ctrl-C) only set a flag; the ranks agree on it at a step boundary (a
+collective, so none is left waiting), all of them save, and the job requeues
+itself under SLURM or exits. A second Ctrl-C stops at once, unsaved.
+
+Some launchers do not pass a signal on: accelerate's one-process launcher
+dies of a SIGTERM and leaves its child running, and no launcher can pass on
+its own SIGKILL. So a process started by a launcher asks Linux to send it
+SIGTERM when its parent dies (PR_SET_PDEATHSIG): it then saves and stops
+instead of training on as an orphan. DataLoader workers ignore these signals
+(`ignore_stop_signals`), so a signal to a whole process group reaches the
+trainer, which shuts its workers down itself, instead of killing them under it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from monkeytrain.distributed import sum_across_ranks
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# Ranks compare their stop flags every this many optimizer steps (a collective:
+# checking every step would cost a device sync each step).
+STOP_CHECK_INTERVAL = 8
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Set by `accelerate launch` (every launcher form) and by torchrun in the processes they start.
+LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+
+
+class Preemption:
+    """Remembers a stop signal, and when a save is due, until the ranks next agree."""
+
+    def __init__(self, save_every_minutes: float = 0.0, environ: Mapping[str, str] = os.environ) -> None:
+        self.received: Optional[str] = None
+        self.schedule = SaveSchedule(save_every_minutes)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._note)
+        if launched_by_a_launcher(environ) and not stop_when_parent_dies():
+            self.received = "launcher gone"  # it died before we could ask to be told
+
+    def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        self.received = signal.Signals(signum).name
+
+    def check(self, accelerator) -> tuple[bool, bool]:
+        """(stop, save), the same on every rank: stop when any rank received a signal, save when
+        any rank's clock says a scheduled save is due. Every rank calls this at the same step."""
+        votes = sum_across_ranks(torch.tensor([self.received is not None, self.schedule.due()],
+                                              dtype=torch.int64, device=accelerator.device))
+        stop, save = (int(v) > 0 for v in votes.tolist())
+        return stop, save
+
+
+def launched_by_a_launcher(environ: Mapping[str, str]) -> bool:
+    """True in a process that `accelerate launch` or torchrun started (not one a shell started:
+    a run under nohup must go on when its shell exits)."""
+    return any(marker in environ for marker in LAUNCHER_MARKERS)
+
+
+def stop_when_parent_dies() -> bool:
+    """Ask Linux for SIGTERM when the parent process dies; False if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() != 1  # re-parented to init: the launcher died before the call above
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave stop signals to the trainer, which ends its workers itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class SaveSchedule:
+    """Says when `minutes` of wall time have passed since the last save (never with 0).
+
+    Time-based, not step-based, so the work a crash or a SIGKILL can cost is
+    bounded whatever the model, batch or machine."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = minutes * 60, clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and self.clock() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
+def requeue_or_exit(log) -> None:
+    """Under SLURM, put this job back in the queue (it resumes with --resume auto); else just stop."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.info("stopped on a signal after saving the training state; continue with --resume auto.")
+        return
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    log.info(f"stopped on a signal after saving; scontrol requeue {job}: "
+             f"{'ok' if done.returncode == 0 else done.stderr.strip()}")

@@ -1,0 +1,155 @@
+"""Writing files safely: atomic replacement, a clear error on a full disk, caches that may fail.
+
+Every file monkeytrain writes for later (the checkpoint, its config.json, the
+caches) goes through `write_atomically`: a reader sees the old file or the new
+one, never half of one, and a failed write leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+from monkeytrain.errors import UserError
+
+# Out of space, or out of this user's quota: either way the fix is to free space or write elsewhere.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What libraries that wrap the error in their own type (torch's zip writer, safetensors) still say.
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+NEARLY_FULL = 1024 * 1024  # free bytes below which a failed write is taken for a full disk
+
+Payload = Union[bytes, Callable[[BinaryIO], None]]
+
+
+class DiskFull(UserError):
+    """A write that failed for lack of space; the message says how much it needed."""
+
+    def __init__(self, path: Path, needed: int, at_least: bool, flag: str):
+        size = f"at least {human_size(needed)}" if at_least else human_size(needed)
+        self.path, self.needed, self.reason = path, needed, f"no space left on the device, {size} needed"
+        super().__init__(f"no space left on the device of {path.parent} to write {path.name} ({size} needed); "
+                         f"free some space or pick another {flag}.")
+
+
+def human_size(n: int) -> str:
+    """Bytes as a person reads them: 512 B, 3.0 KiB, 45.2 MiB, 1.5 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT, also when a library re-raised it as its own error type."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(seen) for words in DISK_FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write into `folder` failed for lack of space. torch.save to a path
+    reports a full disk only as a RuntimeError ("unexpected pos"), so a nearly full device
+    counts too: writes fill it to the brim before they fail."""
+    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL
+
+
+def free_bytes(folder: Path) -> int:
+    """Space this user may still write on `folder`'s device (a large number if unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return sys.maxsize
+
+
+def write_atomically(path: Path, write: Payload, durable: bool = True, *, flag: str = "--output-dir") -> None:
+    """Write `path` via a temporary file in the same folder and a rename.
+
+    `write` is the file's bytes, or a function that writes them to an open binary file.
+    `durable` fsyncs the file and the folder, so the new file survives a power cut
+    (caches can skip that). On a full disk this raises `DiskFull`, whose message
+    names `flag` as the way out; any other error is re-raised. Either way the
+    temporary file is gone and the previous `path`, if any, is untouched.
+    """
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        _write_file(temporary, write, durable)
+        os.replace(temporary, path)
+    except Exception as error:  # a writer such as torch.save may wrap ENOSPC in its own type
+        written = _size_or_zero(temporary)  # measured before the file goes
+        temporary.unlink(missing_ok=True)
+        if is_disk_full(error):
+            needed, at_least = (len(write), False) if isinstance(write, bytes) else (written, True)
+            raise DiskFull(path, needed, at_least, flag) from error
+        raise
+    if durable:
+        fsync_folder(path.parent)  # make the rename itself durable
+
+
+def _write_file(path: Path, write: Payload, durable: bool) -> None:
+    with open(path, "wb") as handle:
+        if isinstance(write, bytes):
+            handle.write(write)
+        else:
+            write(handle)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the files under `folder` (0 if it is gone)."""
+    return sum(_size_or_zero(p) for p in folder.rglob("*") if p.is_file())
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Create `path` (and its parents) and make sure a file can be created in it, so that an
+    unusable folder fails now, in one sentence, not as a traceback hours into training."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot create or write the folder {path} ({error.strerror or error}); "
+                        f"pick a writable {flag}.") from None
+
+
+def write_cache(path: Path, write: Payload) -> bool:
+    """Write a cache file; on any failure (a full disk, a read-only folder) warn once and
+    return False: a cache only saves time, so the run goes on without it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, write, durable=False, flag="--cache-dir")
+        return True
+    except (OSError, DiskFull) as error:
+        reason = error.reason if isinstance(error, DiskFull) else (error.strerror or str(error))
+        print(f"monkeytrain: warning: cannot write the cache file {path} ({reason}); "
+              "training goes on without the cache.", file=sys.stderr, flush=True)
+        return False

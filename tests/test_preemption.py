@@ -1,0 +1,100 @@
+"""monkeytrain.preemption: stop signals, the launcher's death, DataLoader workers, scheduled saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monkeytrain.preemption import (
+    STOP_SIGNALS, Preemption, SaveSchedule, ignore_stop_signals, launched_by_a_launcher,
+)
+from monkeytrain.resume import state_dirs
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def preemption():
+    """A Preemption with its handlers installed, and the default handlers put back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield Preemption(save_every_minutes=0.0, environ={})
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_save_schedule_is_due_after_its_minutes_and_restarts_on_a_save():
+    clock = FakeClock()
+    schedule = SaveSchedule(10, clock)
+    clock.now = 599.0
+    assert not schedule.due()
+    clock.now = 600.0
+    assert schedule.due()
+    schedule.saved()
+    clock.now = 1199.0
+    assert not schedule.due()
+    assert not SaveSchedule(0, clock).due()  # 0 turns the schedule off
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS)
+def test_each_stop_signal_is_noted_and_agreed(preemption, cpu_accelerator, sig):
+    assert preemption.check(cpu_accelerator) == (False, False)
+    os.kill(os.getpid(), sig)
+    assert preemption.received == signal.Signals(sig).name
+    assert preemption.check(cpu_accelerator) == (True, False)
+
+
+def test_a_due_save_is_agreed_without_stopping(preemption, cpu_accelerator):
+    clock = FakeClock()
+    preemption.schedule = SaveSchedule(1, clock)
+    clock.now = 61.0
+    assert preemption.check(cpu_accelerator) == (False, True)
+
+
+def test_a_second_ctrl_c_stops_at_once(preemption):
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_only_processes_a_launcher_started_watch_their_parent():
+    assert launched_by_a_launcher({"ACCELERATE_MIXED_PRECISION": "no"})  # accelerate launch, any form
+    assert launched_by_a_launcher({"TORCHELASTIC_RUN_ID": "none"})       # torchrun
+    assert not launched_by_a_launcher({"PATH": "/usr/bin"})              # a shell, nohup: none
+
+
+def test_dataloader_workers_ignore_stop_signals():
+    code = ("import os, signal, time; from monkeytrain.preemption import ignore_stop_signals; "
+            "ignore_stop_signals(0); [os.kill(os.getpid(), s) for s in "
+            "(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]; time.sleep(0.2); print('alive')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    assert done.returncode == 0 and done.stdout.strip() == "alive", done.stderr
+
+
+def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, make_image_folder):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=12)
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", str(data), "--cpu", "--model",
+         "resnet10t", "--image-size", "32", "--batch-size", "3", "--epochs", "2", "--report-to", "none",
+         "--save-every-minutes", "0.0001", "--keep-states", "50", "--cache-dir", str(tmp_path / "cache"),
+         "--run-name", "timed"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "timed"
+    saved = [int(p.name.removeprefix("step-")) for p in state_dirs(run_dir)]
+    # checked every 8 optimizer steps and at each epoch end (11 steps an epoch): always due here
+    assert saved == [8, 11, 16, 22], saved
+    assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
