@@ -43,8 +43,8 @@ from monkeytrain.optim import build_optimizer, build_scheduler
 from monkeytrain.pace import RemainingTime, estimate_line, long_cpu_run_advice
 from monkeytrain.pipeline import build_pipeline
 from monkeytrain.predict import inference
-from monkeytrain.results import misclassified, results_summary
 from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption, requeue_or_exit
+from monkeytrain.results import misclassified, results_summary
 from monkeytrain.resume import Progress, TrainingState, agree_on_state, resolve_resume
 from monkeytrain.selection import BestEpoch
 from monkeytrain.storage import check_writable_dir
