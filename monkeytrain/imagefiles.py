@@ -86,16 +86,21 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> Image.Image:
 
 def check_image_bytes(data: bytes) -> Optional[str]:
     """None if `data` decodes completely as an image, else why it does not."""
+    return decode_check(data)[0]
+
+
+def decode_check(data: bytes) -> tuple[Optional[str], int]:
+    """(why `data` does not decode completely as an image, or None; its pixel count, or 0)."""
     if not data:
-        return "empty file"
+        return "empty file", 0
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # a full decode, so truncated files are caught here
+            return None, image.width * image.height
     except UnidentifiedImageError:
-        return "not an image in any format Pillow reads"
+        return "not an image in any format Pillow reads", 0
     except DECODE_ERRORS as error:
-        return f"a damaged or truncated image ({error})"
-    return None
+        return f"a damaged or truncated image ({error})", 0
 
 
 def is_hidden(path: Path, root: Path) -> bool:
@@ -110,11 +115,9 @@ def candidate_files(folder: Path) -> list[Path]:
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     quiet_pillow_size_warning()
     data = path.read_bytes()
-    problem = check_image_bytes(data)
+    problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
-    with Image.open(io.BytesIO(data)) as image:  # the header only: checked above
-        pixels = image.width * image.height
     return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
 
 

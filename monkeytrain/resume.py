@@ -24,7 +24,7 @@ import torch
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
 from monkeytrain.selection import BestEpoch
-from monkeytrain.storage import DiskFull, folder_size, out_of_space
+from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
@@ -115,11 +115,7 @@ class TrainingState:
         if final.exists():  # the same step saved twice (a stop right after a scheduled save)
             self._retire(final)
         os.replace(staging, final)
-        directory = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_folder(self.root)  # make the rename itself durable
         for old in state_dirs(self.root.parent)[:-self.keep]:
             self._retire(old)
 
