@@ -30,17 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from accelerate import Accelerator
 
-from monkeytrain.augment import Augmenter, AugmentSettings
 from monkeytrain.averaging import weight_averager
 from monkeytrain.config import TrainConfig
-from monkeytrain.data import discover_splits
+from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.layout import folders_from_root
+from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline
+from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.data.views import view_bytes
 from monkeytrain.engine import train_one_epoch
-from monkeytrain.layout import folders_from_root
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer
-from monkeytrain.pipeline import ResidentPipeline, StreamPipeline
-from monkeytrain.synthetic import ensure_synthetic_dataset
-from monkeytrain.views import view_bytes
 
 # ImageNet statistics: throughput does not depend on the exact values.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from monkeytrain import __version__
-from monkeytrain.augment import CROP_PCT
+from monkeytrain.data.views import CROP_PCT
 from monkeytrain.errors import UserError
 from monkeytrain.model import create_model, strip_wrapper_prefixes
 from monkeytrain.storage import write_atomically

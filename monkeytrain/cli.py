@@ -61,7 +61,7 @@ def device_for(cpu_only: bool) -> str:
 
 
 def warn_about_files(skipped: list, images: list = ()) -> None:
-    from monkeytrain.imagefiles import oversized_warning
+    from monkeytrain.data.imagefiles import oversized_warning
 
     for bad in skipped:
         print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
@@ -106,7 +106,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.config import TrainConfig
-    from monkeytrain.data import discover_splits, find_split_folders, user_data_root
+    from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
 
     config = TrainConfig(data=args.data, val_fraction=args.val_fraction, seed=args.seed)
     root = user_data_root(config)
@@ -132,7 +132,7 @@ def run_inspect(args: argparse.Namespace) -> None:
 
 
 def run_download(args: argparse.Namespace) -> None:
-    from monkeytrain.download import download_monkey_species
+    from monkeytrain.data.download import download_monkey_species
 
     print(f"downloaded to {download_monkey_species(args.dest)}")
 

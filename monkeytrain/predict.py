@@ -8,14 +8,14 @@ from typing import Callable
 
 import torch
 
-from monkeytrain import layout
-from monkeytrain.augment import Augmenter, AugmentSettings
 from monkeytrain.checkpoint import CheckpointInfo, load_model
-from monkeytrain.data import sharded_loader
+from monkeytrain.data import layout
+from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
+from monkeytrain.data.loaders import sharded_loader
+from monkeytrain.data.views import view_dataset
 from monkeytrain.engine import EvalResult, evaluate, flip_averaged
-from monkeytrain.views import view_dataset
 from monkeytrain.errors import UserError
-from monkeytrain.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
 
 
 @dataclass(frozen=True)

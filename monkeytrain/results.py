@@ -7,10 +7,10 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo
-from monkeytrain.data import DatasetSplits
+from monkeytrain.data.dataset import DatasetSplits
+from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.distributed import shard_indices
 from monkeytrain.engine import EvalResult
-from monkeytrain.imagefiles import ImageFile
 from monkeytrain.selection import BestEpoch
 
 MAX_MISCLASSIFIED = 200

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from monkeytrain.imagefiles import load_rgb
+from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
 
 REPORT_TO_CHOICES = ("auto", "wandb", "none")

@@ -30,25 +30,25 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
-from monkeytrain.augment import Augmenter, AugmentSettings
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model, save_checkpoint
 from monkeytrain.config import TrainConfig, parse_config, save_config
-from monkeytrain.data import DatasetSplits, default_cache_dir, resolve_dataset, usable_cache_dir
+from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.dataset import DatasetSplits, default_cache_dir, resolve_dataset, usable_cache_dir
+from monkeytrain.data.pipeline import build_pipeline
+from monkeytrain.data.stats import ChannelStats, channel_stats
 from monkeytrain.distributed import broadcast_from_main, cores_per_process
 from monkeytrain.engine import evaluate, flip_averaged, train_one_epoch
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
 from monkeytrain.pace import RemainingTime, estimate_line, long_cpu_run_advice
-from monkeytrain.pipeline import build_pipeline
 from monkeytrain.predict import inference
 from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption, requeue_or_exit
 from monkeytrain.results import misclassified, results_summary
 from monkeytrain.resume import Progress, TrainingState, agree_on_state, resolve_resume
 from monkeytrain.selection import BestEpoch
 from monkeytrain.storage import check_writable_dir
-from monkeytrain.stats import ChannelStats, channel_stats
 from monkeytrain.tracking import RunLog, make_run_log
 
 

@@ -19,13 +19,13 @@ import torch
 from accelerate import Accelerator
 
 from monkeytrain import selection, train
-from monkeytrain.augment import Augmenter, AugmentSettings
-from monkeytrain.data import discover_splits
+from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.layout import folders_from_root
+from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline
+from monkeytrain.data.stats import channel_stats
 from monkeytrain.engine import evaluate
-from monkeytrain.layout import folders_from_root
 from monkeytrain.model import create_model
-from monkeytrain.pipeline import ResidentPipeline, StreamPipeline
-from monkeytrain.stats import channel_stats
 
 IMAGE_SIZE = 32
 

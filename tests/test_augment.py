@@ -1,18 +1,14 @@
-"""monkeytrain.augment: batched augmentation of uint8 stored views, and the evaluation framing."""
+"""monkeytrain.data.augment: batched augmentation of uint8 stored views, and the evaluation framing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from monkeytrain import augment
-from monkeytrain.augment import (
-    Augmenter, AugmentSettings, centre_crop, color_jitter, normalize, random_affine, stored_size,
-    stored_view_transform, warp,
-)
+from monkeytrain.data import augment
+from monkeytrain.data.augment import Augmenter, AugmentSettings, color_jitter, normalize, random_affine, warp
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 IMAGE = 24
@@ -64,10 +60,6 @@ def scripted_affine(settings: AugmentSettings, draws: list[float]) -> torch.Tens
         theta = random_affine(1, settings, generator(), CPU)
     assert not queue, "random_affine drew fewer numbers than scripted"
     return theta
-
-
-def test_stored_size_is_the_image_size_over_crop_pct():
-    assert stored_size(24) == 27 and stored_size(224) == 256 and stored_size(64) == 73
 
 
 # --- shapes, dtypes, ranges -------------------------------------------------------------------
@@ -208,33 +200,6 @@ def test_normalize_uses_the_given_statistics():
     out = normalize(images, MEAN, STD)
     expected = [(0.7 - m) / s for m, s in zip(MEAN, STD)]
     np.testing.assert_allclose(out[0, :, 0, 0].numpy(), expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("height, width, size", [(9, 14, 4), (10, 7, 5), (27, 27, 24), (8, 13, 8), (6, 6, 3)])
-def test_centre_crop_matches_torchvision_center_crop(height, width, size):
-    images = torch.arange(2 * 3 * height * width).reshape(2, 3, height, width)
-    assert torch.equal(centre_crop(images, size), TF.center_crop(images, [size, size]))
-
-
-def test_stored_view_transform_gives_a_uint8_square_view():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
-    view = stored_view_transform(IMAGE)(image)
-    assert isinstance(view, torch.Tensor)
-    assert view.dtype == torch.uint8 and view.shape == (3, SIDE, SIDE)
-
-
-def test_stored_view_keeps_the_centre_of_a_wide_image():
-    # 64x32: red left quarter, green middle half, blue right quarter. Shorter side to 27 and a
-    # centre square keeps the middle; its centre 24 crop is green alone.
-    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
-    pixels[:, :16] = (255, 0, 0)
-    pixels[:, 16:48] = (0, 255, 0)
-    pixels[:, 48:] = (0, 0, 255)
-    view = stored_view_transform(IMAGE)(Image.fromarray(pixels))
-    assert view.shape == (3, SIDE, SIDE)
-    centre = centre_crop(view, IMAGE)
-    assert (centre[1] == 255).all() and (centre[0] == 0).all() and (centre[2] == 0).all()
 
 
 # --- colour jitter ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""monkeytrain.data: from dataset folders to checked splits, the manifest and loaders."""
+"""monkeytrain.data.dataset: from dataset folders to checked splits and the manifest."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from monkeytrain import layout
 from monkeytrain.config import parse_config
-from monkeytrain.data import (
-    ImageListDataset, default_cache_dir, discover_splits, resolve_dataset, sharded_loader, user_data_root,
-)
+from monkeytrain.data import layout
+from monkeytrain.data.dataset import default_cache_dir, discover_splits, resolve_dataset, user_data_root
 from monkeytrain.errors import UserError
 
 
@@ -340,26 +337,3 @@ def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_im
     resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
     large = [w for w in log.warnings if "very large image" in w]
     assert len(large) == 1 and "huge.png" in large[0]
-
-
-# --- datasets and loaders -------------------------------------------------------------
-
-def test_image_list_dataset_applies_the_transform_and_returns_labels(tmp_path, make_image_folder):
-    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=2, size=12)
-    splits = discover(root, val_fraction=0.0)
-    dataset = ImageListDataset(splits.train, lambda image: torch.tensor(np.asarray(image)))
-    assert len(dataset) == 4
-    pixels, label = dataset[3]
-    assert pixels.shape == (12, 12, 3) and label == splits.train[3].label
-    expected = np.asarray(Image.open(splits.train[3].path).convert("RGB"))
-    assert np.array_equal(pixels.numpy(), expected)
-
-
-@pytest.mark.parametrize("size, world", [(10, 3), (7, 2), (2, 4)])
-def test_sharded_loaders_see_every_item_exactly_once(size, world):
-    dataset = [(torch.tensor(i), 0) for i in range(size)]
-    seen = []
-    for rank in range(world):
-        for items, _ in sharded_loader(dataset, batch_size=2, num_workers=0, rank=rank, world_size=world):
-            seen += items.tolist()
-    assert sorted(seen) == list(range(size))

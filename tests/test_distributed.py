@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
-from monkeytrain.data import discover_splits
-from monkeytrain.layout import folders_from_root
-from monkeytrain.pipeline import StreamPipeline
+
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.layout import folders_from_root
+from monkeytrain.data.pipeline import StreamPipeline
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 # 27 images a split: divisible neither by the world size (2) nor the batch size (4).

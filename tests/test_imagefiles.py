@@ -1,4 +1,4 @@
-"""monkeytrain.imagefiles: content-based detection, decoding to RGB, scanning."""
+"""monkeytrain.data.imagefiles: content-based detection, decoding to RGB, scanning."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monkeytrain.imagefiles import (
-    ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, oversized_warning, scan_labelled_files,
-    to_rgb,
+from monkeytrain.data.imagefiles import (
+    ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, oversized_warning,
+    scan_labelled_files, to_rgb,
 )
 
 
@@ -246,7 +246,7 @@ def test_a_large_jpeg_decodes_at_reduced_scale_when_a_small_side_is_wanted(tmp_p
 
 
 def test_reduced_scale_decoding_gives_nearly_the_same_stored_view(tmp_path):
-    from monkeytrain.augment import stored_view_transform
+    from monkeytrain.data.views import stored_view_transform
 
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((1024, 768), Image.BICUBIC)

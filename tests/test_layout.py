@@ -1,10 +1,10 @@
-"""monkeytrain.layout: recognising dataset layouts, explicit folders, class names."""
+"""monkeytrain.data.layout: recognising dataset layouts, explicit folders, class names."""
 
 from __future__ import annotations
 
 import pytest
 
-from monkeytrain import layout
+from monkeytrain.data import layout
 from monkeytrain.errors import UserError
 
 

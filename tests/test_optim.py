@@ -11,7 +11,6 @@ from monkeytrain.config import parse_config
 from monkeytrain.model import create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, parameter_groups, warmup_cosine
 
-
 CPU = torch.device("cpu")
 
 

@@ -1,4 +1,4 @@
-"""monkeytrain.pipeline: device-resident and streaming batches of stored views, on the CPU."""
+"""monkeytrain.data.pipeline: device-resident and streaming batches of stored views, on the CPU."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from monkeytrain import layout, pipeline
-from monkeytrain.data import discover_splits
-from monkeytrain.pipeline import ResidentPipeline, StreamPipeline, choose_pipeline
-from monkeytrain.views import decode_views, view_bytes
+from monkeytrain.data import layout, pipeline
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline, choose_pipeline
+from monkeytrain.data.views import decode_views, view_bytes
 
 IMAGE, SIDE = 16, 18
 PER_CLASS = 7  # 3 classes: 21 images per split, divisible neither by 2 nor by 4

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from monkeytrain.preemption import (
-    STOP_SIGNALS, Preemption, SaveSchedule, ignore_stop_signals, launched_by_a_launcher,
-)
+from monkeytrain.preemption import STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher
 from monkeytrain.resume import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""monkeytrain.splits: the seeded stratified holdout and leak detection.
+"""monkeytrain.data.splits: the seeded stratified holdout and leak detection.
 
 These work on ImageFile records alone, so the tests build them directly: the
 digest stands for the file's content.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from monkeytrain.imagefiles import ImageFile
-from monkeytrain.splits import find_leaks, stratified_holdout
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.splits import find_leaks, stratified_holdout
 
 
 def files_for(counts: dict[int, int], duplicates: int = 0) -> list[ImageFile]:

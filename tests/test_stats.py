@@ -1,4 +1,4 @@
-"""monkeytrain.stats: channel mean/std against an independent numpy pass, and the cache."""
+"""monkeytrain.data.stats: channel mean/std against an independent numpy pass, and the cache."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from monkeytrain import layout
-from monkeytrain.data import discover_splits
-from monkeytrain.imagefiles import ImageFile
-from monkeytrain.pipeline import ResidentPipeline
-from monkeytrain.stats import ChannelStats, cache_key, channel_stats, stats_from_sums
-from monkeytrain.views import view_dataset
+from monkeytrain.data import layout
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.pipeline import ResidentPipeline
+from monkeytrain.data.stats import ChannelStats, cache_key, channel_stats, stats_from_sums
+from monkeytrain.data.views import view_dataset
 
 
 def training_files(root):

@@ -17,18 +17,19 @@ import torch
 from safetensors.torch import save
 from torch.utils.data import DataLoader
 
-from monkeytrain import layout, storage
+from monkeytrain import storage
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, plain_state_dict, read_checkpoint, save_checkpoint
-from monkeytrain.data import discover_splits
+from monkeytrain.data import layout
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.stats import channel_stats
+from monkeytrain.data.views import cached_views, decode_views, view_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.resume import Progress, TrainingState, state_dirs
 from monkeytrain.selection import BestEpoch
-from monkeytrain.stats import channel_stats
 from monkeytrain.storage import (
     DiskFull, check_writable_dir, human_size, is_disk_full, write_atomically, write_cache,
 )
-from monkeytrain.views import cached_views, decode_views, view_dataset
 
 TMPFS_BYTES = 2 * 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""monkeytrain.synthetic: the deterministic fallback dataset."""
+"""monkeytrain.data.synthetic: the deterministic fallback dataset."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monkeytrain import layout
-from monkeytrain.data import discover_splits
-from monkeytrain.synthetic import ensure_synthetic_dataset
+from monkeytrain.data import layout
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.synthetic import ensure_synthetic_dataset
 
 
 def file_digests(root: Path) -> dict[str, str]:

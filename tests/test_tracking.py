@@ -4,8 +4,8 @@ when W&B cannot be used, nothing at all from other ranks."""
 from __future__ import annotations
 
 import glob
-import os
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -17,13 +17,7 @@ from PIL import Image
 
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
 from monkeytrain.tracking import (
-    RUN_ID_NAME,
-    RunLog,
-    SilentLog,
-    WandbRunLog,
-    expand_confusion,
-    make_run_log,
-    persistent_run_id,
+    RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, make_run_log, persistent_run_id,
     wandb_configured,
 )
 

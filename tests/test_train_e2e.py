@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from monkeytrain import synthetic
+from monkeytrain.data import synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = PROJECT / "monkeytrain" / "train.py"

@@ -1,4 +1,4 @@
-"""monkeytrain.views: decoding stored views, and their one-file cache."""
+"""monkeytrain.data.views: decoding stored views, and their one-file cache."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
-from monkeytrain import layout, views
-from monkeytrain.data import discover_splits
-from monkeytrain.imagefiles import ImageFile
-from monkeytrain.views import cached_views, decode_views, view_bytes, view_dataset, views_cache_key
+from monkeytrain.data import layout, views
+from monkeytrain.data.dataset import discover_splits
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.views import (
+    cached_views, centre_crop, decode_views, stored_size, stored_view_transform, view_bytes, view_dataset,
+    views_cache_key,
+)
 
 IMAGE, SIDE = 16, 18  # round(16 / 0.875)
+FRAMED, FRAMED_SIDE = 24, 27  # round(24 / 0.875)
 
 
 @pytest.fixture
@@ -140,3 +145,36 @@ def test_view_bytes_is_the_size_of_the_decoded_views(files, image_size):
     assert view_bytes(4, image_size) == images.nbytes
     assert view_bytes(0, image_size) == 0
     assert view_bytes(1000, image_size) == 1000 * images[0].nbytes
+
+
+# --- the framing: stored views and their centre crop ------------------------------------------
+
+def test_stored_size_is_the_image_size_over_crop_pct():
+    assert stored_size(24) == 27 and stored_size(224) == 256 and stored_size(64) == 73
+
+
+@pytest.mark.parametrize("height, width, size", [(9, 14, 4), (10, 7, 5), (27, 27, 24), (8, 13, 8), (6, 6, 3)])
+def test_centre_crop_matches_torchvision_center_crop(height, width, size):
+    images = torch.arange(2 * 3 * height * width).reshape(2, 3, height, width)
+    assert torch.equal(centre_crop(images, size), TF.center_crop(images, [size, size]))
+
+
+def test_stored_view_transform_gives_a_uint8_square_view():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+    view = stored_view_transform(FRAMED)(image)
+    assert isinstance(view, torch.Tensor)
+    assert view.dtype == torch.uint8 and view.shape == (3, FRAMED_SIDE, FRAMED_SIDE)
+
+
+def test_stored_view_keeps_the_centre_of_a_wide_image():
+    # 64x32: red left quarter, green middle half, blue right quarter. Shorter side to 27 and a
+    # centre square keeps the middle; its centre 24 crop is green alone.
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:, :16] = (255, 0, 0)
+    pixels[:, 16:48] = (0, 255, 0)
+    pixels[:, 48:] = (0, 0, 255)
+    view = stored_view_transform(FRAMED)(Image.fromarray(pixels))
+    assert view.shape == (3, FRAMED_SIDE, FRAMED_SIDE)
+    centre = centre_crop(view, FRAMED)
+    assert (centre[1] == 255).all() and (centre[0] == 0).all() and (centre[2] == 0).all()

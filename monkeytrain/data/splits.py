@@ -6,7 +6,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from monkeytrain.imagefiles import ImageFile
+from monkeytrain.data.imagefiles import ImageFile
 
 
 def stratified_holdout(

@@ -1,26 +1,21 @@
-"""From a config to checked train / validation / test file lists, and their loaders."""
+"""From a config to checked train / validation / test file lists."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-
-from monkeytrain import layout
 from monkeytrain.config import TrainConfig
-from monkeytrain.distributed import shard_indices
-from monkeytrain.errors import UserError
-from monkeytrain.imagefiles import (
-    ImageFile, SkippedFile, candidate_files, load_rgb, oversized_warning, scan_labelled_files,
+from monkeytrain.data import layout
+from monkeytrain.data.imagefiles import (
+    ImageFile, SkippedFile, candidate_files, oversized_warning, scan_labelled_files,
 )
-from monkeytrain.preemption import ignore_stop_signals
-from monkeytrain.splits import find_leaks, stratified_holdout
+from monkeytrain.data.splits import find_leaks, stratified_holdout
+from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
-from monkeytrain.synthetic import ensure_synthetic_dataset
 
 DEFAULT_DATA_ROOT = Path("data/10-monkey-species")
 
@@ -162,50 +157,6 @@ def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) ->
                     f"class folder {folder / folder_name} has no readable images; "
                     "add images or remove the folder from every split."
                 )
-
-
-class ImageListDataset(Dataset):
-    """(transformed image, label) for a list of checked image files."""
-
-    def __init__(self, files: list[ImageFile], transform: Callable, min_side: Optional[int] = None):
-        self.files = files
-        self.transform = transform
-        self.min_side = min_side  # the transform's smallest output side: large JPEGs decode faster
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        item = self.files[index]
-        return self.transform(load_rgb(item.path, self.min_side)), item.label
-
-
-def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """A shuffling loader; Accelerate's `prepare` shards it across ranks.
-
-    The last partial batch is dropped (when there is a full one): a batch of one
-    image would make batch norm fail, and tiny batches add noise, not signal.
-    """
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        drop_last=len(dataset) >= batch_size,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
-        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
-
-
-def sharded_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int
-) -> DataLoader:
-    """This rank's disjoint, unpadded shard, in order: every sample is seen exactly once
-    across ranks, so sums of per-shard results are exact whatever the dataset size."""
-    shard = Subset(dataset, shard_indices(len(dataset), rank, world_size))
-    # Its own generator: iterating a loader draws a seed, and drawing it from the
-    # global RNG would make training depend on how often we evaluated (or
-    # whether channel statistics came from the cache).
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:

@@ -5,6 +5,9 @@ A stored view is the image resized (shorter side) and centre-cropped to
 dataset's views once, saves them in one file keyed by the file list (paths
 and content digests) and the resolution, and later runs just load that file.
 The streaming pipeline makes the same views on the fly in DataLoader workers.
+
+The framing lives here too: evaluation, statistics and the checkpoint's
+metadata all take the centre `image_size` crop of a stored view.
 """
 
 from __future__ import annotations
@@ -15,13 +18,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
-from monkeytrain.augment import stored_size, stored_view_transform
-from monkeytrain.data import ImageListDataset
-from monkeytrain.imagefiles import ImageFile
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.loaders import ImageListDataset
 from monkeytrain.storage import write_cache
 
+# Stored views are image_size / CROP_PCT pixels square; evaluation takes their
+# centre image_size crop: the usual ImageNet framing (timm's crop_pct 0.875).
+CROP_PCT = 0.875
 VIEWS_VERSION = 2  # 2: large JPEGs decoded in draft mode
+
+
+def stored_size(image_size: int) -> int:
+    return int(round(image_size / CROP_PCT))
+
+
+def stored_view_transform(image_size: int) -> v2.Compose:
+    """PIL image -> uint8 [3, S, S] stored view (shorter side to S, centre crop)."""
+    side = stored_size(image_size)
+    return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.PILToTensor()])
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size crop, offsets rounded as torchvision's CenterCrop does."""
+    top = int(round((images.shape[-2] - size) / 2.0))
+    left = int(round((images.shape[-1] - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
 
 
 def view_dataset(files: list[ImageFile], image_size: int) -> ImageListDataset:

@@ -18,9 +18,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from monkeytrain.augment import centre_crop
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.views import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
-from monkeytrain.imagefiles import ImageFile
 from monkeytrain.storage import write_cache
 
 STATS_VERSION = 2

@@ -20,23 +20,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-# Stored views are image_size / CROP_PCT pixels square; evaluation takes their
-# centre image_size crop: the usual ImageNet framing (timm's crop_pct 0.875).
-CROP_PCT = 0.875
+from monkeytrain.data.views import centre_crop
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 ASPECT_RANGE = (3 / 4, 4 / 3)
-
-
-def stored_size(image_size: int) -> int:
-    return int(round(image_size / CROP_PCT))
-
-
-def stored_view_transform(image_size: int) -> v2.Compose:
-    """PIL image -> uint8 [3, S, S] stored view (shorter side to S, centre crop)."""
-    side = stored_size(image_size)
-    return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.PILToTensor()])
 
 
 @dataclass(frozen=True)
@@ -102,13 +90,6 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     mean_t = images.new_tensor(mean).view(1, 3, 1, 1)
     std_t = images.new_tensor(std).view(1, 3, 1, 1)
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
-
-
-def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size crop, offsets rounded as torchvision's CenterCrop does."""
-    top = int(round((images.shape[-2] - size) / 2.0))
-    left = int(round((images.shape[-1] - size) / 2.0))
-    return images[..., top:top + size, left:left + size]
 
 
 class Augmenter:

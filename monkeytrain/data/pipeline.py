@@ -16,9 +16,10 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from monkeytrain.data import DatasetSplits, sharded_loader, shuffled_loader
+from monkeytrain.data.dataset import DatasetSplits
+from monkeytrain.data.loaders import sharded_loader, shuffled_loader
+from monkeytrain.data.views import cached_views, view_bytes, view_dataset
 from monkeytrain.distributed import all_ranks_agree, cores_per_process, shard_indices
-from monkeytrain.views import cached_views, view_bytes, view_dataset
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # The resident views may take at most this share of the device memory free at start
