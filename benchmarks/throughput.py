@@ -38,7 +38,7 @@ from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.data.views import view_bytes
-from monkeytrain.engine import train_one_epoch
+from monkeytrain.engine import Learner, train_one_epoch
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer
 
@@ -83,8 +83,8 @@ class Bench:
     def images_per_second(self, batches, augment) -> float:
         """Warm up, then time `steps` steps (the epoch ends with one host sync)."""
         for steps in (self.args.warmup_steps, self.args.steps):
-            stats = train_one_epoch(self.model, itertools.islice(batches, steps), augment, self.optimizer,
-                                    self.scheduler, self.criterion, self.accelerator, self.averager)
+            learner = Learner(self.model, self.optimizer, self.scheduler, self.criterion, self.averager, augment)
+            stats = train_one_epoch(learner, itertools.islice(batches, steps), self.accelerator)
         return stats.images_per_second
 
 

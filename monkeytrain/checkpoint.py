@@ -110,6 +110,18 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo)
     return path
 
 
+class BestCheckpoint:
+    """A run's best.safetensors: every rank calls `save` together, the main process writes it."""
+
+    def __init__(self, run_dir: Path, accelerator):
+        self.run_dir, self.accelerator = run_dir, accelerator
+
+    def save(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run_dir, model, info)
+        self.accelerator.wait_for_everyone()  # no rank reads or replaces it before it is whole
+
+
 def timm_config(info: CheckpointInfo) -> dict:
     """timm's pretrained-config (config.json) for a local-dir or hub-style load."""
     return {

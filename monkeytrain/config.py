@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,16 @@ import yaml
 
 from monkeytrain.errors import UserError
 
+# The one list of accepted values of each choice flag: argparse, YAML presets and
+# validation all read them from the field's metadata.
 PIPELINE_CHOICES = ("auto", "resident", "stream")
 RECIPE_CHOICES = ("auto", "gpu", "cpu")
+REPORT_TO_CHOICES = ("auto", "wandb", "none")
+PRECISION_CHOICES = ("no", "fp16", "bf16")
+OPTIMIZER_CHOICES = ("sgd", "adamw")
+# Old names that still work, with one warning line: flags (field names) and values.
+RENAMED_FIELDS = {"max_steps_per_epoch": "max_batches_per_epoch"}
+RENAMED_VALUES = {("data_pipeline", "gpu"): "resident"}
 
 
 def _option(default: Any, help: str, **argparse_extra: Any) -> Any:
@@ -58,7 +65,7 @@ class TrainConfig:
         "auto", "resident: decode once and keep the data in the training device's memory (GPU or "
         "host), augmenting there; stream: DataLoader workers decode every epoch; auto: resident "
         "when the data fits comfortably in free memory. (gpu is the old name of resident.)",
-        choices=PIPELINE_CHOICES + ("gpu",),
+        choices=PIPELINE_CHOICES,
     )
     # --- augmentation ---
     min_crop_scale: float = _option(0.35, "Smallest area fraction kept by the random resized crop.")
@@ -84,7 +91,7 @@ class TrainConfig:
     )
     epochs: int = _option(150, "Number of training epochs.")
     batch_size: int = _option(64, "Images per batch on each process.")
-    optimizer: str = _option("sgd", "sgd (with momentum) or adamw.", choices=("sgd", "adamw"))
+    optimizer: str = _option("sgd", "sgd (with momentum) or adamw.", choices=OPTIMIZER_CHOICES)
     lr: float = _option(0.1, "Peak learning rate, reached after warmup.")
     momentum: float = _option(0.9, "SGD momentum (AdamW beta1).")
     weight_decay: float = _option(5e-4, "Weight decay, not applied to norm and bias parameters.")
@@ -94,10 +101,12 @@ class TrainConfig:
     clip_grad_norm: float = _option(0.0, "Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Optional[str] = _option(
         None, "Autocast precision: no, fp16 or bf16. Default: what `accelerate launch` was "
-        "configured with, else bf16 on a GPU and no on the CPU.", choices=("no", "fp16", "bf16"),
+        "configured with, else bf16 on a GPU and no on the CPU.", choices=PRECISION_CHOICES,
     )
     seed: int = _option(0, "Seed for weights, data order, splits and augmentation.")
-    max_steps_per_epoch: int = _option(0, "Stop each epoch after this many batches; 0 runs all.")
+    max_batches_per_epoch: int = _option(
+        0, "Stop each epoch after this many batches (an optimizer step is every --grad-accum-steps "
+        "batches); 0 runs all.")
     compile: bool = _option(False, "torch.compile the model (kernels cached in --cache-dir for later runs).")
     ema_decay: float = _option(
         0.998, "Evaluate and save an EMA of the weights; its decay per optimizer step warms up to "
@@ -116,7 +125,7 @@ class TrainConfig:
     # --- tracking ---
     report_to: str = _option(
         "auto", "wandb, none, or auto (wandb when it is installed and configured: an API key, or "
-        "WANDB_MODE set).", choices=("auto", "wandb", "none"))
+        "WANDB_MODE set).", choices=REPORT_TO_CHOICES)
     log_checkpoint: bool = _option(False, "Upload the best checkpoint to W&B as an artifact.")
     # --- run ---
     output_dir: str = _option("runs", "Folder that holds one directory per run.")
@@ -130,9 +139,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 # The CPU recipe: what a run on the CPU starts from instead of the field defaults
@@ -148,7 +154,7 @@ RECIPES = {"gpu": {}, "cpu": CPU_RECIPE}
 
 # Values `--debug` sets, above the recipe (the CPU one, as --debug trains on the
 # CPU) and beneath any YAML preset or flag the user gives.
-DEBUG_PRESET = dict(cpu=True, epochs=2, max_steps_per_epoch=3, batch_size=16)
+DEBUG_PRESET = dict(cpu=True, epochs=2, max_batches_per_epoch=3, batch_size=16)
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -164,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        if "choices" in extra:  # old values are accepted here, then renamed with a warning
+            extra["choices"] += tuple(old for (name, old) in RENAMED_VALUES if name == f.name)
         help_text = f"{f.metadata['help']} (default: {f.default}" + (
             f"; CPU recipe: {CPU_RECIPE[f.name]})" if f.name in CPU_RECIPE else ")")
         if _base_type(f) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, type=_base_type(f), help=help_text, **extra)
+    for old, new in RENAMED_FIELDS.items():
+        parser.add_argument("--" + old.replace("_", "-"), type=_base_type(FIELDS[new]), help=argparse.SUPPRESS)
     return parser
 
 
@@ -182,16 +192,34 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Resolve defaults, the device's recipe, the debug preset, a YAML preset and flags into one config."""
     cli = vars(build_parser().parse_args(argv))
     preset_path = cli.pop("config", None)
-    overrides = {**(load_yaml_preset(Path(preset_path)) if preset_path else {}), **cli}
-    if overrides.get("data_pipeline") == "gpu":
-        print("monkeytrain: warning: --data-pipeline gpu is now called resident; using resident.",
-              file=sys.stderr)
-        overrides["data_pipeline"] = "resident"
+    overrides = rename_old_names({**(load_yaml_preset(Path(preset_path)) if preset_path else {}), **cli})
     debug = DEBUG_PRESET if overrides.get("debug") else {}
     recipe = resolve_recipe(overrides.get("recipe", "auto"), {**debug, **overrides}.get("cpu", False))
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
     validate(config)
     return config
+
+
+def rename_old_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Old flag names and values under their new ones, with one warning line each."""
+    renamed = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in renamed:
+            warn(f"--{flag_name(old)} is now called --{flag_name(new)}; using it.")
+            renamed[new] = renamed.pop(old)
+    for (name, old), new in RENAMED_VALUES.items():
+        if renamed.get(name) == old:
+            warn(f"--{flag_name(name)} {old} is now called {new}; using {new}.")
+            renamed[name] = new
+    return renamed
+
+
+def flag_name(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def warn(message: str) -> None:
+    print(f"monkeytrain: warning: {message}", file=sys.stderr)
 
 
 def resolve_recipe(requested: str, cpu_flag: bool) -> str:
@@ -218,11 +246,12 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
+        name_now = RENAMED_FIELDS.get(name, name)
+        if name_now not in FIELDS:
             raise UserError(
                 f"unknown key '{key}' in {path}; valid keys are the flags listed by --help."
             )
-        values[name] = _coerce(FIELDS[name], value, f"key '{key}' in {path}")
+        values[name] = _coerce(FIELDS[name_now], value, f"key '{key}' in {path}")
     return values
 
 
@@ -253,17 +282,16 @@ def validate(config: TrainConfig) -> None:
         (0.0 < config.min_crop_scale <= 1.0, "--min-crop-scale must be in (0, 1]"),
         (config.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
         (0.0 <= config.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
-        (config.max_steps_per_epoch >= 0, "--max-steps-per-epoch must not be negative"),
-        (config.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw"),
-        (config.data_pipeline in PIPELINE_CHOICES, "--data-pipeline must be auto, resident or stream"),
-        (config.recipe in RECIPE_CHOICES, "--recipe must be auto, gpu or cpu"),
+        (config.max_batches_per_epoch >= 0, "--max-batches-per-epoch must not be negative"),
         (0.0 <= config.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
         (config.save_every >= 0, "--save-every must not be negative"),
         (config.save_every_minutes >= 0, "--save-every-minutes must not be negative"),
-        (config.report_to in ("auto", "wandb", "none"), "--report-to must be auto, wandb or none"),
         (config.keep_states >= 1, "--keep-states must be at least 1"),
-        (config.mixed_precision in (None, "no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
     ]
+    for f in FIELDS.values():
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value is not None:
+            checks.append((value in choices, f"--{flag_name(f.name)} must be {' or '.join(one_of(choices))}"))
     for ok, message in checks:
         if not ok:
             raise UserError(f"{message}; fix the flag or the config file.")
@@ -271,6 +299,11 @@ def validate(config: TrainConfig) -> None:
         raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML, loadable again with --config."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def one_of(choices: Sequence[str]) -> tuple[str, str]:
+    """("a, b", "c") for the values a, b and c: to read "a, b or c"."""
+    return ", ".join(choices[:-1]), choices[-1]
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML, loadable again with --config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,4 +1,5 @@
-"""Named collectives: each says what it reduces, and is a no-op on one process."""
+"""The run's Accelerator, and named collectives: each says what it reduces, and is a no-op
+on one process."""
 
 from __future__ import annotations
 
@@ -6,9 +7,33 @@ import os
 from typing import Any, TypeVar
 
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, reduce
 
+from monkeytrain.errors import UserError
+
 T = TypeVar("T")
+
+
+def make_accelerator(config) -> Accelerator:
+    """The one Accelerator of a run: the precision asked for, else the launcher's, else bf16 on a GPU."""
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    if config.mixed_precision == "fp16" and not on_gpu:
+        raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
+    accelerator = Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+        or ("bf16" if on_gpu else "no"),
+        gradient_accumulation_steps=config.grad_accum_steps,
+        step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step itself
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
+    if accelerator.device.type == "cpu":
+        # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,
+        # which would make the main command train at half speed on two cores.
+        torch.set_num_threads(config.cpu_threads or cores_per_process(accelerator))
+    return accelerator
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,23 @@ class EvalResult:
         return (self.confusion.diag().double() / totals).tolist()
 
 
-def train_one_epoch(
-    model, batches, augment: Callable, optimizer, scheduler, criterion, accelerator,
-    averager, clip_grad_norm: float = 0.0, description: str = "train", steps: int | None = None,
-    after_step: Callable[[int], bool] = lambda batches_done: False,
-) -> TrainStats:
-    """Train on every (uint8 views, labels) batch of `batches` (`steps` of them, for the progress bar).
+@dataclass
+class Learner:
+    """What one optimizer step needs: the model, how to update it, and how to feed it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: torch.nn.Module
+    averager: object            # updated after every optimizer step (an EMA, or the live weights)
+    augment: Callable            # uint8 stored views -> model inputs
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+
+def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int | None = None,
+                    after_step: Callable[[int], bool] = lambda batches_done: False,
+                    description: str = "train") -> TrainStats:
+    """Train on every (uint8 views, labels) batch of `batches` (`batches_total` of them, for the progress bar).
 
     `after_step(batches done so far)` runs after every optimizer step; when it
     returns True (a stop was agreed) the epoch ends there, with `stopped` set.
@@ -58,26 +69,22 @@ def train_one_epoch(
     No host synchronisation inside the loop: losses and correct counts stay on
     the device until the epoch's single reduction.
     """
+    model = learner.model
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    learner.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     count = 0
     started = time.perf_counter()
-    progress = tqdm(total=steps, desc=description, leave=False, disable=not accelerator.is_main_process)
+    progress = tqdm(total=batches_total, desc=description, leave=False, disable=not accelerator.is_main_process)
     stopped = False
     for batch, (views, labels) in enumerate(batches, start=1):
         with accelerator.accumulate(model):
-            logits = model(augment(views))
-            loss = criterion(logits, labels)
+            logits = model(learner.augment(views))
+            loss = learner.criterion(logits, labels)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                averager.update()
+                optimizer_step(learner, accelerator)
         loss_sum += loss.detach().double() * labels.shape[0]
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         count += labels.shape[0]
@@ -91,6 +98,16 @@ def train_one_epoch(
     loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync
     return TrainStats(loss_total / max(count_total, 1), correct_total / max(count_total, 1),
                       int(count_total), time.perf_counter() - started, stopped)
+
+
+def optimizer_step(learner: Learner, accelerator) -> None:
+    """Clip, step, schedule, clear and average: once per `--grad-accum-steps` batches."""
+    if learner.clip_grad_norm > 0:
+        accelerator.clip_grad_norm_(learner.model.parameters(), learner.clip_grad_norm)
+    learner.optimizer.step()
+    learner.scheduler.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.averager.update()
 
 
 def flip_averaged(model: Callable) -> Callable:

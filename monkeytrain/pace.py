@@ -51,3 +51,14 @@ def long_cpu_run_advice(seconds_left: float, recipe: str) -> Optional[str]:
     faster = ("--recipe cpu (small images, a few minutes on a laptop)" if recipe != "cpu"
               else "fewer --epochs or a smaller --image-size")
     return f"this CPU run will take about {format_duration(seconds_left)}; for a faster one use {faster}."
+
+
+def report_time_left(pace: RemainingTime, epoch: int, log, on_cpu: bool, recipe: str) -> None:
+    """After `epoch`: the estimate when one is due, and after the first epoch of a long CPU run, advice."""
+    seconds_left = pace.due(epoch)
+    if seconds_left is None:
+        return
+    log.info(estimate_line(seconds_left, pace.last - epoch))
+    advice = long_cpu_run_advice(seconds_left, recipe) if on_cpu and pace.is_first(epoch) else None
+    if advice:
+        log.warn(advice)

@@ -100,8 +100,11 @@ class SaveSchedule:
         self.last = self.clock()
 
 
-def requeue_or_exit(log) -> None:
-    """Under SLURM, put this job back in the queue (it resumes with --resume auto); else just stop."""
+def requeue_or_exit(log, accelerator) -> None:
+    """Under SLURM, put this job back in the queue (it resumes with --resume auto); else just stop.
+    The main process alone asks: one requeue per job."""
+    if not accelerator.is_main_process:
+        return
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.info("stopped on a signal after saving the training state; continue with --resume auto.")

@@ -1,19 +1,38 @@
-"""The final report of a run: results.json's content and the misclassified test images."""
+"""The final report of a run: the reloaded best checkpoint on the test split, results.json's
+content and the misclassified test images."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from accelerate.utils import gather_object
 
-from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo
+from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.prepare import RunData
 from monkeytrain.distributed import shard_indices
-from monkeytrain.engine import EvalResult
+from monkeytrain.engine import EvalResult, evaluate
+from monkeytrain.predict import inference
 from monkeytrain.selection import BestEpoch
 
-MAX_MISCLASSIFIED = 200
+MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
+
+
+def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch) -> tuple[dict, list[dict]]:
+    """Every rank reloads best.safetensors into a fresh model and scores the test split."""
+    model, info = load_model(run_dir / BEST_NAME, accelerator.device)
+    prepare, forward = inference(model, info)
+    test = evaluate(forward, data.pipeline.eval_batches("test"), prepare, accelerator, info.num_classes)
+    summary = results_summary(test, info, data.splits, best, run_dir, accelerator.num_processes)
+    summary.update(data_pipeline=data.pipeline.mode, resident_data_bytes=data.pipeline.resident_bytes,
+                   peak_gpu_memory_bytes=peak_gpu_memory())
+    return summary, misclassified(test, data.splits.test, info.class_names, accelerator)
+
+
+def peak_gpu_memory() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
 def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,

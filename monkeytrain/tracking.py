@@ -1,8 +1,9 @@
 """Run logs: the main process prints, appends metrics.jsonl, draws the run's plots
 and, with `--report-to wandb`, mirrors all of it to one W&B run; other ranks log nothing.
 
-Every logger shares one interface (info, warn, epoch, final, close), so the
-training loop never asks which rank it is on or whether a tracker is on.
+Every logger shares one interface (info, warn, write_file, epoch, final,
+close), so the training loop never asks which rank it is on or whether a
+tracker is on.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
+from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
 
-REPORT_TO_CHOICES = ("auto", "wandb", "none")
 RUN_ID_NAME = "wandb_run_id.txt"
 DEFAULT_PROJECT = "monkeytrain"
 # WANDB_MODE values with which wandb.init needs no account and never logs in.
 NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "best_val_accuracy", "best_val_loss")
-MAX_MISCLASSIFIED = 500  # rows in the W&B table; the most confident mistakes first
 THUMBNAIL_PIXELS = 128
 
 
@@ -44,6 +44,12 @@ class RunLog:
 
     def warn(self, message: str) -> None:
         print(f"monkeytrain: warning: {message}", file=sys.stderr, flush=True)
+
+    def write_file(self, name: str, text: str) -> Path:
+        """A file of the run directory (config.yaml, results.json, ...), written once, by one process."""
+        path = self.run_dir / name
+        path.write_text(text)
+        return path
 
     def epoch(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -68,6 +74,9 @@ class SilentLog(RunLog):
         pass
 
     def warn(self, message: str) -> None:
+        pass
+
+    def write_file(self, name: str, text: str) -> None:
         pass
 
     def epoch(self, metrics: dict) -> None:
@@ -229,10 +238,10 @@ def expand_confusion(matrix: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 def misclassified_table(wandb: Any, misclassified: list[dict]) -> Any:
-    """Thumbnail, true and predicted class, confidence and path; the most confident mistakes first."""
+    """Thumbnail, true and predicted class, confidence and path, in the order given
+    (results.misclassified: the most confident mistakes first)."""
     table = wandb.Table(columns=["image", "true", "predicted", "confidence", "path"])
-    ranked = sorted(misclassified, key=lambda item: -item["confidence"])[:MAX_MISCLASSIFIED]
-    for item in ranked:
+    for item in misclassified:
         table.add_data(thumbnail(wandb, Path(item["path"])), item["true"], item["predicted"],
                        float(item["confidence"]), str(item["path"]))
     return table

@@ -1,9 +1,13 @@
-"""Runs monkeytrain/train.py's main in this process, sending itself SIGTERM after a given step.
+"""Runs monkeytrain/train.py's main in this process, interrupting itself at a chosen point.
 
-    python tests/resume_checks.py STEP TRAIN_FLAGS...
+    python tests/resume_checks.py POINT STEP TRAIN_FLAGS...
 
-The signal arrives between two optimizer steps, as a scheduler's would, and
-the trainer must notice it at its next check, save its state and stop.
+POINT is where, relative to optimizer step STEP:
+    term        SIGTERM while step STEP ends, as a scheduler's signal would arrive: the
+                trainer must notice it at its next check, save its state and stop.
+    kill        SIGKILL just after step STEP (with its scheduled save, if any).
+    kill-save   SIGKILL in the middle of saving the state of step STEP: its files are
+                written, it is not yet marked complete and moved into place.
 """
 
 from __future__ import annotations
@@ -13,26 +17,30 @@ import signal
 import sys
 
 from monkeytrain import train
+from monkeytrain.statestore import StateStore
+from monkeytrain.trainer import Trainer
 
-real_step_boundary = train.step_boundary
 
+def interrupt(point: str, step: int) -> None:
+    after_step, publish = Trainer.after_optimizer_step, StateStore._publish
 
-def signalling_step_boundary(kill_at: int):
-    def make(*args, **kwargs):
-        after_step = real_step_boundary(*args, **kwargs)
-        progress = args[2]
+    def after_optimizer_step(trainer: Trainer) -> bool:
+        if point == "term" and trainer.progress.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        stopping = after_step(trainer)
+        if point == "kill" and trainer.progress.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stopping
 
-        def hook(batches_done: int) -> bool:
-            if progress.global_step + 1 == kill_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return after_step(batches_done)
+    def publish_(store: StateStore, staging, final) -> None:
+        if point == "kill-save" and final.name.endswith(f"{step:08d}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(store, staging, final)
 
-        return hook
-
-    return make
+    Trainer.after_optimizer_step, StateStore._publish = after_optimizer_step, publish_
 
 
 if __name__ == "__main__":
-    kill_at, *flags = sys.argv[1:]
-    train.step_boundary = signalling_step_boundary(int(kill_at))
+    point, step, *flags = sys.argv[1:]
+    interrupt(point, int(step))
     print(train.main(flags))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monkeytrain.pace import RemainingTime, estimate_line, format_duration, long_cpu_run_advice
+from monkeytrain.pace import RemainingTime, estimate_line, format_duration, long_cpu_run_advice, report_time_left
 
 
 class FakeClock:
@@ -78,15 +78,11 @@ class RecordingLog:
 
 @pytest.mark.parametrize("on_cpu, recipe, warned", [(True, "gpu", True), (True, "cpu", True), (False, "gpu", False)])
 def test_training_prints_the_estimate_and_warns_once_about_a_long_cpu_run(on_cpu, recipe, warned):
-    from monkeytrain.config import TrainConfig
-    from monkeytrain.train import report_time_left
-
     clock = FakeClock()
     pace, log = RemainingTime(1, 150, clock), RecordingLog()
-    config = TrainConfig(epochs=150, recipe=recipe)
     for epoch in range(1, 16):
         clock.now += 45.0  # 45 s an epoch: 150 epochs take almost two hours
-        report_time_left(pace, epoch, config, on_cpu, log)
+        report_time_left(pace, epoch, log, on_cpu, recipe)
     assert log.lines == ["about 1 h 51 min left (149 more epochs)", "about 1 h 41 min left (135 more epochs)"]
     assert len(log.warnings) == int(warned)  # after the first epoch only
     if warned:

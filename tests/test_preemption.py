@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from monkeytrain.preemption import STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher
-from monkeytrain.resume import state_dirs
+from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -1,14 +1,13 @@
-"""Preemption-safe resume: a signal mid-epoch, then --resume auto, gives the same weights;
-kills at random moments never leave a checkpoint or state that cannot be loaded."""
+"""Preemption-safe resume: a signal mid-epoch, then --resume auto, gives the same weights; a
+SIGKILL before any state, between state writes or in the middle of one never leaves a checkpoint or
+state that cannot be loaded, and the resumed run ends exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,45 @@ import torch
 from safetensors.torch import load_file
 
 from monkeytrain.checkpoint import read_checkpoint
-from monkeytrain.resume import COMPLETE, state_dirs
+from monkeytrain.statestore import COMPLETE, state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
 TRAIN = PROJECT / "monkeytrain" / "train.py"
-SIGNALLING = Path(__file__).with_name("resume_checks.py")
+INTERRUPTING = Path(__file__).with_name("resume_checks.py")
 # 3 classes x 11 training images, batch 3: 11 steps an epoch, 33 in all.
 TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3", "--num-workers", "0",
         "--epochs", "3", "--lr", "0.02", "--ema-decay", "0.9", "--report-to", "none"]
 
 
-def train(script: Path, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+def train(script: Path, *arguments: str, cwd: Path, killed: bool = False) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(script), *arguments], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    if killed:
+        assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-3000:]
+    else:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
 
-@pytest.fixture
-def data(tmp_path, make_image_folder) -> Path:
-    return make_image_folder(tmp_path / "data", classes=3, per_class=12)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from conftest import write_image_folder
+    return write_image_folder(tmp_path_factory.mktemp("resume") / "data", classes=3, per_class=12)
+
+
+def common(data: Path, cwd: Path) -> list[str]:
+    return ["--data", str(data), *TINY, "--cache-dir", str(cwd / "cache")]
+
+
+EVERY_STEP = ["--save-every", "1", "--keep-states", "1"]  # so the final step's state is kept
+
+
+@pytest.fixture(scope="module")
+def whole(data, tmp_path_factory) -> Path:
+    """A run trained without interruption, to compare the interrupted ones with."""
+    cwd = tmp_path_factory.mktemp("whole")
+    train(TRAIN, *common(data, cwd), *EVERY_STEP, "--run-name", "whole", cwd=cwd)
+    return cwd / "runs" / "whole"
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -44,59 +62,62 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(newest / "model.safetensors"))
 
 
-def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, data):
-    common = ["--data", str(data), *TINY, "--cache-dir", str(tmp_path / "cache")]
-    every_step = ["--save-every", "1", "--keep-states", "1"]  # so the final step's state is kept
-    train(TRAIN, *common, *every_step, "--run-name", "whole", cwd=tmp_path)
+def assert_same_run(whole: Path, again: Path) -> None:
+    """Bit-identical training: the final state, the best checkpoint and the test figures."""
+    final_whole, final_again = final_state(whole), final_state(again)
+    assert final_whole.keys() == final_again.keys()
+    assert all(torch.equal(final_whole[k], final_again[k]) for k in final_whole)
+    best_whole, _ = read_checkpoint(whole / "best.safetensors")
+    best_again, _ = read_checkpoint(again / "best.safetensors")
+    assert all(torch.equal(best_whole[k], best_again[k]) for k in best_whole)
+    results = [json.loads((run / "results.json").read_text()) for run in (whole, again)]
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
+    assert results[0]["best_epoch"] == results[1]["best_epoch"]
 
+
+def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, data, whole):
     # SIGTERM arrives after step 14; the ranks notice at step 16 (epoch 2, batch 5 of 11).
-    stopped = train(SIGNALLING, "14", *common, "--run-name", "cut", cwd=tmp_path)
+    stopped = train(INTERRUPTING, "term", "14", *common(data, tmp_path), "--run-name", "cut", cwd=tmp_path)
     assert "{'stopped': True}" in stopped.stdout
     cut = tmp_path / "runs" / "cut"
     [saved] = state_dirs(cut)
     assert saved.name == "step-00000016" and (saved / COMPLETE).is_file()
     progress = torch.load(saved / "progress-rank0.pt", weights_only=False)["progress"]
-    assert progress == {"epoch": 2, "batch": 5, "global_step": 16}
+    assert {k: progress[k] for k in ("epoch", "batch", "step")} == {"epoch": 2, "batch": 5, "step": 16}
     assert not (cut / "results.json").exists()
 
-    resumed = train(TRAIN, *common, *every_step, "--run-name", "cut", "--resume", "auto", cwd=tmp_path)
+    resumed = train(TRAIN, *common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto",
+                    cwd=tmp_path)
     assert "resumed from" in resumed.stdout
-    whole, again = final_state(tmp_path / "runs" / "whole"), final_state(cut)
-    assert whole.keys() == again.keys()
-    assert all(torch.equal(whole[k], again[k]) for k in whole)
-    best_whole, _ = read_checkpoint(tmp_path / "runs" / "whole" / "best.safetensors")
-    best_again, _ = read_checkpoint(cut / "best.safetensors")
-    assert all(torch.equal(best_whole[k], best_again[k]) for k in best_whole)
-    results = [json.loads((tmp_path / "runs" / r / "results.json").read_text()) for r in ("whole", "cut")]
-    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
-    assert results[0]["best_epoch"] == results[1]["best_epoch"]
+    assert_same_run(whole, cut)
 
 
-def test_sigkill_at_random_moments_never_leaves_anything_unloadable(tmp_path, data):
-    flags = ["--data", str(data), *TINY, "--epochs", "80", "--cache-dir", str(tmp_path / "cache"),
-             "--save-every", "1", "--keep-states", "2", "--run-name", "killed", "--resume", "auto"]
+# Saves every 3 steps, the last 2 kept. Each kill point: (what resume_checks does, at which step,
+# the complete states left behind, whether an unpublished state is left behind).
+KILLS = {
+    "before any state": ("kill", 2, [], False),
+    "between writes": ("kill", 7, ["step-00000003", "step-00000006"], False),
+    "during a state write": ("kill-save", 9, ["step-00000003", "step-00000006"], True),
+}
+
+
+@pytest.mark.parametrize("landing", KILLS)
+def test_a_sigkill_never_leaves_anything_unloadable_and_the_run_resumes_identically(tmp_path, data, whole,
+                                                                                    landing):
+    point, step, states, unpublished = KILLS[landing]
+    flags = [*common(data, tmp_path), "--run-name", "killed", "--resume", "auto"]
+    train(INTERRUPTING, point, str(step), *flags, "--save-every", "3", "--keep-states", "2", cwd=tmp_path,
+          killed=True)
     run_dir = tmp_path / "runs" / "killed"
-    chance = random.Random(20261127)
-    landed = {"during a state write": 0, "between writes": 0, "before any state": 0}
-    for _ in range(20):
-        started = time.time()
-        process = subprocess.Popen([sys.executable, str(TRAIN), *flags], cwd=tmp_path,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(chance.uniform(3.0, 9.0))
-        # a staging folder this process made and had not yet published: the kill lands mid-write
-        staging = [p for p in (run_dir / "state").glob(".tmp-step-*") if p.stat().st_mtime >= started]
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if process.returncode == 0:
-            break  # it finished before the kill
-        landed["during a state write" if staging else
-               "between writes" if state_dirs(run_dir) else "before any state"] += 1
-        if (run_dir / "best.safetensors").exists():
-            read_checkpoint(run_dir / "best.safetensors")  # raises if damaged
-        for state in state_dirs(run_dir):  # what --resume auto may pick: every file readable
-            load_file(str(state / "model.safetensors"))
-            torch.load(state / "progress-rank0.pt", weights_only=False)
-    print(f"SIGKILL landings: {landed}")
-    assert sum(landed.values()) == 20 and landed["during a state write"] >= 1
-    train(TRAIN, *flags, "--save-every", "0", cwd=tmp_path)  # and the run can always be finished
-    assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
+    assert [state.name for state in state_dirs(run_dir)] == states
+    assert bool(list((run_dir / "state").glob(".tmp-step-*"))) == unpublished
+    for state in state_dirs(run_dir):  # what --resume auto may pick: every file readable
+        load_file(str(state / "model.safetensors"))
+        torch.load(state / "progress-rank0.pt", weights_only=False)
+    if step > 11:  # past the first epoch: its best checkpoint exists and is whole
+        read_checkpoint(run_dir / "best.safetensors")
+
+    resumed = train(TRAIN, *flags, *EVERY_STEP, cwd=tmp_path)  # and the run can always be finished
+    assert ("resumed from" in resumed.stdout) == bool(states)
+    assert not list((run_dir / "state").glob(".tmp-*"))  # the unpublished state was swept away
+    assert_same_run(whole, run_dir)

@@ -18,15 +18,13 @@ from safetensors.torch import save
 from torch.utils.data import DataLoader
 
 from monkeytrain import storage
-from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, plain_state_dict, read_checkpoint, save_checkpoint
 from monkeytrain.data import layout
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.stats import channel_stats
 from monkeytrain.data.views import cached_views, decode_views, view_dataset
 from monkeytrain.errors import UserError
-from monkeytrain.resume import Progress, TrainingState, state_dirs
-from monkeytrain.selection import BestEpoch
+from monkeytrain.statestore import StateStore, state_dirs
 from monkeytrain.storage import (
     DiskFull, check_writable_dir, human_size, is_disk_full, write_atomically, write_cache,
 )
@@ -261,8 +259,8 @@ def test_a_state_that_does_not_fit_is_removed_and_the_older_one_still_loads(full
     model = torch.nn.Linear(128, 128)  # 64 KiB of weights
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = cpu_accelerator.prepare(model, optimizer)
-    state = TrainingState(full_disk, cpu_accelerator, weight_averager(model, 0.0), torch.Generator(), keep=3)
-    first = state.save(Progress(epoch=1, batch=2, global_step=2), BestEpoch())
+    store = StateStore(full_disk, cpu_accelerator, keep=3)
+    first = store.save(2, {"progress": {"epoch": 1, "batch": 2}}, shared={})
     # room for half of what the first state took
     (full_disk / "filler").write_bytes(b"\0" * (storage.free_bytes(full_disk) - storage.folder_size(first) // 2))
     saved_weights = model.weight.detach().clone()
@@ -270,12 +268,12 @@ def test_a_state_that_does_not_fit_is_removed_and_the_older_one_still_loads(full
         model.weight.add_(1.0)
 
     with pytest.raises(DiskFull) as raised:
-        state.save(Progress(epoch=1, batch=4, global_step=4), BestEpoch())
+        store.save(4, {"progress": {"epoch": 1, "batch": 4}}, shared={})
     message = str(raised.value)
     assert f"of {full_disk / 'state'} to write step-00000004 (at least " in message
     assert message.endswith("free some space or pick another --output-dir.")
     assert names_in(full_disk / "state") == [first.name]  # no staging folder left
     assert state_dirs(full_disk) == [first]
-    progress, _ = state.load(first)
-    assert progress == Progress(epoch=1, batch=2, global_step=2)
+    mine, main = store.load(first)
+    assert mine == main == {"progress": {"epoch": 1, "batch": 2}}
     assert torch.equal(model.weight.detach(), saved_weights)

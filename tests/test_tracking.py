@@ -66,8 +66,9 @@ def misclassified_items(folder: Path) -> list[dict]:
     for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
         paths.append(folder / f"wrong_{i}.png")
         Image.new("RGB", (300, 200), colour).save(paths[-1])
-    return [{"path": str(paths[0]), "true": "howler", "predicted": "patas", "confidence": 0.55},
-            {"path": str(paths[1]), "true": "patas", "predicted": "uakari", "confidence": 0.9}]
+    # as results.misclassified hands them over: the most confident mistake first
+    return [{"path": str(paths[1]), "true": "patas", "predicted": "uakari", "confidence": 0.9},
+            {"path": str(paths[0]), "true": "howler", "predicted": "patas", "confidence": 0.55}]
 
 
 def run_a_job(log: RunLog, run_dir: Path, folder: Path) -> None:

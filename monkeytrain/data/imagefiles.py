@@ -132,3 +132,12 @@ def scan_labelled_files(
     images = [r for r in results if isinstance(r, ImageFile)]
     skipped = [r for r in results if isinstance(r, SkippedFile)]
     return images, skipped
+
+
+def content_key(header: str, files: Iterable[ImageFile]) -> str:
+    """A short cache key for what was made from `files`, in the order given: their paths and
+    contents, and a `header` that names the format and its settings."""
+    digest = hashlib.sha256(f"{header}\n".encode())
+    for f in files:
+        digest.update(f"{f.path}\t{f.digest}\n".encode())
+    return digest.hexdigest()[:24]

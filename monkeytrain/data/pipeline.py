@@ -73,9 +73,9 @@ class ResidentPipeline:
         per_rank = len(splits.train) // self.world
         self.batches_per_epoch = max(1, per_rank // batch_size)
 
-    def train_epoch(self, epoch: int, steps: int | None = None,
+    def train_epoch(self, epoch: int, max_batches: int | None = None,
                     skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's equal share of one device-side permutation: full batches, `steps` at most,
+        """This rank's equal share of one device-side permutation: full batches, `max_batches` at most,
         the first `skip` of them left out (to continue an epoch after a resume)."""
         images, labels = self.splits["train"]
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
@@ -83,8 +83,8 @@ class ResidentPipeline:
         per_rank = len(labels) // self.world
         mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
         size = min(self.batch_size, per_rank)
-        for step in range(skip, min(steps or self.batches_per_epoch, self.batches_per_epoch)):
-            index = mine[step * size:(step + 1) * size]
+        for batch in range(skip, min(max_batches or self.batches_per_epoch, self.batches_per_epoch)):
+            index = mine[batch * size:(batch + 1) * size]
             yield images[index], labels[index]
 
     def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -111,14 +111,14 @@ class StreamPipeline:
         self.batches_per_epoch = len(self.train_loader)
         self.eval_loaders: dict[str, DataLoader] = {}
 
-    def train_epoch(self, epoch: int, steps: int | None = None, skip: int = 0) -> Batches:
-        """Accelerate shards, shuffles and moves to the device; `steps` batches at most,
+    def train_epoch(self, epoch: int, max_batches: int | None = None, skip: int = 0) -> Batches:
+        """Accelerate shards, shuffles and moves to the device; `max_batches` batches at most,
         the first `skip` left out (decoded but not trained on, so the order is the same)."""
         # Accelerate only advances its sampler's epoch when a loop runs past the
         # last batch, so set it: each epoch gets its own order, even if cut short.
         self.train_loader.set_epoch(epoch)
         # Run to the loader's end when possible, so Accelerate's end-of-loader bookkeeping runs.
-        end = None if steps is None or steps >= self.batches_per_epoch else steps
+        end = None if max_batches is None or max_batches >= self.batches_per_epoch else max_batches
         return self.train_loader if end is None and skip == 0 else itertools.islice(self.train_loader, skip, end)
 
     def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -10,7 +10,6 @@ single-process pass whatever the shard order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.views import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
 from monkeytrain.storage import write_cache
@@ -53,10 +52,7 @@ def stats_from_sums(totals: torch.Tensor) -> ChannelStats:
 
 def cache_key(files: list[ImageFile], image_size: int) -> str:
     """Keyed by every file's path and content, and the resolution."""
-    digest = hashlib.sha256(f"v{STATS_VERSION} {image_size}\n".encode())
-    for f in sorted(files, key=lambda f: str(f.path)):
-        digest.update(f"{f.path}\t{f.digest}\n".encode())
-    return digest.hexdigest()[:24]
+    return content_key(f"v{STATS_VERSION} {image_size}", sorted(files, key=lambda f: str(f.path)))
 
 
 def read_cached(path: Path) -> Optional[ChannelStats]:

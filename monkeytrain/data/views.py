@@ -12,7 +12,6 @@ metadata all take the centre `image_size` crop of a stored view.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.loaders import ImageListDataset
 from monkeytrain.storage import write_cache
 
@@ -68,10 +67,8 @@ def decode_views(files: list[ImageFile], image_size: int) -> tuple[torch.Tensor,
 
 
 def views_cache_key(files: list[ImageFile], image_size: int) -> str:
-    digest = hashlib.sha256(f"views v{VIEWS_VERSION} {stored_size(image_size)}\n".encode())
-    for f in files:  # in order: the cached tensor's rows follow this list
-        digest.update(f"{f.path}\t{f.digest}\n".encode())
-    return digest.hexdigest()[:24]
+    # in order: the cached tensor's rows follow this list
+    return content_key(f"views v{VIEWS_VERSION} {stored_size(image_size)}", files)
 
 
 def cached_views(files: list[ImageFile], image_size: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,21 +1,20 @@
-"""Saved training states: save on a schedule or on a signal, resume from the newest.
+"""The store of saved training states: where they live, how they are published, retired and loaded.
 
-A state lives in `RUN/state/step-NNNNNNNN/`: Accelerate's own `save_state`
-(model, optimizer, scheduler, grad scaler, every rank's RNG states) plus one
-`progress-rankR.pt` per rank (epoch, batches done in it, best epoch so far,
-the augmentation generator, the weight average). It is written to a
-temporary folder by all ranks together, marked COMPLETE, then renamed into
-place, so a kill at any moment leaves either the old states or the new one,
-never a half-written folder that `--resume auto` would pick. When to save
-and when to stop is `preemption.py`'s business.
+A state lives in `RUN/state/step-NNNNNNNN/` (NNNNNNNN: optimizer steps done):
+Accelerate's own `save_state` (model, optimizer, scheduler, grad scaler,
+every rank's RNG states) plus one `progress-rankR.pt` per rank holding what
+the trainer adds (where training stands, the augmentation generator, the
+weight average). It is written to a temporary folder by all ranks together,
+marked COMPLETE, then renamed into place, so a kill at any moment leaves
+either the old states or the new one, never a half-written folder that
+`--resume auto` would pick. What goes in is the trainer's business; when to
+save and when to stop is `preemption.py`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,20 +22,10 @@ import torch
 
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
-from monkeytrain.selection import BestEpoch
-from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space
+from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
-
-
-@dataclass
-class Progress:
-    """Where training stands: the next batch to train is `batch` of `epoch`."""
-
-    epoch: int = 1
-    batch: int = 0
-    global_step: int = 0
 
 
 def state_dirs(run_dir: Path) -> list[Path]:
@@ -61,18 +50,22 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-class TrainingState:
-    """Saves and restores everything a bit-identical continuation needs."""
+class StateStore:
+    """Saves and loads the states of one run, every rank together."""
 
-    def __init__(self, run_dir: Path, accelerator, averager, generator: torch.Generator, keep: int):
+    def __init__(self, run_dir: Path, accelerator, keep: int):
         self.root = run_dir / "state"
-        self.accelerator, self.averager, self.generator, self.keep = accelerator, averager, generator, keep
+        self.accelerator, self.keep = accelerator, keep
 
-    def save(self, progress: Progress, best: BestEpoch) -> Path:
-        """All ranks call this together. On a full disk the half-written state is deleted and
-        `DiskFull` raised (by each rank that hit it); older complete states stay as they were."""
+    def save(self, step: int, extras: dict, shared: dict) -> Path:
+        """Save the Accelerate state, this rank's `extras` and, from the main process, `shared`
+        (the same on every rank) as the state of optimizer step `step`.
+
+        All ranks call this together. On a full disk the half-written state is
+        deleted and `DiskFull` raised (by each rank that hit it); older complete
+        states stay as they were."""
         accelerator = self.accelerator
-        final = self.root / f"{STATE_PREFIX}{progress.global_step:08d}"
+        final = self.root / f"{STATE_PREFIX}{step:08d}"
         staging = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
             for leftover in self.root.glob(".tmp-*"):  # from a save that a kill interrupted
@@ -81,7 +74,8 @@ class TrainingState:
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(staging))
-            torch.save(self._extras(progress, best), staging / f"progress-rank{accelerator.process_index}.pt")
+            torch.save({**extras, **(shared if accelerator.is_main_process else {})},
+                       staging / f"progress-rank{accelerator.process_index}.pt")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 self._publish(staging, final)
@@ -92,26 +86,26 @@ class TrainingState:
         accelerator.wait_for_everyone()
         return final
 
+    def load(self, path: Path) -> tuple[dict, dict]:
+        """Restore the Accelerate state on every rank; returns this rank's extras, and the main
+        rank's (which hold what was `shared`)."""
+        accelerator = self.accelerator
+        mine = path / f"progress-rank{accelerator.process_index}.pt"
+        if not mine.is_file():
+            raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
+        accelerator.load_state(str(path))
+        main = path / "progress-rank0.pt"
+        return (torch.load(mine, map_location="cpu", weights_only=False),
+                torch.load(main, map_location="cpu", weights_only=False))
+
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
         """Delete a state that did not fit; the error saying how much it had written by then."""
         written = folder_size(staging)  # before deleting: the least the state needs
         shutil.rmtree(staging, ignore_errors=True)
         return DiskFull(final, written, at_least=True, flag="--output-dir")
 
-    def _extras(self, progress: Progress, best: BestEpoch) -> dict:
-        return {
-            "progress": dataclasses.asdict(progress), "best": dataclasses.asdict(best),
-            "generator": self.generator.get_state(),
-            "averager": self.averager.state_dict() if self.accelerator.is_main_process else None,
-            "world_size": self.accelerator.num_processes,
-        }
-
     def _publish(self, staging: Path, final: Path) -> None:
-        marker = staging / COMPLETE
-        with open(marker, "w") as handle:
-            handle.write("complete\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_atomically(staging / COMPLETE, b"complete\n")
         if final.exists():  # the same step saved twice (a stop right after a scheduled save)
             self._retire(final)
         os.replace(staging, final)
@@ -126,19 +120,6 @@ class TrainingState:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
         shutil.rmtree(retired, ignore_errors=True)
-
-    def load(self, path: Path) -> tuple[Progress, BestEpoch]:
-        """Restore a saved state on every rank; returns where to continue."""
-        accelerator = self.accelerator
-        mine = path / f"progress-rank{accelerator.process_index}.pt"
-        if not mine.is_file():
-            raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
-        accelerator.load_state(str(path))
-        extras = torch.load(mine, map_location="cpu", weights_only=False)
-        main_extras = torch.load(path / "progress-rank0.pt", map_location="cpu", weights_only=False)
-        self.generator.set_state(extras["generator"])
-        self.averager.load_state_dict(main_extras["averager"])
-        return Progress(**extras["progress"]), BestEpoch(**extras["best"])
 
 
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:

@@ -1,0 +1,189 @@
+"""The training loop: epochs of optimizer steps, the best epoch, saved states and stop signals.
+
+`train.py` builds the parts and hands them to a `Trainer`, which owns one
+`Progress` (epoch, batch, optimizer step, best epoch so far): what a saved
+state records and a resume restores, as a whole. Words, everywhere: a
+*batch* is one forward and backward pass; an optimizer *step* comes every
+`--grad-accum-steps` batches.
+
+Every rank runs the same code: the log writes only on the main process and the
+checkpoint is saved only there, so the loop never asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from monkeytrain.averaging import weight_averager
+from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
+from monkeytrain.config import TrainConfig
+from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.prepare import RunData
+from monkeytrain.engine import Learner, TrainStats, evaluate, flip_averaged, train_one_epoch
+from monkeytrain.model import compiled, create_model
+from monkeytrain.optim import build_optimizer, build_scheduler
+from monkeytrain.pace import RemainingTime, report_time_left
+from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption
+from monkeytrain.selection import BestEpoch
+from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
+from monkeytrain.tracking import RunLog
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next batch to train is `batch` of `epoch`, after `step`
+    optimizer steps in all; and the best epoch so far."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+    best: BestEpoch = field(default_factory=BestEpoch)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Progress":
+        return cls(**{**saved, "best": BestEpoch(**saved["best"])})
+
+
+@dataclass
+class RunContext:
+    """What every part of a run shares: its config, its Accelerator, its folder and its log."""
+
+    config: TrainConfig
+    accelerator: object
+    run_dir: Path
+    log: RunLog
+
+
+class Trainer:
+    """Trains the remaining epochs of a run, resuming it first when asked to."""
+
+    def __init__(self, run: RunContext, data: RunData, stop: Preemption):
+        self.run, self.data, self.stop = run, data, stop
+        self.config, self.accelerator = run.config, run.accelerator
+        self.generator = torch.Generator(self.accelerator.device).manual_seed(
+            self.config.seed * 1000 + self.accelerator.process_index)
+        self.batches_per_epoch = min(data.pipeline.batches_per_epoch,
+                                     self.config.max_batches_per_epoch or data.pipeline.batches_per_epoch)
+        self.augmenter = Augmenter(augment_settings(self.config), self.config.image_size, data.stats.mean,
+                                   data.stats.std, self.generator)
+        self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
+        averaged = self.learner.averager.model
+        self.evaluated = flip_averaged(averaged) if self.config.tta_flip else averaged  # what validation runs
+        self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
+        self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
+        self.progress = Progress()
+
+    def fit(self) -> bool:
+        """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
+        self.resume()
+        pace = RemainingTime(self.progress.epoch, self.config.epochs)
+        for epoch in range(self.progress.epoch, self.config.epochs + 1):
+            trained = self.train_epoch(epoch)
+            if trained.stopped:
+                self.save_state()
+                return True
+            self.progress.epoch, self.progress.batch = epoch + 1, 0
+            self.validate(epoch, trained)
+            report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
+            stopping, save_due = self.stop.check(self.accelerator)
+            if stopping or save_due:
+                self.save_state()
+            if stopping:
+                return True
+        return False
+
+    def resume(self) -> None:
+        found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
+        if found is None:
+            return
+        mine, main = self.store.load(found)
+        self.progress = Progress.from_saved(mine["progress"])
+        self.generator.set_state(mine["generator"])
+        self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
+        self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
+
+    def train_epoch(self, epoch: int) -> TrainStats:
+        skipped = self.progress.batch  # batches of this epoch trained before a resume
+        batches = self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped)
+
+        def after_step(batches_done: int) -> bool:
+            self.progress.epoch, self.progress.batch = epoch, skipped + batches_done
+            return self.after_optimizer_step()
+
+        return train_one_epoch(self.learner, batches, self.accelerator, self.batches_per_epoch - skipped,
+                               after_step, description=f"epoch {epoch}")
+
+    def after_optimizer_step(self) -> bool:
+        """Count the step, save on schedule, and say whether the ranks agreed to stop."""
+        self.progress.step += 1
+        step = self.progress.step
+        stopping, save_due = (self.stop.check(self.accelerator) if step % STOP_CHECK_INTERVAL == 0
+                              else (False, False))
+        scheduled = self.config.save_every and step % self.config.save_every == 0
+        if (save_due or scheduled) and not stopping:  # on a stop, fit() saves this very step
+            self.save_state()
+        return stopping
+
+    def validate(self, epoch: int, trained: TrainStats) -> None:
+        """Score the validation split, save the checkpoint if it improved, log the epoch."""
+        self.learner.averager.model.eval()
+        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.augmenter.eval,
+                             self.accelerator, self.data.num_classes)
+        improved = self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on every rank
+        if improved:
+            self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
+        self.run.log.epoch({
+            "epoch": epoch, "epochs": self.config.epochs,
+            "train_loss": trained.loss, "train_accuracy": trained.accuracy,
+            "val_loss": validated.loss, "val_accuracy": validated.accuracy,
+            "lr": self.learner.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
+            "epoch_seconds": trained.seconds, "is_best": improved,
+        })
+
+    def save_state(self) -> Path:
+        saved = self.store.save(
+            self.progress.step,
+            {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state(),
+             "world_size": self.accelerator.num_processes},
+            shared={"averager": self.learner.averager.state_dict()})
+        self.stop.schedule.saved()
+        return saved
+
+    def checkpoint_info(self, epoch: int, accuracy: float) -> CheckpointInfo:
+        config, splits, stats = self.config, self.data.splits, self.data.stats
+        return CheckpointInfo(
+            architecture=config.model, class_names=splits.class_names, class_folders=splits.class_folders,
+            mean=stats.mean, std=stats.std, image_size=config.image_size, epoch=epoch,
+            val_accuracy=accuracy, config=config.to_dict(), synthetic_data=splits.synthetic,
+        )
+
+    @property
+    def best(self) -> BestEpoch:
+        return self.progress.best
+
+
+def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per_epoch: int) -> Learner:
+    """The model (prepared by Accelerate, compiled if asked), its optimizer, schedule, loss and average."""
+    config, accelerator = run.config, run.accelerator
+    plain = create_model(config.model, data.num_classes, config.pretrained)
+    plain = plain.to(accelerator.device, memory_format=torch.channels_last)
+    averager = weight_averager(plain, config.ema_decay)
+    optimizer = build_optimizer(plain, config, accelerator.device)
+    scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.grad_accum_steps))
+    model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
+    return Learner(
+        model=compiled(model, config.compile, data.cache_dir), optimizer=optimizer, scheduler=scheduler,
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,
+        augment=augment, clip_grad_norm=config.clip_grad_norm,
+    )
+
+
+def augment_settings(config: TrainConfig) -> AugmentSettings:
+    return AugmentSettings(min_crop_scale=config.min_crop_scale, rotation=config.rotation,
+                           color_jitter=config.color_jitter)
