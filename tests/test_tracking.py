@@ -283,10 +283,11 @@ def test_other_ranks_write_nothing(wandb_env, run_dir, tmp_path, monkeypatch, ca
     assert offline_run_folders(wandb_env) == []
 
 
-def test_local_log_closes_twice(run_dir):
-    log = make_run_log(run_dir, True)
-    log.close()
-    log.close()
+def test_the_main_process_log_writes_run_files_and_the_others_do_not(run_dir):
+    written = make_run_log(run_dir, True, "none").write_file("results.json", '{"test_accuracy": 0.5}')
+    make_run_log(run_dir, False, "none").write_file("config.yaml", "epochs: 3\n")
+    assert written == run_dir / "results.json" and written.read_text() == '{"test_accuracy": 0.5}'
+    assert [p.name for p in run_dir.iterdir()] == ["results.json"]
 
 
 # --- pure helpers ---------------------------------------------------------------------------------

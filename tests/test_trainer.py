@@ -1,0 +1,76 @@
+"""monkeytrain.trainer: one Progress saved and restored whole; batches and optimizer steps counted
+apart; the best epoch checkpointed; a stop saves the very step it happened at."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState
+
+from monkeytrain.config import parse_config
+from monkeytrain.data.prepare import prepare_data
+from monkeytrain.distributed import make_accelerator
+from monkeytrain.selection import BestEpoch
+from monkeytrain.statestore import state_dirs
+from monkeytrain.tracking import SilentLog
+from monkeytrain.trainer import Progress, RunContext, Trainer
+
+
+class NoStop:
+    """Preemption's interface, with a stop requested at a chosen optimizer step."""
+
+    def __init__(self, stop_at_check: int | None = None):
+        self.checks, self.stop_at_check = 0, stop_at_check
+        self.schedule = type("Schedule", (), {"saved": lambda self: None})()
+
+    def check(self, accelerator) -> tuple[bool, bool]:
+        self.checks += 1
+        return self.checks == self.stop_at_check, False
+
+
+def test_progress_round_trips_through_what_a_state_saves():
+    progress = Progress(epoch=3, batch=2, step=40, best=BestEpoch(epoch=2, accuracy=0.5, loss=1.25))
+    assert Progress.from_saved(dataclasses.asdict(progress)) == progress
+
+
+@pytest.fixture
+def trainer_for(tmp_path, make_image_folder):
+    """A Trainer on 2 classes x 9 images (8 train, 1 held out each), batch 2, on the CPU."""
+    data = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=9, size=20)
+
+    def make(*flags: str, stop=None) -> Trainer:
+        config = parse_config(["--data", str(data), "--cpu", "--model", "resnet10t", "--image-size", "16",
+                               "--batch-size", "2", "--num-workers", "0", "--report-to", "none",
+                               "--val-fraction", "0.1", "--cache-dir", str(tmp_path / "cache"),
+                               "--run-name", "r", *flags])
+        AcceleratorState._reset_state(True)
+        accelerator = make_accelerator(config)
+        run_dir = Path(config.output_dir) / config.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = RunContext(config, accelerator, run_dir, SilentLog())
+        return Trainer(run, prepare_data(config, accelerator, tmp_path / "cache", run.log), stop or NoStop())
+
+    yield make
+    AcceleratorState._reset_state(True)
+
+
+def test_optimizer_steps_are_counted_apart_from_batches(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "2", "--grad-accum-steps", "2")
+    assert trainer.batches_per_epoch == 8  # 16 training images, batch 2
+    assert trainer.fit() is False
+    assert (trainer.progress.epoch, trainer.progress.batch, trainer.progress.step) == (3, 0, 8)
+    assert 1 <= trainer.best.epoch <= 2 and (trainer.run.run_dir / "best.safetensors").is_file()
+
+
+def test_a_stop_saves_the_step_it_was_agreed_at_and_says_so(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    # Epoch 1: 6 steps, then its end-of-epoch check (the first). The ranks also compare stop flags
+    # every 8 optimizer steps: the second check comes at step 8, after batch 2 of epoch 2.
+    trainer = trainer_for("--epochs", "3", "--max-batches-per-epoch", "6", stop=NoStop(stop_at_check=2))
+    assert trainer.fit() is True
+    [saved] = state_dirs(trainer.run.run_dir)
+    assert saved.name == f"step-{trainer.progress.step:08d}"
+    assert (trainer.progress.epoch, trainer.progress.batch, trainer.progress.step) == (2, 2, 8)
