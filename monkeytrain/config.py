@@ -135,7 +135,7 @@ class TrainConfig:
         None, "Threads a CPU run trains with (this replaces OMP_NUM_THREADS, which accelerate launch "
         "without a config sets to 1). Default: the cores this process may use, shared among the "
         "run's processes.")
-    debug: bool = _option(False, "Quick check: CPU, small images, a few steps, two epochs.")
+    debug: bool = _option(False, "Quick check: CPU, small images, a few batches, two epochs.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
