@@ -46,7 +46,11 @@ class Progress:
     best: BestEpoch = field(default_factory=BestEpoch)
 
     @classmethod
-    def from_saved(cls, saved: dict) -> "Progress":
+    def from_saved(cls, extras: dict) -> "Progress":
+        """From what a saved state holds (see Trainer.save_state)."""
+        saved = dict(extras["progress"])
+        if "global_step" in saved:  # an older state: the step named global_step, the best epoch beside
+            saved["step"], saved["best"] = saved.pop("global_step"), extras["best"]
         return cls(**{**saved, "best": BestEpoch(**saved["best"])})
 
 
@@ -103,7 +107,7 @@ class Trainer:
         if found is None:
             return
         mine, main = self.store.load(found)
-        self.progress = Progress.from_saved(mine["progress"])
+        self.progress = Progress.from_saved(mine)
         self.generator.set_state(mine["generator"])
         self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")

@@ -32,7 +32,13 @@ class NoStop:
 
 def test_progress_round_trips_through_what_a_state_saves():
     progress = Progress(epoch=3, batch=2, step=40, best=BestEpoch(epoch=2, accuracy=0.5, loss=1.25))
-    assert Progress.from_saved(dataclasses.asdict(progress)) == progress
+    assert Progress.from_saved({"progress": dataclasses.asdict(progress)}) == progress
+
+
+def test_a_state_saved_by_the_previous_version_still_resumes():
+    extras = {"progress": {"epoch": 3, "batch": 2, "global_step": 40},
+              "best": {"epoch": 2, "accuracy": 0.5, "loss": 1.25}}
+    assert Progress.from_saved(extras) == Progress(3, 2, 40, BestEpoch(2, 0.5, 1.25))
 
 
 @pytest.fixture
