@@ -1,0 +1,133 @@
+"""monkeytrain.results: the misclassified test images (sorted, capped, from every rank's shard)
+and results.json's summary, selection-bias note included.
+
+Both work on an EvalResult and file lists alone, so the tests build them by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from monkeytrain import results
+from monkeytrain.checkpoint import CheckpointInfo
+from monkeytrain.data.dataset import DatasetSplits
+from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.engine import EvalResult
+from monkeytrain.results import misclassified, results_summary
+from monkeytrain.selection import BestEpoch
+
+CLASS_NAMES = ["howler", "patas", "uakari"]
+CONFUSION = [[2, 0, 0],   # true howler: both right
+             [1, 1, 0],   # true patas: one taken for a howler
+             [0, 1, 3]]   # true uakari: one taken for a patas
+
+
+def image_files(labels: list[int]) -> list[ImageFile]:
+    return [ImageFile(Path(f"/data/test/n{label}/{i:03d}.jpg"), label, f"digest-{i}") for i, label in enumerate(labels)]
+
+
+def eval_result(predicted: list[int], confidence: list[float], confusion=CONFUSION,
+                loss: float = 0.5, accuracy: float = 0.75) -> EvalResult:
+    confusion = torch.tensor(confusion)
+    return EvalResult(loss=loss, accuracy=accuracy, count=int(confusion.sum()), confusion=confusion,
+                      predicted=torch.tensor(predicted), confidence=torch.tensor(confidence))
+
+
+@pytest.fixture
+def no_gather(monkeypatch):
+    """Fail the test if misclassified() gathers."""
+    def gather(_):
+        raise AssertionError("gather_object called on one process")
+    monkeypatch.setattr(results, "gather_object", gather)
+
+
+# Six test images; four are wrong. Confidences are exact in float32, so they compare with ==.
+LABELS = [0, 1, 2, 2, 1, 0]
+PREDICTED = [0, 2, 0, 2, 0, 1]
+CONFIDENCE = [0.96875, 0.5, 0.875, 0.9375, 0.625, 0.75]
+WRONG_MOST_CONFIDENT_FIRST = [
+    {"path": "/data/test/n2/002.jpg", "true": "uakari", "predicted": "howler", "confidence": 0.875},
+    {"path": "/data/test/n0/005.jpg", "true": "howler", "predicted": "patas", "confidence": 0.75},
+    {"path": "/data/test/n1/004.jpg", "true": "patas", "predicted": "howler", "confidence": 0.625},
+    {"path": "/data/test/n1/001.jpg", "true": "patas", "predicted": "uakari", "confidence": 0.5},
+]
+
+
+def test_misclassified_lists_only_the_mistakes_most_confident_first(cpu_accelerator, no_gather):
+    mistakes = misclassified(eval_result(PREDICTED, CONFIDENCE), image_files(LABELS), CLASS_NAMES, cpu_accelerator)
+    assert mistakes == WRONG_MOST_CONFIDENT_FIRST
+
+
+def test_misclassified_keeps_the_most_confident_up_to_the_cap(cpu_accelerator, no_gather, monkeypatch):
+    monkeypatch.setattr(results, "MAX_MISCLASSIFIED", 2)
+    mistakes = misclassified(eval_result(PREDICTED, CONFIDENCE), image_files(LABELS), CLASS_NAMES, cpu_accelerator)
+    assert mistakes == WRONG_MOST_CONFIDENT_FIRST[:2]
+
+
+def test_with_no_mistakes_misclassified_is_empty(cpu_accelerator, no_gather):
+    assert misclassified(eval_result(LABELS, CONFIDENCE), image_files(LABELS), CLASS_NAMES, cpu_accelerator) == []
+
+
+def test_on_two_ranks_each_prediction_is_matched_to_its_shard_file_and_all_are_gathered(monkeypatch):
+    # rank 1 of 2 evaluated files 1, 3 and 5, in that order; rank 0's mistakes arrive by gather
+    from_rank0 = [WRONG_MOST_CONFIDENT_FIRST[0]]
+    monkeypatch.setattr(results, "gather_object", lambda mine: from_rank0 + mine)
+    rank1 = SimpleNamespace(process_index=1, num_processes=2)
+    mine = eval_result([PREDICTED[i] for i in (1, 3, 5)], [CONFIDENCE[i] for i in (1, 3, 5)])
+    mistakes = misclassified(mine, image_files(LABELS), CLASS_NAMES, rank1)
+    assert mistakes == [WRONG_MOST_CONFIDENT_FIRST[i] for i in (0, 1, 3)]
+
+
+def checkpoint_info() -> CheckpointInfo:
+    return CheckpointInfo(architecture="resnet18", class_names=CLASS_NAMES, class_folders=["n0", "n1", "n2"],
+                          mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], image_size=64, epoch=4,
+                          val_accuracy=0.8, config={"model": "resnet18"})
+
+
+def dataset_splits(selection_on_test: bool) -> DatasetSplits:
+    train, test = image_files([0, 1, 2] * 5), image_files(LABELS + [2, 2])
+    val = test if selection_on_test else image_files([0, 1, 2])  # --val-fraction 0 validates on the test split
+    return DatasetSplits(class_folders=["n0", "n1", "n2"], class_names=CLASS_NAMES, train=train, val=val,
+                         test=test, selection_on_test=selection_on_test, layout="kaggle", root="/data",
+                         synthetic=False)
+
+
+@pytest.mark.parametrize("selection_on_test", [False, True])
+def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_path, selection_on_test):
+    run_dir = tmp_path / "runs" / "r1"
+    test = eval_result([0] * 8, [0.5] * 8, loss=0.625, accuracy=0.75)
+    summary = results_summary(test, checkpoint_info(), dataset_splits(selection_on_test),
+                              BestEpoch(epoch=4, accuracy=0.8, loss=0.375), run_dir, world_size=2)
+    note = summary.pop("note", None)
+    assert summary == {
+        "test_accuracy": 0.75,
+        "test_loss": 0.625,
+        "test_images": 8,
+        "per_class_accuracy": {"howler": 1.0, "patas": 0.5, "uakari": 0.75},
+        "confusion_matrix": CONFUSION,
+        "class_names": CLASS_NAMES,
+        "best_epoch": 4,
+        "best_val_accuracy": 0.8,
+        "best_val_loss": 0.375,
+        "val_images": 8 if selection_on_test else 3,
+        "selection_biased": selection_on_test,
+        "synthetic_data": False,
+        "checkpoint": str(run_dir / "best.safetensors"),
+        "world_size": 2,
+    }
+    # the note exactly when the best epoch was chosen on the test split itself
+    if selection_on_test:
+        assert "selection-biased" in note and "--val-fraction 0" in note
+    else:
+        assert note is None
+
+
+def test_the_summary_says_when_the_data_was_synthetic(tmp_path):
+    splits = dataset_splits(False)
+    splits.synthetic = True
+    summary = results_summary(eval_result([0] * 8, [0.5] * 8), checkpoint_info(), splits, BestEpoch(), tmp_path, 1)
+    assert summary["synthetic_data"] is True

@@ -1,0 +1,139 @@
+"""monkeytrain.statestore: publishing, retiring and loading saved states, and choosing the one to resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from monkeytrain.errors import UserError
+from monkeytrain.statestore import COMPLETE, STATE_PREFIX, StateStore, agree_on_state, resolve_resume, state_dirs
+
+
+@pytest.fixture
+def trained(cpu_accelerator):
+    """A tiny model and a momentum optimizer, prepared, after one step (so the optimizer has state)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = cpu_accelerator.prepare(model, optimizer)
+    take_a_step(model, optimizer)
+    return model, optimizer
+
+
+def take_a_step(model, optimizer) -> None:
+    model(torch.randn(5, 4)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def momentum(optimizer) -> list[torch.Tensor]:
+    return [optimizer.state[p]["momentum_buffer"].clone() for p in optimizer.param_groups[0]["params"]]
+
+
+def names_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def incomplete_state(run_dir: Path, step: int) -> Path:
+    """A state folder as a kill mid-copy could leave it: files, but no COMPLETE marker."""
+    folder = run_dir / "state" / f"{STATE_PREFIX}{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "progress-rank0.pt").write_bytes(b"half")
+    return folder
+
+
+def test_a_saved_state_is_published_complete_and_load_restores_it(tmp_path, cpu_accelerator, trained):
+    model, optimizer = trained
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    saved_weight, saved_momentum = model.weight.detach().clone(), momentum(optimizer)
+    final = store.save(12, {"progress": {"epoch": 2, "batch": 5}}, shared={"averager": {"updates": 7}})
+
+    assert final == tmp_path / "state" / "step-00000012"
+    assert (final / COMPLETE).is_file()
+    assert names_in(tmp_path / "state") == ["step-00000012"]  # no staging folder left behind
+    assert state_dirs(tmp_path) == [final]
+
+    take_a_step(model, optimizer)  # the weights and momentum move on after the save
+    assert not torch.equal(model.weight.detach(), saved_weight)
+    mine, main = StateStore(tmp_path, cpu_accelerator, keep=3).load(final)
+    # one process: this rank is the main rank, so its extras hold `shared` too
+    assert mine == main == {"progress": {"epoch": 2, "batch": 5}, "averager": {"updates": 7}}
+    assert torch.equal(model.weight.detach(), saved_weight)
+    for restored, saved in zip(momentum(optimizer), saved_momentum):
+        assert torch.equal(restored, saved)
+
+
+def test_only_the_newest_keep_states_stay(tmp_path, cpu_accelerator, trained):
+    store = StateStore(tmp_path, cpu_accelerator, keep=2)
+    for step in (8, 9, 10):  # 10 after 9: the zero padding keeps name order numeric
+        store.save(step, {"step": step}, shared={})
+    assert names_in(tmp_path / "state") == ["step-00000009", "step-00000010"]
+
+
+def test_saving_the_same_step_twice_replaces_it(tmp_path, cpu_accelerator, trained):
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    store.save(4, {"saved": "first"}, shared={})
+    final = store.save(4, {"saved": "second"}, shared={})
+    assert names_in(tmp_path / "state") == ["step-00000004"]
+    mine, _ = store.load(final)
+    assert mine == {"saved": "second"}
+
+
+def test_the_next_save_sweeps_what_an_interrupted_save_or_retirement_left(tmp_path, cpu_accelerator, trained):
+    root = tmp_path / "state"
+    for leftover in (".tmp-step-00000006", ".tmp-retired-step-00000002"):
+        (root / leftover).mkdir(parents=True)
+        (root / leftover / "model.safetensors").write_bytes(b"partial")
+    StateStore(tmp_path, cpu_accelerator, keep=3).save(7, {}, shared={})
+    assert names_in(root) == ["step-00000007"]
+
+
+def test_a_folder_without_complete_is_not_a_state(tmp_path, cpu_accelerator, trained):
+    complete = StateStore(tmp_path, cpu_accelerator, keep=3).save(3, {}, shared={})
+    incomplete_state(tmp_path, 5)  # newer, but never marked complete
+    (tmp_path / "state" / "other").mkdir()
+    (tmp_path / "state" / "other" / COMPLETE).write_text("complete\n")  # complete, but not a step- folder
+    assert state_dirs(tmp_path) == [complete]
+    assert resolve_resume("auto", tmp_path) == complete
+
+
+def test_resolve_resume_starts_fresh_without_a_request_or_a_state(tmp_path):
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("", tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None  # no state folder at all
+    (tmp_path / "state").mkdir()
+    assert resolve_resume("auto", tmp_path) is None  # an empty one
+
+
+def test_resolve_resume_auto_picks_the_newest_and_a_given_state_is_taken_as_is(tmp_path, cpu_accelerator, trained):
+    store = StateStore(tmp_path, cpu_accelerator, keep=5)
+    older, newer = store.save(9, {}, shared={}), store.save(10, {}, shared={})
+    assert state_dirs(tmp_path) == [older, newer]
+    assert resolve_resume("auto", tmp_path) == newer
+    assert resolve_resume(str(older), tmp_path) == older
+
+
+def test_resuming_from_an_incomplete_folder_says_to_use_resume_auto(tmp_path):
+    folder = incomplete_state(tmp_path, 5)
+    with pytest.raises(UserError) as raised:
+        resolve_resume(str(folder), tmp_path)
+    message = str(raised.value)
+    assert str(folder) in message and "--resume auto" in message
+
+
+def test_a_state_saved_by_another_number_of_processes_asks_for_the_same_launch(tmp_path, cpu_accelerator, trained):
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    final = store.save(2, {"step": 2}, shared={})
+    # as if saved by two processes and loaded by a rank that has no file of its own
+    (final / "progress-rank0.pt").rename(final / "progress-rank1.pt")
+    with pytest.raises(UserError) as raised:
+        store.load(final)
+    message = str(raised.value)
+    assert str(final) in message and "resume with the same launch" in message
+
+
+def test_on_one_process_every_rank_agrees_on_the_main_process_state(cpu_accelerator, tmp_path):
+    assert agree_on_state(tmp_path / "state" / "step-00000003") == tmp_path / "state" / "step-00000003"
+    assert agree_on_state(None) is None
