@@ -74,8 +74,9 @@ class StateStore:
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(staging))
-            torch.save({**extras, **(shared if accelerator.is_main_process else {})},
-                       staging / f"progress-rank{accelerator.process_index}.pt")
+            mine = {**extras, **(shared if accelerator.is_main_process else {}),
+                    "world_size": accelerator.num_processes}
+            torch.save(mine, staging / f"progress-rank{accelerator.process_index}.pt")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 self._publish(staging, final)
@@ -90,13 +91,14 @@ class StateStore:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
         rank's (which hold what was `shared`)."""
         accelerator = self.accelerator
-        mine = path / f"progress-rank{accelerator.process_index}.pt"
-        if not mine.is_file():
+        mine_file = path / f"progress-rank{accelerator.process_index}.pt"
+        mine = torch.load(mine_file, map_location="cpu", weights_only=False) if mine_file.is_file() else {}
+        if mine.pop("world_size", None) != accelerator.num_processes:
             raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
         accelerator.load_state(str(path))
-        main = path / "progress-rank0.pt"
-        return (torch.load(mine, map_location="cpu", weights_only=False),
-                torch.load(main, map_location="cpu", weights_only=False))
+        main = torch.load(path / "progress-rank0.pt", map_location="cpu", weights_only=False)
+        main.pop("world_size")
+        return mine, main
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
         """Delete a state that did not fit; the error saying how much it had written by then."""

@@ -72,8 +72,9 @@ class Trainer:
         self.config, self.accelerator = run.config, run.accelerator
         self.generator = torch.Generator(self.accelerator.device).manual_seed(
             self.config.seed * 1000 + self.accelerator.process_index)
-        self.batches_per_epoch = min(data.pipeline.batches_per_epoch,
-                                     self.config.max_batches_per_epoch or data.pipeline.batches_per_epoch)
+        self.batches_per_epoch = whole_accumulation_groups(
+            min(data.pipeline.batches_per_epoch, self.config.max_batches_per_epoch or data.pipeline.batches_per_epoch),
+            self.config.grad_accum_steps)
         self.augmenter = Augmenter(augment_settings(self.config), self.config.image_size, data.stats.mean,
                                    data.stats.std, self.generator)
         self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
@@ -153,8 +154,7 @@ class Trainer:
     def save_state(self) -> Path:
         saved = self.store.save(
             self.progress.step,
-            {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state(),
-             "world_size": self.accelerator.num_processes},
+            {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state()},
             shared={"averager": self.learner.averager.state_dict()})
         self.stop.schedule.saved()
         return saved
@@ -186,6 +186,13 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,
         augment=augment, clip_grad_norm=config.clip_grad_norm,
     )
+
+
+def whole_accumulation_groups(batches: int, accumulation: int) -> int:
+    """The batches an epoch trains: whole groups of `--grad-accum-steps` when there is one. Accelerate
+    cannot see where an epoch of the resident pipeline ends, so a partial group would carry its
+    gradients into the next epoch (and out of a saved state); and the schedule counts whole steps."""
+    return batches - batches % accumulation if batches >= accumulation else batches
 
 
 def augment_settings(config: TrainConfig) -> AugmentSettings:

@@ -134,6 +134,17 @@ def test_a_state_saved_by_another_number_of_processes_asks_for_the_same_launch(t
     assert str(final) in message and "resume with the same launch" in message
 
 
+def test_a_state_saved_by_more_processes_than_resume_it_asks_for_the_same_launch(tmp_path, cpu_accelerator,
+                                                                                 trained):
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    final = store.save(2, {"step": 2}, shared={})
+    # as if saved by two processes: rank 0's file exists, but it says two processes wrote the state
+    saved = torch.load(final / "progress-rank0.pt", weights_only=False)
+    torch.save({**saved, "world_size": 2}, final / "progress-rank0.pt")
+    with pytest.raises(UserError, match="resume with the same launch"):
+        store.load(final)
+
+
 def test_on_one_process_every_rank_agrees_on_the_main_process_state(cpu_accelerator, tmp_path):
     assert agree_on_state(tmp_path / "state" / "step-00000003") == tmp_path / "state" / "step-00000003"
     assert agree_on_state(None) is None

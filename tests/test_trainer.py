@@ -15,7 +15,7 @@ from monkeytrain.distributed import make_accelerator
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import state_dirs
 from monkeytrain.tracking import SilentLog
-from monkeytrain.trainer import Progress, RunContext, Trainer
+from monkeytrain.trainer import Progress, RunContext, Trainer, whole_accumulation_groups
 
 
 class NoStop:
@@ -39,6 +39,11 @@ def test_a_state_saved_by_the_previous_version_still_resumes():
     extras = {"progress": {"epoch": 3, "batch": 2, "global_step": 40},
               "best": {"epoch": 2, "accuracy": 0.5, "loss": 1.25}}
     assert Progress.from_saved(extras) == Progress(3, 2, 40, BestEpoch(2, 0.5, 1.25))
+
+
+@pytest.mark.parametrize("batches, accumulation, trained", [(8, 1, 8), (9, 2, 8), (11, 4, 8), (3, 2, 2), (1, 2, 1)])
+def test_an_epoch_trains_whole_accumulation_groups(batches, accumulation, trained):
+    assert whole_accumulation_groups(batches, accumulation) == trained
 
 
 @pytest.fixture
@@ -65,7 +70,7 @@ def trainer_for(tmp_path, make_image_folder):
 def test_optimizer_steps_are_counted_apart_from_batches(trainer_for, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     trainer = trainer_for("--epochs", "2", "--grad-accum-steps", "2")
-    assert trainer.batches_per_epoch == 8  # 16 training images, batch 2
+    assert trainer.batches_per_epoch == 8  # 16 training images, batch 2: 8 batches, 4 optimizer steps
     assert trainer.fit() is False
     assert (trainer.progress.epoch, trainer.progress.batch, trainer.progress.step) == (3, 0, 8)
     assert 1 <= trainer.best.epoch <= 2 and (trainer.run.run_dir / "best.safetensors").is_file()
