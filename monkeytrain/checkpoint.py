@@ -141,6 +141,12 @@ def timm_config(info: CheckpointInfo) -> dict:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Weights and header of a monkeytrain checkpoint, or a UserError saying what is wrong."""
+    weights, header = read_checkpoint_file(path)
+    return weights, CheckpointInfo.from_metadata(header)
+
+
+def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights and the header word for word (str -> str), which an export copies whole."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the best.safetensors of a finished run.")
     try:
@@ -151,12 +157,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo
         raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid checkpoint.") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} has no monkeytrain metadata; pass a best.safetensors written by monkeytrain.")
-    return weights, CheckpointInfo.from_metadata(metadata)
+    return weights, metadata
+
+
+def model_with_weights(weights: dict[str, torch.Tensor], info: CheckpointInfo) -> torch.nn.Module:
+    """A fresh model of the header's architecture holding `weights`, in eval mode, on the CPU."""
+    model = create_model(info.architecture, info.num_classes)
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, CheckpointInfo]:
     """A fresh model with the checkpoint's weights, in eval mode, and its header."""
     weights, info = read_checkpoint(path)
-    model = create_model(info.architecture, info.num_classes)
-    model.load_state_dict(weights)
-    return model.to(device).eval(), info
+    return model_with_weights(weights, info).to(device), info

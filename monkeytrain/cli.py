@@ -1,4 +1,4 @@
-"""The `monkeytrain` command: train, predict, evaluate, inspect-data, download."""
+"""The `monkeytrain` command: train, predict, evaluate, export, inspect-data, download."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 
 
+CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monkeytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -19,16 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    predict.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
+    predict.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
     predict.add_argument("--top-k", type=int, default=3, help="how many classes to show (default: 3)")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
     score.add_argument("folder", type=Path)
-    score.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
+    score.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+
+    export = commands.add_parser("export", help="an ONNX model of a checkpoint, checked in ONNX Runtime")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
+    export.add_argument("--output", type=Path, help="the .onnx file to write (default: beside the checkpoint)")
+    export.add_argument("--check-data", type=Path, metavar="FOLDER",
+                        help="check on this folder of class subfolders, e.g. the test split "
+                             "(default: 16 seeded synthetic images)")
+    export.add_argument("--tolerance", type=float, default=1e-3,
+                        help="the largest logit difference allowed between ONNX Runtime and PyTorch, relative "
+                             "to the image's largest logit where that exceeds 1 (default: 1e-3)")
 
     inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
@@ -50,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         train_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    {"predict": run_predict, "evaluate": run_evaluate,
+    {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
      "inspect-data": run_inspect, "download": run_download}[args.command](args)
 
 
@@ -102,6 +115,21 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f})")
     for name, accuracy in per_class.items():
         print(f"  {name:<28} {accuracy:.1%}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from monkeytrain.export import export_checkpoint
+    from monkeytrain.storage import human_size
+
+    done = export_checkpoint(args.checkpoint, args.output, args.check_data, args.tolerance)
+    warn_about_files(done.skipped)
+    agreement, size = done.agreement, done.info.image_size
+    print(f"checked in ONNX Runtime against PyTorch on {done.checked_on}: largest logit difference "
+          f"{agreement.largest_difference:.1e} (relative {agreement.relative_difference:.1e}, "
+          f"tolerance {args.tolerance:g}), top-1 agreement {agreement.top1_agreement:.1%}")
+    print(f"wrote {done.path} ({human_size(done.size)}, ONNX opset {done.opset}): input images "
+          f"float32 [batch, 3, {size}, {size}] normalised with the mean and std in its metadata, "
+          f"output logits [batch, {done.info.num_classes}]")
 
 
 def run_inspect(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Using a finished checkpoint: top-k predictions for images, and scoring an image folder."""
+"""Using a finished checkpoint (best.safetensors or its .onnx export): top-k predictions for images,
+and scoring an image folder."""
 
 from __future__ import annotations
 
@@ -41,18 +42,34 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     return images, skipped
 
 
-def inference(model: torch.nn.Module, info: CheckpointInfo) -> tuple[Callable, Callable]:
+def preparer(info: CheckpointInfo) -> Callable:
+    """uint8 stored views -> the normalised centre crops that the checkpoint's model takes."""
+    return Augmenter(AugmentSettings(), info.image_size, info.mean, info.std, generator=None).eval
+
+
+def inference(model: Callable, info: CheckpointInfo) -> tuple[Callable, Callable]:
     """(prepare uint8 stored views, model forward) exactly as the checkpoint's run evaluated."""
-    prepare = Augmenter(AugmentSettings(), info.image_size, info.mean, info.std, generator=None).eval
-    return prepare, flip_averaged(model) if info.config.get("tta_flip") else model
+    return preparer(info), flip_averaged(model) if info.config.get("tta_flip") else model
+
+
+def load_classifier(checkpoint: Path, device: torch.device | str) -> tuple[Callable, CheckpointInfo]:
+    """The checkpoint's forward (normalised images -> logits, both on `device`) and its header.
+
+    A `.onnx` file (from `monkeytrain export`) runs in ONNX Runtime, anything else is
+    a best.safetensors for PyTorch; both headers are the same, so is all that follows."""
+    if checkpoint.suffix.lower() == ".onnx":
+        from monkeytrain.export import load_onnx  # only ONNX users need onnxruntime
+
+        return load_onnx(checkpoint)
+    return load_model(checkpoint, device)
 
 
 @torch.no_grad()
 def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
             device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
     """Top-k class names and probabilities for each image, from the checkpoint alone."""
-    model, info = load_model(checkpoint, device)
-    prepare, forward = inference(model, info)
+    classifier, info = load_classifier(checkpoint, device)
+    prepare, forward = inference(classifier, info)
     loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=batch_size)
     k = min(top_k, info.num_classes)
     predictions = []
@@ -85,10 +102,10 @@ def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile]
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator, batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
     """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
-    model, info = load_model(checkpoint, accelerator.device)
+    classifier, info = load_classifier(checkpoint, accelerator.device)
     images, skipped = labelled_folder(folder, info)
     loader = sharded_loader(view_dataset(images, info.image_size), batch_size, 0,
                             accelerator.process_index, accelerator.num_processes)
     batches = ((views.to(accelerator.device), labels.to(accelerator.device)) for views, labels in loader)
-    prepare, forward = inference(model, info)
+    prepare, forward = inference(classifier, info)
     return evaluate(forward, batches, prepare, accelerator, info.num_classes), info, skipped

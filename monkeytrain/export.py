@@ -1,0 +1,211 @@
+"""ONNX: export a checkpoint to a self-describing .onnx file checked in ONNX Runtime, and run one.
+
+The .onnx file takes what the PyTorch model takes (normalised float32 NCHW images
+at the checkpoint's image size, any batch size) and gives logits. Its
+metadata_props are the checkpoint's header word for word, so `predict` and
+`evaluate` prepare images for it exactly as for best.safetensors, and any other
+ONNX consumer finds the class names, mean, std, image size and crop_pct there.
+
+Nothing is written unchecked: the exported bytes run in ONNX Runtime (through
+`load_onnx`, the loader that `predict` uses) beside PyTorch on a batch of images,
+and only a model that agrees within the tolerance replaces the output file.
+
+onnx, onnxscript (which torch.onnx's exporter needs) and onnxruntime come with
+the `[export]` extra; a missing one is a one-line error naming that extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from monkeytrain.checkpoint import FORMAT, CheckpointInfo, model_with_weights, read_checkpoint_file
+from monkeytrain.data.imagefiles import SkippedFile
+from monkeytrain.data.views import stored_size, view_dataset
+from monkeytrain.errors import UserError
+from monkeytrain.predict import labelled_folder, preparer
+from monkeytrain.storage import check_writable_dir, write_atomically
+
+INSTALL_EXTRA = 'pip install -e ".[export]"'
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1: trace with 2 to keep the batch axis dynamic
+SYNTHETIC_IMAGES, SYNTHETIC_SEED = 16, 0
+CHECK_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How ONNX Runtime's logits compare with PyTorch's on the same images."""
+
+    images: int
+    largest_difference: float   # the largest |logit difference| over every image and class
+    relative_difference: float  # the same, per image divided by its largest |logit| where that exceeds 1
+    top1_agreement: float       # the share of images whose top class is the same
+
+
+@dataclass(frozen=True)
+class Export:
+    """What `export_checkpoint` wrote, and the check that allowed it."""
+
+    path: Path
+    size: int
+    opset: int
+    info: CheckpointInfo
+    checked_on: str  # which images, in words
+    agreement: Agreement
+    skipped: list[SkippedFile]
+
+
+def require(module: str, purpose: str):
+    """Import a package of the `[export]` extra, or a UserError naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(f"{purpose} needs the Python package '{module}', which cannot be imported ({error}); "
+                        f"install monkeytrain's export extra: {INSTALL_EXTRA}.") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line: our errors are one line long."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else error.__class__.__name__
+
+
+def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_data: Optional[Path] = None,
+                      tolerance: float = 1e-3) -> Export:
+    """Export a best.safetensors to ONNX, check it against PyTorch, then write it atomically.
+
+    `output` defaults to the checkpoint's path with the suffix .onnx. A UserError, and
+    nothing written, when a logit differs by more than `tolerance` (relative where
+    logits exceed 1; see `compare`)."""
+    output = output or checkpoint.with_suffix(".onnx")
+    if output.suffix.lower() != ".onnx":
+        raise UserError(f"--output {output} must end in .onnx: predict and evaluate tell an ONNX model by it.")
+    if not tolerance >= 0:  # also refuses nan
+        raise UserError(f"--tolerance must be 0 or more (got {tolerance}); the default is 1e-3.")
+    for package in EXPORT_PACKAGES:
+        require(package, "monkeytrain export")
+    weights, header = read_checkpoint_file(checkpoint)
+    info = CheckpointInfo.from_metadata(header)
+    model = model_with_weights(weights, info)
+    exported = onnx_model(model, info, header)
+    data = serialized(exported, info)
+    onnx_forward, _ = load_onnx(data, label=f"the ONNX export of {checkpoint}")
+    batches, checked_on, skipped = check_batches(info, check_data)
+    agreement = compare(model, onnx_forward, batches)
+    if not agreement.relative_difference <= tolerance:
+        raise UserError(
+            f"ONNX Runtime and PyTorch disagree on {checked_on}: the largest logit difference "
+            f"{agreement.largest_difference:.1e} (relative {agreement.relative_difference:.1e}) exceeds "
+            f"--tolerance {tolerance:g} (top-1 agreement "
+            f"{agreement.top1_agreement:.1%}); nothing was written; raise --tolerance if that is close enough, "
+            "or update torch, onnxscript and onnxruntime.")
+    check_writable_dir(output.parent, "--output")
+    write_atomically(output, data, flag="--output")
+    return Export(output, len(data), opset_of(exported), info, checked_on, agreement, skipped)
+
+
+def onnx_model(model: torch.nn.Module, info: CheckpointInfo, header: dict[str, str]):
+    """The model as an onnx.ModelProto with a dynamic batch axis and `header` as its metadata_props."""
+    onnx = require("onnx", "monkeytrain export")
+    example = torch.zeros(EXAMPLE_BATCH, 3, info.image_size, info.image_size)
+    try:
+        # dynamo=True: the torch.export-based exporter, torch's default since 2.9 and the one
+        # maintained; the TorchScript one (dynamo=False) is deprecated and warns on every call.
+        # It needs onnxscript, hence that package in the [export] extra.
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    except Exception as error:  # torch.export and the ONNX translation raise many types
+        raise UserError(f"the timm model '{info.architecture}' could not be exported to ONNX "
+                        f"({error.__class__.__name__}: {first_line(error)}); update torch and onnxscript, "
+                        "or train another --model.") from None
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, header)
+    return proto
+
+
+def serialized(proto, info: CheckpointInfo) -> bytes:
+    """The file's bytes: one self-contained file, which protobuf caps at 2 GB."""
+    try:
+        return proto.SerializeToString()
+    except ValueError:  # protobuf's "exceeds maximum protobuf size of 2GB"
+        raise UserError(f"the ONNX model of '{info.architecture}' is over ONNX's 2 GB limit for one file; "
+                        "export a smaller --model.") from None
+
+
+def opset_of(proto) -> int:
+    """The standard ONNX operator set version the model uses."""
+    return next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
+def check_batches(info: CheckpointInfo, folder: Optional[Path]) -> tuple[Iterable[torch.Tensor], str, list]:
+    """(normalised image batches, which images in words, unreadable files skipped): the folder's
+    images when one is given, else seeded random stored views, prepared as predict prepares them."""
+    prepare = preparer(info)
+    if folder is None:
+        side = stored_size(info.image_size)
+        generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+        views = torch.randint(0, 256, (SYNTHETIC_IMAGES, 3, side, side), dtype=torch.uint8, generator=generator)
+        return [prepare(views)], f"{SYNTHETIC_IMAGES} synthetic images (seed {SYNTHETIC_SEED})", []
+    images, skipped = labelled_folder(folder, info)
+    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=CHECK_BATCH_SIZE)
+    return (prepare(views) for views, _ in loader), f"{len(images)} images of {folder}", skipped
+
+
+@torch.no_grad()
+def compare(model: Callable, onnx_forward: Callable, batches: Iterable[torch.Tensor]) -> Agreement:
+    """Both forwards on the same batches: logit differences (nan if any is) and top-1 agreement.
+
+    float32 rounding grows with the logits' size (a diverged model's logits of 1e5 differ
+    by 0.1), so the tolerance applies to each image's differences over its largest |logit|,
+    or over 1 where logits are small: absolute for ordinary logits, relative for large ones."""
+    absolute, relative, agreeing, count = [torch.zeros(1)], [torch.zeros(1)], 0, 0
+    for images in batches:
+        expected, actual = model(images), onnx_forward(images)
+        difference = (expected - actual).abs().amax(dim=1)  # amax keeps a nan, Python's max would drop it
+        absolute.append(difference)
+        relative.append(difference / expected.abs().amax(dim=1).clamp_min(1.0))
+        agreeing += int((expected.argmax(dim=1) == actual.argmax(dim=1)).sum())
+        count += len(images)
+    return Agreement(count, torch.cat(absolute).amax().item(), torch.cat(relative).amax().item(),
+                     agreeing / max(count, 1))
+
+
+class OnnxForward:
+    """An ONNX Runtime session called like the PyTorch model: float images in, logits out,
+    both on the images' device (the session itself runs on the CPU)."""
+
+    def __init__(self, session):
+        self.session, self.input_name = session, session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        inputs = images.detach().float().cpu().contiguous().numpy()
+        logits = self.session.run(None, {self.input_name: inputs})[0]
+        return torch.from_numpy(logits).to(images.device)
+
+
+def load_onnx(source: Union[Path, bytes], label: Optional[str] = None) -> tuple[OnnxForward, CheckpointInfo]:
+    """The forward and header of an .onnx file (or its bytes) written by `monkeytrain export`."""
+    label = label or str(source)
+    if isinstance(source, Path) and not source.is_file():
+        raise UserError(f"checkpoint {source} does not exist; pass a best.safetensors or an .onnx file "
+                        "written by monkeytrain export.")
+    ort = require("onnxruntime", "running an .onnx checkpoint")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings would print lines of their own
+    try:
+        session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own types (InvalidProtobuf, Fail, ...) for damaged files
+        raise UserError(f"{label} is not a readable ONNX model ({first_line(error)}); pass an .onnx file "
+                        "written by monkeytrain export.") from None
+    header = session.get_modelmeta().custom_metadata_map
+    if header.get("format") != FORMAT:
+        raise UserError(f"{label} has no monkeytrain metadata; pass an .onnx file written by monkeytrain export.")
+    return OnnxForward(session), CheckpointInfo.from_metadata(header)
