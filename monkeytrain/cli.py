@@ -127,9 +127,8 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"checked in ONNX Runtime against PyTorch on {done.checked_on}: largest logit difference "
           f"{agreement.largest_difference:.1e} (relative {agreement.relative_difference:.1e}, "
           f"tolerance {args.tolerance:g}), top-1 agreement {agreement.top1_agreement:.1%}")
-    print(f"wrote {done.path} ({human_size(done.size)}, ONNX opset {done.opset}): input images "
-          f"float32 [batch, 3, {size}, {size}] normalised with the mean and std in its metadata, "
-          f"output logits [batch, {done.info.num_classes}]")
+    print(f"wrote {done.path} ({human_size(done.size)}, ONNX opset {done.opset}): input float32 "
+          f"[batch, 3, {size}, {size}] normalised as its metadata says, output logits [batch, {done.info.num_classes}]")
 
 
 def run_inspect(args: argparse.Namespace) -> None:

@@ -1,0 +1,200 @@
+"""monkeytrain.export: an .onnx that ONNX Runtime runs as PyTorch runs the checkpoint, for any timm model.
+
+One tiny model of another family than ResNet (timm's test_vit) is trained once,
+through the real train.py, and exported once; the tests use both files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from safetensors import safe_open
+
+from monkeytrain import cli, export
+from monkeytrain.checkpoint import CheckpointInfo, load_model, save_checkpoint
+from monkeytrain.config import TrainConfig
+from monkeytrain.data.views import decode_views
+from monkeytrain.export import load_onnx
+from monkeytrain.model import create_model
+from monkeytrain.predict import labelled_folder, preparer
+
+PROJECT = Path(__file__).resolve().parent.parent
+OTHER_FAMILY = "test_vit"  # a transformer: no convolutions, no BatchNorm, its head is `head`, not `fc`
+TINY_TRAINING = ["--cpu", "--epochs", "1", "--max-batches-per-epoch", "2", "--image-size", "32",
+                 "--batch-size", "4", "--num-workers", "0", "--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """A test_vit run trained by monkeytrain/train.py, then exported by `monkeytrain export`."""
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_image_folder(root / "data", classes=3, per_class=4)
+    environment = {k: v for k, v in os.environ.items() if k != "MONKEYTRAIN_DATA"}
+    environment.update(OMP_NUM_THREADS="2", MONKEYTRAIN_CACHE=str(root / "cache"))
+    trained = subprocess.run(
+        [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", str(data), "--model", OTHER_FAMILY,
+         *TINY_TRAINING, "--run-name", "vit"], cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    checkpoint = root / "runs" / "vit" / "best.safetensors"
+    test_split = data / "validation" / "validation"
+    with redirect_stdout(io.StringIO()) as printed:
+        cli.main(["export", "--checkpoint", str(checkpoint), "--check-data", str(test_split)])
+    return {"checkpoint": checkpoint, "onnx": checkpoint.with_suffix(".onnx"), "test": test_split,
+            "printed": printed.getvalue(), "root": root}
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """The one error line `monkeytrain ARGV` printed before exiting with status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("monkeytrain: error: "), errors
+    return errors[0]
+
+
+def output_of(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    cli.main(argv)
+    return capsys.readouterr().out
+
+
+def test_export_checks_on_the_given_images_then_writes_beside_the_checkpoint(run):
+    checked, wrote = run["printed"].splitlines()
+    assert checked.startswith(f"checked in ONNX Runtime against PyTorch on 12 images of {run['test']}: "
+                              "largest logit difference ")
+    assert checked.endswith("top-1 agreement 100.0%")
+    assert wrote.startswith(f"wrote {run['onnx']} (") and wrote.endswith("output logits [batch, 3]")
+    assert "input float32 [batch, 3, 32, 32] normalised as its metadata says" in wrote
+    assert run["onnx"].is_file()
+
+
+def test_onnx_runtime_agrees_with_pytorch_at_any_batch_size(run):
+    model, info = load_model(run["checkpoint"])
+    onnx_forward, onnx_info = load_onnx(run["onnx"])
+    assert onnx_info == info and info.architecture == OTHER_FAMILY
+    assert onnx_forward.session.get_inputs()[0].shape == ["batch", 3, 32, 32]
+    views, _ = decode_views(labelled_folder(run["test"], info)[0], info.image_size)
+    images = preparer(info)(views)
+    for batch in (images[:1], images[:5], images):
+        with torch.no_grad():
+            expected = model(batch)
+        actual = onnx_forward(batch)
+        assert actual.shape == expected.shape
+        assert (actual - expected).abs().max() < 1e-4
+        assert torch.equal(actual.argmax(dim=1), expected.argmax(dim=1))
+
+
+def test_onnx_metadata_is_the_checkpoint_header_word_for_word(run):
+    with safe_open(str(run["checkpoint"]), framework="pt") as handle:
+        header = handle.metadata()
+    metadata = {entry.key: entry.value for entry in onnx.load(str(run["onnx"])).metadata_props}
+    assert metadata == header
+    assert {"class_names", "mean", "std", "image_size", "crop_pct", "architecture"} <= set(metadata)
+
+
+def test_predict_gives_the_same_top_k_from_both_files(run, capsys):
+    answers = [json.loads(output_of(["predict", "--checkpoint", str(run[kind]), "--json", "--top-k", "3", "--cpu",
+                                     str(run["test"])], capsys)) for kind in ("checkpoint", "onnx")]
+    from_torch, from_onnx = answers
+    assert len(from_torch) == 12
+    for torch_answer, onnx_answer in zip(from_torch, from_onnx):
+        assert torch_answer["path"] == onnx_answer["path"]
+        assert [t["class"] for t in torch_answer["top"]] == [t["class"] for t in onnx_answer["top"]]
+        for t, o in zip(torch_answer["top"], onnx_answer["top"]):
+            assert o["probability"] == pytest.approx(t["probability"], abs=1e-5)
+
+
+def test_evaluate_gives_the_same_figures_from_both_files(run, capsys):
+    from_torch, from_onnx = [json.loads(output_of(["evaluate", "--checkpoint", str(run[kind]), "--json", "--cpu",
+                                                   str(run["test"])], capsys)) for kind in ("checkpoint", "onnx")]
+    assert from_onnx["images"] == from_torch["images"] == 12
+    assert from_onnx["accuracy"] == from_torch["accuracy"]
+    assert from_onnx["confusion_matrix"] == from_torch["confusion_matrix"]
+    assert from_onnx["loss"] == pytest.approx(from_torch["loss"], abs=1e-5)
+
+
+def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(run["onnx"].read_bytes()[:4000])
+    renamed = tmp_path / "renamed.onnx"
+    renamed.write_bytes(run["checkpoint"].read_bytes())
+    for bad in (truncated, renamed):
+        for command in (["predict", str(run["test"])], ["evaluate", str(run["test"])]):
+            message = error_of([*command, "--cpu", "--checkpoint", str(bad)], capsys)
+            assert f"{bad} is not a readable ONNX model" in message and "monkeytrain export" in message
+    plain = onnx.load(str(run["onnx"]))
+    del plain.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(plain, str(foreign))
+    assert "has no monkeytrain metadata" in error_of(["predict", "--checkpoint", str(foreign), str(run["test"])], capsys)
+    assert "missing.onnx does not exist" in error_of(
+        ["predict", "--checkpoint", str(tmp_path / "missing.onnx"), str(run["test"])], capsys)
+
+
+@pytest.fixture
+def exported_again(run, monkeypatch):
+    """Export reuses the module's ONNX model instead of exporting it again (seconds saved)."""
+    monkeypatch.setattr(export, "onnx_model", lambda model, info, header: onnx.load(str(run["onnx"])))
+    return ["export", "--checkpoint", str(run["checkpoint"])]
+
+
+def test_export_refuses_what_it_cannot_run_and_writes_nothing(run, exported_again, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(export, "serialized", lambda proto, info: b"not a protobuf at all")
+    output = tmp_path / "model.onnx"
+    message = error_of([*exported_again, "--output", str(output)], capsys)
+    assert f"the ONNX export of {run['checkpoint']} is not a readable ONNX model" in message
+    assert not output.exists()
+
+
+def test_a_tolerance_breach_is_one_line_and_writes_nothing(exported_again, monkeypatch, capsys, tmp_path):
+    running = export.OnnxForward.__call__
+    monkeypatch.setattr(export.OnnxForward, "__call__", lambda self, images: running(self, images) + 0.01)
+    output = tmp_path / "model.onnx"
+    message = error_of([*exported_again, "--output", str(output), "--tolerance", "1e-3"], capsys)
+    assert "ONNX Runtime and PyTorch disagree on 16 synthetic images (seed 0)" in message
+    assert "exceeds --tolerance 0.001" in message and "nothing was written" in message
+    assert not output.exists()
+    printed = output_of([*exported_again, "--output", str(output), "--tolerance", "0.05"], capsys)
+    assert "largest logit difference 1.0e-02" in printed and output.is_file()
+
+
+def test_export_flags_are_checked(exported_again, capsys):
+    assert "must end in .onnx" in error_of([*exported_again, "--output", "model.bin"], capsys)
+    assert "--tolerance must be 0 or more" in error_of([*exported_again, "--tolerance", "-1"], capsys)
+
+
+@pytest.mark.parametrize("package", ["onnxruntime", "onnxscript"])
+def test_a_missing_package_names_the_export_extra(run, package, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail as if not installed
+    command = (["export", "--checkpoint", str(run["checkpoint"])] if package == "onnxscript"
+               else ["predict", "--checkpoint", str(run["onnx"]), str(run["test"])])
+    message = error_of(command, capsys)
+    assert f"'{package}'" in message and 'pip install -e ".[export]"' in message
+
+
+@pytest.mark.parametrize("architecture, exported", [("resnet50", True), ("resnet101", False)])
+def test_deeper_resnets_build_save_reload_and_export(architecture, exported, tmp_path):
+    """Untrained, at 32 px: resnet101 is only saved and reloaded, its export would take ten seconds more."""
+    torch.manual_seed(0)
+    info = CheckpointInfo(architecture, ["a", "b"], ["a", "b"], [0.5] * 3, [0.25] * 3, 32, 1, 0.5,
+                          TrainConfig(model=architecture, image_size=32).to_dict())
+    checkpoint = save_checkpoint(tmp_path, create_model(architecture, 2).eval(), info)
+    model, reloaded = load_model(checkpoint)
+    assert reloaded == info and model.pretrained_cfg["architecture"] == architecture
+    if exported:
+        done = export.export_checkpoint(checkpoint)
+        assert done.path == tmp_path / "best.onnx" and done.agreement.top1_agreement == 1.0
+        assert load_onnx(done.path)[1] == info
