@@ -90,6 +90,7 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
         raise UserError(f"--tolerance must be 0 or more (got {tolerance}); the default is 1e-3.")
     for package in EXPORT_PACKAGES:
         require(package, "monkeytrain export")
+    check_writable_dir(output.parent, "--output")  # before the seconds that exporting takes
     weights, header = read_checkpoint_file(checkpoint)
     info = CheckpointInfo.from_metadata(header)
     model = model_with_weights(weights, info)
@@ -105,7 +106,6 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
             f"--tolerance {tolerance:g} (top-1 agreement "
             f"{agreement.top1_agreement:.1%}); nothing was written; raise --tolerance if that is close enough, "
             "or update torch, onnxscript and onnxruntime.")
-    check_writable_dir(output.parent, "--output")
     write_atomically(output, data, flag="--output")
     return Export(output, len(data), opset_of(exported), info, checked_on, agreement, skipped)
 
