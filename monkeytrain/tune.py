@@ -44,6 +44,7 @@ TRIALS_DIR = "trials"
 CLAIM_NAME = "finish.claim"
 BEST_RUN_NAME = "best_run"
 TRIAL_LOG = "train.log"
+RESULTS_NAME = "results.json"  # rundir.RESULTS_NAME; importing it would load torch for a one-line answer
 WORKER_INDEX_ENV = "MONKEYTRAIN_TUNE_WORKER"  # set in the processes of --workers K
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # The median rule leaves a trial alone for its first epochs (too noisy to judge) and until a few
@@ -118,8 +119,11 @@ def main(argv: list[str]) -> int:
     args, train_flags = build_parser().parse_known_args(argv)
     if args.trials < 1 or args.workers < 1:
         raise UserError("--trials and --workers must be at least 1.")
+    if study_finished(args.study_dir):  # said before any checks or imports: there is nothing left to do
+        say(f"{args.study_dir} is a finished study; its results: {args.study_dir / BEST_RUN_NAME}/results.json")
+        return 0
     study, setup, config = open_search(args, train_flags)
-    if args.workers > 1 and not args.finish and not study_finished(setup.study_dir):
+    if args.workers > 1 and not args.finish:
         return run_workers(args.workers, argv, config)
     return work(study, setup, args.finish)
 
@@ -225,9 +229,6 @@ def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
 
 def work(study, setup: Setup, finish_now: bool) -> int:
     """Run trials until the study has enough, then finish it if this worker is the last one."""
-    if study_finished(setup.study_dir):
-        say(f"{setup.study_dir} is a finished study; its results: {setup.study_dir / BEST_RUN_NAME}/results.json")
-        return 0
     if os.environ.get(WORKER_INDEX_ENV):
         from monkeytrain.preemption import stop_when_parent_dies
 
@@ -456,8 +457,6 @@ def finish_is_mine(study, setup: Setup, reason: str) -> bool:
 
 
 def study_finished(study_dir: Path) -> bool:
-    from monkeytrain.rundir import RESULTS_NAME
-
     return (study_dir / BEST_RUN_NAME / RESULTS_NAME).is_file()
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from monkeytrain import cli
 from monkeytrain.config import parse_config
-from test_slurm import FINISHED, job_environment, job_state, read_log, slurm_cluster, submit  # noqa: F401
+from test_slurm import job_environment, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
 
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -76,13 +76,13 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     study_dir = tmp_path / "study"
     enqueue(study_dir, {"lr": 1000.0, "weight_decay": 1e-4, "label_smoothing": 0.1},
             {"lr": 0.05, "weight_decay": 1e-4, "label_smoothing": 0.1})
-    done = run_tune(tune_command(space, study_dir, "--trials", "4", "--workers", "2", "--pruner", "below:0.3",
+    done = run_tune(tune_command(space, study_dir, "--trials", "3", "--workers", "2", "--pruner", "below:0.3",
                                  *train_flags, "--epochs", "2"))
 
     out = done.stdout
     assert out.count(" joins ") == 2 and out.count("training the best config once more") == 1, out
     trials = read_trials(study_dir)
-    assert len(trials) == 4 and len({t["worker"] for t in trials}) == 2  # both workers ran trials
+    assert len(trials) == 3 and len({t["worker"] for t in trials}) == 2  # both workers ran trials
     assert trials[0]["state"] == "PRUNED" and trials[0]["note"] == "pruned at epoch 1"
     assert float(trials[0]["value"]) == pytest.approx(2 / 18)
     assert trials[1]["state"] == "COMPLETE" and float(trials[1]["value"]) >= 0.8
@@ -203,15 +203,16 @@ def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_
     study_dir = tmp_path / "study"
     env = job_environment(PYTHONPATH=str(PROJECT))
     job = submit(PROJECT / "slurm" / "tune.sbatch", "--space", str(space), "--study-dir", str(study_dir),
-                 "--trials", "3", "--pruner", "none", *train_flags, "--epochs", "2",
-                 workdir=tmp_path, env=env, sbatch_flags=["--array=0-1", "--cpus-per-task=1"], wait=True)
+                 "--trials", "2", "--pruner", "none", *train_flags, "--epochs", "2",
+                 workdir=tmp_path, env=env, sbatch_flags=["--array=0-1", "--cpus-per-task=1"])
+    # Polled here, not with sbatch --wait, which looks again only 2, 10 and 42 s after submitting.
+    states = [wait_for_job(f"{job}_{task}", timeout=300)["JobState"] for task in (0, 1)]
 
     logs = [read_log(tmp_path / "logs" / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
-    states = [job_state(f"{job}_{task}")["JobState"] for task in (0, 1)]
     assert states == ["COMPLETED", "COMPLETED"], "\n".join(log[-3000:] for log in logs)
     assert sum(log.count("training the best config once more") for log in logs) == 1  # exactly one finishes
     assert all(" joins " in log for log in logs)
     trials = read_trials(study_dir)
-    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 2
     assert {t["worker"].rsplit(":", 1)[1] for t in trials} <= {f"slurm-{job}_0", f"slurm-{job}_1"}
     assert json.loads((study_dir / "best_run" / "results.json").read_text())["test_images"] == 18
