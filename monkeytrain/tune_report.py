@@ -90,7 +90,7 @@ def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_no
     history.set_ylim(top=min(history.get_ylim()[1], 1.02))  # no room above 100% accuracy
     history.yaxis.set_major_formatter(PercentFormatter(1.0))
     history.xaxis.set_major_locator(MaxNLocator(integer=True))
-    history.legend(loc="lower right")
+    history.legend(loc="best", fontsize=8)
     if importances:
         names = list(importances)[::-1]
         importance.barh(names, [importances[n] for n in names])
