@@ -63,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="monkeytrain tune", allow_abbrev=False,  # no prefix may swallow a train.py flag
         description="Search hyper-parameters with Optuna. Flags not listed here are train.py flags "
                     "that every trial shares (--data, --epochs, --cpu, ...).")
-    parser.add_argument("--space", type=Path, required=True, metavar="FILE.yaml", help="search space YAML (see slurm/tune_space.yaml)")
+    parser.add_argument("--space", type=Path, required=True, metavar="FILE.yaml",
+                        help="search space YAML (see slurm/tune_space.yaml)")
     parser.add_argument("--study-dir", type=Path, required=True, metavar="DIR",
                         help="the study's folder; several workers, or a later run, share it")
-    parser.add_argument("--trials", type=int, default=20, metavar="N", help="trials the study holds in all (default: 20)")
-    parser.add_argument("--timeout-minutes", type=float, metavar="M", help="this worker starts no trial after this long")
+    parser.add_argument("--trials", type=int, default=20, metavar="N",
+                        help="trials the study holds in all (default: 20)")
+    parser.add_argument("--timeout-minutes", type=float, metavar="M",
+                        help="this worker starts no trial after this long")
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="worker processes on this machine: one GPU each, or the CPU cores shared")
     parser.add_argument("--pruner", type=pruner_rule, default="median", metavar="RULE",
@@ -109,6 +112,7 @@ class TrialEnd:
     state: object  # optuna.trial.TrialState
     value: float | None
     note: str
+    interrupted: bool = False  # by a stop signal: the worker stops too
 
 
 @exits_cleanly_on_user_error
@@ -163,8 +167,8 @@ def fixed_flags(train_flags: list[str], space: dict) -> dict:
     given = vars(parser.parse_args(train_flags))
     for name in RESERVED_FIELDS:
         if name in given:
-            raise UserError(f"--{name.replace('_', '-')} is not for monkeytrain tune: it names each trial's "
-                            "run directory itself, under --study-dir, and scores trials on validation only.")
+            raise UserError(f"--{name.replace('_', '-')} is set by monkeytrain tune itself (each trial's run "
+                            "directory is under --study-dir, and no trial sees the test split); drop it.")
     clash = sorted(given.keys() & space.keys())
     if clash:
         raise UserError(f"--{clash[0].replace('_', '-')} is given as a flag and searched in the space; "
@@ -248,7 +252,7 @@ def work(study, setup: Setup, finish_now: bool) -> int:
         return 130
 
 
-def run_trials(study, setup: Setup, stops: "StopSignals") -> str:
+def run_trials(study, setup: Setup, stops: StopSignals) -> str:
     """Trials until the study holds enough (running ones elsewhere included), the time is up or a signal
     came; returns which: trials, time, signal (between trials) or interrupted (a trial stopped)."""
     from optuna.trial import TrialState
@@ -260,6 +264,8 @@ def run_trials(study, setup: Setup, stops: "StopSignals") -> str:
             return "trials"
         if setup.deadline is not None and time.monotonic() >= setup.deadline:
             return "time"
+        if (setup.study_dir / CLAIM_NAME).exists():  # another worker's time ran out: the study is ending
+            return "trials"
         trial = study.ask(setup.space)
         trial.set_user_attr("worker", setup.worker)
         if is_surplus(study, trial, setup.trials):
@@ -275,7 +281,7 @@ def run_trials(study, setup: Setup, stops: "StopSignals") -> str:
             stops.listen()
         study.tell(trial, ended.value, ended.state)
         say(f"trial {trial.number} ({describe(trial.params)}): {ended.note}")
-        if ended.state == TrialState.FAIL and "interrupted" in trial.user_attrs:
+        if ended.interrupted:
             return "interrupted"
 
 
@@ -318,7 +324,7 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
         return TrialEnd(TrialState.FAIL, None, f"failed ({trial.user_attrs['error']}); see its {TRIAL_LOG}")
     if results.get("stopped"):
         trial.set_user_attr("interrupted", "a stop signal")
-        return TrialEnd(TrialState.FAIL, None, "interrupted by a stop signal; it does not count")
+        return TrialEnd(TrialState.FAIL, None, "interrupted by a stop signal; it does not count", interrupted=True)
     return TrialEnd(TrialState.COMPLETE, results["best_val_accuracy"],
                     f"validation accuracy {results['best_val_accuracy']:.2%} (best epoch {results['best_epoch']})")
 

@@ -88,7 +88,8 @@ def value_range(name: str, spec: dict, where: str) -> BaseDistribution:
             return IntDistribution(low, high, log=spec.get("log", False), step=step or 1)
         return FloatDistribution(low, high, log=spec.get("log", False), step=step)
     except ValueError as error:  # Optuna's own checks: low <= high, log needs low > 0, not log with step
-        raise UserError(f"{where} is not a usable range ({str(error).rstrip('.')}); fix low, high, log or step.") from None
+        reason = str(error).rstrip(".")
+        raise UserError(f"{where} is not a usable range ({reason}); fix low, high, log or step.") from None
 
 
 def check_values(name: str, values: tuple, where: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -160,7 +159,7 @@ def test_a_bad_space_file_is_one_line_and_exit_2(tmp_path, capsys, text, expecte
 BAD_COMMANDS = {
     "missing space": (["--space", "{tmp}/nope.yaml"], "search space {tmp}/nope.yaml does not exist"),
     "flag also searched": (["--lr", "0.1"], "--lr is given as a flag and searched in the space"),
-    "run directory flag": (["--output-dir", "{tmp}/runs"], "--output-dir is not for monkeytrain tune"),
+    "run directory flag": (["--output-dir", "{tmp}/runs"], "--output-dir is set by monkeytrain tune itself"),
     "missing data": (["--data", "{tmp}/nothing"], "dataset folder {tmp}/nothing does not exist"),
 }
 
