@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -215,3 +216,23 @@ def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_
     assert [t["state"] for t in trials] == ["COMPLETE"] * 2
     assert {t["worker"].rsplit(":", 1)[1] for t in trials} <= {f"slurm-{job}_0", f"slurm-{job}_1"}
     assert json.loads((study_dir / "best_run" / "results.json").read_text())["test_images"] == 18
+
+
+def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
+    """SIGKILL leaves a trial running: a later worker on the same host (the dead pid) or the same SLURM
+    task after its requeue fails it; another host's or a live process's trial is left alone."""
+    from optuna.trial import TrialState
+
+    from monkeytrain.tune import STUDY_NAME, counted, fail_abandoned, is_surplus, study_storage
+
+    study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(tmp_path), direction="maximize")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    owners = [f"vm:{dead}", "vm:1:slurm-7_1", "elsewhere:1", f"vm:{os.getpid()}"]
+    for owner in owners:
+        study.ask().set_user_attr("worker", owner)
+    fail_abandoned(study, "vm:5:slurm-7_1")  # this SLURM task's next life, on host vm
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING,
+                                                     TrialState.RUNNING]
+    assert len(counted(study.get_trials())) == 2  # failed by a lost worker: not counted
+    assert is_surplus(study, study.ask(), wanted=2) and not is_surplus(study, study.get_trials()[2], wanted=1)
