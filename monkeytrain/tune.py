@@ -224,9 +224,9 @@ def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
         if kept is None:
             study.set_user_attr(key, value)
         elif kept != value:
-            what = "search space" if key == "space" else "fixed train.py flags"
-            raise UserError(f"{study_dir} holds a study begun with another {what} ({kept}); continue it with "
-                            "the same ones, or give a new --study-dir.")
+            what = "another search space" if key == "space" else "other fixed train.py flags"
+            raise UserError(f"{study_dir} holds a study begun with {what} ({kept}); continue it with the same, "
+                            "or give a new --study-dir.")
 
 
 # --- one worker ---------------------------------------------------------------
@@ -478,7 +478,7 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     if not any(t.state == TrialState.COMPLETE for t in trials):
         (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)  # more trials may come; let them finish it
         raise UserError(f"no trial of {setup.study_dir} completed ({progress(study, setup.trials)}); widen the "
-                        "space or relax --pruner, then run again with more --trials.")
+                        "space or relax --pruner, then run again with more --trials or --timeout-minutes.")
     best = study.best_trial
     files = write_study_files(study, trials, best, setup)
     say(f"{len(trials)} trials ({state_counts(trials)}); best: trial {best.number}, validation accuracy "
