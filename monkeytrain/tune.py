@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="worker processes on this machine: one GPU each, or the CPU cores shared")
     parser.add_argument("--pruner", type=pruner_rule, default="median", metavar="RULE",
-                        help=f"median (default): stop a trial whose validation accuracy is below the median "
-                             f"of earlier trials at the same epoch, from epoch {MEDIAN_FROM_EPOCH}, once "
+                        help=f"median (default): stop a trial whose best validation accuracy so far is below the "
+                             f"median of completed trials at that epoch, from epoch {MEDIAN_FROM_EPOCH}, once "
                              f"{MEDIAN_AFTER_TRIALS} trials completed; below:ACC: as soon as it is below ACC "
                              "(e.g. below:0.2); none")
     parser.add_argument("--finish", action="store_true",
@@ -480,17 +480,16 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
         raise UserError(f"no trial of {setup.study_dir} completed ({progress(study, setup.trials)}); widen the "
                         "space or relax --pruner, then run again with more --trials or --timeout-minutes.")
     best = study.best_trial
-    files = write_study_files(study, trials, best, setup)
-    say(f"{len(trials)} trials ({state_counts(trials)}); best: trial {best.number}, validation accuracy "
-        f"{best.value:.2%} ({describe(best.params)})")
-    say("wrote " + ", ".join(str(path) for path in files[:3]))
+    files, importances = write_study_files(study, trials, best, setup)
+    say(f"{len(trials)} trial{'s' * (len(trials) != 1)} ({state_counts(trials)}); best: trial {best.number}, "
+        f"validation accuracy {best.value:.2%} ({describe(best.params)})")
+    say("wrote " + ", ".join(str(path) for path in files))
     if stops.received:
         return stopped("signal", stops.received)
-    results = train_best(setup, files[2])
+    results = train_best(setup, files[-1])
     stops.listen()
     if results.get("stopped"):
         return stopped("interrupted", stops.received)
-    importances, _ = tune_report.param_importances(study)
     tune_report.write_json(tune_report.study_summary(trials, best, importances, results),
                            setup.study_dir / tune_report.SUMMARY_NAME)
     say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: validation accuracy "
@@ -500,7 +499,8 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     return 0
 
 
-def write_study_files(study, trials: list, best, setup: Setup) -> list[Path]:
+def write_study_files(study, trials: list, best, setup: Setup) -> tuple[list[Path], dict]:
+    """trials.csv, search.png and best_config.yaml (last), and the importances the picture shows."""
     from monkeytrain import tune_report
 
     directory = setup.study_dir
@@ -509,7 +509,7 @@ def write_study_files(study, trials: list, best, setup: Setup) -> list[Path]:
     picture = tune_report.draw_search(trials, importances, why_not, directory / tune_report.SEARCH_NAME)
     best_config = tune_report.write_best_config(best, directory / TRIALS_DIR / f"trial-{best.number:04d}",
                                                 sorted(setup.space), directory / tune_report.BEST_CONFIG_NAME)
-    return [directory / tune_report.TRIALS_NAME, picture, best_config]
+    return [directory / tune_report.TRIALS_NAME, picture, best_config], importances
 
 
 def train_best(setup: Setup, best_config: Path) -> dict:
