@@ -1,4 +1,4 @@
-"""The `monkeytrain` command: train, predict, evaluate, export, inspect-data, download."""
+"""The `monkeytrain` command: train, tune, predict, evaluate, export, inspect-data, download."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("train", help="train (same flags as monkeytrain/train.py; --help there)",
+                        add_help=False)
+    commands.add_parser("tune", help="search hyper-parameters with Optuna (monkeytrain tune --help)",
                         add_help=False)
 
     predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         from monkeytrain.train import main as train_main
 
         train_main(argv[1:])
+        return
+    if argv[:1] == ["tune"]:
+        from monkeytrain.tune import main as tune_main
+
+        status = tune_main(argv[1:])
+        if status:
+            sys.exit(status)
         return
     args = build_parser().parse_args(argv)
     {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,

@@ -136,6 +136,9 @@ class TrainConfig:
         "without a config sets to 1). Default: the cores this process may use, shared among the "
         "run's processes.")
     debug: bool = _option(False, "Quick check: CPU, small images, a few batches, two epochs.")
+    score_test: bool = _option(
+        True, "At the end, reload the best checkpoint and score it on the test split. monkeytrain tune "
+        "turns this off for its trials, so that a search never sees the test split.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,6 +269,16 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     if kind in (int, str) and type(value) is kind:
         return value
     raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}.")
+
+
+def field_type(name: str) -> type:
+    """The type of a config field's values: str, int, float or bool."""
+    return _base_type(FIELDS[name])
+
+
+def checked_value(name: str, value: Any, where: str) -> Any:
+    """`value` for the field `name` as YAML gives it, type-checked as a preset's would be."""
+    return _coerce(FIELDS[name], value, where)
 
 
 def validate(config: TrainConfig) -> None:

@@ -1,5 +1,5 @@
 """The final report of a run: the reloaded best checkpoint on the test split, results.json's
-content and the misclassified test images."""
+content and the misclassified test images (or, for a search's trial, the best epoch's figures alone)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,20 @@ def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplit
         summary["note"] = ("the best epoch was chosen on the test split (--val-fraction 0), "
                            "so test_accuracy is selection-biased (optimistic)")
     return summary
+
+
+def selection_summary(splits: DatasetSplits, best: BestEpoch, run_dir: Path) -> dict:
+    """results.json of a run that never saw its test split (--no-score-test: a trial of monkeytrain tune)."""
+    return {
+        "best_epoch": best.epoch,
+        "best_val_accuracy": best.accuracy,
+        "best_val_loss": best.loss,
+        "val_images": len(splits.val),
+        "test_accuracy": None,
+        "note": "not scored on the test split (--no-score-test)",
+        "synthetic_data": splits.synthetic,
+        "checkpoint": str(run_dir / BEST_NAME),
+    }
 
 
 def misclassified(test: EvalResult, files: list[ImageFile], class_names: list[str], accelerator) -> list[dict]:

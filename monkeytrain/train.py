@@ -21,6 +21,7 @@ if __name__ == "__main__" and not __package__:
 
 import json
 import time
+from typing import Callable
 
 from accelerate.utils import set_seed
 
@@ -31,24 +32,25 @@ from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.preemption import Preemption, requeue_or_exit
-from monkeytrain.results import final_evaluation
+from monkeytrain.results import final_evaluation, selection_summary
 from monkeytrain.rundir import RESULTS_NAME, prepare_run_dir
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
 
 
 @exits_cleanly_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    """Parse flags, train, and return the results written to results.json."""
+def main(argv: list[str] | None = None, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Parse flags, train, and return the results written to results.json. `on_epoch(epoch,
+    val_accuracy)` is called after each validation (see Trainer); monkeytrain tune prunes with it."""
     config = parse_config(argv)
     accelerator = make_accelerator(config)
     try:
-        return run(config, accelerator)
+        return run(config, accelerator, on_epoch)
     finally:
         accelerator.end_training()  # without it, gloo ranks can abort at exit
 
 
-def run(config: TrainConfig, accelerator) -> dict:
+def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> dict:
     started = time.perf_counter()
     stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
     set_seed(config.seed)
@@ -57,12 +59,13 @@ def run(config: TrainConfig, accelerator) -> dict:
     log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
                        config.log_checkpoint)
     try:
-        return train_and_report(RunContext(config, accelerator, run_dir, log), cache_dir, stop, started)
+        return train_and_report(RunContext(config, accelerator, run_dir, log), cache_dir, stop, started, on_epoch)
     finally:
         log.close()
 
 
-def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, started: float) -> dict:
+def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, started: float,
+                     on_epoch: Callable | None) -> dict:
     config, accelerator, log = run.config, run.accelerator, run.log
     data = prepare_data(config, accelerator, cache_dir, log)
     log.info(f"{data.summary()}; {accelerator.num_processes} process(es) on {accelerator.device}; "
@@ -70,18 +73,27 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, started
     log.write_file("config.yaml", config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
 
-    trainer = Trainer(run, data, stop)
+    trainer = Trainer(run, data, stop, on_epoch)
     if trainer.fit():  # a stop signal ended it, its state saved
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator)
         return {"stopped": True}
-    results, wrong = final_evaluation(accelerator, data, run.run_dir, trainer.best)
+    results, figure = score(run, data, trainer.best)
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
-    log.write_file(RESULTS_NAME, json.dumps(results, indent=2))
-    log.final(results, wrong, run.run_dir / BEST_NAME)
-    log.info(f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images "
-             f"(best epoch {trainer.best.epoch}); results in {run.run_dir / RESULTS_NAME}")
+    log.write_file(RESULTS_NAME, json.dumps(results, indent=2))  # last: it marks the run finished
+    log.info(f"{figure} (best epoch {trainer.best.epoch}); results in {run.run_dir / RESULTS_NAME}")
     return results
+
+
+def score(run: RunContext, data, best) -> tuple[dict, str]:
+    """results.json's figures and the one that ends the log: the test split's, or with --no-score-test
+    (a trial of monkeytrain tune) the best epoch's alone, the test split unseen."""
+    if not run.config.score_test:
+        return (selection_summary(data.splits, best, run.run_dir),
+                f"best validation accuracy {best.accuracy:.2%}, not scored on the test split")
+    results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
+    run.log.final(results, wrong, run.run_dir / BEST_NAME)
+    return results, f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images"
 
 
 if __name__ == "__main__":

@@ -65,10 +65,17 @@ class RunContext:
 
 
 class Trainer:
-    """Trains the remaining epochs of a run, resuming it first when asked to."""
+    """Trains the remaining epochs of a run, resuming it first when asked to.
 
-    def __init__(self, run: RunContext, data: RunData, stop: Preemption):
+    `on_epoch(epoch, val_accuracy)`, when given, is called on every rank after each epoch's
+    validation. To end the run there it raises (`monkeytrain tune` raises optuna.TrialPruned), which
+    skips the saved state, the requeue and the test split; the run directory keeps what it has.
+    """
+
+    def __init__(self, run: RunContext, data: RunData, stop: Preemption,
+                 on_epoch: Callable[[int, float], None] | None = None):
         self.run, self.data, self.stop = run, data, stop
+        self.on_epoch = on_epoch or (lambda epoch, val_accuracy: None)
         self.config, self.accelerator = run.config, run.accelerator
         self.generator = torch.Generator(self.accelerator.device).manual_seed(
             self.config.seed * 1000 + self.accelerator.process_index)
@@ -94,7 +101,7 @@ class Trainer:
                 self.save_state()
                 return True
             self.progress.epoch, self.progress.batch = epoch + 1, 0
-            self.validate(epoch, trained)
+            self.on_epoch(epoch, self.validate(epoch, trained))
             report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
             stopping, save_due = self.stop.check(self.accelerator)
             if stopping or save_due:
@@ -135,8 +142,8 @@ class Trainer:
             self.save_state()
         return stopping
 
-    def validate(self, epoch: int, trained: TrainStats) -> None:
-        """Score the validation split, save the checkpoint if it improved, log the epoch."""
+    def validate(self, epoch: int, trained: TrainStats) -> float:
+        """Score the validation split, save the checkpoint if it improved, log the epoch; the accuracy."""
         self.learner.averager.model.eval()
         validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.augmenter.eval,
                              self.accelerator, self.data.num_classes)
@@ -150,6 +157,7 @@ class Trainer:
             "lr": self.learner.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
             "epoch_seconds": trained.seconds, "is_best": improved,
         })
+        return validated.accuracy
 
     def save_state(self) -> Path:
         saved = self.store.save(

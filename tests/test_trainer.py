@@ -51,7 +51,7 @@ def trainer_for(tmp_path, make_image_folder):
     """A Trainer on 2 classes x 9 images (8 train, 1 held out each), batch 2, on the CPU."""
     data = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=9, size=20)
 
-    def make(*flags: str, stop=None) -> Trainer:
+    def make(*flags: str, stop=None, on_epoch=None) -> Trainer:
         config = parse_config(["--data", str(data), "--cpu", "--model", "resnet10t", "--image-size", "16",
                                "--batch-size", "2", "--num-workers", "0", "--report-to", "none",
                                "--val-fraction", "0.1", "--cache-dir", str(tmp_path / "cache"),
@@ -61,7 +61,8 @@ def trainer_for(tmp_path, make_image_folder):
         run_dir = Path(config.output_dir) / config.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         run = RunContext(config, accelerator, run_dir, SilentLog())
-        return Trainer(run, prepare_data(config, accelerator, tmp_path / "cache", run.log), stop or NoStop())
+        return Trainer(run, prepare_data(config, accelerator, tmp_path / "cache", run.log), stop or NoStop(),
+                       on_epoch)
 
     yield make
     AcceleratorState._reset_state(True)
@@ -85,3 +86,24 @@ def test_a_stop_saves_the_step_it_was_agreed_at_and_says_so(trainer_for, monkeyp
     [saved] = state_dirs(trainer.run.run_dir)
     assert saved.name == f"step-{trainer.progress.step:08d}"
     assert (trainer.progress.epoch, trainer.progress.batch, trainer.progress.step) == (2, 2, 8)
+
+
+class Pruned(Exception):
+    pass
+
+
+def test_on_epoch_sees_each_validation_and_may_end_the_run_there(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def prune_after_two(epoch: int, val_accuracy: float) -> None:  # what monkeytrain tune's pruner does
+        seen.append((epoch, val_accuracy))
+        if epoch == 2:
+            raise Pruned
+
+    trainer = trainer_for("--epochs", "3", "--max-batches-per-epoch", "2", on_epoch=prune_after_two)
+    with pytest.raises(Pruned):
+        trainer.fit()
+    assert [epoch for epoch, _ in seen] == [1, 2] and trainer.best.accuracy == max(a for _, a in seen)
+    assert state_dirs(trainer.run.run_dir) == []  # no state saved: a pruned run is not resumed
+    assert (trainer.run.run_dir / "best.safetensors").is_file()

@@ -1,0 +1,135 @@
+"""What the end of a study writes: trials.csv, search.png, best_config.yaml and summary.json.
+
+Everything here reads the study (and the best trial's run directory) and writes files; nothing trains.
+The picture is drawn on matplotlib's Agg canvas directly, as plots.py does.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import optuna
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+from optuna.trial import FrozenTrial, TrialState
+
+TRIALS_NAME = "trials.csv"
+SEARCH_NAME = "search.png"
+BEST_CONFIG_NAME = "best_config.yaml"
+SUMMARY_NAME = "summary.json"
+# Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
+RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", "cpu_threads")
+
+
+def trial_note(trial: FrozenTrial) -> str:
+    """Why a trial ended as it did, in a few words (empty for a complete one)."""
+    attrs = trial.user_attrs
+    if trial.state == TrialState.PRUNED:
+        return f"pruned at epoch {trial.last_step}"
+    if "error" in attrs:
+        return f"failed: {attrs['error']}"
+    if trial.state == TrialState.FAIL:
+        return f"interrupted ({attrs.get('interrupted', 'its worker was lost')}); not counted"
+    return ""
+
+
+def seconds(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 1)
+
+
+def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
+    """One row per trial: number, state, value (best-epoch validation accuracy; a pruned trial's last
+    one), each parameter, seconds, the worker that ran it and a note."""
+    names = sorted({name for trial in trials for name in trial.params})
+    with open(path, "w", newline="") as handle:
+        table = csv.writer(handle)
+        table.writerow(["number", "state", "value", *names, "seconds", "worker", "note"])
+        for trial in trials:
+            value = trial.value if trial.value is not None else trial.intermediate_values.get(trial.last_step)
+            table.writerow([trial.number, trial.state.name, value, *(trial.params.get(n) for n in names),
+                            seconds(trial), trial.user_attrs.get("worker", ""), trial_note(trial)])
+
+
+def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
+    """Optuna's parameter importances over the complete trials, or ({}, why not): with few trials
+    Optuna only warns and returns equal shares, which would be a picture of nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as error:
+            return {}, str(error)
+    doubts = [str(w.message) for w in caught if "importance" in str(w.message).lower()]
+    return ({}, doubts[0]) if doubts else (importances, "")
+
+
+def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_not: str, path: Path) -> Path:
+    """search.png: each trial's validation accuracy (pruned ones at their last epoch) with the best so
+    far, and beside it the parameter importances (or why Optuna could not give them)."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    history, importance = figure.subplots(1, 2, width_ratios=[3, 2])
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    history.scatter([t.number for t in complete], [t.value for t in complete], label="complete", zorder=3)
+    history.scatter([t.number for t in pruned], [t.intermediate_values[t.last_step] for t in pruned],
+                    marker="x", color="tab:red", label="pruned (last epoch)", zorder=3)
+    best, running = [], float("-inf")
+    for trial in complete:
+        running = max(running, trial.value)
+        best.append((trial.number, running))
+    if best:
+        history.step(*zip(*best), where="post", color="tab:green", label="best so far")
+    history.set(xlabel="trial", ylabel="validation accuracy", title="objective per trial")
+    history.set_ylim(top=min(history.get_ylim()[1], 1.02))  # no room above 100% accuracy
+    history.yaxis.set_major_formatter(PercentFormatter(1.0))
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))
+    history.legend(loc="best", fontsize=8)
+    if importances:
+        names = list(importances)[::-1]
+        importance.barh(names, [importances[n] for n in names])
+        importance.set(xlabel="share of the variation in accuracy", title="parameter importance (Optuna)")
+    else:
+        importance.axis("off")
+        importance.text(0.5, 0.5, f"no parameter importance yet:\n{why_not}", ha="center", va="center",
+                        wrap=True, fontsize=9)
+    FigureCanvasAgg(figure).print_png(str(path))
+    return path
+
+
+def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], path: Path) -> Path:
+    """The best trial's resolved config (its run's config.yaml) as a --config preset, without what only
+    named that run, so `monkeytrain train --config best_config.yaml` trains the same recipe again."""
+    config = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    preset = {key: value for key, value in config.items() if key not in RUN_ONLY_KEYS}
+    header = (f"# The best trial of a monkeytrain tune study: trial {best.number}, validation accuracy "
+              f"{best.value:.2%} (best epoch), from {trial_dir}.\n# Searched: {', '.join(searched)}. "
+              f"Train it again with: monkeytrain train --config {path}\n")
+    path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
+    return path
+
+
+def study_summary(trials: list[FrozenTrial], best: FrozenTrial, importances: dict, best_run: dict) -> dict:
+    """summary.json: the count per state, the best trial and the one test score of the study."""
+    states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    return {
+        "trials": {name: count for name, count in states.items() if count},
+        "best_trial": best.number,
+        "best_params": best.params,
+        "best_trial_val_accuracy": best.value,
+        "param_importances": importances,
+        "best_run": {key: best_run.get(key) for key in ("best_val_accuracy", "best_epoch", "test_accuracy",
+                                                        "test_images", "checkpoint")},
+        "note": "only best_run was scored on the test split, once; every trial was scored on validation",
+    }
+
+
+def write_json(data: dict, path: Path) -> Path:
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -1,0 +1,124 @@
+"""The search space of `monkeytrain tune`: a YAML mapping of TrainConfig fields to Optuna distributions.
+
+    lr: {low: 0.01, high: 0.4, log: true}    # a range (float and int fields); log: true is log-uniform
+    epochs: {low: 30, high: 90, step: 15}    # step: a grid (not together with log)
+    model: [resnet18, resnet34, resnet50]    # a list: the choices (fields of any type; null: the default)
+
+Keys are train.py flags, with dashes or underscores. Names, types and values are checked against
+TrainConfig before the first trial, so a bad space costs one line, not a failed study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution, distribution_to_json)
+
+from monkeytrain.config import (FIELDS, RENAMED_FIELDS, TrainConfig, checked_value, field_type, flag_name,
+                                validate)
+from monkeytrain.errors import UserError
+
+# Fields a search must not vary: where runs read and write, how they are tracked, and the held-out
+# images that score every trial (scores on different validation images do not compare).
+UNSEARCHABLE = {"data", "train_dir", "val_dir", "test_dir", "cache_dir", "output_dir", "run_name", "resume",
+                "val_fraction", "score_test", "report_to", "log_checkpoint", "debug", "cpu"}
+RANGE_KEYS = ("low", "high", "log", "step")
+
+
+def load_space(path: Path) -> dict[str, BaseDistribution]:
+    """The distributions of a space file, by field name; one clear UserError for anything wrong."""
+    if not path.is_file():
+        raise UserError(f"search space {path} does not exist; check the path given to --space.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"search space {path} is not valid YAML ({error.__class__.__name__}); fix its syntax.")
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"search space {path} must map train.py flags to ranges or lists of choices.")
+    space = {}
+    for key, spec in raw.items():
+        name = searchable_name(key, path)
+        space[name] = distribution(name, spec, f"'{key}' in {path}")
+    return space
+
+
+def searchable_name(key: Any, path: Path) -> str:
+    name = str(key).replace("-", "_")
+    name = RENAMED_FIELDS.get(name, name)
+    if name not in FIELDS:
+        raise UserError(f"unknown field '{key}' in {path}; search-space keys are the flags of "
+                        "monkeytrain/train.py --help.")
+    if name in UNSEARCHABLE:
+        raise UserError(f"'{key}' in {path} cannot be searched (it says where runs read or write, or which "
+                        f"images score the trials); give it as a flag of monkeytrain tune instead.")
+    return name
+
+
+def distribution(name: str, spec: Any, where: str) -> BaseDistribution:
+    if isinstance(spec, list):
+        if not spec:
+            raise UserError(f"{where} lists no choices; give at least one.")
+        choices = tuple(checked_value(name, value, where) for value in spec)
+        check_values(name, choices, where)
+        return CategoricalDistribution(choices)
+    if isinstance(spec, dict):
+        return value_range(name, spec, where)
+    raise UserError(f"{where} must be a range like {{low: 0.01, high: 0.1}} or a list of choices, got {spec!r}.")
+
+
+def value_range(name: str, spec: dict, where: str) -> BaseDistribution:
+    kind = field_type(name)
+    if kind not in (int, float):
+        raise UserError(f"{where} is a {kind.__name__} field; give a list of choices instead of a range.")
+    unknown = [key for key in spec if key not in RANGE_KEYS]
+    if unknown or "low" not in spec or "high" not in spec:
+        raise UserError(f"{where} must have low and high (and optionally log, step); got {sorted(spec)}.")
+    low, high = (checked_value(name, spec[key], f"{where} {key}") for key in ("low", "high"))
+    step = None if spec.get("step") is None else checked_value(name, spec["step"], f"{where} step")
+    if not isinstance(spec.get("log", False), bool):
+        raise UserError(f"{where} log must be true or false, got {spec['log']!r}.")
+    check_values(name, (low, high), where)
+    try:
+        if kind is int:
+            return IntDistribution(low, high, log=spec.get("log", False), step=step or 1)
+        return FloatDistribution(low, high, log=spec.get("log", False), step=step)
+    except ValueError as error:  # Optuna's own checks: low <= high, log needs low > 0, not log with step
+        reason = str(error).rstrip(".")
+        raise UserError(f"{where} is not a usable range ({reason}); fix low, high, log or step.") from None
+
+
+def check_values(name: str, values: tuple, where: str) -> None:
+    """Each value (a range's ends, every choice) must pass train.py's own checks."""
+    for value in (v for v in values if v is not None):
+        if name == "model":
+            import timm  # here: only a space that searches models pays for the import
+
+            if not timm.is_model(value):
+                raise UserError(f"{where} names '{value}', which is not a timm model; see timm.list_models().")
+        try:
+            validate(dataclasses.replace(TrainConfig(), **{name: value}))
+        except UserError as error:  # the check that failed, without train.py's advice about flags
+            raise UserError(f"{where} allows {value!r}, which train.py refuses "
+                            f"({str(error).split(';')[0]}); narrow it.") from None
+
+
+def as_flags(params: dict[str, Any]) -> list[str]:
+    """A trial's values as train.py flags; a null choice leaves the flag out (the default applies)."""
+    flags: list[str] = []
+    for name, value in params.items():
+        if isinstance(value, bool):
+            flags.append(f"--{flag_name(name)}" if value else f"--no-{flag_name(name)}")
+        elif value is not None:
+            flags += [f"--{flag_name(name)}", str(value)]
+    return flags
+
+
+def space_json(space: dict[str, BaseDistribution]) -> str:
+    """The space as one comparable string: a study remembers it, so a changed space is caught."""
+    return json.dumps({name: json.loads(distribution_to_json(d)) for name, d in sorted(space.items())},
+                      sort_keys=True)

@@ -1,0 +1,238 @@
+"""monkeytrain tune: real (tiny) studies in subprocesses, bad input in one line, and a SLURM array.
+
+The studies train resnet10t at 32 px for two or three epochs of three batches on a tiny coloured-shapes
+set. Which trial is pruned is made certain, not left to chance: the test enqueues (Optuna's own
+enqueue_trial, on the study's storage) a trial with lr 1000, which diverges; its weights turn to NaN,
+every image is then predicted as class 0, which holds 2 of the 18 validation images, and `--pruner
+below:0.3` prunes it after its first epoch. lr 0.02-0.05 reaches 89-100% on this set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from monkeytrain import cli
+from monkeytrain.config import parse_config
+from test_slurm import job_environment, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+SPACE = {"lr": [0.05, 0.02, 1000.0], "weight-decay": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+         "label_smoothing": {"low": 0.0, "high": 0.2}}
+TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "6", "--num-workers", "0",
+        "--report-to", "none", "--max-batches-per-epoch", "3", "--warmup-epochs", "0", "--ema-decay", "0",
+        "--cpu-threads", "1"]
+
+
+@pytest.fixture
+def study_inputs(tmp_path, make_image_folder):
+    """(space file, train flags) of a tiny study: class n0 is rare, so a diverged model scores 2/18."""
+    data = make_image_folder(tmp_path / "data", layout="train-val-test", classes=3,
+                             per_class={"n0": 2, "n1": 8, "n2": 8}, size=32)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    return space, ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY]
+
+
+def tune_command(space: Path, study_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "monkeytrain.cli", "tune", "--space", str(space), "--study-dir", str(study_dir),
+            *flags]
+
+
+def run_tune(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def enqueue(study_dir: Path, *params: dict) -> None:
+    """Trials to run first, through Optuna's own API on the study's storage."""
+    from monkeytrain.tune import STUDY_NAME, study_storage
+
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(study_dir), direction="maximize")
+    for values in params:
+        study.enqueue_trial(values)
+
+
+def read_trials(study_dir: Path) -> list[dict]:
+    with open(study_dir / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs, tmp_path):
+    space, train_flags = study_inputs
+    study_dir = tmp_path / "study"
+    enqueue(study_dir, {"lr": 1000.0, "weight_decay": 1e-4, "label_smoothing": 0.1},
+            {"lr": 0.05, "weight_decay": 1e-4, "label_smoothing": 0.1})
+    done = run_tune(tune_command(space, study_dir, "--trials", "3", "--workers", "2", "--pruner", "below:0.3",
+                                 *train_flags, "--epochs", "2"))
+
+    out = done.stdout
+    assert out.count(" joins ") == 2 and out.count("training the best config once more") == 1, out
+    trials = read_trials(study_dir)
+    assert len(trials) == 3 and len({t["worker"] for t in trials}) == 2  # both workers ran trials
+    assert trials[0]["state"] == "PRUNED" and trials[0]["note"] == "pruned at epoch 1"
+    assert float(trials[0]["value"]) == pytest.approx(2 / 18)
+    assert trials[1]["state"] == "COMPLETE" and float(trials[1]["value"]) >= 0.8
+    pruned_dir = study_dir / "trials" / "trial-0000"
+    assert json.loads((pruned_dir / "trial.json").read_text())["state"] == "PRUNED"
+    assert not (pruned_dir / "results.json").exists()  # ended at epoch 1 of 2, never scored
+    complete = json.loads((study_dir / "trials" / "trial-0001" / "results.json").read_text())
+    assert complete["test_accuracy"] is None and "best_val_accuracy" in complete  # trials never see test
+
+    summary = json.loads((study_dir / "summary.json").read_text())
+    best = summary["best_trial"]
+    assert trials[best]["state"] == "COMPLETE" and float(trials[best]["value"]) == max(
+        float(t["value"]) for t in trials if t["state"] == "COMPLETE")
+    assert (study_dir / "search.png").read_bytes()[:4] == b"\x89PNG"
+    preset = parse_config(["--config", str(study_dir / "best_config.yaml")])
+    assert preset.lr == summary["best_params"]["lr"] and preset.epochs == 2 and preset.model == "resnet10t"
+    # best_run trained from best_config.yaml with --config, and is the one run scored on the test split.
+    best_run = json.loads((study_dir / "best_run" / "results.json").read_text())
+    assert 0 <= best_run["test_accuracy"] <= 1 and best_run["test_images"] == 18
+    assert yaml.safe_load((study_dir / "best_run" / "config.yaml").read_text())["lr"] == preset.lr
+    assert "the study's one look at the test split" in out
+
+
+def test_a_stopped_study_loses_only_the_trial_in_flight_and_continues(study_inputs, tmp_path):
+    space, train_flags = study_inputs
+    study_dir = tmp_path / "study"
+    command = tune_command(space, study_dir, "--trials", "1", "--pruner", "none", *train_flags, "--epochs", "3")
+    first = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = study_dir / "trials" / "trial-0000" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)  # in epoch 2 of 3: the trial saves at its end and stops
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "stopped on SIGTERM" in output, output
+    assert "interrupted by a stop signal; it does not count" in output
+
+    again = run_tune(command).stdout
+    assert "0 of 1 trials done, 0 running" in again  # the interrupted trial does not count
+    trials = read_trials(study_dir)
+    assert [t["state"] for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0]["note"] == "interrupted (a stop signal); not counted"
+    assert (study_dir / "best_run" / "results.json").is_file()
+    assert "is a finished study" in run_tune(command).stdout  # nothing more to do, nothing retrained
+
+
+BAD_SPACES = {
+    "unknown field": ("{learning_rate: [0.1]}", "unknown field 'learning_rate'"),
+    "range on a str field": ("{model: {low: 1, high: 2}}", "str field; give a list of choices"),
+    "int field, float bound": ("{epochs: {low: 1.5, high: 3}}", "must be of type int"),
+    "low above high": ("{lr: {low: 0.5, high: 0.1}}", "is not a usable range"),
+    "log from zero": ("{label_smoothing: {low: 0.0, high: 0.1, log: true}}", "is not a usable range"),
+    "refused value": ("{label_smoothing: [0.1, 1.5]}", "which train.py refuses (--label-smoothing"),
+    "not a timm model": ("{model: [resnet18, resnet9000]}", "'resnet9000', which is not a timm model"),
+    "unsearchable": ("{val_fraction: [0.1, 0.2]}", "cannot be searched"),
+    "empty choices": ("{lr: []}", "lists no choices"),
+    "not a mapping": ("[lr, 0.1]", "must map train.py flags"),
+    "bad YAML": ("{lr: [0.1", "is not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("text, expected", BAD_SPACES.values(), ids=BAD_SPACES.keys())
+def test_a_bad_space_file_is_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tune", "--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("monkeytrain: error: ") and expected in error, error
+    assert not (tmp_path / "study").exists()  # nothing created before the input is known good
+
+
+BAD_COMMANDS = {
+    "missing space": (["--space", "{tmp}/nope.yaml"], "search space {tmp}/nope.yaml does not exist"),
+    "flag also searched": (["--lr", "0.1"], "--lr is given as a flag and searched in the space"),
+    "run directory flag": (["--output-dir", "{tmp}/runs"], "--output-dir is set by monkeytrain tune itself"),
+    "missing data": (["--data", "{tmp}/nothing"], "dataset folder {tmp}/nothing does not exist"),
+}
+
+
+@pytest.mark.parametrize("flags, expected", BAD_COMMANDS.values(), ids=BAD_COMMANDS.keys())
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, expected):
+    space = tmp_path / "space.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tune", "--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu", *flags])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1 and expected.format(tmp=tmp_path) in error, error
+
+
+def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
+    from monkeytrain import tune
+
+    space = tmp_path / "space.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
+    assert tune.main(["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"]) == 0
+    space.write_text("{lr: [0.1, 0.3]}")
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "holds a study begun with another search space" in error, error
+
+
+def test_without_optuna_one_line_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without it gives: ImportError
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tune", "--space", str(tmp_path / "space.yaml"), "--study-dir", str(tmp_path / "study")])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1 and 'pip install -e ".[tune]"' in error, error
+
+
+def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_cluster, study_inputs, tmp_path):
+    space, train_flags = study_inputs
+    study_dir = tmp_path / "study"
+    env = job_environment(PYTHONPATH=str(PROJECT))
+    job = submit(PROJECT / "slurm" / "tune.sbatch", "--space", str(space), "--study-dir", str(study_dir),
+                 "--trials", "2", "--pruner", "none", *train_flags, "--epochs", "2",
+                 workdir=tmp_path, env=env, sbatch_flags=["--array=0-1", "--cpus-per-task=1"])
+    # Polled here, not with sbatch --wait, which looks again only 2, 10 and 42 s after submitting.
+    states = [wait_for_job(f"{job}_{task}", timeout=300)["JobState"] for task in (0, 1)]
+
+    logs = [read_log(tmp_path / "logs" / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
+    assert states == ["COMPLETED", "COMPLETED"], "\n".join(log[-3000:] for log in logs)
+    assert sum(log.count("training the best config once more") for log in logs) == 1  # exactly one finishes
+    assert all(" joins " in log for log in logs)
+    trials = read_trials(study_dir)
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 2
+    assert {t["worker"].rsplit(":", 1)[1] for t in trials} <= {f"slurm-{job}_0", f"slurm-{job}_1"}
+    assert json.loads((study_dir / "best_run" / "results.json").read_text())["test_images"] == 18
+
+
+def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
+    """SIGKILL leaves a trial running: a later worker on the same host (the dead pid) or the same SLURM
+    task after its requeue fails it; another host's or a live process's trial is left alone."""
+    from optuna.trial import TrialState
+
+    from monkeytrain.tune import STUDY_NAME, counted, fail_abandoned, is_surplus, study_storage
+
+    study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(tmp_path), direction="maximize")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    owners = [f"vm:{dead}", "vm:1:slurm-7_1", "elsewhere:1", f"vm:{os.getpid()}"]
+    for owner in owners:
+        study.ask().set_user_attr("worker", owner)
+    fail_abandoned(study, "vm:5:slurm-7_1")  # this SLURM task's next life, on host vm
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING,
+                                                     TrialState.RUNNING]
+    assert len(counted(study.get_trials())) == 2  # failed by a lost worker: not counted
+    assert is_surplus(study, study.ask(), wanted=2) and not is_surplus(study, study.get_trials()[2], wanted=1)
