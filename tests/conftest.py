@@ -3,6 +3,8 @@
 `make_image_folder(root, layout="kaggle", classes=3, per_class=6, size=24)`
 writes PNG files that a model can learn (each class its own colour) and whose
 bytes all differ (per-image noise), so no accidental leakage between splits.
+
+Tests marked `last` run after all the others (see `pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -108,3 +110,16 @@ def cpu_accelerator():
     AcceleratorState._reset_state(True)
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(True)
+
+
+# --- tests that only wait on background work run at the end of the session --------------------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "last: run after every other test of the session. For a test that only waits for "
+        "work started earlier in the background (a requeued SLURM job that Slurm holds for about two "
+        "minutes), so the rest of the suite runs meanwhile instead of the wait.")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: order kept otherwise
