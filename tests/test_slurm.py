@@ -9,11 +9,11 @@ tests; accounting is off, so job states come from `scontrol show job` (kept for
 MinJobAge = 1 h after a job ends).
 
 A job that requeues itself is held by Slurm for about two minutes before it
-runs again. The requeue test is therefore two tests: the first (at the top of
-this file) starts the job, signals it and sees it requeue; the second, marked
-`last` (see conftest.py), runs after every other test of the session and
-waits for the requeued job to finish, so the rest of the suite, this file's
-other jobs included, runs during the hold instead of waiting for it.
+runs again. The requeue test is therefore two tests: the first, marked `first`
+(see conftest.py), runs before every other test of the session: it starts the
+job, signals it and sees it requeue; the second, marked `last`, runs after all
+the others and checks how the requeued job ended. The rest of the suite runs
+during the hold instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def checkpoint_header(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running local SLURM for the session (a requeued job outlives this module, see above);
-    stopped at the end unless it was already up."""
+    """A running local SLURM for the session (the requeued job outlives this module's other tests,
+    see above); stopped at the end unless it was already up."""
     was_running = False
     try:
         was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
@@ -173,9 +173,10 @@ def requeued_job(slurm_cluster, tmp_path_factory):
 
 # --- real training ------------------------------------------------------------
 
+@pytest.mark.first
 def test_warning_signal_makes_the_job_save_and_requeue_itself(requeued_job):
     """SIGUSR1 mid-training: the ranks save and stop, and the job requeues itself (its end is
-    checked by the last test of the session, below)."""
+    checked by the last test of the session, at the end of this file)."""
     text = read_log(requeued_job.log)
     assert f"scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
     assert not (requeued_job.run_dir / "results.json").exists()  # it stopped before its last epoch
