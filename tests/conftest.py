@@ -3,6 +3,9 @@
 `make_image_folder(root, layout="kaggle", classes=3, per_class=6, size=24)`
 writes PNG files that a model can learn (each class its own colour) and whose
 bytes all differ (per-image noise), so no accidental leakage between splits.
+
+Tests marked `first` run before all the others and tests marked `last` after them
+(see `pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -108,3 +111,22 @@ def cpu_accelerator():
     AcceleratorState._reset_state(True)
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(True)
+
+
+# --- background work: started by the first tests of the session, checked by the last ----------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "first: run before every other test of the session. For a test that starts slow "
+        "background work (a SLURM job that requeues itself and is then held by Slurm for about two "
+        "minutes), so that the rest of the suite runs meanwhile.")
+    config.addinivalue_line(
+        "markers", "last: run after every other test of the session. For a test that checks the end of "
+        "background work started by a `first` test.")
+
+
+def pytest_collection_modifyitems(items):
+    def place(item) -> int:
+        return 0 if item.get_closest_marker("first") else 2 if item.get_closest_marker("last") else 1
+
+    items.sort(key=place)  # stable: the order within each group is kept

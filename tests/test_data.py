@@ -247,15 +247,14 @@ def test_no_class_folders_at_all_is_a_user_error(tmp_path):
         discover(tmp_path)
 
 
-def test_holdout_never_leaves_selection_without_images(tmp_path, make_image_folder):
-    """A validation fraction too small to hold out anything must not leave the best-epoch
-    choice to an empty split: either an error saying so, or at least one image held out."""
+def test_holdout_too_small_to_round_to_an_image_still_holds_out_one_per_class(tmp_path, make_image_folder):
+    """10% of 3 images rounds to none; the best-epoch choice must not then fall to an empty
+    split: each class gives exactly one image to validation and keeps the rest for training."""
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
-    try:
-        splits = discover(root, val_fraction=0.1)
-    except UserError:
-        return
-    assert len(splits.val) > 0
+    splits = discover(root, val_fraction=0.1)
+    assert Counter(f.label for f in splits.val) == {0: 1, 1: 1}
+    assert Counter(f.label for f in splits.train) == {0: 2, 1: 2}
+    assert splits.selection_on_test is False
 
 
 def test_identical_files_in_two_splits_are_reported_as_leaks(tmp_path, make_image_folder):

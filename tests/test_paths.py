@@ -11,21 +11,35 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
 QUICK = ["--debug", "--image-size", "32", "--model", "resnet10t"]
+UNUSABLE = {"--output-dir": "/proc/nope/runs", "--cache-dir": "/proc/nope/cache"}
 
 
-def train(arguments: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "MONKEYTRAIN_CACHE": str(cache), "PYTHONPATH": str(PROJECT)}
-    environment.pop("MONKEYTRAIN_DATA", None)
-    return subprocess.run([sys.executable, str(PROJECT / "monkeytrain" / "train.py"), *QUICK, *arguments],
-                          cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> dict[str, subprocess.Popen]:
+    """flag -> the entry point run with that flag naming an unusable folder. Both are started at
+    once: each is nearly all Python start-up, which uses one core of two."""
+    runs = {}
+    for flag, folder in UNUSABLE.items():
+        cwd = tmp_path_factory.mktemp("paths")
+        environment = {**os.environ, "MONKEYTRAIN_CACHE": str(cwd / "cache"), "PYTHONPATH": str(PROJECT)}
+        environment.pop("MONKEYTRAIN_DATA", None)
+        runs[flag] = subprocess.Popen([sys.executable, str(PROJECT / "monkeytrain" / "train.py"), *QUICK, flag, folder],
+                                      cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+    yield runs
+    for run in runs.values():  # left running only if its test failed early
+        run.kill()
+        run.wait()
+        run.stdout.close()
+        run.stderr.close()
 
 
-@pytest.mark.parametrize("flag, folder", [("--output-dir", "/proc/nope/runs"), ("--cache-dir", "/proc/nope/cache")])
-def test_an_unusable_folder_exits_2_with_one_error_line(tmp_path, flag, folder):
-    done = train([flag, folder], cwd=tmp_path, cache=tmp_path / "cache")
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("monkeytrain: error:")]
-    assert len(errors) == 1, done.stderr[-3000:]
+@pytest.mark.parametrize("flag, folder", UNUSABLE.items())
+def test_an_unusable_folder_exits_2_with_one_error_line(started, flag, folder):
+    _, stderr = started[flag].communicate(timeout=300)
+    assert started[flag].returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("monkeytrain: error:")]
+    assert len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith(f"monkeytrain: error: cannot create or write the folder {folder}")
     assert errors[0].endswith(f"pick a writable {flag}.")

@@ -17,10 +17,11 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(not REAL_DATA, reason="set MONKEYTRAIN_TEST_DATA to the 10 Monkey Species folder")
 def test_cpu_recipe_run_beats_three_times_chance_and_uses_odd_files(tmp_path):
-    # The CPU recipe's defaults (default EMA included), only with fewer epochs.
+    # The CPU recipe's defaults (default EMA included), only with fewer epochs: with 3 the test
+    # accuracy was 40.8% (seed 0) and 41.9% (seed 1), clear of the 30% bar at 3/8 of the cost of 8.
     command = [
         sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", REAL_DATA, "--cpu",
-        "--epochs", "8", "--run-name", "real", "--cache-dir", str(tmp_path / "cache"),
+        "--epochs", "3", "--run-name", "real", "--cache-dir", str(tmp_path / "cache"),
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,12 +1,19 @@
 """The SLURM scripts, run by a real one-node SLURM (slurm/local_cluster.sh), not a mock.
 
-The module's `slurm_cluster` fixture starts the cluster (installing slurm-wlm
-and munge with apt-get the first time; needs root) and stops it afterwards if
-it was not already running. When SLURM cannot be started the tests that need
+The `slurm_cluster` fixture starts the cluster (installing slurm-wlm and munge
+with apt-get the first time; needs root) and stops it at the end of the session
+if it was not already running. When SLURM cannot be started the tests that need
 it are skipped, except in CI (CI=true), where that is a failure. The helpers
 `submit`, `job_state`, `wait_for_job` and `log_file` are meant for more SLURM
-tests (a requeue test, say); accounting is off, so job states come from
-`scontrol show job` (kept for MinJobAge = 1 h after a job ends).
+tests; accounting is off, so job states come from `scontrol show job` (kept for
+MinJobAge = 1 h after a job ends).
+
+A job that requeues itself is held by Slurm for about two minutes before it
+runs again. The requeue test is therefore two tests: the first, marked `first`
+(see conftest.py), runs before every other test of the session: it starts the
+job, signals it and sees it requeue; the second, marked `last`, runs after all
+the others and checks how the requeued job ended. The rest of the suite runs
+during the hold instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,20 +59,13 @@ def job_environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def submit(script: Path, *train_args: str, workdir: Path, env: dict[str, str], sbatch_flags=(),
-           wait: bool = False, timeout: float = 300) -> int:
+def submit(script: Path, *train_args: str, workdir: Path, env: dict[str, str], sbatch_flags=()) -> int:
     """sbatch `script` from the checkout (SLURM_SUBMIT_DIR) with the job working in `workdir`
-    (its logs/ folder is created); with wait=True return only once the job has ended."""
+    (its logs/ folder is created); returns the job id at once (`wait_for_job` waits for its end:
+    sooner than `sbatch --wait`, which looks again only after 2, 8 and then 32 s)."""
     (workdir / "logs").mkdir(exist_ok=True)
-    command = ["sbatch", "--parsable", f"--chdir={workdir}", *CPU_NODE, *sbatch_flags,
-               *(["--wait"] if wait else []), str(script), *train_args]
-    try:
-        done = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        job = (expired.stdout or b"").decode().strip().split(";")[0]
-        if job:
-            subprocess.run(["scancel", job])
-        raise AssertionError(f"sbatch --wait did not return within {timeout} s (job {job or '?'} cancelled)")
+    command = ["sbatch", "--parsable", f"--chdir={workdir}", *CPU_NODE, *sbatch_flags, str(script), *train_args]
+    done = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
     job_id = done.stdout.strip().split(";")[0]
     assert job_id.isdigit(), f"sbatch failed: {done.stdout}{done.stderr}"
     return int(job_id)
@@ -84,7 +85,7 @@ def wait_for_job(job_id: int, timeout: float = 300) -> dict[str, str]:
         if time.monotonic() > deadline:
             subprocess.run(["scancel", str(job_id)])
             raise AssertionError(f"job {job_id} still {state['JobState']} after {timeout} s; cancelled")
-        time.sleep(1)
+        time.sleep(0.5)
     return state
 
 
@@ -110,9 +111,10 @@ def checkpoint_header(path: Path) -> dict[str, str]:
 
 # --- fixtures -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running local SLURM for this module; stopped at the end unless it was already up."""
+    """A running local SLURM for the session (the requeued job outlives this module's other tests,
+    see above); stopped at the end unless it was already up."""
     was_running = False
     try:
         was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
@@ -130,46 +132,70 @@ def slurm_cluster():
         subprocess.run([str(CLUSTER), "stop"], capture_output=True)
 
 
+def wait_for_log(job: int, log: Path, text: str, timeout: float) -> None:
+    """Poll the job's log until `text` appears; the job must not end first."""
+    deadline = time.monotonic() + timeout
+    while text not in read_log(log):
+        state = job_state(job)["JobState"]
+        assert state not in FINISHED, f"job {job} ended ({state}) before printing {text!r}:\n{read_log(log)[-4000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{read_log(log)[-4000:]}"
+        time.sleep(0.2)
+
+
+@dataclass
+class RequeuedJob:
+    job: int
+    log: Path
+    run_dir: Path
+    epochs: int
+
+
+@pytest.fixture(scope="session")
+def requeued_job(slurm_cluster, tmp_path_factory):
+    """A two-rank train.sbatch job sent SLURM's warning signal (SIGUSR1 to the batch shell) after
+    its first epoch, returned once it has saved and requeued itself; Slurm then holds it for about
+    two minutes before it resumes. Cancelled at the end of the session if it is still there."""
+    workdir = tmp_path_factory.mktemp("requeue")
+    epochs = 8  # a signal sent after the first is noticed (every 8 steps, or at an epoch's end) well before the last
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_CACHE=str(workdir / "cache"))
+    job = submit(SLURM_DIR / "train.sbatch", "--model", "resnet10t", "--image-size", "32", "--batch-size", "16",
+                 "--epochs", str(epochs), "--output-dir", str(workdir / "runs"), workdir=workdir, env=env)
+    log = log_file(workdir, job)
+    try:
+        wait_for_log(job, log, f"epoch   1/{epochs}", timeout=180)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+        wait_for_log(job, log, "scontrol requeue", timeout=120)
+        yield RequeuedJob(job, log, workdir / "runs" / f"slurm-{job}", epochs)
+    finally:
+        subprocess.run(["scancel", str(job)], capture_output=True)  # nothing to do once it has completed
+
+
 # --- real training ------------------------------------------------------------
+
+@pytest.mark.first
+def test_warning_signal_makes_the_job_save_and_requeue_itself(requeued_job):
+    """SIGUSR1 mid-training: the ranks save and stop, and the job requeues itself (its end is
+    checked by the last test of the session, at the end of this file)."""
+    text = read_log(requeued_job.log)
+    assert f"scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
+    assert not (requeued_job.run_dir / "results.json").exists()  # it stopped before its last epoch
+
 
 def test_train_sbatch_trains_two_cpu_ranks_to_completion(slurm_cluster, tmp_path):
     env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
                           MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
-    job = submit(SLURM_DIR / "train.sbatch", "--debug", "--image-size", "32", "--epochs", "1",
-                 "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env, wait=True)
+    job = submit(SLURM_DIR / "train.sbatch", "--debug", "--model", "resnet10t", "--image-size", "32",
+                 "--epochs", "1", "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env)
+    state = wait_for_job(job, timeout=300)
 
     log = read_log(log_file(tmp_path, job))
-    assert job_state(job)["JobState"] == "COMPLETED", log[-4000:]
+    assert state["JobState"] == "COMPLETED", log[-4000:]
     run_dir = tmp_path / "runs" / f"slurm-{job}"  # the run name the script gives
     assert (run_dir / "best.safetensors").is_file()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["synthetic_data"] is True
     assert "2 process(es) on cpu" in log  # the trainer's start-up line, from rank 0
-
-
-def test_warning_signal_saves_requeues_and_finishes_every_epoch_once(slurm_cluster, tmp_path):
-    """SIGUSR1 mid-training: both ranks save, the job requeues itself, and the requeued job
-    (held by Slurm for about two minutes) resumes and completes with one restart."""
-    epochs = 8
-    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
-                          MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
-    job = submit(SLURM_DIR / "train.sbatch", "--debug", "--max-steps-per-epoch", "0", "--image-size", "32",
-                 "--epochs", str(epochs), "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env)
-    log = log_file(tmp_path, job)
-    deadline = time.monotonic() + 180
-    while f"epoch   1/{epochs}" not in read_log(log):
-        assert job_state(job)["JobState"] not in FINISHED and time.monotonic() < deadline, read_log(log)[-4000:]
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
-
-    state = wait_for_job(job, timeout=480)
-    text = read_log(log)
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]
-    assert f"scontrol requeue {job}: ok" in text and "resumed from" in text
-    run_dir = tmp_path / "runs" / f"slurm-{job}"
-    logged = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, epochs + 1))  # every epoch exactly once, across the restart
-    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
 
 
 def node_command() -> str:
@@ -180,40 +206,46 @@ def node_command() -> str:
 
 
 def test_two_machines_train_one_run_with_one_process_statistics(tmp_path, make_image_folder):
-    """The multi-node launch line, as two machines on this host, one CPU rank each (no SLURM needed)."""
+    """The multi-node launch line, as two machines on this host, one CPU rank each (no SLURM needed),
+    against a one-process run of the same command started alongside them."""
     data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
-    common = ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "runs")]
+    common = ["--data", str(data), *TINY, "--model", "resnet10t", "--output-dir", str(tmp_path / "runs")]
     port = str(free_port())
-    machines, logs = [], [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
-    for rank, log in enumerate(logs):
-        # What train_multinode.sbatch exports, plus what SLURM sets on each node.
-        env = job_environment(SLURM_JOB_ID="4242", SLURM_NODEID=str(rank), NUM_MACHINES="2",
-                              MAIN_ADDR="127.0.0.1", MAIN_PORT=port, MONKEYTRAIN_CPU="1",
-                              MONKEYTRAIN_PROCS_PER_NODE="1")
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)] + [tmp_path / "one.log"]
+    commands, environments = [], []
+    for rank in (0, 1):
+        # What train_multinode.sbatch exports, plus what SLURM sets on each node; run from the
+        # checkout, the batch shell's directory.
+        commands.append(["bash", "-c", node_command(), "launch_node.sh", "--run-name", "two",
+                         "--cache-dir", str(tmp_path / "cache-two"), *common])
+        environments.append(job_environment(SLURM_JOB_ID="4242", SLURM_NODEID=str(rank), NUM_MACHINES="2",
+                                            MAIN_ADDR="127.0.0.1", MAIN_PORT=port, MONKEYTRAIN_CPU="1",
+                                            MONKEYTRAIN_PROCS_PER_NODE="1"))
+    # The reference: one process, its own cache and output folder.
+    commands.append([sys.executable, str(TRAIN_SCRIPT), "--cpu", *common, "--run-name", "one",
+                     "--cache-dir", str(tmp_path / "cache-one"), "--output-dir", str(tmp_path / "runs-one")])
+    environments.append(job_environment())
+    processes = []
+    for command, env, log, cwd in zip(commands, environments, logs, [PROJECT, PROJECT, tmp_path]):
         with open(log, "w") as sink:  # files, not pipes: a full pipe would stall one machine and both hang
-            machines.append(subprocess.Popen(
-                ["bash", "-c", node_command(), "launch_node.sh", "--run-name", "two",
-                 "--cache-dir", str(tmp_path / "cache-two"), *common],
-                cwd=PROJECT, env=env, stdout=sink, stderr=subprocess.STDOUT))  # the batch shell's directory
+            processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT))
     try:
-        codes = [machine.wait(timeout=300) for machine in machines]
+        codes = [process.wait(timeout=300) for process in processes]
     finally:
-        for machine in machines:
-            machine.kill()
+        for process in processes:
+            process.kill()
     outputs = [read_log(log) for log in logs]
-    assert codes == [0, 0], "\n".join(f"--- machine {r}:\n{o[-3000:]}" for r, o in enumerate(outputs))
-    assert sum(o.count("2 process(es) on cpu") for o in outputs) == 1  # one global rank 0 across machines
-    assert "(computed)" in "".join(outputs)  # statistics reduced across the machines, not read from a cache
+    assert codes == [0, 0, 0], "\n".join(f"--- {log.stem}:\n{o[-3000:]}" for log, o in zip(logs, outputs))
+    machines = outputs[:2]
+    assert sum(o.count("2 process(es) on cpu") for o in machines) == 1  # one global rank 0 across machines
+    assert "(computed)" in "".join(machines)  # statistics reduced across the machines, not read from a cache
 
     checkpoints = sorted((tmp_path / "runs").rglob("*.safetensors"))
     assert checkpoints == [tmp_path / "runs" / "two" / "best.safetensors"]
     assert json.loads((tmp_path / "runs" / "two" / "results.json").read_text())["world_size"] == 2
 
-    one = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--cpu", *common, "--run-name", "one",
-                          "--cache-dir", str(tmp_path / "cache-one")],
-                         cwd=tmp_path, env=job_environment(), capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two, reference = (checkpoint_header(tmp_path / "runs" / n / "best.safetensors") for n in ("two", "one"))
+    two = checkpoint_header(tmp_path / "runs" / "two" / "best.safetensors")
+    reference = checkpoint_header(tmp_path / "runs-one" / "one" / "best.safetensors")
     assert json.loads(two["mean"]) == json.loads(reference["mean"])  # exactly, not approximately
     assert json.loads(two["std"]) == json.loads(reference["std"])
 
@@ -295,3 +327,18 @@ def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
 def test_local_cluster_rejects_an_unknown_command():
     done = subprocess.run([str(CLUSTER), "restart"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: slurm/local_cluster.sh start|stop|status" in done.stderr
+
+
+# --- the requeued job's end (after every other test of the session) ----------------
+
+@pytest.mark.last
+def test_requeued_job_resumes_and_finishes_every_epoch_once(requeued_job):
+    """The requeued job (held by Slurm for about two minutes) resumes and completes with one
+    restart, every epoch logged exactly once across the restart."""
+    state = wait_for_job(requeued_job.job, timeout=480)
+    text = read_log(requeued_job.log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]
+    assert "resumed from" in text
+    metrics = (requeued_job.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, requeued_job.epochs + 1))
+    assert json.loads((requeued_job.run_dir / "results.json").read_text())["world_size"] == 2

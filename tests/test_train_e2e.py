@@ -1,4 +1,9 @@
-"""The real entry points, run in subprocesses: train, reload, predict, evaluate."""
+"""The real entry points, run in subprocesses: train, reload, predict, evaluate.
+
+Only the default-command test trains the default model (resnet18); the others
+check the same wiring with a tiny timm model on one thread, and the tests that
+only read a finished run share one (`trained`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,7 +22,10 @@ from monkeytrain.data import synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = PROJECT / "monkeytrain" / "train.py"
-SMALL = ["--cpu", "--image-size", "32", "--batch-size", "8", "--num-workers", "0"]
+TINY_MODEL = "resnet10t"
+# One thread: on a model this small a second one only adds waiting, and on a busy machine much more.
+SMALL = ["--cpu", "--model", TINY_MODEL, "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+         "--cpu-threads", "1"]
 
 
 def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -31,19 +40,39 @@ def monkeytrain(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "monkeytrain.cli", *arguments], cwd)
 
 
-def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path):
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """A MONKEYTRAIN_CACHE for the runs on the synthetic set: the first run generates the set, later ones reuse it."""
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder holding data/ (3 classes x 10 images, Kaggle layout) and runs/a: a finished two-epoch
+    run of the tiny model on it, started as `python -m monkeytrain.train`."""
+    from conftest import write_image_folder
+
+    workdir = tmp_path_factory.mktemp("trained")
+    data = write_image_folder(workdir / "data", classes=3, per_class=10)
+    run([sys.executable, "-m", "monkeytrain.train", "--data", str(data), *SMALL, "--epochs", "2",
+         "--run-name", "a", "--cache-dir", str(workdir / "cache")], workdir)
+    return workdir
+
+
+def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthetic_cache):
     done = run([sys.executable, str(TRAIN_SCRIPT), "--debug", "--image-size", "32", "--run-name", "demo"],
-               tmp_path, MONKEYTRAIN_CACHE=str(cache))
+               tmp_path, MONKEYTRAIN_CACHE=str(synthetic_cache))
     assert "SYNTHETIC" in done.stderr
     assert "cpu recipe" in done.stdout and "left (1 more epoch)" in done.stdout  # the time-left estimate
     run_dir = tmp_path / "runs" / "demo"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["synthetic_data"] is True and results["test_images"] == 100
     with safe_open(str(run_dir / "best.safetensors"), framework="pt") as handle:
-        assert json.loads(handle.metadata()["synthetic_data"]) is True
+        header = handle.metadata()
+    assert json.loads(header["synthetic_data"]) is True
+    assert header["architecture"] == "resnet18"  # the default model
 
-    test_folder = cache / synthetic.VERSION / "test"
+    test_folder = synthetic_cache / synthetic.VERSION / "test"
     predicted = json.loads(monkeytrain("predict", "--checkpoint", str(run_dir / "best.safetensors"),
                                        "--top-k", "2", "--json", str(test_folder / "star"), cwd=tmp_path).stdout)
     assert len(predicted) == 10
@@ -58,24 +87,20 @@ def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path):
     assert scored["confusion_matrix"] == results["confusion_matrix"]
 
 
-def test_run_directory_records_config_metrics_and_checkpoint(tmp_path, make_image_folder):
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=10)
-    cache = str(tmp_path / "cache")
-    run([sys.executable, "-m", "monkeytrain.train", "--data", str(data), *SMALL, "--epochs", "2",
-         "--run-name", "a", "--cache-dir", cache], tmp_path)
-    run_dir = tmp_path / "runs" / "a"
+def test_run_directory_records_config_metrics_and_checkpoint(trained):
+    run_dir = trained / "runs" / "a"
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second",
             "epoch_seconds"} <= set(metrics[0])
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["run_name"] == "a" and config["epochs"] == 2 and config["data"] == str(data)
+    assert config["run_name"] == "a" and config["epochs"] == 2 and config["data"] == str(trained / "data")
 
     with safe_open(str(run_dir / "best.safetensors"), framework="pt") as handle:
         header = handle.metadata()
         keys = list(handle.keys())
-    assert header["architecture"] == "resnet18" and header["num_classes"] == "3"
+    assert header["architecture"] == TINY_MODEL and header["num_classes"] == "3"
     assert json.loads(header["class_names"]) == ["common name 0", "common name 1", "common name 2"]
     assert json.loads(header["config"])["run_name"] == "a"
     assert len(json.loads(header["mean"])) == 3 and header["image_size"] == "32"
@@ -90,25 +115,24 @@ def test_run_directory_records_config_metrics_and_checkpoint(tmp_path, make_imag
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
 
 
-def test_same_seed_repeats_bit_for_bit_and_config_file_reproduces(tmp_path, make_image_folder):
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
-    common = ["--cache-dir", str(tmp_path / "cache")]
-    run([sys.executable, str(TRAIN_SCRIPT), "--data", str(data), *SMALL, "--epochs", "2",
-         "--run-name", "a", *common], tmp_path)
-    run([sys.executable, str(TRAIN_SCRIPT), "--config", "runs/a/config.yaml", "--run-name", "b"], tmp_path)
+def test_same_seed_repeats_bit_for_bit_and_config_file_reproduces(trained):
+    # Run a (python -m) again from its own config.yaml as a script, then with another seed.
+    run([sys.executable, str(TRAIN_SCRIPT), "--config", "runs/a/config.yaml", "--run-name", "b"], trained)
     run([sys.executable, str(TRAIN_SCRIPT), "--config", "runs/a/config.yaml", "--run-name", "c",
-         "--seed", "1"], tmp_path)
-    a, b, c = (load_file(str(tmp_path / "runs" / n / "best.safetensors")) for n in "abc")
+         "--seed", "1"], trained)
+    a, b, c = (load_file(str(trained / "runs" / n / "best.safetensors")) for n in "abc")
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
     assert any(not (a[k] == c[k]).all() for k in a)
 
 
-def test_accelerate_launch_runs_the_script_as_written(tmp_path):
+def test_accelerate_launch_runs_the_script_as_written(tmp_path, synthetic_cache):
     accelerate = Path(sys.executable).with_name("accelerate")
     run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT),
-         "--debug", "--image-size", "32", "--run-name", "launched", "--mixed-precision", "bf16",
-         "--grad-accum-steps", "2"], tmp_path, MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+         "--debug", "--image-size", "32", "--model", TINY_MODEL, "--cpu-threads", "1", "--run-name", "launched",
+         "--mixed-precision", "bf16", "--grad-accum-steps", "2"], tmp_path, MONKEYTRAIN_CACHE=str(synthetic_cache))
     results = json.loads((tmp_path / "runs" / "launched" / "results.json").read_text())
     assert results["test_images"] == 100
+    config = yaml.safe_load((tmp_path / "runs" / "launched" / "config.yaml").read_text())
+    assert config["mixed_precision"] == "bf16" and config["grad_accum_steps"] == 2
