@@ -122,7 +122,7 @@ FORMS = {
     "accelerate launch, one process, SIGKILL": (ONE_PROCESS, "top", signal.SIGKILL, 1, {-signal.SIGKILL}),
     "accelerate launch, two ranks, SIGTERM": (TWO_RANKS, "top", signal.SIGTERM, 2, None),
     "torchrun, two ranks, SIGTERM": (TORCHRUN, "top", signal.SIGTERM, 2, None),
-    "launch/cpu_debug.sh, SIGTERM": ([str(PROJECT / "launch" / "cpu_debug.sh"), "--max-steps-per-epoch", "0",
+    "launch/cpu_debug.sh, SIGTERM": ([str(PROJECT / "launch" / "cpu_debug.sh"), "--max-batches-per-epoch", "0",
                                       "--epochs", "4", "--batch-size", "3"], "top", signal.SIGTERM, 1, {143}),
     "launch/cpu_ddp.sh, SIGTERM to the group": ([str(PROJECT / "launch" / "cpu_ddp.sh")], "group",
                                                 signal.SIGTERM, 2, {143}),

@@ -41,7 +41,7 @@ CPU_NODE = ["--gres=none", f"--cpus-per-task={os.cpu_count()}"]
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
-        "--max-steps-per-epoch", "2"]
+        "--max-batches-per-epoch", "2"]
 
 
 # --- helpers ------------------------------------------------------------------
