@@ -1,0 +1,32 @@
+"""The shape the trainer refactor gave the package, kept: train.py is wiring, and no function
+takes more than six parameters (pass the object that owns them instead)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "monkeytrain"
+MAX_PARAMETERS = 6  # self and cls not counted
+MAX_TRAIN_LINES = 100
+
+
+def parameters(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    args = function.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+    return [name for name in names if name not in ("self", "cls")]
+
+
+def test_no_function_in_the_package_takes_more_than_six_parameters():
+    too_many = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}({', '.join(parameters(node))})"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(parameters(node)) > MAX_PARAMETERS
+    ]
+    assert not too_many, too_many
+
+
+def test_train_py_stays_wiring():
+    assert len((PACKAGE / "train.py").read_text().splitlines()) <= MAX_TRAIN_LINES
