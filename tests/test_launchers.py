@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from monkeytrain.resume import COMPLETE, state_dirs
+from monkeytrain.statestore import COMPLETE, state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
 TRAIN = PROJECT / "monkeytrain" / "train.py"
