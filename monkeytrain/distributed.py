@@ -65,5 +65,9 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
 
 def cores_per_process(accelerator) -> int:
     """The CPU cores this process may use, shared among the run's processes (at least one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // accelerator.num_processes)
+    return max(1, usable_cores() // accelerator.num_processes)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as under SLURM or taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

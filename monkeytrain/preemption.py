@@ -109,6 +109,10 @@ def requeue_or_exit(log, accelerator) -> None:
     if not job:
         log.info("stopped on a signal after saving the training state; continue with --resume auto.")
         return
+    log.info(f"stopped on a signal after saving; {requeue(job)}")
+
+
+def requeue(job: str) -> str:
+    """Put SLURM job `job` back in the queue; says how that went, in words."""
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    log.info(f"stopped on a signal after saving; scontrol requeue {job}: "
-             f"{'ok' if done.returncode == 0 else done.stderr.strip()}")
+    return f"scontrol requeue {job}: {'ok' if done.returncode == 0 else done.stderr.strip()}"

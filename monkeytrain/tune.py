@@ -46,7 +46,7 @@ BEST_RUN_NAME = "best_run"
 TRIAL_LOG = "train.log"
 RESULTS_NAME = "results.json"  # rundir.RESULTS_NAME; importing it would load torch for a one-line answer
 WORKER_INDEX_ENV = "MONKEYTRAIN_TUNE_WORKER"  # set in the processes of --workers K
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # preemption.STOP_SIGNALS, without its torch import
 # The median rule leaves a trial alone for its first epochs (too noisy to judge) and until a few
 # trials have completed (nothing to compare with).
 MEDIAN_FROM_EPOCH = 3
@@ -370,11 +370,12 @@ class StopSignals:
 
 
 def stopped(reason: str, received: str | None) -> int:
+    from monkeytrain.preemption import requeue
+
     if reason == "signal" and os.environ.get("SLURM_JOB_ID"):
         # A stop inside a trial requeues the job from train.py; between trials tune does, so that the
         # task comes back and goes on with the study.
-        done = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True)
-        say(f"scontrol requeue {os.environ['SLURM_JOB_ID']}: {'ok' if done.returncode == 0 else done.stderr.strip()}")
+        say(requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
     return 0
 
@@ -547,6 +548,8 @@ def run_workers(count: int, argv: list[str], config) -> int:
     """--workers K: K copies of this command with --workers 1, one GPU each (in turn) or the CPU cores
     shared, in their own sessions so that a Ctrl-C reaches them once, through this process."""
     gpus = [] if config.cpu else visible_gpus()
+    from monkeytrain.distributed import usable_cores
+
     threads = [] if gpus or config.cpu_threads else ["--cpu-threads", str(max(1, usable_cores() // count))]
     say(f"{count} workers on {'GPUs ' + ','.join(gpus) if gpus else 'the CPU'}; each trial's log is "
         f"its run directory's {TRIAL_LOG}")
@@ -576,7 +579,3 @@ def visible_gpus() -> list[str]:
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
