@@ -95,7 +95,7 @@ def gpu_memory_allocated(device: torch.device) -> int:
 def forever(pipeline):
     """Epoch after epoch of whole epochs, as training sees them."""
     return itertools.chain.from_iterable(
-        pipeline.train_epoch(epoch) for epoch in itertools.count())
+        pipeline.train_epoch(epoch) for epoch in itertools.count(1))
 
 
 def main() -> None:

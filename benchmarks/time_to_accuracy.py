@@ -6,7 +6,9 @@ Runs `monkeytrain/train.py` in a fresh process per seed (so imports, data
 loading, compilation and the final evaluation all count), with `--seed 0`,
 `--seed 1`, ... after the flags given. Prints one line per run (wall time,
 test accuracy, the epoch chosen on the held-out validation split), then the
-mean, spread and range of the test accuracy and the wall time, and the data
+mean, spread and range of the test accuracy and the wall time, where the time
+went (the mean seconds of each phase results.json records: start-up, data,
+model, training with its first epoch apart, validation, test), and the data
 pipeline, recipe and peak GPU memory the runs reported.
 """
 
@@ -62,8 +64,16 @@ def report(flags: list[str], runs: list[dict]) -> None:
           f"{min(accuracies):.2f}-{max(accuracies):.2f}%, {len(runs)} seed(s) on {runs[0]['test_images']} images")
     print(f"wall time        {statistics.mean(walls):.1f} s mean, {max(walls):.1f} s max  "
           "(process start to results.json)")
+    print(f"phases (mean s)  {phase_line(runs)}")
     print(f"data pipeline    {runs[0]['data_pipeline']}  recipe {runs[0]['recipe']}  peak GPU memory "
           f"{max(r['peak_gpu_memory_bytes'] for r in runs) / 2**30:.2f} GiB")
+
+
+def phase_line(runs: list[dict]) -> str:
+    """'start_up 4.1, data 1.2, ...': each phase's mean over the runs (first_epoch is part of training)."""
+    phases = [r.get("phase_seconds", {}) for r in runs]
+    names = list(phases[0])
+    return ", ".join(f"{name} {statistics.mean(p.get(name, 0.0) for p in phases):.1f}" for name in names)
 
 
 def main(argv: list[str]) -> int:

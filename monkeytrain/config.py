@@ -71,6 +71,20 @@ class TrainConfig:
     min_crop_scale: float = _option(0.35, "Smallest area fraction kept by the random resized crop.")
     rotation: float = _option(15.0, "Largest random rotation, in degrees either way.")
     color_jitter: float = _option(0.3, "Strength of random brightness, contrast and saturation changes.")
+    mixup_alpha: float = _option(
+        0.0, "MixUp: blend each training image with another by a ratio drawn from Beta(alpha, alpha), "
+        "and their labels alike (per sample, on the device); 0 disables.")
+    cutmix_alpha: float = _option(
+        0.0, "CutMix: paste a box of another training image, of an area drawn from Beta(alpha, alpha), "
+        "and weigh the labels by area; 0 disables.")
+    mix_prob: float = _option(1.0, "With MixUp or CutMix: the chance that a training image is mixed.")
+    mix_switch_prob: float = _option(
+        0.5, "With both MixUp and CutMix: the chance that a mixed image uses CutMix rather than MixUp.")
+    min_train_size: int = _option(
+        0, "Progressive resizing: train the first epochs on crops this many pixels square, growing in "
+        "steps of 16 to --image-size (which evaluation always uses); 0 trains at --image-size throughout.")
+    full_size_fraction: float = _option(
+        0.25, "With --min-train-size: the last fraction of the epochs that train at --image-size.")
     # --- model ---
     model: str = _option("resnet18", "Any timm model name (resnet18, resnet50, ...).")
     pretrained: Optional[str] = _option(
@@ -112,6 +126,9 @@ class TrainConfig:
         0.998, "Evaluate and save an EMA of the weights; its decay per optimizer step warms up to "
         "this value (1 - (1 + step)^-0.75, as timm's ModelEmaV3 does); 0 disables.")
     tta_flip: bool = _option(True, "Evaluate on each image and its mirror image, averaging the logits.")
+    tta_shift: int = _option(
+        0, "Also evaluate on crops this many pixels left, right, up and down of the centre crop (from the "
+        "stored view's margin), averaging the logits; 0: the centre crop only.")
     # --- resume ---
     resume: Optional[str] = _option(
         None, "auto: continue from the newest complete saved state of this run (start fresh if none); "
@@ -300,6 +317,14 @@ def validate(config: TrainConfig) -> None:
         (config.save_every >= 0, "--save-every must not be negative"),
         (config.save_every_minutes >= 0, "--save-every-minutes must not be negative"),
         (config.keep_states >= 1, "--keep-states must be at least 1"),
+        (config.tta_shift >= 0, "--tta-shift must not be negative"),
+        (config.min_train_size == 0 or 16 <= config.min_train_size <= config.image_size,
+         "--min-train-size must be 0 or between 16 and --image-size"),
+        (0.0 <= config.full_size_fraction <= 1.0, "--full-size-fraction must be in [0, 1]"),
+        (config.mixup_alpha >= 0, "--mixup-alpha must not be negative"),
+        (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
+        (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
+        (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
     ]
     for f in FIELDS.values():
         choices, value = f.metadata.get("choices"), getattr(config, f.name)

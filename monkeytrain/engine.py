@@ -56,6 +56,7 @@ class Learner:
     averager: object            # updated after every optimizer step (an EMA, or the live weights)
     augment: Callable            # uint8 stored views -> model inputs
     clip_grad_norm: float = 0.0  # 0: no clipping
+    mix: Callable = lambda images, labels: (images, labels)  # (inputs, labels) -> (inputs, loss targets)
 
 
 def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int | None = None,
@@ -80,8 +81,9 @@ def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int |
     stopped = False
     for batch, (views, labels) in enumerate(batches, start=1):
         with accelerator.accumulate(model):
-            logits = model(learner.augment(views))
-            loss = learner.criterion(logits, labels)
+            images, targets = learner.mix(learner.augment(views), labels)
+            logits = model(images)
+            loss = learner.criterion(logits, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 optimizer_step(learner, accelerator)
@@ -108,11 +110,6 @@ def optimizer_step(learner: Learner, accelerator) -> None:
     learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
     learner.averager.update()
-
-
-def flip_averaged(model: Callable) -> Callable:
-    """Test-time augmentation: average the logits of each image and its mirror image."""
-    return lambda images: (model(images) + model(images.flip(dims=[3]))) / 2
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
 """How long the rest of a run will take: an estimate after its first epoch, then
-every tenth of the run, as a progress bar over epochs would show it."""
+every tenth of the run, as a progress bar over epochs would show it; and where
+the time of a finished run went, phase by phase, for results.json."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 ESTIMATES_PER_RUN = 10
 LONG_RUN_SECONDS = 3600  # past this, a CPU run says how to make it shorter
@@ -62,3 +64,45 @@ def report_time_left(pace: RemainingTime, epoch: int, log, on_cpu: bool, recipe:
     advice = long_cpu_run_advice(seconds_left, recipe) if on_cpu and pace.is_first(epoch) else None
     if advice:
         log.warn(advice)
+
+
+class PhaseTimes:
+    """Wall seconds per phase of a run (start-up, data, model, training, validation, test), summed
+    over the phase's visits; the first training epoch apart too, since compilation lands in it."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock, self.seconds = clock, {}
+        self.started = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self.add(phase, self.clock() - started)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def summary(self) -> dict[str, float]:
+        return {phase: round(seconds, 2) for phase, seconds in self.seconds.items()}
+
+
+_process_start_counted = False  # a process's start belongs to its first run (tune runs several)
+
+
+def start_up_seconds(phases: PhaseTimes) -> float:
+    """The wait before a run's data phase: since its PhaseTimes began, and for the process's first
+    run since the process started, so that the interpreter and the imports count too."""
+    global _process_start_counted
+    import psutil  # an Accelerate dependency
+
+    in_run = phases.elapsed()
+    if _process_start_counted:
+        return in_run
+    _process_start_counted = True
+    return max(in_run, time.time() - psutil.Process().create_time())

@@ -11,11 +11,11 @@ import torch
 
 from monkeytrain.checkpoint import CheckpointInfo, load_model
 from monkeytrain.data import layout
-from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews
 from monkeytrain.data.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
 from monkeytrain.data.loaders import sharded_loader
 from monkeytrain.data.views import view_dataset
-from monkeytrain.engine import EvalResult, evaluate, flip_averaged
+from monkeytrain.engine import EvalResult, evaluate
 from monkeytrain.errors import UserError
 
 
@@ -48,8 +48,10 @@ def preparer(info: CheckpointInfo) -> Callable:
 
 
 def inference(model: Callable, info: CheckpointInfo) -> tuple[Callable, Callable]:
-    """(prepare uint8 stored views, model forward) exactly as the checkpoint's run evaluated."""
-    return preparer(info), flip_averaged(model) if info.config.get("tta_flip") else model
+    """(prepare uint8 stored views, model forward) exactly as the checkpoint's run evaluated,
+    with its test-time views."""
+    views = EvalViews.of_config(info.config, info.image_size, info.mean, info.std)
+    return views.prepare, views.averaged(model)
 
 
 def load_classifier(checkpoint: Path, device: torch.device | str) -> tuple[Callable, CheckpointInfo]:

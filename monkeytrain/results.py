@@ -20,6 +20,18 @@ from monkeytrain.selection import BestEpoch
 MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
 
 
+def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
+    """results.json's figures and the one that ends the log: the test split's, or with --no-score-test
+    (a trial of monkeytrain tune) the best epoch's alone, the test split unseen. `run` is the
+    trainer's RunContext."""
+    if not run.config.score_test:
+        return (selection_summary(data.splits, best, run.run_dir),
+                f"best validation accuracy {best.accuracy:.2%}, not scored on the test split")
+    results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
+    run.log.final(results, wrong, run.run_dir / BEST_NAME)
+    return results, f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images"
+
+
 def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch) -> tuple[dict, list[dict]]:
     """Every rank reloads best.safetensors into a fresh model and scores the test split."""
     model, info = load_model(run_dir / BEST_NAME, accelerator.device)

@@ -20,19 +20,18 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(_package_dir.parent))
 
 import json
-import time
 from typing import Callable
 
 from accelerate.utils import set_seed
 
-from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import TrainConfig, config_yaml, parse_config
 from monkeytrain.data.dataset import usable_cache_dir
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import exits_cleanly_on_user_error
+from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit
-from monkeytrain.results import final_evaluation, selection_summary
+from monkeytrain.results import score
 from monkeytrain.rundir import RESULTS_NAME, prepare_run_dir
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -51,49 +50,42 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[int, float], None] |
 
 
 def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> dict:
-    started = time.perf_counter()
+    phases = PhaseTimes()
     stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
     set_seed(config.seed)
     cache_dir = usable_cache_dir(config)  # before the run directory: a bad --cache-dir leaves nothing behind
     run_dir = prepare_run_dir(config, accelerator)
     log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
                        config.log_checkpoint)
+    run = RunContext(config, accelerator, run_dir, log, phases)
+    phases.add("start_up", start_up_seconds(phases))
     try:
-        return train_and_report(RunContext(config, accelerator, run_dir, log), cache_dir, stop, started, on_epoch)
+        return train_and_report(run, cache_dir, stop, on_epoch)
     finally:
         log.close()
 
 
-def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, started: float,
-                     on_epoch: Callable | None) -> dict:
+def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoch: Callable | None) -> dict:
     config, accelerator, log = run.config, run.accelerator, run.log
-    data = prepare_data(config, accelerator, cache_dir, log)
+    with run.phases.timing("data"):
+        data = prepare_data(config, accelerator, cache_dir, log)
     log.info(f"{data.summary()}; {accelerator.num_processes} process(es) on {accelerator.device}; "
              f"{config.recipe} recipe; run directory {run.run_dir}")
     log.write_file("config.yaml", config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
 
-    trainer = Trainer(run, data, stop, on_epoch)
+    with run.phases.timing("model"):
+        trainer = Trainer(run, data, stop, on_epoch)
     if trainer.fit():  # a stop signal ended it, its state saved
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator)
         return {"stopped": True}
-    results, figure = score(run, data, trainer.best)
-    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    with run.phases.timing("test"):
+        results, figure = score(run, data, trainer.best)
+    results.update(wall_seconds=round(run.phases.elapsed(), 2), phase_seconds=run.phases.summary())
     log.write_file(RESULTS_NAME, json.dumps(results, indent=2))  # last: it marks the run finished
     log.info(f"{figure} (best epoch {trainer.best.epoch}); results in {run.run_dir / RESULTS_NAME}")
     return results
-
-
-def score(run: RunContext, data, best) -> tuple[dict, str]:
-    """results.json's figures and the one that ends the log: the test split's, or with --no-score-test
-    (a trial of monkeytrain tune) the best epoch's alone, the test split unseen."""
-    if not run.config.score_test:
-        return (selection_summary(data.splits, best, run.run_dir),
-                f"best validation accuracy {best.accuracy:.2%}, not scored on the test split")
-    results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
-    run.log.final(results, wrong, run.run_dir / BEST_NAME)
-    return results, f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images"
 
 
 if __name__ == "__main__":

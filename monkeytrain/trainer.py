@@ -23,12 +23,13 @@ import torch
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
 from monkeytrain.config import TrainConfig
-from monkeytrain.data.augment import Augmenter, AugmentSettings
+from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
+from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.engine import Learner, TrainStats, evaluate, flip_averaged, train_one_epoch
+from monkeytrain.engine import Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
-from monkeytrain.pace import RemainingTime, report_time_left
+from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
@@ -56,12 +57,13 @@ class Progress:
 
 @dataclass
 class RunContext:
-    """What every part of a run shares: its config, its Accelerator, its folder and its log."""
+    """What every part of a run shares: its config, its Accelerator, its folder, its log and its clock."""
 
     config: TrainConfig
     accelerator: object
     run_dir: Path
     log: RunLog
+    phases: PhaseTimes = field(default_factory=PhaseTimes)
 
 
 class Trainer:
@@ -85,8 +87,10 @@ class Trainer:
         self.augmenter = Augmenter(augment_settings(self.config), self.config.image_size, data.stats.mean,
                                    data.stats.std, self.generator)
         self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
-        averaged = self.learner.averager.model
-        self.evaluated = flip_averaged(averaged) if self.config.tta_flip else averaged  # what validation runs
+        self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
+        self.test_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size,
+                                                  data.stats.mean, data.stats.std)
+        self.evaluated = self.test_views.averaged(self.learner.averager.model)  # what validation runs
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
         self.progress = Progress()
@@ -95,13 +99,19 @@ class Trainer:
         """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
         self.resume()
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
+        phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
-            trained = self.train_epoch(epoch)
+            with phases.timing("training"):
+                trained = self.train_epoch(epoch)
+            if "first_epoch" not in phases.seconds:
+                phases.add("first_epoch", trained.seconds)
             if trained.stopped:
                 self.save_state()
                 return True
             self.progress.epoch, self.progress.batch = epoch + 1, 0
-            self.on_epoch(epoch, self.validate(epoch, trained))
+            with phases.timing("validation"):
+                accuracy = self.validate(epoch, trained)
+            self.on_epoch(epoch, accuracy)
             report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
             stopping, save_due = self.stop.check(self.accelerator)
             if stopping or save_due:
@@ -121,6 +131,9 @@ class Trainer:
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
 
     def train_epoch(self, epoch: int) -> TrainStats:
+        config = self.config
+        self.augmenter.train_size = train_resolution(epoch, config.epochs, config.min_train_size,
+                                                     config.image_size, config.full_size_fraction)
         skipped = self.progress.batch  # batches of this epoch trained before a resume
         batches = self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped)
 
@@ -145,7 +158,7 @@ class Trainer:
     def validate(self, epoch: int, trained: TrainStats) -> float:
         """Score the validation split, save the checkpoint if it improved, log the epoch; the accuracy."""
         self.learner.averager.model.eval()
-        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.augmenter.eval,
+        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.test_views.prepare,
                              self.accelerator, self.data.num_classes)
         improved = self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on every rank
         if improved:
@@ -155,7 +168,7 @@ class Trainer:
             "train_loss": trained.loss, "train_accuracy": trained.accuracy,
             "val_loss": validated.loss, "val_accuracy": validated.accuracy,
             "lr": self.learner.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
-            "epoch_seconds": trained.seconds, "is_best": improved,
+            "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
         return validated.accuracy
 
@@ -201,6 +214,11 @@ def whole_accumulation_groups(batches: int, accumulation: int) -> int:
     cannot see where an epoch of the resident pipeline ends, so a partial group would carry its
     gradients into the next epoch (and out of a saved state); and the schedule counts whole steps."""
     return batches - batches % accumulation if batches >= accumulation else batches
+
+
+def mix_settings(config: TrainConfig) -> MixSettings:
+    return MixSettings(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                       probability=config.mix_prob, switch_probability=config.mix_switch_prob)
 
 
 def augment_settings(config: TrainConfig) -> AugmentSettings:

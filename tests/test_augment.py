@@ -8,7 +8,9 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from monkeytrain.data import augment
-from monkeytrain.data.augment import Augmenter, AugmentSettings, color_jitter, normalize, random_affine, warp
+from monkeytrain.data.augment import (Augmenter, AugmentSettings, EvalViews, color_jitter, normalize,
+                                      random_affine, warp)
+from monkeytrain.errors import UserError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 IMAGE = 24
@@ -244,3 +246,90 @@ def test_color_jitter_matches_torchvision_brightness_contrast_saturation():
 def test_color_jitter_changes_a_colourful_image():
     images = noise_views(batch=4).float() / 255
     assert (color_jitter(images, 0.5, generator(0)) - images).abs().max() > 0.05
+
+
+# --- test-time views --------------------------------------------------------------------------
+
+def edge_sums(images: torch.Tensor) -> torch.Tensor:
+    """Logits that see orientation: left column, right column and top row sums (per image)."""
+    return torch.stack([images[..., :, 0].sum(dim=(1, 2)), images[..., :, -1].sum(dim=(1, 2)),
+                        images[..., 0, :].sum(dim=(1, 2))], dim=1)
+
+
+def test_flip_views_average_an_image_and_its_horizontal_mirror():
+    views = EvalViews(2, [0.0] * 3, [1.0] * 3, flip=True)
+    stored = torch.tensor([[[1, 2], [3, 4]]], dtype=torch.uint8).expand(1, 3, 2, 2) * 51  # 1/255 steps
+    image = views.prepare(stored)
+    assert image.shape == (2, 3, 2, 2)  # the view and its mirror, stacked
+    one_channel = edge_sums(image[:1, :1] * 5).tolist()
+    assert one_channel == [pytest.approx([4.0, 6.0, 3.0])]  # not flip-invariant
+    # the mirror swaps the left and right columns and keeps the top row; a vertical flip would give [4, 6, 5]
+    averaged = views.averaged(lambda batch: edge_sums(batch[:, :1] * 5))(image)
+    assert averaged.tolist() == [pytest.approx([5.0, 5.0, 3.0])]
+
+
+def test_without_views_evaluation_is_the_centre_crop_alone():
+    views = noise_views(batch=3, seed=4)
+    plain = EvalViews(IMAGE, MEAN, STD, flip=False)
+    assert plain.count == 1
+    assert torch.equal(plain.prepare(views), augmenter().eval(views))
+    assert torch.equal(plain.averaged(lambda batch: batch)(plain.prepare(views)), augmenter().eval(views))
+
+
+def test_shifted_views_are_crops_moved_by_the_shift_in_four_directions():
+    side, size, shift = 55, 48, 2  # round(48 / 0.875) = 55: a margin of at least 3 on every side
+    views = noise_views(batch=2, side=side, seed=5)
+    tta = EvalViews(size, [0.0] * 3, [1.0] * 3, flip=True, shift=shift)
+    assert tta.count == 10  # 5 crops, each also mirrored
+    crops = (tta.prepare(views) * 255).round().to(torch.uint8).unflatten(0, (10, 2))
+    centre = 4  # (55 - 48) / 2 = 3.5 rounds to 4, as torchvision's CenterCrop rounds: 4 above, 3 below
+    expected = [(centre, centre), (centre, centre - shift), (centre, centre + shift),
+                (centre - shift, centre), (centre + shift, centre)]
+    for index, (top, left) in enumerate(expected):
+        window = views[..., top:top + size, left:left + size]
+        assert torch.equal(crops[index], window)
+        assert torch.equal(crops[5 + index], window.flip(dims=[3]))
+
+
+def test_shifted_views_average_the_logits_of_every_view_per_image():
+    views = noise_views(batch=3, side=55, seed=6)
+    tta = EvalViews(48, MEAN, STD, flip=True, shift=3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 48 * 48, 4))
+    prepared = tta.prepare(views)
+    averaged = tta.averaged(model)(prepared)
+    by_view = model(prepared).unflatten(0, (10, 3))
+    assert averaged.shape == (3, 4)
+    torch.testing.assert_close(averaged, sum(by_view[v] for v in range(10)) / 10)
+
+
+def test_a_shift_beyond_the_stored_margin_is_one_clear_error():
+    assert EvalViews(24, MEAN, STD, flip=True, shift=1).count == 10  # 27 px views: margin 1
+    with pytest.raises(UserError, match="--tta-shift 2 reaches beyond the 1-pixel margin"):
+        EvalViews(24, MEAN, STD, flip=True, shift=2)
+
+
+def test_views_follow_the_run_config_and_old_checkpoints_have_no_shift():
+    assert EvalViews.of_config({"tta_flip": True}, IMAGE, MEAN, STD).count == 2
+    assert EvalViews.of_config({"tta_flip": False, "tta_shift": 1}, IMAGE, MEAN, STD).count == 5
+
+
+# --- progressive resizing ---------------------------------------------------------------------
+
+def test_training_crops_grow_in_steps_to_the_image_size_for_the_last_quarter():
+    sizes = [augment.train_resolution(epoch, 20, 128, 224, 0.25) for epoch in range(1, 21)]
+    assert sizes[0] == 128 and sizes[-5:] == [224] * 5 and sizes[-6] < 224  # the last 5 of 20 at full size
+    assert sizes == sorted(sizes) and all(size % augment.SIZE_STEP == 0 for size in sizes)
+    assert set(sizes) == {128, 144, 160, 176, 192, 208, 224}
+
+
+def test_without_a_smaller_start_training_crops_are_the_image_size_throughout():
+    assert {augment.train_resolution(epoch, 10, 0, 64, 0.25) for epoch in range(1, 11)} == {64}
+    assert {augment.train_resolution(epoch, 10, 64, 64, 0.25) for epoch in range(1, 11)} == {64}
+    assert {augment.train_resolution(epoch, 10, 32, 64, 1.0) for epoch in range(1, 11)} == {64}
+
+
+def test_train_crops_take_the_train_size_and_evaluation_the_image_size():
+    resizing = augmenter()
+    resizing.train_size = 16
+    assert resizing.train(noise_views()).shape == (4, 3, 16, 16)
+    assert resizing.eval(noise_views()).shape == (4, 3, IMAGE, IMAGE)

@@ -54,3 +54,6 @@ def test_time_to_accuracy_reports_each_seed_and_the_mean(tmp_path, cache_dir):
     assert mean == pytest.approx(sum(accuracies) / 2, abs=0.006)
     assert all(float(wall) > 0 for _, _, wall in per_seed)
     assert re.search(r"^data pipeline\s+resident\s+recipe cpu", done.stdout, re.M)
+    phases = dict(re.findall(r"(\w+) ([\d.]+)", re.search(r"^phases \(mean s\)\s+(.*)$", done.stdout, re.M).group(1)))
+    assert set(phases) == {"start_up", "data", "model", "training", "first_epoch", "validation", "test"}
+    assert float(phases["start_up"]) > 0 and float(phases["training"]) >= float(phases["first_epoch"]) > 0

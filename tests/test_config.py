@@ -153,6 +153,10 @@ def test_missing_and_malformed_yaml_files_are_user_errors(tmp_path):
     (["--min-crop-scale", "0"], "--min-crop-scale"),
     (["--label-smoothing", "1"], "--label-smoothing"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--tta-shift", "-1"], "--tta-shift"),
+    (["--min-train-size", "8"], "--min-train-size"),
+    (["--image-size", "64", "--min-train-size", "96"], "--min-train-size"),
+    (["--full-size-fraction", "1.5"], "--full-size-fraction"),
 ])
 def test_invalid_flag_values_are_user_errors_naming_the_flag(flags, flag_named):
     with pytest.raises(UserError, match=flag_named):

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from monkeytrain import engine
-from monkeytrain.engine import Learner, evaluate, flip_averaged, train_one_epoch
+from monkeytrain.engine import Learner, evaluate, train_one_epoch
 
 
 def reset_accelerate() -> None:
@@ -230,19 +230,6 @@ def test_evaluate_on_no_batches_counts_zero(cpu_accelerator):
     assert result.predicted.numel() == 0 and result.confidence.numel() == 0
 
 
-def edge_sums(images: torch.Tensor) -> torch.Tensor:
-    """Logits that see orientation: left column, right column and top row sums (per image)."""
-    return torch.stack([images[..., :, 0].sum(dim=(1, 2)), images[..., :, -1].sum(dim=(1, 2)),
-                        images[..., 0, :].sum(dim=(1, 2))], dim=1)
-
-
-def test_flip_averaged_averages_an_image_and_its_horizontal_mirror():
-    image = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # N, C, H, W
-    assert edge_sums(image).tolist() == [[4.0, 6.0, 3.0]]  # not flip-invariant
-    # the mirror swaps the left and right columns and keeps the top row; a vertical flip would give [4, 6, 5]
-    assert flip_averaged(edge_sums)(image).tolist() == [[5.0, 5.0, 3.0]]
-
-
 def large_gradient_learner(accelerator, clip: float) -> tuple[Learner, NotingSGD, list, float]:
     """A learner, one batch with a large loss, and the norm of its unclipped gradient."""
     torch.manual_seed(0)
@@ -267,3 +254,25 @@ def test_a_zero_clip_grad_norm_leaves_the_gradient_alone(cpu_accelerator):
     learner, optimizer, batches, unclipped = large_gradient_learner(cpu_accelerator, clip=0.0)
     train_one_epoch(learner, batches, cpu_accelerator)
     assert optimizer.grad_norms == [pytest.approx(unclipped, rel=1e-5)]
+
+
+def test_mixed_targets_reach_the_loss_and_accuracy_counts_the_true_labels(cpu_accelerator):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    learner, _ = make_learner(cpu_accelerator, model, [], lr=0.0)  # lr 0: the weights stay as they are
+    seen = []
+
+    def swap_targets(images, labels):  # a "mix" whose targets are the other class, with certainty
+        targets = torch.nn.functional.one_hot(1 - labels, 2).float()
+        seen.append(targets)
+        return images, targets
+
+    learner.mix = swap_targets
+    batches = float_batches(2, 4)
+    trained = train_one_epoch(learner, batches, cpu_accelerator)
+    with torch.no_grad():
+        logits = torch.cat([model(views) for views, _ in batches])
+        labels = torch.cat([labels for _, labels in batches])
+    assert len(seen) == 2
+    assert trained.loss == pytest.approx(F.cross_entropy(logits, 1 - labels).item(), rel=1e-6)
+    assert trained.accuracy == pytest.approx((logits.argmax(dim=1) == labels).double().mean().item())

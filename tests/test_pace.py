@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
+import psutil
 import pytest
 
-from monkeytrain.pace import RemainingTime, estimate_line, format_duration, long_cpu_run_advice, report_time_left
+from monkeytrain import pace
+from monkeytrain.pace import (PhaseTimes, RemainingTime, estimate_line, format_duration, long_cpu_run_advice,
+                             report_time_left, start_up_seconds)
 
 
 class FakeClock:
@@ -87,3 +92,28 @@ def test_training_prints_the_estimate_and_warns_once_about_a_long_cpu_run(on_cpu
     assert len(log.warnings) == int(warned)  # after the first epoch only
     if warned:
         assert ("--recipe cpu" in log.warnings[0]) == (recipe == "gpu")
+
+
+def test_phase_times_add_up_each_phase_over_its_visits_and_round_to_centiseconds():
+    clock = FakeClock()
+    phases = PhaseTimes(clock)
+    for seconds in (2.0, 3.004):
+        with phases.timing("training"):
+            clock.now += seconds
+    with pytest.raises(RuntimeError), phases.timing("test"):  # a phase that fails still counts
+        clock.now += 1.5
+        raise RuntimeError
+    phases.add("first_epoch", 2.0)
+    assert phases.summary() == {"training": 5.0, "test": 1.5, "first_epoch": 2.0}
+    assert phases.elapsed() == pytest.approx(6.504)
+
+
+def test_start_up_counts_the_process_start_once_per_process(monkeypatch):
+    monkeypatch.setattr(pace, "_process_start_counted", False)
+    clock = FakeClock()
+    phases = PhaseTimes(clock)
+    clock.now += 0.25
+    first = start_up_seconds(phases)  # since this test process started: imports and all
+    age = time.time() - psutil.Process().create_time()
+    assert first == pytest.approx(max(age, 0.25), abs=0.1)
+    assert start_up_seconds(phases) == pytest.approx(0.25)  # a second run in the same process: its own wait

@@ -13,6 +13,7 @@ from monkeytrain.data import layout, pipeline
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline, choose_pipeline
 from monkeytrain.data.views import decode_views, view_bytes
+from monkeytrain.errors import UserError
 
 IMAGE, SIDE = 16, 18
 PER_CLASS = 7  # 3 classes: 21 images per split, divisible neither by 2 nor by 4
@@ -92,19 +93,52 @@ def test_train_epoch_yields_full_uint8_batches_on_the_device(root, tmp_path, cpu
     identify(batches, sample_ids(splits.train), splits.train)  # labels go with their images
 
 
-def test_one_rank_sees_each_sample_at_most_once_in_a_fresh_order_each_epoch(root, tmp_path, cpu_accelerator):
+def epochs_of(rp: ResidentPipeline, epochs: int, ids, files) -> list[int]:
+    """The samples of epochs 1 .. `epochs`, in training order."""
+    return [index for epoch in range(1, epochs + 1) for index in identify(rp.train_epoch(epoch), ids, files)]
+
+
+def passes(stream: list[int], size: int) -> list[list[int]]:
+    return [stream[start:start + size] for start in range(0, len(stream) - size + 1, size)]
+
+
+def test_epochs_cut_one_stream_of_shuffled_passes(root, tmp_path, cpu_accelerator):
     splits = splits_of(root)
     ids = sample_ids(splits.train)
-    rp = resident(splits, cpu_accelerator, tmp_path)
+    rp = resident(splits, cpu_accelerator, tmp_path)  # 21 images, batches of 4: 5 batches, 1 image over
     first = identify(rp.train_epoch(1), ids, splits.train)
-    second = identify(rp.train_epoch(2), ids, splits.train)
-    for epoch in (first, second):
-        assert len(epoch) == 20 and len(set(epoch)) == 20
-    assert first != second
+    assert len(first) == 20 and len(set(first)) == 20
+    # 21 epochs of 20 images are exactly 20 passes of 21: each pass every image once, in its own order
+    stream = epochs_of(rp, 21, ids, splits.train)
+    assert stream[:20] == first
+    orders = passes(stream, 21)
+    assert len(orders) == 20 and all(sorted(order) == list(range(21)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 20
     # the same seed and epoch repeat, in a new pipeline too; another seed does not
     assert identify(rp.train_epoch(1), ids, splits.train) == first
     assert identify(resident(splits, cpu_accelerator, tmp_path).train_epoch(1), ids, splits.train) == first
     assert identify(resident(splits, cpu_accelerator, tmp_path, seed=1).train_epoch(1), ids, splits.train) != first
+
+
+def test_a_batch_wraps_from_one_pass_into_the_next_and_stays_full(root, tmp_path, cpu_accelerator):
+    splits = splits_of(root)
+    ids = sample_ids(splits.train)
+    rp = resident(splits, cpu_accelerator, tmp_path)
+    second = list(rp.train_epoch(2))  # images 20 .. 39 of the stream: its first batch crosses into pass 2
+    assert [images.shape[0] for images, _ in second] == [4] * 5
+    stream = epochs_of(resident(splits, cpu_accelerator, tmp_path), 2, ids, splits.train)
+    assert identify(second, ids, splits.train) == stream[20:40]
+
+
+def test_a_resumed_epoch_trains_the_batches_it_had_left(root, tmp_path, cpu_accelerator):
+    splits = splits_of(root)
+    ids = sample_ids(splits.train)
+    rp = resident(splits, cpu_accelerator, tmp_path)
+    whole = identify(rp.train_epoch(3), ids, splits.train)
+    assert identify(rp.train_epoch(3, skip=2), ids, splits.train) == whole[8:]
+    # cut short: epochs of 2 batches still follow one another along the stream
+    short = [identify(rp.train_epoch(epoch, 2), ids, splits.train) for epoch in (1, 2)]
+    assert short[0] + short[1] == epochs_of(rp, 1, ids, splits.train)[:16]
 
 
 def test_a_batch_larger_than_the_data_gives_one_batch_of_everything_a_rank_has(root, tmp_path, cpu_accelerator):
@@ -116,18 +150,25 @@ def test_a_batch_larger_than_the_data_gives_one_batch_of_everything_a_rank_has(r
 
 
 @pytest.mark.parametrize("batch_size", [4, 64])
-def test_two_ranks_train_on_disjoint_equal_shards(root, tmp_path, batch_size):
+def test_two_ranks_train_on_disjoint_equal_shards_of_each_pass(root, tmp_path, batch_size):
     splits = splits_of(root)
     ids = sample_ids(splits.train)
     ranks = [resident(splits, FakeRank(rank, 2), tmp_path, batch_size=batch_size) for rank in (0, 1)]
     assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == (2 if batch_size == 4 else 1)
     for epoch in (1, 2):
-        shards = [identify(r.train_epoch(epoch), ids, splits.train) for r in ranks]
         batch_counts = [len(list(r.train_epoch(epoch))) for r in ranks]
         assert batch_counts == [ranks[0].batches_per_epoch] * 2
-        assert len(shards[0]) == len(shards[1]) == (8 if batch_size == 4 else 10)
-        assert len(set(shards[0])) == len(shards[0])
-        assert not set(shards[0]) & set(shards[1])
+    streams = [epochs_of(r, 5, ids, splits.train) for r in ranks]  # 40 images each: 4 passes of 10
+    assert len(streams[0]) == len(streams[1]) == (40 if batch_size == 4 else 50)
+    for mine, theirs in zip(passes(streams[0], 10), passes(streams[1], 10)):
+        assert len(set(mine)) == len(set(theirs)) == 10
+        assert not set(mine) & set(theirs)
+
+
+def test_fewer_training_images_than_processes_is_one_clear_error(root, tmp_path, make_image_folder):
+    tiny = make_image_folder(tmp_path / "tiny", layout="train-val", classes=1, per_class=1, size=20)
+    with pytest.raises(UserError, match="cannot give each of 2 processes one"):
+        resident(splits_of(tiny), FakeRank(0, 2), tmp_path)
 
 
 # --- ResidentPipeline: evaluation shards ------------------------------------------------------

@@ -93,7 +93,7 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second",
-            "epoch_seconds"} <= set(metrics[0])
+            "epoch_seconds", "train_size"} <= set(metrics[0])
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["run_name"] == "a" and config["epochs"] == 2 and config["data"] == str(trained / "data")
 
@@ -111,6 +111,10 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     assert results["best_epoch"] == best["epoch"] == int(header["epoch"])
     assert results["selection_biased"] is False
     assert sum(map(sum, results["confusion_matrix"])) == results["test_images"] == 30
+    phases = results["phase_seconds"]
+    assert set(phases) == {"start_up", "data", "model", "training", "first_epoch", "validation", "test"}
+    assert min(phases.values()) > 0 and phases["first_epoch"] <= phases["training"]
+    assert sum(phases.values()) - phases["first_epoch"] - phases["start_up"] <= results["wall_seconds"]
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
 

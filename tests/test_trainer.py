@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 
 from monkeytrain.config import parse_config
@@ -107,3 +108,31 @@ def test_on_epoch_sees_each_validation_and_may_end_the_run_there(trainer_for, mo
     assert [epoch for epoch, _ in seen] == [1, 2] and trainer.best.accuracy == max(a for _, a in seen)
     assert state_dirs(trainer.run.run_dir) == []  # no state saved: a pruned run is not resumed
     assert (trainer.run.run_dir / "best.safetensors").is_file()
+
+
+def test_progressive_resizing_trains_small_crops_first_and_validates_at_full_size(trainer_for, monkeypatch,
+                                                                                   tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "4", "--image-size", "32", "--min-train-size", "16",
+                          "--full-size-fraction", "0.5", "--max-batches-per-epoch", "1")
+    sides = []  # (training?, side) of every batch the live model sees
+    trainer.learner.model.register_forward_pre_hook(
+        lambda module, inputs: sides.append((module.training, inputs[0].shape[-1])))
+    evaluated = trainer.evaluated
+    trainer.evaluated = lambda images: sides.append((False, images.shape[-1])) or evaluated(images)
+    trainer.fit()
+    assert [side for training, side in sides if training] == [16, 16, 32, 32]
+    assert {side for training, side in sides if not training} == {32}
+
+
+def test_mixup_and_cutmix_flags_mix_the_training_batches_with_the_run_generator(trainer_for, monkeypatch,
+                                                                               tmp_path):
+    monkeypatch.chdir(tmp_path)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 0])
+    plain = trainer_for()
+    assert plain.learner.mix(images, labels) == (images, labels)
+    mixing = trainer_for("--mixup-alpha", "0.4", "--cutmix-alpha", "1.0")
+    state = mixing.generator.get_state()
+    mixed, targets = mixing.learner.mix(images, labels)
+    assert targets.shape == (4, 2) and not torch.equal(mixed, images)
+    assert not torch.equal(mixing.generator.get_state(), state)  # drawn from the run's generator

@@ -7,7 +7,8 @@ pixels, as uint8. Everything random happens here, batched, on the device:
 - training: one affine warp per sample (random resized crop, rotation and
   horizontal flip composed into a single `affine_grid` + `grid_sample`), then
   brightness, contrast and saturation jitter, then normalisation;
-- evaluation: the centre `image_size` crop, normalised.
+- evaluation: the centre `image_size` crop, normalised; with test-time views
+  (`EvalViews`), its mirror image and crops shifted a few pixels too.
 
 So the GPU-resident and the streaming pipelines draw from exactly the same
 augmentation distribution, and the same code is unit-tested on CPU tensors.
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from monkeytrain.data.views import centre_crop
+from monkeytrain.data.views import centre_crop, stored_size
+from monkeytrain.errors import UserError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+SIZE_STEP = 16  # progressive resizing moves in steps of this many pixels: few distinct shapes
 ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
@@ -92,21 +96,76 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
+def train_resolution(epoch: int, epochs: int, low: int, high: int, full_size_fraction: float) -> int:
+    """The side of epoch `epoch`'s training crops (of `epochs`) under progressive resizing, as in
+    MosaicML's and FFCV's ResNet recipes: `low` pixels at the start, growing linearly in steps of
+    SIZE_STEP to `high` (the evaluation size), which the last `full_size_fraction` of the epochs train
+    at. Early epochs then cost a fraction of the compute, and the model is tested at a size at least
+    as large as its last training one. `low` 0 (or >= high): `high` throughout."""
+    if not 0 < low < high:
+        return high
+    ramp_epochs = epochs * (1 - full_size_fraction)
+    progress = min(1.0, (epoch - 1) / ramp_epochs) if ramp_epochs > 0 else 1.0
+    size = low + (high - low) * progress
+    return min(high, max(low, int(size // SIZE_STEP) * SIZE_STEP)) if progress < 1 else high
+
+
 class Augmenter:
-    """Turns uint8 stored-view batches into normalised model inputs, for training or evaluation."""
+    """Turns uint8 stored-view batches into normalised model inputs, for training or evaluation.
+
+    Training crops are `train_size` pixels square (the image size, unless the trainer sets a
+    smaller one for progressive resizing); evaluation crops are always `image_size`."""
 
     def __init__(self, settings: AugmentSettings, image_size: int, mean: list[float], std: list[float],
                  generator: torch.Generator):
-        self.settings, self.image_size = settings, image_size
+        self.settings, self.image_size, self.train_size = settings, image_size, image_size
         self.mean, self.std = mean, std
         self.generator = generator
 
     def train(self, views: torch.Tensor) -> torch.Tensor:
         images = views.float() / 255
         theta = random_affine(images.shape[0], self.settings, self.generator, images.device)
-        images = warp(images, theta, self.image_size)
+        images = warp(images, theta, self.train_size)
         images = color_jitter(images, self.settings.color_jitter, self.generator)
         return normalize(images, self.mean, self.std)
 
     def eval(self, views: torch.Tensor) -> torch.Tensor:
         return normalize(centre_crop(views, self.image_size).float() / 255, self.mean, self.std)
+
+
+class EvalViews:
+    """The views of each image whose logits evaluation averages: the centre crop of its stored view;
+    with `shift`, the crops `shift` pixels left, right, up and down of it (the stored view has a
+    margin around the centre crop, so these are real pixels, not padding); with `flip`, the mirror
+    image of each. `prepare` stacks them into one batch, so they take one forward pass; `averaged`
+    wraps a model to give each image's mean logits over its views."""
+
+    def __init__(self, image_size: int, mean: list[float], std: list[float], flip: bool, shift: int = 0):
+        self.image_size, self.mean, self.std, self.flip = image_size, mean, std, flip
+        margin = (stored_size(image_size) - image_size) // 2
+        if shift > margin:
+            raise UserError(f"--tta-shift {shift} reaches beyond the {margin}-pixel margin that "
+                            f"{image_size}-pixel crops leave in their stored views; use at most {margin}.")
+        self.offsets = [(0, 0)] + ([(0, -shift), (0, shift), (-shift, 0), (shift, 0)] if shift else [])
+        self.count = len(self.offsets) * (2 if flip else 1)
+
+    @classmethod
+    def of_config(cls, config: dict, image_size: int, mean: list[float], std: list[float]) -> "EvalViews":
+        """The views a run's config asks for (a checkpoint's config from before --tta-shift: no shifts)."""
+        return cls(image_size, mean, std, flip=bool(config.get("tta_flip")), shift=config.get("tta_shift", 0))
+
+    def prepare(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 stored views [B, 3, S, S] -> normalised views [count * B, 3, size, size], view-major."""
+        crops = [shifted_crop(views, self.image_size, offset) for offset in self.offsets]
+        crops += [crop.flip(dims=[3]) for crop in crops] if self.flip else []
+        return normalize(torch.cat(crops).float() / 255, self.mean, self.std)
+
+    def averaged(self, model: Callable) -> Callable:
+        return lambda images: model(images).unflatten(0, (self.count, -1)).mean(dim=0)
+
+
+def shifted_crop(views: torch.Tensor, size: int, offset: tuple[int, int]) -> torch.Tensor:
+    """The size x size crop `offset` (rows, columns) pixels from the centre crop."""
+    top = int(round((views.shape[-2] - size) / 2.0)) + offset[0]
+    left = int(round((views.shape[-1] - size) / 2.0)) + offset[1]
+    return views[..., top:top + size, left:left + size]

@@ -20,6 +20,7 @@ from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.loaders import sharded_loader, shuffled_loader
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
 from monkeytrain.distributed import all_ranks_agree, cores_per_process, shard_indices
+from monkeytrain.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # The resident views may take at most this share of the device memory free at start
@@ -70,22 +71,46 @@ class ResidentPipeline:
                 self.splits[name] = (images.to(self.device), labels.to(self.device))
         self.resident_bytes = sum(images.numel() for images, _ in self.splits.values())
         self.splits.setdefault("val", self.splits["test"])
-        per_rank = len(splits.train) // self.world
-        self.batches_per_epoch = max(1, per_rank // batch_size)
+        self.per_rank = len(splits.train) // self.world
+        if self.per_rank < 1:
+            raise UserError(f"{len(splits.train)} training image(s) cannot give each of {self.world} processes "
+                            "one; add images or start fewer processes.")
+        self.train_batch = min(batch_size, self.per_rank)  # a batch larger than a share: the whole share
+        self.batches_per_epoch = self.per_rank // self.train_batch
+        self._shard: tuple[int | None, torch.Tensor | None] = (None, None)  # the pass last drawn, and its share
 
     def train_epoch(self, epoch: int, max_batches: int | None = None,
                     skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's equal share of one device-side permutation: full batches, `max_batches` at most,
-        the first `skip` of them left out (to continue an epoch after a resume)."""
+        """This rank's batches of one epoch: `max_batches` full batches at most, the first `skip` of them
+        left out (to continue an epoch after a resume).
+
+        Batches are cut from an endless stream of passes over the data, each pass one device-side
+        permutation of which every rank takes its own equal share. A batch may wrap from one pass into
+        the next, so every batch is full (one static shape, as CUDA graphs need), no image is
+        dropped for not filling the last batch, and every image is seen as often as any other.
+        Where a batch starts depends only on (epoch, batch), so a resumed run trains the same batches.
+        """
         images, labels = self.splits["train"]
-        generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(labels), generator=generator, device=self.device)
-        per_rank = len(labels) // self.world
-        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
-        size = min(self.batch_size, per_rank)
-        for batch in range(skip, min(max_batches or self.batches_per_epoch, self.batches_per_epoch)):
-            index = mine[batch * size:(batch + 1) * size]
+        per_epoch = min(max_batches or self.batches_per_epoch, self.batches_per_epoch)
+        for batch in range(skip, per_epoch):
+            index = self.stream_slice(((epoch - 1) * per_epoch + batch) * self.train_batch)
             yield images[index], labels[index]
+
+    def stream_slice(self, start: int) -> torch.Tensor:
+        """Indices of the `train_batch` samples at `start` of this rank's stream of passes."""
+        first_pass, offset = divmod(start, self.per_rank)
+        shard = self.pass_shard(first_pass)
+        if offset + self.train_batch > self.per_rank:  # wraps into the next pass
+            shard = torch.cat([shard, self.pass_shard(first_pass + 1)])
+        return shard[offset:offset + self.train_batch]
+
+    def pass_shard(self, number: int) -> torch.Tensor:
+        """This rank's share of pass `number` (0, 1, ...): its slice of one seeded permutation."""
+        if self._shard[0] != number:
+            generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + number + 1)
+            order = torch.randperm(len(self.splits["train"][1]), generator=generator, device=self.device)
+            self._shard = (number, order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank])
+        return self._shard[1]
 
     def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's disjoint, unpadded shard of a split, in order."""

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything issue 10 (fast path v2) still has to measure on a GPU, in one device call of about
+# 8 minutes. Prepare it here, then run it there with the data set carried in:
+#
+#   mkdir -p .device_data && cp -r ../shared/data/10-monkey-species .device_data/   # git-ignored, 47 MB
+#   device run, carry [".device_data"], timeout_s 560:
+#       bash benchmarks/gpu_session.sh .device_data/10-monkey-species "$OUT"
+#
+# It writes one log per step under OUT (default gpu-session/) and prints a summary at the end.
+# Each step has its own time limit, so that one hang cannot eat the others' minutes. Budget on one
+# H200 (from the 150-epoch default's 60 s): versions 10 s, throughput 2 x 40 s, the default once
+# 60 s, two candidate recipes x 3 seeds about 40-60 s each.
+set -uo pipefail
+data=${1:?usage: benchmarks/gpu_session.sh DATA [OUT]}
+out=${2:-gpu-session}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - started)) s" | tee -a "$out/summary.txt"
+    tail -n 12 "$out/$name.log" >>"$out/summary.txt"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
+} >"$out/summary.txt" 2>&1
+
+# Warm the caches (stored views, channel statistics) with the first run, as the targets assume.
+step default-once 120 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1
+step throughput-256 90 python benchmarks/throughput.py --data "$data" --batch-size 256 --compile \
+    --steps 40 --warmup-steps 10
+step throughput-64 60 python benchmarks/throughput.py --data "$data" --batch-size 64 --steps 60 --warmup-steps 15
+# Progressive resizing (128 -> 224 px, the last quarter at 224) and shifted test-time views.
+step resize-shift 200 python benchmarks/time_to_accuracy.py --data "$data" --seeds 3 \
+    --min-train-size 128 --tta-shift 8
+# The same, with the time saved spent on more epochs and per-sample MixUp/CutMix.
+step resize-shift-mix 240 python benchmarks/time_to_accuracy.py --data "$data" --seeds 3 \
+    --min-train-size 128 --tta-shift 8 --epochs 200 --mixup-alpha 0.2 --cutmix-alpha 1.0 --mix-prob 0.5
+cat "$out/summary.txt"
