@@ -88,9 +88,9 @@ class Trainer:
                                    data.stats.std, self.generator)
         self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
-        self.test_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size,
-                                                  data.stats.mean, data.stats.std)
-        self.evaluated = self.test_views.averaged(self.learner.averager.model)  # what validation runs
+        self.eval_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean,
+                                              data.stats.std)
+        self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
         self.progress = Progress()
@@ -158,7 +158,7 @@ class Trainer:
     def validate(self, epoch: int, trained: TrainStats) -> float:
         """Score the validation split, save the checkpoint if it improved, log the epoch; the accuracy."""
         self.learner.averager.model.eval()
-        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.test_views.prepare,
+        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.eval_views.prepare,
                              self.accelerator, self.data.num_classes)
         improved = self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on every rank
         if improved:

@@ -61,7 +61,7 @@ class ResidentPipeline:
 
     def __init__(self, splits: DatasetSplits, image_size: int, batch_size: int, seed: int,
                  cache_dir: Path, accelerator):
-        self.device, self.batch_size, self.seed = accelerator.device, batch_size, seed
+        self.device, self.seed = accelerator.device, seed
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.splits = {}
         with accelerator.local_main_process_first():  # one decode per node; the others load the cache
@@ -86,8 +86,9 @@ class ResidentPipeline:
 
         Batches are cut from an endless stream of passes over the data, each pass one device-side
         permutation of which every rank takes its own equal share. A batch may wrap from one pass into
-        the next, so every batch is full (one static shape, as CUDA graphs need), no image is
-        dropped for not filling the last batch, and every image is seen as often as any other.
+        the next, so every batch is full (one static shape, as CUDA graphs need) and no image is
+        dropped for not filling a last batch: each pass shows every image once (but for the few left
+        over when the images do not share evenly among the ranks, other ones each pass).
         Where a batch starts depends only on (epoch, batch), so a resumed run trains the same batches.
         """
         images, labels = self.splits["train"]
