@@ -7,13 +7,14 @@
 #       bash benchmarks/gpu_session.sh .device_data/10-monkey-species "$OUT"
 #
 # It writes one log per step under OUT (default gpu-session/) and prints a summary at the end.
+# SMOKE=1 runs the same steps as tiny CPU runs (about 3 minutes on 2 cores), to check the plumbing
+# before GPU minutes are spent on it.
 # Each step has its own time limit, so that one hang cannot eat the others' minutes. Budget on one
 # H200 (from the 150-epoch default's 60 s): versions 10 s, throughput 2 x 40 s, the default once
 # 60 s, two candidate recipes x 3 seeds about 40-60 s each.
 set -uo pipefail
-data=${1:?usage: benchmarks/gpu_session.sh DATA [OUT]}
-out=${2:-gpu-session}
-mkdir -p "$out"
+data=$(cd "${1:?usage: benchmarks/gpu_session.sh DATA [OUT]}" && pwd)
+out=$(mkdir -p "${2:-gpu-session}" && cd "${2:-gpu-session}" && pwd)
 cd "$(dirname "$0")/.."
 
 step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, say how it ended
@@ -25,19 +26,28 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, say how i
     tail -n 12 "$out/$name.log" >>"$out/summary.txt"
 }
 
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ -n "${SMOKE:-}" ]; then  # later flags win: these shrink every run
+    train_extra=(--debug --model resnet10t --image-size 64 --min-train-size 32 --tta-shift 4 --epochs 2)
+    throughput_extra=(--tiny --model resnet10t) compile=()
+else
+    train_extra=() throughput_extra=() compile=(--compile)
+fi
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"
   python -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
 } >"$out/summary.txt" 2>&1
 
 # Warm the caches (stored views, channel statistics) with the first run, as the targets assume.
-step default-once 120 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1
-step throughput-256 90 python benchmarks/throughput.py --data "$data" --batch-size 256 --compile \
-    --steps 40 --warmup-steps 10
-step throughput-64 60 python benchmarks/throughput.py --data "$data" --batch-size 64 --steps 60 --warmup-steps 15
+step default-once 120 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1 "${train_extra[@]}"
+step throughput-256 90 python benchmarks/throughput.py --data "$data" --batch-size 256 "${compile[@]}" \
+    --steps 40 --warmup-steps 10 "${throughput_extra[@]}"
+step throughput-64 60 python benchmarks/throughput.py --data "$data" --batch-size 64 --steps 60 --warmup-steps 15 \
+    "${throughput_extra[@]}"
 # Progressive resizing (128 -> 224 px, the last quarter at 224) and shifted test-time views.
 step resize-shift 200 python benchmarks/time_to_accuracy.py --data "$data" --seeds 3 \
-    --min-train-size 128 --tta-shift 8
+    --min-train-size 128 --tta-shift 8 "${train_extra[@]}"
 # The same, with the time saved spent on more epochs and per-sample MixUp/CutMix.
 step resize-shift-mix 240 python benchmarks/time_to_accuracy.py --data "$data" --seeds 3 \
-    --min-train-size 128 --tta-shift 8 --epochs 200 --mixup-alpha 0.2 --cutmix-alpha 1.0 --mix-prob 0.5
+    --min-train-size 128 --tta-shift 8 --epochs 200 --mixup-alpha 0.2 --cutmix-alpha 1.0 --mix-prob 0.5 \
+    "${train_extra[@]}"
 cat "$out/summary.txt"
