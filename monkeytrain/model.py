@@ -69,6 +69,21 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(compatible, strict=False)
 
 
+@torch.no_grad()
+def check_input_sizes(model: torch.nn.Module, name: str, sizes: list[int], device: torch.device) -> None:
+    """Fail before training, in one line, when the model cannot take square images of one of `sizes`
+    (a ViT with a fixed patch grid, say), instead of with a traceback at the first batch of that size."""
+    model.eval()
+    for size in sizes:
+        try:
+            model(torch.zeros(1, 3, size, size, device=device))
+        except Exception as error:  # timm models refuse sizes in their own ways (assertions, shape errors)
+            fixed = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
+            raise UserError(f"--model {name} cannot take {size}-pixel images ({str(error).splitlines()[0]}); "
+                            f"give --image-size (and --min-train-size) it accepts, e.g. {fixed}.") from None
+    model.train()
+
+
 def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn.Module:
     """`torch.compile(model)` when enabled, with Inductor's caches kept in `cache_dir`, so a
     second run loads the compiled kernels instead of compiling again."""

@@ -27,7 +27,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import Learner, TrainStats, evaluate, train_one_epoch
-from monkeytrain.model import compiled, create_model
+from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption
@@ -198,6 +198,7 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
     config, accelerator = run.config, run.accelerator
     plain = create_model(config.model, data.num_classes, config.pretrained)
     plain = plain.to(accelerator.device, memory_format=torch.channels_last)
+    check_input_sizes(plain, config.model, training_sizes(config), accelerator.device)
     averager = weight_averager(plain, config.ema_decay)
     optimizer = build_optimizer(plain, config, accelerator.device)
     scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.grad_accum_steps))
@@ -214,6 +215,13 @@ def whole_accumulation_groups(batches: int, accumulation: int) -> int:
     cannot see where an epoch of the resident pipeline ends, so a partial group would carry its
     gradients into the next epoch (and out of a saved state); and the schedule counts whole steps."""
     return batches - batches % accumulation if batches >= accumulation else batches
+
+
+def training_sizes(config: TrainConfig) -> list[int]:
+    """Every image side the run feeds its model: the progressive-resizing steps and the full size."""
+    return sorted({train_resolution(epoch, config.epochs, config.min_train_size, config.image_size,
+                                    config.full_size_fraction) for epoch in range(1, config.epochs + 1)}
+                  | {config.image_size})
 
 
 def mix_settings(config: TrainConfig) -> MixSettings:

@@ -10,13 +10,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from monkeytrain import trainer as trainer_module
 from monkeytrain.config import parse_config
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
+from monkeytrain.errors import UserError
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import state_dirs
 from monkeytrain.tracking import SilentLog
-from monkeytrain.trainer import Progress, RunContext, Trainer, whole_accumulation_groups
+from monkeytrain.trainer import Progress, RunContext, Trainer, training_sizes, whole_accumulation_groups
 
 
 class NoStop:
@@ -136,3 +138,28 @@ def test_mixup_and_cutmix_flags_mix_the_training_batches_with_the_run_generator(
     mixed, targets = mixing.learner.mix(images, labels)
     assert targets.shape == (4, 2) and not torch.equal(mixed, images)
     assert not torch.equal(mixing.generator.get_state(), state)  # drawn from the run's generator
+
+
+def fixed_size_vit(name: str, num_classes: int, pretrained=None):
+    """timm's test_vit with a fixed 32-pixel patch grid, as vit_base_patch16_224 has one of 224."""
+    import timm
+
+    model = timm.create_model("test_vit", num_classes=num_classes, img_size=32)
+    model.patch_embed.strict_img_size = True
+    return model
+
+
+def test_a_model_that_cannot_take_a_training_size_is_one_clear_error_before_training(
+        trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer_module, "create_model", fixed_size_vit)
+    assert trainer_for("--model", "test_vit", "--image-size", "32").batches_per_epoch == 8  # its own size: fine
+    with pytest.raises(UserError, match=r"--model test_vit cannot take 16-pixel images \(Input height \(16\) "
+                                         r"doesn't match model \(32\)\.\); give --image-size"):
+        trainer_for("--model", "test_vit", "--image-size", "32", "--min-train-size", "16")
+
+
+def test_the_sizes_checked_are_every_step_of_the_resizing_and_the_full_size():
+    config = parse_config(["--epochs", "8", "--image-size", "64", "--min-train-size", "32", "--cpu"])
+    assert training_sizes(config) == [32, 48, 64]
+    assert training_sizes(parse_config(["--image-size", "64", "--cpu"])) == [64]
