@@ -156,16 +156,9 @@ class EvalViews:
 
     def prepare(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 stored views [B, 3, S, S] -> normalised views [count * B, 3, size, size], view-major."""
-        crops = [shifted_crop(views, self.image_size, offset) for offset in self.offsets]
+        crops = [centre_crop(views, self.image_size, offset) for offset in self.offsets]
         crops += [crop.flip(dims=[3]) for crop in crops] if self.flip else []
         return normalize(torch.cat(crops).float() / 255, self.mean, self.std)
 
     def averaged(self, model: Callable) -> Callable:
         return lambda images: model(images).unflatten(0, (self.count, -1)).mean(dim=0)
-
-
-def shifted_crop(views: torch.Tensor, size: int, offset: tuple[int, int]) -> torch.Tensor:
-    """The size x size crop `offset` (rows, columns) pixels from the centre crop."""
-    top = int(round((views.shape[-2] - size) / 2.0)) + offset[0]
-    left = int(round((views.shape[-1] - size) / 2.0)) + offset[1]
-    return views[..., top:top + size, left:left + size]

@@ -39,10 +39,11 @@ def stored_view_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.PILToTensor()])
 
 
-def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size crop, offsets rounded as torchvision's CenterCrop does."""
-    top = int(round((images.shape[-2] - size) / 2.0))
-    left = int(round((images.shape[-1] - size) / 2.0))
+def centre_crop(images: torch.Tensor, size: int, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The centre size x size crop, offsets rounded as torchvision's CenterCrop does; moved `shift`
+    (rows, columns) pixels from the centre for the shifted test-time views."""
+    top = int(round((images.shape[-2] - size) / 2.0)) + shift[0]
+    left = int(round((images.shape[-1] - size) / 2.0)) + shift[1]
     return images[..., top:top + size, left:left + size]
 
 
