@@ -114,7 +114,8 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     phases = results["phase_seconds"]
     assert set(phases) == {"start_up", "data", "model", "training", "first_epoch", "validation", "test"}
     assert min(phases.values()) > 0 and phases["first_epoch"] <= phases["training"]
-    assert sum(phases.values()) - phases["first_epoch"] - phases["start_up"] <= results["wall_seconds"]
+    inside_the_run = sum(phases.values()) - phases["first_epoch"] - phases["start_up"]  # disjoint phases
+    assert inside_the_run <= results["wall_seconds"] + 0.03  # six figures, each rounded to 0.01 s
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
 
