@@ -131,9 +131,7 @@ class Trainer:
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
 
     def train_epoch(self, epoch: int) -> TrainStats:
-        config = self.config
-        self.augmenter.train_size = train_resolution(epoch, config.epochs, config.min_train_size,
-                                                     config.image_size, config.full_size_fraction)
+        self.augmenter.train_size = epoch_train_size(self.config, epoch)
         skipped = self.progress.batch  # batches of this epoch trained before a resume
         batches = self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped)
 
@@ -217,11 +215,15 @@ def whole_accumulation_groups(batches: int, accumulation: int) -> int:
     return batches - batches % accumulation if batches >= accumulation else batches
 
 
+def epoch_train_size(config: TrainConfig, epoch: int) -> int:
+    """The side of the training crops of `epoch` (progressive resizing, or the image size)."""
+    return train_resolution(epoch, config.epochs, config.min_train_size, config.image_size,
+                            config.full_size_fraction)
+
+
 def training_sizes(config: TrainConfig) -> list[int]:
     """Every image side the run feeds its model: the progressive-resizing steps and the full size."""
-    return sorted({train_resolution(epoch, config.epochs, config.min_train_size, config.image_size,
-                                    config.full_size_fraction) for epoch in range(1, config.epochs + 1)}
-                  | {config.image_size})
+    return sorted({epoch_train_size(config, epoch) for epoch in range(1, config.epochs + 1)} | {config.image_size})
 
 
 def mix_settings(config: TrainConfig) -> MixSettings:
