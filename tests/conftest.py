@@ -11,6 +11,11 @@ Tests marked `first` run before all the others and tests marked `last` after the
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import io
+import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
@@ -111,6 +116,52 @@ def cpu_accelerator():
     AcceleratorState._reset_state(True)
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(True)
+
+
+# --- training runs in this process ------------------------------------------------------------
+
+@dataclass
+class InProcessRun:
+    results: dict
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def process_state_put_back():
+    """Puts back what a training run changes in its process: the working folder, the environment,
+    torch's thread count, the signal handlers and Accelerate's global state."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    folder, environment, threads = Path.cwd(), dict(os.environ), torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    AcceleratorState._reset_state(True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environment)
+        os.chdir(folder)
+
+
+def train_here(argv: list[str], cwd: Path, **env: str) -> InProcessRun:
+    """`python -m monkeytrain.train ARGV` in `cwd`, run by this process: for tests of what a run
+    does rather than of how it starts (the launch forms have their own tests in subprocesses), at
+    none of the 5-7 s a fresh interpreter spends importing torch, timm and Accelerate."""
+    from monkeytrain import train
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with process_state_put_back(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        os.chdir(cwd)
+        os.environ.pop("MONKEYTRAIN_DATA", None)
+        os.environ.update(env)
+        results = train.main(argv)
+    return InProcessRun(results, stdout.getvalue(), stderr.getvalue())
 
 
 # --- background work: started by the first tests of the session, checked by the last ----------

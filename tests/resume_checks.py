@@ -8,20 +8,26 @@ POINT is where, relative to optimizer step STEP:
     kill        SIGKILL just after step STEP (with its scheduled save, if any).
     kill-save   SIGKILL in the middle of saving the state of step STEP: its files are
                 written, it is not yet marked complete and moved into place.
+
+Tests run the SIGTERM point in their own process too (`interrupted`); a SIGKILL needs a process of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from typing import Iterator
 
 from monkeytrain import train
 from monkeytrain.statestore import StateStore
 from monkeytrain.trainer import Trainer
 
 
-def interrupt(point: str, step: int) -> None:
+@contextlib.contextmanager
+def interrupted(point: str, step: int) -> Iterator[None]:
+    """Runs of train.main inside the block interrupt themselves at `point` of step `step`."""
     after_step, publish = Trainer.after_optimizer_step, StateStore._publish
 
     def after_optimizer_step(trainer: Trainer) -> bool:
@@ -38,9 +44,13 @@ def interrupt(point: str, step: int) -> None:
         publish(store, staging, final)
 
     Trainer.after_optimizer_step, StateStore._publish = after_optimizer_step, publish_
+    try:
+        yield
+    finally:
+        Trainer.after_optimizer_step, StateStore._publish = after_step, publish
 
 
 if __name__ == "__main__":
     point, step, *flags = sys.argv[1:]
-    interrupt(point, int(step))
-    print(train.main(flags))
+    with interrupted(point, int(step)):
+        print(train.main(flags))

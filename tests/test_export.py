@@ -1,15 +1,13 @@
 """monkeytrain.export: an .onnx that ONNX Runtime runs as PyTorch runs the checkpoint, for any timm model.
 
 One tiny model of another family than ResNet (timm's test_vit) is trained once,
-through the real train.py, and exported once; the tests use both files.
+by the real train.main, and exported once; the tests use both files.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -27,7 +25,6 @@ from monkeytrain.export import load_onnx
 from monkeytrain.model import create_model
 from monkeytrain.predict import labelled_folder, preparer
 
-PROJECT = Path(__file__).resolve().parent.parent
 OTHER_FAMILY = "test_vit"  # a transformer: no convolutions, no BatchNorm, its head is `head`, not `fc`
 TINY_TRAINING = ["--cpu", "--epochs", "1", "--max-batches-per-epoch", "2", "--image-size", "32",
                  "--batch-size", "4", "--num-workers", "0", "--report-to", "none"]
@@ -35,17 +32,13 @@ TINY_TRAINING = ["--cpu", "--epochs", "1", "--max-batches-per-epoch", "2", "--im
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """A test_vit run trained by monkeytrain/train.py, then exported by `monkeytrain export`."""
-    from conftest import write_image_folder
+    """A test_vit run trained by train.main, then exported by `monkeytrain export`."""
+    from conftest import train_here, write_image_folder
 
     root = tmp_path_factory.mktemp("export")
     data = write_image_folder(root / "data", classes=3, per_class=4)
-    environment = {k: v for k, v in os.environ.items() if k != "MONKEYTRAIN_DATA"}
-    environment.update(OMP_NUM_THREADS="2", MONKEYTRAIN_CACHE=str(root / "cache"))
-    trained = subprocess.run(
-        [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", str(data), "--model", OTHER_FAMILY,
-         *TINY_TRAINING, "--run-name", "vit"], cwd=root, env=environment, capture_output=True, text=True, timeout=300)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    train_here(["--data", str(data), "--model", OTHER_FAMILY, *TINY_TRAINING, "--run-name", "vit"], root,
+               MONKEYTRAIN_CACHE=str(root / "cache"))
     checkpoint = root / "runs" / "vit" / "best.safetensors"
     test_split = data / "validation" / "validation"
     with redirect_stdout(io.StringIO()) as printed:

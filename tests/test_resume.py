@@ -1,6 +1,8 @@
 """Preemption-safe resume: a signal mid-epoch, then --resume auto, gives the same weights; a
 SIGKILL before any state, between state writes or in the middle of one never leaves a checkpoint or
-state that cannot be loaded, and the resumed run ends exactly as an uninterrupted one."""
+state that cannot be loaded, and the resumed run ends exactly as an uninterrupted one.
+
+Only the SIGKILLed runs have processes of their own; the others are train.main in this one."""
 
 from __future__ import annotations
 
@@ -14,25 +16,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_here
+from resume_checks import interrupted
 from monkeytrain.checkpoint import read_checkpoint
 from monkeytrain.statestore import COMPLETE, state_dirs
 
-PROJECT = Path(__file__).resolve().parent.parent
-TRAIN = PROJECT / "monkeytrain" / "train.py"
 INTERRUPTING = Path(__file__).with_name("resume_checks.py")
+# --cpu-threads 1 everywhere: runs compared bit for bit use the same threads, and a second one only waits.
 # 3 classes x 11 training images, batch 3: 11 steps an epoch, 33 in all.
 TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3", "--num-workers", "0",
-        "--epochs", "3", "--lr", "0.02", "--ema-decay", "0.9", "--report-to", "none"]
+        "--epochs", "3", "--lr", "0.02", "--ema-decay", "0.9", "--report-to", "none", "--cpu-threads", "1"]
 
 
-def train(script: Path, *arguments: str, cwd: Path, killed: bool = False) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(script), *arguments], cwd=cwd, capture_output=True,
+def killed_run(*arguments: str, cwd: Path) -> None:
+    """resume_checks.py ARGUMENTS in a process of its own, which must end by its own SIGKILL."""
+    done = subprocess.run([sys.executable, str(INTERRUPTING), *arguments], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
-    if killed:
-        assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-3000:]
-    else:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
+    assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ EVERY_STEP = ["--save-every", "1", "--keep-states", "1"]  # so the final step's 
 def whole(data, tmp_path_factory) -> Path:
     """A run trained without interruption, to compare the interrupted ones with."""
     cwd = tmp_path_factory.mktemp("whole")
-    train(TRAIN, *common(data, cwd), *EVERY_STEP, "--run-name", "whole", cwd=cwd)
+    train_here([*common(data, cwd), *EVERY_STEP, "--run-name", "whole"], cwd)
     return cwd / "runs" / "whole"
 
 
@@ -77,8 +77,9 @@ def assert_same_run(whole: Path, again: Path) -> None:
 
 def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, data, whole):
     # SIGTERM arrives after step 14; the ranks notice at step 16 (epoch 2, batch 5 of 11).
-    stopped = train(INTERRUPTING, "term", "14", *common(data, tmp_path), "--run-name", "cut", cwd=tmp_path)
-    assert "{'stopped': True}" in stopped.stdout
+    with interrupted("term", 14):
+        stopped = train_here([*common(data, tmp_path), "--run-name", "cut"], tmp_path)
+    assert stopped.results == {"stopped": True}
     cut = tmp_path / "runs" / "cut"
     [saved] = state_dirs(cut)
     assert saved.name == "step-00000016" and (saved / COMPLETE).is_file()
@@ -86,8 +87,8 @@ def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, dat
     assert {k: progress[k] for k in ("epoch", "batch", "step")} == {"epoch": 2, "batch": 5, "step": 16}
     assert not (cut / "results.json").exists()
 
-    resumed = train(TRAIN, *common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto",
-                    cwd=tmp_path)
+    resumed = train_here([*common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto"],
+                         tmp_path)
     assert "resumed from" in resumed.stdout
     assert_same_run(whole, cut)
 
@@ -106,8 +107,7 @@ def test_a_sigkill_never_leaves_anything_unloadable_and_the_run_resumes_identica
                                                                                     landing):
     point, step, states, unpublished = KILLS[landing]
     flags = [*common(data, tmp_path), "--run-name", "killed", "--resume", "auto"]
-    train(INTERRUPTING, point, str(step), *flags, "--save-every", "3", "--keep-states", "2", cwd=tmp_path,
-          killed=True)
+    killed_run(point, str(step), *flags, "--save-every", "3", "--keep-states", "2", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "killed"
     assert [state.name for state in state_dirs(run_dir)] == states
     assert bool(list((run_dir / "state").glob(".tmp-step-*"))) == unpublished
@@ -117,7 +117,7 @@ def test_a_sigkill_never_leaves_anything_unloadable_and_the_run_resumes_identica
     if step > 11:  # past the first epoch: its best checkpoint exists and is whole
         read_checkpoint(run_dir / "best.safetensors")
 
-    resumed = train(TRAIN, *flags, *EVERY_STEP, cwd=tmp_path)  # and the run can always be finished
+    resumed = train_here([*flags, *EVERY_STEP], tmp_path)  # and the run can always be finished
     assert ("resumed from" in resumed.stdout) == bool(states)
     assert not list((run_dir / "state").glob(".tmp-*"))  # the unpublished state was swept away
     assert_same_run(whole, run_dir)

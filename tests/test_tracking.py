@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import struct
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import train_here
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
 from monkeytrain.tracking import (
     RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, make_run_log, persistent_run_id,
@@ -333,16 +333,13 @@ def test_expand_confusion_gives_one_pair_per_image():
     assert expand_confusion([[2, 1], [0, 1]]) == ([0, 0, 0, 1], [0, 0, 1, 1])
 
 
-def test_the_training_script_reports_one_offline_run_with_its_final_accuracy(wandb_env, tmp_path, monkeypatch):
+def test_a_training_run_reports_one_offline_run_with_its_final_accuracy(wandb_env, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train_script = Path(__file__).resolve().parent.parent / "monkeytrain" / "train.py"
-    command = [sys.executable, str(train_script), "--debug", "--image-size", "32", "--report-to", "wandb",
-               "--run-name", "tracked", "--cache-dir", str(tmp_path / "cache")]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_here(["--debug", "--image-size", "32", "--report-to", "wandb", "--run-name", "tracked",
+                "--cache-dir", str(tmp_path / "cache")], tmp_path)
     run_dir = tmp_path / "runs" / "tracked"
     results = json.loads((run_dir / "results.json").read_text())
-    (folder,) = offline_run_folders(wandb_env)  # the process has exited: its log is complete
+    (folder,) = offline_run_folders(wandb_env)  # the run has closed its log: the file is complete
     run = read_offline_run(folder)
     assert run["summary"]["test_accuracy"] == results["test_accuracy"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
