@@ -1,15 +1,17 @@
 """Every documented way to launch training stops cleanly on a signal, whoever sends it.
 
-Each test starts a short real run (a tiny model on a tiny image folder) through
-one launch form, waits for its first epoch, signals the top process (or its
-whole process group, or SIGKILLs the launcher), and then checks that a
-complete state was saved, that no process of the run is left, and that
-`--resume auto` ends with every tensor equal to an uninterrupted run's.
+Each form starts a short real run (a tiny model on a tiny image folder), waits
+for its first epoch, signals the top process (or its whole process group, or
+SIGKILLs the launcher), and then checks that a complete state was saved, that no
+process of the run is left, and that `--resume auto` ends with every tensor
+equal to an uninterrupted run's.
 
-Most of such a run is single-threaded Python start-up, so the runs go two at a
-time (the machine has two cores) in background threads (`background`), started
-when the first test asks for them, in the tests' order; each test waits for its
-own, and a form's checks (the asserts in `signal_then_resume`) raise in its test.
+Most of such a run is single-threaded Python start-up, so the runs are jobs that
+one background thread works through for the whole session (`background`): the
+first tests of the session (the error lines) start it, the last ones (the forms)
+check each form, taking up any job not started yet in the test's own thread. A
+one-process run is resumed, and its reference trained, in the test's own process
+(`train_here`): only the run that is signalled needs a launcher.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Callable
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_here
 from monkeytrain.statestore import COMPLETE, state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -102,7 +106,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "best.safetensors"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(tmp_path_factory) -> Path:
     from conftest import write_image_folder
 
@@ -140,13 +144,24 @@ def resume_command(form: str) -> list[str]:
     return TORCHRUN if ranks == 2 else STREAM if command is STREAM else PYTHON
 
 
+def resumed_here(form: str) -> bool:
+    """Whether the form's run is resumed in the test's process rather than by a launcher."""
+    return resume_command(form) is PYTHON
+
+
 def uninterrupted_weights(command: list[str], tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
     finish(command, tmp_path, data, "whole")
     return final_weights(tmp_path / "runs" / "whole")
 
 
-def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: Future) -> None:
-    """The whole check of one form; `reference` gives the weights of an uninterrupted run."""
+def train_here_as(tmp_path: Path, data: Path, name: str, *extra: str) -> None:
+    """What `finish(PYTHON, ...)` runs, in this process; it must be the main thread (signal handlers)."""
+    train_here([*PYTHON[2:], *run_flags(tmp_path, data, name), *extra], tmp_path,
+               MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+
+
+def signal_and_check_the_state(form: str, tmp_path: Path, data: Path) -> Path:
+    """Stops the form's run after its first epoch; returns its run directory, holding a complete state."""
     command, how, sig, ranks, statuses = FORMS[form]
     run_dir = tmp_path / "runs" / "cut"
     with DEFAULT_PORT if form in DEFAULT_PORT_FORMS else contextlib.nullcontext():
@@ -161,9 +176,19 @@ def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: Future)
     assert saved and (saved[-1] / COMPLETE).is_file(), log[-3000:]
     assert not (run_dir / "results.json").exists()  # it stopped; it did not run to the end
     assert len(list(saved[-1].glob("progress-rank*.pt"))) == ranks
+    return run_dir
 
+
+def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: "Job") -> Path:
+    """The whole check of a form its launcher resumes; `reference` gives an uninterrupted run's weights."""
+    run_dir = signal_and_check_the_state(form, tmp_path, data)
     finish(resume_command(form), tmp_path, data, "cut", "--resume", "auto")
-    expected, resumed = reference.result(), final_weights(run_dir)
+    assert_resumed_as(run_dir, reference.result())
+    return run_dir
+
+
+def assert_resumed_as(run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+    resumed = final_weights(run_dir)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
@@ -180,47 +205,95 @@ def run_on_missing_data(command: list[str], tmp_path: Path) -> subprocess.Comple
                           env=environment(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def background(request, tmp_path_factory, data) -> dict[tuple[str, str], Future]:
-    """The runs of this module's tests that this session selected, two at a time in worker threads:
-    ("form", form) -> the future of its `signal_then_resume`, ("error", name) -> of its
-    `run_on_missing_data`.
+class Job:
+    """Work that the background thread takes up in its turn, unless a test needs its result first:
+    then the test's thread does it."""
 
-    The workers take the uninterrupted reference runs first (one per resume command), then the forms
-    and the error runs in the tests' order. A form waits for its reference only after its own
-    resume, when every reference has been taken up already, so no worker waits on queued work."""
-    selected = [item.callspec.params for item in request.session.items if item.module is request.module]
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self._work, self._taken, self._done = work, threading.Lock(), Future()
+
+    def run(self) -> None:
+        """Does the work, unless another thread has taken it up."""
+        if not self._taken.acquire(blocking=False):
+            return
+        try:
+            self._done.set_result(self._work())
+        except BaseException as error:  # raised again in the thread that asks for the result
+            self._done.set_exception(error)
+
+    def result(self) -> Any:
+        self.run()
+        return self._done.result()
+
+
+def work_through(jobs: list[Job], stop: threading.Event) -> None:
+    for job in jobs:
+        if stop.is_set():
+            return
+        job.run()
+
+
+@pytest.fixture(scope="session")
+def background(request, tmp_path_factory, data) -> dict[tuple[str, str], Job]:
+    """The runs of this module's tests that this session selected, as jobs for one background thread:
+    ("error", name) -> its `run_on_missing_data`, ("form", form) -> its signalled run's checks (and,
+    where a launcher resumes it, the resume's). The error runs come first (their tests are the
+    session's first), then the uninterrupted reference runs that launchers resume, then the forms
+    in the tests' order; a form asks for its reference only after its own resume."""
+    selected = [item.callspec.params for item in request.session.items if item.path == Path(__file__)]
     forms = [params["form"] for params in selected if "form" in params]
     errors = [params["name"] for params in selected if "name" in params]
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="launch")
-    try:
-        references: dict[tuple[str, ...], Future] = {}
-        for form in forms:
-            command = tuple(resume_command(form))
-            if command not in references:
-                references[command] = pool.submit(uninterrupted_weights, list(command),
-                                                  tmp_path_factory.mktemp("reference"), data)
-        futures = {}
-        for form in forms:
-            futures["form", form] = pool.submit(signal_then_resume, form, tmp_path_factory.mktemp(slug(form)),
-                                                data, references[tuple(resume_command(form))])
-        for name in errors:
-            futures["error", name] = pool.submit(run_on_missing_data, ERROR_COMMANDS[name],
-                                                 tmp_path_factory.mktemp(slug(name)))
-        yield futures
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    jobs: dict[tuple[str, str], Job] = {}
+    for name in errors:
+        jobs["error", name] = Job(lambda name=name: run_on_missing_data(
+            ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
+    references: dict[tuple[str, ...], Job] = {}
+    for form in forms:
+        command = tuple(resume_command(form))
+        if not resumed_here(form) and command not in references:
+            references[command] = Job(lambda command=command: uninterrupted_weights(
+                list(command), tmp_path_factory.mktemp("reference"), data))
+    for form in forms:
+        folder = tmp_path_factory.mktemp(slug(form))
+        if resumed_here(form):
+            jobs["form", form] = Job(lambda form=form, folder=folder: signal_and_check_the_state(form, folder, data))
+        else:
+            reference = references[tuple(resume_command(form))]
+            jobs["form", form] = Job(lambda form=form, folder=folder, reference=reference: signal_then_resume(
+                form, folder, data, reference))
+    order = [job for key, job in jobs.items() if key[0] == "error"] + list(references.values()) + \
+        [job for key, job in jobs.items() if key[0] == "form"]
+    stop = threading.Event()
+    worker = threading.Thread(target=work_through, args=(order, stop), name="launch", daemon=True)
+    worker.start()
+    yield jobs
+    stop.set()
+    worker.join()
+
+
+@pytest.fixture(scope="session")
+def weights_trained_here(tmp_path_factory, data) -> dict[str, torch.Tensor]:
+    """An uninterrupted one-process run's weights, trained in this process."""
+    folder = tmp_path_factory.mktemp("reference-here")
+    train_here_as(folder, data, "whole")
+    return final_weights(folder / "runs" / "whole")
 
 
 def slug(name: str) -> str:
     return re.sub(r"\W+", "-", name).strip("-")
 
 
+@pytest.mark.last
 @pytest.mark.parametrize("form", list(FORMS))
-def test_a_signal_saves_every_rank_and_resume_gives_the_uninterrupted_weights(form, background):
-    background["form", form].result()  # the form's own assertion error, if any, is raised here
+def test_a_signal_saves_every_rank_and_resume_gives_the_uninterrupted_weights(form, background, data, request):
+    run_dir = background["form", form].result()  # the form's own assertion error, if any, is raised here
+    if resumed_here(form):
+        folder = run_dir.parent.parent  # the form's own: its runs/ and cache/
+        train_here_as(folder, data, "cut", "--resume", "auto")
+        assert_resumed_as(run_dir, request.getfixturevalue("weights_trained_here"))
 
 
+@pytest.mark.first
 @pytest.mark.parametrize("name", list(ERROR_COMMANDS))
 def test_our_error_line_is_the_last_thing_printed(name, background):
     done = background["error", name].result()
