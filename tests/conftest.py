@@ -15,9 +15,11 @@ import contextlib
 import io
 import os
 import signal
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import pytest
@@ -181,3 +183,87 @@ def pytest_collection_modifyitems(items):
         return 0 if item.get_closest_marker("first") else 2 if item.get_closest_marker("last") else 1
 
     items.sort(key=place)  # stable: the order within each group is kept
+
+
+class Job:
+    """Work that the background thread takes up in its turn, unless a test needs its result first:
+    then the test's own thread does it."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self._work, self._taken, self._done = work, threading.Lock(), Future()
+
+    def run(self) -> None:
+        """Does the work, unless another thread has taken it up."""
+        if not self._taken.acquire(blocking=False):
+            return
+        try:
+            self._done.set_result(self._work())
+        except BaseException as error:  # raised again in the thread that asks for the result
+            self._done.set_exception(error)
+
+    def result(self) -> Any:
+        self.run()
+        return self._done.result()
+
+
+class BackgroundJobs:
+    """One thread that works through the jobs given to it, in order, for the rest of the session."""
+
+    def __init__(self) -> None:
+        self._jobs: list[Job] = []
+        self._added, self._stop = threading.Condition(), False
+        self._thread = threading.Thread(target=self._work_through, name="background", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[], Any]) -> Job:
+        job = Job(work)
+        with self._added:
+            self._jobs.append(job)
+            self._added.notify()
+        return job
+
+    def close(self) -> None:
+        """Takes up no further job; waits for the one in hand."""
+        with self._added:
+            self._stop = True
+            self._added.notify()
+        self._thread.join()
+
+    def _work_through(self) -> None:
+        done = 0
+        while True:
+            with self._added:
+                self._added.wait_for(lambda: self._stop or done < len(self._jobs))
+                if self._stop:
+                    return
+                job = self._jobs[done]
+            job.run()
+            done += 1
+
+
+@pytest.fixture(scope="session")
+def background_jobs():
+    """The session's background thread. Python start-up and tiny single-threaded runs keep one core
+    of two busy, so a `first` test gives its slow runs to this thread, a `last` test checks them,
+    and every other test runs meanwhile on the other core."""
+    jobs = BackgroundJobs()
+    yield jobs
+    jobs.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_run():
+    """Runs in this process train on one thread, as the suite's subprocesses do (--cpu-threads 1):
+    the background thread keeps the other core busy, and two threads on one free core mostly wait
+    for each other."""
+    import torch
+
+    from monkeytrain import distributed
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(distributed, "usable_cores", lambda: 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    patch.undo()

@@ -6,10 +6,10 @@ SIGKILLs the launcher), and then checks that a complete state was saved, that no
 process of the run is left, and that `--resume auto` ends with every tensor
 equal to an uninterrupted run's.
 
-Most of such a run is single-threaded Python start-up, so the runs are jobs that
-one background thread works through for the whole session (`background`): the
-first tests of the session (the error lines) start it, the last ones (the forms)
-check each form, taking up any job not started yet in the test's own thread. A
+Most of such a run is single-threaded Python start-up, so the runs are jobs for
+the session's background thread (conftest's `background_jobs`): the first tests
+of the session (the error lines) hand them over, the last ones (the forms) check
+each form, taking up any job not started yet in the test's own thread. A
 one-process run is resumed, and its reference trained, in the test's own process
 (`train_here`): only the run that is signalled needs a launcher.
 """
@@ -17,6 +17,7 @@ one-process run is resumed, and its reference trained, in the test's own process
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -25,16 +26,14 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train_here
+from conftest import Job, train_here
 from monkeytrain.statestore import COMPLETE, state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -179,7 +178,7 @@ def signal_and_check_the_state(form: str, tmp_path: Path, data: Path) -> Path:
     return run_dir
 
 
-def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: "Job") -> Path:
+def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: Job) -> Path:
     """The whole check of a form its launcher resumes; `reference` gives an uninterrupted run's weights."""
     run_dir = signal_and_check_the_state(form, tmp_path, data)
     finish(resume_command(form), tmp_path, data, "cut", "--resume", "auto")
@@ -205,37 +204,9 @@ def run_on_missing_data(command: list[str], tmp_path: Path) -> subprocess.Comple
                           env=environment(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-class Job:
-    """Work that the background thread takes up in its turn, unless a test needs its result first:
-    then the test's thread does it."""
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._work, self._taken, self._done = work, threading.Lock(), Future()
-
-    def run(self) -> None:
-        """Does the work, unless another thread has taken it up."""
-        if not self._taken.acquire(blocking=False):
-            return
-        try:
-            self._done.set_result(self._work())
-        except BaseException as error:  # raised again in the thread that asks for the result
-            self._done.set_exception(error)
-
-    def result(self) -> Any:
-        self.run()
-        return self._done.result()
-
-
-def work_through(jobs: list[Job], stop: threading.Event) -> None:
-    for job in jobs:
-        if stop.is_set():
-            return
-        job.run()
-
-
 @pytest.fixture(scope="session")
-def background(request, tmp_path_factory, data) -> dict[tuple[str, str], Job]:
-    """The runs of this module's tests that this session selected, as jobs for one background thread:
+def background(request, tmp_path_factory, data, background_jobs) -> dict[tuple[str, str], Job]:
+    """The runs of this module's tests that this session selected, as background jobs:
     ("error", name) -> its `run_on_missing_data`, ("form", form) -> its signalled run's checks (and,
     where a launcher resumes it, the resume's). The error runs come first (their tests are the
     session's first), then the uninterrupted reference runs that launchers resume, then the forms
@@ -245,30 +216,22 @@ def background(request, tmp_path_factory, data) -> dict[tuple[str, str], Job]:
     errors = [params["name"] for params in selected if "name" in params]
     jobs: dict[tuple[str, str], Job] = {}
     for name in errors:
-        jobs["error", name] = Job(lambda name=name: run_on_missing_data(
+        jobs["error", name] = background_jobs.submit(lambda name=name: run_on_missing_data(
             ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
     references: dict[tuple[str, ...], Job] = {}
     for form in forms:
         command = tuple(resume_command(form))
         if not resumed_here(form) and command not in references:
-            references[command] = Job(lambda command=command: uninterrupted_weights(
+            references[command] = background_jobs.submit(lambda command=command: uninterrupted_weights(
                 list(command), tmp_path_factory.mktemp("reference"), data))
     for form in forms:
         folder = tmp_path_factory.mktemp(slug(form))
         if resumed_here(form):
-            jobs["form", form] = Job(lambda form=form, folder=folder: signal_and_check_the_state(form, folder, data))
+            work = functools.partial(signal_and_check_the_state, form, folder, data)
         else:
-            reference = references[tuple(resume_command(form))]
-            jobs["form", form] = Job(lambda form=form, folder=folder, reference=reference: signal_then_resume(
-                form, folder, data, reference))
-    order = [job for key, job in jobs.items() if key[0] == "error"] + list(references.values()) + \
-        [job for key, job in jobs.items() if key[0] == "form"]
-    stop = threading.Event()
-    worker = threading.Thread(target=work_through, args=(order, stop), name="launch", daemon=True)
-    worker.start()
-    yield jobs
-    stop.set()
-    worker.join()
+            work = functools.partial(signal_then_resume, form, folder, data, references[tuple(resume_command(form))])
+        jobs["form", form] = background_jobs.submit(work)
+    return jobs
 
 
 @pytest.fixture(scope="session")

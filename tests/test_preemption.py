@@ -88,7 +88,7 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
     done = subprocess.run(
         [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", str(data), "--cpu", "--model",
          "resnet10t", "--image-size", "32", "--batch-size", "3", "--epochs", "2", "--report-to", "none",
-         "--save-every-minutes", "0.0001", "--keep-states", "50", "--cache-dir", str(tmp_path / "cache"),
+         "--save-every-minutes", "0.0001", "--keep-states", "50", "--cache-dir", str(tmp_path / "cache"), "--cpu-threads", "1",
          "--run-name", "timed"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "timed"
