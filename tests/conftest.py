@@ -255,13 +255,13 @@ def background_jobs():
 def one_thread_per_run():
     """Runs in this process train on one thread, as the suite's subprocesses do (--cpu-threads 1):
     the background thread keeps the other core busy, and two threads on one free core mostly wait
-    for each other."""
+    for each other. This process's code sees one usable core (its own subprocesses see them all)."""
     import torch
 
-    from monkeytrain import distributed
-
     patch = pytest.MonkeyPatch()
-    patch.setattr(distributed, "usable_cores", lambda: 1)
+    if hasattr(os, "sched_getaffinity"):
+        one_core = {min(os.sched_getaffinity(0))}
+        patch.setattr(os, "sched_getaffinity", lambda pid: set(one_core))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

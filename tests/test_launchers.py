@@ -7,9 +7,9 @@ process of the run is left, and that `--resume auto` ends with every tensor
 equal to an uninterrupted run's.
 
 Most of such a run is single-threaded Python start-up, so the runs are jobs for
-the session's background thread (conftest's `background_jobs`): the first tests
-of the session (the error lines) hand them over, the last ones (the forms) check
-each form, taking up any job not started yet in the test's own thread. A
+the session's background thread (conftest's `background_jobs`): the first test
+of the session hands them over, the last ones check each, taking up any job not
+started yet in the test's own thread. A
 one-process run is resumed, and its reference trained, in the test's own process
 (`train_here`): only the run that is signalled needs a launcher.
 """
@@ -208,10 +208,11 @@ def run_on_missing_data(command: list[str], tmp_path: Path) -> subprocess.Comple
 def background(request, tmp_path_factory, data, background_jobs) -> dict[tuple[str, str], Job]:
     """The runs of this module's tests that this session selected, as background jobs:
     ("error", name) -> its `run_on_missing_data`, ("form", form) -> its signalled run's checks (and,
-    where a launcher resumes it, the resume's). The error runs come first (their tests are the
-    session's first), then the uninterrupted reference runs that launchers resume, then the forms
-    in the tests' order; a form asks for its reference only after its own resume."""
-    selected = [item.callspec.params for item in request.session.items if item.path == Path(__file__)]
+    where a launcher resumes it, the resume's). The error runs come first, then the uninterrupted
+    reference runs that launchers resume, then the forms in the tests' order; a form asks for its
+    reference only after its own resume."""
+    selected = [item.callspec.params for item in request.session.items
+                if item.path == Path(__file__) and hasattr(item, "callspec")]
     forms = [params["form"] for params in selected if "form" in params]
     errors = [params["name"] for params in selected if "name" in params]
     jobs: dict[tuple[str, str], Job] = {}
@@ -257,6 +258,15 @@ def test_a_signal_saves_every_rank_and_resume_gives_the_uninterrupted_weights(fo
 
 
 @pytest.mark.first
+def test_every_launch_form_names_an_executable(background):
+    """The first test of the session: it checks the forms' commands exist, and hands their runs to
+    the background thread (`background`) for the last tests."""
+    commands = [command for command, *_ in FORMS.values()] + list(ERROR_COMMANDS.values())
+    for program in {command[0] for command in commands}:
+        assert os.access(program, os.X_OK), f"{program} is not an executable file"
+
+
+@pytest.mark.last
 @pytest.mark.parametrize("name", list(ERROR_COMMANDS))
 def test_our_error_line_is_the_last_thing_printed(name, background):
     done = background["error", name].result()

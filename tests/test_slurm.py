@@ -182,16 +182,35 @@ def test_warning_signal_makes_the_job_save_and_requeue_itself(requeued_job):
     assert not (requeued_job.run_dir / "results.json").exists()  # it stopped before its last epoch
 
 
-def test_train_sbatch_trains_two_cpu_ranks_to_completion(slurm_cluster, tmp_path):
+@pytest.fixture(scope="session")
+def two_rank_job(slurm_cluster, tmp_path_factory) -> tuple[int, Path]:
+    """A two-rank train.sbatch job on the synthetic set, submitted by the first tests of the session
+    and checked by the last: (job id, its working folder)."""
+    workdir = tmp_path_factory.mktemp("two-ranks")
     env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
-                          MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
+                          MONKEYTRAIN_CACHE=str(workdir / "cache"))
     job = submit(SLURM_DIR / "train.sbatch", "--debug", "--model", "resnet10t", "--image-size", "32",
-                 "--epochs", "1", "--output-dir", str(tmp_path / "runs"), workdir=tmp_path, env=env)
-    state = wait_for_job(job, timeout=300)
+                 "--epochs", "1", "--output-dir", str(workdir / "runs"), workdir=workdir, env=env)
+    yield job, workdir
+    subprocess.run(["scancel", str(job)], capture_output=True)  # nothing to do once it has completed
 
-    log = read_log(log_file(tmp_path, job))
+
+@pytest.mark.first
+def test_train_sbatch_directives_reach_slurm(two_rank_job):
+    """What the script's #SBATCH lines ask for, as Slurm holds the job (its run is checked last)."""
+    job, _ = two_rank_job
+    state = job_state(job)
+    assert state["JobName"] == "monkeytrain" and state["Requeue"] == "1", state
+    assert state["NumNodes"].split("-")[0] == "1" and state["StdOut"].endswith(f"/logs/monkeytrain-{job}.out"), state
+
+
+@pytest.mark.last
+def test_train_sbatch_trains_two_cpu_ranks_to_completion(two_rank_job):
+    job, workdir = two_rank_job
+    state = wait_for_job(job, timeout=300)
+    log = read_log(log_file(workdir, job))
     assert state["JobState"] == "COMPLETED", log[-4000:]
-    run_dir = tmp_path / "runs" / f"slurm-{job}"  # the run name the script gives
+    run_dir = workdir / "runs" / f"slurm-{job}"  # the run name the script gives
     assert (run_dir / "best.safetensors").is_file()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["synthetic_data"] is True
