@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import train_here
 from monkeytrain.preemption import STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher
 from monkeytrain.statestore import state_dirs
 
@@ -85,12 +86,9 @@ def test_dataloader_workers_ignore_stop_signals():
 
 def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, make_image_folder):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12)
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", str(data), "--cpu", "--model",
-         "resnet10t", "--image-size", "32", "--batch-size", "3", "--epochs", "2", "--report-to", "none",
-         "--save-every-minutes", "0.0001", "--keep-states", "50", "--cache-dir", str(tmp_path / "cache"), "--cpu-threads", "1",
-         "--run-name", "timed"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_here(["--data", str(data), "--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3",
+                "--epochs", "2", "--report-to", "none", "--save-every-minutes", "0.0001", "--keep-states", "50",
+                "--cache-dir", str(tmp_path / "cache"), "--cpu-threads", "1", "--run-name", "timed"], tmp_path)
     run_dir = tmp_path / "runs" / "timed"
     saved = [int(p.name.removeprefix("step-")) for p in state_dirs(run_dir)]
     # checked every 8 optimizer steps and at each epoch end (11 steps an epoch): always due here
