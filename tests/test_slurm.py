@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from conftest import Job, write_image_folder
+
 PROJECT = Path(__file__).resolve().parent.parent
 SLURM_DIR = PROJECT / "slurm"
 CLUSTER = SLURM_DIR / "local_cluster.sh"
@@ -224,10 +226,10 @@ def node_command() -> str:
     return match.group(1)
 
 
-def test_two_machines_train_one_run_with_one_process_statistics(tmp_path, make_image_folder):
+def train_on_two_machines_and_one(tmp_path: Path) -> tuple[list[int], list[Path]]:
     """The multi-node launch line, as two machines on this host, one CPU rank each (no SLURM needed),
-    against a one-process run of the same command started alongside them."""
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    and a one-process run of the same command started alongside them: their exit codes and logs."""
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=8)
     common = ["--data", str(data), *TINY, "--model", "resnet10t", "--output-dir", str(tmp_path / "runs")]
     port = str(free_port())
     logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)] + [tmp_path / "one.log"]
@@ -249,10 +251,31 @@ def test_two_machines_train_one_run_with_one_process_statistics(tmp_path, make_i
         with open(log, "w") as sink:  # files, not pipes: a full pipe would stall one machine and both hang
             processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT))
     try:
-        codes = [process.wait(timeout=300) for process in processes]
+        return [process.wait(timeout=300) for process in processes], logs
     finally:
         for process in processes:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def two_machines(tmp_path_factory, background_jobs) -> tuple[Path, Job]:
+    """`train_on_two_machines_and_one` as a background job, handed over by the first tests of the
+    session and checked by the last: (its folder, the job)."""
+    folder = tmp_path_factory.mktemp("two-machines")
+    return folder, background_jobs.submit(lambda: train_on_two_machines_and_one(folder))
+
+
+@pytest.mark.first
+def test_train_multinode_sbatch_starts_launch_node_sh_on_every_node(two_machines):
+    command = node_command()  # and the two-machine run of it is handed to the background thread
+    assert "MACHINE_RANK=$SLURM_NODEID" in command and command.endswith('launch_node.sh "$@"'), command
+
+
+@pytest.mark.last
+def test_two_machines_train_one_run_with_one_process_statistics(two_machines):
+    """The multi-node launch line, as two machines on this host, against a one-process run."""
+    tmp_path, job = two_machines
+    codes, logs = job.result()
     outputs = [read_log(log) for log in logs]
     assert codes == [0, 0, 0], "\n".join(f"--- {log.stem}:\n{o[-3000:]}" for log, o in zip(logs, outputs))
     machines = outputs[:2]
