@@ -1,11 +1,14 @@
 """The benchmark scripts in their tiny CPU modes, so they cannot rot.
 
 Both run a tiny model on one thread (on a busy 2-core machine a second thread
-mostly waits) and share one cache, so the synthetic set is generated once.
+mostly waits) and share one cache, so the synthetic set is generated once. They
+are background jobs (conftest's `background_jobs`): the first test of the session
+hands them over, the last ones read what they printed.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -14,46 +17,71 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Job
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY_MODEL = "resnet10t"
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("benchmark-cache")
 
 
 def benchmark(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     environment.pop("MONKEYTRAIN_DATA", None)
-    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, cwd=cwd,
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env=environment)
+
+
+def tiny_commands(cache_dir: Path) -> dict[str, list[str]]:
+    return {
+        "throughput": [str(BENCHMARKS / "throughput.py"), "--tiny", "--model", TINY_MODEL,
+                       "--cache-dir", str(cache_dir)],
+        "time_to_accuracy": [str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2", "--debug", "--image-size",
+                             "32", "--model", TINY_MODEL, "--cpu-threads", "1", "--cache-dir", str(cache_dir)],
+    }
+
+
+@pytest.fixture(scope="session")
+def benchmark_runs(tmp_path_factory, background_jobs) -> dict[str, Job]:
+    """Each script's tiny run, one after the other (the second reuses the first's synthetic set)."""
+    cache_dir = tmp_path_factory.mktemp("benchmark-cache")
+    return {name: background_jobs.submit(functools.partial(benchmark, command, tmp_path_factory.mktemp(name)))
+            for name, command in tiny_commands(cache_dir).items()}
+
+
+def printed(job: Job) -> str:
+    done = job.result()
     assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return done.stdout
 
 
-def test_throughput_tiny_mode_prints_every_figure_and_ratio(tmp_path, cache_dir):
-    done = benchmark([str(BENCHMARKS / "throughput.py"), "--tiny", "--model", TINY_MODEL,
-                      "--cache-dir", str(cache_dir)], tmp_path)
+@pytest.mark.first
+def test_results_md_gives_each_benchmark_command(benchmark_runs):
+    results = (BENCHMARKS / "RESULTS.md").read_text()
+    for name in benchmark_runs:  # and their tiny runs are handed to the background thread
+        assert f"python benchmarks/{name}.py" in results
+
+
+@pytest.mark.last
+def test_throughput_tiny_mode_prints_every_figure_and_ratio(benchmark_runs):
+    stdout = printed(benchmark_runs["throughput"])
     figures = {name: float(value) for name, value in
-               re.findall(r"^(model alone|resident pipeline|stream pipeline)\s+([\d.]+) images/s", done.stdout, re.M)}
+               re.findall(r"^(model alone|resident pipeline|stream pipeline)\s+([\d.]+) images/s", stdout, re.M)}
     assert set(figures) == {"model alone", "resident pipeline", "stream pipeline"} and min(figures.values()) > 0
-    assert re.search(r"resident pipeline .* of model alone", done.stdout)
-    ratio = float(re.search(r"resident views .*\(([\d.]+)x the raw uint8 size\)", done.stdout).group(1))
+    assert re.search(r"resident pipeline .* of model alone", stdout)
+    ratio = float(re.search(r"resident views .*\(([\d.]+)x the raw uint8 size\)", stdout).group(1))
     assert ratio == 1.0  # on the CPU the views are held as they are, nothing more
-    assert f", {TINY_MODEL}, 32 px, batch 8, no," in done.stdout  # the tiny mode's settings, and our model
+    assert f", {TINY_MODEL}, 32 px, batch 8, no," in stdout  # the tiny mode's settings, and our model
 
 
-def test_time_to_accuracy_reports_each_seed_and_the_mean(tmp_path, cache_dir):
-    done = benchmark([str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2", "--debug", "--image-size", "32",
-                      "--model", TINY_MODEL, "--cpu-threads", "1", "--cache-dir", str(cache_dir)], tmp_path)
-    per_seed = re.findall(r"^seed (\d+)\s+test accuracy\s+([\d.]+)%.*wall\s+([\d.]+) s$", done.stdout, re.M)
+@pytest.mark.last
+def test_time_to_accuracy_reports_each_seed_and_the_mean(benchmark_runs):
+    stdout = printed(benchmark_runs["time_to_accuracy"])
+    per_seed = re.findall(r"^seed (\d+)\s+test accuracy\s+([\d.]+)%.*wall\s+([\d.]+) s$", stdout, re.M)
     assert [int(seed) for seed, _, _ in per_seed] == [0, 1]
     accuracies = [float(accuracy) for _, accuracy, _ in per_seed]
-    mean = float(re.search(r"^test accuracy\s+([\d.]+)% mean, ([\d.]+) points std", done.stdout, re.M).group(1))
+    mean = float(re.search(r"^test accuracy\s+([\d.]+)% mean, ([\d.]+) points std", stdout, re.M).group(1))
     assert mean == pytest.approx(sum(accuracies) / 2, abs=0.006)
     assert all(float(wall) > 0 for _, _, wall in per_seed)
-    assert re.search(r"^data pipeline\s+resident\s+recipe cpu", done.stdout, re.M)
-    phases = dict(re.findall(r"(\w+) ([\d.]+)", re.search(r"^phases \(mean s\)\s+(.*)$", done.stdout, re.M).group(1)))
+    assert re.search(r"^data pipeline\s+resident\s+recipe cpu", stdout, re.M)
+    phases = dict(re.findall(r"(\w+) ([\d.]+)", re.search(r"^phases \(mean s\)\s+(.*)$", stdout, re.M).group(1)))
     assert set(phases) == {"start_up", "data", "model", "training", "first_epoch", "validation", "test"}
     assert float(phases["start_up"]) > 0 and float(phases["training"]) >= float(phases["first_epoch"]) > 0

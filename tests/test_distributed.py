@@ -61,7 +61,8 @@ def test_stats_and_evaluation_match_one_process(odd_dataset, tmp_path, cpu_accel
 def test_training_ranks_agree_and_only_rank0_writes(odd_dataset, tmp_path):
     output = tmp_path / "runs"
     ranks = run_two_ranks(
-        "train", str(output), "--data", str(odd_dataset), "--cpu", "--image-size", "32", "--epochs", "3",
+        "train", str(output), "--data", str(odd_dataset), "--cpu", "--model", "resnet10t", "--image-size", "32",
+        "--epochs", "3",
         "--batch-size", "4", "--num-workers", "0", "--val-fraction", "0.3", "--run-name", "ddp",
         "--cache-dir", str(tmp_path / "cache"), "--lr", "0.02", cwd=tmp_path,
     )
