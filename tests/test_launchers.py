@@ -216,15 +216,15 @@ def background(request, tmp_path_factory, data, background_jobs) -> dict[tuple[s
     forms = [params["form"] for params in selected if "form" in params]
     errors = [params["name"] for params in selected if "name" in params]
     jobs: dict[tuple[str, str], Job] = {}
-    for name in errors:
-        jobs["error", name] = background_jobs.submit(lambda name=name: run_on_missing_data(
-            ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
+    for name in errors:  # folders made here: tmp_path_factory is not for other threads
+        jobs["error", name] = background_jobs.submit(functools.partial(
+            run_on_missing_data, ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
     references: dict[tuple[str, ...], Job] = {}
     for form in forms:
         command = tuple(resume_command(form))
         if not resumed_here(form) and command not in references:
-            references[command] = background_jobs.submit(lambda command=command: uninterrupted_weights(
-                list(command), tmp_path_factory.mktemp("reference"), data))
+            references[command] = background_jobs.submit(functools.partial(
+                uninterrupted_weights, list(command), tmp_path_factory.mktemp("reference"), data))
     for form in forms:
         folder = tmp_path_factory.mktemp(slug(form))
         if resumed_here(form):
