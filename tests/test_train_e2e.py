@@ -66,7 +66,7 @@ def trained(tmp_path_factory) -> Path:
     return workdir
 
 
-def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthetic_cache, capsys, monkeypatch):
+def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthetic_cache, capsys):
     done = train_here(["--debug", "--image-size", "32", "--run-name", "demo"], tmp_path,
                       MONKEYTRAIN_CACHE=str(synthetic_cache))
     assert "SYNTHETIC" in done.stderr
@@ -80,7 +80,6 @@ def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthe
     assert header["architecture"] == "resnet18"  # the default model
 
     test_folder = synthetic_cache / synthetic.VERSION / "test"
-    monkeypatch.chdir(tmp_path)
     predicted = json.loads(monkeytrain("predict", "--checkpoint", str(run_dir / "best.safetensors"),
                                        "--top-k", "2", "--json", str(test_folder / "star"), capsys=capsys))
     assert len(predicted) == 10
