@@ -10,7 +10,6 @@ import io
 import json
 import sys
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import onnx
 import pytest
