@@ -339,8 +339,7 @@ def test_a_training_run_reports_one_offline_run_with_its_final_accuracy(wandb_en
                 "--cache-dir", str(tmp_path / "cache")], tmp_path)
     run_dir = tmp_path / "runs" / "tracked"
     results = json.loads((run_dir / "results.json").read_text())
-    (folder,) = offline_run_folders(wandb_env)  # the run has closed its log: the file is complete
-    run = read_offline_run(folder)
+    (run,) = finished_offline_runs(wandb_env)  # in this process: wait for W&B to write it all
     assert run["summary"]["test_accuracy"] == results["test_accuracy"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for logged in metrics:
