@@ -157,12 +157,17 @@ def train_here(argv: list[str], cwd: Path, **env: str) -> InProcessRun:
     none of the 5-7 s a fresh interpreter spends importing torch, timm and Accelerate."""
     from monkeytrain import train
 
+    return run_here(train.main, argv, cwd, **env)
+
+
+def run_here(main: Callable[[list[str]], Any], argv: list[str], cwd: Path, **env: str) -> InProcessRun:
+    """`main(argv)` of one of the package's commands, in `cwd`, by this process (see `train_here`)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with process_state_put_back(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         os.chdir(cwd)
         os.environ.pop("MONKEYTRAIN_DATA", None)
         os.environ.update(env)
-        results = train.main(argv)
+        results = main(argv)
     return InProcessRun(results, stdout.getvalue(), stderr.getvalue())
 
 

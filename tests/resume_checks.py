@@ -1,6 +1,7 @@
-"""Runs monkeytrain/train.py's main in this process, interrupting itself at a chosen point.
+"""Runs of monkeytrain/train.py's main that interrupt themselves at a chosen point.
 
-    python tests/resume_checks.py POINT STEP TRAIN_FLAGS...
+    interrupted(POINT, STEP)                      the runs inside it, in this process
+    killed_in(FOLDER, POINT, STEP, TRAIN_FLAGS)   one run in FOLDER, in the (child) process that calls it
 
 POINT is where, relative to optimizer step STEP:
     term        SIGTERM while step STEP ends, as a scheduler's signal would arrive: the
@@ -9,7 +10,8 @@ POINT is where, relative to optimizer step STEP:
     kill-save   SIGKILL in the middle of saving the state of step STEP: its files are
                 written, it is not yet marked complete and moved into place.
 
-Tests run the SIGTERM point in their own process too (`interrupted`); a SIGKILL needs a process of its own.
+Tests run the SIGTERM point in their own process; a SIGKILL needs a process of its own, which
+test_resume.py forks from the session's forkserver (see forked.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
+from pathlib import Path
 from typing import Iterator
 
+from forked import run_in
 from monkeytrain import train
 from monkeytrain.statestore import StateStore
 from monkeytrain.trainer import Trainer
+
+OUTPUT = "output.txt"  # what a killed_in run printed, in its folder
 
 
 @contextlib.contextmanager
@@ -50,7 +55,8 @@ def interrupted(point: str, step: int) -> Iterator[None]:
         Trainer.after_optimizer_step, StateStore._publish = after_step, publish
 
 
-if __name__ == "__main__":
-    point, step, *flags = sys.argv[1:]
-    with interrupted(point, int(step)):
+def killed_in(folder: Path, point: str, step: int, flags: list[str]) -> None:
+    """train.main(FLAGS) in FOLDER, interrupted at POINT of step STEP; its output goes to FOLDER/OUTPUT."""
+    run_in(folder, OUTPUT)
+    with interrupted(point, step):
         print(train.main(flags))

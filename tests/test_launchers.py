@@ -9,9 +9,10 @@ equal to an uninterrupted run's.
 Most of such a run is single-threaded Python start-up, so the runs are jobs for
 the session's background thread (conftest's `background_jobs`): the first test
 of the session hands them over, the last ones check each, taking up any job not
-started yet in the test's own thread. A
-one-process run is resumed, and its reference trained, in the test's own process
-(`train_here`): only the run that is signalled needs a launcher.
+started yet in the test's own thread. Only the run that is signalled needs a
+launcher: a one-process run is resumed, and its reference trained, in the test's
+own process (`train_here`); the others with the form's ranks and data pipeline,
+in processes forked from the session's forkserver (forked.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Job, train_here
+from forked import train_ranks
 from monkeytrain.statestore import COMPLETE, state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -73,10 +75,11 @@ def start(command: list[str], tmp_path: Path, data: Path, name: str) -> subproce
                             start_new_session=True)
 
 
-def finish(command: list[str], tmp_path: Path, data: Path, name: str, *extra: str) -> None:
-    done = subprocess.run([*command, *run_flags(tmp_path, data, name), *extra], cwd=tmp_path,
-                          env=environment(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+def finish(resume: tuple[tuple[str, ...], int], tmp_path: Path, data: Path, name: str, *extra: str) -> None:
+    """The run with `resume`'s flags and ranks (see `resumed_with`), in processes forked from the
+    session's forkserver: how a run is started is what the forms test, not how it is resumed."""
+    flags, ranks = resume
+    train_ranks(tmp_path, [*flags, *run_flags(tmp_path, data, name), *extra], environment(tmp_path), ranks)
 
 
 def wait_for_first_epoch(process: subprocess.Popen, run_dir: Path) -> None:
@@ -137,24 +140,25 @@ DEFAULT_PORT_FORMS = {"accelerate launch, two ranks, SIGTERM", "launch/cpu_ddp.s
 DEFAULT_PORT = threading.Lock()
 
 
-def resume_command(form: str) -> list[str]:
-    """The form's run is resumed, and compared, with the same data pipeline and number of ranks."""
+def resumed_with(form: str) -> tuple[tuple[str, ...], int]:
+    """The train.py flags and number of ranks that resume the form's run, and train the run it is
+    compared with: the form's own data pipeline and number of ranks."""
     command, _, _, ranks, _ = FORMS[form]
-    return TORCHRUN if ranks == 2 else STREAM if command is STREAM else PYTHON
+    return tuple(STREAM[2:] if command is STREAM else PYTHON[2:]), ranks
 
 
 def resumed_here(form: str) -> bool:
-    """Whether the form's run is resumed in the test's process rather than by a launcher."""
-    return resume_command(form) is PYTHON
+    """Whether the form's run is resumed in the test's process rather than in processes of its own."""
+    return resumed_with(form) == (tuple(PYTHON[2:]), 1)
 
 
-def uninterrupted_weights(command: list[str], tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
-    finish(command, tmp_path, data, "whole")
+def uninterrupted_weights(resume: tuple[tuple[str, ...], int], tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
+    finish(resume, tmp_path, data, "whole")
     return final_weights(tmp_path / "runs" / "whole")
 
 
 def train_here_as(tmp_path: Path, data: Path, name: str, *extra: str) -> None:
-    """What `finish(PYTHON, ...)` runs, in this process; it must be the main thread (signal handlers)."""
+    """`finish` of a one-process run, in this process; it must be the main thread (signal handlers)."""
     train_here([*PYTHON[2:], *run_flags(tmp_path, data, name), *extra], tmp_path,
                MONKEYTRAIN_CACHE=str(tmp_path / "cache"))
 
@@ -181,7 +185,7 @@ def signal_and_check_the_state(form: str, tmp_path: Path, data: Path) -> Path:
 def signal_then_resume(form: str, tmp_path: Path, data: Path, reference: Job) -> Path:
     """The whole check of a form its launcher resumes; `reference` gives an uninterrupted run's weights."""
     run_dir = signal_and_check_the_state(form, tmp_path, data)
-    finish(resume_command(form), tmp_path, data, "cut", "--resume", "auto")
+    finish(resumed_with(form), tmp_path, data, "cut", "--resume", "auto")
     assert_resumed_as(run_dir, reference.result())
     return run_dir
 
@@ -219,18 +223,18 @@ def background(request, tmp_path_factory, data, background_jobs) -> dict[tuple[s
     for name in errors:  # folders made here: tmp_path_factory is not for other threads
         jobs["error", name] = background_jobs.submit(functools.partial(
             run_on_missing_data, ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
-    references: dict[tuple[str, ...], Job] = {}
+    references: dict[tuple[tuple[str, ...], int], Job] = {}
     for form in forms:
-        command = tuple(resume_command(form))
-        if not resumed_here(form) and command not in references:
-            references[command] = background_jobs.submit(functools.partial(
-                uninterrupted_weights, list(command), tmp_path_factory.mktemp("reference"), data))
+        resume = resumed_with(form)
+        if not resumed_here(form) and resume not in references:
+            references[resume] = background_jobs.submit(functools.partial(
+                uninterrupted_weights, resume, tmp_path_factory.mktemp("reference"), data))
     for form in forms:
         folder = tmp_path_factory.mktemp(slug(form))
         if resumed_here(form):
             work = functools.partial(signal_and_check_the_state, form, folder, data)
         else:
-            work = functools.partial(signal_then_resume, form, folder, data, references[tuple(resume_command(form))])
+            work = functools.partial(signal_then_resume, form, folder, data, references[resumed_with(form)])
         jobs["form", form] = background_jobs.submit(work)
     return jobs
 

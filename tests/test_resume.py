@@ -2,14 +2,13 @@
 SIGKILL before any state, between state writes or in the middle of one never leaves a checkpoint or
 state that cannot be loaded, and the resumed run ends exactly as an uninterrupted one.
 
-Only the SIGKILLed runs have processes of their own; the others are train.main in this one."""
+Only the SIGKILLed runs have processes of their own, forked from a server that has imported torch and
+the trainer once; the others are train.main in this one."""
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,22 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_here
-from resume_checks import interrupted
+from forked import exit_codes, printed, start
+from resume_checks import OUTPUT, interrupted, killed_in
 from monkeytrain.checkpoint import read_checkpoint
 from monkeytrain.statestore import COMPLETE, state_dirs
 
-INTERRUPTING = Path(__file__).with_name("resume_checks.py")
 # --cpu-threads 1 everywhere: runs compared bit for bit use the same threads, and a second one only waits.
 # 3 classes x 11 training images, batch 3: 11 steps an epoch, 33 in all.
 TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3", "--num-workers", "0",
         "--epochs", "3", "--lr", "0.02", "--ema-decay", "0.9", "--report-to", "none", "--cpu-threads", "1"]
 
 
-def killed_run(*arguments: str, cwd: Path) -> None:
-    """resume_checks.py ARGUMENTS in a process of its own, which must end by its own SIGKILL."""
-    done = subprocess.run([sys.executable, str(INTERRUPTING), *arguments], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-3000:]
+def killed_run(point: str, step: int, flags: list[str], cwd: Path) -> None:
+    """killed_in(CWD, POINT, STEP, FLAGS) in a process of its own, which must end by its own SIGKILL."""
+    [ended] = exit_codes([start(killed_in, cwd, point, step, flags)])
+    assert ended == -signal.SIGKILL, f"exit code {ended} (None: still running after the timeout)\n" + printed(
+        cwd / OUTPUT)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +106,7 @@ def test_a_sigkill_never_leaves_anything_unloadable_and_the_run_resumes_identica
                                                                                     landing):
     point, step, states, unpublished = KILLS[landing]
     flags = [*common(data, tmp_path), "--run-name", "killed", "--resume", "auto"]
-    killed_run(point, str(step), *flags, "--save-every", "3", "--keep-states", "2", cwd=tmp_path)
+    killed_run(point, step, [*flags, "--save-every", "3", "--keep-states", "2"], tmp_path)
     run_dir = tmp_path / "runs" / "killed"
     assert [state.name for state in state_dirs(run_dir)] == states
     assert bool(list((run_dir / "state").glob(".tmp-step-*"))) == unpublished

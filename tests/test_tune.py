@@ -22,7 +22,8 @@ import optuna
 import pytest
 import yaml
 
-from monkeytrain import cli
+from conftest import run_here
+from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
 from test_slurm import job_environment, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
 
@@ -121,8 +122,9 @@ def test_a_stopped_study_loses_only_the_trial_in_flight_and_continues(study_inpu
     assert first.returncode == 0 and "stopped on SIGTERM" in output, output
     assert "interrupted by a stop signal; it does not count" in output
 
-    again = run_tune(command).stdout
-    assert "0 of 1 trials done, 0 running" in again  # the interrupted trial does not count
+    again = run_here(tune.main, command[4:], PROJECT)  # how it starts was checked above: no new process
+    assert again.results == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "0 of 1 trials done, 0 running" in again.stdout  # the interrupted trial does not count
     trials = read_trials(study_dir)
     assert [t["state"] for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[0]["note"] == "interrupted (a stop signal); not counted"
@@ -177,8 +179,6 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, expected):
 
 
 def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
-    from monkeytrain import tune
-
     space = tmp_path / "space.yaml"
     space.write_text("{lr: [0.1, 0.2]}")
     monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
