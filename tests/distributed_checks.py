@@ -1,9 +1,11 @@
-"""Run under `torchrun --nproc_per_node 2`: each rank writes a JSON report of what it saw.
+"""Run under `torchrun --nproc_per_node 2` as `distributed_checks.py WORK_DIR DATA_ROOT TRAIN_FLAGS...`:
+both checks, one after the other in the same two processes (a fresh process spends about 7 s
+importing torch, timm and Accelerate), each in its own folder WORK_DIR/CHECK, where each rank
+writes a JSON report of what it saw (rank<r>.json):
 
-    collectives DATA_ROOT CACHE_DIR   channel stats and a test-split evaluation
-    train OUTPUT_DIR TRAIN_FLAGS...   the real training entry point, recording
-                                      which files each rank writes and every
-                                      best-epoch decision it takes
+    collectives   channel stats and a test-split evaluation of DATA_ROOT, cached under cache/
+    train         the real training entry point on DATA_ROOT with TRAIN_FLAGS, its runs in runs/,
+                  recording which files each rank writes and every best-epoch decision it takes
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from monkeytrain import selection, train
 from monkeytrain.data.augment import Augmenter, AugmentSettings
@@ -30,10 +33,9 @@ from monkeytrain.model import create_model
 IMAGE_SIZE = 32
 
 
-def report(**fields) -> None:
-    """One JSON file per rank in $RANK_REPORTS (stdout lines of two ranks can interleave)."""
-    path = Path(os.environ["RANK_REPORTS"]) / f"rank{os.environ['RANK']}.json"
-    path.write_text(json.dumps(fields))
+def report(folder: Path, **fields) -> None:
+    """One JSON file per rank in `folder` (stdout lines of two ranks can interleave)."""
+    (folder / f"rank{os.environ['RANK']}.json").write_text(json.dumps(fields))
 
 
 def stats_and_test_evaluation(pipeline, splits, cache_dir: Path, accelerator) -> dict:
@@ -48,17 +50,17 @@ def stats_and_test_evaluation(pipeline, splits, cache_dir: Path, accelerator) ->
                 shard=sum(len(labels) for _, labels in pipeline.eval_batches("test")))
 
 
-def collectives(data_root: str, cache_dir: str) -> None:
+def collectives(folder: Path, data_root: str) -> None:
+    """Both pipelines' channel stats and test-split evaluation, as seen by this rank."""
     accelerator = Accelerator(cpu=True)
     splits = discover_splits(folders_from_root(Path(data_root)), 0.0, 0, strict=False)
     pipelines = {
         "stream": StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, accelerator),
-        "resident": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, Path(cache_dir) / "views", accelerator),
+        "resident": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, folder / "cache" / "views", accelerator),
     }
-    report(rank=accelerator.process_index, world=accelerator.num_processes, **{
-        mode: stats_and_test_evaluation(pipeline, splits, Path(cache_dir) / mode, accelerator)
+    report(folder, rank=accelerator.process_index, world=accelerator.num_processes, **{
+        mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
         for mode, pipeline in pipelines.items()})
-    accelerator.end_training()
 
 
 def record_writes(output_dir: Path, writes: list[str]) -> None:
@@ -96,17 +98,35 @@ def record_decisions(decisions: list) -> None:
     selection.BestEpoch.update = update
 
 
-def train_run(output_dir: str, *flags: str) -> None:
+def train_run(folder: Path, data_root: str, *flags: str) -> None:
+    """A training run with runs/ and cache/ in `folder`, its writes and decisions recorded."""
+    output_dir = folder / "runs"
     writes: list[str] = []
     decisions: list = []
     record_decisions(decisions)
-    record_writes(Path(output_dir), writes)
-    results = train.main(["--output-dir", output_dir, *flags])
-    report(rank=int(os.environ["RANK"]), writes=writes, decisions=decisions,
+    record_writes(output_dir, writes)
+    results = train.main(["--output-dir", str(output_dir), "--data", data_root,
+                          "--cache-dir", str(folder / "cache"), *flags])
+    report(folder, rank=int(os.environ["RANK"]), writes=writes, decisions=decisions,
            best_epoch=results["best_epoch"], test_accuracy=results["test_accuracy"],
            test_images=results["test_images"])
 
 
+def run_checks(work_dir: Path, data_root: str, *train_flags: str) -> None:
+    """collectives, then train, each in its own folder under `work_dir`."""
+    (work_dir / "collectives").mkdir(exist_ok=True)  # by both ranks
+    collectives(work_dir / "collectives", data_root)
+    # One process group for both: re-creating it after a destroy can hang on torchrun's store
+    # (pytorch#55967), so collectives leaves it open, train's end_training closes it. Accelerate's
+    # shared state is cleared so that train's Accelerator takes its own settings and finds the group.
+    AcceleratorState._reset_state(True)
+    # train goes last: it sets torch's thread count and signal handlers, and its recorders patch
+    # open, os.replace, os.mkdir and BestEpoch.update for good. It seeds itself (set_seed), and
+    # collectives changes neither the environment nor the working folder (its paths are absolute).
+    (work_dir / "train").mkdir(exist_ok=True)
+    train_run(work_dir / "train", data_root, *train_flags)
+
+
 if __name__ == "__main__":
-    command, *arguments = sys.argv[1:]
-    {"collectives": collectives, "train": train_run}[command](*arguments)
+    work_dir, data_root, *train_flags = sys.argv[1:]
+    run_checks(Path(work_dir), data_root, *train_flags)

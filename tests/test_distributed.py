@@ -1,4 +1,4 @@
-"""Two real processes (gloo on CPU) through torchrun: collectives, evaluation, training."""
+"""Two real processes (gloo on CPU) through one torchrun launch: collectives, evaluation, training."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder
 from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
 
 from monkeytrain.data.dataset import discover_splits
@@ -18,28 +20,59 @@ from monkeytrain.data.pipeline import StreamPipeline
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 # 27 images a split: divisible neither by the world size (2) nor the batch size (4).
 PER_CLASS = {"n0": 9, "n1": 8, "n2": 10}
+LAUNCH_SECONDS = 600  # then the launch is ended, and both tests fail
+TRAIN_FLAGS = ("--cpu", "--model", "resnet10t", "--image-size", "32", "--epochs", "3", "--batch-size", "4",
+               "--num-workers", "0", "--val-fraction", "0.3", "--run-name", "ddp", "--lr", "0.02")
 
 
-def run_two_ranks(*arguments: str, cwd: Path) -> list[dict]:
+@dataclass
+class Launch:
+    """The one torchrun launch of both checks: how it ended, and the folder it ran in."""
+    returncode: int
+    stdout: str
+    stderr: str
+    folder: Path
+
+    def reports(self, check: str) -> list[dict]:
+        """Each rank's report of `check`; fails with the launch's output if the launch failed."""
+        assert self.returncode == 0, self.stdout + self.stderr
+        ranks = [json.loads((self.folder / check / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        return ranks
+
+
+def run_two_ranks(folder: Path, *arguments: str) -> Launch:
+    """distributed_checks.py FOLDER ARGUMENTS on two ranks through torchrun, in `folder`. Ended after
+    LAUNCH_SECONDS by SIGTERM, which torchrun passes on to its ranks (they run in sessions of their
+    own, so a SIGKILL to torchrun would leave them running)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(CHECKS), *arguments]
-    reports = cwd / "rank_reports"
-    reports.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_REPORTS": str(reports)}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    return ranks
+               str(CHECKS), str(folder), *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=LAUNCH_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            stdout, stderr = child.communicate()
+            stderr += f"\n(ended after {LAUNCH_SECONDS} s)"
+    return Launch(child.returncode, stdout, stderr, folder)
 
 
-@pytest.fixture
-def odd_dataset(tmp_path, make_image_folder) -> Path:
-    return make_image_folder(tmp_path / "data", classes=3, per_class=PER_CLASS, size=40)
+@pytest.fixture(scope="module")
+def odd_dataset(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=PER_CLASS, size=40)
 
 
-def test_stats_and_evaluation_match_one_process(odd_dataset, tmp_path, cpu_accelerator):
-    ranks = run_two_ranks("collectives", str(odd_dataset), str(tmp_path / "cache2"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def two_ranks(odd_dataset, tmp_path_factory) -> Launch:
+    """Both checks in one launch (a fresh process spends about 7 s importing torch, timm and
+    Accelerate). A failed launch is left to each test to report, so that both fail, not error."""
+    return run_two_ranks(tmp_path_factory.mktemp("ranks"), str(odd_dataset), *TRAIN_FLAGS)
+
+
+def test_stats_and_evaluation_match_one_process(two_ranks, odd_dataset, tmp_path, cpu_accelerator):
+    ranks = two_ranks.reports("collectives")
 
     splits = discover_splits(folders_from_root(odd_dataset), 0.0, 0, strict=False)
     reference = stats_and_test_evaluation(StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, cpu_accelerator),
@@ -58,15 +91,8 @@ def test_stats_and_evaluation_match_one_process(odd_dataset, tmp_path, cpu_accel
         assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
 
 
-def test_training_ranks_agree_and_only_rank0_writes(odd_dataset, tmp_path):
-    output = tmp_path / "runs"
-    ranks = run_two_ranks(
-        "train", str(output), "--data", str(odd_dataset), "--cpu", "--model", "resnet10t", "--image-size", "32",
-        "--epochs", "3",
-        "--batch-size", "4", "--num-workers", "0", "--val-fraction", "0.3", "--run-name", "ddp",
-        "--cache-dir", str(tmp_path / "cache"), "--lr", "0.02", cwd=tmp_path,
-    )
-    main, other = ranks
+def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
+    main, other = two_ranks.reports("train")
     assert other["writes"] == []
     written = " ".join(main["writes"])
     for name in ("best.safetensors", "config.json", "results.json", "metrics.jsonl", "data_manifest.json"):
@@ -74,6 +100,7 @@ def test_training_ranks_agree_and_only_rank0_writes(odd_dataset, tmp_path):
     assert len(main["decisions"]) == 3 and main["decisions"] == other["decisions"]
     assert main["best_epoch"] == other["best_epoch"]
     assert main["test_images"] == other["test_images"] == 27
+    output = two_ranks.folder / "train" / "runs"
     results = json.loads((output / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_accuracy"] == main["test_accuracy"]
     assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
