@@ -22,10 +22,10 @@ import optuna
 import pytest
 import yaml
 
-from conftest import run_here
+from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
-from test_slurm import job_environment, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
+from test_slurm import job_environment, job_state, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
 
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -36,14 +36,18 @@ TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "
         "--cpu-threads", "1"]
 
 
-@pytest.fixture
-def study_inputs(tmp_path, make_image_folder):
+def write_study_inputs(folder: Path) -> tuple[Path, list[str]]:
     """(space file, train flags) of a tiny study: class n0 is rare, so a diverged model scores 2/18."""
-    data = make_image_folder(tmp_path / "data", layout="train-val-test", classes=3,
-                             per_class={"n0": 2, "n1": 8, "n2": 8}, size=32)
-    space = tmp_path / "space.yaml"
+    data = write_image_folder(folder / "data", layout="train-val-test", classes=3,
+                              per_class={"n0": 2, "n1": 8, "n2": 8}, size=32)
+    space = folder / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    return space, ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    return space, ["--data", str(data), "--cache-dir", str(folder / "cache"), *TINY]
+
+
+@pytest.fixture
+def study_inputs(tmp_path):
+    return write_study_inputs(tmp_path)
 
 
 def tune_command(space: Path, study_dir: Path, *flags: str) -> list[str]:
@@ -198,17 +202,34 @@ def test_without_optuna_one_line_names_the_extra(tmp_path, capsys, monkeypatch):
     assert exited.value.code == 2 and error.count("\n") == 1 and 'pip install -e ".[tune]"' in error, error
 
 
-def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_cluster, study_inputs, tmp_path):
-    space, train_flags = study_inputs
-    study_dir = tmp_path / "study"
-    env = job_environment(PYTHONPATH=str(PROJECT))
-    job = submit(PROJECT / "slurm" / "tune.sbatch", "--space", str(space), "--study-dir", str(study_dir),
+@pytest.fixture(scope="session")
+def slurm_study(slurm_cluster, tmp_path_factory) -> tuple[int, Path]:
+    """A study run by a SLURM array of two workers, submitted by the first tests of the session and
+    checked by the last, so that the rest of the suite runs meanwhile: (job id, its folder)."""
+    folder = tmp_path_factory.mktemp("slurm-study")
+    space, train_flags = write_study_inputs(folder)
+    job = submit(PROJECT / "slurm" / "tune.sbatch", "--space", str(space), "--study-dir", str(folder / "study"),
                  "--trials", "2", "--pruner", "none", *train_flags, "--epochs", "2",
-                 workdir=tmp_path, env=env, sbatch_flags=["--array=0-1", "--cpus-per-task=1"])
+                 workdir=folder, env=job_environment(PYTHONPATH=str(PROJECT)),
+                 sbatch_flags=["--array=0-1", "--cpus-per-task=1"])
+    yield job, folder
+    subprocess.run(["scancel", str(job)], capture_output=True)  # nothing to do once it has completed
+
+
+@pytest.mark.first
+def test_tune_sbatch_names_its_jobs_as_its_log_files_expect(slurm_study):
+    job, _ = slurm_study
+    assert job_state(job)["JobName"] == "monkeytrain-tune"
+
+
+@pytest.mark.last
+def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_study):
+    job, folder = slurm_study
+    study_dir = folder / "study"
     # Polled here, not with sbatch --wait, which looks again only 2, 10 and 42 s after submitting.
     states = [wait_for_job(f"{job}_{task}", timeout=300)["JobState"] for task in (0, 1)]
 
-    logs = [read_log(tmp_path / "logs" / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
+    logs = [read_log(folder / "logs" / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
     assert states == ["COMPLETED", "COMPLETED"], "\n".join(log[-3000:] for log in logs)
     assert sum(log.count("training the best config once more") for log in logs) == 1  # exactly one finishes
     assert all(" joins " in log for log in logs)
