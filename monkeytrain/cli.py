@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a reader that has gone shows here, not in Python's own flush at exit
+    except BrokenPipeError:
+        # `monkeytrain predict ... | head`: the reader has all it wanted. End quietly with status 1, as
+        # Python's documentation advises, stdout on /dev/null so that the flush at exit cannot raise too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def run_command(argv: list[str]) -> None:
     if argv[:1] == ["train"]:
         from monkeytrain.train import main as train_main
 

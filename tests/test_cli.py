@@ -156,3 +156,13 @@ def test_real_entry_points_print_no_traceback(command, tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("monkeytrain: error:")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(data, tmp_path):
+    """`monkeytrain inspect-data DATA | head -0`: the pipe is closed before anything is written."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    with os.fdopen(writer, "w") as closed_pipe:
+        done = subprocess.run([sys.executable, "-m", "monkeytrain.cli", "inspect-data", str(data)], cwd=tmp_path,
+                              stdout=closed_pipe, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == "", done.stderr[-3000:]
