@@ -336,3 +336,21 @@ def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_im
     resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
     large = [w for w in log.warnings if "very large image" in w]
     assert len(large) == 1 and "huge.png" in large[0]
+
+
+def test_a_class_with_no_held_out_image_is_named_in_a_warning(tmp_path, make_image_folder, cpu_accelerator):
+    """One training image of class n0 must stay in training, so the best epoch is chosen without n0."""
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class={"n0": 1})
+    log = RecordingLog()
+    splits = resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]),
+                             cpu_accelerator, log)
+    assert {f.label for f in splits.val} == {1, 2}
+    [warning] = [w for w in log.warnings if "held-out" in w]
+    assert "n0" in warning and "n1" not in warning and "n2" not in warning
+
+
+def test_no_class_warning_when_every_class_has_a_held_out_image(tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3)
+    log = RecordingLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
+    assert not [w for w in log.warnings if "held-out" in w]

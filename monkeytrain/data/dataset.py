@@ -53,6 +53,12 @@ class DatasetSplits:
             "files": {name: [str(f.path) for f in files] for name, files in self.named_splits().items()},
         }
 
+    def classes_never_validated(self) -> list[str]:
+        """The class folders without a validation image: a class whose training images are one
+        (or all identical) keeps it for training when validation is held out of it."""
+        present = {f.label for f in self.val}
+        return [name for label, name in enumerate(self.class_folders) if label not in present]
+
     def named_splits(self) -> dict[str, list[ImageFile]]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
@@ -186,6 +192,11 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     if splits.leaks:
         pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
+    unvalidated = splits.classes_never_validated()
+    if unvalidated:
+        log.warn(f"class folder(s) {', '.join(unvalidated)} have no held-out validation image (one distinct "
+                 "training image stays in training), so the best epoch is chosen without them; add training "
+                 "images to them.")
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")
