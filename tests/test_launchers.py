@@ -75,7 +75,10 @@ def start(command: list[str], tmp_path: Path, data: Path, name: str) -> subproce
                             start_new_session=True)
 
 
-def finish(resume: tuple[tuple[str, ...], int], tmp_path: Path, data: Path, name: str, *extra: str) -> None:
+Resume = tuple[tuple[str, ...], int]  # how a run is resumed: its train.py flags, its number of ranks
+
+
+def finish(resume: Resume, tmp_path: Path, data: Path, name: str, *extra: str) -> None:
     """The run with `resume`'s flags and ranks (see `resumed_with`), in processes forked from the
     session's forkserver: how a run is started is what the forms test, not how it is resumed."""
     flags, ranks = resume
@@ -140,7 +143,7 @@ DEFAULT_PORT_FORMS = {"accelerate launch, two ranks, SIGTERM", "launch/cpu_ddp.s
 DEFAULT_PORT = threading.Lock()
 
 
-def resumed_with(form: str) -> tuple[tuple[str, ...], int]:
+def resumed_with(form: str) -> Resume:
     """The train.py flags and number of ranks that resume the form's run, and train the run it is
     compared with: the form's own data pipeline and number of ranks."""
     command, _, _, ranks, _ = FORMS[form]
@@ -152,7 +155,7 @@ def resumed_here(form: str) -> bool:
     return resumed_with(form) == (tuple(PYTHON[2:]), 1)
 
 
-def uninterrupted_weights(resume: tuple[tuple[str, ...], int], tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
+def uninterrupted_weights(resume: Resume, tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
     finish(resume, tmp_path, data, "whole")
     return final_weights(tmp_path / "runs" / "whole")
 
@@ -223,7 +226,7 @@ def background(request, tmp_path_factory, data, background_jobs) -> dict[tuple[s
     for name in errors:  # folders made here: tmp_path_factory is not for other threads
         jobs["error", name] = background_jobs.submit(functools.partial(
             run_on_missing_data, ERROR_COMMANDS[name], tmp_path_factory.mktemp(slug(name))))
-    references: dict[tuple[tuple[str, ...], int], Job] = {}
+    references: dict[Resume, Job] = {}
     for form in forms:
         resume = resumed_with(form)
         if not resumed_here(form) and resume not in references:
