@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import Job, write_image_folder
+from forked import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 SLURM_DIR = PROJECT / "slurm"
@@ -98,12 +98,6 @@ def log_file(workdir: Path, job_id: int, job_name: str = "monkeytrain") -> Path:
 
 def read_log(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"(no log file {path})"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def checkpoint_header(path: Path) -> dict[str, str]:
