@@ -4,13 +4,15 @@
     python benchmarks/throughput.py --data data/10-monkey-species --compile
     python benchmarks/throughput.py --tiny                                  # CPU smoke run (tests use it)
 
-All three measurements run the package's own training epoch
-(`engine.train_one_epoch`) on the same model, optimizer and precision:
+All measurements run the package's own training epoch (`engine.train_one_epoch`)
+on the same model, optimizer and precision:
 
 1. model alone: pre-made, normalised synthetic batches already on the device;
 2. resident pipeline: the resident uint8 views, device-side shuffling and batched
    GPU augmentation (`pipeline.ResidentPipeline` + `augment.Augmenter`);
-3. stream pipeline: DataLoader workers decoding the image files every epoch.
+3. on a GPU, the same with each step replayed from a CUDA graph (`graphed.GraphedStep`,
+   what --cuda-graphs trains with);
+4. stream pipeline: DataLoader workers decoding the image files every epoch.
 
 Without --data, a generated synthetic image-folder set is used (small PNGs:
 decoding them is cheaper than the real JPEGs, so the stream figure flatters).
@@ -38,7 +40,8 @@ from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import ResidentPipeline, StreamPipeline
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.data.views import view_bytes
-from monkeytrain.engine import Learner, train_one_epoch
+from monkeytrain.engine import BatchStep, Learner, train_one_epoch
+from monkeytrain.graphed import CudaGraphs, GraphedStep
 from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer
 
@@ -80,11 +83,13 @@ class Bench:
         self.model = compiled(self.model, args.compile, cache_dir)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def images_per_second(self, batches, augment) -> float:
-        """Warm up, then time `steps` steps (the epoch ends with one host sync)."""
+    def images_per_second(self, batches, augment, graphs: CudaGraphs | None = None) -> float:
+        """Warm up (and capture, with `graphs`), then time `steps` steps (the epoch ends with one host sync)."""
+        learner = Learner(self.model, self.optimizer, self.scheduler, self.criterion, self.averager, augment)
+        step = (GraphedStep(learner, self.accelerator, lambda: self.args.image_size, graphs) if graphs
+                else BatchStep(learner, self.accelerator))
         for steps in (self.args.warmup_steps, self.args.steps):
-            learner = Learner(self.model, self.optimizer, self.scheduler, self.criterion, self.averager, augment)
-            stats = train_one_epoch(learner, itertools.islice(batches, steps), self.accelerator)
+            stats = train_one_epoch(step, itertools.islice(batches, steps), self.accelerator)
         return stats.images_per_second
 
 
@@ -122,6 +127,8 @@ def main() -> None:
         held = gpu_memory_allocated(device) - allocated if device.type == "cuda" else resident.resident_bytes
         raw = view_bytes(sum(len(files) for files in splits.named_splits().values()), args.image_size)
         kept = bench.images_per_second(forever(resident), augmenter.train)
+        graphed = (bench.images_per_second(forever(resident), augmenter.train, CudaGraphs(augmenter.generator))
+                   if device.type == "cuda" else None)
         stream = StreamPipeline(splits, args.image_size, args.batch_size, 0, args.num_workers, accelerator)
         streamed = bench.images_per_second(forever(stream), augmenter.train)
 
@@ -130,6 +137,9 @@ def main() -> None:
           f"compile {args.compile}, channels_last")
     print(f"model alone       {alone:10.0f} images/s")
     print(f"resident pipeline {kept:10.0f} images/s   {kept / alone:6.1%} of model alone")
+    if graphed:
+        print(f"resident, graphed {graphed:10.0f} images/s   {graphed / alone:6.1%} of model alone "
+              f"(each step replayed from a CUDA graph)")
     print(f"stream pipeline   {streamed:10.0f} images/s   {streamed / alone:6.1%} of model alone "
           f"({args.num_workers} workers)")
     print(f"resident / stream {kept / streamed:10.2f}x")

@@ -1,7 +1,10 @@
 """An average of the weights over training (timm's EMA with decay warm-up), or its no-op twin.
 
 Both share one interface (`model`, `update()`, `state_dict()`), so the training
-loop never asks whether averaging is on.
+loop never asks whether averaging is on. An update is two halves, so that a CUDA
+graph can replay the second: `advance()` on the host counts it and puts its decay
+in a tensor; `apply()` averages on the device, reading the decay from that tensor
+(a Python float would be frozen into the graph at capture).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ class LiveWeights:
     def update(self) -> None:
         pass
 
+    def advance(self) -> None:
+        pass
+
+    def apply(self) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {}
 
@@ -36,8 +45,8 @@ class EmaWeights:
     """EMA of the parameters and floating-point buffers (batch-norm statistics too),
     after every optimizer step, with timm's decay warm-up; integer buffers are copied.
 
-    timm's ModelEmaV3 does the averaging (foreach lerp); this wrapper counts the
-    updates, so the warm-up continues where it stopped after a resume.
+    timm's ModelEmaV3 holds the average and gives each update's decay; this wrapper counts the
+    updates, so the warm-up continues where it stopped after a resume, and averages itself (see `apply`).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -45,10 +54,28 @@ class EmaWeights:
         self.ema = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=WARMUP_POWER)
         self.model = self.ema.module.requires_grad_(False)
         self.updates = 0
+        self.weight = torch.zeros((), device=next(model.parameters()).device)  # 1 - the next apply()'s decay
 
     def update(self) -> None:
+        self.advance()
+        self.apply()
+
+    def advance(self) -> None:
+        """Count one update and set its decay (host work: outside a CUDA graph)."""
         self.updates += 1
-        self.ema.update(self.live, step=self.updates)
+        self.weight.fill_(1 - self.ema.get_decay(self.updates))
+
+    def apply(self) -> None:
+        """average += (1 - decay) * (live - average), the decay as advance() set it; integer buffers
+        are copied. Device work only, so a CUDA graph may replay it. Not timm's apply_update_: that
+        hands the weight to _foreach_lerp_ as a Python number, which a tensor only becomes by a host
+        sync."""
+        pairs = list(zip(self.model.state_dict().values(), self.live.state_dict().values()))
+        copied = [(mine, live) for mine, live in pairs if not mine.is_floating_point()]
+        if copied:
+            torch._foreach_copy_(*map(list, zip(*copied)))
+        mine, live = map(list, zip(*[(mine, live) for mine, live in pairs if mine.is_floating_point()]))
+        move_towards(mine, live, self.weight)
 
     def current_decay(self) -> float:
         """The decay the last update used (0 before the second one: that copies the weights)."""
@@ -60,6 +87,20 @@ class EmaWeights:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["weights"])
         self.updates = state["updates"]
+
+
+def move_towards(averages: list[torch.Tensor], values: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """averages += weight * (values - averages), in place, `weight` a 0-dim tensor read on the device.
+
+    On a GPU, three multi-tensor kernels (a 0-dim tensor weight keeps _foreach_lerp_ off its fused
+    path, and would cost a launch per tensor); on the CPU, which loops over the tensors anyway, one
+    in-place lerp each, with no temporary copy of the weights."""
+    if averages[0].is_cuda:
+        change = torch._foreach_sub(values, averages)
+        torch._foreach_mul_(change, weight)
+        torch._foreach_add_(averages, change)
+    else:
+        torch._foreach_lerp_(averages, values, [weight] * len(averages))
 
 
 def weight_averager(model: torch.nn.Module, ema_decay: float) -> LiveWeights | EmaWeights:

@@ -59,10 +59,58 @@ class Learner:
     mix: Callable = lambda images, labels: (images, labels)  # (inputs, labels) -> (inputs, loss targets)
 
 
-def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int | None = None,
+class BatchStep:
+    """Trains on one batch: forward, backward and, every `--grad-accum-steps` batches, an optimizer
+    step. Called with (uint8 views, labels), it returns the batch's (loss, logits), detached.
+
+    Its device work is `forward_backward` and `update_weights`; the host work of a step (the
+    scheduler, the average's decay, clearing gradients) sits around them, so that `GraphedStep`
+    (graphed.py) can replay the device work from a CUDA graph and run the same host work itself."""
+
+    def __init__(self, learner: Learner, accelerator):
+        self.learner, self.accelerator = learner, accelerator
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last batch ended with an optimizer step."""
+        return self.accelerator.sync_gradients
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        learner, accelerator = self.learner, self.accelerator
+        with accelerator.accumulate(learner.model):
+            loss, logits = forward_backward(learner, accelerator, views, labels)
+            if accelerator.sync_gradients:
+                learner.averager.advance()
+                update_weights(learner, accelerator)
+                learner.scheduler.step()
+                learner.optimizer.zero_grad(set_to_none=True)
+        return loss, logits
+
+
+def forward_backward(learner: Learner, accelerator, views: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment, mix, forward and backward one batch; its (loss, logits), detached."""
+    images, targets = learner.mix(learner.augment(views), labels)
+    logits = learner.model(images)
+    loss = learner.criterion(logits, targets)
+    accelerator.backward(loss)
+    return loss.detach(), logits.detach()
+
+
+def update_weights(learner: Learner, accelerator) -> None:
+    """The device work of an optimizer step: clip, step, average (the learning rate and the
+    average's decay come from tensors that the host work of the step sets)."""
+    if learner.clip_grad_norm > 0:
+        accelerator.clip_grad_norm_(learner.model.parameters(), learner.clip_grad_norm)
+    learner.optimizer.step()
+    learner.averager.apply()
+
+
+def train_one_epoch(step: BatchStep, batches, accelerator, batches_total: int | None = None,
                     after_step: Callable[[int], bool] = lambda batches_done: False,
                     description: str = "train") -> TrainStats:
-    """Train on every (uint8 views, labels) batch of `batches` (`batches_total` of them, for the progress bar).
+    """Train with `step` (a BatchStep or a GraphedStep) on every (uint8 views, labels) batch of
+    `batches` (`batches_total` of them, for the progress bar).
 
     `after_step(batches done so far)` runs after every optimizer step; when it
     returns True (a stop was agreed) the epoch ends there, with `stopped` set.
@@ -70,9 +118,8 @@ def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int |
     No host synchronisation inside the loop: losses and correct counts stay on
     the device until the epoch's single reduction.
     """
-    model = learner.model
-    model.train()
-    learner.optimizer.zero_grad(set_to_none=True)
+    step.learner.model.train()
+    step.learner.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     count = 0
@@ -80,18 +127,12 @@ def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int |
     progress = tqdm(total=batches_total, desc=description, leave=False, disable=not accelerator.is_main_process)
     stopped = False
     for batch, (views, labels) in enumerate(batches, start=1):
-        with accelerator.accumulate(model):
-            images, targets = learner.mix(learner.augment(views), labels)
-            logits = model(images)
-            loss = learner.criterion(logits, targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                optimizer_step(learner, accelerator)
-        loss_sum += loss.detach().double() * labels.shape[0]
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        loss, logits = step(views, labels)
+        loss_sum += loss.double() * labels.shape[0]
+        correct += (logits.argmax(dim=1) == labels).sum()
         count += labels.shape[0]
         progress.update()
-        if accelerator.sync_gradients and after_step(batch):
+        if step.stepped and after_step(batch):
             stopped = True
             break
     progress.close()
@@ -100,16 +141,6 @@ def train_one_epoch(learner: Learner, batches, accelerator, batches_total: int |
     loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync
     return TrainStats(loss_total / max(count_total, 1), correct_total / max(count_total, 1),
                       int(count_total), time.perf_counter() - started, stopped)
-
-
-def optimizer_step(learner: Learner, accelerator) -> None:
-    """Clip, step, schedule, clear and average: once per `--grad-accum-steps` batches."""
-    if learner.clip_grad_norm > 0:
-        accelerator.clip_grad_norm_(learner.model.parameters(), learner.clip_grad_norm)
-    learner.optimizer.step()
-    learner.scheduler.step()
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.averager.update()
 
 
 @torch.no_grad()

@@ -24,10 +24,24 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum) or AdamW; fused kernels on the GPU, foreach on the CPU."""
     groups = parameter_groups(model, config.weight_decay)
-    kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kernels = kernel_options(device)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999), **kernels)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True, **kernels)
+
+
+def kernel_options(device: torch.device) -> dict:
+    """Fused kernels on the GPU (one launch per step, the learning rate read on the device), foreach on the CPU."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def hold_lr_in_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Keep each parameter group's learning rate in a 0-dim tensor on `device`: the scheduler then
+    fills it in place and the fused kernels read it there, so a CUDA graph replays the current rate
+    (a Python float would be frozen into the graph at capture). Call it after a saved state is
+    loaded, which puts back what was saved; a group already holding such a tensor keeps it."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

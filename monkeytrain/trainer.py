@@ -26,7 +26,8 @@ from monkeytrain.config import TrainConfig
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.engine import Learner, TrainStats, evaluate, train_one_epoch
+from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
+from monkeytrain.graphed import CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
@@ -88,6 +89,7 @@ class Trainer:
                                    data.stats.std, self.generator)
         self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
+        self.step = self.batch_step()
         self.eval_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean,
                                               data.stats.std)
         self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs
@@ -139,8 +141,18 @@ class Trainer:
             self.progress.epoch, self.progress.batch = epoch, skipped + batches_done
             return self.after_optimizer_step()
 
-        return train_one_epoch(self.learner, batches, self.accelerator, self.batches_per_epoch - skipped,
+        return train_one_epoch(self.step, batches, self.accelerator, self.batches_per_epoch - skipped,
                                after_step, description=f"epoch {epoch}")
+
+    def batch_step(self) -> BatchStep | GraphedStep:
+        """The eager step; with --cuda-graphs, where they apply, the one replayed from CUDA graphs."""
+        if self.config.cuda_graphs:
+            unavailable = graphs_unavailable(self.config, self.accelerator, self.data.pipeline.mode)
+            if not unavailable:
+                return GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size,
+                                   CudaGraphs(self.generator))
+            self.run.log.warn(f"--cuda-graphs: training without them, as {unavailable}.")
+        return BatchStep(self.learner, self.accelerator)
 
     def after_optimizer_step(self) -> bool:
         """Count the step, save on schedule, and say whether the ranks agreed to stop."""
@@ -165,7 +177,7 @@ class Trainer:
             "epoch": epoch, "epochs": self.config.epochs,
             "train_loss": trained.loss, "train_accuracy": trained.accuracy,
             "val_loss": validated.loss, "val_accuracy": validated.accuracy,
-            "lr": self.learner.scheduler.get_last_lr()[0], "images_per_second": trained.images_per_second,
+            "lr": float(self.learner.scheduler.get_last_lr()[0]), "images_per_second": trained.images_per_second,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
         return validated.accuracy

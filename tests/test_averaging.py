@@ -8,7 +8,7 @@ import torch
 
 from monkeytrain.averaging import WARMUP_POWER, EmaWeights, LiveWeights, weight_averager
 from monkeytrain.config import TrainConfig
-from monkeytrain.engine import Learner, evaluate, train_one_epoch
+from monkeytrain.engine import BatchStep, Learner, evaluate, train_one_epoch
 
 DECAY = 0.75
 
@@ -152,7 +152,7 @@ def test_after_a_short_run_the_default_average_scores_as_well_as_the_live_weight
     prepare = lambda views: (views.float() - 128) / 64  # noqa: E731
     learner = Learner(model, optimizer, scheduler, torch.nn.CrossEntropyLoss(), averager, prepare)
     for epoch in range(3):  # 30 optimizer steps in all
-        train_one_epoch(learner, colour_batches(10, 16, seed=epoch), cpu_accelerator)
+        train_one_epoch(BatchStep(learner, cpu_accelerator), colour_batches(10, 16, seed=epoch), cpu_accelerator)
     test = colour_batches(4, 32, seed=99)
     model.eval()
     live = evaluate(model, test, prepare, cpu_accelerator, 4).accuracy

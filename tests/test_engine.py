@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from monkeytrain import engine
-from monkeytrain.engine import Learner, evaluate, train_one_epoch
+from monkeytrain.engine import BatchStep, Learner, evaluate, train_one_epoch
 
 
 def reset_accelerate() -> None:
@@ -49,7 +49,7 @@ class NotingSGD(torch.optim.SGD):
 
 
 class Noting:
-    """Stands in for the scheduler (`step`) and the weight average (`update`): notes each call."""
+    """Stands in for the scheduler (`step`) and the weight average (`advance`, `apply`): notes each call."""
 
     def __init__(self, events: list, name: str):
         self.events, self.name = events, name
@@ -57,7 +57,10 @@ class Noting:
     def step(self) -> None:
         self.events.append(self.name)
 
-    def update(self) -> None:
+    def advance(self) -> None:
+        self.events.append("decay")
+
+    def apply(self) -> None:
         self.events.append(self.name)
 
 
@@ -78,6 +81,11 @@ def float_batches(count: int, size: int, seed: int = 0) -> list[tuple[torch.Tens
             for _ in range(count)]
 
 
+def train_batches(learner: Learner, batches, accelerator, **kwargs):
+    """One epoch of `batches`, each trained by the eager BatchStep."""
+    return train_one_epoch(BatchStep(learner, accelerator), batches, accelerator, **kwargs)
+
+
 def noting_after_step(events: list, stop_at: int | None = None):
     def after_step(batches_done: int) -> bool:
         events.append(("after", batches_done))
@@ -90,10 +98,11 @@ def test_the_optimizer_scheduler_and_average_step_once_every_k_batches(accumulat
     accelerator = accumulating(k)
     events: list = []
     learner, _ = make_learner(accelerator, torch.nn.Linear(3, 2), events)
-    stats = train_one_epoch(learner, float_batches(6, 4), accelerator, after_step=noting_after_step(events))
-    # in this order, and after_step told how many batches are done at each optimizer step
+    stats = train_batches(learner, float_batches(6, 4), accelerator, after_step=noting_after_step(events))
+    # in this order (the average's decay set before the step, the average taken of the stepped
+    # weights, the next learning rate last), and after_step told how many batches are done at each
     assert events == [event for done in steps_after
-                      for event in ("optimizer", "scheduler", "average", ("after", done))]
+                      for event in ("decay", "optimizer", "average", "scheduler", ("after", done))]
     assert not stats.stopped
     assert stats.images == 24
 
@@ -106,7 +115,7 @@ def test_each_step_on_k_accumulated_batches_moves_the_weights_by_their_mean_grad
     batches = float_batches(4, 2, seed=1)
     events: list = []
     learner, _ = make_learner(accelerator, model, events, lr=0.5)
-    train_one_epoch(learner, batches, accelerator)
+    train_batches(learner, batches, accelerator)
     assert events.count("optimizer") == 2
 
     # by hand: two plain SGD steps, each on the loss of its two batches' four samples
@@ -136,7 +145,7 @@ def test_a_stop_ends_the_epoch_at_that_step_without_taking_more_batches(accumula
             taken.append(index)
             yield batch
 
-    stats = train_one_epoch(learner, recorded(), accelerator, after_step=noting_after_step(events, stop_at=4))
+    stats = train_batches(learner, recorded(), accelerator, after_step=noting_after_step(events, stop_at=4))
     assert stats.stopped
     assert taken == [0, 1, 2, 3]  # the generator was not asked for a fifth batch
     assert stats.images == 4 * 3  # the figures cover the trained batches only
@@ -179,7 +188,7 @@ def test_train_loss_and_accuracy_are_means_over_samples_from_one_reduction(cpu_a
     rows_a, labels_a = [[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]], [0, 0, 0]  # right, wrong, right
     rows_b, labels_b = [[0.0, 3.0]], [0]                                 # wrong
     batches = [(torch.tensor(rows_a), torch.tensor(labels_a)), (torch.tensor(rows_b), torch.tensor(labels_b))]
-    stats = train_one_epoch(learner, batches, cpu_accelerator)
+    stats = train_batches(learner, batches, cpu_accelerator)
 
     losses = [two_class_loss(r, y) for r, y in zip(rows_a + rows_b, labels_a + labels_b)]
     assert stats.images == 4
@@ -245,14 +254,14 @@ def large_gradient_learner(accelerator, clip: float) -> tuple[Learner, NotingSGD
 def test_a_positive_clip_grad_norm_clips_the_gradient_to_it(cpu_accelerator):
     learner, optimizer, batches, unclipped = large_gradient_learner(cpu_accelerator, clip=1.0)
     assert unclipped > 100  # so clipping has work to do
-    train_one_epoch(learner, batches, cpu_accelerator)
+    train_batches(learner, batches, cpu_accelerator)
     [stepped_on] = optimizer.grad_norms
     assert 0.99 <= stepped_on <= 1.0 + 1e-6
 
 
 def test_a_zero_clip_grad_norm_leaves_the_gradient_alone(cpu_accelerator):
     learner, optimizer, batches, unclipped = large_gradient_learner(cpu_accelerator, clip=0.0)
-    train_one_epoch(learner, batches, cpu_accelerator)
+    train_batches(learner, batches, cpu_accelerator)
     assert optimizer.grad_norms == [pytest.approx(unclipped, rel=1e-5)]
 
 
@@ -269,7 +278,7 @@ def test_mixed_targets_reach_the_loss_and_accuracy_counts_the_true_labels(cpu_ac
 
     learner.mix = swap_targets
     batches = float_batches(2, 4)
-    trained = train_one_epoch(learner, batches, cpu_accelerator)
+    trained = train_batches(learner, batches, cpu_accelerator)
     with torch.no_grad():
         logits = torch.cat([model(views) for views, _ in batches])
         labels = torch.cat([labels for _, labels in batches])

@@ -16,6 +16,7 @@ augmentation distribution, and the same code is unit-tested on CPU tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -74,8 +75,15 @@ def warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@functools.lru_cache(maxsize=None)
+def per_channel(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a [1, C, 1, 1] tensor on `device`, made once: while a CUDA graph is being
+    captured, nothing may be copied from the host, so the training step's constants must exist before."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 def gray(images: torch.Tensor) -> torch.Tensor:
-    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    weights = per_channel(GRAY_WEIGHTS, images.device, images.dtype)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
@@ -91,8 +99,8 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    mean_t = images.new_tensor(mean).view(1, 3, 1, 1)
-    std_t = images.new_tensor(std).view(1, 3, 1, 1)
+    mean_t = per_channel(tuple(mean), images.device, images.dtype)
+    std_t = per_channel(tuple(std), images.device, images.dtype)
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 

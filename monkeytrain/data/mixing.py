@@ -130,10 +130,15 @@ def mixed_targets(labels: torch.Tensor, lam: torch.Tensor, num_classes: int) -> 
     """lam * one_hot(y_i) + (1 - lam) * one_hot(y_{B-1-i}), float32 [B, num_classes].
 
     No label smoothing: CrossEntropyLoss(label_smoothing=...) smooths probability targets itself.
-    F.one_hot with num_classes given does not synchronise on CUDA (it relies on device asserts).
     """
-    one_hot = F.one_hot(labels, num_classes).float()
+    one_hot = one_hot_targets(labels, num_classes)
     return lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot.flip(0)
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """float32 [B, num_classes], 1 at each label. A scatter, not F.one_hot: that reads the labels'
+    range on the host on the CPU, a sync that a CUDA graph's capture (and its CPU emulation) refuses."""
+    return torch.zeros(labels.shape[0], num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
 
 
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: MixSettings,
@@ -147,7 +152,7 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: 
     itself: its target stays one-hot and its pixels stay as they are, up to rounding.
     """
     if not settings.enabled:
-        return images, F.one_hot(labels, num_classes).float()
+        return images, one_hot_targets(labels, num_classes)
     batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
     lam, use_cutmix = draw_ratios(batch, settings, generator, images.device)
     box, cut_lam = cutmix_box(lam, *random_centres(batch, height, width, generator, images.device),

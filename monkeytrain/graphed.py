@@ -1,0 +1,126 @@
+"""The training step replayed from a CUDA graph: one launch per batch instead of hundreds.
+
+A ResNet-18 step at batch 64 is several hundred kernels of a few microseconds each; launched one
+by one from Python, they keep the GPU waiting for the host (benchmarks/RESULTS.md). A CUDA graph
+records the device work of a step once and replays it with a single launch. What a graph asks of
+the step, and where each is met:
+
+- Static shapes and memory: every batch of the resident pipeline is full (pipeline.py) and is
+  copied into the same input tensors before each replay. A new shape (the next crop size of
+  progressive resizing) is warmed up and captured anew; the previous graph is dropped.
+- No value frozen at capture: the learning rate lives in a tensor that the scheduler fills
+  (optim.hold_lr_in_tensors), the EMA's decay in one that the averager fills (averaging.py), and
+  the augmentation and mixing draw from the run's generator on the device, registered with the
+  graph so that each replay draws new numbers.
+- No host work inside: the host half of an optimizer step (the average's decay, the scheduler)
+  runs around each replay, as BatchStep (engine.py) runs it around the same device work.
+- A warm-up before each capture: a few eager steps on a side stream, which run cuDNN's algorithm
+  search, create the optimizer's momentum buffers and compile the model when asked to.
+
+Where a graph does not apply, `graphs_unavailable` says why and the trainer uses BatchStep.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from monkeytrain.engine import BatchStep, Learner, forward_backward, update_weights
+from monkeytrain.errors import UserError
+from monkeytrain.optim import hold_lr_in_tensors
+
+WARMUP_BATCHES = 3  # eager steps before each capture, as in PyTorch's CUDA graph notes
+
+
+def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]:
+    """Why this run cannot replay its steps from CUDA graphs (None: it can), in words for its log."""
+    reasons = [
+        (accelerator.device.type != "cuda", f"the run trains on {accelerator.device.type}, not a CUDA GPU"),
+        (pipeline_mode != "resident", "streamed batches are not all full (graphs need one static shape)"),
+        (config.grad_accum_steps > 1, "--grad-accum-steps above 1 is not captured"),
+        (accelerator.num_processes > 1, "steps under DDP are not captured yet"),
+        (accelerator.mixed_precision == "fp16", "fp16's loss scaling checks for overflow on the host"),
+        (config.optimizer != "sgd", f"only SGD's fused step is captured, not {config.optimizer}'s"),
+        (not hasattr(torch.cuda.CUDAGraph, "register_generator_state"),
+         "this PyTorch cannot replay a generator of the run's own in a graph (2.5 and later can)"),
+    ]
+    return next((reason for unavailable, reason in reasons if unavailable), None)
+
+
+class CudaGraphs:
+    """How GraphedStep warms up and captures on a GPU (tests put a CPU emulation in its place)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def warm_up(self, work: Callable):
+        """Run eager work on a side stream, as capture's warm-up must."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = work()
+        torch.cuda.current_stream().wait_stream(side)
+        return result
+
+    def capture(self, work: Callable[[], None]) -> Callable[[], None]:
+        """Record `work`'s device work (nothing runs); returns what replays it."""
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            work()
+        return graph.replay
+
+
+class GraphedStep:
+    """BatchStep's contract (called with a batch, returns its detached (loss, logits)), with the
+    device work of each optimizer step replayed from a CUDA graph once one is captured.
+
+    `train_size()` gives the side of the crops the next batch trains at: a change starts a new
+    warm-up and capture. `graphs` warms up and captures (CudaGraphs on a GPU)."""
+
+    stepped = True  # no gradient accumulation here: every batch ends with an optimizer step
+
+    def __init__(self, learner: Learner, accelerator, train_size: Callable[[], int], graphs: CudaGraphs):
+        self.learner, self.accelerator, self.train_size, self.graphs = learner, accelerator, train_size, graphs
+        self.eager = BatchStep(learner, accelerator)
+        self.shape: tuple | None = None
+        self.warm_batches = 0
+        self.replay: Callable[[], None] | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None   # what each replay reads
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # and writes: (loss, logits)
+        self.captures = 0
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.train_size(), views.shape, labels.shape)
+        if shape != self.shape:
+            self.shape, self.warm_batches, self.replay = shape, 0, None
+        if self.replay is None and self.warm_batches < WARMUP_BATCHES:
+            self.warm_batches += 1
+            return self.graphs.warm_up(lambda: self.eager(views, labels))
+        if self.replay is None:
+            self.replay = self.capture(views, labels)
+        self.inputs[0].copy_(views)
+        self.inputs[1].copy_(labels)
+        self.learner.averager.advance()
+        self.replay()
+        self.learner.scheduler.step()
+        return self.outputs
+
+    def capture(self, views: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+        learner, accelerator = self.learner, self.accelerator
+        hold_lr_in_tensors(learner.optimizer, views.device)  # here: a resume may have put floats back
+        self.inputs = (views.clone(), labels.clone())  # the graph's input memory, holding a real batch
+        learner.optimizer.zero_grad(set_to_none=True)  # so backward allocates gradients of the graph's own
+
+        def device_work() -> None:
+            self.outputs = forward_backward(learner, accelerator, *self.inputs)
+            update_weights(learner, accelerator)
+
+        self.captures += 1
+        try:
+            return self.graphs.capture(device_work)
+        except RuntimeError as error:  # new with this option; say how to train on without it
+            reason = (str(error).strip().splitlines() or ["no message"])[0]
+            raise UserError(f"capturing the training step in a CUDA graph failed ({reason}); train without "
+                            "--cuda-graphs, and please report it with the run's config.yaml.") from error

@@ -1,0 +1,111 @@
+"""CUDA graph semantics on the CPU, for testing what a GPU would capture without one.
+
+`EmulatedGraphs` has CudaGraphs' interface (graphed.py). Its `capture(work)` runs `work` once under a
+TorchDispatchMode that records every aten op with its arguments as they were: tensors by identity
+(a graph's fixed memory), Python numbers by value. The replay it returns runs those ops again on the
+same tensors, writing each result where the op first wrote it. So, as on a GPU:
+
+- a number computed on the host at capture (a learning rate, a decay, a random draw made with
+  Python's `random`) is frozen, and a step that relies on one drifts from the eager step;
+- a host sync inside the step (`.item()`, a Python branch on a tensor's value) is an error;
+- random ops draw new numbers at each replay from the generator they were given.
+
+A real capture runs nothing, so the emulated one leaves every tensor it wrote and every generator it
+drew from as it found them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostSyncInCapture(AssertionError):
+    pass
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
+def expanded(tensor: torch.Tensor) -> bool:
+    """Whether elements share memory (an expand): nothing can write through such a tensor."""
+    return any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape))
+
+
+def write_into(recorded: Any, result: Any) -> None:
+    """Put a replayed op's result where the op wrote at capture (in place: nothing to do)."""
+    if isinstance(recorded, torch.Tensor):
+        same_place = recorded.data_ptr() == result.data_ptr() and recorded.stride() == result.stride()
+        if not same_place:
+            recorded.copy_(result)
+    elif isinstance(recorded, (list, tuple)):
+        for recorded_item, result_item in zip(recorded, result):
+            write_into(recorded_item, result_item)
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple] = []
+        self.saved_tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.saved_generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "profiler":  # the optimizer's record_function markers
+            return func(*args, **kwargs)
+        self.save_what_it_changes(func, args, kwargs)
+        result = func(*args, **kwargs)
+        if isinstance(result, (bool, int, float)):
+            raise HostSyncInCapture(f"{func} hands a tensor's value to the host inside the captured step")
+        self.ops.append((func, args, kwargs, result))
+        return result
+
+    def save_what_it_changes(self, func, args, kwargs) -> None:
+        """Keep every tensor and generator an op is given as it was when first given, to put back after
+        the capture. All of them, not only those the op's schema marks as written: some ops write more
+        than their schema says (native_batch_norm updates its running statistics unannotated)."""
+        for position, argument in enumerate(func._schema.arguments):
+            value = kwargs.get(argument.name, args[position] if position < len(args) else None)
+            if isinstance(value, torch.Generator) and id(value) not in self.saved_generators:
+                self.saved_generators[id(value)] = (value, value.get_state())
+            for tensor in tensors_in(value):
+                if id(tensor) not in self.saved_tensors and not expanded(tensor):
+                    self.saved_tensors[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def undo(self) -> None:
+        for tensor, before in reversed(list(self.saved_tensors.values())):
+            with torch.no_grad():
+                tensor.copy_(before)
+        for generator, state in self.saved_generators.values():
+            generator.set_state(state)
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for func, args, kwargs, recorded in self.ops:
+                write_into(recorded, func(*args, **kwargs))
+
+
+class EmulatedGraphs:
+    """CudaGraphs' interface (warm_up, capture) with the semantics above; counts its captures."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.captures = 0
+
+    def warm_up(self, work: Callable):
+        return work()
+
+    def capture(self, work: Callable[[], None]) -> Callable[[], None]:
+        recorder = Recorder()
+        with recorder:
+            work()
+        recorder.undo()
+        self.captures += 1
+        return recorder.replay

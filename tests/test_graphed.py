@@ -1,0 +1,210 @@
+"""monkeytrain.graphed: the training step replayed from CUDA graphs, checked on the CPU.
+
+The GPU's capture is replaced by tests/graph_emulator.py, which replays recorded ops with every
+host value frozen as a CUDA graph freezes it. A graphed run must then train exactly as the eager
+one: same weights, same average, same figures, across progressive resizing, MixUp/CutMix,
+clipping, a stop and a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+
+from conftest import write_image_folder
+from graph_emulator import EmulatedGraphs, HostSyncInCapture
+from monkeytrain import averaging, graphed, optim
+from monkeytrain import trainer as trainer_module
+from monkeytrain.config import TrainConfig, parse_config
+from monkeytrain.data.prepare import prepare_data
+from monkeytrain.distributed import make_accelerator
+from monkeytrain.averaging import LiveWeights
+from monkeytrain.engine import BatchStep, Learner
+from monkeytrain.errors import UserError
+from monkeytrain.graphed import WARMUP_BATCHES, GraphedStep, graphs_unavailable
+from monkeytrain.statestore import state_dirs
+from monkeytrain.tracking import SilentLog
+from monkeytrain.trainer import RunContext, Trainer
+
+# 3 epochs of 8 batches: 16 px crops for two, then 32 px; mixed batches, clipped gradients, the EMA.
+EVERYTHING = ["--epochs", "3", "--image-size", "32", "--min-train-size", "16", "--full-size-fraction", "0.5",
+              "--mixup-alpha", "0.4", "--cutmix-alpha", "1.0", "--clip-grad-norm", "1.0"]
+
+
+class NotedLog(SilentLog):
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+class StopAt:
+    """Preemption's interface, with a stop agreed at the n-th check."""
+
+    def __init__(self, check: int | None = None):
+        self.checks, self.stop_check = 0, check
+        self.schedule = SimpleNamespace(saved=lambda: None)
+
+    def check(self, accelerator) -> tuple[bool, bool]:
+        self.checks += 1
+        return self.checks == self.stop_check, False
+
+
+def as_on_a_gpu(patch: pytest.MonkeyPatch) -> None:
+    """With --cuda-graphs, the trainer does here what it does on a GPU: graphs apply, the optimizer is
+    the fused kind, and the emulator captures."""
+    patch.setattr(trainer_module, "graphs_unavailable", lambda config, accelerator, mode: None)
+    patch.setattr(trainer_module, "CudaGraphs", EmulatedGraphs)
+    patch.setattr(optim, "kernel_options", lambda device: {"fused": True})
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    """2 classes x 9 images (8 train, 1 held out each): 8 batches of 2 per epoch."""
+    return write_image_folder(tmp_path_factory.mktemp("graphed") / "data", layout="train-val", classes=2,
+                              per_class=9, size=36)
+
+
+def train_run(data: Path, name: str, *flags: str, stop: StopAt | None = None) -> Trainer:
+    """A Trainer after fit(), built as train.py builds it, in the working folder."""
+    config = parse_config(["--data", str(data), "--cpu", "--model", "resnet10t", "--batch-size", "2",
+                           "--num-workers", "0", "--report-to", "none", "--val-fraction", "0.1",
+                           "--cache-dir", str(data.parent / "cache"), "--run-name", name, *EVERYTHING, *flags])
+    AcceleratorState._reset_state(True)
+    accelerator = make_accelerator(config)
+    run_dir = Path(config.output_dir) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    context = RunContext(config, accelerator, run_dir, NotedLog())
+    set_seed(config.seed)  # as train.py does: the same initial weights in every run
+    trainer = Trainer(context, prepare_data(config, accelerator, data.parent / "cache", context.log), stop or StopAt())
+    trainer.fit()
+    AcceleratorState._reset_state(True)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def eager(data_folder, tmp_path_factory) -> Trainer:
+    """The eager run that graphed runs must equal, trained once for the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        as_on_a_gpu(patch)
+        patch.chdir(tmp_path_factory.mktemp("eager"))
+        return train_run(data_folder, "eager")
+
+
+@pytest.fixture
+def train(data_folder, tmp_path, monkeypatch):
+    """train(run_name, *flags, stop=None) -> the Trainer after fit(), with graphs as on a GPU."""
+    as_on_a_gpu(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    return lambda name, *flags, stop=None: train_run(data_folder, name, *flags, stop=stop)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The live weights and buffers, and the average's."""
+    live = {f"live.{k}": v for k, v in trainer.learner.model.state_dict().items()}
+    return live | {f"average.{k}": v for k, v in trainer.learner.averager.model.state_dict().items()}
+
+
+def assert_same_weights(trained: Trainer, reference: Trainer) -> None:
+    ours, theirs = weights(trained), weights(reference)
+    different = [name for name in theirs if not torch.equal(ours[name], theirs[name])]
+    assert not different, f"{len(different)} of {len(theirs)} tensors differ, the first {different[:3]}"
+
+
+def test_a_graphed_run_trains_exactly_as_the_eager_one(eager, train):
+    graphs = train("graphed", "--cuda-graphs")
+    assert isinstance(graphs.step, GraphedStep) and isinstance(eager.step, BatchStep)
+    assert graphs.step.graphs.captures == 2  # one per crop size: 16 px, then 32 px
+    assert_same_weights(graphs, eager)
+    assert graphs.best == eager.best
+    assert graphs.learner.scheduler.get_last_lr() == eager.learner.scheduler.get_last_lr()
+    assert torch.equal(graphs.generator.get_state(), eager.generator.get_state())
+
+
+@pytest.mark.parametrize("first_run", ["--cuda-graphs", "--no-cuda-graphs"])
+def test_a_graphed_run_stopped_and_resumed_ends_as_the_uninterrupted_one(eager, train, first_run):
+    # The first stop check comes at optimizer step 8 (one every 8 steps), the last batch of epoch 1,
+    # which a graphed run trains by replaying its first capture.
+    stopped = train("stopped", first_run, stop=StopAt(check=1))
+    assert (stopped.progress.epoch, stopped.progress.batch) == (1, 8) and state_dirs(stopped.run.run_dir)
+    resumed = train("stopped", "--cuda-graphs", "--resume", "auto")
+    assert resumed.step.graphs.captures == 2 and resumed.progress == eager.progress
+    assert_same_weights(resumed, eager)
+
+
+def test_the_emulator_sees_a_learning_rate_frozen_into_the_graph(train, monkeypatch):
+    """What the graphed run's equality with the eager one rests on: a rate left in a Python float is
+    frozen at capture, and then the run drifts (the schedule changes the rate every step)."""
+    monkeypatch.setattr(graphed, "hold_lr_in_tensors", lambda optimizer, device: None)
+    frozen = train("frozen", "--cuda-graphs", "--epochs", "1", "--min-train-size", "0")
+    eager = train("eager", "--epochs", "1", "--min-train-size", "0")
+    assert not torch.equal(frozen.learner.model.conv1[0].weight, eager.learner.model.conv1[0].weight)
+
+
+def test_the_emulator_refuses_a_host_sync_inside_the_step(train, monkeypatch):
+    """timm's own EMA update, even given the decay as a tensor, hands _foreach_lerp_ its weight as a
+    Python number, which takes a host sync (.item()): it cannot be captured, as on a GPU."""
+    monkeypatch.setattr(averaging.EmaWeights, "apply", lambda self: self.ema.apply_update_(self.live, 1 - self.weight))
+    with pytest.raises(HostSyncInCapture, match="_local_scalar_dense"):
+        train("synced", "--cuda-graphs", "--epochs", "1")
+
+
+def test_warm_up_batches_come_before_each_capture(train):
+    trainer = train("graphed", "--cuda-graphs", "--epochs", "1", "--min-train-size", "0")
+    assert WARMUP_BATCHES < trainer.batches_per_epoch
+    assert trainer.step.warm_batches == WARMUP_BATCHES and trainer.step.graphs.captures == 1
+
+
+def test_on_the_cpu_cuda_graphs_are_declined_with_the_reason(data_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = train_run(data_folder, "cpu", "--cuda-graphs", "--epochs", "1", "--max-batches-per-epoch", "1")
+    assert isinstance(trainer.step, BatchStep)
+    assert trainer.run.log.warnings == ["--cuda-graphs: training without them, as the run trains on cpu, "
+                                        "not a CUDA GPU."]
+
+
+def one_cuda_process(**changes):
+    return SimpleNamespace(**{"device": torch.device("cuda"), "num_processes": 1, "mixed_precision": "bf16",
+                              **changes})
+
+
+@pytest.mark.parametrize("config_changes, accelerator, mode, named", [
+    ({}, one_cuda_process(), "resident", None),
+    ({}, one_cuda_process(device=torch.device("cpu")), "resident", "trains on cpu"),
+    ({}, one_cuda_process(), "stream", "streamed batches"),
+    ({"grad_accum_steps": 2}, one_cuda_process(), "resident", "--grad-accum-steps"),
+    ({}, one_cuda_process(num_processes=2), "resident", "DDP"),
+    ({}, one_cuda_process(mixed_precision="fp16"), "resident", "fp16"),
+    ({"optimizer": "adamw"}, one_cuda_process(), "resident", "adamw"),
+])
+def test_graphs_apply_to_one_cuda_process_on_resident_data_with_sgd(config_changes, accelerator, mode, named):
+    reason = graphs_unavailable(dataclasses.replace(TrainConfig(), **config_changes), accelerator, mode)
+    assert reason is None if named is None else named in reason
+
+
+class FailingCapture(EmulatedGraphs):
+    def capture(self, work):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_failed_capture_is_one_line_that_says_to_train_without_graphs(cpu_accelerator):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    learner = Learner(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                      torch.nn.CrossEntropyLoss(), LiveWeights(model), augment=lambda views: views)
+    step = GraphedStep(learner, cpu_accelerator, lambda: 3, FailingCapture())
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    for _ in range(WARMUP_BATCHES):
+        step(*batch)
+    with pytest.raises(UserError, match=r"^capturing the training step in a CUDA graph failed \(CUDA error: "
+                                        r"operation not permitted when stream is capturing\); train without "
+                                        r"--cuda-graphs"):
+        step(*batch)
