@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import weakref
+from multiprocessing.util import Finalize
 from typing import Callable, Optional
 
 import torch
@@ -10,6 +13,32 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from monkeytrain.data.imagefiles import ImageFile, load_rgb
 from monkeytrain.distributed import shard_indices
 from monkeytrain.preemption import ignore_stop_signals
+
+
+# The workers of every loader here ignore stop signals (preemption.ignore_stop_signals): the trainer
+# ends them. A loader that a reference cycle keeps alive until the process exits would still have
+# its workers then, and multiprocessing's exit handler, which SIGTERMs a process's children and then
+# waits for them, would wait forever. That handler first runs the finalizers given a priority: the
+# one below ends the workers of every loader of the process still alive. Per process: a child of
+# multiprocessing starts with no finalizers, and must not touch loaders it inherited.
+_live_loaders: tuple[int, "weakref.WeakSet[DataLoader]"] = (-1, weakref.WeakSet())
+
+
+def ending_workers_at_exit(loader: DataLoader) -> DataLoader:
+    global _live_loaders
+    if loader.num_workers > 0:
+        if _live_loaders[0] != os.getpid():
+            _live_loaders = (os.getpid(), weakref.WeakSet())
+            Finalize(None, _end_workers_of_live_loaders, args=(_live_loaders[1],), exitpriority=100)
+        _live_loaders[1].add(loader)
+    return loader
+
+
+def _end_workers_of_live_loaders(loaders: "weakref.WeakSet[DataLoader]") -> None:
+    for loader in list(loaders):
+        iterator = loader._iterator  # persistent workers live in the loader's iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what DataLoader's own cleanup calls; it has no public one
 
 
 class ImageListDataset(Dataset):
@@ -34,12 +63,12 @@ def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: i
     The last partial batch is dropped (when there is a full one): a batch of one
     image would make batch norm fail, and tiny batches add noise, not signal.
     """
-    return DataLoader(
+    return ending_workers_at_exit(DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
         drop_last=len(dataset) >= batch_size,
         generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
+    ))
 
 
 def sharded_loader(
@@ -51,6 +80,7 @@ def sharded_loader(
     # Its own generator: iterating a loader draws a seed, and drawing it from the
     # global RNG would make training depend on how often we evaluated (or
     # whether channel statistics came from the cache).
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    return ending_workers_at_exit(DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()))
