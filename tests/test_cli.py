@@ -146,16 +146,35 @@ def test_inspect_and_download_errors(capsys, tmp_path, monkeypatch):
     assert "could not download" in error_of(cli.main, ["download", "--dest", str(tmp_path / "fresh")], capsys)
 
 
-@pytest.mark.parametrize("command", [
-    [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", "/no/such/place"],
-    [sys.executable, "-m", "monkeytrain.cli", "predict", "--checkpoint", "missing.safetensors", "x.jpg"],
-])
-def test_real_entry_points_print_no_traceback(command, tmp_path):
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MONKEYTRAIN_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("monkeytrain: error:")
+ENTRY_POINTS = {
+    "train.py": [sys.executable, str(PROJECT / "monkeytrain" / "train.py"), "--data", "/no/such/place"],
+    "python -m monkeytrain.cli": [sys.executable, "-m", "monkeytrain.cli", "predict", "--checkpoint",
+                                  "missing.safetensors", "x.jpg"],
+}
+
+
+@pytest.fixture(scope="module")
+def entry_points(tmp_path_factory) -> dict[str, subprocess.Popen]:
+    """Each entry point started with a bad path, all at once: each is nearly all Python start-up."""
+    started = {}
+    for name, command in ENTRY_POINTS.items():
+        cwd = tmp_path_factory.mktemp("entry")
+        started[name] = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env={**os.environ, "MONKEYTRAIN_CACHE": str(cwd / "cache")})
+    yield started
+    for process in started.values():  # left running only if its test failed early
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_real_entry_points_print_no_traceback(entry_points, name):
+    _, stderr = entry_points[name].communicate(timeout=300)
+    assert entry_points[name].returncode == 2
+    assert "Traceback" not in stderr
+    assert stderr.strip().count("\n") == 0 and stderr.startswith("monkeytrain: error:")
 
 
 def test_a_reader_that_stops_reading_ends_the_command_quietly(data, tmp_path):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+
+from conftest import write_image_folder
+from forked import exit_codes, printed, run_in, start
 
 from monkeytrain.data import layout, pipeline
 from monkeytrain.data.dataset import discover_splits
@@ -291,3 +297,24 @@ def test_streamed_epochs_cut_short_or_not_are_shuffled_afresh(root, seedable_acc
     first = identify(stream.train_epoch(1, steps), ids, splits.train)
     second = identify(stream.train_epoch(2, steps), ids, splits.train)
     assert len(first) == len(second) == 4 * steps and first != second
+
+
+def keep_a_streaming_pipeline_alive_past_the_end(folder: Path) -> None:
+    """In a child process, as a run uses it: a stream pipeline with two workers per loader, one
+    training and one evaluation batch drawn, then kept alive to the exit by a reference cycle that
+    the garbage collector never reaches."""
+    run_in(folder, "output.txt")
+    gc.disable()
+    splits = splits_of(write_image_folder(folder / "d", layout="train-val", classes=3, per_class=4, size=20))
+    stream = StreamPipeline(splits, IMAGE, 4, 0, 2, Accelerator(cpu=True))
+    next(iter(stream.train_epoch(1)))
+    next(stream.eval_batches("test"))
+    cycle: dict = {"pipeline": stream}
+    cycle["itself"] = cycle
+
+
+def test_a_stream_pipeline_alive_at_exit_does_not_keep_its_process_waiting_for_its_workers(tmp_path):
+    """Its workers ignore SIGTERM, which is how multiprocessing's exit handler ends them: unless the
+    loaders end them first, the process waits for them forever."""
+    [ended] = exit_codes([start(keep_a_streaming_pipeline_alive_past_the_end, tmp_path)], seconds=60)
+    assert ended == 0, printed(tmp_path / "output.txt")

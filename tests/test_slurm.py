@@ -9,11 +9,12 @@ tests; accounting is off, so job states come from `scontrol show job` (kept for
 MinJobAge = 1 h after a job ends).
 
 A job that requeues itself is held by Slurm for about two minutes before it
-runs again. The requeue test is therefore two tests: the first, marked `first`
-(see conftest.py), runs before every other test of the session: it starts the
-job, signals it and sees it requeue; the second, marked `last`, runs after all
-the others and checks how the requeued job ended. The rest of the suite runs
-during the hold instead of waiting for it.
+runs again, and most SLURM jobs here spend their time waiting (for their turn
+on the node, for their ranks to start). So the jobs are submitted by tests
+marked `first` (see conftest.py), which run before every other test of the
+session; threads of their own send each job its signal when it is ready; and
+tests marked `last`, which run after all the others, check how the jobs ended.
+The rest of the suite runs meanwhile instead of waiting.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,13 +146,20 @@ class RequeuedJob:
     log: Path
     run_dir: Path
     epochs: int
+    requeued: Future  # done once the job has been signalled and has requeued itself
+
+
+def signal_after_first_epoch(job: int, log: Path, epochs: int) -> None:
+    wait_for_log(job, log, f"epoch   1/{epochs}", timeout=300)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+    wait_for_log(job, log, "scontrol requeue", timeout=120)
 
 
 @pytest.fixture(scope="session")
 def requeued_job(slurm_cluster, tmp_path_factory):
     """A two-rank train.sbatch job sent SLURM's warning signal (SIGUSR1 to the batch shell) after
-    its first epoch, returned once it has saved and requeued itself; Slurm then holds it for about
-    two minutes before it resumes. Cancelled at the end of the session if it is still there."""
+    its first epoch, by a thread of its own; Slurm then holds the requeued job for about two minutes
+    before it resumes. Cancelled at the end of the session if it is still there."""
     workdir = tmp_path_factory.mktemp("requeue")
     epochs = 8  # a signal sent after the first is noticed (every 8 steps, or at an epoch's end) well before the last
     env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
@@ -159,10 +168,9 @@ def requeued_job(slurm_cluster, tmp_path_factory):
                  "--epochs", str(epochs), "--output-dir", str(workdir / "runs"), workdir=workdir, env=env)
     log = log_file(workdir, job)
     try:
-        wait_for_log(job, log, f"epoch   1/{epochs}", timeout=180)
-        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
-        wait_for_log(job, log, "scontrol requeue", timeout=120)
-        yield RequeuedJob(job, log, workdir / "runs" / f"slurm-{job}", epochs)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-requeue") as watcher:
+            yield RequeuedJob(job, log, workdir / "runs" / f"slurm-{job}", epochs,
+                              watcher.submit(signal_after_first_epoch, job, log, epochs))
     finally:
         subprocess.run(["scancel", str(job)], capture_output=True)  # nothing to do once it has completed
 
@@ -170,12 +178,9 @@ def requeued_job(slurm_cluster, tmp_path_factory):
 # --- real training ------------------------------------------------------------
 
 @pytest.mark.first
-def test_warning_signal_makes_the_job_save_and_requeue_itself(requeued_job):
-    """SIGUSR1 mid-training: the ranks save and stop, and the job requeues itself (its end is
-    checked by the last test of the session, at the end of this file)."""
-    text = read_log(requeued_job.log)
-    assert f"scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
-    assert not (requeued_job.run_dir / "results.json").exists()  # it stopped before its last epoch
+def test_the_requeue_job_is_submitted_requeueable(requeued_job):
+    """Started first: the job the last test of the session checks (signalled once its first epoch is done)."""
+    assert job_state(requeued_job.job)["Requeue"] == "1"
 
 
 @pytest.fixture(scope="session")
@@ -289,8 +294,9 @@ def test_two_machines_train_one_run_with_one_process_statistics(two_machines):
 # --- signal forwarding, with a stub in place of train.py ------------------------
 
 def signal_when_ready(job: int, stub_output: Path, ranks: int, log: Path) -> list[dict]:
-    """Once every stub rank is up, send SIGUSR1 the way --signal=B:USR1 does; return their reports."""
-    deadline = time.monotonic() + 120
+    """Once every stub rank is up, send SIGUSR1 the way --signal=B:USR1 does; return their reports.
+    The job may first wait its turn behind the session's other jobs, each of which takes the node."""
+    deadline = time.monotonic() + 300
     while not all((stub_output / f"rank{r}.ready").exists() for r in range(ranks)):
         state = job_state(job)["JobState"]
         assert state not in FINISHED and time.monotonic() < deadline, f"ranks never started ({state}):\n{read_log(log)}"
@@ -311,28 +317,60 @@ def assert_forwarded_once(reports: list[dict], job: int) -> None:
         assert report["env"] == {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "ACCELERATE_MIXED_PRECISION": "no"}
 
 
-def test_train_sbatch_forwards_the_warning_signal_to_each_rank(slurm_cluster, tmp_path):
-    stub_output = tmp_path / "stub"
-    stub_output.mkdir()
-    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
-                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(stub_output))
-    job = submit(SLURM_DIR / "train.sbatch", "--greeting", "hello", workdir=tmp_path, env=env)
-    reports = signal_when_ready(job, stub_output, 2, log_file(tmp_path, job))
-    assert_forwarded_once(reports, job)
-    assert "forwarding SIGUSR1" in read_log(log_file(tmp_path, job))
+@dataclass
+class ForwardingJob:
+    job: int
+    log: Path
+    reports: Future  # the stub ranks' reports, once the signal has been sent and the job has ended
 
 
-def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(slurm_cluster, tmp_path):
-    stub_output = tmp_path / "stub"
+def forwarding_job(watchers: ThreadPoolExecutor, workdir: Path, script: Path, env: dict[str, str],
+                   sbatch_flags=()) -> ForwardingJob:
+    """`script` submitted with the stub as its training script; a watcher thread signals it once its
+    ranks are up (signal_when_ready)."""
+    stub_output = workdir / "stub"
     stub_output.mkdir()
-    env = job_environment(MONKEYTRAIN_CPU="1", MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(stub_output))
-    job = submit(SLURM_DIR / "train_multinode.sbatch", "--greeting", "hello", workdir=tmp_path, env=env,
-                 sbatch_flags=["--nodes=1"])
-    log = log_file(tmp_path, job, "monkeytrain-multinode")
-    reports = signal_when_ready(job, stub_output, 2, log)
-    assert_forwarded_once(reports, job)
-    text = read_log(log)
-    assert f"1 machines, rendezvous {job_state(job)['BatchHost']}:{20000 + job % 20000}" in text
+    job = submit(script, "--greeting", "hello", workdir=workdir, env={**env, "MONKEYTRAIN_TRAIN_SCRIPT": str(STUB),
+                                                                      "STUB_OUTPUT": str(stub_output)},
+                 sbatch_flags=sbatch_flags)
+    log = log_file(workdir, job, "monkeytrain-multinode" if script.name == "train_multinode.sbatch" else "monkeytrain")
+    return ForwardingJob(job, log, watchers.submit(signal_when_ready, job, stub_output, 2, log))
+
+
+@pytest.fixture(scope="session")
+def forwarding_jobs(slurm_cluster, tmp_path_factory) -> dict[str, ForwardingJob]:
+    """Both sbatch scripts' signal forwarding, submitted by the first tests of the session and checked
+    by the last: the jobs mostly wait (for Slurm, for their ranks), and the suite runs meanwhile."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="slurm-signal") as watchers:
+        yield {
+            "train.sbatch": forwarding_job(
+                watchers, tmp_path_factory.mktemp("forward"), SLURM_DIR / "train.sbatch",
+                job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml")),
+            "train_multinode.sbatch": forwarding_job(
+                watchers, tmp_path_factory.mktemp("forward-multinode"), SLURM_DIR / "train_multinode.sbatch",
+                job_environment(MONKEYTRAIN_CPU="1"), sbatch_flags=["--nodes=1"]),
+        }
+
+
+@pytest.mark.first
+def test_both_sbatch_scripts_submit_jobs_named_as_their_log_files_expect(forwarding_jobs):
+    for script, forwarding in forwarding_jobs.items():
+        assert job_state(forwarding.job)["StdOut"].endswith(f"/logs/{forwarding.log.name}"), script
+
+
+@pytest.mark.last
+def test_train_sbatch_forwards_the_warning_signal_to_each_rank(forwarding_jobs):
+    forwarding = forwarding_jobs["train.sbatch"]
+    assert_forwarded_once(forwarding.reports.result(timeout=300), forwarding.job)
+    assert "forwarding SIGUSR1" in read_log(forwarding.log)
+
+
+@pytest.mark.last
+def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(forwarding_jobs):
+    forwarding = forwarding_jobs["train_multinode.sbatch"]
+    assert_forwarded_once(forwarding.reports.result(timeout=300), forwarding.job)
+    text = read_log(forwarding.log)
+    assert f"1 machines, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
     assert "forwarding SIGUSR1 to the training processes on every node" in text
 
 
@@ -368,9 +406,13 @@ def test_local_cluster_rejects_an_unknown_command():
 # --- the requeued job's end (after every other test of the session) ----------------
 
 @pytest.mark.last
-def test_requeued_job_resumes_and_finishes_every_epoch_once(requeued_job):
-    """The requeued job (held by Slurm for about two minutes) resumes and completes with one
-    restart, every epoch logged exactly once across the restart."""
+def test_warning_signal_makes_the_job_save_requeue_itself_resume_and_finish_every_epoch_once(requeued_job):
+    """SIGUSR1 after the first epoch: the ranks save and stop, and the job requeues itself; held by
+    Slurm for about two minutes, it resumes and completes with one restart, every epoch logged exactly
+    once across the restart."""
+    requeued_job.requeued.result(timeout=480)
+    text = read_log(requeued_job.log)
+    assert f"scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
     state = wait_for_job(requeued_job.job, timeout=480)
     text = read_log(requeued_job.log)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]

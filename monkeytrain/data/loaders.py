@@ -25,12 +25,15 @@ _live_loaders: tuple[int, "weakref.WeakSet[DataLoader]"] = (-1, weakref.WeakSet(
 
 
 def ending_workers_at_exit(loader: DataLoader) -> DataLoader:
+    """`loader`, its workers ended before the process waits for its children: call it on the loader
+    that is iterated (the one Accelerate's `prepare` returns holds a new DataLoader)."""
     global _live_loaders
-    if loader.num_workers > 0:
+    iterated = getattr(loader, "base_dataloader", loader)  # Accelerate's wrapper iterates this one
+    if iterated.num_workers > 0:
         if _live_loaders[0] != os.getpid():
             _live_loaders = (os.getpid(), weakref.WeakSet())
             Finalize(None, _end_workers_of_live_loaders, args=(_live_loaders[1],), exitpriority=100)
-        _live_loaders[1].add(loader)
+        _live_loaders[1].add(iterated)
     return loader
 
 
@@ -58,17 +61,18 @@ class ImageListDataset(Dataset):
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """A shuffling loader; Accelerate's `prepare` shards it across ranks.
+    """A shuffling loader; Accelerate's `prepare` shards it across ranks (and the caller passes what
+    that returns to `ending_workers_at_exit`).
 
     The last partial batch is dropped (when there is a full one): a batch of one
     image would make batch norm fail, and tiny batches add noise, not signal.
     """
-    return ending_workers_at_exit(DataLoader(
+    return DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
         drop_last=len(dataset) >= batch_size,
         generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-    ))
+    )
 
 
 def sharded_loader(

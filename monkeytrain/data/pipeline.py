@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from monkeytrain.data.dataset import DatasetSplits
-from monkeytrain.data.loaders import sharded_loader, shuffled_loader
+from monkeytrain.data.loaders import ending_workers_at_exit, sharded_loader, shuffled_loader
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
 from monkeytrain.distributed import all_ranks_agree, cores_per_process, shard_indices
 from monkeytrain.errors import UserError
@@ -132,8 +132,8 @@ class StreamPipeline:
                  num_workers: int, accelerator):
         self.accelerator, self.num_workers = accelerator, num_workers
         self.datasets = {name: view_dataset(files, image_size) for name, files in splits.named_splits().items()}
-        self.train_loader = accelerator.prepare(
-            shuffled_loader(self.datasets["train"], batch_size, num_workers, seed))
+        self.train_loader = ending_workers_at_exit(accelerator.prepare(
+            shuffled_loader(self.datasets["train"], batch_size, num_workers, seed)))
         self.batches_per_epoch = len(self.train_loader)
         self.eval_loaders: dict[str, DataLoader] = {}
 
