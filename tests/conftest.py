@@ -177,7 +177,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "first: run before every other test of the session. For a test that starts slow "
         "background work (a SLURM job that requeues itself and is then held by Slurm for about two "
-        "minutes), so that the rest of the suite runs meanwhile.")
+        "minutes), so that the rest of the suite runs meanwhile. first(soonest=True): before the "
+        "other first tests, for the longest background job, which should not be the one still running "
+        "when every other test is done.")
     config.addinivalue_line(
         "markers", "last: run after every other test of the session. For a test that checks the end of "
         "background work started by a `first` test.")
@@ -185,29 +187,37 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     def place(item) -> int:
-        return 0 if item.get_closest_marker("first") else 2 if item.get_closest_marker("last") else 1
+        first = item.get_closest_marker("first")
+        if first:
+            return -1 if first.kwargs.get("soonest") else 0
+        return 2 if item.get_closest_marker("last") else 1
 
     items.sort(key=place)  # stable: the order within each group is kept
 
 
 class Job:
     """Work that the background thread takes up in its turn, unless a test needs its result first:
-    then the test's own thread does it."""
+    then the test's own thread does it. A test that finds it in hand in the background does other
+    jobs that no thread has taken yet while it waits, so that both cores stay busy to the end."""
 
-    def __init__(self, work: Callable[[], Any]) -> None:
+    def __init__(self, work: Callable[[], Any], queue: "BackgroundJobs | None" = None) -> None:
         self._work, self._taken, self._done = work, threading.Lock(), Future()
+        self._queue = queue
 
-    def run(self) -> None:
-        """Does the work, unless another thread has taken it up."""
+    def run(self) -> bool:
+        """Does the work, unless another thread has taken it up; whether this call did it."""
         if not self._taken.acquire(blocking=False):
-            return
+            return False
         try:
             self._done.set_result(self._work())
         except BaseException as error:  # raised again in the thread that asks for the result
             self._done.set_exception(error)
+        return True
 
     def result(self) -> Any:
         self.run()
+        while not self._done.done() and self._queue is not None and self._queue.run_one_untaken():
+            pass
         return self._done.result()
 
 
@@ -221,11 +231,17 @@ class BackgroundJobs:
         self._thread.start()
 
     def submit(self, work: Callable[[], Any]) -> Job:
-        job = Job(work)
+        job = Job(work, self)
         with self._added:
             self._jobs.append(job)
             self._added.notify()
         return job
+
+    def run_one_untaken(self) -> bool:
+        """Does the first job that no thread has taken up yet; False when there is none."""
+        with self._added:
+            jobs = list(self._jobs)
+        return any(job.run() for job in jobs)
 
     def close(self) -> None:
         """Takes up no further job; waits for the one in hand."""

@@ -41,7 +41,7 @@ def real_run(tmp_path_factory, background_jobs) -> tuple[Path, Job]:
 
 
 @needs_the_data
-@pytest.mark.first
+@pytest.mark.first(soonest=True)  # the longest background job: taken up first
 def test_the_real_data_set_is_the_kaggle_layout_with_its_two_odd_files(real_run):
     root = Path(REAL_DATA)
     train = [p for p in (root / "training" / "training").glob("n*/*") if p.is_file()]
