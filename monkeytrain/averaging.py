@@ -1,10 +1,10 @@
 """An average of the weights over training (timm's EMA with decay warm-up), or its no-op twin.
 
-Both share one interface (`model`, `update()`, `state_dict()`), so the training
-loop never asks whether averaging is on. An update is two halves, so that a CUDA
-graph can replay the second: `advance()` on the host counts it and puts its decay
-in a tensor; `apply()` averages on the device, reading the decay from that tensor
-(a Python float would be frozen into the graph at capture).
+Both share one interface (`model`, `advance()`, `apply()`, `state_dict()`), so the
+training loop never asks whether averaging is on. An update is two halves, so that
+a CUDA graph can replay the second: `advance()` on the host counts it and puts its
+decay in a tensor; `apply()` averages on the device, reading the decay from that
+tensor (a Python float would be frozen into the graph at capture).
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ class LiveWeights:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-
-    def update(self) -> None:
-        pass
 
     def advance(self) -> None:
         pass
@@ -55,10 +52,6 @@ class EmaWeights:
         self.model = self.ema.module.requires_grad_(False)
         self.updates = 0
         self.weight = torch.zeros((), device=next(model.parameters()).device)  # 1 - the next apply()'s decay
-
-    def update(self) -> None:
-        self.advance()
-        self.apply()
 
     def advance(self) -> None:
         """Count one update and set its decay (host work: outside a CUDA graph)."""

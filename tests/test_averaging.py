@@ -13,6 +13,12 @@ from monkeytrain.engine import BatchStep, Learner, evaluate, train_one_epoch
 DECAY = 0.75
 
 
+def one_update(averager) -> None:
+    """One whole update, as the training step makes it: advance on the host, then apply."""
+    averager.advance()
+    averager.apply()
+
+
 def set_weights(layer: torch.nn.Linear, value: float) -> None:
     with torch.no_grad():
         layer.weight.fill_(value)
@@ -45,7 +51,7 @@ def test_live_weights_are_the_model_and_update_changes_nothing():
     live = weight_averager(model, 0.0)
     assert live.model is model
     set_weights(model, 2.0)
-    live.update()
+    one_update(live)
     assert torch.equal(live.model.weight, torch.full((2, 3), 2.0))
     assert torch.equal(live.model.bias, torch.full((2,), -2.0))
 
@@ -54,7 +60,7 @@ def test_the_decay_warms_up_then_stays_at_its_cap():
     ema = weight_averager(torch.nn.Linear(3, 2), DECAY)
     decays = []
     for _ in range(8):
-        ema.update()
+        one_update(ema)
         decays.append(ema.current_decay())
     assert decays[0] == 0.0  # the first update copies the live weights
     assert decays[1] == pytest.approx(1 - 2 ** -WARMUP_POWER)
@@ -71,7 +77,7 @@ def test_ema_weights_follow_the_warmed_up_formula():
     values = [1.0, 3.0, -2.0, 5.0, 0.5, 4.0, -1.0, 2.0]  # past the cap at the 7th update
     for value in values:
         set_weights(model, value)  # stands in for an optimizer step
-        ema.update()
+        one_update(ema)
     torch.testing.assert_close(ema.model.weight, ema_of(initial_weight, [torch.full((2, 3), v) for v in values]))
     torch.testing.assert_close(ema.model.bias, ema_of(initial_bias, [torch.full((2,), -v) for v in values]))
     assert torch.equal(model.weight, torch.full((2, 3), 2.0))  # the live model keeps its own weights
@@ -84,7 +90,7 @@ def test_in_a_short_run_the_average_follows_the_recent_weights():
     ema = weight_averager(model, TrainConfig().ema_decay)
     for step in range(93):
         set_weights(model, 0.0 if step < 43 else 1.0)
-        ema.update()
+        one_update(ema)
     assert float(ema.model.weight.min()) > 0.8
 
 
@@ -99,7 +105,7 @@ def test_ema_averages_batch_norm_statistics_too():
         model(torch.randn(16, 2) * scale + shift)  # a train-mode forward pass moves the running stats
         means.append(norm.running_mean.clone())
         variances.append(norm.running_var.clone())
-        ema.update()
+        one_update(ema)
     assert not torch.allclose(means[-1], ema_of(start_mean, means), atol=1e-3)  # averaging made a difference
     torch.testing.assert_close(ema.model[1].running_mean, ema_of(start_mean, means))
     torch.testing.assert_close(ema.model[1].running_var, ema_of(start_var, variances))
@@ -117,16 +123,16 @@ def test_a_restored_average_continues_its_warm_up_exactly():
     values = [1.0, 3.0, -2.0, 5.0, 0.5, 4.0]
     for value in values[:3]:
         set_weights(model, value)
-        straight.update()
-        interrupted.update()
+        one_update(straight)
+        one_update(interrupted)
     resumed = weight_averager(torch.nn.Linear(3, 2), DECAY)
     resumed.live = model
     resumed.ema.module.load_state_dict(torch.nn.Linear(3, 2).state_dict())  # other weights, then restored
     resumed.load_state_dict(interrupted.state_dict())
     for value in values[3:]:
         set_weights(model, value)
-        straight.update()
-        resumed.update()
+        one_update(straight)
+        one_update(resumed)
     assert resumed.updates == straight.updates == 6
     assert torch.equal(resumed.model.weight, straight.model.weight)
 
