@@ -89,7 +89,6 @@ class GraphedStep:
         self.replay: Callable[[], None] | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None   # what each replay reads
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # and writes: (loss, logits)
-        self.captures = 0
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.train_size(), views.shape, labels.shape)
@@ -117,7 +116,6 @@ class GraphedStep:
             self.outputs = forward_backward(learner, accelerator, *self.inputs)
             update_weights(learner, accelerator)
 
-        self.captures += 1
         try:
             return self.graphs.capture(device_work)
         except RuntimeError as error:  # new with this option; say how to train on without it
