@@ -9,28 +9,39 @@ the step, and where each is met:
   copied into the same input tensors before each replay. A new shape (the next crop size of
   progressive resizing) is warmed up and captured anew; the previous graph is dropped.
 - No value frozen at capture: the learning rate lives in a tensor that the scheduler fills
-  (optim.hold_lr_in_tensors), the EMA's decay in one that the averager fills (averaging.py), and
+  (optim.make_capturable), the EMA's decay in one that the averager fills (averaging.py), and
   the augmentation and mixing draw from the run's generator on the device, registered with the
   graph so that each replay draws new numbers.
 - No host work inside: the host half of an optimizer step (the average's decay, the scheduler)
   runs around each replay, as BatchStep (engine.py) runs it around the same device work.
 - A warm-up before each capture: a few eager steps on a side stream, which run cuDNN's algorithm
   search, create the optimizer's momentum buffers and compile the model when asked to.
+- Under DDP, as PyTorch's CUDA notes ask: the DDP wrapper built on a side stream (the trainer builds
+  it inside `side_stream()`), and 11 warm-up steps, after which DDP has rebuilt its gradient buckets
+  and stopped timing its first iterations with host-synced events. The gradient all-reduce and the
+  buffer broadcast are then captured with the rest (NCCL 2.9.6 and later).
 
 Where a graph does not apply, `graphs_unavailable` says why and the trainer uses BatchStep.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from monkeytrain.engine import BatchStep, Learner, forward_backward, update_weights
 from monkeytrain.errors import UserError
-from monkeytrain.optim import hold_lr_in_tensors
+from monkeytrain.optim import make_capturable
+
+# The fused AdamW step made capturable warns when it runs outside a capture, as the eager warm-up
+# before the next crop size's capture does; its fused kernel is the same either way.
+warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
 
 WARMUP_BATCHES = 3  # eager steps before each capture, as in PyTorch's CUDA graph notes
+DDP_WARMUP_BATCHES = 11  # and under DDP, where the notes ask for at least 11
 
 
 def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]:
@@ -39,9 +50,7 @@ def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]
         (accelerator.device.type != "cuda", f"the run trains on {accelerator.device.type}, not a CUDA GPU"),
         (pipeline_mode != "resident", "streamed batches are not all full (graphs need one static shape)"),
         (config.grad_accum_steps > 1, "--grad-accum-steps above 1 is not captured"),
-        (accelerator.num_processes > 1, "steps under DDP are not captured yet"),
         (accelerator.mixed_precision == "fp16", "fp16's loss scaling checks for overflow on the host"),
-        (config.optimizer != "sgd", f"only SGD's fused step is captured, not {config.optimizer}'s"),
         (not hasattr(torch.cuda.CUDAGraph, "register_generator_state"),
          "this PyTorch cannot replay a generator of the run's own in a graph (2.5 and later can)"),
     ]
@@ -54,14 +63,19 @@ class CudaGraphs:
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
-    def warm_up(self, work: Callable):
-        """Run eager work on a side stream, as capture's warm-up must."""
+    @contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Queue the work inside on a side stream, which the current stream then waits for."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            result = work()
+            yield
         torch.cuda.current_stream().wait_stream(side)
-        return result
+
+    def warm_up(self, work: Callable):
+        """Run eager work on a side stream, as capture's warm-up must."""
+        with self.side_stream():
+            return work()
 
     def capture(self, work: Callable[[], None]) -> Callable[[], None]:
         """Record `work`'s device work (nothing runs); returns what replays it."""
@@ -84,6 +98,7 @@ class GraphedStep:
     def __init__(self, learner: Learner, accelerator, train_size: Callable[[], int], graphs: CudaGraphs):
         self.learner, self.accelerator, self.train_size, self.graphs = learner, accelerator, train_size, graphs
         self.eager = BatchStep(learner, accelerator)
+        self.warmup_batches = WARMUP_BATCHES if accelerator.num_processes == 1 else DDP_WARMUP_BATCHES
         self.shape: tuple | None = None
         self.warm_batches = 0
         self.replay: Callable[[], None] | None = None
@@ -94,7 +109,7 @@ class GraphedStep:
         shape = (self.train_size(), views.shape, labels.shape)
         if shape != self.shape:
             self.shape, self.warm_batches, self.replay = shape, 0, None
-        if self.replay is None and self.warm_batches < WARMUP_BATCHES:
+        if self.replay is None and self.warm_batches < self.warmup_batches:
             self.warm_batches += 1
             return self.graphs.warm_up(lambda: self.eager(views, labels))
         if self.replay is None:
@@ -108,7 +123,7 @@ class GraphedStep:
 
     def capture(self, views: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
         learner, accelerator = self.learner, self.accelerator
-        hold_lr_in_tensors(learner.optimizer, views.device)  # here: a resume may have put floats back
+        make_capturable(learner.optimizer, views.device)  # here: a resume may have put floats back
         self.inputs = (views.clone(), labels.clone())  # the graph's input memory, holding a real batch
         learner.optimizer.zero_grad(set_to_none=True)  # so backward allocates gradients of the graph's own
 

@@ -36,12 +36,25 @@ def kernel_options(device: torch.device) -> dict:
 
 
 def hold_lr_in_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Keep each parameter group's learning rate in a 0-dim tensor on `device`: the scheduler then
-    fills it in place and the fused kernels read it there, so a CUDA graph replays the current rate
-    (a Python float would be frozen into the graph at capture). Call it after a saved state is
-    loaded, which puts back what was saved; a group already holding such a tensor keeps it."""
+    """Keep each fused parameter group's learning rate in a 0-dim float32 tensor on `device`: the
+    scheduler then fills it in place and the fused kernels read it there, so a CUDA graph replays the
+    current rate (a Python float would be frozen into it at capture). Done from the first step, not
+    only for graphs: AdamW computes with a float32 rate a little differently than with a Python
+    float, and graphed and eager runs should compute alike. Foreach kernels keep the float (a tensor
+    rate would cost them a host sync). A group already holding such a tensor keeps it."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
+        if group.get("fused"):
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Ready the optimizer's step for a CUDA graph: the learning rate in tensors (above), and AdamW's
+    `capturable` flag, without which its step refuses a capture (SGD has no such flag). Call it after
+    a saved state is loaded, which puts back what was saved."""
+    hold_lr_in_tensors(optimizer, device)
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

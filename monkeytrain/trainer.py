@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.graphed import CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
-from monkeytrain.optim import build_optimizer, build_scheduler
+from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption
 from monkeytrain.selection import BestEpoch
@@ -87,9 +88,12 @@ class Trainer:
             self.config.grad_accum_steps)
         self.augmenter = Augmenter(augment_settings(self.config), self.config.image_size, data.stats.mean,
                                    data.stats.std, self.generator)
-        self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
+        self.graphs = self.cuda_graphs()
+        with self.graphs.side_stream() if self.graphs else nullcontext():  # for DDP's backward to be captured
+            self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
-        self.step = self.batch_step()
+        self.step = (GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size, self.graphs)
+                     if self.graphs else BatchStep(self.learner, self.accelerator))
         self.eval_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean,
                                               data.stats.std)
         self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs
@@ -144,15 +148,15 @@ class Trainer:
         return train_one_epoch(self.step, batches, self.accelerator, self.batches_per_epoch - skipped,
                                after_step, description=f"epoch {epoch}")
 
-    def batch_step(self) -> BatchStep | GraphedStep:
-        """The eager step; with --cuda-graphs, where they apply, the one replayed from CUDA graphs."""
-        if self.config.cuda_graphs:
-            unavailable = graphs_unavailable(self.config, self.accelerator, self.data.pipeline.mode)
-            if not unavailable:
-                return GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size,
-                                   CudaGraphs(self.generator))
+    def cuda_graphs(self) -> CudaGraphs | None:
+        """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""
+        if not self.config.cuda_graphs:
+            return None
+        unavailable = graphs_unavailable(self.config, self.accelerator, self.data.pipeline.mode)
+        if unavailable:
             self.run.log.warn(f"--cuda-graphs: training without them, as {unavailable}.")
-        return BatchStep(self.learner, self.accelerator)
+            return None
+        return CudaGraphs(self.generator)
 
     def after_optimizer_step(self) -> bool:
         """Count the step, save on schedule, and say whether the ranks agreed to stop."""
@@ -213,6 +217,7 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
     optimizer = build_optimizer(plain, config, accelerator.device)
     scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.grad_accum_steps))
     model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
+    hold_lr_in_tensors(optimizer, accelerator.device)
     return Learner(
         model=compiled(model, config.compile, data.cache_dir), optimizer=optimizer, scheduler=scheduler,
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,

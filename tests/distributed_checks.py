@@ -1,9 +1,11 @@
 """Run under `torchrun --nproc_per_node 2` as `distributed_checks.py WORK_DIR DATA_ROOT TRAIN_FLAGS...`:
-both checks, one after the other in the same two processes (a fresh process spends about 7 s
+three checks, one after the other in the same two processes (a fresh process spends about 7 s
 importing torch, timm and Accelerate), each in its own folder WORK_DIR/CHECK, where each rank
 writes a JSON report of what it saw (rank<r>.json):
 
     collectives   channel stats and a test-split evaluation of DATA_ROOT, cached under cache/
+    graphed       a DDP run with its steps replayed from emulated CUDA graphs (graph_emulator.py),
+                  and the same run eager, their weights compared
     train         the real training entry point on DATA_ROOT with TRAIN_FLAGS, its runs in runs/,
                   recording which files each rank writes and every best-epoch decision it takes
 """
@@ -11,16 +13,19 @@ writes a JSON report of what it saw (rank<r>.json):
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from graphed_runs import as_on_a_gpu, different_weights, train_run as emulated_run
 from monkeytrain import selection, train
 from monkeytrain.data.augment import Augmenter, AugmentSettings
 from monkeytrain.data.dataset import discover_splits
@@ -61,6 +66,21 @@ def collectives(folder: Path, data_root: str) -> None:
     report(folder, rank=accelerator.process_index, world=accelerator.num_processes, **{
         mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
         for mode, pipeline in pipelines.items()})
+
+
+def graphed(folder: Path, data_root: str) -> None:
+    """An eager DDP run and the same run with --cuda-graphs, emulated: 3 epochs of 6 batches a rank, so
+    that 11 warm-up batches, a capture and 7 replays come before the end."""
+    flags = ("--epochs", "3", "--min-train-size", "0")
+    with pytest.MonkeyPatch.context() as patch:
+        as_on_a_gpu(patch)
+        patch.chdir(folder)
+        eager = emulated_run(Path(data_root), "eager", *flags, cache=folder / "cache")
+        graphs = emulated_run(Path(data_root), "graphed", *flags, "--cuda-graphs", cache=folder / "cache")
+    report(folder, rank=int(os.environ["RANK"]), different=different_weights(graphs, eager),
+           warm_batches=graphs.step.warm_batches, captures=graphs.step.graphs.captures,
+           batches=graphs.progress.step, best=dataclasses.asdict(graphs.best),
+           weight_sum=sum(float(w.double().sum()) for w in graphs.learner.model.parameters()))
 
 
 def record_writes(output_dir: Path, writes: list[str]) -> None:
@@ -113,13 +133,15 @@ def train_run(folder: Path, data_root: str, *flags: str) -> None:
 
 
 def run_checks(work_dir: Path, data_root: str, *train_flags: str) -> None:
-    """collectives, then train, each in its own folder under `work_dir`."""
+    """collectives, graphed, then train, each in its own folder under `work_dir`."""
     (work_dir / "collectives").mkdir(exist_ok=True)  # by both ranks
     collectives(work_dir / "collectives", data_root)
     # One process group for both: re-creating it after a destroy can hang on torchrun's store
     # (pytorch#55967), so collectives leaves it open, train's end_training closes it. Accelerate's
     # shared state is cleared so that train's Accelerator takes its own settings and finds the group.
     AcceleratorState._reset_state(True)
+    (work_dir / "graphed").mkdir(exist_ok=True)
+    graphed(work_dir / "graphed", data_root)  # resets Accelerate's shared state itself
     # train goes last: it sets torch's thread count and signal handlers, and its recorders patch
     # open, os.replace, os.mkdir and BestEpoch.update for good. It seeds itself (set_seed), and
     # collectives changes neither the environment nor the working folder (its paths are absolute).

@@ -8,7 +8,9 @@ same tensors, writing each result where the op first wrote it. So, as on a GPU:
 - a number computed on the host at capture (a learning rate, a decay, a random draw made with
   Python's `random`) is frozen, and a step that relies on one drifts from the eager step;
 - a host sync inside the step (`.item()`, a Python branch on a tensor's value) is an error;
-- random ops draw new numbers at each replay from the generator they were given.
+- random ops draw new numbers at each replay from the generator they were given;
+- collectives (DDP's gradient all-reduce, its buffer broadcast) run again at each replay, on every
+  rank, as NCCL's captured ones do.
 
 A real capture runs nothing, so the emulated one leaves every tensor it wrote and every generator it
 drew from as it found them.
@@ -16,7 +18,8 @@ drew from as it found them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,7 +93,18 @@ class Recorder(TorchDispatchMode):
     def replay(self) -> None:
         with torch.no_grad():
             for func, args, kwargs, recorded in self.ops:
-                write_into(recorded, func(*args, **kwargs))
+                result = func(*args, **kwargs)
+                if func.namespace == "c10d":  # a collective (DDP's all-reduce, its buffer broadcast)
+                    finished(result)
+                write_into(recorded, result)
+
+
+def finished(collective_result: tuple) -> None:
+    """Wait for a collective to end, as the next op in a graph's stream order would (gloo's run on a
+    thread of their own: the op returns its tensors and a Work to wait on)."""
+    for item in collective_result:
+        if isinstance(item, torch.ScriptObject) and hasattr(item, "wait"):
+            item.wait()
 
 
 class EmulatedGraphs:
@@ -98,6 +112,9 @@ class EmulatedGraphs:
 
     def __init__(self, generator: torch.Generator | None = None):
         self.captures = 0
+
+    def side_stream(self) -> ContextManager[None]:
+        return nullcontext()
 
     def warm_up(self, work: Callable):
         return work()

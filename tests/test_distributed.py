@@ -16,6 +16,7 @@ from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import StreamPipeline
+from monkeytrain.graphed import DDP_WARMUP_BATCHES
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 # 27 images a split: divisible neither by the world size (2) nor the batch size (4).
@@ -104,3 +105,14 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     results = json.loads((output / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_accuracy"] == main["test_accuracy"]
     assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_graphed_ddp_run_trains_exactly_as_the_eager_one(two_ranks):
+    """Under DDP the captured step holds the gradient all-reduce and the buffer broadcast, which the
+    emulator replays on both ranks: the run must equal the eager one on each, bit for bit."""
+    ranks = two_ranks.reports("graphed")
+    for rank in ranks:
+        assert rank["different"] == []
+        assert rank["warm_batches"] == DDP_WARMUP_BATCHES and rank["captures"] == 1
+        assert rank["batches"] > DDP_WARMUP_BATCHES + 1  # replays after the capture
+    assert ranks[0]["weight_sum"] == ranks[1]["weight_sum"] and ranks[0]["best"] == ranks[1]["best"]

@@ -14,56 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
 
 from conftest import write_image_folder
 from graph_emulator import EmulatedGraphs, HostSyncInCapture
-from monkeytrain import averaging, graphed, optim
+from graphed_runs import StopAt, as_on_a_gpu, different_weights, train_run
+from monkeytrain import averaging, graphed
 from monkeytrain import trainer as trainer_module
-from monkeytrain.config import TrainConfig, parse_config
-from monkeytrain.data.prepare import prepare_data
-from monkeytrain.distributed import make_accelerator
 from monkeytrain.averaging import LiveWeights
+from monkeytrain.config import TrainConfig
 from monkeytrain.engine import BatchStep, Learner
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import WARMUP_BATCHES, GraphedStep, graphs_unavailable
 from monkeytrain.statestore import state_dirs
-from monkeytrain.tracking import SilentLog
-from monkeytrain.trainer import RunContext, Trainer
-
-# 3 epochs of 8 batches: 16 px crops for two, then 32 px; mixed batches, clipped gradients, the EMA.
-EVERYTHING = ["--epochs", "3", "--image-size", "32", "--min-train-size", "16", "--full-size-fraction", "0.5",
-              "--mixup-alpha", "0.4", "--cutmix-alpha", "1.0", "--clip-grad-norm", "1.0"]
-
-
-class NotedLog(SilentLog):
-    def __init__(self) -> None:
-        super().__init__()
-        self.warnings: list[str] = []
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-
-class StopAt:
-    """Preemption's interface, with a stop agreed at the n-th check."""
-
-    def __init__(self, check: int | None = None):
-        self.checks, self.stop_check = 0, check
-        self.schedule = SimpleNamespace(saved=lambda: None)
-
-    def check(self, accelerator) -> tuple[bool, bool]:
-        self.checks += 1
-        return self.checks == self.stop_check, False
-
-
-def as_on_a_gpu(patch: pytest.MonkeyPatch) -> None:
-    """With --cuda-graphs, the trainer does here what it does on a GPU: graphs apply, the optimizer is
-    the fused kind, and the emulator captures."""
-    patch.setattr(trainer_module, "graphs_unavailable", lambda config, accelerator, mode: None)
-    patch.setattr(trainer_module, "CudaGraphs", EmulatedGraphs)
-    patch.setattr(optim, "kernel_options", lambda device: {"fused": True})
+from monkeytrain.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +34,6 @@ def data_folder(tmp_path_factory) -> Path:
     """2 classes x 9 images (8 train, 1 held out each): 8 batches of 2 per epoch."""
     return write_image_folder(tmp_path_factory.mktemp("graphed") / "data", layout="train-val", classes=2,
                               per_class=9, size=36)
-
-
-def train_run(data: Path, name: str, *flags: str, stop: StopAt | None = None) -> Trainer:
-    """A Trainer after fit(), built as train.py builds it, in the working folder."""
-    config = parse_config(["--data", str(data), "--cpu", "--model", "resnet10t", "--batch-size", "2",
-                           "--num-workers", "0", "--report-to", "none", "--val-fraction", "0.1",
-                           "--cache-dir", str(data.parent / "cache"), "--run-name", name, *EVERYTHING, *flags])
-    AcceleratorState._reset_state(True)
-    accelerator = make_accelerator(config)
-    run_dir = Path(config.output_dir) / config.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    context = RunContext(config, accelerator, run_dir, NotedLog())
-    set_seed(config.seed)  # as train.py does: the same initial weights in every run
-    trainer = Trainer(context, prepare_data(config, accelerator, data.parent / "cache", context.log), stop or StopAt())
-    trainer.fit()
-    AcceleratorState._reset_state(True)
-    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +53,9 @@ def train(data_folder, tmp_path, monkeypatch):
     return lambda name, *flags, stop=None: train_run(data_folder, name, *flags, stop=stop)
 
 
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """The live weights and buffers, and the average's."""
-    live = {f"live.{k}": v for k, v in trainer.learner.model.state_dict().items()}
-    return live | {f"average.{k}": v for k, v in trainer.learner.averager.model.state_dict().items()}
-
-
 def assert_same_weights(trained: Trainer, reference: Trainer) -> None:
-    ours, theirs = weights(trained), weights(reference)
-    different = [name for name in theirs if not torch.equal(ours[name], theirs[name])]
-    assert not different, f"{len(different)} of {len(theirs)} tensors differ, the first {different[:3]}"
+    different = different_weights(trained, reference)
+    assert not different, f"{len(different)} tensors differ, the first {different[:3]}"
 
 
 def test_a_graphed_run_trains_exactly_as_the_eager_one(eager, train):
@@ -140,10 +79,18 @@ def test_a_graphed_run_stopped_and_resumed_ends_as_the_uninterrupted_one(eager, 
     assert_same_weights(resumed, eager)
 
 
+def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
+    flags = ("--optimizer", "adamw", "--lr", "0.002", "--epochs", "1", "--min-train-size", "0")
+    graphs, eager = train("graphed", *flags, "--cuda-graphs"), train("eager", *flags)
+    assert graphs.step.graphs.captures == 1 and graphs.learner.optimizer.param_groups[0]["capturable"]
+    assert_same_weights(graphs, eager)
+
+
 def test_the_emulator_sees_a_learning_rate_frozen_into_the_graph(train, monkeypatch):
     """What the graphed run's equality with the eager one rests on: a rate left in a Python float is
     frozen at capture, and then the run drifts (the schedule changes the rate every step)."""
-    monkeypatch.setattr(graphed, "hold_lr_in_tensors", lambda optimizer, device: None)
+    for module, name in ((graphed, "make_capturable"), (trainer_module, "hold_lr_in_tensors")):
+        monkeypatch.setattr(module, name, lambda optimizer, device: None)
     frozen = train("frozen", "--cuda-graphs", "--epochs", "1", "--min-train-size", "0")
     eager = train("eager", "--epochs", "1", "--min-train-size", "0")
     assert not torch.equal(frozen.learner.model.conv1[0].weight, eager.learner.model.conv1[0].weight)
@@ -181,11 +128,11 @@ def one_cuda_process(**changes):
     ({}, one_cuda_process(device=torch.device("cpu")), "resident", "trains on cpu"),
     ({}, one_cuda_process(), "stream", "streamed batches"),
     ({"grad_accum_steps": 2}, one_cuda_process(), "resident", "--grad-accum-steps"),
-    ({}, one_cuda_process(num_processes=2), "resident", "DDP"),
+    ({}, one_cuda_process(num_processes=2), "resident", None),  # DDP: checked in test_distributed
     ({}, one_cuda_process(mixed_precision="fp16"), "resident", "fp16"),
-    ({"optimizer": "adamw"}, one_cuda_process(), "resident", "adamw"),
+    ({"optimizer": "adamw"}, one_cuda_process(), "resident", None),
 ])
-def test_graphs_apply_to_one_cuda_process_on_resident_data_with_sgd(config_changes, accelerator, mode, named):
+def test_graphs_apply_to_cuda_processes_on_resident_data(config_changes, accelerator, mode, named):
     reason = graphs_unavailable(dataclasses.replace(TrainConfig(), **config_changes), accelerator, mode)
     assert reason is None if named is None else named in reason
 

@@ -9,7 +9,8 @@ import torch
 
 from monkeytrain.config import parse_config
 from monkeytrain.model import create_model
-from monkeytrain.optim import build_optimizer, build_scheduler, parameter_groups, warmup_cosine
+from monkeytrain.optim import (build_optimizer, build_scheduler, hold_lr_in_tensors, make_capturable,
+                               parameter_groups, warmup_cosine)
 
 CPU = torch.device("cpu")
 
@@ -110,3 +111,32 @@ def test_warmup_longer_than_training_is_capped(model):
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # fused: no step without a GPU
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_kernels_read_a_rate_held_in_a_tensor_that_the_schedule_fills(name):
+    layer = torch.nn.Linear(4, 2)
+    config = parse_config(["--optimizer", name, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.2"])
+    fused = build_optimizer(layer, config, torch.device("cuda"))  # built for CUDA, never stepped here
+    scheduler = build_scheduler(fused, config, steps_per_epoch=4)
+    hold_lr_in_tensors(fused, CPU)
+    held = [group["lr"] for group in fused.param_groups]
+    assert all(rate.dtype == torch.float32 and rate.ndim == 0 for rate in held)
+    floats = build_optimizer(layer, config, CPU)
+    float_schedule = build_scheduler(floats, config, steps_per_epoch=4)
+    hold_lr_in_tensors(floats, CPU)  # foreach kernels: left as floats
+    for _ in range(6):
+        scheduler.step()
+        float_schedule.step()
+    assert [group["lr"] for group in fused.param_groups] == held  # the same tensors, filled in place
+    assert [float(rate) for rate in held] == pytest.approx([g["lr"] for g in floats.param_groups])
+    assert all(isinstance(g["lr"], float) for g in floats.param_groups)
+
+
+@pytest.mark.parametrize("name, flagged", [("sgd", False), ("adamw", True)])
+def test_made_capturable_adamw_says_so_and_sgd_has_no_such_flag(name, flagged):
+    optimizer = build_optimizer(torch.nn.Linear(4, 2), parse_config(["--optimizer", name]), torch.device("cuda"))
+    make_capturable(optimizer, CPU)
+    assert all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups)
+    assert all(g.get("capturable", False) == flagged for g in optimizer.param_groups)
