@@ -43,7 +43,7 @@ from monkeytrain.data.views import view_bytes
 from monkeytrain.engine import BatchStep, Learner, train_one_epoch
 from monkeytrain.graphed import CudaGraphs, GraphedStep
 from monkeytrain.model import compiled, create_model
-from monkeytrain.optim import build_optimizer
+from monkeytrain.optim import build_optimizer, hold_lr_in_tensors
 
 # ImageNet statistics: throughput does not depend on the exact values.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -80,6 +80,7 @@ class Bench:
         optimizer = build_optimizer(plain, config, accelerator.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(plain, optimizer, scheduler)
+        hold_lr_in_tensors(self.optimizer, accelerator.device)  # as the trainer does
         self.model = compiled(self.model, args.compile, cache_dir)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 

@@ -27,7 +27,8 @@ Where a graph does not apply, `graphs_unavailable` says why and the trainer uses
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -49,7 +50,6 @@ def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]
     reasons = [
         (accelerator.device.type != "cuda", f"the run trains on {accelerator.device.type}, not a CUDA GPU"),
         (pipeline_mode != "resident", "streamed batches are not all full (graphs need one static shape)"),
-        (config.grad_accum_steps > 1, "--grad-accum-steps above 1 is not captured"),
         (accelerator.mixed_precision == "fp16", "fp16's loss scaling checks for overflow on the host"),
         (not hasattr(torch.cuda.CUDAGraph, "register_generator_state"),
          "this PyTorch cannot replay a generator of the run's own in a graph (2.5 and later can)"),
@@ -86,54 +86,92 @@ class CudaGraphs:
         return graph.replay
 
 
+@dataclass
+class Captured:
+    """One captured graph: what replays it, and the (loss, logits) each replay writes."""
+
+    replay: Callable[[], None]
+    outputs: tuple[torch.Tensor, torch.Tensor]
+
+
 class GraphedStep:
     """BatchStep's contract (called with a batch, returns its detached (loss, logits)), with the
-    device work of each optimizer step replayed from a CUDA graph once one is captured.
+    device work of each batch replayed from a CUDA graph once one is captured.
 
-    `train_size()` gives the side of the crops the next batch trains at: a change starts a new
-    warm-up and capture. `graphs` warms up and captures (CudaGraphs on a GPU)."""
-
-    stepped = True  # no gradient accumulation here: every batch ends with an optimizer step
+    One graph per shape; with --grad-accum-steps above 1, two: one for the batches that only add
+    their gradients (without DDP's all-reduce), one for the batch that ends the group (adds, steps,
+    then zeroes the gradients in place for the next group). `train_size()` gives the side of the
+    crops the next batch trains at: a change starts a new warm-up and capture. `graphs` warms up and
+    captures (CudaGraphs on a GPU)."""
 
     def __init__(self, learner: Learner, accelerator, train_size: Callable[[], int], graphs: CudaGraphs):
         self.learner, self.accelerator, self.train_size, self.graphs = learner, accelerator, train_size, graphs
         self.eager = BatchStep(learner, accelerator)
         self.warmup_batches = WARMUP_BATCHES if accelerator.num_processes == 1 else DDP_WARMUP_BATCHES
+        self.accumulation = accelerator.gradient_accumulation_steps
         self.shape: tuple | None = None
         self.warm_batches = 0
-        self.replay: Callable[[], None] | None = None
-        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None   # what each replay reads
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # and writes: (loss, logits)
+        self.captured: dict[bool, Captured] = {}  # by whether the batch ends with an optimizer step
+        self.batch_in_group = 0
+        self.stepped = True  # whether the last batch ended with an optimizer step
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # what every replay reads
+        self.gradients: list[torch.Tensor] = []  # accumulating: what the graphs add into, held here
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.train_size(), views.shape, labels.shape)
-        if shape != self.shape:
-            self.shape, self.warm_batches, self.replay = shape, 0, None
-        if self.replay is None and self.warm_batches < self.warmup_batches:
-            self.warm_batches += 1
-            return self.graphs.warm_up(lambda: self.eager(views, labels))
-        if self.replay is None:
-            self.replay = self.capture(views, labels)
+        if shape != self.shape:  # at an epoch's start, where a group of accumulated batches starts too
+            self.shape, self.warm_batches, self.captured, self.batch_in_group = shape, 0, {}, 0
+        if not self.captured and (self.warm_batches < self.warmup_batches or not self.eager.stepped):
+            self.warm_batches += 1  # warm up in whole groups, so that the first replay starts one
+            outputs = self.graphs.warm_up(lambda: self.eager(views, labels))
+            self.stepped = self.eager.stepped
+            return outputs
+        self.stepped = self.batch_in_group == self.accumulation - 1
+        self.batch_in_group = (self.batch_in_group + 1) % self.accumulation
+        if self.stepped not in self.captured:
+            self.captured[self.stepped] = self.capture(views, labels, self.stepped)
+        return self.replay(self.captured[self.stepped], views, labels)
+
+    def replay(self, captured: Captured, views: torch.Tensor, labels: torch.Tensor):
+        """Copy the batch in, and run the host work of an optimizer step around the replay."""
         self.inputs[0].copy_(views)
         self.inputs[1].copy_(labels)
-        self.learner.averager.advance()
-        self.replay()
-        self.learner.scheduler.step()
-        return self.outputs
+        if self.stepped:
+            self.learner.averager.advance()
+        captured.replay()
+        if self.stepped:
+            self.learner.scheduler.step()
+        return captured.outputs
 
-    def capture(self, views: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def capture(self, views: torch.Tensor, labels: torch.Tensor, steps: bool) -> Captured:
         learner, accelerator = self.learner, self.accelerator
-        make_capturable(learner.optimizer, views.device)  # here: a resume may have put floats back
-        self.inputs = (views.clone(), labels.clone())  # the graph's input memory, holding a real batch
-        learner.optimizer.zero_grad(set_to_none=True)  # so backward allocates gradients of the graph's own
+        if not self.captured:  # the first graph of this shape
+            self.prepare_memory(views, labels)
+        outputs: list[torch.Tensor] = []
 
         def device_work() -> None:
-            self.outputs = forward_backward(learner, accelerator, *self.inputs)
-            update_weights(learner, accelerator)
+            with nullcontext() if steps else accelerator.no_sync(learner.model):
+                outputs.extend(forward_backward(learner, accelerator, *self.inputs))
+            if steps:
+                update_weights(learner, accelerator)
+                if self.accumulation > 1:
+                    learner.optimizer.zero_grad(set_to_none=False)  # in place, in the graph
 
         try:
-            return self.graphs.capture(device_work)
+            return Captured(self.graphs.capture(device_work), tuple(outputs))
         except RuntimeError as error:  # new with this option; say how to train on without it
             reason = (str(error).strip().splitlines() or ["no message"])[0]
             raise UserError(f"capturing the training step in a CUDA graph failed ({reason}); train without "
                             "--cuda-graphs, and please report it with the run's config.yaml.") from error
+
+    def prepare_memory(self, views: torch.Tensor, labels: torch.Tensor) -> None:
+        """The inputs every graph of this shape reads, and the gradients they write."""
+        make_capturable(self.learner.optimizer, views.device)  # here: a resume may have put floats back
+        self.inputs = (views.clone(), labels.clone())  # holding a real batch, for the capture
+        self.learner.optimizer.zero_grad(set_to_none=True)  # one step a batch: backward allocates them
+        if self.accumulation > 1:  # graphs that add must find gradients there. Held here too: an
+            # epoch's start sets .grad to None, and the graphs go on using this memory
+            trained = [p for p in self.learner.model.parameters() if p.requires_grad]
+            self.gradients = [torch.zeros_like(p) for p in trained]
+            for parameter, gradient in zip(trained, self.gradients):
+                parameter.grad = gradient

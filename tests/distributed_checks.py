@@ -4,8 +4,8 @@ importing torch, timm and Accelerate), each in its own folder WORK_DIR/CHECK, wh
 writes a JSON report of what it saw (rank<r>.json):
 
     collectives   channel stats and a test-split evaluation of DATA_ROOT, cached under cache/
-    graphed       a DDP run with its steps replayed from emulated CUDA graphs (graph_emulator.py),
-                  and the same run eager, their weights compared
+    graphed       DDP runs with their steps replayed from emulated CUDA graphs (graph_emulator.py),
+                  and the same runs eager, their weights compared
     train         the real training entry point on DATA_ROOT with TRAIN_FLAGS, its runs in runs/,
                   recording which files each rank writes and every best-epoch decision it takes
 """
@@ -69,18 +69,22 @@ def collectives(folder: Path, data_root: str) -> None:
 
 
 def graphed(folder: Path, data_root: str) -> None:
-    """An eager DDP run and the same run with --cuda-graphs, emulated: 3 epochs of 6 batches a rank, so
-    that 11 warm-up batches, a capture and 7 replays come before the end."""
-    flags = ("--epochs", "3", "--min-train-size", "0")
+    """Eager DDP runs and the same runs with --cuda-graphs, emulated: 3 epochs of 6 batches a rank, so
+    that 11 warm-up batches (12 in whole groups of 2), captures and replays come before the end. One
+    run steps every batch, one accumulates gradients (its adding graph captured without all-reduce)."""
+    def compared(accumulation: str) -> dict:
+        flags = ("--epochs", "3", "--min-train-size", "0", "--grad-accum-steps", accumulation)
+        eager = emulated_run(Path(data_root), "eager", *flags, cache=folder / "cache")
+        graphs = emulated_run(Path(data_root), "graphed", *flags, "--cuda-graphs", cache=folder / "cache")
+        return dict(different=different_weights(graphs, eager), warm_batches=graphs.step.warm_batches,
+                    captures=graphs.step.graphs.captures, steps=graphs.progress.step,
+                    best=dataclasses.asdict(graphs.best),
+                    weight_sum=sum(float(w.double().sum()) for w in graphs.learner.model.parameters()))
+
     with pytest.MonkeyPatch.context() as patch:
         as_on_a_gpu(patch)
         patch.chdir(folder)
-        eager = emulated_run(Path(data_root), "eager", *flags, cache=folder / "cache")
-        graphs = emulated_run(Path(data_root), "graphed", *flags, "--cuda-graphs", cache=folder / "cache")
-    report(folder, rank=int(os.environ["RANK"]), different=different_weights(graphs, eager),
-           warm_batches=graphs.step.warm_batches, captures=graphs.step.graphs.captures,
-           batches=graphs.progress.step, best=dataclasses.asdict(graphs.best),
-           weight_sum=sum(float(w.double().sum()) for w in graphs.learner.model.parameters()))
+        report(folder, rank=int(os.environ["RANK"]), runs={group: compared(group) for group in ("1", "2")})
 
 
 def record_writes(output_dir: Path, writes: list[str]) -> None:

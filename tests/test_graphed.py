@@ -79,6 +79,18 @@ def test_a_graphed_run_stopped_and_resumed_ends_as_the_uninterrupted_one(eager, 
     assert_same_weights(resumed, eager)
 
 
+@pytest.mark.parametrize("group, warm_batches, steps", [(2, 4, 12), (3, 3, 6)])
+def test_a_graphed_run_accumulating_gradients_trains_exactly_as_the_eager_one(train, group, warm_batches, steps):
+    """Two graphs per crop size: one for the batches that only add their gradients (in groups of 3,
+    the second adds to the first), one for the batch that ends the group. Warm-up comes in whole
+    groups (3 batches make 4 in groups of 2), so that the first replay starts one."""
+    graphs, eager = (train(name, "--grad-accum-steps", str(group), *flags) for name, flags in
+                     (("graphed", ["--cuda-graphs"]), ("eager", [])))
+    assert graphs.step.graphs.captures == 4 and graphs.step.warm_batches == warm_batches
+    assert graphs.progress == eager.progress and graphs.progress.step == steps
+    assert_same_weights(graphs, eager)
+
+
 def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
     flags = ("--optimizer", "adamw", "--lr", "0.002", "--epochs", "1", "--min-train-size", "0")
     graphs, eager = train("graphed", *flags, "--cuda-graphs"), train("eager", *flags)
@@ -127,7 +139,7 @@ def one_cuda_process(**changes):
     ({}, one_cuda_process(), "resident", None),
     ({}, one_cuda_process(device=torch.device("cpu")), "resident", "trains on cpu"),
     ({}, one_cuda_process(), "stream", "streamed batches"),
-    ({"grad_accum_steps": 2}, one_cuda_process(), "resident", "--grad-accum-steps"),
+    ({"grad_accum_steps": 2}, one_cuda_process(), "resident", None),
     ({}, one_cuda_process(num_processes=2), "resident", None),  # DDP: checked in test_distributed
     ({}, one_cuda_process(mixed_precision="fp16"), "resident", "fp16"),
     ({"optimizer": "adamw"}, one_cuda_process(), "resident", None),
