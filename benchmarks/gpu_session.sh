@@ -12,7 +12,8 @@
 # Each step has its own time limit, so that one hang cannot eat the others' minutes. Budget on one
 # H200 (from the 150-epoch default's 60 s): versions 10 s, throughput 2 x 45 s (each with a graphed
 # row), the default eager then graphed (the same seed: agreement and the time saved) 2 x 60 s, the
-# candidate recipe graphed x 3 seeds about 40-60 s each.
+# candidate recipe graphed x 3 seeds about 40-60 s each, then two short graphed runs (AdamW, gradient
+# accumulation) of about 20 s each.
 set -uo pipefail
 data=$(cd "${1:?usage: benchmarks/gpu_session.sh DATA [OUT]}" && pwd)
 out=$(mkdir -p "${2:-gpu-session}" && cd "${2:-gpu-session}" && pwd)
@@ -52,4 +53,10 @@ step throughput-64 60 python benchmarks/throughput.py --data "$data" --batch-siz
 step candidate-graphed 240 python benchmarks/time_to_accuracy.py --data "$data" --seeds 3 --cuda-graphs \
     --min-train-size 128 --tta-shift 8 --epochs 200 --mixup-alpha 0.2 --cutmix-alpha 1.0 --mix-prob 0.5 \
     "${train_extra[@]}"
+# Last, as they only check that these captures work on CUDA (emulated on the CPU in the tests):
+# short graphed runs with AdamW and with gradient accumulation.
+step graphed-adamw 45 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1 --cuda-graphs --epochs 3 \
+    --optimizer adamw --lr 0.002 "${train_extra[@]}"
+step graphed-accumulating 45 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1 --cuda-graphs \
+    --epochs 3 --grad-accum-steps 2 "${train_extra[@]}"
 cat "$out/summary.txt"

@@ -15,11 +15,12 @@ import contextlib
 import io
 import os
 import signal
+import subprocess
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import pytest
@@ -169,6 +170,24 @@ def run_here(main: Callable[[list[str]], Any], argv: list[str], cwd: Path, **env
         os.environ.update(env)
         results = main(argv)
     return InProcessRun(results, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def started_at_once(runs: dict[str, tuple[list[str], Path, dict]]) -> Iterator[dict[str, subprocess.Popen]]:
+    """{key: (command, working folder, environment)} -> {key: its process, output piped}, every one
+    started before any is waited for: a command that fails on bad input is nearly all Python
+    start-up, which uses one core of two. Those still running at the end (their test failed early)
+    are killed."""
+    processes = {key: subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True) for key, (command, cwd, env) in runs.items()}
+    try:
+        yield processes
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
 
 
 # --- background work: started by the first tests of the session, checked by the last ----------

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import started_at_once
 from monkeytrain import cli, train
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -154,19 +156,14 @@ ENTRY_POINTS = {
 
 
 @pytest.fixture(scope="module")
-def entry_points(tmp_path_factory) -> dict[str, subprocess.Popen]:
-    """Each entry point started with a bad path, all at once: each is nearly all Python start-up."""
-    started = {}
+def entry_points(tmp_path_factory) -> Iterator[dict[str, subprocess.Popen]]:
+    """Each entry point started with a bad path, all at once."""
+    runs = {}
     for name, command in ENTRY_POINTS.items():
         cwd = tmp_path_factory.mktemp("entry")
-        started[name] = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         text=True, env={**os.environ, "MONKEYTRAIN_CACHE": str(cwd / "cache")})
-    yield started
-    for process in started.values():  # left running only if its test failed early
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
+        runs[name] = (command, cwd, {**os.environ, "MONKEYTRAIN_CACHE": str(cwd / "cache")})
+    with started_at_once(runs) as started:
+        yield started
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

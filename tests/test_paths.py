@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from conftest import started_at_once
 
 PROJECT = Path(__file__).resolve().parent.parent
 QUICK = ["--debug", "--image-size", "32", "--model", "resnet10t"]
@@ -15,23 +17,17 @@ UNUSABLE = {"--output-dir": "/proc/nope/runs", "--cache-dir": "/proc/nope/cache"
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory) -> dict[str, subprocess.Popen]:
-    """flag -> the entry point run with that flag naming an unusable folder. Both are started at
-    once: each is nearly all Python start-up, which uses one core of two."""
+def started(tmp_path_factory) -> Iterator[dict[str, subprocess.Popen]]:
+    """flag -> the entry point run with that flag naming an unusable folder, both started at once."""
     runs = {}
     for flag, folder in UNUSABLE.items():
         cwd = tmp_path_factory.mktemp("paths")
         environment = {**os.environ, "MONKEYTRAIN_CACHE": str(cwd / "cache"), "PYTHONPATH": str(PROJECT)}
         environment.pop("MONKEYTRAIN_DATA", None)
-        runs[flag] = subprocess.Popen([sys.executable, str(PROJECT / "monkeytrain" / "train.py"), *QUICK, flag, folder],
-                                      cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True)
-    yield runs
-    for run in runs.values():  # left running only if its test failed early
-        run.kill()
-        run.wait()
-        run.stdout.close()
-        run.stderr.close()
+        runs[flag] = ([sys.executable, str(PROJECT / "monkeytrain" / "train.py"), *QUICK, flag, folder], cwd,
+                      environment)
+    with started_at_once(runs) as processes:
+        yield processes
 
 
 @pytest.mark.parametrize("flag, folder", UNUSABLE.items())
