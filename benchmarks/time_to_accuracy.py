@@ -8,8 +8,8 @@ loading, compilation and the final evaluation all count), with `--seed 0`,
 test accuracy, the epoch chosen on the held-out validation split), then the
 mean, spread and range of the test accuracy and the wall time, where the time
 went (the mean seconds of each phase results.json records: start-up, data,
-model, training with its first epoch apart, validation, test), and the data
-pipeline, recipe and peak GPU memory the runs reported.
+model, training with its first epoch and graph captures apart, validation,
+test), and the data pipeline, recipe and peak GPU memory the runs reported.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def report(flags: list[str], runs: list[dict]) -> None:
 
 
 def phase_line(runs: list[dict]) -> str:
-    """'start_up 4.1, data 1.2, ...': each phase's mean over the runs (first_epoch is part of training)."""
+    """'start_up 4.1, data 1.2, ...': each phase's mean over the runs (first_epoch and capture are part
+    of training)."""
     phases = [r.get("phase_seconds", {}) for r in runs]
     names = list(phases[0])
     return ", ".join(f"{name} {statistics.mean(p.get(name, 0.0) for p in phases):.1f}" for name in names)

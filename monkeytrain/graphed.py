@@ -36,6 +36,7 @@ import torch
 from monkeytrain.engine import BatchStep, Learner, forward_backward, update_weights
 from monkeytrain.errors import UserError
 from monkeytrain.optim import make_capturable
+from monkeytrain.pace import PhaseTimes
 
 # The fused AdamW step made capturable warns when it runs outside a capture, as the eager warm-up
 # before the next crop size's capture does; its fused kernel is the same either way.
@@ -102,10 +103,12 @@ class GraphedStep:
     their gradients (without DDP's all-reduce), one for the batch that ends the group (adds, steps,
     then zeroes the gradients in place for the next group). `train_size()` gives the side of the
     crops the next batch trains at: a change starts a new warm-up and capture. `graphs` warms up and
-    captures (CudaGraphs on a GPU)."""
+    captures (CudaGraphs on a GPU); the seconds its captures take go to `phases` as "capture"."""
 
-    def __init__(self, learner: Learner, accelerator, train_size: Callable[[], int], graphs: CudaGraphs):
+    def __init__(self, learner: Learner, accelerator, train_size: Callable[[], int], graphs: CudaGraphs,
+                 phases: PhaseTimes | None = None):
         self.learner, self.accelerator, self.train_size, self.graphs = learner, accelerator, train_size, graphs
+        self.phases = phases or PhaseTimes()  # where the time of each capture is added up ("capture")
         self.eager = BatchStep(learner, accelerator)
         self.warmup_batches = WARMUP_BATCHES if accelerator.num_processes == 1 else DDP_WARMUP_BATCHES
         self.accumulation = accelerator.gradient_accumulation_steps
@@ -158,7 +161,8 @@ class GraphedStep:
                     learner.optimizer.zero_grad(set_to_none=False)  # in place, in the graph
 
         try:
-            return Captured(self.graphs.capture(device_work), tuple(outputs))
+            with self.phases.timing("capture"):
+                return Captured(self.graphs.capture(device_work), tuple(outputs))
         except RuntimeError as error:  # new with this option; say how to train on without it
             reason = (str(error).strip().splitlines() or ["no message"])[0]
             raise UserError(f"capturing the training step in a CUDA graph failed ({reason}); train without "

@@ -68,7 +68,8 @@ def report_time_left(pace: RemainingTime, epoch: int, log, on_cpu: bool, recipe:
 
 class PhaseTimes:
     """Wall seconds per phase of a run (start-up, data, model, training, validation, test), summed
-    over the phase's visits; the first training epoch apart too, since compilation lands in it."""
+    over the phase's visits; the first training epoch apart too, since compilation lands in it, and
+    the CUDA graph captures (part of training)."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock, self.seconds = clock, {}

@@ -92,8 +92,8 @@ class Trainer:
         with self.graphs.side_stream() if self.graphs else nullcontext():  # for DDP's backward to be captured
             self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
-        self.step = (GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size, self.graphs)
-                     if self.graphs else BatchStep(self.learner, self.accelerator))
+        self.step = (GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size, self.graphs,
+                                 run.phases) if self.graphs else BatchStep(self.learner, self.accelerator))
         self.eval_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean,
                                               data.stats.std)
         self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs

@@ -62,6 +62,7 @@ def test_a_graphed_run_trains_exactly_as_the_eager_one(eager, train):
     graphs = train("graphed", "--cuda-graphs")
     assert isinstance(graphs.step, GraphedStep) and isinstance(eager.step, BatchStep)
     assert graphs.step.graphs.captures == 2  # one per crop size: 16 px, then 32 px
+    assert graphs.run.phases.seconds["capture"] > 0 and "capture" not in eager.run.phases.seconds
     assert_same_weights(graphs, eager)
     assert graphs.best == eager.best
     assert graphs.learner.scheduler.get_last_lr() == eager.learner.scheduler.get_last_lr()
