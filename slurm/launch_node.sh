@@ -124,6 +124,15 @@ stop() {
     stopped_by=$1
     forward "$1"
 }
+# Under SLURM the main training process asks for a requeue by writing this file, and the requeue
+# comes below, once the launcher has ended: `scontrol requeue` ends the job at once, and a launcher
+# still running then dies of it with a traceback in the job's log.
+requeue_file=
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    requeue_file=${pid_file%.pid}.requeue
+    rm -f "$requeue_file"  # from this job's life before a requeue
+    export MONKEYTRAIN_REQUEUE_FILE=$requeue_file
+fi
 detach=(setsid)
 if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig TERM); fi
 # The launcher starts with SIGUSR1 ignored, so a USR1 sent to a whole job step
@@ -143,6 +152,13 @@ trap 'stop INT' INT
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?
+if [ -n "$requeue_file" ] && [ -s "$requeue_file" ]; then
+    rm -f "$requeue_file"
+    trap '' TERM INT  # the requeue's SIGTERM, while this script says how it went and exits
+    if answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then answer=ok; fi
+    echo "launch_node.sh: machine $MACHINE_RANK: scontrol requeue $SLURM_JOB_ID: $answer" >&2
+    exit "$status"
+fi
 if [ -n "$stopped_by" ] && [ "$status" = 0 ]; then
     exit $((128 + $(kill -l "$stopped_by")))  # the training processes saved and stopped
 fi

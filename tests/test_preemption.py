@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import train_here
-from monkeytrain.preemption import STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher
+from monkeytrain.preemption import (REQUEUE_REQUEST, STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher,
+                                    requeue_or_exit)
 from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -94,3 +96,26 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
     # checked every 8 optimizer steps and at each epoch end (11 steps an epoch): always due here
     assert saved == [8, 11, 16, 22], saved
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
+
+
+class Said:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_path, monkeypatch, main):
+    """The main process leaves the request in the named file (launch_node.sh requeues once the launch
+    has ended) and runs no scontrol itself; another rank asks nothing."""
+    request = tmp_path / "job-machine0.requeue"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv(REQUEUE_REQUEST, str(request))
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran in the process"))
+    said = Said()
+    requeue_or_exit(said, SimpleNamespace(is_main_process=main))
+    assert (request.read_text() == "4242\n") if main else not request.exists()
+    assert said.lines == (["stopped on a signal after saving; the job is requeued once its processes have ended."]
+                          if main else [])

@@ -417,6 +417,7 @@ def test_warning_signal_makes_the_job_save_requeue_itself_resume_and_finish_ever
     text = read_log(requeued_job.log)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]
     assert "resumed from" in text
+    assert "Traceback" not in text, text[-4000:]  # the requeue came once the launcher had ended
     metrics = (requeued_job.run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, requeued_job.epochs + 1))
     assert json.loads((requeued_job.run_dir / "results.json").read_text())["world_size"] == 2
