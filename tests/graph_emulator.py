@@ -9,6 +9,8 @@ same tensors, writing each result where the op first wrote it. So, as on a GPU:
   Python's `random`) is frozen, and a step that relies on one drifts from the eager step;
 - a host sync inside the step (`.item()`, a Python branch on a tensor's value) is an error;
 - random ops draw new numbers at each replay from the generator they were given;
+- a tensor the capture did not make (the program's own memory) is held only weakly: replaying on one
+  the program has let go of is an error, as its memory would be handed out again under the graph;
 - collectives (DDP's gradient all-reduce, its buffer broadcast) run again at each replay, on every
   rank, as NCCL's captured ones do.
 
@@ -18,6 +20,7 @@ drew from as it found them.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
@@ -53,10 +56,50 @@ def write_into(recorded: Any, result: Any) -> None:
             write_into(recorded_item, result_item)
 
 
+class FreedUnderTheGraph(AssertionError):
+    pass
+
+
+class Borrowed:
+    """A tensor that a captured op uses but that the capture did not make: the program owns it, and
+    on a GPU its memory goes back to the allocator (to be handed out again, under the graph) once the
+    program lets go of it. So the emulator holds it only weakly."""
+
+    def __init__(self, tensor: torch.Tensor, func) -> None:
+        self.tensor, self.func = weakref.ref(tensor), func
+
+    def get(self) -> torch.Tensor:
+        tensor = self.tensor()
+        if tensor is None:
+            raise FreedUnderTheGraph(f"{self.func} replays on a tensor the program has let go of since the "
+                                     "capture: on a GPU the graph would use memory given to something else")
+        return tensor
+
+
+def borrowing(value: Any, made: dict[int, torch.Tensor], func) -> Any:
+    """`value` with each tensor not made inside the capture held as a Borrowed."""
+    if isinstance(value, torch.Tensor):
+        return value if id(value) in made else Borrowed(value, func)
+    if isinstance(value, (list, tuple)):
+        return type(value)(borrowing(item, made, func) for item in value)
+    if isinstance(value, dict):
+        return {name: borrowing(item, made, func) for name, item in value.items()}
+    return value
+
+
+def lent(value: Any) -> Any:
+    if isinstance(value, Borrowed):
+        return value.get()
+    if isinstance(value, (list, tuple)):
+        return type(value)(lent(item) for item in value)
+    return value
+
+
 class Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple] = []
+        self.made: dict[int, torch.Tensor] = {}  # tensors the capture made (a graph's own memory)
         self.saved_tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.saved_generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
 
@@ -68,7 +111,10 @@ class Recorder(TorchDispatchMode):
         result = func(*args, **kwargs)
         if isinstance(result, (bool, int, float)):
             raise HostSyncInCapture(f"{func} hands a tensor's value to the host inside the captured step")
-        self.ops.append((func, args, kwargs, result))
+        given = {id(t) for t in tensors_in(list(args)) + tensors_in(list(kwargs.values()))}
+        self.made.update((id(t), t) for t in tensors_in(result) if id(t) not in given)  # not an in-place op's
+        self.ops.append((func, borrowing(args, self.made, func), borrowing(kwargs, self.made, func),
+                         borrowing(result, self.made, func)))
         return result
 
     def save_what_it_changes(self, func, args, kwargs) -> None:
@@ -89,14 +135,15 @@ class Recorder(TorchDispatchMode):
                 tensor.copy_(before)
         for generator, state in self.saved_generators.values():
             generator.set_state(state)
+        self.saved_tensors.clear()  # holding them would keep alive what the program lets go of
 
     def replay(self) -> None:
         with torch.no_grad():
             for func, args, kwargs, recorded in self.ops:
-                result = func(*args, **kwargs)
+                result = func(*lent(args), **{name: lent(value) for name, value in kwargs.items()})
                 if func.namespace == "c10d":  # a collective (DDP's all-reduce, its buffer broadcast)
                     finished(result)
-                write_into(recorded, result)
+                write_into(lent(recorded), result)
 
 
 def finished(collective_result: tuple) -> None:

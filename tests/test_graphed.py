@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from graph_emulator import EmulatedGraphs, HostSyncInCapture
+from graph_emulator import EmulatedGraphs, FreedUnderTheGraph, HostSyncInCapture
 from graphed_runs import StopAt, as_on_a_gpu, different_weights, train_run
 from monkeytrain import averaging, graphed
 from monkeytrain import trainer as trainer_module
@@ -115,6 +115,17 @@ def test_the_emulator_refuses_a_host_sync_inside_the_step(train, monkeypatch):
     monkeypatch.setattr(averaging.EmaWeights, "apply", lambda self: self.ema.apply_update_(self.live, 1 - self.weight))
     with pytest.raises(HostSyncInCapture, match="_local_scalar_dense"):
         train("synced", "--cuda-graphs", "--epochs", "1")
+
+
+def test_the_emulator_refuses_a_replay_on_a_tensor_the_program_has_let_go_of():
+    """On a GPU that tensor's memory would go back to the allocator while the graph still uses it."""
+    weights, step = torch.ones(3), torch.ones(3)
+    replay = EmulatedGraphs().capture(lambda: weights.add_(step))
+    replay()
+    assert torch.equal(weights, torch.full((3,), 2.0))  # the capture ran nothing; one replay added once
+    del step
+    with pytest.raises(FreedUnderTheGraph, match=r"aten.add_.Tensor replays on a tensor the program has let go"):
+        replay()
 
 
 def test_warm_up_batches_come_before_each_capture(train):
