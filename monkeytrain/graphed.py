@@ -43,7 +43,10 @@ from monkeytrain.pace import PhaseTimes
 warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
 
 WARMUP_BATCHES = 3  # eager steps before each capture, as in PyTorch's CUDA graph notes
-DDP_WARMUP_BATCHES = 11  # and under DDP, where the notes ask for at least 11
+# Under DDP the notes ask for at least 11: DDP times its first 10 forwards with host-synced events,
+# and every 100th after them. Each crop size's capture is then its 12th-14th forward after the last
+# capture (replays are no forwards), so no capture lands on a 100th with fewer than 25 crop sizes.
+DDP_WARMUP_BATCHES = 11
 
 
 def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]:
