@@ -134,6 +134,7 @@ class Trainer:
         self.progress = Progress.from_saved(mine)
         self.generator.set_state(mine["generator"])
         self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
+        hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
 
     def train_epoch(self, epoch: int) -> TrainStats:
