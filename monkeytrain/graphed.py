@@ -90,6 +90,10 @@ class CudaGraphs:
         return graph.replay
 
 
+class CaptureFailed(UserError):
+    """A capture failed; the trainer saves the training state before the run ends with it."""
+
+
 @dataclass
 class Captured:
     """One captured graph: what replays it, and the (loss, logits) each replay writes."""
@@ -168,8 +172,9 @@ class GraphedStep:
                 return Captured(self.graphs.capture(device_work), tuple(outputs))
         except RuntimeError as error:  # new with this option; say how to train on without it
             reason = (str(error).strip().splitlines() or ["no message"])[0]
-            raise UserError(f"capturing the training step in a CUDA graph failed ({reason}); train without "
-                            "--cuda-graphs, and please report it with the run's config.yaml.") from error
+            raise CaptureFailed(f"capturing the training step in a CUDA graph failed ({reason}); the training "
+                                "state is saved: run again with --resume auto and without --cuda-graphs, and "
+                                "please report it with the run's config.yaml.") from error
 
     def prepare_memory(self, views: torch.Tensor, labels: torch.Tensor) -> None:
         """The inputs every graph of this shape reads, and the gradients they write."""

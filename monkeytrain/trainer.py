@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,7 +28,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
-from monkeytrain.graphed import CudaGraphs, GraphedStep, graphs_unavailable
+from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
@@ -107,7 +107,7 @@ class Trainer:
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
-            with phases.timing("training"):
+            with phases.timing("training"), self.saved_if_capture_fails():
                 trained = self.train_epoch(epoch)
             if "first_epoch" not in phases.seconds:
                 phases.add("first_epoch", trained.seconds)
@@ -148,6 +148,15 @@ class Trainer:
 
         return train_one_epoch(self.step, batches, self.accelerator, self.batches_per_epoch - skipped,
                                after_step, description=f"epoch {epoch}")
+
+    @contextmanager
+    def saved_if_capture_fails(self) -> Iterator[None]:
+        """Keep what the run has trained when a CUDA graph capture fails: its message says to resume."""
+        try:
+            yield
+        except CaptureFailed:
+            self.save_state()  # the batches before the failed one; no graph ran, so nothing else changed
+            raise
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""

@@ -28,7 +28,11 @@ EVERYTHING = ["--epochs", "3", "--image-size", "32", "--min-train-size", "16", "
 class NotedLog(SilentLog):
     def __init__(self) -> None:
         super().__init__()
+        self.infos: list[str] = []
         self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.infos.append(message)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -24,7 +24,7 @@ from monkeytrain.averaging import LiveWeights
 from monkeytrain.config import TrainConfig
 from monkeytrain.engine import BatchStep, Learner
 from monkeytrain.errors import UserError
-from monkeytrain.graphed import WARMUP_BATCHES, GraphedStep, graphs_unavailable
+from monkeytrain.graphed import WARMUP_BATCHES, CaptureFailed, GraphedStep, graphs_unavailable
 from monkeytrain.statestore import state_dirs
 from monkeytrain.trainer import Trainer
 
@@ -176,6 +176,26 @@ def test_a_failed_capture_is_one_line_that_says_to_train_without_graphs(cpu_acce
     for _ in range(WARMUP_BATCHES):
         step(*batch)
     with pytest.raises(UserError, match=r"^capturing the training step in a CUDA graph failed \(CUDA error: "
-                                        r"operation not permitted when stream is capturing\); train without "
-                                        r"--cuda-graphs"):
+                                        r"operation not permitted when stream is capturing\); the training state "
+                                        r"is saved: run again with --resume auto and without --cuda-graphs"):
         step(*batch)
+
+
+class FailingSecondCapture(EmulatedGraphs):
+    def capture(self, work):
+        if self.captures == 1:
+            return FailingCapture.capture(self, work)
+        return super().capture(work)
+
+
+def test_a_failed_capture_keeps_what_the_run_trained_and_the_run_resumes_without_graphs(eager, train,
+                                                                                     monkeypatch):
+    """The second capture (32 px crops, after 3 warm-up batches of epoch 3) fails: the state of the
+    batches trained so far is saved, and the run resumed eagerly ends exactly as the eager run."""
+    monkeypatch.setattr(trainer_module, "CudaGraphs", FailingSecondCapture)
+    with pytest.raises(CaptureFailed):
+        train("failed", "--cuda-graphs")
+    resumed = train("failed", "--resume", "auto")
+    assert resumed.run.log.infos[0].startswith("resumed from") and "epoch 3, batch 3" in resumed.run.log.infos[0]
+    assert resumed.progress == eager.progress
+    assert_same_weights(resumed, eager)
