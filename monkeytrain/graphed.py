@@ -9,9 +9,9 @@ the step, and where each is met:
   copied into the same input tensors before each replay. A new shape (the next crop size of
   progressive resizing) is warmed up and captured anew; the previous graph is dropped.
 - No value frozen at capture: the learning rate lives in a tensor that the scheduler fills
-  (optim.make_capturable), the EMA's decay in one that the averager fills (averaging.py), and
-  the augmentation and mixing draw from the run's generator on the device, registered with the
-  graph so that each replay draws new numbers.
+  (optim.hold_lr_in_tensors; optim.make_capturable at each capture), the EMA's decay in one that
+  the averager fills (averaging.py), and the augmentation and mixing draw from the run's generator
+  on the device, registered with the graph so that each replay draws new numbers.
 - No host work inside: the host half of an optimizer step (the average's decay, the scheduler)
   runs around each replay, as BatchStep (engine.py) runs it around the same device work.
 - A warm-up before each capture: a few eager steps on a side stream, which run cuDNN's algorithm
