@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from monkeytrain.tracking import SilentLog
+
 LAYOUTS = {
     # layout name -> {split name: folder relative to the root}
     "kaggle": {"train": "training/training", "test": "validation/validation"},
@@ -170,6 +172,21 @@ def run_here(main: Callable[[list[str]], Any], argv: list[str], cwd: Path, **env
         os.environ.update(env)
         results = main(argv)
     return InProcessRun(results, stdout.getvalue(), stderr.getvalue())
+
+
+class RecordedLog(SilentLog):
+    """A run's log that keeps what it is told (info lines, warnings) instead of showing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.infos: list[str] = []
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.infos.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
 
 
 @contextlib.contextmanager

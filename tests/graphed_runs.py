@@ -11,31 +11,18 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from conftest import RecordedLog
 from graph_emulator import EmulatedGraphs
 from monkeytrain import optim
 from monkeytrain import trainer as trainer_module
 from monkeytrain.config import parse_config
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
-from monkeytrain.tracking import SilentLog
 from monkeytrain.trainer import RunContext, Trainer
 
 # 3 epochs of 8 batches: 16 px crops for two, then 32 px; mixed batches, clipped gradients, the EMA.
 EVERYTHING = ["--epochs", "3", "--image-size", "32", "--min-train-size", "16", "--full-size-fraction", "0.5",
               "--mixup-alpha", "0.4", "--cutmix-alpha", "1.0", "--clip-grad-norm", "1.0"]
-
-
-class NotedLog(SilentLog):
-    def __init__(self) -> None:
-        super().__init__()
-        self.infos: list[str] = []
-        self.warnings: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.infos.append(message)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
 
 
 class StopAt:
@@ -69,7 +56,7 @@ def train_run(data: Path, name: str, *flags: str, stop: StopAt | None = None, ca
     accelerator = make_accelerator(config)
     run_dir = Path(config.output_dir) / config.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    context = RunContext(config, accelerator, run_dir, NotedLog())
+    context = RunContext(config, accelerator, run_dir, RecordedLog())
     set_seed(config.seed)  # as train.py does: the same initial weights in every run
     trainer = Trainer(context, prepare_data(config, accelerator, cache, context.log), stop or StopAt())
     trainer.fit()

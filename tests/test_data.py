@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import RecordedLog
 from monkeytrain.config import parse_config
 from monkeytrain.data import layout
 from monkeytrain.data.dataset import default_cache_dir, discover_splits, resolve_dataset, user_data_root
@@ -25,19 +26,6 @@ def discover(root: Path, val_fraction: float = 0.2, seed: int = 0, strict: bool 
 
 def digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-class RecordingLog:
-    """Stands in for RunLog: keeps the warnings instead of printing them."""
-
-    def __init__(self):
-        self.warnings: list[str] = []
-
-    def info(self, message: str) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
 
 
 # --- the shared fixture itself --------------------------------------------------------
@@ -316,7 +304,7 @@ def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
     (root / "training" / "training" / "n0" / "bad.jpg").write_text("text")
     shutil.copyfile(root / "training" / "training" / "n1" / "n1_000.png",
                     root / "validation" / "validation" / "n1" / "dup.png")
-    log = RecordingLog()
+    log = RecordedLog()
     config = parse_config(["--data", str(root), "--val-fraction", "0", "--cache-dir", str(tmp_path / "c")])
     splits = resolve_dataset(config, cpu_accelerator, log)
     assert splits.synthetic is False
@@ -332,7 +320,7 @@ def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_im
     pixels = np.random.default_rng(9).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / "training" / "training" / "n0" / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is over it, 24 x 24 is not
-    log = RecordingLog()
+    log = RecordedLog()
     resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
     large = [w for w in log.warnings if "very large image" in w]
     assert len(large) == 1 and "huge.png" in large[0]
@@ -341,7 +329,7 @@ def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_im
 def test_a_class_with_no_held_out_image_is_named_in_a_warning(tmp_path, make_image_folder, cpu_accelerator):
     """One training image of class n0 must stay in training, so the best epoch is chosen without n0."""
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class={"n0": 1})
-    log = RecordingLog()
+    log = RecordedLog()
     splits = resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]),
                              cpu_accelerator, log)
     assert {f.label for f in splits.val} == {1, 2}
@@ -351,6 +339,6 @@ def test_a_class_with_no_held_out_image_is_named_in_a_warning(tmp_path, make_ima
 
 def test_no_class_warning_when_every_class_has_a_held_out_image(tmp_path, make_image_folder, cpu_accelerator):
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3)
-    log = RecordingLog()
+    log = RecordedLog()
     resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
     assert not [w for w in log.warnings if "held-out" in w]

@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 
+from conftest import RecordedLog
 from monkeytrain import pace
 from monkeytrain.pace import (PhaseTimes, RemainingTime, estimate_line, format_duration, long_cpu_run_advice,
                              report_time_left, start_up_seconds)
@@ -69,26 +70,14 @@ def test_a_cpu_run_over_an_hour_names_the_faster_recipe():
     assert "--epochs" in long_cpu_run_advice(2 * 3600, "cpu")
 
 
-class RecordingLog:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.warnings: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-
 @pytest.mark.parametrize("on_cpu, recipe, warned", [(True, "gpu", True), (True, "cpu", True), (False, "gpu", False)])
 def test_training_prints_the_estimate_and_warns_once_about_a_long_cpu_run(on_cpu, recipe, warned):
     clock = FakeClock()
-    pace, log = RemainingTime(1, 150, clock), RecordingLog()
+    pace, log = RemainingTime(1, 150, clock), RecordedLog()
     for epoch in range(1, 16):
         clock.now += 45.0  # 45 s an epoch: 150 epochs take almost two hours
         report_time_left(pace, epoch, log, on_cpu, recipe)
-    assert log.lines == ["about 1 h 51 min left (149 more epochs)", "about 1 h 41 min left (135 more epochs)"]
+    assert log.infos == ["about 1 h 51 min left (149 more epochs)", "about 1 h 41 min left (135 more epochs)"]
     assert len(log.warnings) == int(warned)  # after the first epoch only
     if warned:
         assert ("--recipe cpu" in log.warnings[0]) == (recipe == "gpu")

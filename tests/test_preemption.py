@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import train_here
+from conftest import RecordedLog, train_here
 from monkeytrain.preemption import (REQUEUE_REQUEST, STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher,
                                     requeue_or_exit)
 from monkeytrain.statestore import state_dirs
@@ -98,14 +98,6 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
 
 
-class Said:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
-
-
 @pytest.mark.parametrize("main", [True, False])
 def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_path, monkeypatch, main):
     """The main process leaves the request in the named file (launch_node.sh requeues once the launch
@@ -114,8 +106,8 @@ def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_pa
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv(REQUEUE_REQUEST, str(request))
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran in the process"))
-    said = Said()
-    requeue_or_exit(said, SimpleNamespace(is_main_process=main))
+    log = RecordedLog()
+    requeue_or_exit(log, SimpleNamespace(is_main_process=main))
     assert (request.read_text() == "4242\n") if main else not request.exists()
-    assert said.lines == (["stopped on a signal after saving; the job is requeued once its processes have ended."]
+    assert log.infos == (["stopped on a signal after saving; the job is requeued once its processes have ended."]
                           if main else [])
