@@ -125,8 +125,7 @@ def test_a_restored_average_continues_its_warm_up_exactly():
         set_weights(model, value)
         one_update(straight)
         one_update(interrupted)
-    resumed = weight_averager(torch.nn.Linear(3, 2), DECAY)
-    resumed.live = model
+    resumed = weight_averager(model, DECAY)  # as a resumed run builds it, on its live model
     resumed.ema.module.load_state_dict(torch.nn.Linear(3, 2).state_dict())  # other weights, then restored
     resumed.load_state_dict(interrupted.state_dict())
     for value in values[3:]:
