@@ -123,8 +123,8 @@ class TrainConfig:
         "batches); 0 runs all.")
     compile: bool = _option(False, "torch.compile the model (kernels cached in --cache-dir for later runs).")
     cuda_graphs: bool = _option(
-        False, "Replay each training step from a CUDA graph (one launch per batch), where it applies: one "
-        "CUDA process, resident data, SGD, no gradient accumulation, no fp16. Not yet measured on a GPU.")
+        False, "Replay each training step from a CUDA graph (one launch per batch), where it applies: CUDA "
+        "processes (DDP included) on resident data, without fp16. Not yet measured on a GPU.")
     ema_decay: float = _option(
         0.998, "Evaluate and save an EMA of the weights; its decay per optimizer step warms up to "
         "this value (1 - (1 + step)^-0.75, as timm's ModelEmaV3 does); 0 disables.")
