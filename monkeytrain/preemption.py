@@ -101,27 +101,30 @@ class SaveSchedule:
         self.last = self.clock()
 
 
-REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by slurm/launch_node.sh under SLURM
+REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/requeue.sh)
 
 
 def requeue_or_exit(log, accelerator) -> None:
     """Under SLURM, have this job put back in the queue (it resumes with --resume auto); else just stop.
-    The main process alone asks: one requeue per job. Started by slurm/launch_node.sh, it leaves the
-    request in the file that script names, and the script requeues once every process of the launch
-    has ended: a requeue ends the job at once, and a launcher still running then dies with a
-    traceback in the job's log."""
+    The main process alone asks: one requeue per job."""
     if not accelerator.is_main_process:
         return
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.info("stopped on a signal after saving the training state; continue with --resume auto.")
         return
+    log.info(f"stopped on a signal after saving; {ask_for_requeue(job)}")
+
+
+def ask_for_requeue(job: str) -> str:
+    """Have SLURM job `job` requeued; says how, in words. Started by the SLURM scripts, leave the request
+    in the file they name: they requeue once every process they started has ended, because a requeue
+    ends the job at once, and a launcher still running then dies with a traceback in the job's log."""
     request = os.environ.get(REQUEUE_REQUEST)
     if request:
         Path(request).write_text(f"{job}\n")
-        log.info("stopped on a signal after saving; the job is requeued once its processes have ended.")
-        return
-    log.info(f"stopped on a signal after saving; {requeue(job)}")
+        return "the job is requeued once its processes have ended."
+    return requeue(job)
 
 
 def requeue(job: str) -> str:

@@ -370,12 +370,12 @@ class StopSignals:
 
 
 def stopped(reason: str, received: str | None) -> int:
-    from monkeytrain.preemption import requeue
+    from monkeytrain.preemption import ask_for_requeue
 
     if reason == "signal" and os.environ.get("SLURM_JOB_ID"):
-        # A stop inside a trial requeues the job from train.py; between trials tune does, so that the
+        # A stop inside a trial asks for a requeue from train.py; between trials tune does, so that the
         # task comes back and goes on with the study.
-        say(requeue(os.environ["SLURM_JOB_ID"]))
+        say(ask_for_requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
     return 0
 

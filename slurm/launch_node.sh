@@ -20,6 +20,8 @@
 #   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
 #                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid;
 #                                   outside SLURM, local-<this pid> instead of the job id)
+#   MONKEYTRAIN_REQUEUE_FILE        under SLURM, where the main process asks for a requeue; when it is
+#                                   set, whoever set it requeues (slurm/requeue.sh), else this script
 #
 #   slurm/launch_node.sh [train.py flags ...]
 #   slurm/launch_node.sh --forward-signal USR1     # signal the run started above on this machine
@@ -124,14 +126,14 @@ stop() {
     stopped_by=$1
     forward "$1"
 }
-# Under SLURM the main training process asks for a requeue by writing this file, and the requeue
-# comes below, once the launcher has ended: `scontrol requeue` ends the job at once, and a launcher
-# still running then dies of it with a traceback in the job's log.
-requeue_file=
-if [ -n "${SLURM_JOB_ID:-}" ]; then
-    requeue_file=${pid_file%.pid}.requeue
-    rm -f "$requeue_file"  # from this job's life before a requeue
-    export MONKEYTRAIN_REQUEUE_FILE=$requeue_file
+# Under SLURM the main training process asks for a requeue, and it comes below once the launcher has
+# ended (slurm/requeue.sh says why); unless the script that started this one has named the request
+# file, as train_multinode.sbatch does: it requeues once every machine's launch has ended.
+requeues_here=0
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MONKEYTRAIN_REQUEUE_FILE:-}" ]; then
+    source slurm/requeue.sh
+    take_requeue_requests
+    requeues_here=1
 fi
 detach=(setsid)
 if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig TERM); fi
@@ -152,11 +154,7 @@ trap 'stop INT' INT
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?
-if [ -n "$requeue_file" ] && [ -s "$requeue_file" ]; then
-    rm -f "$requeue_file"
-    trap '' TERM INT  # the requeue's SIGTERM, while this script says how it went and exits
-    if answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then answer=ok; fi
-    echo "launch_node.sh: machine $MACHINE_RANK: scontrol requeue $SLURM_JOB_ID: $answer" >&2
+if [ "$requeues_here" = 1 ] && requeue_if_asked "launch_node.sh: machine $MACHINE_RANK"; then
     exit "$status"
 fi
 if [ -n "$stopped_by" ] && [ "$status" = 0 ]; then

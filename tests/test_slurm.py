@@ -55,7 +55,7 @@ def job_environment(**extra: str) -> dict[str, str]:
     what the scripts do by default, and with this interpreter's `accelerate` first on PATH."""
     dropped = {"MONKEYTRAIN_DATA", "MONKEYTRAIN_RESUME_FLAG", "MONKEYTRAIN_ACCELERATE_CONFIG", "MONKEYTRAIN_CPU",
                "MONKEYTRAIN_PROCS_PER_NODE", "MONKEYTRAIN_TRAIN_SCRIPT", "MONKEYTRAIN_ROOT", "HF_HUB_OFFLINE",
-               "WANDB_MODE", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDR", "MAIN_PORT"}
+               "WANDB_MODE", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDR", "MAIN_PORT", "MONKEYTRAIN_REQUEUE_FILE"}
     env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("SLURM_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
@@ -100,6 +100,18 @@ def log_file(workdir: Path, job_id: int, job_name: str = "monkeytrain") -> Path:
 
 def read_log(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"(no log file {path})"
+
+
+def stand_in_commands(folder: Path, **commands: str) -> Path:
+    """A folder, to put first on PATH, of executables named as the keywords and holding their text."""
+    folder.mkdir()
+    for name, text in commands.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+RECORDING_SCONTROL = '#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\n'  # for tests that run no SLURM
 
 
 def checkpoint_header(path: Path) -> dict[str, str]:
@@ -157,16 +169,19 @@ def signal_after_first_epoch(job: int, log: Path, epochs: int) -> None:
 
 @pytest.fixture(scope="session")
 def requeued_job(slurm_cluster, tmp_path_factory):
-    """A two-rank train.sbatch job sent SLURM's warning signal (SIGUSR1 to the batch shell) after
-    its first epoch, by a thread of its own; Slurm then holds the requeued job for about two minutes
-    before it resumes. Cancelled at the end of the session if it is still there."""
+    """A train_multinode.sbatch job on this one node, two CPU ranks, sent SLURM's warning signal
+    (SIGUSR1 to the batch shell) after its first epoch, by a thread of its own; Slurm then holds the
+    requeued job for about two minutes before it resumes. Cancelled at the end of the session if it is
+    still there. The multi-node script, because its requeue has the most parts: the batch shell
+    forwards the signal through a srun step and requeues after the launchers' step has ended;
+    train.sbatch's (launch_node.sh's own) is checked without SLURM."""
     workdir = tmp_path_factory.mktemp("requeue")
     epochs = 8  # a signal sent after the first is noticed (every 8 steps, or at an epoch's end) well before the last
-    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
-                          MONKEYTRAIN_CACHE=str(workdir / "cache"))
-    job = submit(SLURM_DIR / "train.sbatch", "--model", "resnet10t", "--image-size", "32", "--batch-size", "16",
-                 "--epochs", str(epochs), "--output-dir", str(workdir / "runs"), workdir=workdir, env=env)
-    log = log_file(workdir, job)
+    env = job_environment(MONKEYTRAIN_CPU="1", MONKEYTRAIN_CACHE=str(workdir / "cache"))
+    job = submit(SLURM_DIR / "train_multinode.sbatch", "--model", "resnet10t", "--image-size", "32",
+                 "--batch-size", "16", "--epochs", str(epochs), "--output-dir", str(workdir / "runs"),
+                 workdir=workdir, env=env, sbatch_flags=["--nodes=1"])
+    log = log_file(workdir, job, "monkeytrain-multinode")
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-requeue") as watcher:
             yield RequeuedJob(job, log, workdir / "runs" / f"slurm-{job}", epochs,
@@ -390,6 +405,25 @@ def test_launch_node_rejects_bad_settings_in_one_line(tmp_path, setting, named):
     assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr
 
 
+def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
+    """Under SLURM, when nothing above it requeues (train.sbatch execs it): the main process asks with
+    the real preemption.ask_for_requeue, and launch_node.sh requeues once, after its launcher has ended."""
+    asks = tmp_path / "asks.py"
+    asks.write_text("import os\nfrom monkeytrain.preemption import ask_for_requeue\n"
+                    "print(ask_for_requeue(os.environ['SLURM_JOB_ID']))\n")
+    calls = tmp_path / "scontrol-calls"
+    env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(asks), MAIN_PORT=str(free_port()), TMPDIR=str(tmp_path),
+                          SCONTROL_CALLS=str(calls))
+    env["PATH"] = f"{stand_in_commands(tmp_path / 'bin', scontrol=RECORDING_SCONTROL)}{os.pathsep}{env['PATH']}"
+    done = subprocess.run([str(SLURM_DIR / "launch_node.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "the job is requeued once its processes have ended" in done.stdout, done.stdout
+    assert calls.read_text() == "requeue 4242\n"
+    assert "launch_node.sh: machine 0: scontrol requeue 4242: ok" in done.stderr
+    assert not list(tmp_path.glob("*.requeue"))  # the request is gone: a requeued job starts without one
+
+
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
     env = job_environment(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path))
     done = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch")], cwd=tmp_path, env=env,
@@ -412,7 +446,8 @@ def test_warning_signal_makes_the_job_save_requeue_itself_resume_and_finish_ever
     once across the restart."""
     requeued_job.requeued.result(timeout=480)
     text = read_log(requeued_job.log)
-    assert f"scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
+    assert f"train_multinode.sbatch: scontrol requeue {requeued_job.job}: ok" in text, text[-4000:]
+    assert "launch_node.sh: machine 0: scontrol requeue" not in text, text[-4000:]  # the batch shell's alone
     state = wait_for_job(requeued_job.job, timeout=480)
     text = read_log(requeued_job.log)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]

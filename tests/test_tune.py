@@ -25,7 +25,8 @@ import yaml
 from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
-from test_slurm import job_environment, job_state, read_log, slurm_cluster, submit, wait_for_job  # noqa: F401
+from test_slurm import (RECORDING_SCONTROL, job_environment, job_state, read_log, slurm_cluster,  # noqa: F401
+                        stand_in_commands, submit, wait_for_job)
 
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -237,6 +238,49 @@ def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_
     assert [t["state"] for t in trials] == ["COMPLETE"] * 2
     assert {t["worker"].rsplit(":", 1)[1] for t in trials} <= {f"slurm-{job}_0", f"slurm-{job}_1"}
     assert json.loads((study_dir / "best_run" / "results.json").read_text())["test_images"] == 18
+
+
+# Stands in for the worker tune.sbatch starts (`python -m monkeytrain.cli tune ...`), with tune's own
+# stop between trials: on SIGUSR1 it asks for a requeue and exits, as a worker does.
+WORKER_STAND_IN = """#!{python}
+import json, os, signal, sys, time
+from pathlib import Path
+from monkeytrain.tune import stopped
+
+out = Path(os.environ["STUB_OUTPUT"])
+signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("signal", "SIGUSR1")))
+(out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+(out / "ready").touch()
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_tune_sbatch_passes_the_warning_to_its_worker_and_requeues_once_it_has_exited(tmp_path):
+    """The batch shell's part, without SLURM: SIGUSR1 to it reaches the worker (started with SIGUSR1
+    ignored, which Python's handler overrides), which asks for a requeue; the shell requeues after."""
+    out, calls = tmp_path / "out", tmp_path / "scontrol-calls"
+    out.mkdir()
+    commands = stand_in_commands(tmp_path / "bin", scontrol=RECORDING_SCONTROL,
+                                 python=WORKER_STAND_IN.format(python=sys.executable))
+    env = job_environment(SLURM_JOB_ID="77", MONKEYTRAIN_ROOT=str(PROJECT), TMPDIR=str(tmp_path),
+                          STUB_OUTPUT=str(out), SCONTROL_CALLS=str(calls))
+    env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
+    batch = subprocess.Popen(["bash", str(PROJECT / "slurm" / "tune.sbatch"), "--space", "s.yaml"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "ready").exists() and batch.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        batch.send_signal(signal.SIGUSR1)
+        stdout, stderr = batch.communicate(timeout=60)
+    finally:
+        batch.kill()
+    assert batch.returncode == 0, stdout + stderr
+    assert json.loads((out / "argv.json").read_text()) == ["-m", "monkeytrain.cli", "tune", "--space", "s.yaml"]
+    assert "tune: the job is requeued once its processes have ended." in stdout
+    assert calls.read_text() == "requeue 77\n"
+    assert "tune.sbatch: scontrol requeue 77: ok" in stderr.splitlines()[-1], stderr
 
 
 def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
