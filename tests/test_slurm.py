@@ -406,21 +406,18 @@ def test_launch_node_rejects_bad_settings_in_one_line(tmp_path, setting, named):
 
 
 def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
-    """Under SLURM, when nothing above it requeues (train.sbatch execs it): the main process asks with
-    the real preemption.ask_for_requeue, and launch_node.sh requeues once, after its launcher has ended."""
-    asks = tmp_path / "asks.py"
-    asks.write_text("import os\nfrom monkeytrain.preemption import ask_for_requeue\n"
-                    "print(ask_for_requeue(os.environ['SLURM_JOB_ID']))\n")
-    calls = tmp_path / "scontrol-calls"
-    env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1",
-                          MONKEYTRAIN_TRAIN_SCRIPT=str(asks), MAIN_PORT=str(free_port()), TMPDIR=str(tmp_path),
-                          SCONTROL_CALLS=str(calls))
-    env["PATH"] = f"{stand_in_commands(tmp_path / 'bin', scontrol=RECORDING_SCONTROL)}{os.pathsep}{env['PATH']}"
-    done = subprocess.run([str(SLURM_DIR / "launch_node.sh")], env=env, capture_output=True, text=True, timeout=120)
+    """Under SLURM, when nothing above it requeues (train.sbatch execs it): the launch asks for a requeue
+    (here a stand-in launcher, as the main process does in preemption.ask_for_requeue), and
+    launch_node.sh requeues once, after the launcher has ended."""
+    calls = tmp_path / "calls"
+    launcher = '#!/bin/sh\necho "$SLURM_JOB_ID" > "$MONKEYTRAIN_REQUEUE_FILE"\necho launcher ended >> "$SCONTROL_CALLS"\n'
+    commands = stand_in_commands(tmp_path / "bin", scontrol=RECORDING_SCONTROL, accelerate=launcher)
+    env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", TMPDIR=str(tmp_path), SCONTROL_CALLS=str(calls))
+    env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
+    done = subprocess.run([str(SLURM_DIR / "launch_node.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "the job is requeued once its processes have ended" in done.stdout, done.stdout
-    assert calls.read_text() == "requeue 4242\n"
-    assert "launch_node.sh: machine 0: scontrol requeue 4242: ok" in done.stderr
+    assert calls.read_text() == "launcher ended\nrequeue 4242\n"
+    assert done.stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", done.stderr
     assert not list(tmp_path.glob("*.requeue"))  # the request is gone: a requeued job starts without one
 
 
