@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
 
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monkeytrain", description=__doc__)
+    parser = FlagParser(prog="monkeytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("train", help="train (same flags as monkeytrain/train.py; --help there)",
@@ -48,13 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
-    inspect.add_argument("--val-fraction", type=float, default=0.1)
-    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--data", dest="data_flag", metavar="DATA", help="the same, as train.py spells it")
+    inspect.add_argument("--val-fraction", type=float, **as_in_training("val_fraction"))
+    inspect.add_argument("--seed", type=int, **as_in_training("seed"))
     inspect.add_argument("--json", action="store_true", help="print the full data manifest")
 
     download = commands.add_parser("download", help="fetch 10 Monkey Species from Kaggle (kagglehub)")
     download.add_argument("--dest", type=Path, default=Path("data/10-monkey-species"))
+    for command in (predict, score, export, inspect, download):
+        command.set_defaults(parser=command)  # its own errors name its own flags (FlagParser.parse_args)
     return parser
+
+
+def as_in_training(field: str) -> dict:
+    """A train.py flag's default and help, for a subcommand that takes the same flag."""
+    from monkeytrain.config import FIELDS
+
+    default = FIELDS[field].default
+    return {"default": default, "help": f"{FIELDS[field].metadata['help']} (default: {default}, as in training)"}
 
 
 @exits_cleanly_on_user_error
@@ -155,7 +166,9 @@ def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.config import TrainConfig
     from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
 
-    config = TrainConfig(data=args.data, val_fraction=args.val_fraction, seed=args.seed)
+    if args.data and args.data_flag and args.data != args.data_flag:
+        raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
+    config = TrainConfig(data=args.data or args.data_flag, val_fraction=args.val_fraction, seed=args.seed)
     root = user_data_root(config)
     if root is None:
         raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")

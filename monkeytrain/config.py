@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from monkeytrain.errors import UserError
+from monkeytrain.errors import FlagParser, UserError
 
 # The one list of accepted values of each choice flag: argparse, YAML presets and
 # validation all read them from the field's metadata.
@@ -184,7 +184,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field; unset flags stay absent."""
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="monkeytrain/train.py",
         description="Train an image classifier on an image-folder dataset.",
         argument_default=argparse.SUPPRESS,

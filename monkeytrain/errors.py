@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -30,3 +33,30 @@ def exits_cleanly_on_user_error(main: F) -> F:
             sys.exit(USAGE_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line naming the bad flag, a near flag when there is
+    one, and where the flags are listed; instead of argparse's whole usage (46 lines for train.py)
+    followed by the message. Subcommands' parsers are made of this class too."""
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but flags a subcommand does not know are reported by that subcommand's
+        parser (argparse hands them up to the top one, which knows only the subcommands)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            getattr(parsed, "parser", self).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def error(self, message: str):
+        raise UserError(f"{message}{self.near_flags(message)}; see `{self.prog} --help`.")
+
+    def near_flags(self, message: str) -> str:
+        """' (did you mean --epochs?)' for an unknown --epoch. Python 3.14's suggest_on_error does
+        this; our oldest supported Python (3.10) has nothing like it."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = list(self._option_string_actions)
+        near = [match[0] for flag in re.findall(r"--[\w-]+", message)
+                if (match := difflib.get_close_matches(flag, known, n=1))]
+        return f" (did you mean {', '.join(near)}?)" if near else ""

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
 
 STUDY_NAME = "monkeytrain"
 STORAGE_NAME = "study.journal"
@@ -59,7 +59,7 @@ RESERVED_FIELDS = ("output_dir", "run_name", "resume", "score_test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="monkeytrain tune", allow_abbrev=False,  # no prefix may swallow a train.py flag
         description="Search hyper-parameters with Optuna. Flags not listed here are train.py flags "
                     "that every trial shares (--data, --epochs, --cpu, ...).")

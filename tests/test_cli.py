@@ -52,6 +52,30 @@ def test_invalid_flag_values(capsys, data):
     assert "needs a GPU" in error_of(train.main, ["--mixed-precision", "fp16", "--cpu"], capsys)
 
 
+@pytest.mark.parametrize("entry_point, argv, expected", [
+    (train.main, ["--lrr", "0.1"], "unrecognized arguments: --lrr 0.1 (did you mean --lr?); "
+                                   "see `monkeytrain/train.py --help`."),
+    (cli.main, ["inspect-data", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?); "
+                                          "see `monkeytrain inspect-data --help`."),
+    (cli.main, ["predict", "a.jpg"], "the following arguments are required: --checkpoint; "
+                                     "see `monkeytrain predict --help`."),
+    (cli.main, ["tune", "--space"], "argument --space: expected one argument; see `monkeytrain tune --help`."),
+    (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
+                          "'evaluate', 'export', 'inspect-data', 'download'); see `monkeytrain --help`."),
+])
+def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv, expected, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        entry_point(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"monkeytrain: error: {expected}"]
+
+
+def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
+    cli.main(["inspect-data", "--data", str(data)])
+    assert capsys.readouterr().out.startswith(f"{data}: layout kaggle, 3 classes")
+    assert "two dataset roots" in error_of(cli.main, ["inspect-data", str(data), "--data", "elsewhere"], capsys)
+
+
 def test_config_file_errors(capsys, tmp_path):
     assert "missing.yaml does not exist" in error_of(train.main, ["--config", "missing.yaml"], capsys)
     preset = tmp_path / "preset.yaml"
