@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
     inspect.add_argument("--data", dest="data_flag", metavar="DATA", help="the same, as train.py spells it")
     inspect.add_argument("--val-fraction", type=float, **as_in_training("val_fraction"))
+    inspect.add_argument("--test-fraction", type=float, **as_in_training("test_fraction"))
     inspect.add_argument("--seed", type=int, **as_in_training("seed"))
     inspect.add_argument("--json", action="store_true", help="print the full data manifest")
 
@@ -168,11 +169,13 @@ def run_inspect(args: argparse.Namespace) -> None:
 
     if args.data and args.data_flag and args.data != args.data_flag:
         raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
-    config = TrainConfig(data=args.data or args.data_flag, val_fraction=args.val_fraction, seed=args.seed)
+    config = TrainConfig(data=args.data or args.data_flag, val_fraction=args.val_fraction,
+                         test_fraction=args.test_fraction, seed=args.seed)
     root = user_data_root(config)
     if root is None:
         raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")
-    splits = discover_splits(find_split_folders(config, root), args.val_fraction, args.seed, strict=False)
+    splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False,
+                             test_fraction=config.test_fraction)
     manifest = splits.manifest()
     if args.json:
         print(json.dumps(manifest, indent=2))

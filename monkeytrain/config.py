@@ -41,7 +41,8 @@ class TrainConfig:
     # --- data ---
     data: Optional[str] = _option(
         None,
-        "Dataset root (Kaggle layout, flattened, or train/val[/test]). Default: "
+        "Dataset root (Kaggle layout, flattened, train/ with val/, valid/ or test/, or one folder of "
+        "class subfolders). Default: "
         "$MONKEYTRAIN_DATA, else data/10-monkey-species, else a generated synthetic set.",
     )
     train_dir: Optional[str] = _option(None, "Explicit training folder of class subfolders.")
@@ -51,6 +52,11 @@ class TrainConfig:
         0.1,
         "Fraction of training images held out (stratified, seeded) to pick the best "
         "epoch when the data has no separate test split; 0 selects on the test split.",
+    )
+    test_fraction: float = _option(
+        0.2,
+        "Fraction of images held out (stratified, the same for every --seed) as the test split when "
+        "the dataset is one folder of class subfolders, with no split on disk.",
     )
     strict_data: bool = _option(False, "Fail on a corrupt or non-image file instead of skipping it.")
     image_size: int = _option(224, "Side of the square training and evaluation crops, in pixels.")
@@ -308,6 +314,7 @@ def validate(config: TrainConfig) -> None:
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.image_size >= 16, "--image-size must be at least 16 pixels"),
         (0.0 <= config.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+        (0.0 < config.test_fraction < 1.0, "--test-fraction must be in (0, 1)"),
         (config.lr > 0, "--lr must be positive"),
         (config.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (config.num_workers is None or config.num_workers >= 0, "--num-workers must not be negative"),

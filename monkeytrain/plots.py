@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -155,7 +156,11 @@ def new_figure(**options) -> Figure:
 
 
 def save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, dpi=110)
+    with warnings.catch_warnings():
+        # Class names in a script the bundled font lacks (CJK, say) are drawn as boxes; matplotlib's
+        # warning, once per character and pointing into this file, would tell a user nothing more.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.savefig(path, dpi=110)
     return path
 
 

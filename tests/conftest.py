@@ -34,6 +34,9 @@ LAYOUTS = {
     "flattened": {"train": "training", "test": "validation"},
     "train-val": {"train": "train", "test": "val"},
     "train-val-test": {"train": "train", "val": "val", "test": "test"},
+    "train-valid-test": {"train": "train", "val": "valid", "test": "test"},
+    "train-test": {"train": "train", "test": "test"},
+    "image-folder": {"train": "."},  # one folder of class subfolders, no split on disk
 }
 KAGGLE_LAYOUTS = ("kaggle", "flattened")
 DEFAULT_PER_CLASS = 6
@@ -74,7 +77,8 @@ def write_image_folder(
 
     layout: "kaggle" (training/training/<class>, validation/validation/<class>),
         "flattened" (training/<class>, validation/<class>), "train-val"
-        (train/<class>, val/<class>) or "train-val-test" (train/, val/, test/).
+        (train/<class>, val/<class>), "train-val-test" (train/, val/, test/),
+        "train-valid-test", "train-test" or "image-folder" (<class>/ under the root itself).
     classes: class folders n0 .. n{classes-1}.
     per_class: images per class in every split; a dict maps a class folder name
         (n0, ...) to its count, names it lacks get 6. A count of 0 leaves the

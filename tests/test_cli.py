@@ -107,8 +107,9 @@ def test_empty_class_and_mismatched_classes(capsys, data):
 
 def test_no_images_at_all(capsys, tmp_path):
     for split in ("train", "val"):
-        (tmp_path / "texts" / split / "a").mkdir(parents=True)
-        (tmp_path / "texts" / split / "a" / "notes.txt").write_text("hello")
+        for name in ("a", "b"):
+            (tmp_path / "texts" / split / name).mkdir(parents=True)
+            (tmp_path / "texts" / split / name / "notes.txt").write_text("hello")
     assert "has no readable images" in error_of(train.main, ["--data", str(tmp_path / "texts"), *SMALL], capsys)
 
 

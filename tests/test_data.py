@@ -75,6 +75,22 @@ def test_train_val_test_layout_uses_its_val_folder(tmp_path, make_image_folder):
     assert splits.layout == "train-val-test"
 
 
+def test_one_folder_of_classes_holds_out_a_test_split_the_same_for_every_seed(tmp_path, make_image_folder):
+    """No split on disk: --test-fraction of each class is the test split whatever --seed (runs of
+    several seeds are scored on the same images), then --val-fraction of the rest is held out."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=3, per_class=10)
+    runs = [discover_splits(layout.folders_from_root(root), 0.25, seed, False, test_fraction=0.2) for seed in (0, 1)]
+    everything = {p for p in root.rglob("*.png")}
+    for splits in runs:
+        counts = {name: Counter(f.label for f in files) for name, files in splits.named_splits().items()}
+        assert counts == {"train": {0: 6, 1: 6, 2: 6}, "val": {0: 2, 1: 2, 2: 2}, "test": {0: 2, 1: 2, 2: 2}}
+        paths = [{f.path for f in files} for files in splits.named_splits().values()]
+        assert set.union(*paths) == everything and sum(map(len, paths)) == 30
+        assert splits.layout == "image-folder" and splits.leaks == [] and not splits.selection_on_test
+    assert [f.path for f in runs[0].test] == [f.path for f in runs[1].test]
+    assert [f.path for f in runs[0].val] != [f.path for f in runs[1].val]
+
+
 def test_explicit_folders(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=2, per_class=3)
     folders = layout.folders_from_explicit(str(root / "train"), None, str(root / "test"))
@@ -335,6 +351,18 @@ def test_a_class_with_no_held_out_image_is_named_in_a_warning(tmp_path, make_ima
     assert {f.label for f in splits.val} == {1, 2}
     [warning] = [w for w in log.warnings if "held-out" in w]
     assert "n0" in warning and "n1" not in warning and "n2" not in warning
+
+
+def test_a_class_of_one_image_in_one_folder_of_classes_is_named_for_both_held_out_splits(
+        tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=3, per_class={"n0": 1})
+    log = RecordedLog()
+    splits = resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]),
+                             cpu_accelerator, log)
+    assert {f.label for f in splits.test} == {1, 2} and {f.label for f in splits.train} == {0, 1, 2}
+    warnings = [w for w in log.warnings if "held-out" in w]
+    assert [("n0" in w, "held-out validation image" in w, "held-out test image" in w) for w in warnings] == [
+        (True, True, False), (True, False, True)]
 
 
 def test_no_class_warning_when_every_class_has_a_held_out_image(tmp_path, make_image_folder, cpu_accelerator):

@@ -13,6 +13,9 @@ from monkeytrain.errors import UserError
     ("flattened", "training", None, "validation", "kaggle-flattened", True),
     ("train-val", "train", None, "val", "train-val", False),
     ("train-val-test", "train", "val", "test", "train-val-test", False),
+    ("train-valid-test", "train", "valid", "test", "train-val-test", False),
+    ("train-test", "train", None, "test", "train-test", False),
+    ("image-folder", ".", None, None, "image-folder", False),
 ])
 def test_every_layout_is_recognised(tmp_path, make_image_folder, name, train, selection, test,
                                     layout_name, has_labels):
@@ -20,7 +23,7 @@ def test_every_layout_is_recognised(tmp_path, make_image_folder, name, train, se
     folders = layout.folders_from_root(root)
     assert folders.train == root / train
     assert folders.selection == (root / selection if selection else None)
-    assert folders.test == root / test
+    assert folders.test == (root / test if test else None)
     assert folders.layout == layout_name
     assert folders.labels_file == (root / "monkey_labels.txt" if has_labels else None)
 
@@ -41,6 +44,20 @@ def test_root_without_a_known_layout_is_a_user_error(tmp_path):
     (tmp_path / "train").mkdir()  # train/ alone, no val/
     with pytest.raises(UserError, match="no dataset layout"):
         layout.folders_from_root(tmp_path)
+
+
+def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, make_image_folder):
+    """valid/ and test/ without train/: split names, not class names (a class "test" would be silent)."""
+    root = make_image_folder(tmp_path / "data", layout="train-valid-test", classes=2, per_class=1)
+    (root / "train").rename(root / "training-images")
+    with pytest.raises(UserError, match="no dataset layout found"):
+        layout.folders_from_root(root)
+
+
+def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=1, per_class=2)
+    with pytest.raises(UserError, match=r"one class subfolder \(n0\); a classifier needs at least two"):
+        layout.check_same_classes(layout.folders_from_root(root))
 
 
 def test_explicit_train_and_val(tmp_path, make_image_folder):

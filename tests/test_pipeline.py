@@ -172,9 +172,9 @@ def test_two_ranks_train_on_disjoint_equal_shards_of_each_pass(root, tmp_path, b
 
 
 def test_fewer_training_images_than_processes_is_one_clear_error(root, tmp_path, make_image_folder):
-    tiny = make_image_folder(tmp_path / "tiny", layout="train-val", classes=1, per_class=1, size=20)
-    with pytest.raises(UserError, match="cannot give each of 2 processes one"):
-        resident(splits_of(tiny), FakeRank(0, 2), tmp_path)
+    tiny = make_image_folder(tmp_path / "tiny", layout="train-val", classes=2, per_class=1, size=20)
+    with pytest.raises(UserError, match="cannot give each of 3 processes one"):
+        resident(splits_of(tiny), FakeRank(0, 3), tmp_path)
 
 
 # --- ResidentPipeline: evaluation shards ------------------------------------------------------

@@ -120,6 +120,12 @@ def test_plot_confusion_matrix_writes_a_png(tmp_path):
     assert_png(path, min_width=700, min_height=700)
 
 
+def test_class_names_the_font_cannot_draw_give_no_matplotlib_warning(tmp_path, recwarn):
+    path = plot_confusion_matrix([[3, 1], [0, 4]], ["狗", "猫"], tmp_path / CONFUSION_NAME)
+    assert_png(path, min_width=300, min_height=300)
+    assert [str(w.message) for w in recwarn] == []
+
+
 @pytest.mark.parametrize("matrix, names", [
     ([[1, 2], [3, 4]], ["a", "b", "c"]),        # fewer rows than names
     ([[1, 2, 3], [4, 5, 6]], ["a", "b"]),       # not square

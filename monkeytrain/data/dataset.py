@@ -18,6 +18,9 @@ from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
 
 DEFAULT_DATA_ROOT = Path("data/10-monkey-species")
+# The test split held out of one folder of class subfolders is the same for every --seed, so that
+# runs with different seeds are scored on the same images and their spread is the training's alone.
+TEST_HOLDOUT_SEED = 0
 
 
 @dataclass
@@ -53,10 +56,10 @@ class DatasetSplits:
             "files": {name: [str(f.path) for f in files] for name, files in self.named_splits().items()},
         }
 
-    def classes_never_validated(self) -> list[str]:
-        """The class folders without a validation image: a class whose training images are one
-        (or all identical) keeps it for training when validation is held out of it."""
-        present = {f.label for f in self.val}
+    def classes_missing_from(self, split: str) -> list[str]:
+        """The class folders without an image in a held-out split: a class whose images are one (or
+        all identical) keeps it for training."""
+        present = {f.label for f in self.named_splits()[split]}
         return [name for label, name in enumerate(self.class_folders) if label not in present]
 
     def named_splits(self) -> dict[str, list[ImageFile]]:
@@ -100,9 +103,10 @@ def find_split_folders(config: TrainConfig, root: Optional[Path]) -> layout.Spli
 
 
 def discover_splits(
-    folders: layout.SplitFolders, val_fraction: float, seed: int, strict: bool
+    folders: layout.SplitFolders, val_fraction: float, seed: int, strict: bool,
+    test_fraction: float = TrainConfig.test_fraction,
 ) -> DatasetSplits:
-    """Scan every split, hold out a validation split where needed, and check the result."""
+    """Scan every split, hold out test and validation splits where needed, and check the result."""
     class_folders = layout.check_same_classes(folders)
     scanned = {}
     skipped: list[SkippedFile] = []
@@ -110,6 +114,8 @@ def discover_splits(
         if folder is not None:
             scanned[name], split_skipped = scan_split(folder, class_folders)
             skipped += split_skipped
+    if folders.test is None:
+        scanned["train"], scanned["test"] = stratified_holdout(scanned["train"], test_fraction, TEST_HOLDOUT_SEED)
     if skipped and strict:
         first = skipped[0]
         raise UserError(
@@ -152,7 +158,9 @@ def choose_validation(
 
 def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) -> None:
     """Every class needs images in every split that comes from its own folder."""
-    checked = [(folders.train, splits.train), (folders.test, splits.test)]
+    checked = [(folders.train, splits.train)]
+    if folders.test is not None:  # a held-out test split may lack a class of one image: a warning says so
+        checked.append((folders.test, splits.test))
     if folders.selection is not None:
         checked.append((folders.selection, splits.val))
     for folder, files in checked:
@@ -178,7 +186,7 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
             f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
         )
     splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
-                             config.strict_data)
+                             config.strict_data, config.test_fraction)
     splits.synthetic = synthetic
     report_data_problems(splits, log)
     return splits
@@ -192,11 +200,12 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     if splits.leaks:
         pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
-    unvalidated = splits.classes_never_validated()
-    if unvalidated:
-        log.warn(f"class folder(s) {', '.join(unvalidated)} have no held-out validation image (one distinct "
-                 "training image stays in training), so the best epoch is chosen without them; add training "
-                 "images to them.")
+    for split, name, consequence in (("val", "validation", "the best epoch is chosen"),
+                                     ("test", "test", "the test figure is")):
+        missing = splits.classes_missing_from(split)
+        if missing:
+            log.warn(f"class folder(s) {', '.join(missing)} have no held-out {name} image (one distinct "
+                     f"training image stays in training), so {consequence} without them; add images to them.")
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")

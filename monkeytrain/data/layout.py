@@ -4,7 +4,9 @@ Accepted layouts, tried in this order under a root folder:
 
 - Kaggle as downloaded: `training/training/<class>/`, `validation/validation/<class>/`
 - flattened Kaggle: `training/<class>/`, `validation/<class>/`
-- `train/` + `val/` (+ `test/`)
+- `train/` + `val/` or `valid/` (+ `test/`), or `train/` + `test/`
+- one folder of class subfolders (torchvision's ImageFolder): no split on
+  disk, so the test split is held out of it too (`--test-fraction`)
 
 or explicit `--train-dir` with `--val-dir` and/or `--test-dir`. A split is a
 folder of class subfolders; class indices follow sorted folder names.
@@ -20,6 +22,9 @@ from typing import Optional
 from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
+# Folder names that say a root holds splits, not classes: a root with train/ alone is a mistake to
+# report, not a dataset with a class called "train".
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,13 @@ class SplitFolders:
 
     `selection` is None when the layout has no folder for picking the best
     epoch; it is then held out of `train` (or, with --val-fraction 0, the test
-    folder is used and the test figure is selection-biased).
+    folder is used and the test figure is selection-biased). `test` is None for
+    one folder of class subfolders: the test split is held out of `train` first.
     """
 
     train: Path
     selection: Optional[Path]
-    test: Path
+    test: Optional[Path]
     labels_file: Optional[Path]
     layout: str
 
@@ -48,14 +54,24 @@ def folders_from_root(root: Path) -> SplitFolders:
         return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
     if (root / "training").is_dir() and (root / "validation").is_dir():
         return SplitFolders(root / "training", None, root / "validation", labels, "kaggle-flattened")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        if (root / "test").is_dir():
-            return SplitFolders(root / "train", root / "val", root / "test", labels, "train-val-test")
-        return SplitFolders(root / "train", None, root / "val", labels, "train-val")
+    train, val, test = root / "train", first_folder(root, "val", "valid"), root / "test"
+    if train.is_dir() and val:
+        if test.is_dir():
+            return SplitFolders(train, val, test, labels, "train-val-test")
+        return SplitFolders(train, None, val, labels, "train-val")
+    if train.is_dir() and test.is_dir():
+        return SplitFolders(train, None, test, labels, "train-test")
+    if class_folders(root) and not SPLIT_NAMES & set(class_folders(root)):
+        return SplitFolders(root, None, None, labels, "image-folder")
     raise UserError(
         f"no dataset layout found in {root}; expected training/training/<class>/ and "
-        "validation/validation/<class>/ (Kaggle), training/ and validation/, or train/ and val/."
+        "validation/validation/<class>/ (Kaggle), training/ and validation/, train/ with val/, valid/ "
+        "or test/, or one folder of class subfolders."
     )
+
+
+def first_folder(root: Path, *names: str) -> Optional[Path]:
+    return next((root / name for name in names if (root / name).is_dir()), None)
 
 
 def folders_from_explicit(train: Optional[str], val: Optional[str], test: Optional[str]) -> SplitFolders:
@@ -92,6 +108,9 @@ def check_same_classes(folders: SplitFolders) -> list[str]:
     train_classes = class_folders(folders.train)
     if not train_classes:
         raise UserError(f"{folders.train} has no class subfolders; put each class's images in its own folder.")
+    if len(train_classes) == 1:
+        raise UserError(f"{folders.train} has one class subfolder ({train_classes[0]}); a classifier needs "
+                        "at least two, each class's images in its own folder.")
     others = [f for f in (folders.selection, folders.test) if f is not None]
     for other in others:
         other_classes = class_folders(other)
