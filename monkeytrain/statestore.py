@@ -44,6 +44,11 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     if resume == "auto":
         found = state_dirs(run_dir)
         return found[-1] if found else None
+    return given_state(resume)
+
+
+def given_state(resume: str) -> Path:
+    """The state that --resume names, checked complete."""
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise UserError(f"{path} is not a complete saved state; pass a RUN/state/step-* folder or --resume auto.")

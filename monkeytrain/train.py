@@ -33,6 +33,7 @@ from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit
 from monkeytrain.results import score
 from monkeytrain.rundir import RESULTS_NAME, prepare_run_dir
+from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
 
@@ -54,6 +55,8 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
     set_seed(config.seed)
     cache_dir = usable_cache_dir(config)  # before the run directory: a bad --cache-dir leaves nothing behind
+    if config.resume and config.resume != "auto":
+        given_state(config.resume)  # and a wrong --resume path neither
     run_dir = prepare_run_dir(config, accelerator)
     log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
                        config.log_checkpoint)

@@ -113,6 +113,13 @@ def test_no_images_at_all(capsys, tmp_path):
     assert "has no readable images" in error_of(train.main, ["--data", str(tmp_path / "texts"), *SMALL], capsys)
 
 
+def test_a_resume_path_that_is_no_saved_state_stops_before_anything_is_written(capsys, data):
+    message = error_of(train.main, ["--data", str(data), *SMALL, "--resume", "runs/old/state"], capsys)
+    assert message.endswith("runs/old/state is not a complete saved state; pass a RUN/state/step-* folder "
+                            "or --resume auto.")
+    assert not Path("runs").exists()  # no run directory of a run that never began
+
+
 def test_model_and_weights_errors(capsys, data):
     assert "unknown timm model 'resnet9000'" in error_of(
         train.main, ["--data", str(data), *SMALL, "--model", "resnet9000"], capsys)

@@ -46,6 +46,9 @@ class SplitFolders:
 
 def folders_from_root(root: Path) -> SplitFolders:
     """Recognise one of the accepted layouts under `root`."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"dataset root {root} is a file, not a folder; give --data the folder that holds "
+                        "the class subfolders or the split folders.")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist; check --data or $MONKEYTRAIN_DATA.")
     labels = root / LABELS_FILE if (root / LABELS_FILE).is_file() else None
@@ -79,7 +82,8 @@ def folders_from_explicit(train: Optional[str], val: Optional[str], test: Option
     if not train:
         raise UserError("--val-dir and --test-dir need --train-dir as well.")
     if not (val or test):
-        raise UserError("--train-dir needs --val-dir or --test-dir so there is a split to report on.")
+        raise UserError("--train-dir alone leaves no split to report on; add --val-dir or --test-dir, or pass "
+                        "the folder as --data to hold a test split out of it (--test-fraction).")
     for flag, folder in (("--train-dir", train), ("--val-dir", val), ("--test-dir", test)):
         if folder and not Path(folder).is_dir():
             raise UserError(f"{flag} {folder} does not exist or is not a folder; check the path.")
