@@ -66,6 +66,14 @@ def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, mak
         layout.folders_from_root(root)
 
 
+def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    for extra in ("__MACOSX/n0", ".ipynb_checkpoints"):
+        (root / extra).mkdir(parents=True)
+    (root / "__MACOSX" / "n0" / "._n0_000.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
+
+
 def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=1, per_class=2)
     with pytest.raises(UserError, match=r"one class subfolder \(n0\); a classifier needs at least two"):

@@ -103,8 +103,10 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 
 
 def class_folders(split: Path) -> list[str]:
-    """Sorted names of the non-hidden subfolders of a split folder."""
-    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Sorted names of the subfolders of a split folder, but hidden ones and the __MACOSX folder that
+    a zip made on a Mac unpacks beside its contents (metadata only)."""
+    return sorted(p.name for p in split.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
 
 
 def check_same_classes(folders: SplitFolders) -> list[str]:
