@@ -129,7 +129,8 @@ def test_model_and_weights_errors(capsys, data):
 
 def test_explicit_dirs_need_a_second_split(capsys, data):
     message = error_of(train.main, ["--train-dir", str(data / "training" / "training"), *SMALL], capsys)
-    assert "--train-dir needs --val-dir or --test-dir" in message
+    assert "--train-dir alone leaves no split to report on; add --val-dir or --test-dir, or pass the folder " \
+           "as --data to hold a test split out of it" in message
 
 
 def test_finished_run_is_never_overwritten(capsys, data):

@@ -40,12 +40,6 @@ def test_missing_root_is_a_user_error_naming_it(tmp_path):
         layout.folders_from_root(tmp_path / "nowhere")
 
 
-def test_a_training_folder_alone_points_at_data_for_a_held_out_test_split(tmp_path, make_image_folder):
-    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
-    with pytest.raises(UserError, match="pass the folder as --data to hold a test split out of it"):
-        layout.folders_from_explicit(str(root), None, None)
-
-
 def test_a_file_given_as_the_root_is_named_as_a_file(tmp_path):
     (tmp_path / "data.zip").write_bytes(b"PK")
     with pytest.raises(UserError, match="data.zip is a file, not a folder"):
