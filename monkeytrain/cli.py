@@ -165,7 +165,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.config import TrainConfig
-    from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
+    from monkeytrain.data.dataset import default_cache_dir, discover_splits, find_split_folders, user_data_root
 
     if args.data and args.data_flag and args.data != args.data_flag:
         raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
@@ -175,7 +175,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     if root is None:
         raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")
     splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False,
-                             test_fraction=config.test_fraction)
+                             test_fraction=config.test_fraction, cache_dir=default_cache_dir(config))
     manifest = splits.manifest()
     if args.json:
         print(json.dumps(manifest, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -223,6 +224,75 @@ def test_identical_bytes_give_identical_digests(tmp_path):
     (tmp_path / "c.png").write_bytes(encoded(noise_image(seed=9), "PNG"))
     images, _ = scan_labelled_files([(tmp_path / n, 0) for n in ("a.png", "b.png", "c.png")])
     assert images[0].digest == images[1].digest != images[2].digest
+
+
+# --- what earlier scans found ----------------------------------------------------------
+
+@pytest.fixture
+def scanned_folder(tmp_path, monkeypatch):
+    """Two images and a damaged file, scanned once into a cache file: (labelled paths, cache file,
+    what that scan found). Their change times are trusted, just written as they are (see RACY_NS)."""
+    from monkeytrain.data import imagefiles
+
+    monkeypatch.setattr(imagefiles, "RACY_NS", -10**12)
+    labelled = []
+    for i in range(2):
+        labelled.append((tmp_path / f"{i}.png", i))
+        labelled[-1][0].write_bytes(encoded(noise_image(seed=i), "PNG"))
+    labelled.append((tmp_path / "cut.jpg", 0))
+    labelled[-1][0].write_bytes(encoded(noise_image(seed=3), "JPEG")[:200])
+    cache_file = tmp_path / "cache" / "scans.json"
+    return labelled, cache_file, scan_labelled_files(labelled, cache_file)
+
+
+def counting_inspections(monkeypatch) -> list[str]:
+    from monkeytrain.data import imagefiles
+
+    inspected, really_inspect = [], imagefiles.inspect
+    monkeypatch.setattr(imagefiles, "inspect", lambda path, label: inspected.append(path.name)
+                        or really_inspect(path, label))
+    return inspected
+
+
+def test_a_second_scan_reads_what_the_first_found_and_decodes_nothing(scanned_folder, monkeypatch):
+    labelled, cache_file, first = scanned_folder
+    inspected = counting_inspections(monkeypatch)
+    relabelled = [(path, 5) for path, _ in labelled]  # labels come from the caller, not the cache
+    images, skipped = scan_labelled_files(relabelled, cache_file)
+    assert inspected == []
+    assert images == [ImageFile(f.path, 5, f.digest, f.pixels) for f in first[0]] and skipped == first[1]
+    assert "truncated" in skipped[0].reason
+
+
+def test_a_changed_file_alone_is_scanned_again(scanned_folder, monkeypatch):
+    labelled, cache_file, first = scanned_folder
+    changed = labelled[1][0]
+    changed.write_bytes(encoded(noise_image(seed=7), "PNG"))
+    assert changed.stat().st_size == labelled[0][0].stat().st_size  # the same size: caught by its times,
+    os.utime(changed, ns=(10**18, 10**18))  # which a tick of the file system's clock would not tell apart
+    inspected = counting_inspections(monkeypatch)
+    images, _ = scan_labelled_files(labelled, cache_file)
+    assert inspected == ["1.png"]
+    assert images[1].digest == hashlib.sha1(changed.read_bytes()).hexdigest() != first[0][1].digest
+    assert scan_labelled_files(labelled, cache_file)[0] == images and inspected == ["1.png"]  # kept
+
+
+def test_files_changed_just_before_a_scan_are_inspected_again_by_the_next(tmp_path, monkeypatch):
+    path = tmp_path / "fresh.png"
+    path.write_bytes(encoded(noise_image(), "PNG"))
+    cache_file = tmp_path / "scans.json"
+    first = scan_labelled_files([(path, 0)], cache_file)  # within RACY_NS of the write
+    inspected = counting_inspections(monkeypatch)
+    assert scan_labelled_files([(path, 0)], cache_file) == first and inspected == ["fresh.png"]
+
+
+def test_a_damaged_scan_cache_is_scanned_over(scanned_folder, monkeypatch):
+    labelled, cache_file, first = scanned_folder
+    cache_file.write_text('{"header": ')
+    inspected = counting_inspections(monkeypatch)
+    assert scan_labelled_files(labelled, cache_file) == first
+    assert inspected == ["0.png", "1.png", "cut.jpg"]
+    assert scan_labelled_files(labelled, cache_file) == first and len(inspected) == 3  # written anew
 
 
 def test_load_rgb_decodes_a_grey_jpeg_without_extension(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,15 +105,16 @@ def find_split_folders(config: TrainConfig, root: Optional[Path]) -> layout.Spli
 
 def discover_splits(
     folders: layout.SplitFolders, val_fraction: float, seed: int, strict: bool,
-    test_fraction: float = TrainConfig.test_fraction,
+    test_fraction: float = TrainConfig.test_fraction, cache_dir: Optional[Path] = None,
 ) -> DatasetSplits:
-    """Scan every split, hold out test and validation splits where needed, and check the result."""
+    """Scan every split (reusing what earlier scans kept in `cache_dir`), hold out test and validation
+    splits where needed, and check the result."""
     class_folders = layout.check_same_classes(folders)
     scanned = {}
     skipped: list[SkippedFile] = []
     for name, folder in (("train", folders.train), ("selection", folders.selection), ("test", folders.test)):
         if folder is not None:
-            scanned[name], split_skipped = scan_split(folder, class_folders)
+            scanned[name], split_skipped = scan_split(folder, class_folders, cache_dir)
             skipped += split_skipped
     if folders.test is None:
         scanned["train"], scanned["test"] = stratified_holdout(scanned["train"], test_fraction, TEST_HOLDOUT_SEED)
@@ -135,13 +137,19 @@ def discover_splits(
     return splits
 
 
-def scan_split(folder: Path, class_folders: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
+def scan_split(folder: Path, class_folders: list[str],
+               cache_dir: Optional[Path]) -> tuple[list[ImageFile], list[SkippedFile]]:
     labelled = [
         (path, label)
         for label, name in enumerate(class_folders)
         for path in candidate_files(folder / name)
     ]
-    return scan_labelled_files(labelled)
+    return scan_labelled_files(labelled, scans_file(folder, cache_dir) if cache_dir else None)
+
+
+def scans_file(folder: Path, cache_dir: Path) -> Path:
+    """Where what scanning a split folder found is kept: one file per folder, named by its path."""
+    return cache_dir / "scans" / f"{hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:24]}.json"
 
 
 def choose_validation(
@@ -186,7 +194,7 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
             f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
         )
     splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
-                             config.strict_data, config.test_fraction)
+                             config.strict_data, config.test_fraction, default_cache_dir(config))
     splits.synthetic = synthetic
     report_data_problems(splits, log)
     return splits
