@@ -44,8 +44,8 @@ warnings.filterwarnings("ignore", message="This instance was constructed with ca
 
 WARMUP_BATCHES = 3  # eager steps before each capture, as in PyTorch's CUDA graph notes
 # Under DDP the notes ask for at least 11: DDP times its first 10 forwards with host-synced events,
-# and every 100th after them. Each crop size's capture is then its 12th-14th forward after the last
-# capture (replays are no forwards), so no capture lands on a 100th with fewer than 25 crop sizes.
+# and then every 100th, which `time_ddp_only_at_start` turns off: a capture, which any crop size's
+# warm-up can bring to any forward count, must never be one of them.
 DDP_WARMUP_BATCHES = 11
 
 
@@ -100,6 +100,14 @@ class Captured:
 
     replay: Callable[[], None]
     outputs: tuple[torch.Tensor, torch.Tensor]
+
+
+def time_ddp_only_at_start(model) -> None:
+    """Leave DDP timing its first 10 forwards (the warm-up covers them) but none after: its sample
+    rate is private API (torch 1.10 and later), so a model without it is left as it is."""
+    set_sample_rate = getattr(model, "_set_ddp_runtime_logging_sample_rate", None)
+    if set_sample_rate is not None:
+        set_sample_rate(2**31 - 1)  # DDP's C++ side holds it in an int
 
 
 class GraphedStep:
@@ -178,6 +186,7 @@ class GraphedStep:
 
     def prepare_memory(self, views: torch.Tensor, labels: torch.Tensor) -> None:
         """The inputs every graph of this shape reads, and the gradients they write."""
+        time_ddp_only_at_start(self.learner.model)
         make_capturable(self.learner.optimizer, views.device)  # here: a resume may have put floats back
         self.inputs = (views.clone(), labels.clone())  # holding a real batch, for the capture
         self.learner.optimizer.zero_grad(set_to_none=True)  # one step a batch: backward allocates them

@@ -142,6 +142,16 @@ def test_under_ddp_eleven_batches_warm_up_before_each_capture(processes, warm_ba
     assert step.warmup_batches == warm_batches
 
 
+def test_ddp_times_no_forward_after_its_first_ten_once_graphs_are_captured(tmp_path):
+    """Every 100th DDP forward is timed with host-synced events, which a capture must never meet."""
+    rates = []
+    model = SimpleNamespace(_set_ddp_runtime_logging_sample_rate=rates.append, parameters=lambda: [])
+    learner = SimpleNamespace(model=model, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)]))
+    accelerator = SimpleNamespace(num_processes=2, gradient_accumulation_steps=1)
+    GraphedStep(learner, accelerator, lambda: 32, EmulatedGraphs()).prepare_memory(torch.zeros(1), torch.zeros(1))
+    assert rates == [2**31 - 1]
+
+
 def test_on_the_cpu_cuda_graphs_are_declined_with_the_reason(data_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trainer = train_run(data_folder, "cpu", "--cuda-graphs", "--epochs", "1", "--max-batches-per-epoch", "1")
