@@ -12,6 +12,7 @@ from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_erro
 
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
+MAX_LISTED_CLASSES = 20  # inspect-data lists each class's image count up to this many classes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +184,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(f"{root}: layout {manifest['layout']}, {len(splits.class_names)} classes")
     for split, files in splits.named_splits().items():
         per_class = [sum(f.label == i for f in files) for i in range(len(splits.class_names))]
-        print(f"  {split:<5} {len(files):>5} images  per class {per_class}")
+        print(f"  {split:<5} {len(files):>5} images  per class {class_counts(per_class)}")
     for name, folder in zip(splits.class_names, splits.class_folders):
         print(f"  {folder}: {name}")
     for bad in splits.skipped:
@@ -192,6 +193,14 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  leak: {a} = {b}")
     if splits.selection_on_test:
         print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
+
+
+def class_counts(per_class: list[int]) -> str:
+    """Every class's count, or for more classes than a line holds, their range and median."""
+    if len(per_class) <= MAX_LISTED_CLASSES:
+        return str(per_class)
+    ordered = sorted(per_class)
+    return f"{ordered[0]} to {ordered[-1]}, median {ordered[len(ordered) // 2]}"
 
 
 def run_download(args: argparse.Namespace) -> None:

@@ -70,6 +70,22 @@ def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv,
     assert capsys.readouterr().err.splitlines() == [f"monkeytrain: error: {expected}"]
 
 
+def test_inspect_data_shows_the_test_split_held_out_of_one_folder_of_classes(capsys, tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "flat", layout="image-folder", classes=3, per_class=10)
+    cli.main(["inspect-data", str(root), "--test-fraction", "0.3", "--val-fraction", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [f"{root}: layout image-folder, 3 classes",
+                         "  train     9 images  per class [3, 3, 3]",
+                         "  val      12 images  per class [4, 4, 4]",  # half of the 7 left, rounded
+                         "  test      9 images  per class [3, 3, 3]"]
+
+
+def test_inspect_data_sums_up_the_counts_of_many_classes(capsys, tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "many", layout="train-val", classes=21, per_class={"n0": 3, "n1": 2}, size=8)
+    cli.main(["inspect-data", str(root), "--val-fraction", "0"])
+    assert "  test    119 images  per class 2 to 6, median 6" in capsys.readouterr().out.splitlines()
+
+
 def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
     cli.main(["inspect-data", "--data", str(data)])
     assert capsys.readouterr().out.startswith(f"{data}: layout kaggle, 3 classes")
