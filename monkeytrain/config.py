@@ -121,7 +121,8 @@ class TrainConfig:
     clip_grad_norm: float = _option(0.0, "Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Optional[str] = _option(
         None, "Autocast precision: no, fp16 or bf16. Default: what `accelerate launch` was "
-        "configured with, else bf16 on a GPU and no on the CPU.", choices=PRECISION_CHOICES,
+        "configured with, else bf16 on a GPU and no on the CPU; fp16 instead of bf16 on a GPU older "
+        "than Ampere (T4, V100, P100), which only emulates bf16.", choices=PRECISION_CHOICES,
     )
     seed: int = _option(0, "Seed for weights, data order, splits and augmentation.")
     max_batches_per_epoch: int = _option(

@@ -4,6 +4,7 @@ on one process."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, TypeVar
 
 import torch
@@ -16,14 +17,18 @@ T = TypeVar("T")
 
 
 def make_accelerator(config) -> Accelerator:
-    """The one Accelerator of a run: the precision asked for, else the launcher's, else bf16 on a GPU."""
+    """The one Accelerator of a run, in the precision `choose_precision` picks."""
     on_gpu = torch.cuda.is_available() and not config.cpu
     if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
+    capability = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else None
+    precision, note = choose_precision(config.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"),
+                                       capability)
+    if note:
+        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     accelerator = Accelerator(
         cpu=config.cpu,
-        mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-        or ("bf16" if on_gpu else "no"),
+        mixed_precision=precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step itself
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -34,6 +39,27 @@ def make_accelerator(config) -> Accelerator:
         # which would make the main command train at half speed on two cores.
         torch.set_num_threads(config.cpu_threads or cores_per_process(accelerator))
     return accelerator
+
+
+def choose_precision(asked: str | None, launcher: str | None,
+                     capability: tuple[int, int] | None) -> tuple[str, str | None]:
+    """(the autocast precision, a warning when it is not the launcher's): the one asked for, else the
+    launcher's, else bf16 on a GPU and none on the CPU. A GPU older than Ampere (compute capability
+    below 8: T4, V100, P100, the free notebook GPUs) only emulates bf16, which then runs slower than
+    fp32; fp16, with loss scaling, is what its tensor cores take, so it gets fp16 instead, the
+    launcher's bf16 (our GPU configs say bf16) included."""
+    emulates_bf16 = capability is not None and capability[0] < 8
+    if asked:
+        return asked, None
+    if launcher == "bf16" and emulates_bf16:
+        return "fp16", (f"bf16 from the Accelerate config is only emulated on this GPU (compute capability "
+                        f"{capability[0]}.{capability[1]}, slower than fp32): training in fp16; pass "
+                        "--mixed-precision bf16 to insist.")
+    if launcher:
+        return launcher, None
+    if capability is None:
+        return "no", None
+    return ("fp16" if emulates_bf16 else "bf16"), None
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
