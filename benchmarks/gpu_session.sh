@@ -13,7 +13,7 @@
 # H200 (from the 150-epoch default's 60 s): versions 10 s, throughput 2 x 45 s (each with a graphed
 # row), the default eager then graphed (the same seed: agreement and the time saved) 2 x 60 s, the
 # candidate recipe graphed x 3 seeds about 40-60 s each, then two short graphed runs (AdamW, gradient
-# accumulation) of about 20 s each.
+# accumulation) and a short fp16 one of about 20 s each.
 set -uo pipefail
 data=$(cd "${1:?usage: benchmarks/gpu_session.sh DATA [OUT]}" && pwd)
 out=$(mkdir -p "${2:-gpu-session}" && cd "${2:-gpu-session}" && pwd)
@@ -30,9 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, say how i
 
 if [ -n "${SMOKE:-}" ]; then  # later flags win: these shrink every run
     train_extra=(--debug --model resnet10t --image-size 64 --min-train-size 32 --tta-shift 4 --epochs 2)
-    throughput_extra=(--tiny --model resnet10t) compile=()
+    throughput_extra=(--tiny --model resnet10t) compile=() fp16=()  # fp16 needs a GPU
 else
-    train_extra=() throughput_extra=() compile=(--compile)
+    train_extra=() throughput_extra=() compile=(--compile) fp16=(--mixed-precision fp16)
 fi
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"
@@ -59,4 +59,7 @@ step graphed-adamw 45 python benchmarks/time_to_accuracy.py --data "$data" --see
     --optimizer adamw --lr 0.002 "${train_extra[@]}"
 step graphed-accumulating 45 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1 --cuda-graphs \
     --epochs 3 --grad-accum-steps 2 "${train_extra[@]}"
+# fp16, the default on GPUs older than Ampere, has never trained on a GPU here: that it does (eager).
+step fp16-eager 45 python benchmarks/time_to_accuracy.py --data "$data" --seeds 1 --epochs 3 "${fp16[@]}" \
+    "${train_extra[@]}"
 cat "$out/summary.txt"
