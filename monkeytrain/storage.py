@@ -151,5 +151,5 @@ def write_cache(path: Path, write: Payload) -> bool:
     except (OSError, DiskFull) as error:
         reason = error.reason if isinstance(error, DiskFull) else (error.strerror or str(error))
         print(f"monkeytrain: warning: cannot write the cache file {path} ({reason}); "
-              "training goes on without the cache.", file=sys.stderr, flush=True)
+              "going on without it.", file=sys.stderr, flush=True)
         return False

@@ -166,7 +166,7 @@ def test_a_cache_that_cannot_be_written_warns_once_and_goes_on(tmp_path, capsys)
     assert not write_cache(path, writes_then_fails(2048, OSError(errno.ENOSPC, "No space left on device")))
     warnings = capsys.readouterr().err.splitlines()
     assert warnings == [f"monkeytrain: warning: cannot write the cache file {path} (no space left on the "
-                        "device, at least 2.0 KiB needed); training goes on without the cache."]
+                        "device, at least 2.0 KiB needed); going on without it."]
     assert names_in(path.parent) == []
     _regular_file(tmp_path)
     assert not write_cache(tmp_path / "a-file" / "key.json", b"{}")  # its folder cannot be made
@@ -237,7 +237,7 @@ def test_caches_on_a_full_disk_return_the_values_and_warn_once(full_disk, tmp_pa
 def one_warning(capsys, folder: Path) -> bool:
     lines = capsys.readouterr().err.splitlines()
     return (len(lines) == 1 and lines[0].startswith(f"monkeytrain: warning: cannot write the cache file {folder}/")
-            and lines[0].endswith("training goes on without the cache."))
+            and lines[0].endswith("going on without it."))
 
 
 def view_batches(files) -> DataLoader:
