@@ -64,7 +64,8 @@ def folders_from_root(root: Path) -> SplitFolders:
         return SplitFolders(train, None, val, labels, "train-val")
     if train.is_dir() and test.is_dir():
         return SplitFolders(train, None, test, labels, "train-test")
-    if class_folders(root) and not SPLIT_NAMES & set(class_folders(root)):
+    subfolders = set(class_folders(root))
+    if subfolders and not subfolders & SPLIT_NAMES:
         return SplitFolders(root, None, None, labels, "image-folder")
     raise UserError(
         f"no dataset layout found in {root}; expected training/training/<class>/ and "
