@@ -74,6 +74,12 @@ def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
         layout.check_same_classes(layout.folders_from_root(root))
 
 
+def test_one_folder_that_holds_the_classes_is_named_as_the_one_to_give(tmp_path, make_image_folder):
+    make_image_folder(tmp_path / "download" / "images", layout="image-folder", classes=2, per_class=1)
+    with pytest.raises(UserError, match="if .*download/images holds the class folders, give that folder"):
+        layout.check_same_classes(layout.folders_from_root(tmp_path / "download"))
+
+
 def test_explicit_train_and_val(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
     folders = layout.folders_from_explicit(str(root / "train"), str(root / "val"), None)

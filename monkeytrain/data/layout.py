@@ -116,8 +116,10 @@ def check_same_classes(folders: SplitFolders) -> list[str]:
     if not train_classes:
         raise UserError(f"{folders.train} has no class subfolders; put each class's images in its own folder.")
     if len(train_classes) == 1:
+        only = folders.train / train_classes[0]
+        hint = f"; if {only} holds the class folders, give that folder" if class_folders(only) else ""
         raise UserError(f"{folders.train} has one class subfolder ({train_classes[0]}); a classifier needs "
-                        "at least two, each class's images in its own folder.")
+                        f"at least two, each class's images in its own folder{hint}.")
     others = [f for f in (folders.selection, folders.test) if f is not None]
     for other in others:
         other_classes = class_folders(other)
