@@ -49,7 +49,7 @@ WARMUP_BATCHES = 3  # eager steps before each capture, as in PyTorch's CUDA grap
 DDP_WARMUP_BATCHES = 11
 
 
-def graphs_unavailable(config, accelerator, pipeline_mode: str) -> Optional[str]:
+def graphs_unavailable(accelerator, pipeline_mode: str) -> Optional[str]:
     """Why this run cannot replay its steps from CUDA graphs (None: it can), in words for its log."""
     reasons = [
         (accelerator.device.type != "cuda", f"the run trains on {accelerator.device.type}, not a CUDA GPU"),

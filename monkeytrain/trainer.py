@@ -162,7 +162,7 @@ class Trainer:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""
         if not self.config.cuda_graphs:
             return None
-        unavailable = graphs_unavailable(self.config, self.accelerator, self.data.pipeline.mode)
+        unavailable = graphs_unavailable(self.accelerator, self.data.pipeline.mode)
         if unavailable:
             self.run.log.warn(f"--cuda-graphs: training without them, as {unavailable}.")
             return None

@@ -40,7 +40,7 @@ class StopAt:
 def as_on_a_gpu(patch: pytest.MonkeyPatch) -> None:
     """With --cuda-graphs, the trainer does here what it does on a GPU: graphs apply, the optimizer is
     the fused kind, and the emulator captures."""
-    patch.setattr(trainer_module, "graphs_unavailable", lambda config, accelerator, mode: None)
+    patch.setattr(trainer_module, "graphs_unavailable", lambda accelerator, mode: None)
     patch.setattr(trainer_module, "CudaGraphs", EmulatedGraphs)
     patch.setattr(optim, "kernel_options", lambda device: {"fused": True})
 
