@@ -7,12 +7,18 @@ collective, so none is left waiting), all of them save, and the job requeues
 itself under SLURM or exits. A second Ctrl-C stops at once, unsaved.
 
 Some launchers do not pass a signal on: accelerate's one-process launcher
-dies of a SIGTERM and leaves its child running, and no launcher can pass on
-its own SIGKILL. So a process started by a launcher asks Linux to send it
-SIGTERM when its parent dies (PR_SET_PDEATHSIG): it then saves and stops
-instead of training on as an orphan. DataLoader workers ignore these signals
-(`ignore_stop_signals`), so a signal to a whole process group reaches the
-trainer, which shuts its workers down itself, instead of killing them under it.
+(up to 1.15) dies of a SIGTERM and leaves its child running, and no launcher
+can pass on its own SIGKILL. So a process started by a launcher asks Linux to
+send it SIGTERM when its parent dies (PR_SET_PDEATHSIG): it then saves and
+stops instead of training on as an orphan. A launcher that reads our console
+through a pipe (accelerate's one-process launcher from 1.16 reads stderr)
+leaves that pipe without a reader when it dies: the console then goes to
+/dev/null (`ConsoleStream`) rather than fail the save with BrokenPipeError.
+The same launcher sends SIGTERM itself and kills what has not ended 5 s later,
+so on the CPU, where a step can take a second, the stop is checked every step.
+DataLoader workers ignore these signals (`ignore_stop_signals`), so a signal
+to a whole process group reaches the trainer, which shuts its workers down
+itself, instead of killing them under it.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import torch
 from monkeytrain.distributed import sum_across_ranks
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-# Ranks compare their stop flags every this many optimizer steps (a collective:
-# checking every step would cost a device sync each step).
-STOP_CHECK_INTERVAL = 8
+# On a GPU, ranks compare their stop flags every this many optimizer steps (a collective: checking
+# every step would cost a device sync each step, and 8 steps take milliseconds there).
+GPU_STOP_CHECK_INTERVAL = 8
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Set by `accelerate launch` (every launcher form) and by torchrun in the processes they start.
 LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
@@ -47,8 +53,10 @@ class Preemption:
         self.schedule = SaveSchedule(save_every_minutes)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
-        if launched_by_a_launcher(environ) and not stop_when_parent_dies():
-            self.received = "launcher gone"  # it died before we could ask to be told
+        if launched_by_a_launcher(environ):
+            sys.stdout, sys.stderr = ConsoleStream.around(sys.stdout), ConsoleStream.around(sys.stderr)
+            if not stop_when_parent_dies():
+                self.received = "launcher gone"  # it died before we could ask to be told
 
     def _note(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == "SIGINT":
@@ -62,6 +70,50 @@ class Preemption:
                                               dtype=torch.int64, device=accelerator.device))
         stop, save = (int(v) > 0 for v in votes.tolist())
         return stop, save
+
+
+def stop_check_interval(device: torch.device) -> int:
+    """Optimizer steps between the ranks' stop checks: every step on the CPU, where a check costs no
+    device sync and a step can take a second (a launcher may kill what has not stopped 5 s after its
+    SIGTERM), every GPU_STOP_CHECK_INTERVAL steps elsewhere."""
+    return 1 if device.type == "cpu" else GPU_STOP_CHECK_INTERVAL
+
+
+class ConsoleStream:
+    """stdout or stderr, going on when its reader has gone: the first write or flush that finds the
+    pipe without a reader (BrokenPipeError) points the stream's file at /dev/null, for Python's writes
+    and the C libraries' alike, instead of ending the run before it saves. Everything but writing and
+    flushing is the stream's own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @classmethod
+    def around(cls, stream):
+        return stream if stream is None or isinstance(stream, cls) else cls(stream)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self) -> None:
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(nowhere, self.stream.fileno())
+        finally:
+            os.close(nowhere)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def launched_by_a_launcher(environ: Mapping[str, str]) -> bool:

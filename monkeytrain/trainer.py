@@ -32,7 +32,7 @@ from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_u
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
-from monkeytrain.preemption import STOP_CHECK_INTERVAL, Preemption
+from monkeytrain.preemption import Preemption, stop_check_interval
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
@@ -81,6 +81,7 @@ class Trainer:
         self.run, self.data, self.stop = run, data, stop
         self.on_epoch = on_epoch or (lambda epoch, val_accuracy: None)
         self.config, self.accelerator = run.config, run.accelerator
+        self.stop_check_interval = stop_check_interval(self.accelerator.device)
         self.generator = torch.Generator(self.accelerator.device).manual_seed(
             self.config.seed * 1000 + self.accelerator.process_index)
         self.batches_per_epoch = whole_accumulation_groups(
@@ -172,7 +173,7 @@ class Trainer:
         """Count the step, save on schedule, and say whether the ranks agreed to stop."""
         self.progress.step += 1
         step = self.progress.step
-        stopping, save_due = (self.stop.check(self.accelerator) if step % STOP_CHECK_INTERVAL == 0
+        stopping, save_due = (self.stop.check(self.accelerator) if step % self.stop_check_interval == 0
                               else (False, False))
         scheduled = self.config.save_every and step % self.config.save_every == 0
         if (save_due or scheduled) and not stopping:  # on a stop, fit() saves this very step

@@ -127,7 +127,10 @@ FORMS = {
                                        signal.SIGINT, 1, {0}),
     "monkeytrain train, SIGUSR1": ([str(BIN / "monkeytrain"), "train", "--cpu"], "top", signal.SIGUSR1, 1, {0}),
     "stream workers, SIGTERM to the group": (STREAM, "group", signal.SIGTERM, 1, {0}),
-    "accelerate launch, one process, SIGTERM": (ONE_PROCESS, "top", signal.SIGTERM, 1, {-signal.SIGTERM}),
+    # Accelerate's own status: up to 1.15 its one-process launcher dies of the signal (our process then
+    # gets SIGTERM as its parent dies); from 1.16 it sends SIGTERM to our process, then exits with 143
+    "accelerate launch, one process, SIGTERM": (ONE_PROCESS, "top", signal.SIGTERM, 1,
+                                                {-signal.SIGTERM, 128 + signal.SIGTERM}),
     "accelerate launch, one process, SIGKILL": (ONE_PROCESS, "top", signal.SIGKILL, 1, {-signal.SIGKILL}),
     "accelerate launch, two ranks, SIGTERM": (TWO_RANKS, "top", signal.SIGTERM, 2, None),
     "torchrun, two ranks, SIGTERM": (TORCHRUN, "top", signal.SIGTERM, 2, None),

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import RecordedLog, train_here
-from monkeytrain.preemption import (REQUEUE_REQUEST, STOP_SIGNALS, Preemption, SaveSchedule, launched_by_a_launcher,
-                                    requeue_or_exit)
+from monkeytrain.preemption import (GPU_STOP_CHECK_INTERVAL, REQUEUE_REQUEST, STOP_SIGNALS, ConsoleStream, Preemption,
+                                    SaveSchedule, launched_by_a_launcher, requeue_or_exit, stop_check_interval)
 from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,42 @@ def test_only_processes_a_launcher_started_watch_their_parent():
     assert not launched_by_a_launcher({"PATH": "/usr/bin"})              # a shell, nohup: none
 
 
+def test_the_stop_is_checked_every_step_on_the_cpu_and_every_few_on_a_gpu():
+    import torch
+
+    assert stop_check_interval(torch.device("cpu")) == 1  # a launcher may kill us 5 s after its SIGTERM
+    assert stop_check_interval(torch.device("cuda")) == GPU_STOP_CHECK_INTERVAL > 1  # a check syncs the GPU
+
+
+def test_a_console_whose_reader_has_gone_goes_to_dev_null_instead_of_failing():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the launcher that read it has died
+    console = ConsoleStream(open(write_end, "w", buffering=1))
+    try:
+        with pytest.raises(BrokenPipeError):  # what an unwrapped stream raises: the test can fail
+            console.stream.write("epoch 2: 40%\n")
+        console.write("epoch 2: 60%\n")
+        console.flush()
+        print("stopped on a signal after saving", file=console, flush=True)
+        assert os.readlink(f"/proc/self/fd/{write_end}") == os.devnull
+        assert console.fileno() == write_end and console.isatty() is False  # the rest is the stream's own
+    finally:
+        console.stream.close()
+
+
+def test_a_process_a_launcher_started_wraps_its_console_once(monkeypatch):
+    monkeypatch.setattr("monkeytrain.preemption.stop_when_parent_dies", lambda: True)
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        Preemption(environ={"TORCHELASTIC_RUN_ID": "none"})
+        Preemption(environ={"TORCHELASTIC_RUN_ID": "none"})
+        assert isinstance(sys.stderr, ConsoleStream) and not isinstance(sys.stderr.stream, ConsoleStream)
+        assert isinstance(sys.stdout, ConsoleStream)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_dataloader_workers_ignore_stop_signals():
     code = ("import os, signal, time; from monkeytrain.preemption import ignore_stop_signals; "
             "ignore_stop_signals(0); [os.kill(os.getpid(), s) for s in "
@@ -93,8 +129,8 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
                 "--cache-dir", str(tmp_path / "cache"), "--cpu-threads", "1", "--run-name", "timed"], tmp_path)
     run_dir = tmp_path / "runs" / "timed"
     saved = [int(p.name.removeprefix("step-")) for p in state_dirs(run_dir)]
-    # checked every 8 optimizer steps and at each epoch end (11 steps an epoch): always due here
-    assert saved == [8, 11, 16, 22], saved
+    # checked after every optimizer step on the CPU (and at each epoch end): always due here
+    assert saved == list(range(1, 23)), saved
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
 
 
