@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -60,6 +61,23 @@ def choose_precision(asked: str | None, launcher: str | None,
     if capability is None:
         return "no", None
     return ("fp16" if emulates_bf16 else "bf16"), None
+
+
+@contextmanager
+def local_main_first(accelerator, everywhere: bool = False) -> Iterator[None]:
+    """The work inside done first by each node's main process (by the run's one main process with
+    `everywhere`), then by the others, which find what it left in the caches. Unlike Accelerate's
+    `local_main_process_first`, a main process that fails still lets the others go: they then meet
+    the same error themselves (a data error is the same on every rank) and every rank ends with its
+    one line, where they would otherwise wait for ever at a barrier the main process never reaches."""
+    goes_first = accelerator.is_main_process if everywhere else accelerator.is_local_main_process
+    if not goes_first:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if goes_first:
+            accelerator.wait_for_everyone()
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

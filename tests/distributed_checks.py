@@ -28,6 +28,7 @@ from accelerate.state import AcceleratorState
 from graphed_runs import as_on_a_gpu, different_weights, train_run as emulated_run
 from monkeytrain import graphed as graphed_module
 from monkeytrain import selection, train
+from monkeytrain.data import imagefiles
 from monkeytrain.data.augment import Augmenter, AugmentSettings
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
@@ -125,16 +126,31 @@ def record_decisions(decisions: list) -> None:
     selection.BestEpoch.update = update
 
 
+def record_decodes(decoded: list[str]) -> None:
+    """Note every file the scan decodes rather than takes from the scans cache. The data set was
+    written just before this launch: its files count as changed since any scan (RACY_NS) unless
+    files changed up to now are trusted."""
+    real_inspect = imagefiles.inspect
+
+    def inspect(path, label):
+        decoded.append(str(path))
+        return real_inspect(path, label)
+
+    imagefiles.inspect, imagefiles.RACY_NS = inspect, 0
+
+
 def train_run(folder: Path, data_root: str, *flags: str) -> None:
-    """A training run with runs/ and cache/ in `folder`, its writes and decisions recorded."""
+    """A training run with runs/ and cache/ in `folder`, its writes, decodes and decisions recorded."""
     output_dir = folder / "runs"
     writes: list[str] = []
     decisions: list = []
+    decoded: list[str] = []
     record_decisions(decisions)
     record_writes(output_dir, writes)
+    record_decodes(decoded)
     results = train.main(["--output-dir", str(output_dir), "--data", data_root,
                           "--cache-dir", str(folder / "cache"), *flags])
-    report(folder, rank=int(os.environ["RANK"]), writes=writes, decisions=decisions,
+    report(folder, rank=int(os.environ["RANK"]), writes=writes, decisions=decisions, decoded=decoded,
            best_epoch=results["best_epoch"], test_accuracy=results["test_accuracy"],
            test_images=results["test_images"])
 
@@ -150,7 +166,7 @@ def run_checks(work_dir: Path, data_root: str, *train_flags: str) -> None:
     (work_dir / "graphed").mkdir(exist_ok=True)
     graphed(work_dir / "graphed", data_root)  # resets Accelerate's shared state itself
     # train goes last: it sets torch's thread count and signal handlers, and its recorders patch
-    # open, os.replace, os.mkdir and BestEpoch.update for good. It seeds itself (set_seed), and
+    # open, os.replace, os.mkdir, BestEpoch.update and the scan's inspect for good. It seeds itself (set_seed), and
     # collectives changes neither the environment nor the working folder (its paths are absolute).
     (work_dir / "train").mkdir(exist_ok=True)
     train_run(work_dir / "train", data_root, *train_flags)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import StreamPipeline
+from monkeytrain.distributed import local_main_first
+from monkeytrain.errors import UserError
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 # 27 images a split: divisible neither by the world size (2) nor the batch size (4).
@@ -104,6 +107,43 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     results = json.loads((output / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_accuracy"] == main["test_accuracy"]
     assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_each_file_is_decoded_by_one_rank_the_other_reads_its_scans(two_ranks, odd_dataset):
+    main, other = two_ranks.reports("train")
+    assert sorted(main["decoded"]) == sorted(str(p) for p in odd_dataset.rglob("*.png"))
+    assert other["decoded"] == []
+
+
+class ThreadRank:
+    """The parts of an Accelerator that local_main_first reads, for one of two ranks run as threads."""
+
+    def __init__(self, rank: int, barrier: threading.Barrier):
+        self.is_main_process = self.is_local_main_process = rank == 0
+        self.barrier = barrier
+
+    def wait_for_everyone(self):
+        self.barrier.wait(timeout=5)  # broken (both ranks then fail) if the other rank never comes
+
+
+def test_a_failure_on_the_main_rank_lets_the_other_rank_go_on_and_meet_it():
+    barrier, order, outcomes = threading.Barrier(2), [], {}
+
+    def rank(index: int) -> None:
+        try:
+            with local_main_first(ThreadRank(index, barrier)):
+                order.append(index)
+                raise UserError("class folder n1 has no readable images")
+        except Exception as error:
+            outcomes[index] = type(error).__name__
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert order == [0, 1]  # the main rank first, the other only once it is through
+    assert outcomes == {0: "UserError", 1: "UserError"}  # not BrokenBarrierError: nobody was left waiting
 
 
 @pytest.mark.parametrize("group, warm_batches, captures, steps", [("1", 3, 1, 12), ("2", 4, 2, 6)])

@@ -15,6 +15,7 @@ from monkeytrain.data.imagefiles import (
 )
 from monkeytrain.data.splits import find_leaks, stratified_holdout
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.distributed import local_main_first
 from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
 
@@ -187,14 +188,15 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
     explicit = bool(config.train_dir or config.val_dir or config.test_dir)
     synthetic = root is None and not explicit
     if synthetic:
-        with accelerator.main_process_first():  # one rank generates, the others then reuse it
+        with local_main_first(accelerator, everywhere=True):  # one rank generates, the others then reuse it
             root = ensure_synthetic_dataset(default_cache_dir(config))
         log.warn(
             f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}: training on a generated SYNTHETIC "
             f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
         )
-    splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
-                             config.strict_data, config.test_fraction, default_cache_dir(config))
+    with local_main_first(accelerator):  # one decode of every file per node; the others read its scans
+        splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
+                                 config.strict_data, config.test_fraction, default_cache_dir(config))
     splits.synthetic = synthetic
     report_data_problems(splits, log)
     return splits

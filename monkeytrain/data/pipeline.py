@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.loaders import ending_workers_at_exit, sharded_loader, shuffled_loader
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
-from monkeytrain.distributed import all_ranks_agree, cores_per_process, shard_indices
+from monkeytrain.distributed import all_ranks_agree, cores_per_process, local_main_first, shard_indices
 from monkeytrain.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -64,7 +64,7 @@ class ResidentPipeline:
         self.device, self.seed = accelerator.device, seed
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.splits = {}
-        with accelerator.local_main_process_first():  # one decode per node; the others load the cache
+        with local_main_first(accelerator):  # one decode per node; the others load the cache
             # validation may *be* the test split (--val-fraction 0): hold it once
             for name, files in splits.distinct_splits().items():
                 images, labels = cached_views(files, image_size, cache_dir)
