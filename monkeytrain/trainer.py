@@ -224,10 +224,13 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
     plain = create_model(config.model, data.num_classes, config.pretrained)
     plain = plain.to(accelerator.device, memory_format=torch.channels_last)
     check_input_sizes(plain, config.model, training_sizes(config), accelerator.device)
-    averager = weight_averager(plain, config.ema_decay)
     optimizer = build_optimizer(plain, config, accelerator.device)
     scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.grad_accum_steps))
     model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
+    # After prepare: the average pairs its tensors with the model's once, and prepare may give the model
+    # new ones (on CPU ranks it moves it to "cpu:0", which copies every tensor), leaving the average
+    # paired with the initial weights for good
+    averager = weight_averager(plain, config.ema_decay)
     hold_lr_in_tensors(optimizer, accelerator.device)
     return Learner(
         model=compiled(model, config.compile, data.cache_dir), optimizer=optimizer, scheduler=scheduler,

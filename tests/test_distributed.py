@@ -101,6 +101,8 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     for name in ("best.safetensors", "config.json", "results.json", "metrics.jsonl", "data_manifest.json"):
         assert name in written
     assert len(main["decisions"]) == 3 and main["decisions"] == other["decisions"]
+    # the evaluated average follows training: its validation loss changes from epoch to epoch
+    assert len({loss for _, _, loss, _ in main["decisions"]}) == 3, main["decisions"]
     assert main["best_epoch"] == other["best_epoch"]
     assert main["test_images"] == other["test_images"] == 27
     output = two_ranks.folder / "train" / "runs"
