@@ -82,7 +82,8 @@ class BatchStep:
             if accelerator.sync_gradients:
                 learner.averager.advance()
                 update_weights(learner, accelerator)
-                learner.scheduler.step()
+                if not accelerator.optimizer_step_was_skipped:  # by fp16's loss scaling, on an overflow;
+                    learner.scheduler.step()  # else torch warns that the schedule stepped before the optimizer
                 learner.optimizer.zero_grad(set_to_none=True)
         return loss, logits
 

@@ -107,6 +107,16 @@ def test_the_optimizer_scheduler_and_average_step_once_every_k_batches(accumulat
     assert stats.images == 24
 
 
+def test_a_step_that_fp16s_loss_scaling_skipped_leaves_the_schedule_where_it_was(accumulating, monkeypatch):
+    accelerator = accumulating(1)
+    events: list = []
+    learner, _ = make_learner(accelerator, torch.nn.Linear(3, 2), events)
+    skipped = iter([True, False, True])  # as GradScaler skips steps whose gradients overflowed
+    monkeypatch.setattr(type(accelerator), "optimizer_step_was_skipped", property(lambda self: next(skipped)))
+    train_batches(learner, float_batches(3, 4), accelerator)
+    assert events.count("scheduler") == 1 and events.count("average") == 3
+
+
 def test_each_step_on_k_accumulated_batches_moves_the_weights_by_their_mean_gradient(accumulating):
     accelerator = accumulating(2)
     torch.manual_seed(0)
