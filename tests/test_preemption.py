@@ -102,6 +102,8 @@ def test_a_console_whose_reader_has_gone_goes_to_dev_null_instead_of_failing():
 
 def test_a_process_a_launcher_started_wraps_its_console_once(monkeypatch):
     monkeypatch.setattr("monkeytrain.preemption.stop_when_parent_dies", lambda: True)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # put back, unwrapped, after the test
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         Preemption(environ={"TORCHELASTIC_RUN_ID": "none"})
