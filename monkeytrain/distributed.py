@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
 import torch
@@ -22,9 +23,8 @@ def make_accelerator(config) -> Accelerator:
     on_gpu = torch.cuda.is_available() and not config.cpu
     if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
-    capability = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else None
     precision, note = choose_precision(config.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"),
-                                       capability)
+                                       Hardware.of_this_process(on_gpu))
     if note:
         print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     accelerator = Accelerator(
@@ -42,25 +42,56 @@ def make_accelerator(config) -> Accelerator:
     return accelerator
 
 
-def choose_precision(asked: str | None, launcher: str | None,
-                     capability: tuple[int, int] | None) -> tuple[str, str | None]:
+@dataclass(frozen=True)
+class Hardware:
+    """What the precision of a run rests on: the GPU's compute capability (None: the run trains on the
+    CPU), and whether the CPU computes in bf16 natively (AVX512-BF16 or AMX)."""
+
+    capability: tuple[int, int] | None
+    cpu_bf16: bool = True
+
+    @classmethod
+    def of_this_process(cls, on_gpu: bool) -> "Hardware":
+        if on_gpu:
+            return cls(torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0))))
+        return cls(None, cpu_does_bf16())
+
+    def emulating_bf16(self) -> str | None:
+        """The device in words where it only emulates bf16 (then slower than fp32), else None. A GPU older
+        than Ampere (compute capability below 8: T4, V100, P100, the free notebook GPUs); a CPU without
+        bf16 instructions: about 10x slower than fp32 on the 2-core Xeon of benchmarks/RESULTS.md."""
+        if self.capability is not None:
+            major, minor = self.capability
+            return f"GPU (compute capability {major}.{minor}" if major < 8 else None
+        return None if self.cpu_bf16 else "CPU (no AVX512-BF16 or AMX instructions"
+
+
+def cpu_does_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (a private op of torch's: where it is missing,
+    say yes, and bf16 stays wherever the launcher asks for it, as before)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def choose_precision(asked: str | None, launcher: str | None, hardware: Hardware) -> tuple[str, str | None]:
     """(the autocast precision, a warning when it is not the launcher's): the one asked for, else the
-    launcher's, else bf16 on a GPU and none on the CPU. A GPU older than Ampere (compute capability
-    below 8: T4, V100, P100, the free notebook GPUs) only emulates bf16, which then runs slower than
-    fp32; fp16, with loss scaling, is what its tensor cores take, so it gets fp16 instead, the
-    launcher's bf16 (our GPU configs say bf16) included."""
-    emulates_bf16 = capability is not None and capability[0] < 8
+    launcher's, else bf16 on a GPU and none on the CPU. Where bf16 is only emulated, the launcher's bf16
+    (our GPU configs say bf16, as may a default config shared with GPU machines) becomes what the device
+    does fast: fp16 with loss scaling on an older GPU's tensor cores, fp32 on the CPU."""
+    emulating = hardware.emulating_bf16()
+    fast = "fp16" if hardware.capability is not None else "no"
     if asked:
         return asked, None
-    if launcher == "bf16" and emulates_bf16:
-        return "fp16", (f"bf16 from the Accelerate config is only emulated on this GPU (compute capability "
-                        f"{capability[0]}.{capability[1]}, slower than fp32): training in fp16; pass "
-                        "--mixed-precision bf16 to insist.")
+    if launcher == "bf16" and emulating:
+        return fast, (f"bf16 from the Accelerate config is only emulated on this {emulating}, slower than "
+                      f"fp32): training in {'fp32' if fast == 'no' else fast}; pass --mixed-precision bf16 to insist.")
     if launcher:
         return launcher, None
-    if capability is None:
+    if hardware.capability is None:
         return "no", None
-    return ("fp16" if emulates_bf16 else "bf16"), None
+    return ("fp16" if emulating else "bf16"), None
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import pytest
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
 )
-from monkeytrain.distributed import choose_precision
+from monkeytrain.distributed import Hardware, choose_precision, make_accelerator
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 
 
@@ -237,23 +237,46 @@ def test_user_error_from_config_ends_with_one_line_and_status_2(capsys):
     assert err.count("\n") == 1 and "--val-fraction" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("asked, launcher, capability, expected", [
-    (None, None, None, ("no", None)),               # the CPU
-    (None, None, (9, 0), ("bf16", None)),           # H100/H200: bf16 in hardware
-    (None, None, (8, 0), ("bf16", None)),           # A100
-    (None, None, (7, 5), ("fp16", None)),           # T4: bf16 emulated, slower than fp32
-    (None, "no", (7, 5), ("no", None)),             # the launcher said fp32
-    (None, "bf16", (9, 0), ("bf16", None)),
-    ("bf16", "no", (7, 0), ("bf16", None)),         # asked for: kept, even where it is emulated
-    (None, "bf16", None, ("bf16", None)),           # bf16 on the CPU is native there
+@pytest.mark.parametrize("asked, launcher, hardware, expected", [
+    (None, None, Hardware(None), ("no", None)),          # the CPU
+    (None, None, Hardware((9, 0)), ("bf16", None)),      # H100/H200: bf16 in hardware
+    (None, None, Hardware((8, 0)), ("bf16", None)),      # A100
+    (None, None, Hardware((7, 5)), ("fp16", None)),      # T4: bf16 emulated, slower than fp32
+    (None, "no", Hardware((7, 5)), ("no", None)),        # the launcher said fp32
+    (None, "bf16", Hardware((9, 0)), ("bf16", None)),
+    ("bf16", "no", Hardware((7, 0)), ("bf16", None)),    # asked for: kept, even where it is emulated
+    ("bf16", None, Hardware(None, cpu_bf16=False), ("bf16", None)),
+    (None, "bf16", Hardware(None, cpu_bf16=True), ("bf16", None)),  # a CPU with AVX512-BF16 or AMX
 ])
-def test_the_precision_is_the_one_asked_for_else_the_launchers_else_the_gpus_fastest(
-        asked, launcher, capability, expected):
-    assert choose_precision(asked, launcher, capability) == expected
+def test_the_precision_is_the_one_asked_for_else_the_launchers_else_the_devices_fastest(
+        asked, launcher, hardware, expected):
+    assert choose_precision(asked, launcher, hardware) == expected
 
 
 def test_the_launchers_bf16_on_a_gpu_that_emulates_it_trains_in_fp16_and_says_so():
-    precision, note = choose_precision(None, "bf16", (7, 0))
+    precision, note = choose_precision(None, "bf16", Hardware((7, 0)))
     assert precision == "fp16"
     assert note == ("bf16 from the Accelerate config is only emulated on this GPU (compute capability 7.0, slower "
                     "than fp32): training in fp16; pass --mixed-precision bf16 to insist.")
+
+
+def test_the_launchers_bf16_on_a_cpu_that_emulates_it_trains_in_fp32_and_says_so():
+    precision, note = choose_precision(None, "bf16", Hardware(None, cpu_bf16=False))
+    assert precision == "no"
+    assert note == ("bf16 from the Accelerate config is only emulated on this CPU (no AVX512-BF16 or AMX "
+                    "instructions, slower than fp32): training in fp32; pass --mixed-precision bf16 to insist.")
+
+
+def test_a_run_on_a_cpu_without_bf16_instructions_trains_the_launchers_bf16_in_fp32(monkeypatch, capsys):
+    import torch
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as a default config written on a GPU machine
+    monkeypatch.setattr("monkeytrain.distributed.cpu_does_bf16", lambda: False)
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = make_accelerator(parse_config(["--cpu", "--cpu-threads", str(torch.get_num_threads())]))
+        assert accelerator.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)
+    assert "only emulated on this CPU" in capsys.readouterr().err
