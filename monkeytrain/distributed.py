@@ -62,8 +62,8 @@ class Hardware:
         bf16 instructions: about 10x slower than fp32 on the 2-core Xeon of benchmarks/RESULTS.md."""
         if self.capability is not None:
             major, minor = self.capability
-            return f"GPU (compute capability {major}.{minor}" if major < 8 else None
-        return None if self.cpu_bf16 else "CPU (no AVX512-BF16 or AMX instructions"
+            return f"GPU (compute capability {major}.{minor})" if major < 8 else None
+        return None if self.cpu_bf16 else "CPU (no AVX512-BF16 or AMX instructions)"
 
 
 def cpu_does_bf16() -> bool:
@@ -86,7 +86,7 @@ def choose_precision(asked: str | None, launcher: str | None, hardware: Hardware
         return asked, None
     if launcher == "bf16" and emulating:
         return fast, (f"bf16 from the Accelerate config is only emulated on this {emulating}, slower than "
-                      f"fp32): training in {'fp32' if fast == 'no' else fast}; pass --mixed-precision bf16 to insist.")
+                      f"fp32: training in {'fp32' if fast == 'no' else fast}; pass --mixed-precision bf16 to insist.")
     if launcher:
         return launcher, None
     if hardware.capability is None:

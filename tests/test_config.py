@@ -256,15 +256,15 @@ def test_the_precision_is_the_one_asked_for_else_the_launchers_else_the_devices_
 def test_the_launchers_bf16_on_a_gpu_that_emulates_it_trains_in_fp16_and_says_so():
     precision, note = choose_precision(None, "bf16", Hardware((7, 0)))
     assert precision == "fp16"
-    assert note == ("bf16 from the Accelerate config is only emulated on this GPU (compute capability 7.0, slower "
-                    "than fp32): training in fp16; pass --mixed-precision bf16 to insist.")
+    assert note == ("bf16 from the Accelerate config is only emulated on this GPU (compute capability 7.0), slower "
+                    "than fp32: training in fp16; pass --mixed-precision bf16 to insist.")
 
 
 def test_the_launchers_bf16_on_a_cpu_that_emulates_it_trains_in_fp32_and_says_so():
     precision, note = choose_precision(None, "bf16", Hardware(None, cpu_bf16=False))
     assert precision == "no"
     assert note == ("bf16 from the Accelerate config is only emulated on this CPU (no AVX512-BF16 or AMX "
-                    "instructions, slower than fp32): training in fp32; pass --mixed-precision bf16 to insist.")
+                    "instructions), slower than fp32: training in fp32; pass --mixed-precision bf16 to insist.")
 
 
 def test_a_run_on_a_cpu_without_bf16_instructions_trains_the_launchers_bf16_in_fp32(monkeypatch, capsys):
