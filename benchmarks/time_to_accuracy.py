@@ -1,6 +1,6 @@
 """Time to accuracy: the training command, timed from process start to results.json, over seeds.
 
-    python benchmarks/time_to_accuracy.py --data data/10-monkey-species [--seeds 3] [extra train.py flags]
+    python benchmarks/time_to_accuracy.py --data data/10-monkey-species [--seeds 3] [--output-dir DIR] [extra train.py flags]
 
 Runs `monkeytrain/train.py` in a fresh process per seed (so imports, data
 loading, compilation and the final evaluation all count), with `--seed 0`,
@@ -10,6 +10,7 @@ mean, spread and range of the test accuracy and the wall time, where the time
 went (the mean seconds of each phase results.json records: start-up, data,
 model, training with its first epoch and graph captures apart, validation,
 test), and the data pipeline, recipe and peak GPU memory the runs reported.
+The runs are kept in DIR/seed-N with --output-dir, else in a temporary folder.
 """
 
 from __future__ import annotations
@@ -28,17 +29,18 @@ import yaml
 TRAIN = Path(__file__).resolve().parent.parent / "monkeytrain" / "train.py"
 
 
-def run_once(flags: list[str], seed: int) -> dict | None:
+def run_once(flags: list[str], seed: int, output_dir: str | None) -> dict | None:
     """The results.json of one training run, with the wall time added; None if it failed."""
     with tempfile.TemporaryDirectory() as scratch:
-        command = [sys.executable, str(TRAIN), "--output-dir", scratch, "--run-name", "tta", *flags,
+        output_dir = output_dir or scratch
+        command = [sys.executable, str(TRAIN), *flags, "--output-dir", output_dir, "--run-name", f"seed-{seed}",
                    "--seed", str(seed)]
         started = time.perf_counter()
         done = subprocess.run(command, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         if done.returncode != 0:
             return None
-        run_dir = Path(scratch) / "tta"
+        run_dir = Path(output_dir) / f"seed-{seed}"
         results = json.loads((run_dir / "results.json").read_text())
         results["recipe"] = read_recipe(run_dir)
     return {**results, "wall": wall, "seed": seed}
@@ -80,10 +82,13 @@ def phase_line(runs: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=1, help="runs with seeds 0 .. N-1 (default 1)")
+    parser.add_argument("--output-dir", help="keep each run in OUTPUT_DIR/seed-N (default: a temporary folder)")
     args, flags = parser.parse_known_args(argv)
+    if any(flag.split("=")[0] in ("--run-name", "--seed") for flag in flags):
+        parser.error("each run is named seed-N and given its seed here; drop --run-name and --seed")
     runs = []
     for seed in range(args.seeds):
-        result = run_once(flags, seed)
+        result = run_once(flags, seed, args.output_dir)
         if result is None:
             print(f"monkeytrain: error: the run with --seed {seed} failed (its messages are above).",
                   file=sys.stderr)

@@ -9,6 +9,7 @@ hands them over, the last ones read what they printed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -30,21 +31,28 @@ def benchmark(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           env=environment)
 
 
-def tiny_commands(cache_dir: Path) -> dict[str, list[str]]:
+def tiny_commands(cache_dir: Path, runs_dir: Path) -> dict[str, list[str]]:
     return {
         "throughput": [str(BENCHMARKS / "throughput.py"), "--tiny", "--model", TINY_MODEL,
                        "--cache-dir", str(cache_dir)],
         "time_to_accuracy": [str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2", "--debug", "--image-size",
-                             "32", "--model", TINY_MODEL, "--cpu-threads", "1", "--cache-dir", str(cache_dir)],
+                             "32", "--model", TINY_MODEL, "--cpu-threads", "1", "--cache-dir", str(cache_dir),
+                             "--output-dir", str(runs_dir)],
     }
 
 
 @pytest.fixture(scope="session")
-def benchmark_runs(tmp_path_factory, background_jobs) -> dict[str, Job]:
+def kept_runs(tmp_path_factory) -> Path:
+    """Where time_to_accuracy's tiny run keeps its runs (--output-dir)."""
+    return tmp_path_factory.mktemp("tta-runs")
+
+
+@pytest.fixture(scope="session")
+def benchmark_runs(tmp_path_factory, background_jobs, kept_runs) -> dict[str, Job]:
     """Each script's tiny run, one after the other (the second reuses the first's synthetic set)."""
     cache_dir = tmp_path_factory.mktemp("benchmark-cache")
     return {name: background_jobs.submit(functools.partial(benchmark, command, tmp_path_factory.mktemp(name)))
-            for name, command in tiny_commands(cache_dir).items()}
+            for name, command in tiny_commands(cache_dir, kept_runs).items()}
 
 
 def printed(job: Job) -> str:
@@ -73,15 +81,26 @@ def test_throughput_tiny_mode_prints_every_figure_and_ratio(benchmark_runs):
 
 
 @pytest.mark.last
-def test_time_to_accuracy_reports_each_seed_and_the_mean(benchmark_runs):
+def test_time_to_accuracy_reports_each_seed_and_the_mean(benchmark_runs, kept_runs):
     stdout = printed(benchmark_runs["time_to_accuracy"])
+    kept = {run.name: json.loads((run / "results.json").read_text()) for run in kept_runs.iterdir()}
+    assert sorted(kept) == ["seed-0", "seed-1"]
     per_seed = re.findall(r"^seed (\d+)\s+test accuracy\s+([\d.]+)%.*wall\s+([\d.]+) s$", stdout, re.M)
     assert [int(seed) for seed, _, _ in per_seed] == [0, 1]
     accuracies = [float(accuracy) for _, accuracy, _ in per_seed]
     mean = float(re.search(r"^test accuracy\s+([\d.]+)% mean, ([\d.]+) points std", stdout, re.M).group(1))
     assert mean == pytest.approx(sum(accuracies) / 2, abs=0.006)
     assert all(float(wall) > 0 for _, _, wall in per_seed)
+    assert [f"{100 * kept[f'seed-{seed}']['test_accuracy']:.2f}" for seed, _, _ in per_seed] == [
+        accuracy for _, accuracy, _ in per_seed]
     assert re.search(r"^data pipeline\s+resident\s+recipe cpu", stdout, re.M)
     phases = dict(re.findall(r"(\w+) ([\d.]+)", re.search(r"^phases \(mean s\)\s+(.*)$", stdout, re.M).group(1)))
     assert set(phases) == {"start_up", "data", "model", "training", "first_epoch", "validation", "test"}
     assert float(phases["start_up"]) > 0 and float(phases["training"]) >= float(phases["first_epoch"]) > 0
+
+
+def test_time_to_accuracy_names_and_seeds_each_run_itself():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2",
+                           "--run-name", "mine"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("drop --run-name and --seed")
