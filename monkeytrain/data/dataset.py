@@ -15,7 +15,6 @@ from monkeytrain.data.imagefiles import (
 )
 from monkeytrain.data.splits import find_leaks, stratified_holdout
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
-from monkeytrain.distributed import local_main_first
 from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
 
@@ -184,6 +183,8 @@ def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) ->
 
 def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
     """The run's checked splits: the user's dataset, or the synthetic one as a loud fallback."""
+    from monkeytrain.distributed import local_main_first  # here: it imports torch, which inspect-data needs not
+
     root = user_data_root(config)
     explicit = bool(config.train_dir or config.val_dir or config.test_dir)
     synthetic = root is None and not explicit
