@@ -1,4 +1,4 @@
-"""The `monkeytrain` command: train, tune, predict, evaluate, export, inspect-data, download."""
+"""The `monkeytrain` command: train, tune, predict, evaluate, export, inspect-data, download, cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
@@ -57,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser("download", help="fetch 10 Monkey Species from Kaggle (kagglehub)")
     download.add_argument("--dest", type=Path, default=Path("data/10-monkey-species"))
-    for command in (predict, score, export, inspect, download):
+
+    cache = commands.add_parser("cache", help="what the cache folder holds (stored views, statistics, ...); "
+                                              "--clear deletes it")
+    cache.add_argument("--cache-dir", type=Path, help="the cache folder (default: as for training, "
+                                                      "$MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain)")
+    cache.add_argument("--unused-days", type=float, metavar="DAYS",
+                       help="only what no run has used for DAYS days (default: everything)")
+    cache.add_argument("--clear", action="store_true",
+                       help="delete it; runs make again what they need (do not clear during a run)")
+    for command in (predict, score, export, inspect, download, cache):
         command.set_defaults(parser=command)  # its own errors name its own flags (FlagParser.parse_args)
     return parser
 
@@ -97,7 +107,7 @@ def run_command(argv: list[str]) -> None:
         return
     args = build_parser().parse_args(argv)
     {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
-     "inspect-data": run_inspect, "download": run_download}[args.command](args)
+     "inspect-data": run_inspect, "download": run_download, "cache": run_cache}[args.command](args)
 
 
 def device_for(cpu_only: bool) -> str:
@@ -166,7 +176,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.config import TrainConfig
-    from monkeytrain.data.dataset import default_cache_dir, discover_splits, find_split_folders, user_data_root
+    from monkeytrain.cachefolder import cache_folder
+    from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
 
     if args.data and args.data_flag and args.data != args.data_flag:
         raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
@@ -176,7 +187,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     if root is None:
         raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")
     splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False,
-                             test_fraction=config.test_fraction, cache_dir=default_cache_dir(config))
+                             test_fraction=config.test_fraction, cache_dir=cache_folder(config.cache_dir))
     manifest = splits.manifest()
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -207,6 +218,34 @@ def run_download(args: argparse.Namespace) -> None:
     from monkeytrain.data.download import download_monkey_species
 
     print(f"downloaded to {download_monkey_species(args.dest)}")
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from monkeytrain.cachefolder import KINDS, cache_entries, cache_folder, delete_entries, unused_for
+    from monkeytrain.storage import human_size
+
+    folder = cache_folder(args.cache_dir)
+    entries = cache_entries(folder)
+    which = "everything"
+    if args.unused_days is not None:
+        days = f"{args.unused_days:g} day{'' if args.unused_days == 1 else 's'}"
+        entries, which = unused_for(entries, args.unused_days), f"unused for {days}"
+    total = human_size(sum(entry.size for entry in entries))
+    if args.clear:
+        delete_entries(entries)
+        print(f"{folder}: deleted {counted(entries)} ({which}), {total}")
+        return
+    print(f"{folder}: {counted(entries)} ({which}), {total}")
+    for kind in KINDS:
+        of_kind = [entry for entry in entries if entry.kind == kind]  # oldest use first
+        if of_kind:
+            size = human_size(sum(entry.size for entry in of_kind))
+            last = time.strftime("%Y-%m-%d %H:%M", time.localtime(of_kind[-1].last_used))
+            print(f"  {kind:<11} {len(of_kind):>5}  {size:>10}  last used {last}")
+
+
+def counted(entries: list) -> str:
+    return f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
 
 
 if __name__ == "__main__":

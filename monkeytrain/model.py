@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from monkeytrain.errors import UserError
+from monkeytrain.storage import mark_used
 
 HUB = "hub"
 # Wrappers that prefix state-dict keys: DDP ("module.") and torch.compile ("_orig_mod.").
@@ -89,6 +90,7 @@ def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn
     second run loads the compiled kernels instead of compiling again."""
     if not enabled:
         return model
+    mark_used(cache_dir / "inductor")  # kept by `monkeytrain cache --clear --unused-days N`
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")

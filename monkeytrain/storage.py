@@ -141,6 +141,16 @@ def check_writable_dir(path: Path, flag: str) -> None:
                         f"pick a writable {flag}.") from None
 
 
+def mark_used(path: Path) -> None:
+    """Renew a cache entry's modification time, which `monkeytrain cache --unused-days` reads as
+    its last use (access times are not kept on noatime mounts). Best effort: a read-only cache
+    folder still serves its files."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def write_cache(path: Path, write: Payload) -> bool:
     """Write a cache file; on any failure (a full disk, a read-only folder) warn once and
     return False: a cache only saves time, so the run goes on without it."""

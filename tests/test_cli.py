@@ -61,7 +61,7 @@ def test_invalid_flag_values(capsys, data):
                                      "see `monkeytrain predict --help`."),
     (cli.main, ["tune", "--space"], "argument --space: expected one argument; see `monkeytrain tune --help`."),
     (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
-                          "'evaluate', 'export', 'inspect-data', 'download'); see `monkeytrain --help`."),
+                          "'evaluate', 'export', 'inspect-data', 'download', 'cache'); see `monkeytrain --help`."),
 ])
 def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv, expected, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import RecordedLog
 from monkeytrain.config import parse_config
 from monkeytrain.data import layout
-from monkeytrain.data.dataset import default_cache_dir, discover_splits, resolve_dataset, user_data_root
+from monkeytrain.cachefolder import cache_folder
+from monkeytrain.data.dataset import discover_splits, resolve_dataset, user_data_root
 from monkeytrain.errors import UserError
 
 
@@ -310,8 +311,8 @@ def test_data_root_and_cache_come_from_flags_then_environment(tmp_path, monkeypa
     monkeypatch.setenv("MONKEYTRAIN_CACHE", str(tmp_path / "env-cache"))
     assert user_data_root(parse_config([])) == tmp_path / "env-data"
     assert user_data_root(parse_config(["--data", "flag-data"])) == Path("flag-data")
-    assert default_cache_dir(parse_config([])) == tmp_path / "env-cache"
-    assert default_cache_dir(parse_config(["--cache-dir", "c"])) == Path("c")
+    assert cache_folder(parse_config([]).cache_dir) == tmp_path / "env-cache"
+    assert cache_folder(parse_config(["--cache-dir", "c"]).cache_dir) == Path("c")
 
 
 def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from monkeytrain.cachefolder import cache_folder
 from monkeytrain.config import TrainConfig
 from monkeytrain.data import layout
 from monkeytrain.data.imagefiles import (
@@ -74,15 +75,10 @@ class DatasetSplits:
         return splits
 
 
-def default_cache_dir(config: TrainConfig) -> Path:
-    chosen = config.cache_dir or os.environ.get("MONKEYTRAIN_CACHE")
-    return Path(chosen) if chosen else Path.home() / ".cache" / "monkeytrain"
-
-
 def usable_cache_dir(config: TrainConfig) -> Path:
     """The cache folder, created and checked writable up front (on every rank: the probe file
     is per process), so a bad --cache-dir ends in one sentence rather than a traceback."""
-    cache_dir = default_cache_dir(config)
+    cache_dir = cache_folder(config.cache_dir)
     check_writable_dir(cache_dir, "--cache-dir")
     return cache_dir
 
@@ -190,14 +186,14 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
     synthetic = root is None and not explicit
     if synthetic:
         with local_main_first(accelerator, everywhere=True):  # one rank generates, the others then reuse it
-            root = ensure_synthetic_dataset(default_cache_dir(config))
+            root = ensure_synthetic_dataset(cache_folder(config.cache_dir))
         log.warn(
             f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}: training on a generated SYNTHETIC "
             f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
         )
     with local_main_first(accelerator):  # one decode of every file per node; the others read its scans
         splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
-                                 config.strict_data, config.test_fraction, default_cache_dir(config))
+                                 config.strict_data, config.test_fraction, cache_folder(config.cache_dir))
     splits.synthetic = synthetic
     report_data_problems(splits, log)
     return splits

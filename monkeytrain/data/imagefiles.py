@@ -17,7 +17,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from monkeytrain.storage import write_cache
+from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -195,9 +195,10 @@ def read_scans(cache_file: Path) -> dict:
             return {}
         for record in saved["files"].values():
             record["racy"] = record["identity"][2] >= saved["started"] - RACY_NS  # [2]: its change time
-        return saved["files"]
     except (OSError, ValueError, KeyError, TypeError, IndexError):  # none yet, or damaged: scan again
         return {}
+    mark_used(cache_file)
+    return saved["files"]
 
 
 def write_scans(cache_file: Path, scans: list[Scan], started: int) -> None:

@@ -20,7 +20,7 @@ import torch
 from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.views import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
-from monkeytrain.storage import write_cache
+from monkeytrain.storage import mark_used, write_cache
 
 STATS_VERSION = 2
 
@@ -58,9 +58,11 @@ def cache_key(files: list[ImageFile], image_size: int) -> str:
 def read_cached(path: Path) -> Optional[ChannelStats]:
     try:
         saved = json.loads(path.read_text())
-        return ChannelStats([float(v) for v in saved["mean"]], [float(v) for v in saved["std"]])
+        stats = ChannelStats([float(v) for v in saved["mean"]], [float(v) for v in saved["std"]])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    mark_used(path)
+    return stats
 
 
 def write_cached(path: Path, stats: ChannelStats) -> None:

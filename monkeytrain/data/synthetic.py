@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from monkeytrain.storage import mark_used
+
 VERSION = "synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes", "vstripes", "checker", "star")
 # Per class. Small on purpose: the default command on a 2-core CPU (the CPU
@@ -28,6 +30,7 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
     """The synthetic dataset's root, generating it first if it is not there yet."""
     root = cache_dir / VERSION
     if (root / ".complete").is_file():
+        mark_used(root)
         return root
     staging = cache_dir / f".{VERSION}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.loaders import ImageListDataset
-from monkeytrain.storage import write_cache
+from monkeytrain.storage import mark_used, write_cache
 
 # Stored views are image_size / CROP_PCT pixels square; evaluation takes their
 # centre image_size crop: the usual ImageNet framing (timm's crop_pct 0.875).
@@ -83,6 +83,7 @@ def cached_views(files: list[ImageFile], image_size: int, cache_dir: Path) -> tu
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if len(saved["images"]) == len(saved["labels"]) == len(files):
+                mark_used(path)
                 return saved["images"], saved["labels"]
         except Exception:  # torch.load raises many types for damaged files; rebuild below
             pass

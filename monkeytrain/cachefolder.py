@@ -1,0 +1,87 @@
+"""The cache folder: what runs keep there, how big it is, and clearing it (`monkeytrain cache`).
+
+Everything in it only saves time, and a run makes again whatever is missing: stored views, channel
+statistics, what scans of split folders found, the built-in synthetic data set, torch.compile's
+kernels, and temporary files that a killed write left behind. Runs mark each file or folder they
+use (its modification time, `storage.mark_used`), so that `--unused-days` can spare what recent
+runs still use. Only these known entries are ever listed or deleted: a --cache-dir pointed at a
+folder of other things loses none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from monkeytrain.errors import UserError
+from monkeytrain.storage import folder_size
+
+DAY = 24 * 3600
+# kind: the patterns of its entries under the cache folder (pathlib's glob also matches dot files)
+KINDS = {
+    "views": ["views/*.pt"],  # decoded images, one file per data set split and resolution
+    "stats": ["stats/*.json"],  # channel mean and std of a training split
+    "scans": ["scans/*.json"],  # what scanning a split folder found
+    "synthetic": ["synthetic-v*"],  # the built-in synthetic data set (older versions too)
+    "compiled": ["inductor"],  # torch.compile's kernels (TORCHINDUCTOR_CACHE_DIR)
+    "unfinished": ["views/.*.tmp*", "stats/.*.tmp*", "scans/.*.tmp*", ".synthetic-v*.*"],  # killed writes
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    path: Path
+    size: int  # bytes, the files inside for a folder
+    last_used: float  # seconds since the epoch: the modification time, which runs renew on use
+
+
+def cache_folder(chosen: str | os.PathLike | None = None) -> Path:
+    """--cache-dir when given, else $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain."""
+    chosen = chosen or os.environ.get("MONKEYTRAIN_CACHE")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "monkeytrain"
+
+
+def cache_entries(cache_dir: Path) -> list[Entry]:
+    """Every known entry of the cache folder, oldest use first (none if the folder does not exist)."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"the cache folder {cache_dir} is a file; give --cache-dir a folder.")
+    found = [entry_of(kind, path) for kind, patterns in KINDS.items()
+             for pattern in patterns for path in cache_dir.glob(pattern)]
+    return sorted((entry for entry in found if entry is not None), key=lambda entry: entry.last_used)
+
+
+def entry_of(kind: str, path: Path) -> Entry | None:
+    """The entry at `path`; None if it went away meanwhile (a run or another clear removed it)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    size = folder_size(path) if path.is_dir() else stat.st_size
+    return Entry(kind, path, size, stat.st_mtime)
+
+
+def unused_for(entries: list[Entry], days: float, now: float | None = None) -> list[Entry]:
+    """The entries that no run has used for at least `days` days."""
+    if days < 0:
+        raise UserError(f"--unused-days must be 0 or more, got {days:g}.")
+    cutoff = (time.time() if now is None else now) - days * DAY
+    return [entry for entry in entries if entry.last_used <= cutoff]
+
+
+def delete_entries(entries: list[Entry]) -> None:
+    """Delete each entry; one that is already gone is fine, one that cannot be deleted is an error."""
+    for entry in entries:
+        try:
+            if entry.path.is_dir():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot delete {error.filename or entry.path} from the cache "
+                            f"({error.strerror or error}); check its permissions and run again.") from None

@@ -1,0 +1,158 @@
+"""The cache folder: its entries, what runs mark as used, and `monkeytrain cache` listing and clearing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monkeytrain import cli
+from monkeytrain.cachefolder import DAY, cache_entries, delete_entries, unused_for
+from monkeytrain.data import imagefiles
+from monkeytrain.data.imagefiles import scan_labelled_files
+from monkeytrain.data.stats import ChannelStats, read_cached, write_cached
+from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.data.views import cached_views
+from monkeytrain.model import compiled
+
+PROJECT = Path(__file__).resolve().parent.parent
+LONG_AGO = time.time() - 90 * DAY
+
+
+def put(path: Path, size: int, used: float = LONG_AGO) -> Path:
+    """A file of `size` bytes at `path`, last used at `used`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (used, used))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """A cache folder with an entry of each kind (all but one used long ago), and files of the user's."""
+    root = tmp_path / "cache"
+    put(root / "views" / "a.pt", 1000)
+    put(root / "views" / "b.pt", 3000, used=time.time())  # a recent run's
+    put(root / "stats" / "c.json", 40)
+    put(root / "scans" / "d.json", 200)
+    put(root / "synthetic-v2" / "train" / "circle" / "0.png", 500)
+    put(root / "synthetic-v1" / "train" / "circle" / "0.png", 300)  # an older version's
+    put(root / "inductor" / "fxgraph" / "k", 700)
+    put(root / "views" / ".e.pt.tmp4242", 60)  # a write killed half-way
+    for folder in ("synthetic-v2", "synthetic-v1", "inductor"):
+        os.utime(root / folder, (LONG_AGO, LONG_AGO))
+    put(root / "notes.txt", 5)  # not ours: a --cache-dir pointed at a folder of other things
+    put(root / "views" / "keep.txt", 5)
+    return root
+
+
+def listed(entries) -> dict[str, tuple[str, int]]:
+    return {entry.path.name: (entry.kind, entry.size) for entry in entries}
+
+
+def test_entries_are_the_known_kinds_with_their_sizes_oldest_use_first(cache):
+    entries = cache_entries(cache)
+    assert listed(entries) == {
+        "a.pt": ("views", 1000), "b.pt": ("views", 3000), "c.json": ("stats", 40), "d.json": ("scans", 200),
+        "synthetic-v2": ("synthetic", 500), "synthetic-v1": ("synthetic", 300), "inductor": ("compiled", 700),
+        ".e.pt.tmp4242": ("unfinished", 60)}
+    assert entries[-1].path.name == "b.pt"
+    assert cache_entries(cache / "not-yet") == []
+
+
+def test_unused_for_keeps_what_recent_runs_used(cache):
+    entries = cache_entries(cache)
+    assert "b.pt" not in listed(unused_for(entries, 30))
+    assert len(unused_for(entries, 30)) == len(entries) - 1
+    assert unused_for(entries, 100) == []
+    assert len(unused_for(entries, 0)) == len(entries)
+
+
+def test_deleting_removes_files_and_folders_and_nothing_else(cache):
+    entries = cache_entries(cache)
+    (cache / "views" / "a.pt").unlink()  # gone meanwhile (another clear, say): fine
+    delete_entries(entries)
+    assert cache_entries(cache) == []
+    assert (cache / "notes.txt").is_file() and (cache / "views" / "keep.txt").is_file()
+
+
+def test_a_run_marks_each_cache_entry_it_uses(tmp_path, make_image_folder, monkeypatch):
+    """Every place a run reads a cache entry renews its modification time, which --unused-days reads."""
+    monkeypatch.setattr(imagefiles, "RACY_NS", 0)  # the images were just written: trust their scan anyway
+    cache = tmp_path / "cache"
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    labelled = [(path, 0) for path in sorted((root / "training" / "training").rglob("*.png"))]
+    scans = cache / "scans" / "s.json"
+    files, _ = scan_labelled_files(labelled, scans)
+    stats = cache / "stats" / "t.json"
+    write_cached(stats, ChannelStats([0.5] * 3, [0.2] * 3))
+    cached_views(files, 32, cache)
+    synthetic = ensure_synthetic_dataset(cache)
+    (cache / "inductor").mkdir()  # as torch.compile leaves it
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what compiled() sets there is undone
+    entries = cache_entries(cache)
+    assert {entry.kind for entry in entries} == {"scans", "stats", "views", "synthetic", "compiled"}
+    for entry in entries:
+        os.utime(entry.path, (LONG_AGO, LONG_AGO))
+
+    scan_labelled_files(labelled, scans)  # unchanged files: the scans file is read, not rewritten
+    assert read_cached(stats) is not None
+    cached_views(files, 32, cache)
+    assert ensure_synthetic_dataset(cache) == synthetic
+    compiled(torch.nn.Linear(2, 2), True, cache)  # compiles at its first call, not here
+    assert unused_for(cache_entries(cache), 1) == []
+
+
+def run_cache_command(argv: list[str], capsys) -> list[str]:
+    cli.main(["cache", *argv])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_the_command_lists_and_clears_what_it_was_asked_to(cache, capsys, monkeypatch):
+    monkeypatch.setenv("MONKEYTRAIN_CACHE", str(cache))
+    summary, *kinds = run_cache_command([], capsys)
+    assert summary == f"{cache}: 8 entries (everything), 5.7 KiB"
+    assert [line.split()[:3] for line in kinds] == [
+        ["views", "2", "3.9"], ["stats", "1", "40"], ["scans", "1", "200"], ["synthetic", "2", "800"],
+        ["compiled", "1", "700"], ["unfinished", "1", "60"]]
+
+    assert run_cache_command(["--unused-days", "30", "--clear"], capsys) == [
+        f"{cache}: deleted 7 entries (unused for 30 days), 2.7 KiB"]
+    assert listed(cache_entries(cache)) == {"b.pt": ("views", 3000)}
+    other = cache.parent / "elsewhere"
+    assert run_cache_command(["--cache-dir", str(other)], capsys) == [f"{other}: 0 entries (everything), 0 B"]
+    assert run_cache_command(["--clear"], capsys) == [f"{cache}: deleted 1 entry (everything), 2.9 KiB"]
+    assert (cache / "notes.txt").is_file()
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    from test_cli import error_of
+
+    assert "--unused-days must be 0 or more" in error_of(cli.main, ["cache", "--unused-days", "-1"], capsys)
+    put(tmp_path / "a-file", 1)
+    assert "is a file" in error_of(cli.main, ["cache", "--cache-dir", str(tmp_path / "a-file")], capsys)
+
+
+def test_an_entry_that_cannot_be_deleted_is_one_line_naming_it(cache, capsys, monkeypatch):
+    from test_cli import error_of
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    error = error_of(cli.main, ["cache", "--cache-dir", str(cache), "--clear"], capsys)
+    assert "cannot delete" in error and "Permission denied" in error and str(cache) in error
+
+
+def test_the_command_starts_without_torch(cache):
+    code = ("import sys; from monkeytrain import cli; cli.main(['cache', '--cache-dir', sys.argv[1]]); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
