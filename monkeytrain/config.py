@@ -269,8 +269,9 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist; check the path given to --config.")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML ({error.__class__.__name__}); fix its syntax.")
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
+                        "(and save it as UTF-8 text).") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option names to values.")
     values = {}

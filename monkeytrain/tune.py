@@ -145,11 +145,12 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
     """Check everything a trial would trip over (space, flags, data, folder), then open the study."""
     from monkeytrain.config import parse_config
     from monkeytrain.storage import check_writable_dir
-    from monkeytrain.tune_space import load_space
+    from monkeytrain.tune_space import check_space_fits, load_space
 
     space = load_space(args.space)
     fixed = fixed_flags(train_flags, space)
     config = parse_config(train_flags)
+    check_space_fits(space, config, args.space)
     check_data(config)
     check_writable_dir(args.study_dir, "--study-dir")
     study = open_study(args.study_dir, make_pruner(args.pruner))
@@ -160,11 +161,11 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
 
 def fixed_flags(train_flags: list[str], space: dict) -> dict:
     """The train.py flags given (a --config preset's path among them), checked against the space."""
-    from monkeytrain.config import build_parser as train_parser
+    from monkeytrain.config import build_parser as train_parser, rename_old_names
 
     parser = train_parser()
     parser.prog = "monkeytrain tune (train.py flags)"
-    given = vars(parser.parse_args(train_flags))
+    given = rename_old_names(vars(parser.parse_args(train_flags)))  # an old name must not dodge the checks
     for name in RESERVED_FIELDS:
         if name in given:
             raise UserError(f"--{name.replace('_', '-')} is set by monkeytrain tune itself (each trial's run "
@@ -177,12 +178,16 @@ def fixed_flags(train_flags: list[str], space: dict) -> dict:
 
 
 def check_data(config) -> None:
-    """A wrong data path ends the command now, not every trial one after the other."""
+    """A wrong data path ends the command now, not every trial one after the other; so does a search
+    whose trials would pick their best epochs on the test split."""
     from monkeytrain.data.dataset import find_split_folders, user_data_root
 
     root = user_data_root(config)
-    if root is not None or config.train_dir or config.val_dir or config.test_dir:
-        find_split_folders(config, root)
+    if root is None and not (config.train_dir or config.val_dir or config.test_dir):
+        return  # the built-in synthetic data set, which has a validation split
+    if find_split_folders(config, root).selection is None and config.val_fraction == 0:
+        raise UserError("--val-fraction 0 would score every trial on the test split, which a search must never "
+                        "see; give it a fraction of the training images to hold out (default 0.1).")
 
 
 def make_pruner(rule: str):
@@ -202,6 +207,7 @@ def study_storage(study_dir: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    study_dir.mkdir(parents=True, exist_ok=True)  # for the README's enqueueing before any worker starts
     return JournalStorage(JournalFileBackend(str(study_dir / STORAGE_NAME)))
 
 
@@ -279,7 +285,9 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
             raise
         finally:
             stops.listen()
-        study.tell(trial, ended.value, ended.state)
+        # skip_if_finished: a worker that took this one for lost (another host's, in the same SLURM job)
+        # may have failed it meanwhile; that stands, rather than a traceback here
+        study.tell(trial, ended.value, ended.state, skip_if_finished=True)
         say(f"trial {trial.number} ({describe(trial.params)}): {ended.note}")
         if ended.interrupted:
             return "interrupted"
@@ -369,6 +377,13 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
+def stopped_finishing(reason: str, received: str | None, setup: Setup) -> int:
+    """Stop, and let go of the study's end: whichever worker runs next takes it up (the best run resumes
+    from its saved state), on any host, where a claim left behind could only be taken over here."""
+    (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)
+    return stopped(reason, received)
+
+
 def stopped(reason: str, received: str | None) -> int:
     from monkeytrain.preemption import ask_for_requeue
 
@@ -413,21 +428,26 @@ def worker_name() -> str:
     return ":".join(part for part in (socket.gethostname(), str(os.getpid()), slurm) if part)
 
 
-def worker_is_gone(owner: str, me: str) -> bool:
-    """True for this SLURM task's earlier life (before a requeue), or a dead process on this host."""
+def worker_state(owner: str, me: str) -> str:
+    """alive, gone or unknown: what this worker (`me`) can tell of another (`owner`, both as worker_name
+    gives them). A process on this host is alive or gone by its pid, whatever its SLURM job: two workers of
+    one job may share a host. One on another host is gone if it is this SLURM task's earlier life (before
+    a requeue that moved it), else unknown: only that host knows."""
     host, pid, job = (owner.split(":") + ["", "", ""])[:3]
     my_host, _, my_job = (me.split(":") + ["", "", ""])[:3]
-    if job and job == my_job:
-        return True
-    if host != my_host or not pid.isdigit():
-        return False  # another machine's worker: only it knows
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    if host == my_host and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return "gone"
+        except PermissionError:
+            pass  # another user's process: alive
+        return "alive"
+    return "gone" if job and job == my_job else "unknown"
+
+
+def worker_is_gone(owner: str, me: str) -> bool:
+    return worker_state(owner, me) == "gone"
 
 
 def fail_abandoned(study, me: str) -> None:
@@ -456,7 +476,8 @@ def finish_is_mine(study, setup: Setup, reason: str) -> bool:
         return True
     except FileExistsError:
         owner = claim.read_text().strip()
-    if reason == "finish" or worker_is_gone(owner, setup.worker):
+    owner_is = worker_state(owner, setup.worker)
+    if owner_is == "gone" or (reason == "finish" and owner_is == "unknown"):  # --finish: the user's call
         claim.write_text(setup.worker)  # take over; the best run resumes from its saved state
         return True
     say(f"{owner} is finishing the study.")
@@ -486,11 +507,11 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
         f"validation accuracy {best.value:.2%} ({describe(best.params)})")
     say("wrote " + ", ".join(str(path) for path in files))
     if stops.received:
-        return stopped("signal", stops.received)
+        return stopped_finishing("signal", stops.received, setup)
     results = train_best(setup, files[-1])
     stops.listen()
     if results.get("stopped"):
-        return stopped("interrupted", stops.received)
+        return stopped_finishing("interrupted", stops.received, setup)
     tune_report.write_json(tune_report.study_summary(trials, best, importances, results),
                            setup.study_dir / tune_report.SUMMARY_NAME)
     say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: validation accuracy "

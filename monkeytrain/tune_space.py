@@ -36,8 +36,9 @@ def load_space(path: Path) -> dict[str, BaseDistribution]:
         raise UserError(f"search space {path} does not exist; check the path given to --space.")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise UserError(f"search space {path} is not valid YAML ({error.__class__.__name__}); fix its syntax.")
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"search space {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
+                        "(and save it as UTF-8 text).") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"search space {path} must map train.py flags to ranges or lists of choices.")
     space = {}
@@ -76,8 +77,8 @@ def value_range(name: str, spec: dict, where: str) -> BaseDistribution:
     if kind not in (int, float):
         raise UserError(f"{where} is a {kind.__name__} field; give a list of choices instead of a range.")
     unknown = [key for key in spec if key not in RANGE_KEYS]
-    if unknown or "low" not in spec or "high" not in spec:
-        raise UserError(f"{where} must have low and high (and optionally log, step); got {sorted(spec)}.")
+    if unknown or spec.get("low") is None or spec.get("high") is None:
+        raise UserError(f"{where} must have low and high numbers (and optionally log, step); got {spec}.")
     low, high = (checked_value(name, spec[key], f"{where} {key}") for key in ("low", "high"))
     step = None if spec.get("step") is None else checked_value(name, spec["step"], f"{where} step")
     if not isinstance(spec.get("log", False), bool):
@@ -85,15 +86,25 @@ def value_range(name: str, spec: dict, where: str) -> BaseDistribution:
     check_values(name, (low, high), where)
     try:
         if kind is int:
-            return IntDistribution(low, high, log=spec.get("log", False), step=step or 1)
+            return IntDistribution(low, high, log=spec.get("log", False), step=1 if step is None else step)
         return FloatDistribution(low, high, log=spec.get("log", False), step=step)
     except ValueError as error:  # Optuna's own checks: low <= high, log needs low > 0, not log with step
         reason = str(error).rstrip(".")
         raise UserError(f"{where} is not a usable range ({reason}); fix low, high, log or step.") from None
 
 
-def check_values(name: str, values: tuple, where: str) -> None:
-    """Each value (a range's ends, every choice) must pass train.py's own checks."""
+def check_space_fits(space: dict[str, BaseDistribution], config: TrainConfig, path: Path) -> None:
+    """Each choice and range end, set in `config` (the fixed flags of tune), must pass train.py's own checks:
+    so a choice that clashes with a fixed flag (--min-train-size 48 with --image-size 32) ends the command
+    now, not the study at whichever trial first samples it."""
+    for name, values in space.items():
+        ends = values.choices if isinstance(values, CategoricalDistribution) else (values.low, values.high)
+        check_values(name, ends, f"'{flag_name(name)}' in {path}", config)
+
+
+def check_values(name: str, values: tuple, where: str, base: TrainConfig | None = None) -> None:
+    """Each value (a range's ends, every choice) must pass train.py's own checks, set in `base` (default:
+    the defaults)."""
     for value in (v for v in values if v is not None):
         if name == "model":
             import timm  # here: only a space that searches models pays for the import
@@ -101,7 +112,7 @@ def check_values(name: str, values: tuple, where: str) -> None:
             if not timm.is_model(value):
                 raise UserError(f"{where} names '{value}', which is not a timm model; see timm.list_models().")
         try:
-            validate(dataclasses.replace(TrainConfig(), **{name: value}))
+            validate(dataclasses.replace(base or TrainConfig(), **{name: value}))
         except UserError as error:  # the check that failed, without train.py's advice about flags
             raise UserError(f"{where} allows {value!r}, which train.py refuses "
                             f"({str(error).split(';')[0]}); narrow it.") from None

@@ -149,13 +149,16 @@ BAD_SPACES = {
     "empty choices": ("{lr: []}", "lists no choices"),
     "not a mapping": ("[lr, 0.1]", "must map train.py flags"),
     "bad YAML": ("{lr: [0.1", "is not valid YAML"),
+    "not UTF-8": (b"\xff\xfe{lr: [0.1]}", "is not valid YAML (UnicodeDecodeError)"),
+    "a null bound": ("{cpu_threads: {low: null, high: 4}}", "must have low and high numbers"),
+    "an int step of 0": ("{epochs: {low: 1, high: 3, step: 0}}", "is not a usable range"),
 }
 
 
 @pytest.mark.parametrize("text, expected", BAD_SPACES.values(), ids=BAD_SPACES.keys())
 def test_a_bad_space_file_is_one_line_and_exit_2(tmp_path, capsys, text, expected):
     space = tmp_path / "space.yaml"
-    space.write_text(text)
+    space.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SystemExit) as exited:
         cli.main(["tune", "--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"])
     assert exited.value.code == 2
@@ -181,6 +184,56 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, expected):
         cli.main(["tune", "--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu", *flags])
     error = capsys.readouterr().err
     assert exited.value.code == 2 and error.count("\n") == 1 and expected.format(tmp=tmp_path) in error, error
+
+
+SPACES_AGAINST_FLAGS = {
+    "a choice the fixed flags refuse": ("{min_train_size: [0, 48]}", ["--image-size", "32"],
+                                        "'min-train-size' in {space} allows 48, which train.py refuses"),
+    "a range end the fixed flags refuse": ("{min_train_size: {low: 16, high: 64}}", ["--image-size", "32"],
+                                           "allows 64, which train.py refuses"),
+    "searched under an old flag name": ("{max_batches_per_epoch: [1, 2]}", ["--max-steps-per-epoch", "5"],
+                                        "--max-batches-per-epoch is given as a flag and searched"),
+    "trials scored on the test split": ("{lr: [0.1]}", ["--data", "{data}", "--val-fraction", "0"],
+                                        "--val-fraction 0 would score every trial on the test split"),
+}
+
+
+@pytest.mark.parametrize("text, flags, expected", SPACES_AGAINST_FLAGS.values(), ids=SPACES_AGAINST_FLAGS.keys())
+def test_the_space_is_checked_with_the_fixed_flags_before_any_trial(tmp_path, capsys, text, flags, expected):
+    space, data = tmp_path / "space.yaml", write_image_folder(tmp_path / "data", layout="kaggle")
+    space.write_text(text)
+    flags = [flag.format(data=data) for flag in flags]
+    with pytest.raises(SystemExit) as exited:  # --trials 1 --epochs 1: short, should a check let it through
+        cli.main(["tune", "--space", str(space), "--study-dir", str(tmp_path / "study"), "--trials", "1", "--cpu",
+                  "--epochs", "1", *flags])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert exited.value.code == 2 and expected.format(space=space) in error, error
+    assert not (tmp_path / "study").exists()
+
+
+def test_the_end_of_a_study_is_taken_over_only_from_a_worker_that_is_gone(tmp_path, monkeypatch):
+    """A stopped finish lets go of the claim, for any host's next worker; a claim left behind is taken over
+    from a dead process here, from this SLURM task's earlier life, or with --finish from another host, but
+    never from a live process here."""
+    from monkeytrain.tune import CLAIM_NAME, Setup, finish_is_mine, open_study, stopped_finishing
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # no requeue asked by the stop below
+    study, here = open_study(tmp_path, optuna.pruners.NopPruner()), os.uname().nodename
+    setup = Setup(tmp_path, {}, [], 1, None, f"{here}:5:slurm-7")  # this worker: SLURM job 7, on this host
+
+    def claimed_by(owner: str, reason: str) -> bool:
+        (tmp_path / CLAIM_NAME).write_text(owner)
+        return finish_is_mine(study, setup, reason)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert claimed_by(f"{here}:{dead}", "trials") and claimed_by("elsewhere:1:slurm-7", "trials")
+    assert not claimed_by("elsewhere:1", "trials") and claimed_by("elsewhere:1", "finish")
+    live = f"{here}:{os.getpid()}:slurm-7"  # another worker of the same job, on this host
+    assert not claimed_by(live, "trials") and not claimed_by(live, "finish")
+
+    stopped_finishing("signal", "SIGTERM", setup)
+    assert not (tmp_path / CLAIM_NAME).exists()
 
 
 def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
@@ -285,7 +338,8 @@ def test_tune_sbatch_passes_the_warning_to_its_worker_and_requeues_once_it_has_e
 
 def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
     """SIGKILL leaves a trial running: a later worker on the same host (the dead pid) or the same SLURM
-    task after its requeue fails it; another host's or a live process's trial is left alone."""
+    task after a requeue to another host fails it; another host's or a live process's trial is left alone,
+    a live one of the same SLURM job too (two workers of one job on one host)."""
     from optuna.trial import TrialState
 
     from monkeytrain.tune import STUDY_NAME, counted, fail_abandoned, is_surplus, study_storage
@@ -293,11 +347,12 @@ def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
     study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(tmp_path), direction="maximize")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    owners = [f"vm:{dead}", "vm:1:slurm-7_1", "elsewhere:1", f"vm:{os.getpid()}"]
+    owners = [f"vm:{dead}", "elsewhere:1:slurm-7_1", f"vm:{os.getpid()}:slurm-7_1", "elsewhere:1",
+              f"vm:{os.getpid()}"]
     for owner in owners:
         study.ask().set_user_attr("worker", owner)
     fail_abandoned(study, "vm:5:slurm-7_1")  # this SLURM task's next life, on host vm
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING,
-                                                     TrialState.RUNNING]
-    assert len(counted(study.get_trials())) == 2  # failed by a lost worker: not counted
+                                                     TrialState.RUNNING, TrialState.RUNNING]
+    assert len(counted(study.get_trials())) == 3  # failed by a lost worker: not counted
     assert is_surplus(study, study.ask(), wanted=2) and not is_surplus(study, study.get_trials()[2], wanted=1)
