@@ -40,9 +40,10 @@ class Entry:
 
 
 def cache_folder(chosen: str | os.PathLike | None = None) -> Path:
-    """--cache-dir when given, else $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain."""
+    """--cache-dir when given, else $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain. A leading ~ is the home
+    folder (a shell expands it only where a word starts: not in --cache-dir=~/x, nor in a quoted value)."""
     chosen = chosen or os.environ.get("MONKEYTRAIN_CACHE")
-    return Path(chosen) if chosen else Path.home() / ".cache" / "monkeytrain"
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "monkeytrain"
 
 
 def cache_entries(cache_dir: Path) -> list[Entry]:

@@ -313,6 +313,7 @@ def test_data_root_and_cache_come_from_flags_then_environment(tmp_path, monkeypa
     assert user_data_root(parse_config(["--data", "flag-data"])) == Path("flag-data")
     assert cache_folder(parse_config([]).cache_dir) == tmp_path / "env-cache"
     assert cache_folder(parse_config(["--cache-dir", "c"]).cache_dir) == Path("c")
+    assert cache_folder(parse_config(["--cache-dir=~/c"]).cache_dir) == Path.home() / "c"
 
 
 def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(

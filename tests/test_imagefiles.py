@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +156,40 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
     # 6 turns the image clockwise (left half ends on top), 8 anticlockwise (on the bottom)
     top, bottom = pixel(loaded, (10, 5))[0], pixel(loaded, (10, 35))[0]
     assert (top > 200 and bottom < 50) if orientation == 6 else (top < 50 and bottom > 200)
+
+
+def damaged_exif(orientation: int) -> bytes:
+    """An EXIF block with an orientation and an XResolution stored as text (it is a rational): Pillow
+    reads it, and raises when it writes the block back, as turning the image does."""
+    entries = [struct.pack("<HHIH2x", 0x0112, 3, 1, orientation), struct.pack("<HHI4s", 0x011A, 2, 3, b"ab")]
+    return b"Exif\0\0II*\0" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+
+
+def test_an_image_with_a_damaged_exif_block_passes_the_scan_and_loads_as_stored(tmp_path):
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (40, 20)).save(path, "JPEG", exif=damaged_exif(6))
+    [image], skipped = scan_labelled_files([(path, 0)])
+    assert skipped == [] and load_rgb(path).size == (40, 20)  # its orientation cannot be read: as stored
+
+
+def test_an_unreadable_file_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    path.write_bytes(encoded(noise_image(), "PNG"))
+    original = Path.read_bytes
+
+    def read_bytes(self):
+        if self == path:  # as for a file without read permission (the tests may run as root)
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert scan_labelled_files([(path, 0)]) == ([], [SkippedFile(path, "unreadable (Permission denied)")])
+
+
+def test_an_image_over_pillows_bomb_limit_is_too_large_not_damaged(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused from twice that: 200 pixels
+    problem = check_image_bytes(encoded(noise_image((20, 20)), "PNG"))
+    assert problem.startswith("too large for Pillow to decode") and "damaged" not in problem
 
 
 def test_image_without_orientation_keeps_its_size(tmp_path):

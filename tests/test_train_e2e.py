@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import train_here
 from monkeytrain import cli
+from monkeytrain.checkpoint import read_checkpoint
 from monkeytrain.data import synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -127,6 +128,25 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     assert inside_the_run <= results["wall_seconds"] + 0.03  # six figures, each rounded to 0.01 s
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 30
+
+
+def test_names_that_are_not_utf8_train_plot_and_checkpoint(tmp_path):
+    """Folder and file names in another encoding (a zip made on Windows, say): Python holds their odd bytes
+    as surrogates, which a cache key, a plot or a JSON file cannot take as they are."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=4)
+    for split in ("train", "val"):
+        folder = os.fsencode(data / split)
+        os.rename(folder + b"/n1", folder + b"/caf\xe9")
+    os.rename(os.fsencode(data / "train" / "n0" / "n0_000.png"), os.fsencode(data / "train" / "n0") + b"/\xff.png")
+    train_here(["--data", str(data), *SMALL, "--epochs", "1", "--run-name", "odd", "--cache-dir",
+                str(tmp_path / "cache")], tmp_path)
+    run = tmp_path / "runs" / "odd"
+    assert json.loads((run / "results.json").read_text())["class_names"] == ["caf\ufffd", "n0"]
+    assert (run / "confusion_matrix.png").is_file() and (run / "curves.png").is_file()
+    _, info = read_checkpoint(run / "best.safetensors")
+    assert info.class_folders == [os.fsdecode(b"caf\xe9"), "n0"]  # the folder itself, to find it again
 
 
 def test_same_seed_repeats_bit_for_bit_and_config_file_reproduces(trained):

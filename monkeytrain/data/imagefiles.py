@@ -86,7 +86,17 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> Image.Image:
         if min_side:
             image.draft(None, (min_side * DRAFT_REDUCING_GAP, min_side * DRAFT_REDUCING_GAP))
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        return to_rgb(upright(image))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, or as stored where its EXIF block is damaged: Pillow
+    rewrites the block while turning, and raises on bad values in it (TypeError, struct.error, ...) that
+    a decode of the pixels never reads."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # the pixels are whole (decoded above); only the orientation is lost
+        return image
 
 
 def check_image_bytes(data: bytes) -> Optional[str]:
@@ -104,6 +114,8 @@ def decode_check(data: bytes) -> tuple[Optional[str], int]:
             return None, image.width * image.height
     except UnidentifiedImageError:
         return "not an image in any format Pillow reads", 0
+    except Image.DecompressionBombError as error:  # Pillow's guard, at twice MAX_IMAGE_PIXELS: not damage
+        return f"too large for Pillow to decode ({error}); use a smaller copy of it", 0
     except DECODE_ERRORS as error:
         return f"a damaged or truncated image ({error})", 0
 
@@ -119,7 +131,10 @@ def candidate_files(folder: Path) -> list[Path]:
 
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     quiet_pillow_size_warning()
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:  # no permission, a vanished file, an I/O error of the disk
+        return SkippedFile(path, f"unreadable ({error.strerror or error})")
     problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
@@ -211,5 +226,6 @@ def content_key(header: str, files: Iterable[ImageFile]) -> str:
     contents, and a `header` that names the format and its settings."""
     digest = hashlib.sha256(f"{header}\n".encode())
     for f in files:
-        digest.update(f"{f.path}\t{f.digest}\n".encode())
+        # surrogateescape: a name that is not UTF-8 (from a zip made on Windows, say) keys by its bytes
+        digest.update(f"{f.path}\t{f.digest}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]

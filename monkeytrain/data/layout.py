@@ -137,9 +137,14 @@ def _first_difference(a: list[str], a_dir: Path, b: list[str], b_dir: Path) -> l
 
 
 def display_names(class_folder_names: list[str], labels_file: Optional[Path]) -> list[str]:
-    """Common names from monkey_labels.txt where it has them, else the folder names."""
+    """Common names from monkey_labels.txt where it has them, else the folder names, as printable text: a
+    folder name that is not UTF-8 shows its odd bytes as U+FFFD (plots, logs and JSON cannot take them)."""
     common = read_common_names(labels_file) if labels_file else {}
-    return [common.get(name, name) for name in class_folder_names]
+    return [printable(common.get(name, name)) for name in class_folder_names]
+
+
+def printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def read_common_names(labels_file: Path) -> dict[str, str]:
