@@ -56,8 +56,29 @@ def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, mak
     """valid/ and test/ without train/: split names, not class names (a class "test" would be silent)."""
     root = make_image_folder(tmp_path / "data", layout="train-valid-test", classes=2, per_class=1)
     (root / "train").rename(root / "training-images")
-    with pytest.raises(UserError, match="no dataset layout found"):
+    with pytest.raises(UserError, match="no dataset layout found in .* \\(split folders test/, valid/, not a layout"):
         layout.folders_from_root(root)
+
+
+@pytest.mark.parametrize("renamed", [{"train": "Train", "val": "VAL"}, {"train": "TRAIN", "test": "Test"}])
+def test_split_folders_are_found_in_any_letter_case(tmp_path, make_image_folder, renamed):
+    """Train/ and Test/ were trained as two classes, Train and Test."""
+    root = make_image_folder(tmp_path / "data", layout="train-val" if "val" in renamed else "train-test",
+                             classes=2, per_class=1)
+    for name, new_name in renamed.items():
+        (root / name).rename(root / new_name)
+    folders = layout.folders_from_root(root)
+    assert folders.train == root / renamed["train"] and folders.layout in ("train-val", "train-test")
+    assert layout.class_folders(folders.train) == ["n0", "n1"]
+
+
+def test_a_class_named_like_a_split_is_a_class(tmp_path, make_image_folder):
+    """A folder of images named train/ beside bus/ and car/ holds the class 'train'."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=3, per_class=1)
+    for old, new in (("n0", "bus"), ("n1", "car"), ("n2", "train")):
+        (root / old).rename(root / new)
+    folders = layout.folders_from_root(root)
+    assert folders.layout == "image-folder" and layout.class_folders(folders.train) == ["bus", "car", "train"]
 
 
 def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_image_folder):

@@ -1,6 +1,7 @@
 """Where the splits of a dataset live on disk, and what its classes are called.
 
-Accepted layouts, tried in this order under a root folder:
+Accepted layouts, tried in this order under a root folder (split folder names in any letter case:
+Train/ and TRAIN/ are train/ too):
 
 - Kaggle as downloaded: `training/training/<class>/`, `validation/validation/<class>/`
 - flattened Kaggle: `training/<class>/`, `validation/<class>/`
@@ -22,8 +23,8 @@ from typing import Optional
 from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
-# Folder names that say a root holds splits, not classes: a root with train/ alone is a mistake to
-# report, not a dataset with a class called "train".
+# Folder names that say a root holds splits, not classes: a root with train/ alone, holding class
+# folders, is a mistake to report; a train/ folder of images beside bus/ and car/ is a class.
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
@@ -52,30 +53,46 @@ def folders_from_root(root: Path) -> SplitFolders:
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist; check --data or $MONKEYTRAIN_DATA.")
     labels = root / LABELS_FILE if (root / LABELS_FILE).is_file() else None
-    kaggle = (root / "training" / "training", root / "validation" / "validation")
-    if all(p.is_dir() for p in kaggle):
-        return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
-    if (root / "training").is_dir() and (root / "validation").is_dir():
-        return SplitFolders(root / "training", None, root / "validation", labels, "kaggle-flattened")
-    train, val, test = root / "train", first_folder(root, "val", "valid"), root / "test"
-    if train.is_dir() and val:
-        if test.is_dir():
+    training, validation = first_folder(root, "training"), first_folder(root, "validation")
+    if training and validation:
+        kaggle = (first_folder(training, "training"), first_folder(validation, "validation"))
+        if all(kaggle):
+            return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
+        return SplitFolders(training, None, validation, labels, "kaggle-flattened")
+    train, val, test = first_folder(root, "train"), first_folder(root, "val", "valid"), first_folder(root, "test")
+    if train and val:
+        if test:
             return SplitFolders(train, val, test, labels, "train-val-test")
         return SplitFolders(train, None, val, labels, "train-val")
-    if train.is_dir() and test.is_dir():
+    if train and test:
         return SplitFolders(train, None, test, labels, "train-test")
-    subfolders = set(class_folders(root))
-    if subfolders and not subfolders & SPLIT_NAMES:
+    splits = [name for name in class_folders(root) if looks_like_a_split(root / name)]
+    if class_folders(root) and not splits:
         return SplitFolders(root, None, None, labels, "image-folder")
+    found = f" (split folders {', '.join(f'{name}/' for name in splits)}, not a layout)" if splits else ""
     raise UserError(
-        f"no dataset layout found in {root}; expected training/training/<class>/ and "
+        f"no dataset layout found in {root}{found}; expected training/training/<class>/ and "
         "validation/validation/<class>/ (Kaggle), training/ and validation/, train/ with val/, valid/ "
         "or test/, or one folder of class subfolders."
     )
 
 
+def looks_like_a_split(folder: Path) -> bool:
+    """Named like a split (any letter case), and without files of its own: a class folder holds images."""
+    return folder.name.lower() in SPLIT_NAMES and not any(
+        entry.is_file() and not entry.name.startswith(".") for entry in folder.iterdir())
+
+
 def first_folder(root: Path, *names: str) -> Optional[Path]:
-    return next((root / name for name in names if (root / name).is_dir()), None)
+    """The first of `names` that is a subfolder of `root`, in any letter case (Train/ is train/) where
+    none has the name as written."""
+    folders = sorted(folder for folder in root.iterdir() if folder.is_dir())
+    for name in names:
+        exact = [folder for folder in folders if folder.name == name]
+        found = exact or [folder for folder in folders if folder.name.lower() == name]
+        if found:
+            return found[0]
+    return None
 
 
 def folders_from_explicit(train: Optional[str], val: Optional[str], test: Optional[str]) -> SplitFolders:
