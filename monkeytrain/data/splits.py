@@ -15,11 +15,13 @@ def stratified_holdout(
     """Split `files` into (kept, held out), holding out `fraction` of each class.
 
     Files with identical content stay together, so a duplicate can never sit on
-    both sides (the real monkey set has dozens of such pairs). The split depends
-    only on the file list, the fraction and the seed.
+    both sides (the real monkey set has dozens of such pairs), also when its
+    copies sit in two classes: the first class decides for the others. The split
+    depends only on the file list, the fraction and the seed.
     """
     rng = random.Random(seed)
     kept, held_out = [], []
+    held: dict[str, bool] = {}  # the side of each content decided so far, by digest
     for label in sorted({f.label for f in files}):
         groups = _groups_by_content([f for f in files if f.label == label])
         rng.shuffle(groups)
@@ -29,11 +31,10 @@ def stratified_holdout(
         taken = 0
         for group in groups:
             # Keep at least one group for training whatever the fraction.
-            if taken < target and group is not groups[-1]:
-                held_out.extend(group)
-                taken += len(group)
-            else:
-                kept.extend(group)
+            digest = group[0].digest
+            held.setdefault(digest, taken < target and group is not groups[-1])
+            (held_out if held[digest] else kept).extend(group)
+            taken += len(group) if held[digest] else 0
     return sorted(kept, key=_order), sorted(held_out, key=_order)
 
 
