@@ -32,3 +32,11 @@ def prepare_run_dir(config, accelerator) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """The run directory goes if nothing was written in it (a run stopped by bad input)."""
+    try:
+        run_dir.rmdir()
+    except OSError:  # it holds a run's files (or is gone already)
+        pass

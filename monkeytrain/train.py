@@ -32,7 +32,7 @@ from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit
 from monkeytrain.results import score
-from monkeytrain.rundir import RESULTS_NAME, prepare_run_dir
+from monkeytrain.rundir import RESULTS_NAME, prepare_run_dir, remove_if_empty
 from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -66,6 +66,8 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
         return train_and_report(run, cache_dir, stop, on_epoch)
     finally:
         log.close()
+        if accelerator.is_main_process:
+            remove_if_empty(run_dir)  # bad data, found before anything was written: no empty folder left
 
 
 def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoch: Callable | None) -> dict:

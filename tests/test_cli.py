@@ -115,6 +115,7 @@ def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, dat
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     message = error_of(train.main, ["--data", str(data), "--strict-data", *SMALL], capsys)
     assert f"{bad} is a damaged or truncated image" in message and "--strict-data" in message
+    assert list(Path("runs").iterdir()) == []  # no empty run folder left behind
 
     results = train.main(["--data", str(data), *SMALL, "--run-name", "lenient"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "broken.jpg" in line]
