@@ -123,6 +123,9 @@ def main(argv: list[str]) -> int:
     args, train_flags = build_parser().parse_known_args(argv)
     if args.trials < 1 or args.workers < 1:
         raise UserError("--trials and --workers must be at least 1.")
+    if args.timeout_minutes is not None and not args.timeout_minutes > 0:
+        raise UserError(f"--timeout-minutes must be above 0, got {args.timeout_minutes:g}; leave it out for no "
+                        "time limit.")
     if study_finished(args.study_dir):  # said before any checks or imports: there is nothing left to do
         say(f"{args.study_dir} is a finished study; its results: {args.study_dir / BEST_RUN_NAME}/results.json")
         return 0
@@ -155,7 +158,7 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
     check_writable_dir(args.study_dir, "--study-dir")
     study = open_study(args.study_dir, make_pruner(args.pruner))
     check_same_search(study, space, fixed, args.study_dir)
-    deadline = time.monotonic() + args.timeout_minutes * 60 if args.timeout_minutes else None
+    deadline = None if args.timeout_minutes is None else time.monotonic() + args.timeout_minutes * 60
     return study, Setup(args.study_dir, space, train_flags, args.trials, deadline, worker_name()), config
 
 

@@ -172,6 +172,8 @@ BAD_COMMANDS = {
     "flag also searched": (["--lr", "0.1"], "--lr is given as a flag and searched in the space"),
     "run directory flag": (["--output-dir", "{tmp}/runs"], "--output-dir is set by monkeytrain tune itself"),
     "missing data": (["--data", "{tmp}/nothing"], "dataset folder {tmp}/nothing does not exist"),
+    "no time at all": (["--timeout-minutes", "0"], "--timeout-minutes must be above 0, got 0"),
+    "negative time": (["--timeout-minutes", "-5"], "--timeout-minutes must be above 0, got -5"),
 }
 
 
