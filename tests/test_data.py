@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import RecordedLog
+from monkeytrain.cachefolder import cache_folder
 from monkeytrain.config import parse_config
 from monkeytrain.data import layout
-from monkeytrain.cachefolder import cache_folder
-from monkeytrain.data.dataset import discover_splits, resolve_dataset, user_data_root
+from monkeytrain.data.dataset import discover_splits, find_split_folders, resolve_dataset, user_data_root
 from monkeytrain.errors import UserError
 
 
@@ -372,3 +372,14 @@ def test_no_class_warning_when_every_class_has_a_held_out_image(tmp_path, make_i
     log = RecordedLog()
     resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
     assert not [w for w in log.warnings if "held-out" in w]
+
+
+def test_classes_too_small_to_hold_out_a_split_are_one_user_error(tmp_path, make_image_folder):
+    """Two classes of one image each: nothing can be held out, and a test figure would be 0% of nothing."""
+    root = make_image_folder(tmp_path / "tiny", layout="image-folder", classes=2, per_class=1)
+    config = parse_config(["--data", str(root)])
+    with pytest.raises(UserError, match="no image is left for the test split"):
+        discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False)
+    root = make_image_folder(tmp_path / "two", layout="train-test", classes=2, per_class=1)
+    with pytest.raises(UserError, match="no image is left for the validation split"):
+        discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False)

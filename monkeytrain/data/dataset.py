@@ -129,6 +129,7 @@ def discover_splits(
         root=str(folders.train), skipped=skipped,
     )
     check_no_empty_class(splits, folders)
+    check_held_out_splits(splits)
     splits.leaks = find_leaks(splits.distinct_splits())
     return splits
 
@@ -175,6 +176,14 @@ def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) ->
                     f"class folder {folder / folder_name} has no readable images; "
                     "add images or remove the folder from every split."
                 )
+
+
+def check_held_out_splits(splits: DatasetSplits) -> None:
+    """A split held out of too few images can end up empty: its accuracy would read 0% of nothing."""
+    for name, files in (("test", splits.test), ("validation", splits.val)):
+        if not files:
+            raise UserError(f"no image is left for the {name} split: each class is too small to hold one out "
+                            f"({len(splits.train)} images in all); add images to the classes.")
 
 
 def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
