@@ -56,6 +56,8 @@ RUNTIME_FIELDS = {"cpu_threads", "num_workers", "cache_dir", "report_to", "log_c
                   "compile", "save_every", "save_every_minutes", "keep_states"}
 # tune names every trial's run directory itself and never lets a trial see the test split.
 RESERVED_FIELDS = ("output_dir", "run_name", "resume", "score_test")
+# Fixed flags that name a file or folder: a study compares them as absolute paths.
+PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,9 +221,13 @@ def open_study(study_dir: Path, pruner):
 
     # constant_liar: a trial still running counts as a poor result, so parallel workers spread out
     # instead of all sampling next to the same best point.
-    return optuna.create_study(study_name=STUDY_NAME, storage=study_storage(study_dir), direction="maximize",
-                               sampler=optuna.samplers.TPESampler(constant_liar=True), pruner=pruner,
-                               load_if_exists=True)
+    try:
+        return optuna.create_study(study_name=STUDY_NAME, storage=study_storage(study_dir), direction="maximize",
+                                   sampler=optuna.samplers.TPESampler(constant_liar=True), pruner=pruner,
+                                   load_if_exists=True)
+    except (ValueError, OSError) as error:  # json's errors are ValueErrors; a folder in its place, OSError
+        raise UserError(f"{study_dir / STORAGE_NAME} cannot be read as a study ({error.__class__.__name__}: "
+                        f"{error}); move it away to start the study anew, or give another --study-dir.") from None
 
 
 def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
@@ -232,10 +238,17 @@ def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
         kept = study.user_attrs.get(key)
         if kept is None:
             study.set_user_attr(key, value)
-        elif kept != value:
+        elif kept != value and (key == "space" or comparable(json.loads(kept)) != comparable(fixed)):
             what = "another search space" if key == "space" else "other fixed train.py flags"
             raise UserError(f"{study_dir} holds a study begun with {what} ({kept}); continue it with the same, "
                             "or give a new --study-dir.")
+
+
+def comparable(fixed: dict) -> dict:
+    """Fixed flags as a study compares them: data/x given in the checkout and $PWD/data/x in a job script
+    (as the README's examples have it) are the same folder, from the same working directory."""
+    return {name: os.path.abspath(value) if name in PATH_FIELDS and value else value
+            for name, value in fixed.items()}
 
 
 # --- one worker ---------------------------------------------------------------

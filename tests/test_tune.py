@@ -250,6 +250,34 @@ def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, m
     assert exited.value.code == 2 and "holds a study begun with another search space" in error, error
 
 
+def test_a_study_continues_with_the_same_data_named_by_an_absolute_path(tmp_path, capsys, monkeypatch):
+    space, study = tmp_path / "space.yaml", tmp_path / "study"
+    space.write_text("{lr: [0.1, 0.2]}")
+    for name in ("data", "other"):
+        write_image_folder(tmp_path / name, layout="kaggle")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
+    for data in ("data", str(tmp_path / "data")):  # as run in the checkout, then from a job script
+        assert tune.main(["--space", str(space), "--study-dir", str(study), "--cpu", "--data", data]) == 0
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--space", str(space), "--study-dir", str(study), "--cpu", "--data", "other"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "holds a study begun with other fixed train.py flags" in error, error
+
+
+@pytest.mark.parametrize("damage", ["a line that is not JSON", "a folder"])
+def test_a_damaged_study_file_is_one_line(tmp_path, capsys, damage):
+    space, journal = tmp_path / "space.yaml", tmp_path / "study" / tune.STORAGE_NAME
+    space.write_text("{lr: [0.1, 0.2]}")
+    journal.parent.mkdir()
+    journal.mkdir() if damage == "a folder" else journal.write_text('{"op_code": 0, garbage\n')
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--space", str(space), "--study-dir", str(journal.parent), "--cpu"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1, error
+    assert f"{journal} cannot be read as a study" in error and "move it away" in error
+
+
 def test_without_optuna_one_line_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without it gives: ImportError
     with pytest.raises(SystemExit) as exited:
