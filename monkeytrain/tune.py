@@ -462,16 +462,12 @@ def worker_state(owner: str, me: str) -> str:
     return "gone" if job and job == my_job else "unknown"
 
 
-def worker_is_gone(owner: str, me: str) -> bool:
-    return worker_state(owner, me) == "gone"
-
-
 def fail_abandoned(study, me: str) -> None:
     """Trials left running by a worker that is gone are failed, so that they stop counting."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_is_gone(trial.user_attrs.get("worker", ""), me):
+        if worker_state(trial.user_attrs.get("worker", ""), me) == "gone":
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             say(f"trial {trial.number} was left running by {trial.user_attrs['worker']}, which is gone; "
                 "marked failed, it does not count.")
