@@ -65,11 +65,11 @@ def entry_of(kind: str, path: Path) -> Entry | None:
     return Entry(kind, path, size, stat.st_mtime)
 
 
-def unused_for(entries: list[Entry], days: float, now: float | None = None) -> list[Entry]:
+def unused_for(entries: list[Entry], days: float) -> list[Entry]:
     """The entries that no run has used for at least `days` days."""
     if days < 0:
         raise UserError(f"--unused-days must be 0 or more, got {days:g}.")
-    cutoff = (time.time() if now is None else now) - days * DAY
+    cutoff = time.time() - days * DAY
     return [entry for entry in entries if entry.last_used <= cutoff]
 
 
