@@ -67,7 +67,7 @@ def entry_of(kind: str, path: Path) -> Entry | None:
 
 def unused_for(entries: list[Entry], days: float) -> list[Entry]:
     """The entries that no run has used for at least `days` days."""
-    if days < 0:
+    if not days >= 0:  # NaN too
         raise UserError(f"--unused-days must be 0 or more, got {days:g}.")
     cutoff = time.time() - days * DAY
     return [entry for entry in entries if entry.last_used <= cutoff]

@@ -131,6 +131,7 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     from test_cli import error_of
 
     assert "--unused-days must be 0 or more" in error_of(cli.main, ["cache", "--unused-days", "-1"], capsys)
+    assert "--unused-days must be 0 or more" in error_of(cli.main, ["cache", "--unused-days", "nan"], capsys)
     put(tmp_path / "a-file", 1)
     assert "is a file" in error_of(cli.main, ["cache", "--cache-dir", str(tmp_path / "a-file")], capsys)
 
