@@ -67,8 +67,17 @@ class CheckpointInfo:
         }
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> "CheckpointInfo":
-        return cls(
+    def from_metadata(cls, metadata: dict[str, str], source: Path | str = "the checkpoint") -> "CheckpointInfo":
+        """The header of a file (`source`, for the error) that says it is monkeytrain's; one line if damaged."""
+        try:
+            return cls._parse(metadata)
+        except (KeyError, ValueError, TypeError) as error:  # a field missing, or not what it should be
+            raise UserError(f"{source} has damaged monkeytrain metadata ({error.__class__.__name__}: {error}); pass "
+                            "a checkpoint written by monkeytrain, unedited.") from None
+
+    @classmethod
+    def _parse(cls, metadata: dict[str, str]) -> "CheckpointInfo":
+        info = cls(
             architecture=metadata["architecture"],
             class_names=json.loads(metadata["class_names"]),
             class_folders=json.loads(metadata["class_folders"]),
@@ -80,6 +89,9 @@ class CheckpointInfo:
             config=json.loads(metadata["config"]),
             synthetic_data=json.loads(metadata.get("synthetic_data", "false")),
         )
+        if not (isinstance(info.config, dict) and info.image_size > 0 and len(info.class_names) > 1):
+            raise ValueError("config, image_size or class_names out of range")
+        return info
 
 
 def library_versions() -> dict[str, str]:
@@ -142,13 +154,13 @@ def timm_config(info: CheckpointInfo) -> dict:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Weights and header of a monkeytrain checkpoint, or a UserError saying what is wrong."""
     weights, header = read_checkpoint_file(path)
-    return weights, CheckpointInfo.from_metadata(header)
+    return weights, CheckpointInfo.from_metadata(header, path)
 
 
 def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights and the header word for word (str -> str), which an export copies whole."""
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the best.safetensors of a finished run.")
+        raise UserError(not_a_checkpoint_file(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -160,10 +172,21 @@ def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return weights, metadata
 
 
+def not_a_checkpoint_file(path: Path) -> str:
+    """Why `path`, which is not a file, cannot be the checkpoint: a run's folder, or nothing at all."""
+    if path.is_dir():
+        return f"checkpoint {path} is a folder; pass the best.safetensors (or .onnx) file in it."
+    return f"checkpoint {path} does not exist; pass the best.safetensors of a finished run (or its .onnx)."
+
+
 def model_with_weights(weights: dict[str, torch.Tensor], info: CheckpointInfo) -> torch.nn.Module:
     """A fresh model of the header's architecture holding `weights`, in eval mode, on the CPU."""
     model = create_model(info.architecture, info.num_classes)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing, unexpected or misshapen tensors
+        raise UserError(f"the weights of the checkpoint do not fit its architecture {info.architecture} "
+                        f"({str(error).splitlines()[0]}); pass a best.safetensors written by monkeytrain.") from None
     return model.eval()
 
 

@@ -157,7 +157,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         return
     print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f})")
     for name, accuracy in per_class.items():
-        print(f"  {name:<28} {accuracy:.1%}")
+        print(f"  {name:<28} {'n/a (no images)' if accuracy is None else f'{accuracy:.1%}'}")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -40,9 +40,11 @@ class EvalResult:
     predicted: torch.Tensor   # this rank's predicted class per sample, in shard order (CPU)
     confidence: torch.Tensor  # and the softmax probability of that prediction
 
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(dim=1).clamp_min(1)
-        return (self.confusion.diag().double() / totals).tolist()
+    def per_class_accuracy(self) -> list[float | None]:
+        """Each class's accuracy; None for a class with no image here (0% would read as a measured failure)."""
+        totals = self.confusion.sum(dim=1)
+        accuracies = (self.confusion.diag().double() / totals.clamp_min(1)).tolist()
+        return [accuracy if total else None for accuracy, total in zip(accuracies, totals.tolist())]
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from monkeytrain.checkpoint import FORMAT, CheckpointInfo, model_with_weights, read_checkpoint_file
+from monkeytrain.checkpoint import (FORMAT, CheckpointInfo, model_with_weights, not_a_checkpoint_file,
+                                    read_checkpoint_file)
 from monkeytrain.data.imagefiles import SkippedFile
 from monkeytrain.data.views import stored_size, view_dataset
 from monkeytrain.errors import UserError
@@ -86,6 +87,8 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
     output = output or checkpoint.with_suffix(".onnx")
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output {output} must end in .onnx: predict and evaluate tell an ONNX model by it.")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; name the .onnx file to write.")
     if not tolerance >= 0:  # also refuses nan
         raise UserError(f"--tolerance must be 0 or more (got {tolerance}); the default is 1e-3.")
     for package in EXPORT_PACKAGES:
@@ -194,8 +197,7 @@ def load_onnx(source: Union[Path, bytes], label: Optional[str] = None) -> tuple[
     """The forward and header of an .onnx file (or its bytes) written by `monkeytrain export`."""
     label = label or str(source)
     if isinstance(source, Path) and not source.is_file():
-        raise UserError(f"checkpoint {source} does not exist; pass a best.safetensors or an .onnx file "
-                        "written by monkeytrain export.")
+        raise UserError(not_a_checkpoint_file(source))
     ort = require("onnxruntime", "running an .onnx checkpoint")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings would print lines of their own
@@ -208,4 +210,4 @@ def load_onnx(source: Union[Path, bytes], label: Optional[str] = None) -> tuple[
     header = session.get_modelmeta().custom_metadata_map
     if header.get("format") != FORMAT:
         raise UserError(f"{label} has no monkeytrain metadata; pass an .onnx file written by monkeytrain export.")
-    return OnnxForward(session), CheckpointInfo.from_metadata(header)
+    return OnnxForward(session), CheckpointInfo.from_metadata(header, label)

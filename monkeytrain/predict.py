@@ -90,11 +90,12 @@ def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile]
         raise UserError(f"{folder} is not a folder; pass a folder of class subfolders.")
     names = layout.class_folders(folder)
     unknown = [n for n in names if n not in info.class_folders]
-    if unknown or not names:
-        raise UserError(
-            f"{folder} has class folder '{unknown[0] if unknown else '(none)'}' that the checkpoint does "
-            f"not know; expected subfolders among {', '.join(info.class_folders)}."
-        )
+    if not names:
+        raise UserError(f"{folder} has no class subfolders; pass a folder of them, named as the checkpoint's "
+                        f"classes ({', '.join(info.class_folders)}).")
+    if unknown:
+        raise UserError(f"{folder} has class folder '{unknown[0]}' that the checkpoint does not know; expected "
+                        f"subfolders among {', '.join(info.class_folders)}.")
     labelled = [(p, info.class_folders.index(n)) for n in names for p in candidate_files(folder / n)]
     images, skipped = scan_labelled_files(labelled)
     if not images:

@@ -147,6 +147,34 @@ def test_load_model_rebuilds_an_equal_model_in_eval_mode(tmp_path, tiny_model):
 def test_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_checkpoint(tmp_path / "best.safetensors")
+    with pytest.raises(UserError, match="is a folder; pass the best.safetensors"):  # a run's folder
+        read_checkpoint(tmp_path)
+
+
+DAMAGED_HEADERS = {
+    "a field missing": ({"class_names": None}, "KeyError"),
+    "not JSON": ({"class_names": "[not json"}, "JSONDecodeError"),
+    "not a number": ({"image_size": "abc"}, "ValueError"),
+    "no pixels": ({"image_size": "0"}, "out of range"),
+    "config not a mapping": ({"config": '"str"'}, "out of range"),
+}
+
+
+@pytest.mark.parametrize("changes, named", DAMAGED_HEADERS.values(), ids=DAMAGED_HEADERS.keys())
+def test_a_damaged_header_is_one_user_error(tmp_path, tiny_model, changes, named):
+    path = save_checkpoint(tmp_path, tiny_model, make_info())
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {**handle.metadata(), **changes}
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(weights, str(path), metadata={k: v for k, v in metadata.items() if v is not None})
+    with pytest.raises(UserError, match=f"{path} has damaged monkeytrain metadata .*{named}"):
+        read_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_architecture_are_one_user_error(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path, tiny_model, make_info(classes=2))  # a header of 2 classes, weights of 3
+    with pytest.raises(UserError, match="do not fit its architecture"):
+        load_model(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is a text file\n", b"\x80\x02}q\x00." * 20])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,9 +189,19 @@ def test_predict_and_evaluate_errors(capsys, tmp_path, data):
     notes.write_text("not an image")
     assert "notes.txt is not an image" in error_of(
         cli.main, ["predict", "--checkpoint", checkpoint, str(notes)], capsys)
+    assert "runs/ok is a folder; pass the best.safetensors" in error_of(
+        cli.main, ["predict", "--checkpoint", "runs/ok", str(data / "validation")], capsys)
+    (tmp_path / "other").mkdir()
+    assert "other has no class subfolders" in error_of(
+        cli.main, ["evaluate", "--checkpoint", checkpoint, str(tmp_path / "other")], capsys)
     (tmp_path / "other" / "zebra").mkdir(parents=True)
     assert "class folder 'zebra'" in error_of(
         cli.main, ["evaluate", "--checkpoint", checkpoint, str(tmp_path / "other")], capsys)
+
+    shutil.copytree(data / "validation" / "validation" / "n0", tmp_path / "only-n0" / "n0")
+    cli.main(["evaluate", "--checkpoint", checkpoint, str(tmp_path / "only-n0"), "--json"])
+    per_class = json.loads(capsys.readouterr().out)["per_class_accuracy"]
+    assert per_class["common name 1"] is None and per_class["common name 2"] is None  # no images of theirs
 
 
 def test_inspect_and_download_errors(capsys, tmp_path, monkeypatch):

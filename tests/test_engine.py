@@ -246,6 +246,7 @@ def test_evaluate_on_no_batches_counts_zero(cpu_accelerator):
     assert result.count == 0
     assert result.loss == 0.0 and result.accuracy == 0.0
     assert result.confusion.tolist() == [[0] * 3] * 3
+    assert result.per_class_accuracy() == [None, None, None]  # no images: not 0%
     assert result.predicted.numel() == 0 and result.confidence.numel() == 0
 
 

@@ -163,8 +163,11 @@ def test_a_tolerance_breach_is_one_line_and_writes_nothing(exported_again, monke
     assert "largest logit difference 1.0e-02" in printed and output.is_file()
 
 
-def test_export_flags_are_checked(exported_again, capsys):
+def test_export_flags_are_checked(exported_again, capsys, tmp_path):
     assert "must end in .onnx" in error_of([*exported_again, "--output", "model.bin"], capsys)
+    (tmp_path / "models.onnx").mkdir()
+    assert "is a folder; name the .onnx file" in error_of([*exported_again, "--output", str(tmp_path / "models.onnx")],
+                                                          capsys)
     assert "--tolerance must be 0 or more" in error_of([*exported_again, "--tolerance", "-1"], capsys)
 
 
