@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ RECIPE_CHOICES = ("auto", "gpu", "cpu")
 REPORT_TO_CHOICES = ("auto", "wandb", "none")
 PRECISION_CHOICES = ("no", "fp16", "bf16")
 OPTIMIZER_CHOICES = ("sgd", "adamw")
+MAX_EPOCHS = 1_000_000  # a bound far above any real run: start-up walks the epochs (progressive resizing)
 # Old names that still work, with one warning line: flags (field names) and values.
 RENAMED_FIELDS = {"max_steps_per_epoch": "max_batches_per_epoch"}
 RENAMED_VALUES = {("data_pipeline", "gpu"): "resident"}
@@ -311,13 +313,22 @@ def checked_value(name: str, value: Any, where: str) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot work, naming the flag to change."""
+    not_finite = [f.name for f in FIELDS.values()
+                  if isinstance(getattr(config, f.name), float) and not math.isfinite(getattr(config, f.name))]
     checks = [
+        (not not_finite, f"--{flag_name((not_finite or [''])[0])} must be a finite number"),
         (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.epochs <= MAX_EPOCHS, f"--epochs must be at most {MAX_EPOCHS:,}"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.image_size >= 16, "--image-size must be at least 16 pixels"),
         (0.0 <= config.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
         (0.0 < config.test_fraction < 1.0, "--test-fraction must be in (0, 1)"),
         (config.lr > 0, "--lr must be positive"),
+        (0.0 <= config.momentum < 1.0, "--momentum must be in [0, 1)"),
+        (config.weight_decay >= 0, "--weight-decay must not be negative"),
+        (config.rotation >= 0 and config.color_jitter >= 0, "--rotation and --color-jitter must not be negative"),
+        (config.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0: no clipping)"),
+        (0 <= config.seed < 2**32, "--seed must be in [0, 2**32)"),
         (config.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (config.num_workers is None or config.num_workers >= 0, "--num-workers must not be negative"),
         (config.cpu_threads is None or config.cpu_threads >= 1, "--cpu-threads must be at least 1"),

@@ -27,7 +27,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
     kernels = kernel_options(device)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999), **kernels)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True, **kernels)
+    nesterov = config.momentum > 0  # torch refuses Nesterov without momentum; --momentum 0 is plain SGD
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=nesterov, **kernels)
 
 
 def kernel_options(device: torch.device) -> dict:

@@ -158,6 +158,19 @@ def test_missing_and_malformed_yaml_files_are_user_errors(tmp_path):
     (["--min-train-size", "8"], "--min-train-size"),
     (["--image-size", "64", "--min-train-size", "96"], "--min-train-size"),
     (["--full-size-fraction", "1.5"], "--full-size-fraction"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--rotation", "inf"], "--rotation must be a finite number"),
+    (["--mixup-alpha", "inf"], "--mixup-alpha must be a finite number"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number"),
+    (["--epochs", "99999999999"], "--epochs must be at most"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--momentum", "-0.5"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--color-jitter", "-1"], "--color-jitter"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
 ])
 def test_invalid_flag_values_are_user_errors_naming_the_flag(flags, flag_named):
     with pytest.raises(UserError, match=flag_named):

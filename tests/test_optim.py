@@ -50,6 +50,11 @@ def test_build_optimizer_uses_the_config(model, name, kind):
     assert momentum == 0.8
 
 
+def test_sgd_without_momentum_is_plain_sgd(model):
+    optimizer = build_optimizer(model, parse_config(["--momentum", "0"]), CPU)  # torch refuses Nesterov here
+    assert optimizer.param_groups[0]["momentum"] == 0 and not optimizer.param_groups[0]["nesterov"]
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_build_optimizer_picks_foreach_kernels_on_the_cpu_and_fused_on_cuda(name):
     # Building a fused optimizer needs no GPU, only the device it is meant for.
