@@ -28,6 +28,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
+from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
@@ -242,8 +243,12 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
 def whole_accumulation_groups(batches: int, accumulation: int) -> int:
     """The batches an epoch trains: whole groups of `--grad-accum-steps` when there is one. Accelerate
     cannot see where an epoch of the resident pipeline ends, so a partial group would carry its
-    gradients into the next epoch (and out of a saved state); and the schedule counts whole steps."""
-    return batches - batches % accumulation if batches >= accumulation else batches
+    gradients into the next epoch (and out of a saved state); and the schedule counts whole steps. Fewer
+    batches than one group would train without a single optimizer step: a UserError."""
+    if batches < accumulation:
+        raise UserError(f"--grad-accum-steps {accumulation} needs at least {accumulation} batches an epoch, and an "
+                        f"epoch here has {batches} (--batch-size, --max-batches-per-epoch); lower --grad-accum-steps.")
+    return batches - batches % accumulation
 
 
 def epoch_train_size(config: TrainConfig, epoch: int) -> int:

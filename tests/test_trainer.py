@@ -44,9 +44,16 @@ def test_a_state_saved_by_the_previous_version_still_resumes():
     assert Progress.from_saved(extras) == Progress(3, 2, 40, BestEpoch(2, 0.5, 1.25))
 
 
-@pytest.mark.parametrize("batches, accumulation, trained", [(8, 1, 8), (9, 2, 8), (11, 4, 8), (3, 2, 2), (1, 2, 1)])
+@pytest.mark.parametrize("batches, accumulation, trained", [(8, 1, 8), (9, 2, 8), (11, 4, 8), (3, 2, 2), (2, 2, 2)])
 def test_an_epoch_trains_whole_accumulation_groups(batches, accumulation, trained):
     assert whole_accumulation_groups(batches, accumulation) == trained
+
+
+def test_an_epoch_shorter_than_one_accumulation_group_is_a_user_error():
+    """It would train without a single optimizer step (a run of 50 batches a group on 5 batches did)."""
+    with pytest.raises(UserError, match="--grad-accum-steps 4 needs at least 4 batches an epoch, and an epoch here "
+                                        "has 3"):
+        whole_accumulation_groups(3, 4)
 
 
 @pytest.fixture
