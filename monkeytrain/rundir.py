@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import yaml
+
 from monkeytrain.checkpoint import BEST_NAME
+from monkeytrain.config import flag_name
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
+from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
 
 RESULTS_NAME = "results.json"  # written last: a run directory that holds it is finished
+CONFIG_NAME = "config.yaml"
+# What a resumed run may change: where and how it runs, saves, logs and evaluates. Any other flag (the
+# model, the data, the batch size, the epochs that the schedule spans, ...) would not continue the run.
+MAY_CHANGE_ON_RESUME = {"num_workers", "cache_dir", "data_pipeline", "recipe", "pretrained", "mixed_precision",
+                        "compile", "cuda_graphs", "tta_flip", "tta_shift", "resume", "save_every",
+                        "save_every_minutes", "keep_states", "report_to", "log_checkpoint", "output_dir", "run_name",
+                        "cpu", "cpu_threads", "debug", "score_test", "strict_data"}
+PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir")  # compared as absolute paths
 
 
 def prepare_run_dir(config, accelerator) -> Path:
-    """The run directory; a finished run is never reopened, one with a checkpoint only to resume."""
+    """The run directory; a finished run is never reopened, one with a checkpoint only to resume. A state
+    given to --resume continues its own run, in its own folder (where its best checkpoint is)."""
+    if config.resume and config.resume != "auto":
+        continue_in_its_run(config, Path(config.resume).resolve().parent.parent)  # RUN/state/step-N
     config.run_name = config.run_name or broadcast_from_main(time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(config.output_dir) / config.run_name
     if (run_dir / BEST_NAME).exists() and not config.resume:
@@ -32,6 +48,37 @@ def prepare_run_dir(config, accelerator) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def continue_in_its_run(config, state_run: Path) -> None:
+    """--resume RUN/state/step-N continues RUN: its folder unless --run-name names that one."""
+    if not config.run_name:
+        config.output_dir, config.run_name = str(state_run.parent), state_run.name
+    elif (Path(config.output_dir) / config.run_name).resolve() != state_run:
+        raise UserError(f"--resume {config.resume} is a state of the run {state_run}, whose best checkpoint is "
+                        "there; leave out --run-name (and --output-dir) to continue that run.")
+
+
+def check_resumed_config(run_dir: Path, config) -> None:
+    """A run that resumes from a state goes on with the flags it began with (its config.yaml), checked
+    before that file is written again: a changed model or data set would fail on loading, a changed batch
+    size or epoch count would bend the learning-rate schedule, silently."""
+    saved = run_dir / CONFIG_NAME
+    if not config.resume or not saved.is_file() or (config.resume == "auto" and not state_dirs(run_dir)):
+        return
+    try:
+        began = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # no record to hold the run to
+    for name, value in config.to_dict().items():
+        changed = name in began and comparable(name, began[name]) != comparable(name, value)
+        if changed and name not in MAY_CHANGE_ON_RESUME:
+            raise UserError(f"--{flag_name(name)} {value} is not the {began[name]} that {run_dir} began with "
+                            f"({saved}); a resumed run goes on with its own flags: drop it, or start a new run.")
+
+
+def comparable(name: str, value):
+    return os.path.abspath(value) if name in PATH_FIELDS and value else value
 
 
 def remove_if_empty(run_dir: Path) -> None:

@@ -14,6 +14,7 @@ save and when to stop is `preemption.py`'s.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -95,6 +96,14 @@ class StateStore:
     def load(self, path: Path) -> tuple[dict, dict]:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
         rank's (which hold what was `shared`)."""
+        try:
+            return self._load(path)
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            reason = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+            raise UserError(f"the saved state {path} cannot be loaded ({reason}); move it away and --resume auto "
+                            "takes the newest one left, or start a new run.") from None
+
+    def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
         mine_file = path / f"progress-rank{accelerator.process_index}.pt"
         mine = torch.load(mine_file, map_location="cpu", weights_only=False) if mine_file.is_file() else {}

@@ -8,6 +8,7 @@ the trainer once; the others are train.main in this one."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import train_here
 from forked import exit_codes, printed, start
 from resume_checks import OUTPUT, interrupted, killed_in
+from monkeytrain import train
 from monkeytrain.checkpoint import read_checkpoint
 from monkeytrain.statestore import COMPLETE, state_dirs
 
@@ -91,6 +93,41 @@ def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, dat
                          tmp_path)
     assert "resumed from" in resumed.stdout
     assert_same_run(whole, cut)
+
+
+def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(tmp_path, data, capsys,
+                                                                             monkeypatch):
+    with interrupted("term", 5):
+        train_here([*common(data, tmp_path), "--run-name", "cut"], tmp_path)
+    run = tmp_path / "runs" / "cut"
+    [state] = state_dirs(run)
+    began = (run / "config.yaml").read_text()
+
+    def refused(*flags: str) -> str:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            train.main([*common(data, tmp_path), *flags])
+        assert exited.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    # a batch size or epoch count of its own would bend the schedule; another model fails to load
+    assert "--batch-size 4 is not the 3 that" in refused("--run-name", "cut", "--resume", "auto", "--batch-size", "4")
+    assert "--epochs 5 is not the 3 that" in refused("--resume", str(state), "--epochs", "5")
+    assert (run / "config.yaml").read_text() == began  # its record kept
+    assert f"is a state of the run {run}" in refused("--resume", str(state), "--run-name", "elsewhere")
+    assert not (tmp_path / "runs" / "elsewhere").exists()
+
+    damaged = tmp_path / "runs" / "damaged"  # a copy, one file of its state cut short
+    shutil.copytree(run, damaged)
+    optimizer = next((damaged / "state" / state.name).glob("optimizer*"))
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    assert "cannot be loaded" in refused("--run-name", "damaged", "--resume", "auto")
+
+    elsewhere = tmp_path / "another-folder"  # a state given by its path resumes its own run, from anywhere
+    elsewhere.mkdir()
+    resumed = train_here([*common(data, tmp_path), "--resume", str(state)], elsewhere)
+    assert "resumed from" in resumed.stdout and (run / "results.json").is_file()
+    assert not (elsewhere / "runs").exists()
 
 
 # Saves every 3 steps, the last 2 kept. Each kill point: (what resume_checks does, at which step,
