@@ -288,6 +288,14 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
     return values
 
 
+def looks_like_a_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     kind = _base_type(f)
     if value is None and "Optional" in str(f.type):
@@ -296,6 +304,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and looks_like_a_number(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if kind in (int, str) and type(value) is kind:
         return value
     raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}.")

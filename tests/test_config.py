@@ -133,6 +133,12 @@ def test_wrong_yaml_type_is_an_error_naming_the_key(tmp_path, text, key):
         parse_config(["--config", preset])
 
 
+def test_a_yaml_number_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as text; in a float field it is the number everyone means."""
+    config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", "lr: 1e-3\nweight_decay: 5E-4\n")])
+    assert (config.lr, config.weight_decay) == (0.001, 0.0005)
+
+
 def test_missing_and_malformed_yaml_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "absent.yaml")])
