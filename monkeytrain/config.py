@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,16 @@ def rename_old_names(values: dict[str, Any]) -> dict[str, Any]:
 
 def flag_name(field_name: str) -> str:
     return field_name.replace("_", "-")
+
+
+PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")  # flags that name a file or folder
+
+
+def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Flag values as runs and studies compare them: data/x given in the checkout and $PWD/data/x in a
+    job script (as the README's examples have it) are the same folder, from the same working directory."""
+    return {name: os.path.abspath(value) if name in PATH_FIELDS and value else value
+            for name, value in values.items()}
 
 
 def warn(message: str) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import yaml
 
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.config import flag_name
+from monkeytrain.config import flag_name, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import state_dirs
@@ -23,7 +22,6 @@ MAY_CHANGE_ON_RESUME = {"num_workers", "cache_dir", "data_pipeline", "recipe", "
                         "compile", "cuda_graphs", "tta_flip", "tta_shift", "resume", "save_every",
                         "save_every_minutes", "keep_states", "report_to", "log_checkpoint", "output_dir", "run_name",
                         "cpu", "cpu_threads", "debug", "score_test", "strict_data"}
-PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir")  # compared as absolute paths
 
 
 def prepare_run_dir(config, accelerator) -> Path:
@@ -70,15 +68,12 @@ def check_resumed_config(run_dir: Path, config) -> None:
         began = yaml.safe_load(saved.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return  # no record to hold the run to
-    for name, value in config.to_dict().items():
-        changed = name in began and comparable(name, began[name]) != comparable(name, value)
+    began, now = with_absolute_paths(began), with_absolute_paths(config.to_dict())
+    for name, value in now.items():
+        changed = name in began and began[name] != value
         if changed and name not in MAY_CHANGE_ON_RESUME:
             raise UserError(f"--{flag_name(name)} {value} is not the {began[name]} that {run_dir} began with "
                             f"({saved}); a resumed run goes on with its own flags: drop it, or start a new run.")
-
-
-def comparable(name: str, value):
-    return os.path.abspath(value) if name in PATH_FIELDS and value else value
 
 
 def remove_if_empty(run_dir: Path) -> None:

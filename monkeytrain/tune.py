@@ -56,8 +56,6 @@ RUNTIME_FIELDS = {"cpu_threads", "num_workers", "cache_dir", "report_to", "log_c
                   "compile", "save_every", "save_every_minutes", "keep_states"}
 # tune names every trial's run directory itself and never lets a trial see the test split.
 RESERVED_FIELDS = ("output_dir", "run_name", "resume", "score_test")
-# Fixed flags that name a file or folder: a study compares them as absolute paths.
-PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,23 +230,18 @@ def open_study(study_dir: Path, pruner):
 
 def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
     """A study continues only with the space and fixed flags it began with: other trials would not compare."""
+    from monkeytrain.config import with_absolute_paths
     from monkeytrain.tune_space import space_json
 
     for key, value in (("space", space_json(space)), ("fixed_flags", json.dumps(fixed, sort_keys=True))):
         kept = study.user_attrs.get(key)
         if kept is None:
             study.set_user_attr(key, value)
-        elif kept != value and (key == "space" or comparable(json.loads(kept)) != comparable(fixed)):
+        elif kept != value and (key == "space"
+                                or with_absolute_paths(json.loads(kept)) != with_absolute_paths(fixed)):
             what = "another search space" if key == "space" else "other fixed train.py flags"
             raise UserError(f"{study_dir} holds a study begun with {what} ({kept}); continue it with the same, "
                             "or give a new --study-dir.")
-
-
-def comparable(fixed: dict) -> dict:
-    """Fixed flags as a study compares them: data/x given in the checkout and $PWD/data/x in a job script
-    (as the README's examples have it) are the same folder, from the same working directory."""
-    return {name: os.path.abspath(value) if name in PATH_FIELDS and value else value
-            for name, value in fixed.items()}
 
 
 # --- one worker ---------------------------------------------------------------
