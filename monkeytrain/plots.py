@@ -29,7 +29,7 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
 
     A requeued job may log an epoch again, so the last line for an epoch wins;
     a line cut short by a killed job is skipped rather than losing the plot.
-    Missing values are NaN; a missing file gives empty series.
+    Missing or null values are NaN; a missing file gives empty series.
     """
     by_epoch: dict[int, dict] = {}
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -41,8 +41,13 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
         if isinstance(record, dict) and "epoch" in record:
             by_epoch[int(record["epoch"])] = record
     epochs = sorted(by_epoch)
-    series = {name: [float(by_epoch[e].get(name, math.nan)) for e in epochs] for name in SERIES}
+    series = {name: [number(by_epoch[e].get(name)) for e in epochs] for name in SERIES}
     return {"epoch": epochs, **series}
+
+
+def number(value) -> float:
+    """A logged figure as a float; NaN (a gap in the curve) where the epoch has none."""
+    return math.nan if value is None else float(value)
 
 
 def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None) -> Path:

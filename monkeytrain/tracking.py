@@ -97,7 +97,8 @@ class WandbRunLog(RunLog):
     def epoch(self, metrics: dict) -> None:
         super().epoch(metrics)
         # "epochs" is the same every epoch and already in the config: no chart for it.
-        self.run.log({k: v for k, v in metrics.items() if k != "epochs"}, step=metrics["epoch"])
+        # Nor for a figure the epoch did not measure (None): a gap, not a point at 0.
+        self.run.log({k: v for k, v in metrics.items() if k != "epochs" and v is not None}, step=metrics["epoch"])
         self.last_epoch = metrics["epoch"]
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
@@ -265,10 +266,12 @@ def checkpoint_artifact(wandb: Any, run_id: str, checkpoint_path: Path, results:
 
 
 def format_epoch(m: dict) -> str:
+    trained = (f"train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.2%}" if m["train_loss"] is not None
+               else "train n/a (trained before the resume)")
+    speed = f"{m['images_per_second']:.0f} img/s" if m["images_per_second"] is not None else "- img/s"
     return (
-        f"epoch {m['epoch']:>3}/{m['epochs']}  "
-        f"train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.2%}  "
+        f"epoch {m['epoch']:>3}/{m['epochs']}  {trained}  "
         f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.2%}  "
-        f"lr {m['lr']:.2e}  {m['images_per_second']:.0f} img/s  {m['epoch_seconds']:.1f}s"
+        f"lr {m['lr']:.2e}  {speed}  {m['epoch_seconds']:.1f}s"
         + ("  *best*" if m.get("is_best") else "")
     )

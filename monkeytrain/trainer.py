@@ -189,11 +189,16 @@ class Trainer:
         improved = self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on every rank
         if improved:
             self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
+        # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
+        # figures are unknown here (None, null in metrics.jsonl), not a loss of 0 at 0 images/s
+        measured = trained.images > 0
         self.run.log.epoch({
             "epoch": epoch, "epochs": self.config.epochs,
-            "train_loss": trained.loss, "train_accuracy": trained.accuracy,
+            "train_loss": trained.loss if measured else None,
+            "train_accuracy": trained.accuracy if measured else None,
             "val_loss": validated.loss, "val_accuracy": validated.accuracy,
-            "lr": float(self.learner.scheduler.get_last_lr()[0]), "images_per_second": trained.images_per_second,
+            "lr": float(self.learner.scheduler.get_last_lr()[0]),
+            "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
         return validated.accuracy

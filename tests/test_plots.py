@@ -53,12 +53,13 @@ def test_read_metrics_gives_one_value_per_epoch_in_order(tmp_path):
         json.dumps({"epoch": 3, "train_loss": 0.5}),  # values missing from a line
         '{"epoch": 4, "train_lo',              # cut short by a killed job
         "",
+        json.dumps({"epoch": 5, "train_loss": None, "val_accuracy": 0.7}),  # not trained again after a resume
     ])
     series = read_metrics(path)
-    assert series["epoch"] == [1, 2, 3]
+    assert series["epoch"] == [1, 2, 3, 5]
     assert series["val_accuracy"][:2] == [0.25, 0.6]
     assert math.isnan(series["val_accuracy"][2])
-    assert series["train_loss"] == [2.0, 1.0, 0.5]
+    assert series["train_loss"][:3] == [2.0, 1.0, 0.5] and math.isnan(series["train_loss"][3])
     assert series["train_accuracy"][:2] == pytest.approx([0.3, 0.6])
 
 

@@ -95,6 +95,25 @@ def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, dat
     assert_same_run(whole, cut)
 
 
+def test_a_stop_at_an_epoch_end_resumes_identically_and_logs_that_epoch_as_not_trained_again(tmp_path, data,
+                                                                                          whole):
+    # SIGTERM while step 11 ends, the last of epoch 1: the state is saved before that epoch's validation
+    with interrupted("term", 11):
+        train_here([*common(data, tmp_path), "--run-name", "cut"], tmp_path)
+    cut = tmp_path / "runs" / "cut"
+    assert [state.name for state in state_dirs(cut)] == ["step-00000011"]
+    assert not (cut / "metrics.jsonl").exists()
+
+    resumed = train_here([*common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto"],
+                         tmp_path)
+    assert "train n/a (trained before the resume)" in resumed.stdout
+    first, *later = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert first["epoch"] == 1 and first["val_accuracy"] is not None
+    assert first["train_loss"] is first["train_accuracy"] is first["images_per_second"] is None
+    assert [line["epoch"] for line in later] == [2, 3] and all(line["train_loss"] > 0 for line in later)
+    assert_same_run(whole, cut)
+
+
 def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(tmp_path, data, capsys,
                                                                              monkeypatch):
     with interrupted("term", 5):
