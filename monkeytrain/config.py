@@ -278,25 +278,65 @@ def resolve_recipe(requested: str, cpu_flag: bool) -> str:
 
 def load_yaml_preset(path: Path) -> dict[str, Any]:
     """Read a YAML mapping of config keys (dashes or underscores), checking names and types."""
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; check the path given to --config.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"config file {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
-                        "(and save it as UTF-8 text).") from None
+    raw = read_yaml_file(path, "config file", "--config") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option names to values.")
     values = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
+    for key, name in field_names(raw, path).items():
         name_now = RENAMED_FIELDS.get(name, name)
         if name_now not in FIELDS:
             raise UserError(
                 f"unknown key '{key}' in {path}; valid keys are the flags listed by --help."
             )
-        values[name] = _coerce(FIELDS[name_now], value, f"key '{key}' in {path}")
+        values[name] = _coerce(FIELDS[name_now], raw[key], f"key '{key}' in {path}")
     return values
+
+
+class RepeatedKey(yaml.YAMLError):
+    pass
+
+
+class NoRepeatsLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, and a preset that sets lr twice was edited in one place and read in the other."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a list or mapping as a key is for the reader to refuse; `<<:` merges may override
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise RepeatedKey(f"'{key}' twice (again on line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_file(path: Path, what: str, flag: str) -> Any:
+    """The YAML document of the file `flag` names (`what` it is, for the messages)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; check the path given to {flag}.")
+    try:
+        return yaml.load(path.read_text(), Loader=NoRepeatsLoader)
+    except RepeatedKey as repeated:
+        raise UserError(f"{what} {path} gives {repeated}; keep one of them.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
+                        "(and save it as UTF-8 text).") from None
+
+
+def field_names(raw: dict, path: Path) -> dict[Any, str]:
+    """Each key of a flag file with the field it sets (dashes as underscores, old names as new); one
+    field set under two spellings (batch-size and batch_size) is an error, as one key given twice is."""
+    names, keys_of = {}, {}
+    for key in raw:
+        names[key] = str(key).replace("-", "_")
+        field = RENAMED_FIELDS.get(names[key], names[key])
+        if field in keys_of:
+            raise UserError(f"{path} sets --{flag_name(field)} twice, as '{keys_of[field]}' and as '{key}'; "
+                            "keep one of them.")
+        keys_of[field] = key
+    return names
 
 
 def looks_like_a_number(text: str) -> bool:

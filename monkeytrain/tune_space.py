@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution, distribution_to_json)
 
-from monkeytrain.config import (FIELDS, RENAMED_FIELDS, TrainConfig, checked_value, field_type, flag_name,
-                                validate)
+from monkeytrain.config import (FIELDS, RENAMED_FIELDS, TrainConfig, checked_value, field_names, field_type,
+                                flag_name, read_yaml_file, validate)
 from monkeytrain.errors import UserError
 
 # Fields a search must not vary: where runs read and write, how they are tracked, and the held-out
@@ -32,24 +31,17 @@ RANGE_KEYS = ("low", "high", "log", "step")
 
 def load_space(path: Path) -> dict[str, BaseDistribution]:
     """The distributions of a space file, by field name; one clear UserError for anything wrong."""
-    if not path.is_file():
-        raise UserError(f"search space {path} does not exist; check the path given to --space.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"search space {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
-                        "(and save it as UTF-8 text).") from None
+    raw = read_yaml_file(path, "search space", "--space")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"search space {path} must map train.py flags to ranges or lists of choices.")
     space = {}
-    for key, spec in raw.items():
-        name = searchable_name(key, path)
-        space[name] = distribution(name, spec, f"'{key}' in {path}")
+    for key, name in field_names(raw, path).items():
+        name = searchable_name(key, name, path)
+        space[name] = distribution(name, raw[key], f"'{key}' in {path}")
     return space
 
 
-def searchable_name(key: Any, path: Path) -> str:
-    name = str(key).replace("-", "_")
+def searchable_name(key: Any, name: str, path: Path) -> str:
     name = RENAMED_FIELDS.get(name, name)
     if name not in FIELDS:
         raise UserError(f"unknown field '{key}' in {path}; search-space keys are the flags of "

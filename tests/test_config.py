@@ -139,6 +139,23 @@ def test_a_yaml_number_without_a_dot_is_a_number(tmp_path):
     assert (config.lr, config.weight_decay) == (0.001, 0.0005)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "gives 'lr' twice (again on line 3); keep one of them."),
+    ("batch-size: 16\nbatch_size: 32\n", "sets --batch-size twice, as 'batch-size' and as 'batch_size'"),
+    ("max-steps-per-epoch: 3\nmax_batches_per_epoch: 4\n", "sets --max-batches-per-epoch twice"),
+])
+def test_a_preset_setting_one_flag_twice_is_an_error_naming_it(tmp_path, text, message):
+    """YAML keeps the last of two equal keys silently: the other may be the one that was edited."""
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", write_yaml(tmp_path / "p.yaml", text)])
+    assert message in str(error.value)
+
+
+def test_a_yaml_merge_may_override_what_it_merges(tmp_path):
+    preset = write_yaml(tmp_path / "p.yaml", "lr: 0.05\n<<: {lr: 0.2, epochs: 4}\n")
+    assert (parse_config(["--config", preset]).lr, parse_config(["--config", preset]).epochs) == (0.05, 4)
+
+
 def test_missing_and_malformed_yaml_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "absent.yaml")])

@@ -152,6 +152,8 @@ BAD_SPACES = {
     "not UTF-8": (b"\xff\xfe{lr: [0.1]}", "is not valid YAML (UnicodeDecodeError)"),
     "a null bound": ("{cpu_threads: {low: null, high: 4}}", "must have low and high numbers"),
     "an int step of 0": ("{epochs: {low: 1, high: 3, step: 0}}", "is not a usable range"),
+    "a key twice": ("lr: [0.1]\nepochs: [2]\nlr: [0.2]\n", "gives 'lr' twice (again on line 3)"),
+    "two spellings": ("{batch-size: [8], batch_size: [16]}", "sets --batch-size twice"),
 }
 
 
