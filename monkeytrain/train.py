@@ -77,11 +77,11 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
         data = prepare_data(config, accelerator, cache_dir, log)
     log.info(f"{data.summary()}; {accelerator.num_processes} process(es) on {accelerator.device}; "
              f"{config.recipe} recipe; run directory {run.run_dir}")
-    log.write_file(CONFIG_NAME, config_yaml(config))
-    log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
-
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
+    # Once the model is built: a flag it refuses (--model, --tta-shift, --grad-accum-steps) leaves no run folder
+    log.write_file(CONFIG_NAME, config_yaml(config))
+    log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
     if trainer.fit():  # a stop signal ended it, its state saved
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator)

@@ -112,6 +112,16 @@ def test_config_file_errors(capsys, tmp_path):
     assert "unknown key 'learning_rate'" in error_of(train.main, ["--config", str(preset)], capsys)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "resnet9000"], "unknown timm model 'resnet9000'"),
+    (["--tta-shift", "5", "--model", "resnet10t"], "--tta-shift 5 reaches beyond"),
+    (["--grad-accum-steps", "50", "--model", "resnet10t"], "--grad-accum-steps 50 needs at least 50 batches"),
+])
+def test_a_flag_the_model_or_the_data_refuses_leaves_no_run_folder(capsys, data, flags, message):
+    assert message in error_of(train.main, ["--data", str(data), *SMALL, *flags], capsys)
+    assert list(Path("runs").iterdir()) == []
+
+
 def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, data):
     bad = data / "training" / "training" / "n1" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
