@@ -29,7 +29,7 @@ from monkeytrain.data.imagefiles import SkippedFile
 from monkeytrain.data.views import stored_size, view_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.predict import labelled_folder, preparer
-from monkeytrain.storage import check_writable_dir, write_atomically
+from monkeytrain.storage import write_atomically, writable_dir_for
 
 INSTALL_EXTRA = 'pip install -e ".[export]"'
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -93,7 +93,12 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
         raise UserError(f"--tolerance must be 0 or more (got {tolerance}); the default is 1e-3.")
     for package in EXPORT_PACKAGES:
         require(package, "monkeytrain export")
-    check_writable_dir(output.parent, "--output")  # before the seconds that exporting takes
+    with writable_dir_for(output.parent, "--output"):  # checked before the seconds that exporting takes
+        return checked_export(checkpoint, output, check_data, tolerance)
+
+
+def checked_export(checkpoint: Path, output: Path, check_data: Optional[Path], tolerance: float) -> Export:
+    """Export, check, then write: the work of export_checkpoint once its flags are known good."""
     weights, header = read_checkpoint_file(checkpoint)
     info = CheckpointInfo.from_metadata(header)
     model = model_with_weights(weights, info)

@@ -11,8 +11,9 @@ import errno
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, Union
 
 from monkeytrain.errors import UserError
 
@@ -126,6 +127,23 @@ def fsync_folder(folder: Path) -> None:
 def folder_size(folder: Path) -> int:
     """Bytes in the files under `folder` (0 if it is gone)."""
     return sum(_size_or_zero(p) for p in folder.rglob("*") if p.is_file())
+
+
+@contextmanager
+def writable_dir_for(path: Path, flag: str) -> Iterator[None]:
+    """`check_writable_dir(path)` for the work inside the block: should that work fail, the folders
+    the check created go again, where they are still empty (the failure wrote nothing)."""
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    check_writable_dir(path, flag)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # something was written in it after all
+                break
+        raise
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
