@@ -215,4 +215,21 @@ def load_onnx(source: Union[Path, bytes], label: Optional[str] = None) -> tuple[
     header = session.get_modelmeta().custom_metadata_map
     if header.get("format") != FORMAT:
         raise UserError(f"{label} has no monkeytrain metadata; pass an .onnx file written by monkeytrain export.")
-    return OnnxForward(session), CheckpointInfo.from_metadata(header, label)
+    info = CheckpointInfo.from_metadata(header, label)
+    check_graph_fits(session, info, label)
+    return OnnxForward(session), info
+
+
+def check_graph_fits(session, info: CheckpointInfo, label: str) -> None:
+    """The graph takes [batch, 3, size, size] images and gives one logit per class, as its metadata says:
+    a header copied onto another model would fail inside ONNX Runtime, or name the wrong classes."""
+    expected = {"input": [None, 3, info.image_size, info.image_size], "output": [None, len(info.class_names)]}
+    found = {"input": session.get_inputs()[0].shape, "output": session.get_outputs()[0].shape}
+    for name in expected:
+        fits = len(found[name]) == len(expected[name]) and all(
+            not isinstance(have, int) or want is None or have == want  # a named axis takes any size
+            for have, want in zip(found[name], expected[name]))
+        if not fits:
+            raise UserError(f"{label} has an {name} of shape {found[name]}, where its metadata needs "
+                            f"{['N' if want is None else want for want in expected[name]]}; pass an .onnx file "
+                            "written by monkeytrain export from this checkpoint.")

@@ -132,6 +132,12 @@ def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tm
     foreign = tmp_path / "foreign.onnx"
     onnx.save(plain, str(foreign))
     assert "has no monkeytrain metadata" in error_of(["predict", "--checkpoint", str(foreign), str(run["test"])], capsys)
+    header = {prop.key: prop.value for prop in onnx.load(str(run["onnx"])).metadata_props}
+    header["class_names"] = json.dumps(["only", "two"])  # our header on a model of three classes
+    onnx.helper.set_model_props(plain, header)
+    onnx.save(plain, str(foreign))
+    message = error_of(["evaluate", "--checkpoint", str(foreign), str(run["test"])], capsys)
+    assert f"{foreign} has an output of shape ['batch', 3], where its metadata needs ['N', 2]" in message
     assert "missing.onnx does not exist" in error_of(
         ["predict", "--checkpoint", str(tmp_path / "missing.onnx"), str(run["test"])], capsys)
 
