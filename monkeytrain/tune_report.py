@@ -46,13 +46,15 @@ def seconds(trial: FrozenTrial) -> float | None:
 
 def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
     """One row per trial: number, state, value (best-epoch validation accuracy; a pruned trial's last
-    one), each parameter, seconds, the worker that ran it and a note."""
+    one; none for a failed or interrupted one, whose last epoch was no score), each parameter,
+    seconds, the worker that ran it and a note."""
     names = sorted({name for trial in trials for name in trial.params})
     with open(path, "w", newline="") as handle:
         table = csv.writer(handle)
         table.writerow(["number", "state", "value", *names, "seconds", "worker", "note"])
         for trial in trials:
-            value = trial.value if trial.value is not None else trial.intermediate_values.get(trial.last_step)
+            value = (trial.intermediate_values.get(trial.last_step) if trial.state == TrialState.PRUNED
+                     else trial.value)
             table.writerow([trial.number, trial.state.name, value, *(trial.params.get(n) for n in names),
                             seconds(trial), trial.user_attrs.get("worker", ""), trial_note(trial)])
 

@@ -133,6 +133,7 @@ def test_a_stopped_study_loses_only_the_trial_in_flight_and_continues(study_inpu
     trials = read_trials(study_dir)
     assert [t["state"] for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[0]["note"] == "interrupted (a stop signal); not counted"
+    assert trials[0]["value"] == ""  # its last epoch's accuracy was no score
     assert (study_dir / "best_run" / "results.json").is_file()
     assert "is a finished study" in run_tune(command).stdout  # nothing more to do, nothing retrained
 
