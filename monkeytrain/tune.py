@@ -180,6 +180,19 @@ def fixed_flags(train_flags: list[str], space: dict) -> dict:
     return {name: value for name, value in given.items() if name not in RUNTIME_FIELDS}
 
 
+def with_preset_values(fixed: dict) -> dict:
+    """The fixed flags with a --config preset's values in place of its path (the flags given override
+    them, as in train.py): a preset edited between two workers of a study changes its trials as much as
+    another flag would."""
+    from monkeytrain.config import load_yaml_preset
+
+    if not fixed.get("config"):
+        return fixed
+    preset = {name: value for name, value in load_yaml_preset(Path(fixed["config"])).items()
+              if name not in RUNTIME_FIELDS}
+    return {**preset, **{name: value for name, value in fixed.items() if name != "config"}}
+
+
 def check_data(config) -> None:
     """A wrong data path ends the command now, not every trial one after the other; so does a search
     whose trials would pick their best epochs on the test split."""
@@ -230,18 +243,25 @@ def open_study(study_dir: Path, pruner):
 
 def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
     """A study continues only with the space and fixed flags it began with: other trials would not compare."""
-    from monkeytrain.config import with_absolute_paths
     from monkeytrain.tune_space import space_json
 
-    for key, value in (("space", space_json(space)), ("fixed_flags", json.dumps(fixed, sort_keys=True))):
+    values = with_preset_values(fixed)
+    for key, value in (("space", space_json(space)), ("fixed_flags", json.dumps(values, sort_keys=True))):
         kept = study.user_attrs.get(key)
         if kept is None:
             study.set_user_attr(key, value)
-        elif kept != value and (key == "space"
-                                or with_absolute_paths(json.loads(kept)) != with_absolute_paths(fixed)):
+        elif kept != value and (key == "space" or not same_fixed_flags(kept, values, fixed)):
             what = "another search space" if key == "space" else "other fixed train.py flags"
             raise UserError(f"{study_dir} holds a study begun with {what} ({kept}); continue it with the same, "
                             "or give a new --study-dir.")
+
+
+def same_fixed_flags(kept: str, values: dict, fixed: dict) -> bool:
+    """Whether a study's kept fixed flags are these, paths made absolute. A study begun before presets
+    were read kept a preset's path among its flags, not its values: as `fixed` has it."""
+    from monkeytrain.config import with_absolute_paths
+
+    return with_absolute_paths(json.loads(kept)) in (with_absolute_paths(values), with_absolute_paths(fixed))
 
 
 # --- one worker ---------------------------------------------------------------

@@ -268,6 +268,24 @@ def test_a_study_continues_with_the_same_data_named_by_an_absolute_path(tmp_path
     assert exited.value.code == 2 and "holds a study begun with other fixed train.py flags" in error, error
 
 
+def test_a_study_continues_only_with_the_preset_values_it_began_with(tmp_path, capsys, monkeypatch):
+    space, study, preset = tmp_path / "space.yaml", tmp_path / "study", tmp_path / "preset.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    preset.write_text("epochs: 4\ncpu-threads: 1\n")
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
+    opened = ["--space", str(space), "--study-dir", str(study), "--cpu", "--config", str(preset)]
+    assert tune.main(opened) == 0
+    preset.write_text("epochs: 4\ncpu-threads: 2\n")  # how a worker runs may differ
+    assert tune.main(opened) == 0
+    assert tune.main(["--space", str(space), "--study-dir", str(study), "--cpu", "--epochs", "4"]) == 0
+    preset.write_text("epochs: 8\n")  # what the trials train may not
+    with pytest.raises(SystemExit) as exited:
+        tune.main(opened)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "holds a study begun with other fixed train.py flags" in error, error
+    assert '"epochs": 4' in error
+
+
 @pytest.mark.parametrize("damage", ["a line that is not JSON", "a folder"])
 def test_a_damaged_study_file_is_one_line(tmp_path, capsys, damage):
     space, journal = tmp_path / "space.yaml", tmp_path / "study" / tune.STORAGE_NAME
