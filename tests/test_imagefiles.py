@@ -208,6 +208,22 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
     assert found == ["a.jpg", "b.png", "sub/c"]
 
 
+def test_candidate_files_follow_linked_folders_once_and_keep_broken_links_to_report(tmp_path):
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "class"
+    for relative in ("elsewhere/far.png", "class/near.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(encoded(noise_image(), "PNG"))
+    (folder / "more").symlink_to(elsewhere)  # a folder of links: followed
+    (folder / "loop").symlink_to(folder)     # back to itself: walked once, no loop
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / "pipe")               # reading it would block for good
+    found = [p.relative_to(folder).as_posix() for p in candidate_files(folder)]
+    assert found == ["gone.png", "more/far.png", "near.png"]
+    images, skipped = scan_labelled_files([(path, 0) for path in candidate_files(folder)])
+    assert [image.path.name for image in images] == ["far.png", "near.png"]
+    assert skipped == [SkippedFile(folder / "gone.png", f"a link to {tmp_path / 'deleted.png'}, which does not exist")]
+
+
 def test_hidden_parent_of_the_scanned_folder_does_not_hide_everything(tmp_path):
     folder = tmp_path / ".cache" / "class"
     folder.mkdir(parents=True)

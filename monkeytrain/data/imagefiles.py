@@ -120,13 +120,23 @@ def decode_check(data: bytes) -> tuple[Optional[str], int]:
         return f"a damaged or truncated image ({error})", 0
 
 
-def is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def candidate_files(folder: Path) -> list[Path]:
-    """Every non-hidden regular file below `folder`, sorted for a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p, folder))
+    """Every non-hidden regular file below `folder`, sorted for a stable order.
+
+    Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
+    once: a link to a folder above would otherwise walk in a loop). A link to nothing is kept, for the
+    scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks)."""
+    found, walked = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        here = os.stat(top)
+        if (here.st_dev, here.st_ino) in walked:
+            folders.clear()
+            continue
+        walked.add((here.st_dev, here.st_ino))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        paths = (Path(top) / name for name in names if not name.startswith("."))
+        found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
+    return sorted(found)
 
 
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
@@ -134,6 +144,8 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     try:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
+        if path.is_symlink() and not path.exists():
+            return SkippedFile(path, f"a link to {os.readlink(path)}, which does not exist")
         return SkippedFile(path, f"unreadable ({error.strerror or error})")
     problem, pixels = decode_check(data)
     if problem:
