@@ -26,6 +26,7 @@ def exits_cleanly_on_user_error(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        printable_on_any_console()
         try:
             return main(*args, **kwargs)
         except UserError as error:
@@ -33,6 +34,15 @@ def exits_cleanly_on_user_error(main: F) -> F:
             sys.exit(USAGE_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def printable_on_any_console() -> None:
+    """A path whose name is not UTF-8 (a zip made on Windows) holds escaped bytes that a strict console
+    (a UTF-8 locale such as en_US.UTF-8) refuses to print, with a traceback in the middle of a warning:
+    such characters are printed as escapes (\\udcff) instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 class FlagParser(argparse.ArgumentParser):

@@ -88,6 +88,18 @@ def test_inspect_data_sums_up_the_counts_of_many_classes(capsys, tmp_path, make_
     assert "  test    119 images  per class 2 to 6, median 6" in capsys.readouterr().out.splitlines()
 
 
+def test_a_file_name_that_is_not_utf8_prints_on_a_strict_utf8_console(data):
+    """As in a UTF-8 locale (en_US.UTF-8), where Python's stdout refuses the escaped bytes of such names."""
+    broken = os.fsencode(data / "training" / "training" / "n1") + b"/caf\xe9.jpg"  # Latin-1, from a Windows zip
+    with open(broken, "wb") as handle:
+        handle.write(b"not an image")
+    done = subprocess.run([sys.executable, "-m", "monkeytrain.cli", "inspect-data", "--data", str(data)],
+                          capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT), "PYTHONIOENCODING": "utf-8:strict"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"skipped " + broken.replace(b"\xe9", b"\\udce9") + b": not an image" in done.stdout
+
+
 def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
     cli.main(["inspect-data", "--data", str(data)])
     assert capsys.readouterr().out.startswith(f"{data}: layout kaggle, 3 classes")
