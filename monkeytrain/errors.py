@@ -48,7 +48,14 @@ def printable_on_any_console() -> None:
 class FlagParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one line naming the bad flag, a near flag when there is
     one, and where the flags are listed; instead of argparse's whole usage (46 lines for train.py)
-    followed by the message. Subcommands' parsers are made of this class too."""
+    followed by the message. Subcommands' parsers are made of this class too.
+
+    A flag must be spelled out: argparse would take --epoch for --epochs, and --image for --image-size,
+    and a flag added later could change what a shortened one in a job script means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but flags a subcommand does not know are reported by that subcommand's

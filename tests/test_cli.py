@@ -62,6 +62,10 @@ def test_invalid_flag_values(capsys, data):
     (cli.main, ["predict", "a.jpg"], "the following arguments are required: --checkpoint; "
                                      "see `monkeytrain predict --help`."),
     (cli.main, ["tune", "--space"], "argument --space: expected one argument; see `monkeytrain tune --help`."),
+    (train.main, ["--epoch", "2"], "unrecognized arguments: --epoch 2 (did you mean --epochs?); "
+                                   "see `monkeytrain/train.py --help`."),  # not taken for --epochs
+    (cli.main, ["predict", "--checkpoint", "m.onnx", "--top", "3", "a.jpg"],
+     "unrecognized arguments: --top (did you mean --top-k?); see `monkeytrain predict --help`."),
     (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
                           "'evaluate', 'export', 'inspect-data', 'download', 'cache'); see `monkeytrain --help`."),
 ])
