@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
@@ -98,7 +99,8 @@ class StateStore:
         rank's (which hold what was `shared`)."""
         try:
             return self._load(path)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
+                SafetensorError) as error:  # the model's weights: safetensors raises its own type
             reason = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
             raise UserError(f"the saved state {path} cannot be loaded ({reason}); move it away and --resume auto "
                             "takes the newest one left, or start a new run.") from None

@@ -136,11 +136,12 @@ def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(t
     assert f"is a state of the run {run}" in refused("--resume", str(state), "--run-name", "elsewhere")
     assert not (tmp_path / "runs" / "elsewhere").exists()
 
-    damaged = tmp_path / "runs" / "damaged"  # a copy, one file of its state cut short
-    shutil.copytree(run, damaged)
-    optimizer = next((damaged / "state" / state.name).glob("optimizer*"))
-    optimizer.write_bytes(optimizer.read_bytes()[:100])
-    assert "cannot be loaded" in refused("--run-name", "damaged", "--resume", "auto")
+    for part in ("optimizer*", "model.safetensors"):  # in a copy, one file of its state cut short
+        damaged = tmp_path / "runs" / f"damaged-{part[:5]}"
+        shutil.copytree(run, damaged)
+        cut = next((damaged / "state" / state.name).glob(part))
+        cut.write_bytes(cut.read_bytes()[:100])
+        assert "cannot be loaded" in refused("--run-name", damaged.name, "--resume", "auto")
 
     elsewhere = tmp_path / "another-folder"  # a state given by its path resumes its own run, from anywhere
     elsewhere.mkdir()
