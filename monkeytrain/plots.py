@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from monkeytrain.storage import write_atomically
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -165,7 +167,8 @@ def save(figure: Figure, path: Path) -> Path:
         # Class names in a script the bundled font lacks (CJK, say) are drawn as boxes; matplotlib's
         # warning, once per character and pointing into this file, would tell a user nothing more.
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        figure.savefig(path, dpi=110)
+        # atomically: a disk that fills up while drawing leaves no half a picture
+        write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=110), durable=False)
     return path
 
 

@@ -177,7 +177,11 @@ def write_cache(path: Path, write: Payload) -> bool:
         write_atomically(path, write, durable=False, flag="--cache-dir")
         return True
     except (OSError, DiskFull) as error:
-        reason = error.reason if isinstance(error, DiskFull) else (error.strerror or str(error))
-        print(f"monkeytrain: warning: cannot write the cache file {path} ({reason}); "
+        print(f"monkeytrain: warning: cannot write the cache file {path} ({why_not_written(error)}); "
               "going on without it.", file=sys.stderr, flush=True)
         return False
+
+
+def why_not_written(error: OSError | DiskFull) -> str:
+    """A failed write's cause in a few words: no space (and how much was needed), or the system's reason."""
+    return error.reason if isinstance(error, DiskFull) else (error.strerror or str(error))

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
+from monkeytrain.storage import DiskFull, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
 DEFAULT_PROJECT = "monkeytrain"
@@ -46,9 +47,10 @@ class RunLog:
         print(f"monkeytrain: warning: {message}", file=sys.stderr, flush=True)
 
     def write_file(self, name: str, text: str) -> Path:
-        """A file of the run directory (config.yaml, results.json, ...), written once, by one process."""
+        """A file of the run directory (config.yaml, results.json, ...), written once, by one process;
+        whole or not at all, as an empty results.json would mark an unfinished run finished."""
         path = self.run_dir / name
-        path.write_text(text)
+        write_atomically(path, text.encode())
         return path
 
     def epoch(self, metrics: dict) -> None:
@@ -57,8 +59,13 @@ class RunLog:
         print(format_epoch(metrics), flush=True)
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
-        """Once, after the test evaluation: curves.png and confusion_matrix.png."""
-        write_run_plots(self.run_dir, results)
+        """Once, after the test evaluation: curves.png and confusion_matrix.png. They only picture what
+        metrics.jsonl and results.json hold: a disk too full for them costs a warning, not the results."""
+        try:
+            write_run_plots(self.run_dir, results)
+        except (OSError, DiskFull) as error:
+            self.warn(f"the plots were not drawn ({why_not_written(error)}); their figures are in "
+                      f"{self.metrics_path.name} and results.json.")
 
     def close(self) -> None:
         pass
@@ -225,8 +232,8 @@ def final_media(wandb: Any, run_dir: Path, results: dict, misclassified: list[di
     return {
         "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=true, preds=predicted, class_names=names,
                                                              title="test confusion matrix"),
-        "test/confusion_matrix_png": wandb.Image(str(run_dir / CONFUSION_NAME)),
-        "curves": wandb.Image(str(run_dir / CURVES_NAME)),
+        **{key: wandb.Image(str(run_dir / name)) for key, name in
+           (("test/confusion_matrix_png", CONFUSION_NAME), ("curves", CURVES_NAME)) if (run_dir / name).is_file()},
         "test/misclassified": misclassified_table(wandb, misclassified),
     }
 

@@ -290,6 +290,24 @@ def test_the_main_process_log_writes_run_files_and_the_others_do_not(run_dir):
     assert [p.name for p in run_dir.iterdir()] == ["results.json"]
 
 
+def test_a_full_disk_leaves_no_half_file_and_costs_the_plots_only_a_warning(run_dir, monkeypatch, capsys):
+    import errno
+    from monkeytrain import storage
+    from monkeytrain.storage import DiskFull
+
+    def full(path, write, durable):  # writes a part of the file, then the disk is full
+        path.write_bytes(b'{"test_acc')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_write_file", full)
+    log = make_run_log(run_dir, True, "none")
+    log.final(RESULTS, [], run_dir / "best.safetensors")
+    assert "warning: the plots were not drawn (no space left on the device" in capsys.readouterr().err
+    with pytest.raises(DiskFull, match="to write results.json"):
+        log.write_file("results.json", json.dumps(RESULTS))
+    assert list(run_dir.iterdir()) == []  # no empty results.json to mark the run finished, no half a PNG
+
+
 # --- pure helpers ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("environ, netrc_text, expected", [
