@@ -117,10 +117,12 @@ class StateStore:
         return mine, main
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
-        """Delete a state that did not fit; the error saying how much it had written by then."""
-        written = folder_size(staging)  # before deleting: the least the state needs
+        """Delete a state that did not fit; the error saying the least it needs: what it had written by
+        then, or the size of the newest state saved before (a writer may delete its own partial file)."""
+        earlier = state_dirs(self.root.parent)
+        needed = max(folder_size(staging), folder_size(earlier[-1]) if earlier else 0)  # before deleting
         shutil.rmtree(staging, ignore_errors=True)
-        return DiskFull(final, written, at_least=True, flag="--output-dir")
+        return DiskFull(final, needed, at_least=True, flag="--output-dir")
 
     def _publish(self, staging: Path, final: Path) -> None:
         write_atomically(staging / COMPLETE, b"complete\n")

@@ -7,6 +7,7 @@ one, never half of one, and a failed write leaves no temporary file behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -26,14 +27,25 @@ NEARLY_FULL = 1024 * 1024  # free bytes below which a failed write is taken for 
 Payload = Union[bytes, Callable[[BinaryIO], None]]
 
 
-class DiskFull(UserError):
-    """A write that failed for lack of space; the message says how much it needed."""
+class WriteFailed(UserError):
+    """A file that could not be written (a read-only or failing disk); `reason` says why in a few words."""
+
+    def __init__(self, path: Path, reason: str, flag: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write {path.name} in {path.parent} ({reason}); make that folder writable or "
+                         f"pick another {flag}.")
+
+
+class DiskFull(WriteFailed):
+    """A write that failed for lack of space; the message says how much it needed, when known."""
 
     def __init__(self, path: Path, needed: int, at_least: bool, flag: str):
-        size = f"at least {human_size(needed)}" if at_least else human_size(needed)
-        self.path, self.needed, self.reason = path, needed, f"no space left on the device, {size} needed"
-        super().__init__(f"no space left on the device of {path.parent} to write {path.name} ({size} needed); "
-                         f"free some space or pick another {flag}.")
+        self.path, self.needed = path, needed
+        amount = ("" if at_least and not needed  # "at least 0 B" would tell nothing
+                  else f"{'at least ' if at_least else ''}{human_size(needed)} needed")
+        self.reason = "no space left on the device" + (f", {amount}" if amount else "")
+        UserError.__init__(self, f"no space left on the device of {path.parent} to write {path.name}"
+                           + (f" ({amount})" if amount else "") + f"; free some space or pick another {flag}.")
 
 
 def human_size(n: int) -> str:
@@ -89,10 +101,13 @@ def write_atomically(path: Path, write: Payload, durable: bool = True, *, flag: 
         os.replace(temporary, path)
     except Exception as error:  # a writer such as torch.save may wrap ENOSPC in its own type
         written = _size_or_zero(temporary)  # measured before the file goes
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder gone read-only refuses this too: keep the first cause
+            temporary.unlink(missing_ok=True)
         if is_disk_full(error):
             needed, at_least = (len(write), False) if isinstance(write, bytes) else (written, True)
             raise DiskFull(path, needed, at_least, flag) from error
+        if isinstance(error, OSError):  # read-only, no permission, an I/O error of the disk
+            raise WriteFailed(path, error.strerror or str(error), flag) from error
         raise
     if durable:
         fsync_folder(path.parent)  # make the rename itself durable
@@ -176,12 +191,12 @@ def write_cache(path: Path, write: Payload) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, write, durable=False, flag="--cache-dir")
         return True
-    except (OSError, DiskFull) as error:
+    except (OSError, WriteFailed) as error:
         print(f"monkeytrain: warning: cannot write the cache file {path} ({why_not_written(error)}); "
               "going on without it.", file=sys.stderr, flush=True)
         return False
 
 
-def why_not_written(error: OSError | DiskFull) -> str:
+def why_not_written(error: OSError | WriteFailed) -> str:
     """A failed write's cause in a few words: no space (and how much was needed), or the system's reason."""
-    return error.reason if isinstance(error, DiskFull) else (error.strerror or str(error))
+    return error.reason if isinstance(error, WriteFailed) else (error.strerror or str(error))

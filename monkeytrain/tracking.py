@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
-from monkeytrain.storage import DiskFull, why_not_written, write_atomically
+from monkeytrain.storage import WriteFailed, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
 DEFAULT_PROJECT = "monkeytrain"
@@ -63,7 +63,7 @@ class RunLog:
         metrics.jsonl and results.json hold: a disk too full for them costs a warning, not the results."""
         try:
             write_run_plots(self.run_dir, results)
-        except (OSError, DiskFull) as error:
+        except (OSError, WriteFailed) as error:
             self.warn(f"the plots were not drawn ({why_not_written(error)}); their figures are in "
                       f"{self.metrics_path.name} and results.json.")
 

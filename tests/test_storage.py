@@ -26,7 +26,7 @@ from monkeytrain.data.views import cached_views, decode_views, view_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import StateStore, state_dirs
 from monkeytrain.storage import (
-    DiskFull, check_writable_dir, human_size, is_disk_full, write_atomically, write_cache,
+    DiskFull, WriteFailed, check_writable_dir, human_size, is_disk_full, write_atomically, write_cache,
 )
 
 TMPFS_BYTES = 2 * 1024 * 1024
@@ -72,11 +72,30 @@ def test_a_failed_rename_leaves_the_old_file_and_no_temporary(tmp_path, monkeypa
         raise OSError(errno.EIO, "input/output error")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(WriteFailed) as raised:
         write_atomically(path, b"new and much longer")
-    assert not isinstance(raised.value, DiskFull) and raised.value.errno == errno.EIO
+    assert not isinstance(raised.value, DiskFull)
+    assert str(raised.value) == (f"cannot write file.bin in {tmp_path} (input/output error); make that folder "
+                                 "writable or pick another --output-dir.")
     assert path.read_bytes() == b"old"
     assert names_in(tmp_path) == ["file.bin"]
+
+
+def test_a_folder_gone_read_only_is_one_line_naming_the_first_cause(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(storage, "_write_file", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # the clean-up fails as well, and must not hide why
+    with pytest.raises(WriteFailed, match=r"cannot write best.safetensors in .* \(Read-only file system\); "):
+        write_atomically(tmp_path / "best.safetensors", b"weights")
+
+
+def test_a_full_disk_before_the_first_byte_does_not_claim_0_bytes_were_needed(tmp_path):
+    error = DiskFull(tmp_path / "state", 0, at_least=True, flag="--output-dir")
+    assert str(error) == f"no space left on the device of {tmp_path} to write state; free some space or pick " \
+                         "another --output-dir."
+    assert error.reason == "no space left on the device"
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
