@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import functools
 import re
 import sys
@@ -21,8 +22,17 @@ class UserError(Exception):
     """
 
 
+# What the system says of a path or a disk (a name too long, no permission, a read-only or failing disk,
+# a file gone): the user's environment, which a traceback would blame on monkeytrain.
+ENVIRONMENT_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOSPC,
+                      errno.EDQUOT, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE,
+                      errno.ENFILE, errno.ESTALE}
+INTERRUPTED_EXIT_CODE = 130  # the shell's for a SIGINT
+
+
 def exits_cleanly_on_user_error(main: F) -> F:
-    """Wrap an entry point so a `UserError` prints one line and exits with status 2."""
+    """Wrap an entry point so a `UserError`, or an OSError of the user's files and disks, prints one line
+    and exits with status 2; and an interrupt that reaches it (a second Ctrl-C), one line and 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -30,10 +40,23 @@ def exits_cleanly_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f"monkeytrain: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(USAGE_EXIT_CODE)
+            fail(str(error), USAGE_EXIT_CODE)
+        except OSError as error:
+            if error.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f" ({error.filename})" if error.filename else ""
+            fail(f"{error.strerror or error}{where}; check that path and the disk it is on, then run again.",
+                 USAGE_EXIT_CODE)
+        except KeyboardInterrupt:
+            fail("interrupted (a training run continues from its last saved state with --resume auto).",
+                 INTERRUPTED_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, status: int) -> None:
+    print(f"monkeytrain: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def printable_on_any_console() -> None:

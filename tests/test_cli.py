@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import started_at_once
 from monkeytrain import cli, train
+from monkeytrain.errors import exits_cleanly_on_user_error
 
 PROJECT = Path(__file__).resolve().parent.parent
 SMALL = ["--cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
@@ -102,6 +103,26 @@ def test_a_file_name_that_is_not_utf8_prints_on_a_strict_utf8_console(data):
                           env={**os.environ, "PYTHONPATH": str(PROJECT), "PYTHONIOENCODING": "utf-8:strict"})
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"skipped " + broken.replace(b"\xe9", b"\\udce9") + b": not an image" in done.stdout
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--data"], ["--run-name"]])
+def test_a_path_too_long_for_the_system_is_one_line(capsys, data, flags):
+    too_long = "x" * 300  # over the 255 bytes a file name may have
+    value = too_long if flags == ["--run-name"] else f"{data}/{too_long}"
+    message = error_of(train.main, ["--data", str(data), *SMALL, *flags, value], capsys)
+    assert "File name too long" in message and too_long in message
+
+
+def test_an_interrupt_that_reaches_the_entry_point_is_one_line_and_status_130(capsys):
+    @exits_cleanly_on_user_error
+    def interrupted():
+        raise KeyboardInterrupt  # a second Ctrl-C, while the first one's stop was still under way
+
+    with pytest.raises(SystemExit) as stopped:
+        interrupted()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "monkeytrain: error: interrupted (a training run continues from its last saved state with --resume auto)."]
 
 
 def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
