@@ -43,7 +43,11 @@ def cache_folder(chosen: str | os.PathLike | None = None) -> Path:
     """--cache-dir when given, else $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain. A leading ~ is the home
     folder (a shell expands it only where a word starts: not in --cache-dir=~/x, nor in a quoted value)."""
     chosen = chosen or os.environ.get("MONKEYTRAIN_CACHE")
-    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "monkeytrain"
+    try:
+        return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "monkeytrain"
+    except RuntimeError:  # ~someone unknown, or no $HOME and no passwd entry (a container's odd user id)
+        where = f"the home folder of {chosen}" if chosen else "a home folder for the default cache folder"
+        raise UserError(f"cannot find {where}; give --cache-dir (or MONKEYTRAIN_CACHE) a folder path.") from None
 
 
 def cache_entries(cache_dir: Path) -> list[Entry]:

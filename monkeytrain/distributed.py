@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, reduce
 
+from monkeytrain.config import PRECISION_CHOICES
 from monkeytrain.errors import UserError
 
 T = TypeVar("T")
@@ -23,7 +24,7 @@ def make_accelerator(config) -> Accelerator:
     on_gpu = torch.cuda.is_available() and not config.cpu
     if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
-    precision, note = choose_precision(config.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"),
+    precision, note = choose_precision(config.mixed_precision, launcher_precision(),
                                        Hardware.of_this_process(on_gpu))
     if note:
         print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
@@ -73,6 +74,17 @@ def cpu_does_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return True
+
+
+def launcher_precision() -> str | None:
+    """The precision `accelerate launch` passes on (from its flag or config file), checked: we hand it to
+    the Accelerator ourselves, where an odd value would end in a traceback."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if value and value not in PRECISION_CHOICES:
+        raise UserError(f"ACCELERATE_MIXED_PRECISION={os.environ['ACCELERATE_MIXED_PRECISION']!r} (from `accelerate "
+                        f"launch --mixed_precision` or its config file) is not one of {', '.join(PRECISION_CHOICES)}; "
+                        "fix the config, or pass --mixed-precision.")
+    return value or None
 
 
 def choose_precision(asked: str | None, launcher: str | None, hardware: Hardware) -> tuple[str, str | None]:

@@ -194,7 +194,7 @@ def wandb_configured(environ: Mapping[str, str], netrc_path: Path | None = None)
     path = netrc_path or Path(environ.get("NETRC") or Path.home() / ".netrc")
     try:
         logins = netrc.netrc(str(path))
-    except (OSError, netrc.NetrcParseError):
+    except (OSError, netrc.NetrcParseError, UnicodeDecodeError):  # none, or not one wandb could read either
         return False
     # W&B's API key is the password field; an entry without one makes wandb ask.
     return any((login := logins.authenticators(host)) and login[2] for host in wandb_hosts(environ))

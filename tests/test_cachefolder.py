@@ -134,6 +134,8 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "--unused-days must be 0 or more" in error_of(cli.main, ["cache", "--unused-days", "nan"], capsys)
     put(tmp_path / "a-file", 1)
     assert "is a file" in error_of(cli.main, ["cache", "--cache-dir", str(tmp_path / "a-file")], capsys)
+    assert "cannot find the home folder of ~no-such-user-here/x; give --cache-dir" in error_of(
+        cli.main, ["cache", "--cache-dir", "~no-such-user-here/x"], capsys)
 
 
 def test_an_entry_that_cannot_be_deleted_is_one_line_naming_it(cache, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
 )
-from monkeytrain.distributed import Hardware, choose_precision, make_accelerator
+from monkeytrain.distributed import Hardware, choose_precision, launcher_precision, make_accelerator
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 
 
@@ -316,3 +316,16 @@ def test_a_run_on_a_cpu_without_bf16_instructions_trains_the_launchers_bf16_in_f
     finally:
         AcceleratorState._reset_state(True)
     assert "only emulated on this CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [(" BF16", "bf16"), ("no", "no"), ("", None)])
+def test_the_launchers_precision_is_read_in_any_case(monkeypatch, value, expected):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
+    assert launcher_precision() == expected
+
+
+@pytest.mark.parametrize("value", ["banana", "fp8"])
+def test_a_launcher_precision_we_cannot_train_in_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
+    with pytest.raises(UserError, match=f"ACCELERATE_MIXED_PRECISION='{value}' .* is not one of no, fp16, bf16"):
+        make_accelerator(parse_config(["--cpu"]))

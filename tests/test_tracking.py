@@ -325,11 +325,12 @@ def test_a_full_disk_leaves_no_half_file_and_costs_the_plots_only_a_warning(run_
     ({"WANDB_BASE_URL": "https://wandb.example.org"}, "machine api.wandb.ai login u password p\n", False),
     ({}, "machine api.wandb.ai login user\n", False),              # no password: W&B would ask for one
     ({}, "machine api.wandb.ai login user password p\nnonsense\n", False),  # unreadable file
+    ({}, b"machine api.wandb.ai login user password p\xe9\n", False),      # not UTF-8
 ])
 def test_wandb_configured(tmp_path, environ, netrc_text, expected):
     netrc_path = tmp_path / "netrc"
     if netrc_text is not None:
-        netrc_path.write_text(netrc_text)
+        netrc_path.write_bytes(netrc_text if isinstance(netrc_text, bytes) else netrc_text.encode())
     assert wandb_configured(environ, netrc_path) is expected
 
 
