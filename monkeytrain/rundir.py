@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def prepare_run_dir(config, accelerator) -> Path:
     given to --resume continues its own run, in its own folder (where its best checkpoint is)."""
     if config.resume and config.resume != "auto":
         continue_in_its_run(config, Path(config.resume).resolve().parent.parent)  # RUN/state/step-N
-    config.run_name = config.run_name or broadcast_from_main(time.strftime("%Y%m%d-%H%M%S"))
+    if not config.run_name:
+        config.run_name = broadcast_from_main(new_run_name(Path(config.output_dir))
+                                              if accelerator.is_main_process else None)
     run_dir = Path(config.output_dir) / config.run_name
     if (run_dir / BEST_NAME).exists() and not config.resume:
         raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name, move it away, "
@@ -46,6 +49,22 @@ def prepare_run_dir(config, accelerator) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def new_run_name(output_dir: Path) -> str:
+    """The time to the second, with -2, -3, ... for runs started within the same second: claimed by
+    creating its folder, so that runs started together (a loop of seeds sent to the background) never
+    share one. A folder that cannot be made is reported by the writable check that follows."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for number in itertools.count(1):
+        name = stamp if number == 1 else f"{stamp}-{number}"
+        try:
+            (output_dir / name).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:
+            return name
+        return name
 
 
 def continue_in_its_run(config, state_run: Path) -> None:

@@ -113,6 +113,15 @@ def test_a_path_too_long_for_the_system_is_one_line(capsys, data, flags):
     assert "File name too long" in message and too_long in message
 
 
+def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tmp_path, monkeypatch):
+    from monkeytrain import rundir
+
+    monkeypatch.setattr(rundir.time, "strftime", lambda pattern: "20261202-193705")
+    names = [rundir.new_run_name(tmp_path / "runs") for _ in range(3)]
+    assert names == ["20261202-193705", "20261202-193705-2", "20261202-193705-3"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == names  # each claimed by making it
+
+
 def test_an_interrupt_that_reaches_the_entry_point_is_one_line_and_status_130(capsys):
     @exits_cleanly_on_user_error
     def interrupted():
