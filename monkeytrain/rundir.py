@@ -12,7 +12,6 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import flag_name, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
-from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
 
 RESULTS_NAME = "results.json"  # written last: a run directory that holds it is finished
@@ -81,7 +80,7 @@ def check_resumed_config(run_dir: Path, config) -> None:
     before that file is written again: a changed model or data set would fail on loading, a changed batch
     size or epoch count would bend the learning-rate schedule, silently."""
     saved = run_dir / CONFIG_NAME
-    if not config.resume or not saved.is_file() or (config.resume == "auto" and not state_dirs(run_dir)):
+    if not config.resume or not saved.is_file():  # also without a state: what the run logged stays its own
         return
     try:
         began = yaml.safe_load(saved.read_text()) or {}

@@ -53,6 +53,14 @@ class RunLog:
         write_atomically(path, text.encode())
         return path
 
+    def start_over(self) -> None:
+        """A run asked to resume that has no saved state trains again from epoch 1: its metrics.jsonl
+        begins anew rather than holding two runs' epochs (and best.safetensors follows its first epoch)."""
+        if self.metrics_path.is_file():
+            self.warn(f"{self.run_dir} has no saved state to resume from (stopped before its first save): "
+                      "training starts over from epoch 1, replacing its metrics.jsonl and best.safetensors.")
+            self.metrics_path.unlink()
+
     def epoch(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -84,6 +92,9 @@ class SilentLog(RunLog):
         pass
 
     def write_file(self, name: str, text: str) -> None:
+        pass
+
+    def start_over(self) -> None:
         pass
 
     def epoch(self, metrics: dict) -> None:

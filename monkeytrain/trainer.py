@@ -131,6 +131,8 @@ class Trainer:
     def resume(self) -> None:
         found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
         if found is None:
+            if self.config.resume:
+                self.run.log.start_over()
             return
         mine, main = self.store.load(found)
         self.progress = Progress.from_saved(mine)
