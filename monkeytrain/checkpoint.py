@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from monkeytrain import __version__
 from monkeytrain.data.views import CROP_PCT
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.model import create_model, strip_wrapper_prefixes
 from monkeytrain.storage import write_atomically
 
@@ -186,7 +186,7 @@ def model_with_weights(weights: dict[str, torch.Tensor], info: CheckpointInfo) -
         model.load_state_dict(weights)
     except RuntimeError as error:  # missing, unexpected or misshapen tensors
         raise UserError(f"the weights of the checkpoint do not fit its architecture {info.architecture} "
-                        f"({str(error).splitlines()[0]}); pass a best.safetensors written by monkeytrain.") from None
+                        f"({first_line(error)}); pass a best.safetensors written by monkeytrain.") from None
     return model.eval()
 
 

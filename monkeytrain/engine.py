@@ -127,18 +127,18 @@ def train_one_epoch(step: BatchStep, batches, accelerator, batches_total: int | 
     correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     count = 0
     started = time.perf_counter()
-    progress = tqdm(total=batches_total, desc=description, leave=False, disable=not accelerator.is_main_process)
     stopped = False
-    for batch, (views, labels) in enumerate(batches, start=1):
-        loss, logits = step(views, labels)
-        loss_sum += loss.double() * labels.shape[0]
-        correct += (logits.argmax(dim=1) == labels).sum()
-        count += labels.shape[0]
-        progress.update()
-        if step.stepped and after_step(batch):
-            stopped = True
-            break
-    progress.close()
+    # closed also on an error, which would otherwise be printed after the bar, on its line
+    with tqdm(total=batches_total, desc=description, leave=False, disable=not accelerator.is_main_process) as progress:
+        for batch, (views, labels) in enumerate(batches, start=1):
+            loss, logits = step(views, labels)
+            loss_sum += loss.double() * labels.shape[0]
+            correct += (logits.argmax(dim=1) == labels).sum()
+            count += labels.shape[0]
+            progress.update()
+            if step.stepped and after_step(batch):
+                stopped = True
+                break
     totals = sum_across_ranks(torch.stack([loss_sum, correct.double(),
                                            torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]))
     loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync

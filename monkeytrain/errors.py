@@ -54,6 +54,16 @@ def exits_cleanly_on_user_error(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name if it has none; the system's words
+    alone for an OSError, whose path the quoting message names): for a library's error quoted inside
+    one of ours, which is one line long."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else error.__class__.__name__
+
+
 def fail(message: str, status: int) -> None:
     print(f"monkeytrain: error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)

@@ -27,7 +27,7 @@ from monkeytrain.checkpoint import (FORMAT, CheckpointInfo, model_with_weights, 
                                     read_checkpoint_file)
 from monkeytrain.data.imagefiles import SkippedFile
 from monkeytrain.data.views import stored_size, view_dataset
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import labelled_folder, preparer
 from monkeytrain.storage import write_atomically, writable_dir_for
 
@@ -69,12 +69,6 @@ def require(module: str, purpose: str):
     except ImportError as error:
         raise UserError(f"{purpose} needs the Python package '{module}', which cannot be imported ({error}); "
                         f"install monkeytrain's export extra: {INSTALL_EXTRA}.") from None
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line: our errors are one line long."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else error.__class__.__name__
 
 
 def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_data: Optional[Path] = None,

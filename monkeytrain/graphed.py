@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from monkeytrain.engine import BatchStep, Learner, forward_backward, update_weights
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.optim import make_capturable
 from monkeytrain.pace import PhaseTimes
 
@@ -179,10 +179,9 @@ class GraphedStep:
             with self.phases.timing("capture"):
                 return Captured(self.graphs.capture(device_work), tuple(outputs))
         except RuntimeError as error:  # new with this option; say how to train on without it
-            reason = (str(error).strip().splitlines() or ["no message"])[0]
-            raise CaptureFailed(f"capturing the training step in a CUDA graph failed ({reason}); the training "
-                                "state is saved: run again with --resume auto and without --cuda-graphs, and "
-                                "please report it with the run's config.yaml.") from error
+            raise CaptureFailed(f"capturing the training step in a CUDA graph failed ({first_line(error)}); the "
+                                "training state is saved: run again with --resume auto and without --cuda-graphs, "
+                                "and please report it with the run's config.yaml.") from error
 
     def prepare_memory(self, views: torch.Tensor, labels: torch.Tensor) -> None:
         """The inputs every graph of this shape reads, and the gradients they write."""

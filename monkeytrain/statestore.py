@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from monkeytrain.distributed import broadcast_from_main
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
 
 COMPLETE = "COMPLETE"
@@ -101,9 +101,8 @@ class StateStore:
             return self._load(path)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError) as error:  # the model's weights: safetensors raises its own type
-            reason = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
-            raise UserError(f"the saved state {path} cannot be loaded ({reason}); move it away and --resume auto "
-                            "takes the newest one left, or start a new run.") from None
+            raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}); move it away and "
+                            "--resume auto takes the newest one left, or start a new run.") from None
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator

@@ -25,6 +25,7 @@ from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
 from monkeytrain.config import TrainConfig
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
+from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
@@ -109,7 +110,7 @@ class Trainer:
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
-            with phases.timing("training"), self.saved_if_capture_fails():
+            with phases.timing("training"), self.saved_on_a_fixable_stop():
                 trained = self.train_epoch(epoch)
             if "first_epoch" not in phases.seconds:
                 phases.add("first_epoch", trained.seconds)
@@ -154,13 +155,20 @@ class Trainer:
                                after_step, description=f"epoch {epoch}")
 
     @contextmanager
-    def saved_if_capture_fails(self) -> Iterator[None]:
-        """Keep what the run has trained when a CUDA graph capture fails: its message says to resume."""
+    def saved_on_a_fixable_stop(self) -> Iterator[None]:
+        """Keep what the run has trained when a CUDA graph capture fails (its message says to resume), or
+        when an image of a streamed epoch can no longer be read (on one process: with several, only the
+        rank that read it knows, and a state is saved by all of them together)."""
         try:
             yield
         except CaptureFailed:
             self.save_state()  # the batches before the failed one; no graph ran, so nothing else changed
             raise
+        except ImageGone as gone:
+            if self.accelerator.num_processes > 1:
+                raise
+            self.save_state()  # the loader fails between steps: the last step's state is whole
+            raise UserError(f"{gone} The training state is saved: --resume auto continues the run.") from None
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""

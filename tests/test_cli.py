@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from conftest import started_at_once
 from monkeytrain import cli, train
 from monkeytrain.errors import exits_cleanly_on_user_error
+from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
 SMALL = ["--cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
@@ -111,6 +112,37 @@ def test_a_path_too_long_for_the_system_is_one_line(capsys, data, flags):
     value = too_long if flags == ["--run-name"] else f"{data}/{too_long}"
     message = error_of(train.main, ["--data", str(data), *SMALL, *flags, value], capsys)
     assert "File name too long" in message and too_long in message
+
+
+def test_an_image_gone_while_streaming_is_one_line_and_the_state_is_saved(capsys, data):
+    folder = data / "training" / "training" / "n1"
+
+    def delete_an_image(epoch: int, val_accuracy: float) -> None:
+        for image in folder.iterdir():  # after epoch 1: scanned, and streamed again in epoch 2
+            image.unlink()
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data", str(data), *SMALL, "--epochs", "2", "--batch-size", "4", "--data-pipeline", "stream",
+                    "--run-name", "streamed"], on_epoch=delete_an_image)
+    assert stopped.value.code == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert error.startswith(f"monkeytrain: error: {folder}/n1_0") and error.endswith(
+        ".png can no longer be read as an image (No such file or directory): it changed or went away after the data "
+        "was scanned; put it back, or run again to scan the data anew. The training state is saved: --resume auto "
+        "continues the run.")
+    [state] = state_dirs(Path("runs") / "streamed")  # complete, at the end of epoch 1
+    assert torch.load(state / "progress-rank0.pt", weights_only=False)["progress"]["epoch"] == 2
+
+
+def test_an_image_gone_in_a_loader_worker_keeps_its_one_line():
+    from monkeytrain.data.loaders import ImageGone
+
+    # what DataLoader makes of a worker's exception: one of its type, the worker's traceback as its message
+    relayed = ("Caught ImageGone in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "loaders.py", line 70, in __getitem__\nmonkeytrain.data.loaders.ImageGone: a.png can no '
+               "longer be read as an image\n")
+    assert str(ImageGone(relayed)) == "a.png can no longer be read as an image"
+    assert str(ImageGone("b.png can no longer be read")) == "b.png can no longer be read"
 
 
 def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tmp_path, monkeypatch):

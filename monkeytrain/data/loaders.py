@@ -10,8 +10,9 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from monkeytrain.data.imagefiles import ImageFile, load_rgb
+from monkeytrain.data.imagefiles import DECODE_ERRORS, ImageFile, load_rgb
 from monkeytrain.distributed import shard_indices
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.preemption import ignore_stop_signals
 
 
@@ -44,6 +45,15 @@ def _end_workers_of_live_loaders(loaders: "weakref.WeakSet[DataLoader]") -> None
             iterator._shutdown_workers()  # what DataLoader's own cleanup calls; it has no public one
 
 
+class ImageGone(UserError):
+    """An image that was fine when the data was scanned and can no longer be read (deleted, replaced, a
+    network disk gone). A DataLoader worker's exception reaches the main process as one of its type whose
+    message holds the worker's traceback: the message is cut back to the one line raised."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rpartition(f"{type(self).__name__}: ")[2].strip())
+
+
 class ImageListDataset(Dataset):
     """(transformed image, label) for a list of checked image files."""
 
@@ -57,7 +67,13 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int):
         item = self.files[index]
-        return self.transform(load_rgb(item.path, self.min_side)), item.label
+        try:
+            image = load_rgb(item.path, self.min_side)
+        except DECODE_ERRORS as error:
+            raise ImageGone(f"{item.path} can no longer be read as an image ({first_line(error)}): it changed or "
+                            "went away after the data was scanned; put it back, or run again to scan the data "
+                            "anew.") from None
+        return self.transform(image), item.label
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
