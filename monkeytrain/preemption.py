@@ -4,7 +4,9 @@ SIGUSR1 (SLURM's warning before a time limit or preemption), SIGTERM
 (`timeout`, systemd, Docker, Kubernetes, SLURM at a time limit) and SIGINT
 (Ctrl-C) only set a flag; the ranks agree on it at a step boundary (a
 collective, so none is left waiting), all of them save, and the job requeues
-itself under SLURM or exits. A second Ctrl-C stops at once, unsaved.
+itself under SLURM if SLURM's warning (SIGUSR1) alone stopped it, or exits:
+SIGTERM is scancel, or SLURM's own preemption or time limit, after which SLURM
+requeues by itself where so configured. A second Ctrl-C stops at once, unsaved.
 
 Some launchers do not pass a signal on: accelerate's one-process launcher
 (up to 1.15) dies of a SIGTERM and leaves its child running, and no launcher
@@ -50,6 +52,7 @@ class Preemption:
 
     def __init__(self, save_every_minutes: float = 0.0, environ: Mapping[str, str] = os.environ) -> None:
         self.received: Optional[str] = None
+        self.heard: set[str] = set()  # every stop signal received, for wants_requeue
         self.schedule = SaveSchedule(save_every_minutes)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
@@ -62,6 +65,12 @@ class Preemption:
         if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
         self.received = signal.Signals(signum).name
+        self.heard.add(self.received)
+
+    def wants_requeue(self) -> bool:
+        """True when SLURM's warning before a time limit (SIGUSR1) is the only stop signal received: a
+        SIGTERM or Ctrl-C, before or after it, means the job is to end (scancel, a preemption)."""
+        return self.heard == {"SIGUSR1"}
 
     def check(self, accelerator) -> tuple[bool, bool]:
         """(stop, save), the same on every rank: stop when any rank received a signal, save when
@@ -156,16 +165,16 @@ class SaveSchedule:
 REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/requeue.sh)
 
 
-def requeue_or_exit(log, accelerator) -> None:
-    """Under SLURM, have this job put back in the queue (it resumes with --resume auto); else just stop.
-    The main process alone asks: one requeue per job."""
+def requeue_or_exit(log, accelerator, stop: Preemption) -> None:
+    """Under SLURM, after its warning signal, have this job put back in the queue (it resumes with
+    --resume auto); else just stop. The main process alone asks: one requeue per job."""
     if not accelerator.is_main_process:
         return
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        log.info("stopped on a signal after saving the training state; continue with --resume auto.")
+    if job and stop.wants_requeue():
+        log.info(f"stopped on SIGUSR1 after saving; {ask_for_requeue(job)}")
         return
-    log.info(f"stopped on a signal after saving; {ask_for_requeue(job)}")
+    log.info("stopped on a signal after saving the training state; continue with --resume auto.")
 
 
 def ask_for_requeue(job: str) -> str:

@@ -84,7 +84,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
     if trainer.fit():  # a stop signal ended it, its state saved
         log.close()  # before a requeue, which ends this job at once
-        requeue_or_exit(log, accelerator)
+        requeue_or_exit(log, accelerator, stop)
         return {"stopped": True}
     with run.phases.timing("test"):
         results, figure = score(run, data, trainer.best)

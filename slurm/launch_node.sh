@@ -119,6 +119,7 @@ fi
 # DataLoader workers. setpriv --pdeathsig: should this shell be SIGKILLed, the
 # launcher gets SIGTERM, passes it on, and no rank trains on as an orphan.
 forward() {
+    note_stop_signal "$1"
     echo "launch_node.sh: machine $MACHINE_RANK: forwarding SIG$1 to the training processes" >&2
     pkill "-$1" -P "$launcher" || true  # none yet: the launcher is still starting them
 }
@@ -129,9 +130,9 @@ stop() {
 # Under SLURM the main training process asks for a requeue, and it comes below once the launcher has
 # ended (slurm/requeue.sh says why); unless the script that started this one has named the request
 # file, as train_multinode.sbatch does: it requeues once every machine's launch has ended.
+source slurm/requeue.sh  # and note_stop_signal: a requeue follows SLURM's warning alone
 requeues_here=0
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MONKEYTRAIN_REQUEUE_FILE:-}" ]; then
-    source slurm/requeue.sh
     take_requeue_requests
     requeues_here=1
 fi

@@ -3,6 +3,15 @@
 # it by writing the file named in MONKEYTRAIN_REQUEUE_FILE, and the script that started it requeues
 # once it has ended: `scontrol requeue` ends the job at once, and a launcher, a srun step or a W&B
 # service still running then dies of its SIGTERM, with a traceback in the job's log.
+#
+# Only SLURM's warning before the time limit (--signal=B:USR1@..., to the batch shell) leads to a
+# requeue. SIGTERM is scancel, or SLURM's own preemption or time limit (after which SLURM requeues
+# by itself where so configured), and SIGINT is Ctrl-C: either means the job ends, even after a
+# warning. So the caller's traps note each stop signal it gets (note_stop_signal).
+
+stop_signals=  # " USR1 TERM ...": the stop signals the calling script got, in order
+note_stop_signal() { stop_signals+=" $1"; }
+warned_only() { [[ $stop_signals =~ ^( USR1)+$ ]]; }
 
 # Name this job's request file for the processes started from here, and remove one left by the
 # job's life before a requeue. Node-local: the main process runs on the job's first node, where the
@@ -12,10 +21,16 @@ take_requeue_requests() {
     rm -f "$MONKEYTRAIN_REQUEUE_FILE"
 }
 
-# Requeue the job if a process asked; $1 names the caller in the log line. Fails when none asked.
+# Requeue the job if a process asked and SLURM's warning alone stopped it; $1 names the caller in the
+# log line. Fails when it does not requeue.
 requeue_if_asked() {
     [ -s "$MONKEYTRAIN_REQUEUE_FILE" ] || return 1
     rm -f "$MONKEYTRAIN_REQUEUE_FILE"
+    if ! warned_only; then
+        local by=${stop_signals##* }
+        echo "$1: not requeued: only SLURM's warning (SIGUSR1) to this script requeues the job${by:+, and SIG$by ends it}" >&2
+        return 1
+    fi
     trap '' TERM INT  # the requeue's own SIGTERM, while the caller says how it went and exits
     local answer
     if answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then answer=ok; fi

@@ -136,6 +136,12 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
 
 
+def stop_after(*names: str) -> SimpleNamespace:
+    """What requeue_or_exit reads of a Preemption that received the signals `names`."""
+    return SimpleNamespace(received=names[-1] if names else None,
+                           wants_requeue=lambda: Preemption.wants_requeue(SimpleNamespace(heard=set(names))))
+
+
 @pytest.mark.parametrize("main", [True, False])
 def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_path, monkeypatch, main):
     """The main process leaves the request in the named file (launch_node.sh requeues once the launch
@@ -145,7 +151,33 @@ def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_pa
     monkeypatch.setenv(REQUEUE_REQUEST, str(request))
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran in the process"))
     log = RecordedLog()
-    requeue_or_exit(log, SimpleNamespace(is_main_process=main))
+    requeue_or_exit(log, SimpleNamespace(is_main_process=main), stop_after("SIGUSR1"))
     assert (request.read_text() == "4242\n") if main else not request.exists()
-    assert log.infos == (["stopped on a signal after saving; the job is requeued once its processes have ended."]
+    assert log.infos == (["stopped on SIGUSR1 after saving; the job is requeued once its processes have ended."]
                           if main else [])
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGUSR1", "SIGTERM"), ("SIGINT",), ()])
+@pytest.mark.parametrize("requested", [True, False])
+def test_a_job_told_to_end_is_not_requeued(tmp_path, monkeypatch, signals, requested):
+    """scancel (SIGTERM), SLURM's own preemption or time limit (SIGTERM, even after the warning), Ctrl-C,
+    a launcher gone: the state is saved and the job ends; only the warning SIGUSR1 alone requeues it."""
+    request = tmp_path / "job.requeue"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    if requested:
+        monkeypatch.setenv(REQUEUE_REQUEST, str(request))
+    else:
+        monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran"))
+    log = RecordedLog()
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after(*signals))
+    assert not request.exists()
+    assert len(log.infos) == 1 and "requeue" not in log.infos[0] and "--resume auto" in log.infos[0]
+
+
+def test_the_signals_a_preemption_heard_decide_the_requeue(preemption):
+    assert not preemption.wants_requeue()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert preemption.wants_requeue()
+    os.kill(os.getpid(), signal.SIGTERM)  # SLURM's time limit or scancel after the warning: the job ends
+    assert not preemption.wants_requeue() and preemption.received == "SIGTERM"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -405,20 +406,66 @@ def test_launch_node_rejects_bad_settings_in_one_line(tmp_path, setting, named):
     assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr
 
 
-def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
-    """Under SLURM, when nothing above it requeues (train.sbatch execs it): the launch asks for a requeue
-    (here a stand-in launcher, as the main process does in preemption.ask_for_requeue), and
-    launch_node.sh requeues once, after the launcher has ended."""
-    calls = tmp_path / "calls"
-    launcher = '#!/bin/sh\necho "$SLURM_JOB_ID" > "$MONKEYTRAIN_REQUEUE_FILE"\necho launcher ended >> "$SCONTROL_CALLS"\n'
-    commands = stand_in_commands(tmp_path / "bin", scontrol=RECORDING_SCONTROL, accelerate=launcher)
-    env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", TMPDIR=str(tmp_path), SCONTROL_CALLS=str(calls))
+# Stands in for a training process under launch_node.sh: on a stop signal it asks for a requeue, as
+# tune's worker does whichever signal it got (train.py asks after SIGUSR1 alone), and exits.
+RANK_ASKING_FOR_A_REQUEUE = """
+import os, signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):
+    Path(os.environ["MONKEYTRAIN_REQUEUE_FILE"]).write_text(os.environ["SLURM_JOB_ID"] + "\\n")
+    sys.exit(0)
+
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, stop)
+Path(os.environ["STUB_OUTPUT"], "ready").touch()
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def launch_node_under_slurm(tmp_path: Path, sig: signal.Signals, scontrol: str = RECORDING_SCONTROL):
+    """launch_node.sh as train.sbatch runs it (SLURM_JOB_ID set, nothing above it requeues), with a
+    stand-in launcher whose one rank asks for a requeue on a signal, sent to launch_node.sh once the
+    rank is up: (the finished process, its stderr, the scontrol calls and the launcher's end, in order)."""
+    calls, out = tmp_path / "calls", tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "rank.py").write_text(RANK_ASKING_FOR_A_REQUEUE)
+    launcher = f'#!/bin/sh\n"{sys.executable}" "{tmp_path / "rank.py"}"\necho launcher ended >> "$SCONTROL_CALLS"\n'
+    commands = stand_in_commands(tmp_path / "bin", scontrol=scontrol, accelerate=launcher)
+    env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1",
+                          TMPDIR=str(tmp_path), SCONTROL_CALLS=str(calls), STUB_OUTPUT=str(out))
     env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
-    done = subprocess.run([str(SLURM_DIR / "launch_node.sh")], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert calls.read_text() == "launcher ended\nrequeue 4242\n"
-    assert done.stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", done.stderr
+    node = subprocess.Popen([str(SLURM_DIR / "launch_node.sh")], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "ready").exists() and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        node.send_signal(sig)
+        _, stderr = node.communicate(timeout=60)
+    finally:
+        node.kill()
     assert not list(tmp_path.glob("*.requeue"))  # the request is gone: a requeued job starts without one
+    return node, stderr, calls.read_text() if calls.exists() else ""
+
+
+def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
+    """Under SLURM, when nothing above it requeues (train.sbatch execs it): after SLURM's warning the
+    main process asks for a requeue (preemption.ask_for_requeue; here a stand-in), and launch_node.sh
+    requeues once, after the launcher has ended."""
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1)
+    assert node.returncode == 0, stderr
+    assert calls == "launcher ended\nrequeue 4242\n"
+    assert stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", stderr
+
+
+def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
+    """SIGTERM (scancel, or SLURM's own preemption or time limit) ends the job even if a process asks
+    for a requeue: a cancelled job must not run again."""
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGTERM)
+    assert node.returncode == 128 + signal.SIGTERM, stderr
+    assert calls == "launcher ended\n"
+    assert "not requeued" in stderr.splitlines()[-1] and "SIGTERM" in stderr.splitlines()[-1], stderr
 
 
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
