@@ -155,6 +155,7 @@ trap 'stop INT' INT
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
 status=0
 wait "$launcher" || status=$?
+# (A requeue that fails ends this script with status 1, saying how to continue.)
 if [ "$requeues_here" = 1 ] && requeue_if_asked "launch_node.sh: machine $MACHINE_RANK"; then
     exit "$status"
 fi

@@ -22,9 +22,15 @@ take_requeue_requests() {
 }
 
 # Requeue the job if a process asked and SLURM's warning alone stopped it; $1 names the caller in the
-# log line. Fails when it does not requeue.
+# log line. Fails when it does not requeue. When `scontrol requeue` fails (a job submitted with
+# --no-requeue, a cluster that forbids it) it ends the calling script with status 1 and says how to
+# continue: $2 (what to do, in words), else resubmit with the flags the process left in the request's
+# second line (train.py: --resume auto --run-name NAME), else a general hint.
 requeue_if_asked() {
     [ -s "$MONKEYTRAIN_REQUEUE_FILE" ] || return 1
+    local flags hint
+    flags=$(sed -n 2p "$MONKEYTRAIN_REQUEUE_FILE")
+    hint=${2:-"resubmit the job with ${flags:-"--resume auto --run-name <the run's name>"}"}
     rm -f "$MONKEYTRAIN_REQUEUE_FILE"
     if ! warned_only; then
         local by=${stop_signals##* }
@@ -33,6 +39,10 @@ requeue_if_asked() {
     fi
     trap '' TERM INT  # the requeue's own SIGTERM, while the caller says how it went and exits
     local answer
-    if answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then answer=ok; fi
-    echo "$1: scontrol requeue $SLURM_JOB_ID: $answer" >&2
+    if ! answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+        answer=${answer//$'\n'/ }  # one line in the log
+        echo "$1: scontrol requeue $SLURM_JOB_ID failed (${answer:-no message}); the job ends here, its state saved: to continue, ${hint}." >&2
+        exit 1
+    fi
+    echo "$1: scontrol requeue $SLURM_JOB_ID: ok" >&2
 }

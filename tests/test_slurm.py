@@ -459,6 +459,18 @@ def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
     assert stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", stderr
 
 
+def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path):
+    """A job submitted with --no-requeue: the state is saved, but the job must not end COMPLETED as if
+    requeued; the log's last line says how to continue."""
+    refusing = '#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\necho "Requested operation is presently disabled" >&2\nexit 1\n'
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing)
+    assert node.returncode == 1, stderr
+    assert calls == "launcher ended\nrequeue 4242\n"
+    last = stderr.splitlines()[-1]
+    assert last.startswith("launch_node.sh: machine 0: scontrol requeue 4242 failed (Requested operation is "
+                           "presently disabled)") and "resubmit the job with --resume auto --run-name" in last, stderr
+
+
 def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
     """SIGTERM (scancel, or SLURM's own preemption or time limit) ends the job even if a process asks
     for a requeue: a cancelled job must not run again."""
