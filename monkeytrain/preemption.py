@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from monkeytrain.config import TrainConfig
 from monkeytrain.distributed import sum_across_ranks
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -167,28 +169,43 @@ REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/
 
 def requeue_or_exit(log, accelerator, stop: Preemption) -> None:
     """Under SLURM, after its warning signal, have this job put back in the queue (it resumes with
-    --resume auto); else just stop. The main process alone asks: one requeue per job."""
+    --resume auto); else just stop, saying how to continue the run (`log.run_dir`, the main process's
+    run directory). The main process alone asks: one requeue per job."""
     if not accelerator.is_main_process:
         return
+    flags = resume_flags(log.run_dir)
     job = os.environ.get("SLURM_JOB_ID")
     if job and stop.wants_requeue():
-        log.info(f"stopped on SIGUSR1 after saving; {ask_for_requeue(job)}")
+        log.info(f"stopped on SIGUSR1 after saving; {ask_for_requeue(job, flags)}")
         return
-    log.info("stopped on a signal after saving the training state; continue with --resume auto.")
+    log.info(f"stopped on a signal after saving the training state; to continue, run the same command with {flags}.")
 
 
-def ask_for_requeue(job: str) -> str:
+def resume_flags(run_dir: Path) -> str:
+    """The flags that continue the run in `run_dir`: without its name, --resume auto would start a new run
+    named after the time."""
+    flags = f"--resume auto --run-name {shlex.quote(run_dir.name)}"
+    if run_dir.parent != Path(TrainConfig.output_dir):
+        flags += f" --output-dir {shlex.quote(str(run_dir.parent))}"
+    return flags
+
+
+def ask_for_requeue(job: str, flags: str = "") -> str:
     """Have SLURM job `job` requeued; says how, in words. Started by the SLURM scripts, leave the request
     in the file they name: they requeue once every process they started has ended, because a requeue
-    ends the job at once, and a launcher still running then dies with a traceback in the job's log."""
+    ends the job at once, and a launcher still running then dies with a traceback in the job's log.
+    `flags` (resume_flags) go in the request's second line, for the script to say should the requeue fail."""
     request = os.environ.get(REQUEUE_REQUEST)
     if request:
-        Path(request).write_text(f"{job}\n")
+        Path(request).write_text(f"{job}\n{flags}\n")
         return "the job is requeued once its processes have ended."
-    return requeue(job)
+    return requeue(job, flags)
 
 
-def requeue(job: str) -> str:
-    """Put SLURM job `job` back in the queue; says how that went, in words."""
+def requeue(job: str, flags: str = "") -> str:
+    """Put SLURM job `job` back in the queue; says how that went, in words, and how to continue if it failed."""
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    return f"scontrol requeue {job}: {'ok' if done.returncode == 0 else done.stderr.strip()}"
+    if done.returncode == 0:
+        return f"scontrol requeue {job}: ok"
+    answer = " ".join(done.stderr.split())  # one line
+    return f"scontrol requeue {job} failed ({answer}); to continue, resubmit the job{' with ' + flags if flags else ''}."

@@ -136,6 +136,12 @@ def test_a_run_saves_on_the_wall_clock_schedule_without_any_signal(tmp_path, mak
     assert json.loads((run_dir / "results.json").read_text())["test_images"] == 36
 
 
+def run_log(run_dir: Path) -> RecordedLog:
+    log = RecordedLog()
+    log.run_dir = run_dir  # the main process's log knows its run directory
+    return log
+
+
 def stop_after(*names: str) -> SimpleNamespace:
     """What requeue_or_exit reads of a Preemption that received the signals `names`."""
     return SimpleNamespace(received=names[-1] if names else None,
@@ -150,9 +156,10 @@ def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_pa
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv(REQUEUE_REQUEST, str(request))
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran in the process"))
-    log = RecordedLog()
+    log = run_log(Path("runs") / "slurm-4242")
     requeue_or_exit(log, SimpleNamespace(is_main_process=main), stop_after("SIGUSR1"))
-    assert (request.read_text() == "4242\n") if main else not request.exists()
+    # the second line: what the script says should the requeue fail
+    assert (request.read_text() == "4242\n--resume auto --run-name slurm-4242\n") if main else not request.exists()
     assert log.infos == (["stopped on SIGUSR1 after saving; the job is requeued once its processes have ended."]
                           if main else [])
 
@@ -169,7 +176,7 @@ def test_a_job_told_to_end_is_not_requeued(tmp_path, monkeypatch, signals, reque
     else:
         monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran"))
-    log = RecordedLog()
+    log = run_log(Path("runs") / "slurm-4242")
     requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after(*signals))
     assert not request.exists()
     assert len(log.infos) == 1 and "requeue" not in log.infos[0] and "--resume auto" in log.infos[0]
@@ -181,3 +188,16 @@ def test_the_signals_a_preemption_heard_decide_the_requeue(preemption):
     assert preemption.wants_requeue()
     os.kill(os.getpid(), signal.SIGTERM)  # SLURM's time limit or scancel after the warning: the job ends
     assert not preemption.wants_requeue() and preemption.received == "SIGTERM"
+
+
+@pytest.mark.parametrize("run_dir, flags", [
+    (Path("runs") / "20261127-093000", "--resume auto --run-name 20261127-093000"),
+    (Path("/scratch/my runs") / "cut", "--resume auto --run-name cut --output-dir '/scratch/my runs'"),
+])
+def test_the_stop_line_names_the_run_to_continue(monkeypatch, run_dir, flags):
+    """`--resume auto` alone would start a new run, named after the time: the line names this one."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    log = run_log(run_dir)
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGTERM"))
+    assert log.infos == ["stopped on a signal after saving the training state; to continue, run the same "
+                         f"command with {flags}."]
