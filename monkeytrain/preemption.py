@@ -196,16 +196,26 @@ def ask_for_requeue(job: str, flags: str = "") -> str:
     ends the job at once, and a launcher still running then dies with a traceback in the job's log.
     `flags` (resume_flags) go in the request's second line, for the script to say should the requeue fail."""
     request = os.environ.get(REQUEUE_REQUEST)
-    if request:
+    if not request:
+        return requeue(job, flags)
+    try:
         Path(request).write_text(f"{job}\n{flags}\n")
-        return "the job is requeued once its processes have ended."
-    return requeue(job, flags)
+    except OSError as error:  # a TMPDIR gone, a full disk: the state is saved all the same
+        return f"could not ask for a requeue in {request} ({error.strerror}); {resubmit(flags)}"
+    return "the job is requeued once its processes have ended."
 
 
 def requeue(job: str, flags: str = "") -> str:
     """Put SLURM job `job` back in the queue; says how that went, in words, and how to continue if it failed."""
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as error:  # no scontrol here (a container inside the job)
+        return f"could not run scontrol requeue {job} ({error.strerror}); {resubmit(flags)}"
     if done.returncode == 0:
         return f"scontrol requeue {job}: ok"
     answer = " ".join(done.stderr.split())  # one line
-    return f"scontrol requeue {job} failed ({answer}); to continue, resubmit the job{' with ' + flags if flags else ''}."
+    return f"scontrol requeue {job} failed ({answer}); {resubmit(flags)}"
+
+
+def resubmit(flags: str) -> str:
+    return f"to continue, resubmit the job{' with ' + flags if flags else ''}."

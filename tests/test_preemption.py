@@ -201,3 +201,20 @@ def test_the_stop_line_names_the_run_to_continue(monkeypatch, run_dir, flags):
     requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGTERM"))
     assert log.infos == ["stopped on a signal after saving the training state; to continue, run the same "
                          f"command with {flags}."]
+
+
+@pytest.mark.parametrize("problem", ["no scontrol", "no request folder"])
+def test_a_requeue_that_cannot_be_asked_for_is_one_line_and_the_run_ends(tmp_path, monkeypatch, problem):
+    """SLURM_JOB_ID set inside a container without scontrol, or a request file in a folder that is gone:
+    one line saying how to continue, no traceback (the state is saved before)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol anywhere
+    if problem == "no request folder":
+        monkeypatch.setenv(REQUEUE_REQUEST, str(tmp_path / "gone" / "job.requeue"))
+    else:
+        monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
+    log = run_log(Path("runs") / "slurm-4242")
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGUSR1"))
+    assert len(log.infos) == 1 and log.infos[0].startswith("stopped on SIGUSR1 after saving; could not ")
+    assert log.infos[0].endswith("No such file or directory); to continue, resubmit the job with --resume auto "
+                                 "--run-name slurm-4242."), log.infos
