@@ -121,11 +121,29 @@ fi
 forward() {
     note_stop_signal "$1"
     echo "launch_node.sh: machine $MACHINE_RANK: forwarding SIG$1 to the training processes" >&2
-    pkill "-$1" -P "$launcher" || true  # none yet: the launcher is still starting them
+    pending=$1 delivered=" "
+    deliver
 }
 stop() {
     stopped_by=$1
     forward "$1"
+}
+# A training process can take the signal once it catches SIGUSR1 (train.py's handlers, installed after
+# seconds of imports): before that SIGUSR1 would be ignored, SIGTERM would kill it unsaved, and early on
+# the launcher has not even started it. So the signal stays pending, and the loop below sends it to each
+# training process once that one catches SIGUSR1, until the launcher ends.
+deliver() {
+    local pid
+    [ -n "$pending" ] && [ -n "$launcher" ] || return 0
+    for pid in $(pgrep -P "$launcher"); do
+        [[ $delivered == *" $pid "* ]] && continue
+        if catches_usr1 "$pid" && kill -s "$pending" "$pid" 2>/dev/null; then delivered+="$pid "; fi
+    done
+}
+catches_usr1() {
+    local caught  # the process's mask of signals with a handler, in hex
+    caught=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) && [ -n "$caught" ] \
+        && (( (16#$caught >> ($(kill -l USR1) - 1)) & 1 ))
 }
 # Under SLURM the main training process asks for a requeue, and it comes below once the launcher has
 # ended (slurm/requeue.sh says why); unless the script that started this one has named the request
@@ -136,6 +154,13 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MONKEYTRAIN_REQUEUE_FILE:-}" ]; then
     take_requeue_requests
     requeues_here=1
 fi
+# The traps and the pid file come before the launch, so that a signal sent at once is kept.
+launcher= pending= delivered=" " stopped_by=
+trap 'forward USR1' USR1
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+trap 'rm -f "$pid_file"' EXIT
+echo $$ > "$pid_file"
 detach=(setsid)
 if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig TERM); fi
 # The launcher starts with SIGUSR1 ignored, so a USR1 sent to a whole job step
@@ -143,16 +168,13 @@ if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig 
 # the ignore until train.py installs its own handler.
 (trap '' USR1; exec "${detach[@]}" "${launch[@]}" "$script" "${train_flags[@]}" "$@") &
 launcher=$!
-stopped_by=
-echo $$ > "$pid_file"
-trap 'rm -f "$pid_file"' EXIT
-trap 'forward USR1' USR1
-trap 'stop TERM' TERM
-trap 'stop INT' INT
 
 # `wait` returns early whenever a trapped signal arrives: wait again until the
-# launcher is gone, then once more for its exit status (bash keeps it).
-while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done
+# launcher is gone (with a signal pending, look for training processes to take it
+# twice a second instead), then once more for its exit status (bash keeps it).
+while kill -0 "$launcher" 2>/dev/null; do
+    if [ -n "$pending" ]; then deliver; sleep 0.5; else wait "$launcher" || true; fi
+done
 status=0
 wait "$launcher" || status=$?
 # (A requeue that fails ends this script with status 1, saying how to continue.)

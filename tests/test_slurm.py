@@ -480,6 +480,30 @@ def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
     assert "not requeued" in stderr.splitlines()[-1] and "SIGTERM" in stderr.splitlines()[-1], stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process(tmp_path, sig):
+    """Sent before accelerate has started the training process, which then takes 2 s to install its
+    handlers (train.py's imports): the signal waits for it, instead of being lost (or killing it)."""
+    out = tmp_path / "stub"
+    out.mkdir()
+    env = job_environment(MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1", MAIN_PORT=str(free_port()),
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(out), STUB_DELAY="2",
+                          STUB_WAIT="20", MONKEYTRAIN_PID_FILE=str(tmp_path / "node.pid"))
+    node = subprocess.Popen([str(SLURM_DIR / "launch_node.sh")], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "node.pid").exists():  # written once this script's traps are set
+            assert node.poll() is None and time.monotonic() < deadline, node.stderr.read()
+            time.sleep(0.05)
+        node.send_signal(sig)
+        _, stderr = node.communicate(timeout=120)
+    finally:
+        node.kill()
+    assert node.returncode == (0 if sig == signal.SIGUSR1 else 128 + sig), stderr
+    assert json.loads((out / "rank0.json").read_text())["signals"] == [sig.name.removeprefix("SIG")], stderr
+
+
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
     env = job_environment(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path))
     done = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch")], cwd=tmp_path, env=env,
