@@ -4,6 +4,6 @@
 # SIGTERM, SIGINT or SIGUSR1 to this script (or its process group): every rank
 # saves its state and stops; continue with --resume auto --run-name NAME.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/multi_gpu.yaml
-exec slurm/launch_node.sh "$@"
+root=$(cd "$(dirname "$0")/.." && pwd)  # the checkout; --data, --output-dir stay relative to here
+export MONKEYTRAIN_ACCELERATE_CONFIG=$root/accelerate_configs/multi_gpu.yaml
+exec "$root/slurm/launch_node.sh" "$@"

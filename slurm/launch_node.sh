@@ -10,13 +10,14 @@
 #   MACHINE_RANK    this machine, 0 .. NUM_MACHINES-1         (0)
 #   MAIN_ADDR       address of the rendezvous host            (127.0.0.1)
 #   MAIN_PORT       rendezvous port there                     (20000 + SLURM_JOB_ID % 20000, else 29500)
-#   MONKEYTRAIN_ACCELERATE_CONFIG   Accelerate config file    (accelerate_configs/multi_gpu.yaml on one
+#   MONKEYTRAIN_ACCELERATE_CONFIG   Accelerate config file, a relative path from the working directory
+#                                   or else the checkout      (accelerate_configs/multi_gpu.yaml on one
 #                                   machine, multi_node.yaml on several, cpu_ddp.yaml on one in CPU mode)
 #   MONKEYTRAIN_CPU=1               CPU mode: train.py --cpu and no mixed precision (gloo ranks);
 #                                   implied by a config file named cpu*.yaml
 #   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (the GPUs SLURM gave it,
 #                                   else every GPU nvidia-smi lists; 2 in CPU mode)
-#   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (monkeytrain/train.py; tests use a stub)
+#   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (the checkout's monkeytrain/train.py; tests use a stub)
 #   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
 #                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid;
 #                                   outside SLURM, local-<this pid> instead of the job id)
@@ -25,11 +26,17 @@
 #
 #   slurm/launch_node.sh [train.py flags ...]
 #   slurm/launch_node.sh --forward-signal USR1     # signal the run started above on this machine
+#
+# It runs in the caller's working directory, as `python monkeytrain/train.py` would: relative
+# --data, --output-dir and the default runs/ are taken from there, not from the checkout.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)  # the checkout
 
 die() { echo "launch_node.sh: error: $*" >&2; exit 2; }
 is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
+# A relative path from a variable: from the working directory if it is there, else from the checkout
+# (where the README's examples name accelerate_configs/... from).
+from_checkout() { if [[ $1 != /* && ! -e $1 && -e $root/$1 ]]; then echo "$root/$1"; else echo "$1"; fi; }
 
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
@@ -64,6 +71,7 @@ if [ -z "$config" ]; then
     elif [ "$cpu" = 1 ]; then config=accelerate_configs/cpu_ddp.yaml
     else config=accelerate_configs/multi_gpu.yaml; fi
 fi
+config=$(from_checkout "$config")
 [ -f "$config" ] || die "Accelerate config '$config' does not exist; set MONKEYTRAIN_ACCELERATE_CONFIG to a file in accelerate_configs/."
 case "$(basename "$config")" in cpu*) cpu=1 ;; esac
 [ "$cpu" = 0 ] || [ "$cpu" = 1 ] || die "MONKEYTRAIN_CPU must be 0 or 1, got '$cpu'."
@@ -80,11 +88,11 @@ if [ -n "${MONKEYTRAIN_PROCS_PER_NODE:-}" ] && ! { is_count "$procs" && [ "$proc
 fi
 [ "$procs" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
 
-script=${MONKEYTRAIN_TRAIN_SCRIPT:-monkeytrain/train.py}
-[ -f "$script" ] || die "training script '$script' does not exist; run from a monkeytrain checkout."
+script=$(from_checkout "${MONKEYTRAIN_TRAIN_SCRIPT:-monkeytrain/train.py}")
+[ -f "$script" ] || die "training script '$script' does not exist; set MONKEYTRAIN_TRAIN_SCRIPT to a file, or leave it unset."
 
 accelerate=$(command -v accelerate || true)
-if [ -z "$accelerate" ] && [ -x .venv/bin/accelerate ]; then accelerate=.venv/bin/accelerate; fi
+if [ -z "$accelerate" ] && [ -x "$root/.venv/bin/accelerate" ]; then accelerate=$root/.venv/bin/accelerate; fi
 [ -n "$accelerate" ] || die "'accelerate' is not on PATH; activate the environment monkeytrain is installed in before sbatch (jobs inherit your PATH)."
 
 launch=("$accelerate" launch --config_file "$config"
@@ -148,7 +156,7 @@ catches_usr1() {
 # Under SLURM the main training process asks for a requeue, and it comes below once the launcher has
 # ended (slurm/requeue.sh says why); unless the script that started this one has named the request
 # file, as train_multinode.sbatch does: it requeues once every machine's launch has ended.
-source slurm/requeue.sh  # and note_stop_signal: a requeue follows SLURM's warning alone
+source "$root/slurm/requeue.sh"  # and note_stop_signal: a requeue follows SLURM's warning alone
 requeues_here=0
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MONKEYTRAIN_REQUEUE_FILE:-}" ]; then
     take_requeue_requests

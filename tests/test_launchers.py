@@ -63,7 +63,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
 
 
 def run_flags(tmp_path: Path, data: Path, name: str) -> list[str]:
-    # An absolute --output-dir: the launch scripts change to the checkout first.
+    # An absolute --output-dir: where the run is looked for whatever folder a form runs in.
     return ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "runs"), "--run-name", name]
 
 

@@ -236,8 +236,9 @@ def test_train_sbatch_trains_two_cpu_ranks_to_completion(two_rank_job):
 
 def node_command() -> str:
     """What train_multinode.sbatch has srun run on every node (the bash -c '...' text)."""
-    match = re.search(r"bash -c '([^']*launch_node\.sh \"\$@\")'", (SLURM_DIR / "train_multinode.sbatch").read_text())
-    assert match, "train_multinode.sbatch no longer runs slurm/launch_node.sh through bash -c '...'"
+    match = re.search(r"bash -c '([^']*)' \"\$root/slurm/launch_node\.sh\" \\\n\s*--run-name",
+                      (SLURM_DIR / "train_multinode.sbatch").read_text())
+    assert match, "train_multinode.sbatch no longer runs slurm/launch_node.sh through bash -c '...' $root/..."
     return match.group(1)
 
 
@@ -250,9 +251,9 @@ def train_on_two_machines_and_one(tmp_path: Path) -> tuple[list[int], list[Path]
     logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)] + [tmp_path / "one.log"]
     commands, environments = [], []
     for rank in (0, 1):
-        # What train_multinode.sbatch exports, plus what SLURM sets on each node; run from the
-        # checkout, the batch shell's directory.
-        commands.append(["bash", "-c", node_command(), "launch_node.sh", "--run-name", "two",
+        # What train_multinode.sbatch exports, plus what SLURM sets on each node; run from the job's
+        # working directory.
+        commands.append(["bash", "-c", node_command(), str(SLURM_DIR / "launch_node.sh"), "--run-name", "two",
                          "--cache-dir", str(tmp_path / "cache-two"), *common])
         environments.append(job_environment(SLURM_JOB_ID="4242", SLURM_NODEID=str(rank), NUM_MACHINES="2",
                                             MAIN_ADDR="127.0.0.1", MAIN_PORT=port, MONKEYTRAIN_CPU="1",
@@ -262,7 +263,7 @@ def train_on_two_machines_and_one(tmp_path: Path) -> tuple[list[int], list[Path]
                      "--cache-dir", str(tmp_path / "cache-one"), "--output-dir", str(tmp_path / "runs-one")])
     environments.append(job_environment())
     processes = []
-    for command, env, log, cwd in zip(commands, environments, logs, [PROJECT, PROJECT, tmp_path]):
+    for command, env, log, cwd in zip(commands, environments, logs, [tmp_path, tmp_path, tmp_path]):
         with open(log, "w") as sink:  # files, not pipes: a full pipe would stall one machine and both hang
             processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT))
     try:
@@ -283,7 +284,7 @@ def two_machines(tmp_path_factory, background_jobs) -> tuple[Path, Job]:
 @pytest.mark.first
 def test_train_multinode_sbatch_starts_launch_node_sh_on_every_node(two_machines):
     command = node_command()  # and the two-machine run of it is handed to the background thread
-    assert "MACHINE_RANK=$SLURM_NODEID" in command and command.endswith('launch_node.sh "$@"'), command
+    assert "MACHINE_RANK=$SLURM_NODEID" in command and command.endswith('exec "$0" "$@"'), command
 
 
 @pytest.mark.last
@@ -502,6 +503,43 @@ def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process
         node.kill()
     assert node.returncode == (0 if sig == signal.SIGUSR1 else 128 + sig), stderr
     assert json.loads((out / "rank0.json").read_text())["signals"] == [sig.name.removeprefix("SIG")], stderr
+
+
+RECORDING_ACCELERATE = '#!/bin/sh\npwd > "$STUB_OUTPUT/cwd"\nprintf "%s\\n" "$@" > "$STUB_OUTPUT/args"\n'
+
+
+def launch_recorded(command: list[str], tmp_path: Path, **settings: str) -> tuple[Path, list[str]]:
+    """`command` run from tmp_path/work with a stand-in `accelerate` (and whatever else `settings` puts on
+    PATH, as bin_NAME=text): (the folder the launcher ran in, its arguments)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    tools = {k.removeprefix("bin_"): v for k, v in settings.items() if k.startswith("bin_")}
+    commands = stand_in_commands(tmp_path / "bin", accelerate=RECORDING_ACCELERATE, **tools)
+    env = job_environment(STUB_OUTPUT=str(out), TMPDIR=str(tmp_path),
+                          **{k: v for k, v in settings.items() if not k.startswith("bin_")})
+    env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return Path((out / "cwd").read_text().strip()), (out / "args").read_text().splitlines()
+
+
+@pytest.mark.parametrize("how", ["launch/cpu_debug.sh", "sbatch --chdir"])
+def test_training_runs_where_the_user_is_so_relative_paths_are_theirs(tmp_path, how):
+    """--data mydata/monkeys, --output-dir and runs/ are relative to the user's working directory (or
+    the job's --chdir), as with `python monkeytrain/train.py`, not to the checkout."""
+    if how == "sbatch --chdir":  # the job's working folder is not where sbatch ran (the checkout)
+        command = ["bash", str(SLURM_DIR / "train.sbatch"), "--data", "mydata/monkeys"]
+        settings = dict(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(PROJECT),
+                        MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml")
+    else:
+        command = [str(PROJECT / "launch" / "cpu_debug.sh"), "--data", "mydata/monkeys"]
+        settings = {}
+    cwd, args = launch_recorded(command, tmp_path, **settings)
+    assert cwd == tmp_path / "work"
+    assert str(PROJECT / "monkeytrain" / "train.py") in args
+    assert args[args.index("--config_file") + 1].startswith(str(PROJECT / "accelerate_configs"))
+    assert args[-2:] == ["--data", "mydata/monkeys"]
 
 
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
