@@ -13,6 +13,23 @@ stop_signals=  # " USR1 TERM ...": the stop signals the calling script got, in o
 note_stop_signal() { stop_signals+=" $1"; }
 warned_only() { [[ $stop_signals =~ ^( USR1)+$ ]]; }
 
+# Whether train.py's flags name the run themselves: --run-name, or --resume with a state's path (it
+# continues that state's run, and refuses another name). Else the SLURM scripts name it slurm-<job id>,
+# the same after a requeue.
+flags_name_the_run() {
+    local flag previous=
+    for flag in "$@"; do
+        case $flag in
+            --run-name|--run-name=*) return 0 ;;
+            --resume=auto) ;;
+            --resume=*) return 0 ;;
+        esac
+        if [ "$previous" = --resume ] && [ "$flag" != auto ]; then return 0; fi
+        previous=$flag
+    done
+    return 1
+}
+
 # Name this job's request file for the processes started from here, and remove one left by the
 # job's life before a requeue. Node-local: the main process runs on the job's first node, where the
 # batch script runs too (launch_node.sh's pid file makes the same assumption).

@@ -236,7 +236,7 @@ def test_train_sbatch_trains_two_cpu_ranks_to_completion(two_rank_job):
 
 def node_command() -> str:
     """What train_multinode.sbatch has srun run on every node (the bash -c '...' text)."""
-    match = re.search(r"bash -c '([^']*)' \"\$root/slurm/launch_node\.sh\" \\\n\s*--run-name",
+    match = re.search(r"bash -c '([^']*)' \"\$root/slurm/launch_node\.sh\" \\\n",
                       (SLURM_DIR / "train_multinode.sbatch").read_text())
     assert match, "train_multinode.sbatch no longer runs slurm/launch_node.sh through bash -c '...' $root/..."
     return match.group(1)
@@ -540,6 +540,22 @@ def test_training_runs_where_the_user_is_so_relative_paths_are_theirs(tmp_path, 
     assert str(PROJECT / "monkeytrain" / "train.py") in args
     assert args[args.index("--config_file") + 1].startswith(str(PROJECT / "accelerate_configs"))
     assert args[-2:] == ["--data", "mydata/monkeys"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    ([], ["--run-name", "slurm-7"]),
+    (["--resume", "runs/X/state/step-00000010"], []),  # continues run X, which refuses another name
+    (["--resume=runs/X/state/step-00000010"], []),
+    (["--run-name", "mine"], ["--run-name", "mine"]),
+    (["--resume", "auto"], ["--run-name", "slurm-7"]),
+])
+def test_train_sbatch_names_the_run_unless_the_flags_do(tmp_path, flags, named):
+    _, args = launch_recorded(["bash", str(SLURM_DIR / "train.sbatch"), *flags], tmp_path, SLURM_JOB_ID="7",
+                              MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1")
+    train_flags = args[args.index(str(PROJECT / "monkeytrain" / "train.py")) + 1:]
+    given = [a for i, a in enumerate(train_flags) if a == "--run-name" or train_flags[i - 1:i] == ["--run-name"]]
+    assert given == named, train_flags
+    assert train_flags[len(train_flags) - len(flags):] == flags  # the user's flags come last
 
 
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
