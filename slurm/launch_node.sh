@@ -15,11 +15,13 @@
 #                                   machine, multi_node.yaml on several, cpu_ddp.yaml on one in CPU mode)
 #   MONKEYTRAIN_CPU=1               CPU mode: train.py --cpu and no mixed precision (gloo ranks);
 #                                   implied by a config file named cpu*.yaml
-#   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (the GPUs SLURM gave it,
-#                                   else every GPU nvidia-smi lists; 2 in CPU mode)
+#   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (the GPUs SLURM gave it, else
+#                                   those CUDA_VISIBLE_DEVICES names, else every GPU nvidia-smi lists;
+#                                   2 in CPU mode)
 #   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (the checkout's monkeytrain/train.py; tests use a stub)
 #   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
-#                                   ($TMPDIR/monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid;
+#                                   ($TMPDIR, or /tmp if that is no writable folder,
+#                                   /monkeytrain-$SLURM_JOB_ID-machine$MACHINE_RANK.pid;
 #                                   outside SLURM, local-<this pid> instead of the job id)
 #   MONKEYTRAIN_REQUEUE_FILE        under SLURM, where the main process asks for a requeue; when it is
 #                                   set, whoever set it requeues (slurm/requeue.sh), else this script
@@ -37,6 +39,21 @@ is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
 # A relative path from a variable: from the working directory if it is there, else from the checkout
 # (where the README's examples name accelerate_configs/... from).
 from_checkout() { if [[ $1 != /* && ! -e $1 && -e $root/$1 ]]; then echo "$root/$1"; else echo "$1"; fi; }
+# GPUs this machine's processes may use: what SLURM's --gres gave it, else those CUDA_VISIBLE_DEVICES
+# names (CUDA stops at the first entry that is no index or UUID: -1, NoDevFiles), else all nvidia-smi
+# lists (counting its "GPU n: ..." lines: without a driver it prints an error on stdout).
+gpu_count() {
+    if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then echo "$SLURM_GPUS_ON_NODE"; return; fi
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        local id n=0
+        for id in ${CUDA_VISIBLE_DEVICES//,/ }; do [[ $id =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break; n=$((n + 1)); done
+        echo "$n"
+    elif command -v nvidia-smi >/dev/null; then
+        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
 
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
@@ -47,7 +64,9 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 fi
 MAIN_PORT=${MAIN_PORT:-29500}
-pid_file=${MONKEYTRAIN_PID_FILE:-${TMPDIR:-/tmp}/monkeytrain-${SLURM_JOB_ID:-local-$$}-machine${MACHINE_RANK}.pid}
+tmp=${TMPDIR:-/tmp}
+[ -d "$tmp" ] && [ -w "$tmp" ] || tmp=/tmp  # a TMPDIR that is gone would lose the pid file
+pid_file=${MONKEYTRAIN_PID_FILE:-$tmp/monkeytrain-${SLURM_JOB_ID:-local-$$}-machine${MACHINE_RANK}.pid}
 
 if [ "${1:-}" = --forward-signal ]; then
     # Used by train_multinode.sbatch: SLURM can only signal a job step as a
@@ -62,6 +81,8 @@ is_count "$MACHINE_RANK" && [ "$MACHINE_RANK" -lt "$NUM_MACHINES" ] \
     || die "MACHINE_RANK must be a whole number below NUM_MACHINES ($NUM_MACHINES), got '$MACHINE_RANK'."
 is_count "$MAIN_PORT" && [ "$MAIN_PORT" -ge 1 ] && [ "$MAIN_PORT" -le 65535 ] \
     || die "MAIN_PORT must be a TCP port (1-65535), got '$MAIN_PORT'."
+# Decimal from here on: in $((...)) a leading zero would make 08 an octal error.
+NUM_MACHINES=$((10#$NUM_MACHINES)) MACHINE_RANK=$((10#$MACHINE_RANK)) MAIN_PORT=$((10#$MAIN_PORT))
 
 # --- which config, which device, how many processes -------------------------
 cpu=${MONKEYTRAIN_CPU:-0}
@@ -76,17 +97,18 @@ config=$(from_checkout "$config")
 case "$(basename "$config")" in cpu*) cpu=1 ;; esac
 [ "$cpu" = 0 ] || [ "$cpu" = 1 ] || die "MONKEYTRAIN_CPU must be 0 or 1, got '$cpu'."
 
+gpus=0
+if [ "$cpu" = 0 ]; then gpus=$(gpu_count); fi
+# Also with MONKEYTRAIN_PROCS_PER_NODE set (launch/single_gpu.sh): a GPU config must not train on the CPU.
+[ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
 procs=${MONKEYTRAIN_PROCS_PER_NODE:-}
 if [ -z "$procs" ]; then
-    if [ "$cpu" = 1 ]; then procs=2
-    elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then procs=$SLURM_GPUS_ON_NODE  # what --gres gave this node
-    elif command -v nvidia-smi >/dev/null; then procs=$(nvidia-smi --list-gpus | wc -l)
-    else procs=0; fi
-fi
-if [ -n "${MONKEYTRAIN_PROCS_PER_NODE:-}" ] && ! { is_count "$procs" && [ "$procs" -ge 1 ]; }; then
+    if [ "$cpu" = 1 ]; then procs=2; else procs=$gpus; fi
+elif is_count "$procs" && [ "$procs" -ge 1 ]; then
+    procs=$((10#$procs))
+else
     die "MONKEYTRAIN_PROCS_PER_NODE must be a whole number of at least 1, got '$procs'."
 fi
-[ "$procs" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
 
 script=$(from_checkout "${MONKEYTRAIN_TRAIN_SCRIPT:-monkeytrain/train.py}")
 [ -f "$script" ] || die "training script '$script' does not exist; set MONKEYTRAIN_TRAIN_SCRIPT to a file, or leave it unset."
@@ -168,7 +190,8 @@ trap 'forward USR1' USR1
 trap 'stop TERM' TERM
 trap 'stop INT' INT
 trap 'rm -f "$pid_file"' EXIT
-echo $$ > "$pid_file"
+{ echo $$ > "$pid_file"; } 2>/dev/null \
+    || die "cannot write the pid file $pid_file; set MONKEYTRAIN_PID_FILE (or TMPDIR) to a writable folder's file."
 detach=(setsid)
 if setpriv --pdeathsig TERM true 2>/dev/null; then detach+=(setpriv --pdeathsig TERM); fi
 # The launcher starts with SIGUSR1 ignored, so a USR1 sent to a whole job step

@@ -34,7 +34,9 @@ flags_name_the_run() {
 # job's life before a requeue. Node-local: the main process runs on the job's first node, where the
 # batch script runs too (launch_node.sh's pid file makes the same assumption).
 take_requeue_requests() {
-    export MONKEYTRAIN_REQUEUE_FILE=${TMPDIR:-/tmp}/monkeytrain-$SLURM_JOB_ID.requeue
+    local tmp=${TMPDIR:-/tmp}
+    [ -d "$tmp" ] && [ -w "$tmp" ] || tmp=/tmp  # a TMPDIR that is gone
+    export MONKEYTRAIN_REQUEUE_FILE=$tmp/monkeytrain-$SLURM_JOB_ID.requeue
     rm -f "$MONKEYTRAIN_REQUEUE_FILE"
 }
 

@@ -508,18 +508,26 @@ def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process
 RECORDING_ACCELERATE = '#!/bin/sh\npwd > "$STUB_OUTPUT/cwd"\nprintf "%s\\n" "$@" > "$STUB_OUTPUT/args"\n'
 
 
+def run_with_stand_ins(command: list[str], tmp_path: Path, cwd: Path, **settings: str):
+    """`command` with these environment settings; bin_NAME=text (accelerate=text too) puts an executable
+    NAME (an _ read as -) holding text first on PATH. No CUDA_VISIBLE_DEVICES unless set here."""
+    is_tool = lambda key: key.startswith("bin_") or key == "accelerate"  # noqa: E731
+    commands = stand_in_commands(tmp_path / "bin", **{k.removeprefix("bin_").replace("_", "-"): v
+                                                      for k, v in settings.items() if is_tool(k)})
+    env = job_environment(STUB_OUTPUT=str(tmp_path / "out"), TMPDIR=str(tmp_path))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update({k: v for k, v in settings.items() if not is_tool(k)})
+    env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
 def launch_recorded(command: list[str], tmp_path: Path, **settings: str) -> tuple[Path, list[str]]:
     """`command` run from tmp_path/work with a stand-in `accelerate` (and whatever else `settings` puts on
     PATH, as bin_NAME=text): (the folder the launcher ran in, its arguments)."""
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     work.mkdir()
-    tools = {k.removeprefix("bin_"): v for k, v in settings.items() if k.startswith("bin_")}
-    commands = stand_in_commands(tmp_path / "bin", accelerate=RECORDING_ACCELERATE, **tools)
-    env = job_environment(STUB_OUTPUT=str(out), TMPDIR=str(tmp_path),
-                          **{k: v for k, v in settings.items() if not k.startswith("bin_")})
-    env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
-    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    done = run_with_stand_ins(command, tmp_path, work, accelerate=RECORDING_ACCELERATE, **settings)
     assert done.returncode == 0, done.stderr
     return Path((out / "cwd").read_text().strip()), (out / "args").read_text().splitlines()
 
@@ -556,6 +564,45 @@ def test_train_sbatch_names_the_run_unless_the_flags_do(tmp_path, flags, named):
     given = [a for i, a in enumerate(train_flags) if a == "--run-name" or train_flags[i - 1:i] == ["--run-name"]]
     assert given == named, train_flags
     assert train_flags[len(train_flags) - len(flags):] == flags  # the user's flags come last
+
+
+FOUR_GPUS = '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done\n'
+NO_DRIVER = '#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."\nexit 9\n'
+
+
+@pytest.mark.parametrize("script, settings, processes", [
+    ("launch/all_gpus.sh", dict(bin_nvidia_smi=FOUR_GPUS), "4"),
+    ("launch/all_gpus.sh", dict(bin_nvidia_smi=FOUR_GPUS, CUDA_VISIBLE_DEVICES="2,3"), "2"),  # not all four
+    ("slurm/launch_node.sh", dict(MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="08"), "8"),  # not octal
+    ("slurm/launch_node.sh", dict(MONKEYTRAIN_CPU="1", TMPDIR="/nonexistent/tmp"), "2"),  # pid file in /tmp
+])
+def test_launch_node_starts_as_many_processes_as_it_should(tmp_path, script, settings, processes):
+    _, args = launch_recorded([str(PROJECT / script)], tmp_path, **settings)
+    assert args[args.index("--num_processes") + 1] == processes, args
+
+
+def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_path):
+    done = run_with_stand_ins([str(PROJECT / "launch" / "single_gpu.sh")], tmp_path, tmp_path,
+                              accelerate="#!/bin/sh\necho started >&2\n", bin_nvidia_smi=NO_DRIVER)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "no GPU found" in done.stderr and "MONKEYTRAIN_CPU=1" in done.stderr
+
+
+def test_tune_sbatch_without_an_environment_says_which_python_it_runs(tmp_path):
+    """No virtual environment active and no .venv in the checkout: the log names the python tried,
+    before that python's own complaint (a system python: "tune needs Optuna")."""
+    checkout = tmp_path / "checkout"
+    (checkout / "monkeytrain").mkdir(parents=True)
+    (checkout / "monkeytrain" / "tune.py").touch()
+    (checkout / "slurm").mkdir()
+    (checkout / "slurm" / "requeue.sh").write_text((SLURM_DIR / "requeue.sh").read_text())
+    python = '#!/bin/sh\necho "monkeytrain: error: tune needs Optuna" >&2\nexit 2\n'
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "tune.sbatch")], tmp_path, tmp_path, bin_python=python,
+                              SLURM_JOB_ID="7", MONKEYTRAIN_ROOT=str(checkout), VIRTUAL_ENV="", CONDA_PREFIX="")
+    assert done.returncode == 2
+    first, last = done.stderr.strip().splitlines()
+    assert "no virtual environment was active" in first and f"trying {tmp_path / 'bin' / 'python'}" in first
+    assert last == "monkeytrain: error: tune needs Optuna"
 
 
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
