@@ -175,14 +175,15 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from monkeytrain.config import TrainConfig
+    from monkeytrain.config import TrainConfig, check_no_empty_path
     from monkeytrain.cachefolder import cache_folder
     from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
 
-    if args.data and args.data_flag and args.data != args.data_flag:
+    if None not in (args.data, args.data_flag) and args.data != args.data_flag:
         raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
-    config = TrainConfig(data=args.data or args.data_flag, val_fraction=args.val_fraction,
-                         test_fraction=args.test_fraction, seed=args.seed)
+    config = TrainConfig(data=args.data if args.data is not None else args.data_flag,
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    check_no_empty_path(config)
     root = user_data_root(config)
     if root is None:
         raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")

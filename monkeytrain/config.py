@@ -252,6 +252,8 @@ def flag_name(field_name: str) -> str:
 
 
 PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")  # flags that name a file or folder
+# Paths that, when given, replace a default (a folder, the synthetic set, training from scratch)
+GIVEN_PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir", "pretrained")
 
 
 def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -417,8 +419,18 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"{message}; fix the flag or the config file.")
+    check_no_empty_path(config)
     if config.data and (config.train_dir or config.val_dir or config.test_dir):
         raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
+
+
+def check_no_empty_path(config: TrainConfig) -> None:
+    """A path flag given as "" is refused: it is what `--data "$DATA"` passes when DATA is unset, and
+    taking it as "not given" would train on the default folder or the synthetic set instead."""
+    for name in GIVEN_PATH_FIELDS:
+        if getattr(config, name) == "":
+            raise UserError(f"--{flag_name(name)} is empty (an unset shell variable?); give a path, or leave "
+                            "the flag (or config key) out for its default.")
 
 
 def one_of(choices: Sequence[str]) -> tuple[str, str]:

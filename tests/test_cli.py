@@ -172,6 +172,12 @@ def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
     assert "two dataset roots" in error_of(cli.main, ["inspect-data", str(data), "--data", "elsewhere"], capsys)
 
 
+@pytest.mark.parametrize("argv", [["inspect-data", ""], ["inspect-data", "--data", ""]])
+def test_inspect_data_refuses_an_empty_dataset_root(argv, capsys, data, monkeypatch):
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(data))  # what an empty root would silently fall back to
+    assert "--data is empty" in error_of(cli.main, argv, capsys)
+
+
 @pytest.mark.parametrize("command", ["inspect-data", "cache"])
 def test_commands_that_only_look_at_files_start_without_torch(command, data):
     """Importing torch would add seconds (inspect-data: 3.0 s against 0.4 s on a 2-core Xeon)."""

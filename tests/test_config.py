@@ -215,6 +215,19 @@ def test_data_and_explicit_dirs_together_are_rejected():
         parse_config(["--data", "a", "--train-dir", "b", "--val-dir", "c"])
 
 
+@pytest.mark.parametrize("flags", [["--data", ""], ["--train-dir", "", "--val-dir", "v"], ["--val-dir", ""],
+                                   ["--test-dir", ""], ["--pretrained", ""]])
+def test_an_empty_path_is_refused_not_taken_for_the_default(flags):
+    """`--data "$DATA"` with DATA unset: training on the default folder or the synthetic set would be silent."""
+    with pytest.raises(UserError, match=f"^{flags[0]} is empty"):
+        parse_config(flags)
+
+
+def test_an_empty_path_in_a_config_file_is_refused_too(tmp_path):
+    with pytest.raises(UserError, match="^--data is empty"):
+        parse_config(["--config", write_yaml(tmp_path / "p.yaml", "data: ''\n")])
+
+
 def test_debug_preset_applies_beneath_explicit_flags():
     config = parse_config(["--debug", "--image-size", "32"])
     assert config.image_size == 32  # the explicit flag wins

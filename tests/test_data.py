@@ -316,6 +316,14 @@ def test_data_root_and_cache_come_from_flags_then_environment(tmp_path, monkeypa
     assert cache_folder(parse_config(["--cache-dir=~/c"]).cache_dir) == Path.home() / "c"
 
 
+def test_an_empty_monkeytrain_data_is_refused_where_it_would_be_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONKEYTRAIN_DATA", "")  # export MONKEYTRAIN_DATA=$DATA, with DATA unset
+    with pytest.raises(UserError, match="^MONKEYTRAIN_DATA is set but empty"):
+        user_data_root(parse_config([]))
+    assert user_data_root(parse_config(["--data", "flag-data"])) == Path("flag-data")  # not read: no error
+    assert user_data_root(parse_config(["--train-dir", "t", "--val-dir", "v"])) is None
+
+
 def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
         tmp_path, make_image_folder, cpu_accelerator):
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)

@@ -87,13 +87,24 @@ def user_data_root(config: TrainConfig) -> Optional[Path]:
     """The dataset root the user asked for, or found at the default place; None means synthetic."""
     if config.data:
         return Path(config.data)
-    if os.environ.get("MONKEYTRAIN_DATA"):
-        return Path(os.environ["MONKEYTRAIN_DATA"])
+    if explicit_dirs(config):
+        return None
+    from_environment = os.environ.get("MONKEYTRAIN_DATA")
+    if from_environment == "":  # set from an unset variable, as an empty --data is: not the default
+        raise UserError("MONKEYTRAIN_DATA is set but empty; set it to a dataset root, or "
+                        "`unset MONKEYTRAIN_DATA` for the default.")
+    if from_environment:
+        return Path(from_environment)
     return DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None
 
 
+def explicit_dirs(config: TrainConfig) -> bool:
+    """True when the splits are named one by one (--train-dir, --val-dir, --test-dir)."""
+    return bool(config.train_dir or config.val_dir or config.test_dir)
+
+
 def find_split_folders(config: TrainConfig, root: Optional[Path]) -> layout.SplitFolders:
-    if config.train_dir or config.val_dir or config.test_dir:
+    if explicit_dirs(config):
         return layout.folders_from_explicit(config.train_dir, config.val_dir, config.test_dir)
     assert root is not None
     return layout.folders_from_root(root)
@@ -191,8 +202,7 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
     from monkeytrain.distributed import local_main_first  # here: it imports torch, which inspect-data needs not
 
     root = user_data_root(config)
-    explicit = bool(config.train_dir or config.val_dir or config.test_dir)
-    synthetic = root is None and not explicit
+    synthetic = root is None and not explicit_dirs(config)
     if synthetic:
         with local_main_first(accelerator, everywhere=True):  # one rank generates, the others then reuse it
             root = ensure_synthetic_dataset(cache_folder(config.cache_dir))
