@@ -422,6 +422,9 @@ def validate(config: TrainConfig) -> None:
     check_no_empty_path(config)
     if config.data and (config.train_dir or config.val_dir or config.test_dir):
         raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
+    from monkeytrain.model import check_model_choice  # here: importing config (inspect-data) needs no torch
+
+    check_model_choice(config.model, config.pretrained)
 
 
 def check_no_empty_path(config: TrainConfig) -> None:

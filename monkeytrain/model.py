@@ -20,14 +20,27 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def create_model(name: str, num_classes: int, pretrained: Optional[str] = None) -> torch.nn.Module:
     """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path."""
-    if not timm.is_model(name):
-        raise UserError(f"unknown timm model '{name}'; pick a name from timm.list_models(), e.g. resnet18.")
+    check_model_choice(name, pretrained)
     if pretrained == HUB:
         return _create_from_hub(name, num_classes)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     if pretrained:
         load_weights_file(model, Path(pretrained))
     return model
+
+
+def check_model_choice(name: str, pretrained: Optional[str] = None) -> None:
+    """A timm model name and, unless None or "hub", a weights file that exists: config validation calls
+    this too, so that a typo costs one line at start-up, not after minutes of reading the data."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model '{name}'; pick a name from timm.list_models(), e.g. resnet18.")
+    if pretrained and pretrained != HUB:
+        check_weights_file(Path(pretrained))
+
+
+def check_weights_file(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
 
 
 def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
@@ -52,8 +65,7 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     """Load a local .safetensors file, replacing the head when its class count differs."""
-    if not path.is_file():
-        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    check_weights_file(path)
     try:
         weights = strip_wrapper_prefixes(load_file(str(path)))
     except Exception as error:  # safetensors raises its own error types for damaged files

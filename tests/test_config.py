@@ -228,6 +228,15 @@ def test_an_empty_path_in_a_config_file_is_refused_too(tmp_path):
         parse_config(["--config", write_yaml(tmp_path / "p.yaml", "data: ''\n")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "resnet_nope"], "unknown timm model 'resnet_nope'"),
+    (["--pretrained", "runs/nosuch.safetensors"], "runs/nosuch.safetensors does not exist"),
+])
+def test_model_and_weights_are_checked_with_the_flags_before_any_data_is_read(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_config(["--data", "/no/such/data", *flags])  # only read later, when the data is scanned
+
+
 def test_debug_preset_applies_beneath_explicit_flags():
     config = parse_config(["--debug", "--image-size", "32"])
     assert config.image_size == 32  # the explicit flag wins
@@ -254,14 +263,17 @@ def test_no_debug_flag_cancels_a_debug_yaml(tmp_path):
     assert config.epochs == parse_config([]).epochs
 
 
-def test_pretrained_flag_alone_means_hub_and_takes_a_path():
+def test_pretrained_flag_alone_means_hub_and_takes_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"only its existence is checked with the flags")
     assert parse_config([]).pretrained is None
     assert parse_config(["--pretrained"]).pretrained == "hub"
     assert parse_config(["--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", "x.safetensors",
+    (tmp_path / "x.safetensors").write_bytes(b"only its existence is checked with the flags")
+    config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", str(tmp_path / "x.safetensors"),
                            "--cpu", "--val-fraction", "0"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
