@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from monkeytrain.data.layout import DEFAULT_DATA_ROOT
 from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
 
 
@@ -26,14 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
 
     predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="image files, or folders whose images (subfolders too) are predicted")
     predict.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
     predict.add_argument("--top-k", type=int, default=3, help="how many classes to show (default: 3)")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
-    score.add_argument("folder", type=Path)
+    score.add_argument("folder", type=Path, help="a folder of class subfolders named as in training, "
+                                                 "e.g. data/10-monkey-species/validation/validation")
     score.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
@@ -57,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the full data manifest")
 
     download = commands.add_parser("download", help="fetch 10 Monkey Species from Kaggle (kagglehub)")
-    download.add_argument("--dest", type=Path, default=Path("data/10-monkey-species"))
+    download.add_argument("--dest", type=Path, default=DEFAULT_DATA_ROOT, metavar="FOLDER",
+                          help=f"an empty or new folder to put the data set in (default: {DEFAULT_DATA_ROOT}, "
+                               "where training looks for it)")
 
     cache = commands.add_parser("cache", help="what the cache folder holds (stored views, statistics, ...); "
                                               "--clear deletes it")

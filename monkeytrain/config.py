@@ -67,8 +67,9 @@ class TrainConfig:
         None, "DataLoader worker processes per rank. Default: the CPU cores this process may use, "
         "shared among the processes of the run, at most 8.")
     cache_dir: Optional[str] = _option(
-        None, "Cache for channel statistics and the synthetic set. Default: "
-        "$MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain."
+        None, "Cache folder for what runs can make again: stored views (decoded images), scans of the "
+        "split folders, channel statistics, the synthetic set and torch.compile kernels (monkeytrain cache "
+        "lists and clears it). Default: $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain."
     )
     data_pipeline: str = _option(
         "auto", "resident: decode once and keep the data in the training device's memory (GPU or "
@@ -149,8 +150,9 @@ class TrainConfig:
     save_every: int = _option(0, "Also save the full training state every this many optimizer steps; 0: "
                                  "only on the time schedule and on a stop signal.")
     save_every_minutes: float = _option(
-        10.0, "Save the full training state every this many minutes of wall time (checked every 8 "
-        "optimizer steps and at each epoch end), so a crash or SIGKILL loses at most that; 0 disables.")
+        10.0, "Save the full training state every this many minutes of wall time (checked after every "
+        "optimizer step on the CPU, every 8th on a GPU, and at each epoch end), so a crash or SIGKILL "
+        "loses at most that; 0 disables.")
     keep_states: int = _option(2, "How many saved training states to keep.")
     # --- tracking ---
     report_to: str = _option(

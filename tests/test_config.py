@@ -280,6 +280,28 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(config)
 
 
+def test_the_save_schedule_help_says_how_often_the_clock_is_looked_at():
+    import torch
+
+    from monkeytrain.config import FIELDS
+    from monkeytrain.preemption import stop_check_interval
+
+    help_text = FIELDS["save_every_minutes"].metadata["help"]
+    assert stop_check_interval(torch.device("cpu")) == 1 and "after every optimizer step on the CPU" in help_text
+    assert f"every {stop_check_interval(torch.device('cuda'))}th on a GPU" in help_text
+
+
+def test_the_cache_dir_help_names_everything_runs_keep_there():
+    from monkeytrain.cachefolder import KINDS
+    from monkeytrain.config import FIELDS
+
+    words = {"views": "stored views", "scans": "scans", "stats": "statistics", "synthetic": "synthetic set",
+             "compiled": "torch.compile"}
+    assert set(words) == set(KINDS) - {"unfinished"}  # a new kind of entry needs a word here and in the help
+    help_text = FIELDS["cache_dir"].metadata["help"]
+    assert [kind for kind, word in words.items() if word not in help_text] == []
+
+
 def test_every_field_has_help_text_and_a_flag():
     from monkeytrain.config import build_parser
 

@@ -19,7 +19,7 @@ from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
 
-DEFAULT_DATA_ROOT = Path("data/10-monkey-species")
+DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 # The test split held out of one folder of class subfolders is the same for every --seed, so that
 # runs with different seeds are scored on the same images and their spread is the training's alone.
 TEST_HOLDOUT_SEED = 0

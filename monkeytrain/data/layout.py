@@ -23,6 +23,7 @@ from typing import Optional
 from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
+DEFAULT_DATA_ROOT = Path("data/10-monkey-species")  # where training looks without --data, and download puts it
 # Folder names that say a root holds splits, not classes: a root with train/ alone, holding class
 # folders, is a mistake to report; a train/ folder of images beside bus/ and car/ is a class.
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
