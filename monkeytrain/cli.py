@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
     inspect.add_argument("--data", dest="data_flag", metavar="DATA", help="the same, as train.py spells it")
+    for field in ("train_dir", "val_dir", "test_dir"):
+        inspect.add_argument(f"--{field.replace('_', '-')}", **as_in_training(field))
     inspect.add_argument("--val-fraction", type=float, **as_in_training("val_fraction"))
     inspect.add_argument("--test-fraction", type=float, **as_in_training("test_fraction"))
     inspect.add_argument("--seed", type=int, **as_in_training("seed"))
@@ -82,7 +84,8 @@ def as_in_training(field: str) -> dict:
     from monkeytrain.config import FIELDS
 
     default = FIELDS[field].default
-    return {"default": default, "help": f"{FIELDS[field].metadata['help']} (default: {default}, as in training)"}
+    shown = "as in training" if default is None else f"default: {default}, as in training"
+    return {"default": default, "help": f"{FIELDS[field].metadata['help']} ({shown})"}
 
 
 @exits_cleanly_on_user_error
@@ -180,28 +183,23 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from monkeytrain.config import TrainConfig, check_no_empty_path
     from monkeytrain.cachefolder import cache_folder
-    from monkeytrain.data.dataset import discover_splits, find_split_folders, user_data_root
+    from monkeytrain.data.dataset import discover_splits
 
-    if None not in (args.data, args.data_flag) and args.data != args.data_flag:
-        raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
-    config = TrainConfig(data=args.data if args.data is not None else args.data_flag,
-                         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
-    check_no_empty_path(config)
-    root = user_data_root(config)
-    if root is None:
-        raise UserError("no dataset given and none at data/10-monkey-species; pass a dataset root.")
-    splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False,
+    config = inspected_config(args)
+    root, folders = inspected_folders(config)
+    splits = discover_splits(folders, config.val_fraction, config.seed, strict=False,
                              test_fraction=config.test_fraction, cache_dir=cache_folder(config.cache_dir))
     manifest = splits.manifest()
     if args.json:
         print(json.dumps(manifest, indent=2))
         return
-    print(f"{root}: layout {manifest['layout']}, {len(splits.class_names)} classes")
+    print(f"{root or folders.train}: layout {manifest['layout']}, {len(splits.class_names)} classes")
     for split, files in splits.named_splits().items():
         per_class = [sum(f.label == i for f in files) for i in range(len(splits.class_names))]
         print(f"  {split:<5} {len(files):>5} images  per class {class_counts(per_class)}")
+    for split, origin in split_origins(folders, splits.selection_on_test, config, root).items():
+        print(f"  {split:<5} {origin}")
     for name, folder in zip(splits.class_names, splits.class_folders):
         print(f"  {folder}: {name}")
     for bad in splits.skipped:
@@ -210,6 +208,53 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  leak: {a} = {b}")
     if splits.selection_on_test:
         print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
+
+
+def inspected_config(args: argparse.Namespace):
+    """The training config of the flags inspect-data shares with train.py, checked as train.py checks them."""
+    from monkeytrain.config import TrainConfig, check_data_flags
+
+    if None not in (args.data, args.data_flag) and args.data != args.data_flag:
+        raise UserError(f"two dataset roots given ({args.data} and --data {args.data_flag}); give one.")
+    config = TrainConfig(data=args.data if args.data is not None else args.data_flag,
+                         train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    check_data_flags(config)
+    return config
+
+
+def inspected_folders(config) -> tuple:
+    """(the dataset root or None for split folders given one by one, the split folders), as training finds them."""
+    from monkeytrain.data.dataset import explicit_dirs, find_split_folders, user_data_root
+
+    root = user_data_root(config)
+    if root is None and not explicit_dirs(config):
+        raise UserError(f"no dataset given and none at {DEFAULT_DATA_ROOT}; pass a dataset root.")
+    return root, find_split_folders(config, root)
+
+
+def split_origins(folders, selection_on_test: bool, config, root) -> dict[str, str]:
+    """Where each split's images come from, one phrase each: a folder, or held out of one."""
+    def shown(folder) -> str:  # below the root, which the first line names, relative to it
+        inside = root and folder != root and folder.is_relative_to(root)
+        return str(folder.relative_to(root)) if inside else str(folder)
+
+    train, held_out = shown(folders.train), []
+    origins = {}
+    if folders.test is None:
+        origins["test"] = f"held out of {train} (--test-fraction {config.test_fraction:g}, the same for every seed)"
+        held_out.append("test")
+    else:
+        origins["test"] = f"from {shown(folders.test)}"
+    if folders.selection is not None:
+        origins["val"] = f"from {shown(folders.selection)}"
+    elif selection_on_test:
+        origins["val"] = "is the test split (--val-fraction 0)"
+    else:
+        origins["val"] = f"held out of {train} (--val-fraction {config.val_fraction:g}, --seed {config.seed})"
+        held_out.insert(0, "val")
+    less = f", less the {' and '.join(held_out)} held out of it" if held_out else ""
+    return {"train": f"from {train}{less}", **{name: origins[name] for name in ("val", "test")}}
 
 
 def class_counts(per_class: list[int]) -> str:

@@ -421,12 +421,18 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"{message}; fix the flag or the config file.")
-    check_no_empty_path(config)
-    if config.data and (config.train_dir or config.val_dir or config.test_dir):
-        raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
+    check_data_flags(config)
     from monkeytrain.model import check_model_choice  # here: importing config (inspect-data) needs no torch
 
     check_model_choice(config.model, config.pretrained)
+
+
+def check_data_flags(config: TrainConfig) -> None:
+    """The flags that say where the data is: no empty path, and a root or split folders, not both
+    (inspect-data checks its flags with this too)."""
+    check_no_empty_path(config)
+    if config.data and (config.train_dir or config.val_dir or config.test_dir):
+        raise UserError("give either --data or --train-dir/--val-dir/--test-dir, not both.")
 
 
 def check_no_empty_path(config: TrainConfig) -> None:

@@ -86,6 +86,28 @@ def test_inspect_data_shows_the_test_split_held_out_of_one_folder_of_classes(cap
                          "  train     9 images  per class [3, 3, 3]",
                          "  val      12 images  per class [4, 4, 4]",  # half of the 7 left, rounded
                          "  test      9 images  per class [3, 3, 3]"]
+    assert lines[4:7] == [f"  train from {root}, less the val and test held out of it",
+                          f"  val   held out of {root} (--val-fraction 0.5, --seed 0)",
+                          f"  test  held out of {root} (--test-fraction 0.3, the same for every seed)"]
+
+
+def test_inspect_data_says_where_each_split_of_the_kaggle_layout_comes_from(capsys, data):
+    cli.main(["inspect-data", str(data)])
+    assert capsys.readouterr().out.splitlines()[4:7] == [
+        "  train from training/training, less the val held out of it",
+        "  val   held out of training/training (--val-fraction 0.1, --seed 0)",
+        "  test  from validation/validation"]
+
+
+def test_inspect_data_takes_split_folders_one_by_one_as_train_py_does(capsys, data):
+    train, test = data / "training" / "training", data / "validation" / "validation"
+    cli.main(["inspect-data", "--train-dir", str(train), "--val-dir", str(test), "--test-dir", str(test)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{train}: layout explicit, 3 classes"
+    assert lines[4:7] == [f"  train from {train}", f"  val   from {test}", f"  test  from {test}"]
+    assert "need --train-dir" in error_of(cli.main, ["inspect-data", "--val-dir", str(test)], capsys)
+    assert "not both" in error_of(cli.main, ["inspect-data", str(data), "--train-dir", str(train),
+                                             "--test-dir", str(test)], capsys)
 
 
 def test_inspect_data_sums_up_the_counts_of_many_classes(capsys, tmp_path, make_image_folder):
