@@ -66,6 +66,8 @@ class Preemption:
     def _note(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        if self.received is None:
+            acknowledge(signal.Signals(signum).name)
         self.received = signal.Signals(signum).name
         self.heard.add(self.received)
 
@@ -81,6 +83,20 @@ class Preemption:
                                               dtype=torch.int64, device=accelerator.device))
         stop, save = (int(v) > 0 for v in votes.tolist())
         return stop, save
+
+
+def acknowledge(name: str) -> None:
+    """Say at once that a stop signal was heard, as the stop itself may wait for the data to be read or an
+    evaluation to end. One line, from each node's first process; written with os.write, which a signal
+    handler may call while Python's own stream is in the middle of a write."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    again = " (Ctrl-C again stops at once, unsaved)" if name == "SIGINT" else ""
+    try:
+        os.write(2, f"monkeytrain: {name} received: the run saves its state and stops as soon as it can{again}.\n"
+                 .encode())
+    except OSError:  # no reader left: the stop goes on all the same
+        pass
 
 
 def stop_check_interval(device: torch.device) -> int:

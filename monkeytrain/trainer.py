@@ -107,6 +107,8 @@ class Trainer:
     def fit(self) -> bool:
         """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
         self.resume()
+        if self.stop.check(self.accelerator)[0]:  # while the data was read or the model built: nothing trained
+            return True  # since the state resumed from, if any, so nothing to save
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import started_at_once
+from conftest import process_state_put_back, started_at_once
 from monkeytrain import cli, train
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.statestore import state_dirs
@@ -25,9 +25,13 @@ SMALL = ["--cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "-
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
+    """Each test in its own folder and cache; the signal handlers and the rest that the runs of train.main
+    here install put back after it (a SIGTERM to pytest must still end it)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MONKEYTRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    with process_state_put_back():
+        yield
 
 
 def error_of(entry_point, argv: list[str], capsys) -> str:
@@ -165,6 +169,23 @@ def test_an_image_gone_in_a_loader_worker_keeps_its_one_line():
                "longer be read as an image\n")
     assert str(ImageGone(relayed)) == "a.png can no longer be read as an image"
     assert str(ImageGone("b.png can no longer be read")) == "b.png can no longer be read"
+
+
+def test_a_signal_while_the_data_is_read_stops_before_training(capsys, data, monkeypatch):
+    import signal
+
+    prepare = train.prepare_data
+
+    def prepared_then_signalled(*args):
+        prepared = prepare(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it came while the data was read
+        return prepared
+
+    monkeypatch.setattr(train, "prepare_data", prepared_then_signalled)
+    assert train.main(["--data", str(data), *SMALL, "--run-name", "early"]) == {"stopped": True}
+    assert "run the same command with --resume auto --run-name early." in capsys.readouterr().out
+    assert not (Path("runs") / "early" / "metrics.jsonl").exists()  # not one step trained
+    assert not state_dirs(Path("runs") / "early")
 
 
 def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tmp_path, monkeypatch):

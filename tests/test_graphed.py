@@ -69,9 +69,9 @@ def test_a_graphed_run_trains_exactly_as_the_eager_one(eager, train):
 
 @pytest.mark.parametrize("first_run", ["--cuda-graphs", "--no-cuda-graphs"])
 def test_a_graphed_run_stopped_and_resumed_ends_as_the_uninterrupted_one(eager, train, first_run):
-    # The stop comes at the 8th check, after optimizer step 8 (one check a step on the CPU), the last
-    # batch of epoch 1, which a graphed run trains by replaying its first capture.
-    stopped = train("stopped", first_run, stop=StopAt(check=8))
+    # The stop comes at the 9th check (one before training, then one a step on the CPU), after optimizer
+    # step 8, the last batch of epoch 1, which a graphed run trains by replaying its first capture.
+    stopped = train("stopped", first_run, stop=StopAt(check=9))
     assert (stopped.progress.epoch, stopped.progress.batch) == (1, 8) and state_dirs(stopped.run.run_dir)
     resumed = train("stopped", "--cuda-graphs", "--resume", "auto")
     assert resumed.step.graphs.captures == 2 and resumed.progress == eager.progress

@@ -51,11 +51,16 @@ def test_save_schedule_is_due_after_its_minutes_and_restarts_on_a_save():
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
-def test_each_stop_signal_is_noted_and_agreed(preemption, cpu_accelerator, sig):
+def test_each_stop_signal_is_noted_agreed_and_told_at_once(preemption, cpu_accelerator, sig, capfd):
     assert preemption.check(cpu_accelerator) == (False, False)
     os.kill(os.getpid(), sig)
     assert preemption.received == signal.Signals(sig).name
     assert preemption.check(cpu_accelerator) == (True, False)
+    if sig != signal.SIGINT:  # (a second Ctrl-C has a test of its own)
+        os.kill(os.getpid(), sig)
+    told = capfd.readouterr().err.splitlines()
+    assert told == [f"monkeytrain: {signal.Signals(sig).name} received: the run saves its state and stops as soon "
+                    "as it can" + (" (Ctrl-C again stops at once, unsaved)." if sig == signal.SIGINT else ".")]
 
 
 def test_a_due_save_is_agreed_without_stopping(preemption, cpu_accelerator):

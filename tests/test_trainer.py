@@ -89,9 +89,9 @@ def test_optimizer_steps_are_counted_apart_from_batches(trainer_for, monkeypatch
 
 def test_a_stop_saves_the_step_it_was_agreed_at_and_says_so(trainer_for, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    # On the CPU the ranks compare stop flags after every optimizer step: epoch 1's 6 steps are checks
-    # 1-6, its end the 7th, and the 8th comes after batch 1 of epoch 2.
-    trainer = trainer_for("--epochs", "3", "--max-batches-per-epoch", "6", stop=NoStop(stop_at_check=8))
+    # On the CPU the ranks compare stop flags before training and after every optimizer step: epoch 1's
+    # 6 steps are checks 2-7, its end the 8th, and the 9th comes after batch 1 of epoch 2.
+    trainer = trainer_for("--epochs", "3", "--max-batches-per-epoch", "6", stop=NoStop(stop_at_check=9))
     assert trainer.fit() is True
     [saved] = state_dirs(trainer.run.run_dir)
     assert saved.name == f"step-{trainer.progress.step:08d}"
