@@ -416,9 +416,10 @@ def stopped_finishing(reason: str, received: str | None, setup: Setup) -> int:
 def stopped(reason: str, received: str | None) -> int:
     from monkeytrain.preemption import ask_for_requeue
 
-    if reason == "signal" and os.environ.get("SLURM_JOB_ID"):
-        # A stop inside a trial asks for a requeue from train.py; between trials tune does, so that the
-        # task comes back and goes on with the study.
+    if reason == "signal" and received == "SIGUSR1" and os.environ.get("SLURM_JOB_ID"):
+        # SLURM's warning before a time limit, as for a training run (preemption.requeue_or_exit); a stop
+        # inside a trial asks for a requeue from train.py, between trials tune does, so that the task
+        # comes back and goes on with the study. A SIGTERM (scancel) ends it.
         say(ask_for_requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
     return 0

@@ -407,3 +407,15 @@ def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
                                                      TrialState.RUNNING, TrialState.RUNNING]
     assert len(counted(study.get_trials())) == 3  # failed by a lost worker: not counted
     assert is_surplus(study, study.ask(), wanted=2) and not is_surplus(study, study.get_trials()[2], wanted=1)
+
+
+@pytest.mark.parametrize("received, requested", [("SIGUSR1", True), ("SIGTERM", False), ("SIGINT", False)])
+def test_a_worker_stopped_between_trials_asks_for_a_requeue_only_after_slurms_warning(tmp_path, monkeypatch,
+                                                                                    received, requested):
+    from monkeytrain.tune import stopped
+
+    request = tmp_path / "job.requeue"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("MONKEYTRAIN_REQUEUE_FILE", str(request))
+    assert stopped("signal", received) == 0
+    assert request.is_file() == requested  # scancel's SIGTERM ends the task for good
