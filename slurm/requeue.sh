@@ -17,17 +17,36 @@ warned_only() { [[ $stop_signals =~ ^( USR1)+$ ]]; }
 # continues that state's run, and refuses another name). Else the SLURM scripts name it slurm-<job id>,
 # the same after a requeue.
 flags_name_the_run() {
-    local flag previous=
+    local flag
+    for flag in "$@"; do
+        case $flag in --run-name|--run-name=*) return 0 ;; esac
+    done
+    [ -n "$(given_state "$@")" ]
+}
+
+# The state path given to --resume among train.py's flags (the last one, as argparse takes it), if any.
+given_state() {
+    local flag previous= state=
     for flag in "$@"; do
         case $flag in
-            --run-name|--run-name=*) return 0 ;;
-            --resume=auto) ;;
-            --resume=*) return 0 ;;
+            --resume=auto) state= ;;
+            --resume=*) state=${flag#--resume=} ;;
         esac
-        if [ "$previous" = --resume ] && [ "$flag" != auto ]; then return 0; fi
+        if [ "$previous" = --resume ]; then state=$flag; [ "$flag" != auto ] || state=; fi
         previous=$flag
     done
-    return 1
+    echo "$state"
+}
+
+# Sets `again` to the flags that continue, after a requeue, a run begun from a given state: from its
+# newest state, in its folder (the same flags again would start it over from the state they name).
+continue_given_state() {
+    again=()
+    local state run_dir
+    state=$(given_state "$@")
+    [ -n "$state" ] && [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || return 0
+    run_dir=$(dirname "$(dirname "$state")")  # RUN/state/step-N
+    again=(--resume auto --output-dir "$(dirname "$run_dir")" --run-name "$(basename "$run_dir")")
 }
 
 # Name this job's request file for the processes started from here, and remove one left by the

@@ -566,6 +566,15 @@ def test_train_sbatch_names_the_run_unless_the_flags_do(tmp_path, flags, named):
     assert train_flags[len(train_flags) - len(flags):] == flags  # the user's flags come last
 
 
+@pytest.mark.parametrize("flags", [["--resume", "my runs/X/state/step-00000010"],
+                                   ["--resume=my runs/X/state/step-00000010", "--epochs", "5"]])
+def test_a_requeued_job_that_began_from_a_given_state_goes_on_from_its_newest_one(tmp_path, flags):
+    _, args = launch_recorded(["bash", str(SLURM_DIR / "train.sbatch"), *flags], tmp_path, SLURM_JOB_ID="7",
+                              SLURM_RESTART_COUNT="1", MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1")
+    # the same flags again would go back to step 10; the last --resume is the one train.py takes
+    assert args[-6:] == ["--resume", "auto", "--output-dir", "my runs", "--run-name", "X"], args
+
+
 FOUR_GPUS = '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done\n'
 NO_DRIVER = '#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."\nexit 9\n'
 
