@@ -151,23 +151,35 @@ fi
 forward() {
     note_stop_signal "$1"
     echo "launch_node.sh: machine $MACHINE_RANK: forwarding SIG$1 to the training processes" >&2
-    pending=$1 delivered=" "
+    pending=$1 pending_since=$SECONDS delivered=" "
     deliver
 }
 stop() {
+    local again=$stopped_by
     stopped_by=$1
     forward "$1"
+    if [ -n "$again" ]; then  # a second TERM or Ctrl-C: to every training process at once
+        pending_since=$((SECONDS - HOLD_SECONDS))
+        deliver
+    fi
 }
 # A training process can take the signal once it catches SIGUSR1 (train.py's handlers, installed after
 # seconds of imports): before that SIGUSR1 would be ignored, SIGTERM would kill it unsaved, and early on
 # the launcher has not even started it. So the signal stays pending, and the loop below sends it to each
-# training process once that one catches SIGUSR1, until the launcher ends.
+# training process once that one catches SIGUSR1, until the launcher ends. A TERM or INT is held back
+# HOLD_SECONDS at most (or not at all when it comes twice): a process that never gets that far (waiting
+# for its peers, say) has trained nothing, and must still be stoppable.
+HOLD_SECONDS=30
 deliver() {
     local pid
     [ -n "$pending" ] && [ -n "$launcher" ] || return 0
+    local held=1
+    if [ "$pending" != USR1 ] && (( SECONDS - pending_since >= HOLD_SECONDS )); then held=0; fi
     for pid in $(pgrep -P "$launcher"); do
         [[ $delivered == *" $pid "* ]] && continue
-        if catches_usr1 "$pid" && kill -s "$pending" "$pid" 2>/dev/null; then delivered+="$pid "; fi
+        if { [ "$held" = 0 ] || catches_usr1 "$pid"; } && kill -s "$pending" "$pid" 2>/dev/null; then
+            delivered+="$pid "
+        fi
     done
 }
 catches_usr1() {
@@ -185,7 +197,7 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MONKEYTRAIN_REQUEUE_FILE:-}" ]; then
     requeues_here=1
 fi
 # The traps and the pid file come before the launch, so that a signal sent at once is kept.
-launcher= pending= delivered=" " stopped_by=
+launcher= pending= pending_since=0 delivered=" " stopped_by=
 trap 'forward USR1' USR1
 trap 'stop TERM' TERM
 trap 'stop INT' INT

@@ -505,6 +505,31 @@ def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process
     assert json.loads((out / "rank0.json").read_text())["signals"] == [sig.name.removeprefix("SIG")], stderr
 
 
+def test_a_second_term_stops_a_launch_whose_training_process_never_takes_signals(tmp_path):
+    """A training process stuck before its handlers (waiting for its peers, say) has trained nothing: a
+    held SIGTERM must not make it unstoppable; the second one goes to it at once."""
+    out = tmp_path / "stub"
+    out.mkdir()
+    env = job_environment(MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1", MAIN_PORT=str(free_port()),
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(out), STUB_DELAY="300",
+                          MONKEYTRAIN_PID_FILE=str(tmp_path / "node.pid"))
+    node = subprocess.Popen([str(SLURM_DIR / "launch_node.sh")], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "node.pid").exists():
+            assert node.poll() is None and time.monotonic() < deadline, node.stderr.read()
+            time.sleep(0.05)
+        node.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        node.send_signal(signal.SIGTERM)
+        _, stderr = node.communicate(timeout=60)  # not the stub's 300 s
+    finally:
+        node.kill()
+    assert node.returncode == 1, stderr  # the launcher's: its training process was killed, unsaved
+    assert not (out / "rank0.json").exists()  # it never got as far as its handlers
+
+
 RECORDING_ACCELERATE = '#!/bin/sh\npwd > "$STUB_OUTPUT/cwd"\nprintf "%s\\n" "$@" > "$STUB_OUTPUT/args"\n'
 
 
