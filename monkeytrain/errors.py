@@ -48,8 +48,8 @@ def exits_cleanly_on_user_error(main: F) -> F:
             fail(f"{error.strerror or error}{where}; check that path and the disk it is on, then run again.",
                  USAGE_EXIT_CODE)
         except KeyboardInterrupt:
-            fail("interrupted (a training run continues from its last saved state with --resume auto).",
-                 INTERRUPTED_EXIT_CODE)
+            fail("interrupted (a training run continues from its last saved state with --resume auto and its "
+                 "--run-name).", INTERRUPTED_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
 

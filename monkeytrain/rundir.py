@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import flag_name, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
+from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
+from monkeytrain.tracking import METRICS_NAME, RUN_ID_NAME
 
 RESULTS_NAME = "results.json"  # written last: a run directory that holds it is finished
 CONFIG_NAME = "config.yaml"
@@ -75,12 +78,26 @@ def continue_in_its_run(config, state_run: Path) -> None:
                         "there; leave out --run-name (and --output-dir) to continue that run.")
 
 
+def check_resumed_run(run_dir: Path, config, accelerator) -> None:
+    """A run asked to resume goes on with its own flags from its newest saved state; without one (stopped
+    before its first save) it starts over, saying so: its metrics.jsonl and W&B run id go, so that neither
+    holds the epochs of two runs (W&B drops a step logged below its last one)."""
+    if config.resume != "auto" or state_dirs(run_dir):
+        check_resumed_config(run_dir, config)
+    elif accelerator.is_main_process and (run_dir / METRICS_NAME).is_file():
+        print(f"monkeytrain: warning: {run_dir} has no saved state to resume from (stopped before its first "
+              "save): training starts over from epoch 1, replacing its metrics.jsonl and best.safetensors.",
+              file=sys.stderr, flush=True)
+        for name in (METRICS_NAME, RUN_ID_NAME):
+            (run_dir / name).unlink(missing_ok=True)
+
+
 def check_resumed_config(run_dir: Path, config) -> None:
     """A run that resumes from a state goes on with the flags it began with (its config.yaml), checked
     before that file is written again: a changed model or data set would fail on loading, a changed batch
     size or epoch count would bend the learning-rate schedule, silently."""
     saved = run_dir / CONFIG_NAME
-    if not config.resume or not saved.is_file():  # also without a state: what the run logged stays its own
+    if not config.resume or not saved.is_file():
         return
     try:
         began = yaml.safe_load(saved.read_text()) or {}

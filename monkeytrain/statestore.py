@@ -101,7 +101,8 @@ class StateStore:
             return self._load(path)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError) as error:  # the model's weights: safetensors raises its own type
-            raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}); move it away and "
+            missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
+            raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
                             "--resume auto takes the newest one left, or start a new run.") from None
 
     def _load(self, path: Path) -> tuple[dict, dict]:

@@ -92,8 +92,9 @@ def write_atomically(path: Path, write: Payload, durable: bool = True, *, flag: 
     `write` is the file's bytes, or a function that writes them to an open binary file.
     `durable` fsyncs the file and the folder, so the new file survives a power cut
     (caches can skip that). On a full disk this raises `DiskFull`, whose message
-    names `flag` as the way out; any other error is re-raised. Either way the
-    temporary file is gone and the previous `path`, if any, is untouched.
+    names `flag` as the way out; on another OSError (read-only, no permission, an
+    I/O error) `WriteFailed`, both UserErrors; any other error is re-raised. Either
+    way the temporary file is gone and the previous `path`, if any, is untouched.
     """
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -25,6 +25,7 @@ from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
 from monkeytrain.storage import WriteFailed, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
+METRICS_NAME = "metrics.jsonl"
 DEFAULT_PROJECT = "monkeytrain"
 # WANDB_MODE values with which wandb.init needs no account and never logs in.
 NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
@@ -38,7 +39,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS_NAME
 
     def info(self, message: str) -> None:
         print(message, flush=True)
@@ -52,14 +53,6 @@ class RunLog:
         path = self.run_dir / name
         write_atomically(path, text.encode())
         return path
-
-    def start_over(self) -> None:
-        """A run asked to resume that has no saved state trains again from epoch 1: its metrics.jsonl
-        begins anew rather than holding two runs' epochs (and best.safetensors follows its first epoch)."""
-        if self.metrics_path.is_file():
-            self.warn(f"{self.run_dir} has no saved state to resume from (stopped before its first save): "
-                      "training starts over from epoch 1, replacing its metrics.jsonl and best.safetensors.")
-            self.metrics_path.unlink()
 
     def epoch(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -92,9 +85,6 @@ class SilentLog(RunLog):
         pass
 
     def write_file(self, name: str, text: str) -> None:
-        pass
-
-    def start_over(self) -> None:
         pass
 
     def epoch(self, metrics: dict) -> None:

@@ -32,7 +32,7 @@ from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit
 from monkeytrain.results import score
-from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_config, prepare_run_dir, remove_if_empty
+from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, prepare_run_dir, remove_if_empty
 from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -58,7 +58,7 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     if config.resume and config.resume != "auto":
         given_state(config.resume)  # and a wrong --resume path neither
     run_dir = prepare_run_dir(config, accelerator)
-    check_resumed_config(run_dir, config)  # before config.yaml is written again
+    check_resumed_run(run_dir, config, accelerator)  # before config.yaml is written again, and W&B started
     log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
                        config.log_checkpoint)
     run = RunContext(config, accelerator, run_dir, log, phases)

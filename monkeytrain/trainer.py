@@ -34,7 +34,7 @@ from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_u
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
-from monkeytrain.preemption import Preemption, stop_check_interval
+from monkeytrain.preemption import Preemption, resume_flags, stop_check_interval
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
@@ -134,8 +134,6 @@ class Trainer:
     def resume(self) -> None:
         found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
         if found is None:
-            if self.config.resume:
-                self.run.log.start_over()
             return
         mine, main = self.store.load(found)
         self.progress = Progress.from_saved(mine)
@@ -170,7 +168,8 @@ class Trainer:
             if self.accelerator.num_processes > 1:
                 raise
             self.save_state()  # the loader fails between steps: the last step's state is whole
-            raise UserError(f"{gone} The training state is saved: --resume auto continues the run.") from None
+            raise UserError(f"{gone} The training state is saved: the same command with "
+                            f"{resume_flags(self.run.run_dir)} continues the run.") from None
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""

@@ -154,8 +154,8 @@ def test_an_image_gone_while_streaming_is_one_line_and_the_state_is_saved(capsys
     [error] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert error.startswith(f"monkeytrain: error: {folder}/n1_0") and error.endswith(
         ".png can no longer be read as an image (No such file or directory): it changed or went away after the data "
-        "was scanned; put it back, or run again to scan the data anew. The training state is saved: --resume auto "
-        "continues the run.")
+        "was scanned; put it back, or run again to scan the data anew. The training state is saved: the same command "
+        "with --resume auto --run-name streamed continues the run.")
     [state] = state_dirs(Path("runs") / "streamed")  # complete, at the end of epoch 1
     assert torch.load(state / "progress-rank0.pt", weights_only=False)["progress"]["epoch"] == 2
 
@@ -206,7 +206,8 @@ def test_an_interrupt_that_reaches_the_entry_point_is_one_line_and_status_130(ca
         interrupted()
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
-        "monkeytrain: error: interrupted (a training run continues from its last saved state with --resume auto)."]
+        "monkeytrain: error: interrupted (a training run continues from its last saved state with --resume auto "
+        "and its --run-name)."]
 
 
 def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):
