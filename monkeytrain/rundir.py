@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.config import flag_name, with_absolute_paths
+from monkeytrain.config import flag_name, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import state_dirs
@@ -65,7 +64,7 @@ def new_run_name(output_dir: Path) -> str:
         except FileExistsError:
             continue
         except OSError:
-            return name
+            pass  # for the writable check to report
         return name
 
 
@@ -85,9 +84,8 @@ def check_resumed_run(run_dir: Path, config, accelerator) -> None:
     if config.resume != "auto" or state_dirs(run_dir):
         check_resumed_config(run_dir, config)
     elif accelerator.is_main_process and (run_dir / METRICS_NAME).is_file():
-        print(f"monkeytrain: warning: {run_dir} has no saved state to resume from (stopped before its first "
-              "save): training starts over from epoch 1, replacing its metrics.jsonl and best.safetensors.",
-              file=sys.stderr, flush=True)
+        warn(f"{run_dir} has no saved state to resume from (stopped before its first save): training starts "
+             "over from epoch 1, replacing its metrics.jsonl and best.safetensors.")
         for name in (METRICS_NAME, RUN_ID_NAME):
             (run_dir / name).unlink(missing_ok=True)
 
