@@ -42,7 +42,13 @@ class Entry:
 def cache_folder(chosen: str | os.PathLike | None = None) -> Path:
     """--cache-dir when given, else $MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain. A leading ~ is the home
     folder (a shell expands it only where a word starts: not in --cache-dir=~/x, nor in a quoted value)."""
+    if chosen == "":  # what `--cache-dir "$DIR"` passes with DIR unset: not a wish for the default
+        raise UserError("--cache-dir is empty (an unset shell variable?); give a folder, or leave the flag out "
+                        "for the default.")
     chosen = chosen or os.environ.get("MONKEYTRAIN_CACHE")
+    if chosen == "":
+        raise UserError("MONKEYTRAIN_CACHE is set but empty; set it to a folder, or unset it for the default "
+                        "(~/.cache/monkeytrain).")
     try:
         return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "monkeytrain"
     except RuntimeError:  # ~someone unknown, or no $HOME and no passwd entry (a container's odd user id)

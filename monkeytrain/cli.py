@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="what the cache folder holds (stored views, statistics, ...); "
                                               "--clear deletes it")
-    cache.add_argument("--cache-dir", type=Path, help="the cache folder (default: as for training, "
-                                                      "$MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain)")
+    cache.add_argument("--cache-dir", help="the cache folder (default: as for training, "
+                                           "$MONKEYTRAIN_CACHE, else ~/.cache/monkeytrain)")
     cache.add_argument("--unused-days", type=float, metavar="DAYS",
                        help="only what no run has used for DAYS days (default: everything)")
     cache.add_argument("--clear", action="store_true",

@@ -255,7 +255,7 @@ def flag_name(field_name: str) -> str:
 
 PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")  # flags that name a file or folder
 # Paths that, when given, replace a default (a folder, the synthetic set, training from scratch)
-GIVEN_PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir", "pretrained")
+GIVEN_PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir", "pretrained", "output_dir")
 
 
 def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -437,10 +437,12 @@ def check_data_flags(config: TrainConfig) -> None:
 
 def check_no_empty_path(config: TrainConfig) -> None:
     """A path flag given as "" is refused: it is what `--data "$DATA"` passes when DATA is unset, and
-    taking it as "not given" would train on the default folder or the synthetic set instead."""
-    for name in GIVEN_PATH_FIELDS:
+    taking it as "not given" would train on the default folder or the synthetic set instead (an empty
+    --output-dir: write runs into the current folder; an empty --run-name: start a new run, not resume one)."""
+    for name in (*GIVEN_PATH_FIELDS, "run_name"):
         if getattr(config, name) == "":
-            raise UserError(f"--{flag_name(name)} is empty (an unset shell variable?); give a path, or leave "
+            what = "a name" if name == "run_name" else "a path"
+            raise UserError(f"--{flag_name(name)} is empty (an unset shell variable?); give {what}, or leave "
                             "the flag (or config key) out for its default.")
 
 

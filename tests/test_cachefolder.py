@@ -136,6 +136,7 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "is a file" in error_of(cli.main, ["cache", "--cache-dir", str(tmp_path / "a-file")], capsys)
     assert "cannot find the home folder of ~no-such-user-here/x; give --cache-dir" in error_of(
         cli.main, ["cache", "--cache-dir", "~no-such-user-here/x"], capsys)
+    assert "--cache-dir is empty" in error_of(cli.main, ["cache", "--cache-dir", ""], capsys)  # not the cwd
 
 
 def test_an_entry_that_cannot_be_deleted_is_one_line_naming_it(cache, capsys, monkeypatch):

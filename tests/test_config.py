@@ -216,7 +216,8 @@ def test_data_and_explicit_dirs_together_are_rejected():
 
 
 @pytest.mark.parametrize("flags", [["--data", ""], ["--train-dir", "", "--val-dir", "v"], ["--val-dir", ""],
-                                   ["--test-dir", ""], ["--pretrained", ""]])
+                                   ["--test-dir", ""], ["--pretrained", ""], ["--output-dir", ""],
+                                   ["--run-name", ""]])
 def test_an_empty_path_is_refused_not_taken_for_the_default(flags):
     """`--data "$DATA"` with DATA unset: training on the default folder or the synthetic set would be silent."""
     with pytest.raises(UserError, match=f"^{flags[0]} is empty"):

@@ -324,6 +324,16 @@ def test_an_empty_monkeytrain_data_is_refused_where_it_would_be_read(tmp_path, m
     assert user_data_root(parse_config(["--train-dir", "t", "--val-dir", "v"])) is None
 
 
+
+def test_an_empty_cache_folder_is_refused_not_taken_for_the_default(monkeypatch):
+    """An unset shell variable behind --cache-dir or MONKEYTRAIN_CACHE: "" would have meant the default."""
+    monkeypatch.setenv("MONKEYTRAIN_CACHE", "")
+    with pytest.raises(UserError, match="^MONKEYTRAIN_CACHE is set but empty"):
+        cache_folder(None)
+    assert cache_folder("c") == Path("c")  # the flag wins: the variable is not read
+    with pytest.raises(UserError, match="^--cache-dir is empty"):
+        cache_folder("")
+
 def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
         tmp_path, make_image_folder, cpu_accelerator):
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
