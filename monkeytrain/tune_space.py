@@ -98,11 +98,6 @@ def check_values(name: str, values: tuple, where: str, base: TrainConfig | None 
     """Each value (a range's ends, every choice) must pass train.py's own checks, set in `base` (default:
     the defaults)."""
     for value in (v for v in values if v is not None):
-        if name == "model":
-            import timm  # here: only a space that searches models pays for the import
-
-            if not timm.is_model(value):
-                raise UserError(f"{where} names '{value}', which is not a timm model; see timm.list_models().")
         try:
             validate(dataclasses.replace(base or TrainConfig(), **{name: value}))
         except UserError as error:  # the check that failed, without train.py's advice about flags
