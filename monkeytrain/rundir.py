@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
+import os
+import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -18,6 +23,7 @@ from monkeytrain.tracking import METRICS_NAME, RUN_ID_NAME
 
 RESULTS_NAME = "results.json"  # written last: a run directory that holds it is finished
 CONFIG_NAME = "config.yaml"
+LOCK_NAME = ".in-use"  # held by the run that trains in the folder; see claimed()
 # What a resumed run may change: where and how it runs, saves, logs and evaluates. Any other flag (the
 # model, the data, the batch size, the epochs that the schedule spans, ...) would not continue the run.
 MAY_CHANGE_ON_RESUME = {"num_workers", "cache_dir", "data_pipeline", "recipe", "pretrained", "mixed_precision",
@@ -109,8 +115,57 @@ def check_resumed_config(run_dir: Path, config) -> None:
                             f"({saved}); a resumed run goes on with its own flags: drop it, or start a new run.")
 
 
+@contextlib.contextmanager
+def claimed(run_dir: Path, accelerator) -> Iterator[None]:
+    """Hold the run directory while the run uses it; after, remove it if nothing was written in it (a run
+    stopped by bad input). Another run given the same --run-name meanwhile (a command started twice, jobs
+    of an array given one name) would mix its metrics, states and checkpoint with this one's: it ends with
+    one line instead. The main process holds an flock, which the system lets go should it be killed."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_file(run_dir / LOCK_NAME)
+        except UserError as error:
+            problem = str(error)
+    problem = broadcast_from_main(problem)  # every rank stops, as in prepare_run_dir
+    if problem:
+        raise UserError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                (run_dir / LOCK_NAME).unlink()  # while still locked: see lock_file's check
+            os.close(lock)
+        if accelerator.is_main_process:
+            remove_if_empty(run_dir)
+
+
+def lock_file(path: Path) -> int | None:
+    """An open file descriptor that holds an exclusive flock on `path`, naming this process in it; None
+    where the file system has no locks (some network ones): the run goes unguarded, as it used to."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{path.parent} is in use by a run that is still going ({holder}); wait for it to "
+                            "end, or pick another --run-name.") from None
+        except OSError:
+            os.close(fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # not a file its last holder had just removed
+                os.ftruncate(fd, 0)
+                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+                return fd
+        os.close(fd)
+
+
 def remove_if_empty(run_dir: Path) -> None:
-    """The run directory goes if nothing was written in it (a run stopped by bad input)."""
+    """The run directory goes if nothing was written in it."""
     try:
         run_dir.rmdir()
     except OSError:  # it holds a run's files (or is gone already)

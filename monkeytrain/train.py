@@ -32,7 +32,7 @@ from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit
 from monkeytrain.results import score
-from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, prepare_run_dir, remove_if_empty
+from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir
 from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -58,17 +58,16 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     if config.resume and config.resume != "auto":
         given_state(config.resume)  # and a wrong --resume path neither
     run_dir = prepare_run_dir(config, accelerator)
-    check_resumed_run(run_dir, config, accelerator)  # before config.yaml is written again, and W&B started
-    log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
-                       config.log_checkpoint)
-    run = RunContext(config, accelerator, run_dir, log, phases)
-    phases.add("start_up", start_up_seconds(phases))
-    try:
-        return train_and_report(run, cache_dir, stop, on_epoch)
-    finally:
-        log.close()
-        if accelerator.is_main_process:
-            remove_if_empty(run_dir)  # bad data, found before anything was written: no empty folder left
+    with claimed(run_dir, accelerator):  # no other run in it meanwhile; removed after if left empty (bad data)
+        check_resumed_run(run_dir, config, accelerator)  # before config.yaml is written again, and W&B started
+        log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
+                           config.log_checkpoint)
+        run = RunContext(config, accelerator, run_dir, log, phases)
+        phases.add("start_up", start_up_seconds(phases))
+        try:
+            return train_and_report(run, cache_dir, stop, on_epoch)
+        finally:
+            log.close()
 
 
 def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoch: Callable | None) -> dict:

@@ -197,6 +197,33 @@ def test_runs_started_in_the_same_second_each_get_a_folder_of_their_own(tmp_path
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == names  # each claimed by making it
 
 
+
+def test_a_run_folder_another_run_is_using_is_refused_and_left_as_it_is(capsys, data):
+    """The same --run-name started twice: the second run would mix its metrics and states into the first's."""
+    from monkeytrain import rundir
+
+    busy = Path("runs") / "busy"
+    busy.mkdir(parents=True)
+    (busy / "metrics.jsonl").write_text("{}\n")  # the first run's, stopped before its first save
+    holder = rundir.lock_file(busy / rundir.LOCK_NAME)  # as that run, still going, holds it
+    argv = ["--data", str(data), *SMALL, "--run-name", "busy", "--resume", "auto"]
+    message = error_of(train.main, argv, capsys)
+    assert f"{busy} is in use by a run that is still going (process {os.getpid()} on " in message
+    assert (busy / "metrics.jsonl").read_text() == "{}\n"  # not started over under the running one
+    os.close(holder)  # it ended: the folder is free
+    train.main(argv)
+    assert (busy / rundir.RESULTS_NAME).is_file() and not (busy / rundir.LOCK_NAME).exists()
+
+
+def test_a_file_system_without_locks_leaves_the_run_unguarded(tmp_path, monkeypatch):
+    from monkeytrain import rundir
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    assert rundir.lock_file(tmp_path / rundir.LOCK_NAME) is None
+
 def test_an_interrupt_that_reaches_the_entry_point_is_one_line_and_status_130(capsys):
     @exits_cleanly_on_user_error
     def interrupted():
