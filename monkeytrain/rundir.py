@@ -145,7 +145,10 @@ def lock_file(path: Path) -> int | None:
     """An open file descriptor that holds an exclusive flock on `path`, naming this process in it; None
     where the file system has no locks (some network ones): the run goes unguarded, as it used to."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None  # the folder just passed the writable check: a file system that refuses this file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,8 +161,9 @@ def lock_file(path: Path) -> int | None:
             return None
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):  # not a file its last holder had just removed
-                os.ftruncate(fd, 0)
-                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+                with contextlib.suppress(OSError):  # who holds it, for the message: a full disk goes without
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
                 return fd
         os.close(fd)
 
