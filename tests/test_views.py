@@ -114,6 +114,15 @@ def test_another_image_size_or_file_list_gets_its_own_cache_file(files, tmp_path
     assert len(cache_files(cache)) == 4
 
 
+def test_cached_views_take_the_labels_of_the_files_now_not_of_the_run_that_cached_them(files, tmp_path, monkeypatch):
+    """The same files, renumbered: a class was added in front of theirs elsewhere in the data set."""
+    cache = tmp_path / "cache"
+    cached_views(files, IMAGE, cache)
+    refuse_to_decode(monkeypatch)
+    renumbered = [dataclasses.replace(f, label=f.label + 1) for f in files]
+    images, labels = cached_views(renumbered, IMAGE, cache)
+    assert labels.tolist() == [f.label + 1 for f in files] and len(images) == len(files)
+
 @pytest.mark.parametrize("damage", ["truncated", "wrong keys"])
 def test_a_damaged_cache_file_is_rebuilt(files, tmp_path, damage):
     cache = tmp_path / "cache"

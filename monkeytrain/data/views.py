@@ -76,18 +76,20 @@ def cached_views(files: list[ImageFile], image_size: int, cache_dir: Path) -> tu
     """Stored views of `files`, from the cache file when there is one, else decoded and cached.
 
     Call it on one process per node first (others then find the file). When the
-    cache cannot be written, the views are still returned, after one warning.
+    cache cannot be written, the views are still returned, after one warning. Only the
+    images are cached; the labels come from `files`: the key covers paths and contents,
+    and a class added or renamed elsewhere in the data set renumbers the same files.
     """
     path = cache_dir / "views" / f"{views_cache_key(files, image_size)}.pt"
     if path.is_file():
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if len(saved["images"]) == len(saved["labels"]) == len(files):
+            images = torch.load(path, map_location="cpu", weights_only=True)["images"]
+            if len(images) == len(files):
                 mark_used(path)
-                return saved["images"], saved["labels"]
+                return images, torch.tensor([f.label for f in files], dtype=torch.int64)
         except Exception:  # torch.load raises many types for damaged files; rebuild below
             pass
     images, labels = decode_views(files, image_size)
     # a full disk only costs the next run a decode: write_cache warns and we go on
-    write_cache(path, lambda handle: torch.save({"images": images, "labels": labels}, handle))
+    write_cache(path, lambda handle: torch.save({"images": images}, handle))
     return images, labels
