@@ -197,7 +197,8 @@ class Trainer:
         self.learner.averager.model.eval()
         validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.eval_views.prepare,
                              self.accelerator, self.data.num_classes)
-        improved = self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on every rank
+        finite = math.isfinite(validated.loss)  # else a broken model, never to be chosen (see diverged)
+        improved = finite and self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on all
         if improved:
             self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
         # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
@@ -212,7 +213,17 @@ class Trainer:
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
+        if not finite:
+            raise UserError(self.diverged(epoch, trained.loss, validated.loss))
         return validated.accuracy
+
+    def diverged(self, epoch: int, train_loss: float, val_loss: float) -> str:
+        """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)
+        hold them, and no later epoch trains its way back; the best checkpoint so far stays."""
+        config, best = self.config, self.progress.best
+        kept = f"; the best checkpoint so far (epoch {best.epoch}) is kept" if best.epoch > 0 else ""
+        return (f"training diverged in epoch {epoch} (training loss {train_loss:.4g}, validation loss "
+                f"{val_loss:.4g}){kept}; start a new run with a lower --lr (now {config.lr:g}) or --clip-grad-norm 1.")
 
     def save_state(self) -> Path:
         saved = self.store.save(

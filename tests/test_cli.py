@@ -285,6 +285,13 @@ def test_a_flag_the_model_or_the_data_refuses_leaves_no_run_folder(capsys, data,
     assert list(Path("runs").glob("*")) == []  # none at all for --model, refused with the flags
 
 
+def test_a_run_whose_model_diverges_ends_in_one_line_and_never_chooses_the_broken_epoch(capsys, data):
+    message = error_of(train.main, ["--data", str(data), *SMALL, "--lr", "1e30", "--run-name", "nan"], capsys)
+    assert "training diverged in epoch 1 (training loss " in message
+    assert "validation loss nan); start a new run with a lower --lr (now 1e+30)" in message
+    (epoch,) = [json.loads(line) for line in (Path("runs") / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["is_best"] is False and not (Path("runs") / "nan" / "best.safetensors").exists()
+
 def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, data):
     bad = data / "training" / "training" / "n1" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -127,7 +127,7 @@ def test_stats_of_non_square_images_use_the_centre_crop(tmp_path, cpu_accelerato
     Image.fromarray(pixels).save(path)
     stats = compute([ImageFile(path, 0, "x")], 16, cpu_accelerator, tmp_path)
     assert stats.mean[0] == pytest.approx(1.0) and stats.mean[2] == pytest.approx(0.0)
-    assert stats.std == pytest.approx([0.0, 0.0, 0.0])
+    assert stats.std == pytest.approx([1.0, 1.0, 1.0])  # no spread in the crop: each channel left unscaled
 
 
 def test_stats_count_only_the_centre_crop_of_each_view(tmp_path, cpu_accelerator):
@@ -137,7 +137,7 @@ def test_stats_count_only_the_centre_crop_of_each_view(tmp_path, cpu_accelerator
     views[1, 0, 1:17, 1:17] = 51  # second view: red 0.2 inside
     stats, _ = channel_stats([], [(views, torch.zeros(2))], 16, tmp_path / "c", cpu_accelerator)
     np.testing.assert_allclose(stats.mean, [0.1, 0.0, 0.0], atol=1e-12)
-    np.testing.assert_allclose(stats.std, [0.1, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(stats.std, [0.1, 1.0, 1.0], atol=1e-12)  # 1: no spread, left unscaled
 
 
 def test_stats_from_sums_is_the_population_formula():
@@ -146,6 +146,15 @@ def test_stats_from_sums_is_the_population_formula():
     stats = stats_from_sums(totals)
     np.testing.assert_allclose(stats.mean, values.mean(axis=0) / 255, atol=1e-15)
     np.testing.assert_allclose(stats.std, values.std(axis=0) / 255, atol=1e-15)
+
+
+def test_a_channel_that_never_varies_is_left_unscaled_not_divided_by_zero():
+    """Two-colour images saved as RGB: blue is always 0 (a std of 0 made every input and loss NaN)."""
+    values = np.array([[0, 10, 0], [4, 20, 0], [8, 60, 0.5]], dtype=np.float64)  # blue: under one grey level
+    totals = torch.tensor([3, *values.sum(axis=0), *(values ** 2).sum(axis=0)], dtype=torch.float64)
+    stats = stats_from_sums(totals)
+    np.testing.assert_allclose(stats.std[:2], values.std(axis=0)[:2] / 255, atol=1e-15)
+    assert stats.std[2] == 1.0
 
 
 def test_second_call_comes_from_the_cache_without_reading_pixels(files, tmp_path, cpu_accelerator):

@@ -22,7 +22,7 @@ from monkeytrain.data.views import centre_crop
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
 from monkeytrain.storage import mark_used, write_cache
 
-STATS_VERSION = 2
+STATS_VERSION = 3  # 3: a constant channel gets std 1, not 0
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,11 @@ def stats_from_sums(totals: torch.Tensor) -> ChannelStats:
     """Mean and (population) std in 0..1 units from summed pixel totals."""
     count, sums, squares = totals[0], totals[1:4], totals[4:7]
     mean = sums / count
-    variance = (squares / count - mean * mean).clamp_min(0)
-    return ChannelStats((mean / 255).tolist(), (variance.sqrt() / 255).tolist())
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    # A channel that (nearly) never varies, such as the blue of two-colour microscopy saved as RGB, would be
+    # divided by 0 (NaN inputs, NaN losses): it is left unscaled instead, as it carries no information.
+    std = torch.where(std < 1, torch.full_like(std, 255), std)
+    return ChannelStats((mean / 255).tolist(), (std / 255).tolist())
 
 
 def cache_key(files: list[ImageFile], image_size: int) -> str:
