@@ -28,7 +28,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.engine import BatchStep, Learner, TrainStats, evaluate, train_one_epoch
+from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
@@ -38,6 +38,10 @@ from monkeytrain.preemption import Preemption, resume_flags, stop_check_interval
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
+
+
+class Diverged(UserError):
+    """The validated model gives NaN or infinite losses: one line for train.py, one failed trial for tune."""
 
 
 @dataclass
@@ -121,8 +125,10 @@ class Trainer:
                 return True
             self.progress.epoch, self.progress.batch = epoch + 1, 0
             with phases.timing("validation"):
-                accuracy = self.validate(epoch, trained)
-            self.on_epoch(epoch, accuracy)
+                validated = self.validate(epoch, trained)
+            self.on_epoch(epoch, validated.accuracy)  # first: a tune pruner may end a diverged trial as pruned
+            if not math.isfinite(validated.loss):
+                raise Diverged(self.diverged(epoch, trained.loss, validated.loss))
             report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
             stopping, save_due = self.stop.check(self.accelerator)
             if stopping or save_due:
@@ -192,8 +198,8 @@ class Trainer:
             self.save_state()
         return stopping
 
-    def validate(self, epoch: int, trained: TrainStats) -> float:
-        """Score the validation split, save the checkpoint if it improved, log the epoch; the accuracy."""
+    def validate(self, epoch: int, trained: TrainStats) -> EvalResult:
+        """Score the validation split, save the checkpoint if it improved, and log the epoch."""
         self.learner.averager.model.eval()
         validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.eval_views.prepare,
                              self.accelerator, self.data.num_classes)
@@ -213,9 +219,7 @@ class Trainer:
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
-        if not finite:
-            raise UserError(self.diverged(epoch, trained.loss, validated.loss))
-        return validated.accuracy
+        return validated
 
     def diverged(self, epoch: int, train_loss: float, val_loss: float) -> str:
         """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)

@@ -346,6 +346,7 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
     from optuna.trial import TrialState
 
     from monkeytrain.train import main as train_main
+    from monkeytrain.trainer import Diverged
 
     try:
         # The undecorated entry point: a UserError must reach tune (it stops the study, in one line)
@@ -353,6 +354,9 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
         results = train_main.__wrapped__(argv, on_epoch=pruning_hook(trial))
     except optuna.TrialPruned as pruned:
         return TrialEnd(TrialState.PRUNED, None, f"pruned: {pruned}")
+    except Diverged as diverged:  # these values break training: a failed trial, like any search's
+        trial.set_user_attr("error", str(diverged).split(";")[0][:300])
+        return TrialEnd(TrialState.FAIL, None, f"failed: {trial.user_attrs['error']}")
     except UserError:
         raise
     except Exception as error:  # this trial's own failure (out of memory, say): the study goes on

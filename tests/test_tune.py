@@ -2,9 +2,10 @@
 
 The studies train resnet10t at 32 px for two or three epochs of three batches on a tiny coloured-shapes
 set. Which trial is pruned is made certain, not left to chance: the test enqueues (Optuna's own
-enqueue_trial, on the study's storage) a trial with lr 1000, which diverges; its weights turn to NaN,
-every image is then predicted as class 0, which holds 2 of the 18 validation images, and `--pruner
-below:0.3` prunes it after its first epoch. lr 0.02-0.05 reaches 89-100% on this set.
+enqueue_trial, on the study's storage, outside the space's range: Optuna warns and runs it) a trial with
+lr 1000, which diverges; its weights turn to NaN, every image is then predicted as class 0, which holds 2
+of the 18 validation images, and `--pruner below:0.3` prunes it after its first epoch (without a pruner,
+the divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% on this set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from test_slurm import (RECORDING_SCONTROL, job_environment, job_state, read_log
 
 
 PROJECT = Path(__file__).resolve().parent.parent
-SPACE = {"lr": [0.05, 0.02, 1000.0], "weight-decay": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+SPACE = {"lr": {"low": 0.02, "high": 0.05, "log": True}, "weight-decay": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
          "label_smoothing": {"low": 0.0, "high": 0.2}}
 TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "6", "--num-workers", "0",
         "--report-to", "none", "--max-batches-per-epoch", "3", "--warmup-epochs", "0", "--ema-decay", "0",
@@ -110,6 +111,20 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     assert 0 <= best_run["test_accuracy"] <= 1 and best_run["test_images"] == 18
     assert yaml.safe_load((study_dir / "best_run" / "config.yaml").read_text())["lr"] == preset.lr
     assert "the study's one look at the test split" in out
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
+def test_a_trial_whose_training_diverges_fails_and_the_study_goes_on(study_inputs, tmp_path):
+    space, train_flags = study_inputs
+    study_dir = tmp_path / "study"
+    enqueue(study_dir, {"lr": 1000.0, "weight_decay": 1e-4, "label_smoothing": 0.1})
+    done = run_here(tune.main, ["--space", str(space), "--study-dir", str(study_dir), "--trials", "2",
+                                "--pruner", "none", *train_flags, "--epochs", "1"], PROJECT)
+    assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = read_trials(study_dir)
+    assert [t["state"] for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0]["note"].startswith("failed: training diverged in epoch 1 (training loss ")
+    assert (study_dir / "best_run" / "results.json").is_file()
 
 
 def test_a_stopped_study_loses_only_the_trial_in_flight_and_continues(study_inputs, tmp_path):
