@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 
 from monkeytrain.config import TrainConfig, config_yaml, parse_config
 from monkeytrain.data.dataset import usable_cache_dir
+from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import exits_cleanly_on_user_error
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[int, float], None] |
     try:
         return run(config, accelerator, on_epoch)
     finally:
+        end_live_workers()  # not left to the garbage collector (see there), which a worker's error would do
         accelerator.end_training()  # without it, gloo ranks can abort at exit
 
 

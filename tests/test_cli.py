@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import process_state_put_back, started_at_once
+from forked import exit_codes, printed, run_in, start
 from monkeytrain import cli, train
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.statestore import state_dirs
@@ -158,6 +160,28 @@ def test_an_image_gone_while_streaming_is_one_line_and_the_state_is_saved(capsys
         "with --resume auto --run-name streamed continues the run.")
     [state] = state_dirs(Path("runs") / "streamed")  # complete, at the end of epoch 1
     assert torch.load(state / "progress-rank0.pt", weights_only=False)["progress"]["epoch"] == 2
+
+
+def lose_an_image_while_streaming_with_workers(folder: Path, data: Path, environment: dict[str, str]) -> None:
+    """In a child process: the run above, its images read by two loader workers, then the garbage collector,
+    which a long-lived process (this session, `monkeytrain tune` between trials) runs at any moment."""
+    run_in(folder, "output.txt", environment)
+    images = data / "training" / "training" / "n1"
+    try:
+        train.main(["--data", str(data), *SMALL, "--epochs", "2", "--batch-size", "4", "--num-workers", "2",
+                    "--data-pipeline", "stream"], on_epoch=lambda *_: [image.unlink() for image in images.iterdir()])
+    except SystemExit as stopped:
+        assert stopped.code == 2
+    gc.collect()
+
+
+def test_an_image_gone_while_streaming_with_workers_leaves_none_behind(data, tmp_path):
+    """The worker's error reaches the main process as one that a reference cycle holds, and with it the run's
+    loaders: the garbage collector frees a loader's iterator after closing its queues, so that the iterator
+    cannot tell its workers to end, and SIGTERMs them, which they ignore. Unless the run ended them, the
+    process would wait for them forever at its exit."""
+    child = start(lose_an_image_while_streaming_with_workers, tmp_path, data, dict(os.environ))
+    assert exit_codes([child], seconds=60) == [0], printed(tmp_path / "output.txt")
 
 
 def test_an_image_gone_in_a_loader_worker_keeps_its_one_line():

@@ -38,11 +38,22 @@ def ending_workers_at_exit(loader: DataLoader) -> DataLoader:
     return loader
 
 
+def end_live_workers() -> None:
+    """End the workers of every loader of this process still alive, now: a run does as it ends, however it
+    ends. A worker's error leaves the run's loaders to the garbage collector (DataLoader raises it again from
+    a frame that holds it, a reference cycle), which closes an iterator's queues before the iterator ends
+    its workers: it cannot tell them to end then, and SIGTERMs them, which they ignore."""
+    pid, loaders = _live_loaders
+    if pid == os.getpid():
+        _end_workers_of_live_loaders(loaders)
+
+
 def _end_workers_of_live_loaders(loaders: "weakref.WeakSet[DataLoader]") -> None:
     for loader in list(loaders):
         iterator = loader._iterator  # persistent workers live in the loader's iterator
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()  # what DataLoader's own cleanup calls; it has no public one
+        loader._iterator = None  # a later pass starts new workers
 
 
 class ImageGone(UserError):
