@@ -44,8 +44,8 @@ class TrainConfig:
     # --- data ---
     data: Optional[str] = _option(
         None,
-        "Dataset root (Kaggle layout, flattened, train/ with val/, valid/ or test/, or one folder of "
-        "class subfolders). Default: "
+        "Dataset root (Kaggle layout, flattened, train/ or training/ with val/, valid/, validation/ and/or "
+        "test/, testing/, or one folder of class subfolders). Default: "
         "$MONKEYTRAIN_DATA, else data/10-monkey-species, else a generated synthetic set.",
     )
     train_dir: Optional[str] = _option(None, "Explicit training folder of class subfolders.")

@@ -105,6 +105,17 @@ def test_inspect_data_says_where_each_split_of_the_kaggle_layout_comes_from(caps
         "  test  from validation/validation"]
 
 
+def test_inspect_data_says_each_of_three_split_folders_is_used_under_its_usual_name(capsys, tmp_path,
+                                                                                     make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=2, size=8)
+    for name, new_name in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        (root / name).rename(root / new_name)
+    cli.main(["inspect-data", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{root}: layout train-val-test, 2 classes"
+    assert lines[4:7] == ["  train from training", "  val   from validation", "  test  from testing"]
+
+
 def test_inspect_data_takes_split_folders_one_by_one_as_train_py_does(capsys, data):
     train, test = data / "training" / "training", data / "validation" / "validation"
     cli.main(["inspect-data", "--train-dir", str(train), "--val-dir", str(test), "--test-dir", str(test)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from monkeytrain.data import layout
@@ -26,6 +28,59 @@ def test_every_layout_is_recognised(tmp_path, make_image_folder, name, train, se
     assert folders.test == (root / test if test else None)
     assert folders.layout == layout_name
     assert folders.labels_file == (root / "monkey_labels.txt" if has_labels else None)
+
+
+@pytest.mark.parametrize("made, renamed, roles, layout_name", [
+    # every name a split folder commonly has: each folder in the role its name says, none left unused
+    ("train-val-test", {"val": "validation"}, ("train", "validation", "test"), "train-val-test"),
+    ("train-val-test", {"train": "training", "val": "validation"}, ("training", "validation", "test"),
+     "train-val-test"),
+    ("train-val-test", {"test": "testing"}, ("train", "val", "testing"), "train-val-test"),
+    ("train-val-test", {"train": "Training", "val": "Valid", "test": "TESTING"}, ("Training", "Valid", "TESTING"),
+     "train-val-test"),
+    ("train-test", {"test": "testing"}, ("train", None, "testing"), "train-test"),
+    ("train-test", {"train": "training"}, ("training", None, "test"), "train-test"),
+    # a validation folder without a test folder is the test split, as val/ and Kaggle's validation/ are
+    ("train-val", {"val": "validation"}, ("train", None, "validation"), "train-val"),
+    ("train-val", {"train": "training", "val": "valid"}, ("training", None, "valid"), "train-val"),
+])
+def test_every_usual_name_of_a_split_folder_is_used(tmp_path, make_image_folder, made, renamed, roles, layout_name):
+    root = make_image_folder(tmp_path / "data", layout=made, classes=2, per_class=1)
+    for name, new_name in renamed.items():
+        (root / name).rename(root / new_name)
+    folders = layout.folders_from_root(root)
+    assert (folders.train, folders.selection, folders.test) == tuple(root / r if r else None for r in roles)
+    assert folders.layout == layout_name
+
+
+@pytest.mark.parametrize("made, copied, message", [
+    ("train-val-test", ("val", "validation"), r"2 folders for the val split \(val/, validation/\)"),
+    ("train-val", ("train", "training"), r"2 folders for the train split \(train/, training/\)"),
+    ("train-test", ("test", "Testing"), r"2 folders for the test split \(Testing/, test/\)"),
+    ("flattened", ("training", "train"), r"2 folders for the train split \(train/, training/\)"),
+])
+def test_two_folders_for_one_split_are_refused_naming_both(tmp_path, make_image_folder, made, copied, message):
+    root = make_image_folder(tmp_path / "data", layout=made, classes=2, per_class=1)
+    shutil.copytree(root / copied[0], root / copied[1])
+    with pytest.raises(UserError, match=message + ".* --train-dir, --val-dir and --test-dir"):
+        layout.folders_from_root(root)
+
+
+def test_a_folder_named_like_a_split_holding_images_beside_split_folders_is_refused(tmp_path, make_image_folder):
+    """val/ of loose images beside train/ and test/ of class folders: neither a class nor a split for sure."""
+    root = make_image_folder(tmp_path / "data", layout="train-test", classes=2, per_class=1)
+    make_image_folder(tmp_path / "loose", layout="image-folder", classes=1, per_class=2)
+    (tmp_path / "loose" / "n0").rename(root / "val")
+    with pytest.raises(UserError, match=r"data/val is named like a split but holds images of its own, beside the "
+                                        r"split folders test/, train/; move its images into class subfolders"):
+        layout.folders_from_root(root)
+
+
+def test_a_split_folder_with_a_stray_file_that_is_no_image_is_still_a_split(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
+    (root / "train" / "README.txt").write_text("class folders below")
+    (root / "val" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    assert layout.folders_from_root(root).layout == "train-val-test"
 
 
 def test_kaggle_nested_layout_wins_over_its_outer_folders(tmp_path, make_image_folder):
@@ -79,6 +134,15 @@ def test_a_class_named_like_a_split_is_a_class(tmp_path, make_image_folder):
         (root / old).rename(root / new)
     folders = layout.folders_from_root(root)
     assert folders.layout == "image-folder" and layout.class_folders(folders.train) == ["bus", "car", "train"]
+
+
+def test_classes_named_like_several_splits_are_classes(tmp_path, make_image_folder):
+    """bus/, train/ and test/ holding images are three classes, not a train/ + test/ layout."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=3, per_class=1)
+    for old, new in (("n0", "bus"), ("n1", "train"), ("n2", "test")):
+        (root / old).rename(root / new)
+    folders = layout.folders_from_root(root)
+    assert folders.layout == "image-folder" and layout.check_same_classes(folders) == ["bus", "test", "train"]
 
 
 def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_image_folder):

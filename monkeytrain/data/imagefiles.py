@@ -120,6 +120,19 @@ def decode_check(data: bytes) -> tuple[Optional[str], int]:
         return f"a damaged or truncated image ({error})", 0
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether Pillow recognises the header of the regular file at `path` (no full decode: enough to tell a
+    folder of images from a folder of folders, and cheap on a large one, which stops at its first image)."""
+    if not path.is_file():  # a pipe or device would block the read
+        return False
+    quiet_pillow_size_warning()
+    try:
+        with Image.open(path):
+            return True
+    except DECODE_ERRORS:  # not an image, or unreadable: either way no sign of a class folder
+        return False
+
+
 def candidate_files(folder: Path) -> list[Path]:
     """Every non-hidden regular file below `folder`, sorted for a stable order.
 

@@ -1,16 +1,21 @@
 """Where the splits of a dataset live on disk, and what its classes are called.
 
-Accepted layouts, tried in this order under a root folder (split folder names in any letter case:
-Train/ and TRAIN/ are train/ too):
+Accepted layouts under a root folder, each split folder under any of its names (train/ or training/;
+val/, valid/ or validation/; test/ or testing/), in any letter case (Train/ and TRAIN/ are train/ too):
 
-- Kaggle as downloaded: `training/training/<class>/`, `validation/validation/<class>/`
-- flattened Kaggle: `training/<class>/`, `validation/<class>/`
-- `train/` + `val/` or `valid/` (+ `test/`), or `train/` + `test/`
+- train + val + test: each folder used as its name says
+- train + test: validation held out of train
+- train + val: the val folder is the test split, validation held out of train; this is Kaggle's
+  flattened layout `training/<class>/` + `validation/<class>/`, and as downloaded
+  `training/training/<class>/` + `validation/validation/<class>/`
 - one folder of class subfolders (torchvision's ImageFolder): no split on
   disk, so the test split is held out of it too (`--test-fraction`)
 
 or explicit `--train-dir` with `--val-dir` and/or `--test-dir`. A split is a
-folder of class subfolders; class indices follow sorted folder names.
+folder of class subfolders; class indices follow sorted folder names. A folder
+named like a split that holds images of its own is a class. Two folders for one
+split, or such a class beside split folders, are refused: no folder named like a
+split is left unused.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
 DEFAULT_DATA_ROOT = Path("data/10-monkey-species")  # where training looks without --data, and download puts it
-# Folder names that say a root holds splits, not classes: a root with train/ alone, holding class
-# folders, is a mistake to report; a train/ folder of images beside bus/ and car/ is a class.
-SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+# The names each split's folder may have, in any letter case. They also say a root holds splits, not
+# classes: a root with train/ alone, holding class folders, is a mistake to report; a train/ folder of
+# images beside bus/ and car/ is a class.
+ROLE_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+SPLIT_NAMES = {name for names in ROLE_NAMES.values() for name in names}
 
 
 @dataclass(frozen=True)
@@ -54,34 +61,74 @@ def folders_from_root(root: Path) -> SplitFolders:
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist; check --data or $MONKEYTRAIN_DATA.")
     labels = root / LABELS_FILE if (root / LABELS_FILE).is_file() else None
-    training, validation = first_folder(root, "training"), first_folder(root, "validation")
-    if training and validation:
-        kaggle = (first_folder(training, "training"), first_folder(validation, "validation"))
-        if all(kaggle):
-            return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
-        return SplitFolders(training, None, validation, labels, "kaggle-flattened")
-    train, val, test = first_folder(root, "train"), first_folder(root, "val", "valid"), first_folder(root, "test")
-    if train and val:
-        if test:
-            return SplitFolders(train, val, test, labels, "train-val-test")
-        return SplitFolders(train, None, val, labels, "train-val")
-    if train and test:
-        return SplitFolders(train, None, test, labels, "train-test")
-    splits = [name for name in class_folders(root) if looks_like_a_split(root / name)]
-    if class_folders(root) and not splits:
+    splits = split_folders(root)
+    if splits:
+        return layout_of_splits(root, splits, labels)
+    if class_folders(root):
         return SplitFolders(root, None, None, labels, "image-folder")
-    found = f" (split folders {', '.join(f'{name}/' for name in splits)}, not a layout)" if splits else ""
-    raise UserError(
-        f"no dataset layout found in {root}{found}; expected training/training/<class>/ and "
-        "validation/validation/<class>/ (Kaggle), training/ and validation/, train/ with val/, valid/ "
-        "or test/, or one folder of class subfolders."
+    raise no_layout_error(root, [])
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders under `root` by role (train, val, test). A folder named like a split that holds
+    images is a class; mixed with split folders, or two folders for one role, it is refused: a folder the
+    run would not use must never be passed over silently."""
+    named = [root / name for name in class_folders(root) if name.lower() in SPLIT_NAMES]
+    classes = [folder for folder in named if holds_images(folder)]
+    splits = [folder for folder in named if folder not in classes]
+    if classes and splits:
+        raise UserError(
+            f"{classes[0]} is named like a split but holds images of its own, beside the split folders "
+            f"{listed(splits)}; move its images into class subfolders if it is a split, or rename it if it is "
+            "a class (or name the splits with --train-dir, --val-dir and --test-dir).")
+    by_role = {}
+    for role, names in ROLE_NAMES.items():
+        found = [folder for folder in splits if folder.name.lower() in names]
+        if len(found) > 1:
+            raise UserError(f"{root} has {len(found)} folders for the {role} split ({listed(found)}); "
+                            "merge or remove one, or name the splits with --train-dir, --val-dir and --test-dir.")
+        if found:
+            by_role[role] = found[0]
+    return by_role
+
+
+def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]) -> SplitFolders:
+    """Roles from the split folders present: with a test folder, a validation folder picks the best epoch;
+    without one, it is the test split (as Kaggle's validation/ is) and selection is held out of training."""
+    train, val, test = splits.get("train"), splits.get("val"), splits.get("test")
+    if train is None or not (val or test):
+        raise no_layout_error(root, list(splits.values()))
+    if val and test:
+        return SplitFolders(train, val, test, labels, "train-val-test")
+    if test:
+        return SplitFolders(train, None, test, labels, "train-test")
+    if (train.name.lower(), val.name.lower()) != ("training", "validation"):
+        return SplitFolders(train, None, val, labels, "train-val")
+    kaggle = (first_folder(train, "training"), first_folder(val, "validation"))
+    if all(kaggle):
+        return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
+    return SplitFolders(train, None, val, labels, "kaggle-flattened")
+
+
+def no_layout_error(root: Path, splits: list[Path]) -> UserError:
+    found = f" (split folders {listed(splits)}, not a layout)" if splits else ""
+    return UserError(
+        f"no dataset layout found in {root}{found}; expected a training folder (train/ or training/) with a "
+        "validation folder (val/, valid/ or validation/) and/or a test folder (test/ or testing/), Kaggle's "
+        "training/training/<class>/ and validation/validation/<class>/, or one folder of class subfolders."
     )
 
 
-def looks_like_a_split(folder: Path) -> bool:
-    """Named like a split (any letter case), and without files of its own: a class folder holds images."""
-    return folder.name.lower() in SPLIT_NAMES and not any(
-        entry.is_file() and not entry.name.startswith(".") for entry in folder.iterdir())
+def listed(folders: list[Path]) -> str:
+    return ", ".join(f"{folder.name}/" for folder in sorted(folders))
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether `folder` has an image file of its own (judged by content), as a class folder has; a split
+    folder holds class folders, and maybe a stray README or Thumbs.db."""
+    from monkeytrain.data.imagefiles import is_image_file  # here: all CLI commands import this module, few need Pillow
+
+    return any(is_image_file(entry) for entry in folder.iterdir() if not entry.name.startswith("."))
 
 
 def first_folder(root: Path, *names: str) -> Optional[Path]:
