@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import unicodedata
 
 import pytest
 
@@ -230,6 +231,16 @@ def test_class_only_in_the_test_split_names_the_class(tmp_path, make_image_folde
     root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
     (root / "test" / "extra").mkdir()
     with pytest.raises(UserError, match="'extra'"):
+        layout.check_same_classes(layout.folders_from_root(root))
+
+
+def test_class_names_differing_only_in_unicode_normalisation_are_named_as_such(tmp_path, make_image_folder):
+    """café composed (NFC) in train/ and decomposed (NFD, from a zip made on a Mac) in val/ print alike."""
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    (root / "train" / "n1").rename(root / "train" / unicodedata.normalize("NFC", "café"))
+    (root / "val" / "n1").rename(root / "val" / unicodedata.normalize("NFD", "café"))
+    with pytest.raises(UserError, match="print alike but are spelled with different Unicode code points "
+                                        r"\(NFC and NFD normalisation\); retype the name of one of them"):
         layout.check_same_classes(layout.folders_from_root(root))
 
 

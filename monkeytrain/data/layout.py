@@ -21,6 +21,7 @@ split is left unused.
 from __future__ import annotations
 
 import csv
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -189,10 +190,22 @@ def check_same_classes(folders: SplitFolders) -> list[str]:
     for other in others:
         other_classes = class_folders(other)
         for name, present, absent in _first_difference(train_classes, folders.train, other_classes, other):
-            raise UserError(
-                f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
-            )
+            raise UserError(_difference_message(name, present, absent))
     return train_classes
+
+
+def _difference_message(name: str, present: Path, absent: Path) -> str:
+    """A class folder missing from a split. Where that split has one whose name prints the same, the two
+    differ in Unicode normalisation: the accents of one are separate code points (NFD, as a zip made on a
+    Mac can leave them), of the other composed (NFC). Matching them would need the mapping from class to
+    folder wherever a path is built, so the user renames instead."""
+    nfc = unicodedata.normalize("NFC", name)
+    alike = [other for other in class_folders(absent) if unicodedata.normalize("NFC", other) == nfc]
+    if alike:
+        return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} print alike but are spelled "
+                "with different Unicode code points (NFC and NFD normalisation); retype the name of one of "
+                "them so that every split has the same classes.")
+    return f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
 
 
 def _first_difference(a: list[str], a_dir: Path, b: list[str], b_dir: Path) -> list[tuple[str, Path, Path]]:
