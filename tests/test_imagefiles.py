@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from monkeytrain.data import imagefiles
 from monkeytrain.data.imagefiles import (
     ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, oversized_warning,
     scan_labelled_files, to_rgb,
@@ -136,6 +137,54 @@ def test_sixteen_bit_png_file_loads_scaled(tmp_path):
     rgb = load_rgb(path)
     assert rgb.mode == "RGB"
     assert abs(pixel(rgb)[0] - 20000 / 65535 * 255) <= 1  # clipping would give 255
+
+
+def test_dark_sixteen_bit_png_stays_dark(tmp_path):
+    """Values that would fit 8 bits are still 16-bit data in a 16-bit file (mode I;16): no brightening."""
+    path = tmp_path / "dark.png"
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(path)
+    assert pixel(load_rgb(path)) == (0, 0, 0)
+
+
+def grey_tiff(tmp_path, values, mode: str) -> Path:
+    """A 40 x 48 TIFF written by Pillow: `values` along the first row, the rest of the image 0."""
+    pixels = np.zeros((40, 48), dtype=np.float32 if mode == "F" else np.int32)
+    pixels[0, :len(values)] = values
+    path = tmp_path / f"grey-{mode}.tif"
+    Image.fromarray(pixels, mode).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    return path
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([0.25, 0.5, 1.0], [63, 127, 255]),  # 0..1: normalised
+    ([64, 128.5, 255], [64, 128, 255]),  # 0..255: 8-bit values
+    ([-1, 1, 3], [0, 127, 255]),  # neither: the image's own range
+    ([np.nan, 0.5, 1.0], [0, 127, 255]),  # a missing value shows black and leaves the range alone
+])
+def test_float_tiff_is_read_by_its_value_range(tmp_path, values, expected):
+    rgb = np.asarray(load_rgb(grey_tiff(tmp_path, values, "F")))
+    assert rgb[0, :len(values), 0].tolist() == expected
+    assert np.all(rgb[..., 0] == rgb[..., 2])
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1, 128, 255], [1, 128, 255]),  # 0..255: 8-bit data
+    ([257, 30840, 65535], [1, 120, 255]),  # 0..65535: 16-bit data
+    ([1 << 20, 1 << 23, 1 << 24], [15, 127, 255]),  # beyond: by its maximum
+])
+def test_32_bit_integer_tiff_is_read_by_its_value_range(tmp_path, values, expected):
+    rgb = np.asarray(load_rgb(grey_tiff(tmp_path, values, "I")))
+    assert rgb[0, :len(values), 0].tolist() == expected
+
+
+def test_cache_keys_change_with_the_decoding(monkeypatch):
+    """Views and statistics stored from images decoded otherwise (float images as black) are not reused."""
+    files = [ImageFile(Path("/d/a.tif"), 0, "x")]
+    before = imagefiles.content_key("views", files)
+    monkeypatch.setattr(imagefiles, "DECODING_VERSION", imagefiles.DECODING_VERSION + 1)
+    assert imagefiles.content_key("views", files) != before
 
 
 def test_one_bit_and_la_modes_become_rgb():

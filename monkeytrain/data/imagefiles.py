@@ -21,7 +21,16 @@ from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# The white level of each mode that Pillow does not scale to 8 bits itself (its own conversions clip),
+# smallest first. The files do not say which they use, so an image is read at the smallest that holds
+# all its values: a 32-bit integer TIFF of 0..255 holds 8-bit data and one of 0..65535 16-bit data, a
+# float TIFF of 0..1 is normalised and one of 0..255 holds 8-bit values.
+WHITE_LEVELS = {"I;16": (65535,), "I;16B": (65535,), "I;16L": (65535,), "I;16N": (65535,),
+                "I": (255, 65535), "F": (1.0, 255)}
+# What the pixels of a file decode to, as to_rgb makes them. Part of every key made from files (views,
+# statistics), so a change to it rebuilds what was stored: 2 reads 32-bit and float images by their
+# values (1 made them black).
+DECODING_VERSION = 2
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
@@ -55,16 +64,28 @@ class SkippedFile:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, ...) as 8-bit RGB; alpha over white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        # PIL's own I;16 -> L conversion clips instead of scaling: scale by hand.
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, 32-bit, float, ...) as 8-bit RGB; alpha over white."""
+    if image.mode in WHITE_LEVELS:
+        image = eight_bit_grey(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as mode L, black to its white level (see WHITE_LEVELS). Values
+    no level holds (negative, or past the largest) are stretched from the image's own minimum to its
+    maximum: the only scale such a file gives. Pixels that are not numbers (NaN, a float TIFF's mark for
+    a missing value) show black rather than spoil the range."""
+    pixels = np.asarray(image, dtype=np.float64)
+    numbers = pixels[np.isfinite(pixels)]
+    low, high = (numbers.min(), numbers.max()) if numbers.size else (0, 0)
+    white = next((level for level in WHITE_LEVELS[image.mode] if low >= 0 and high <= level), None)
+    black, white = (0, white) if white is not None else (low, high)
+    scaled = (pixels - black) / (((white - black) or 1) / 255)
+    return Image.fromarray(np.nan_to_num(np.clip(scaled, 0, 255), nan=0).astype(np.uint8), mode="L")
 
 
 def quiet_pillow_size_warning() -> None:
@@ -248,8 +269,8 @@ def write_scans(cache_file: Path, scans: list[Scan], started: int) -> None:
 
 def content_key(header: str, files: Iterable[ImageFile]) -> str:
     """A short cache key for what was made from `files`, in the order given: their paths and
-    contents, and a `header` that names the format and its settings."""
-    digest = hashlib.sha256(f"{header}\n".encode())
+    contents, how they decode, and a `header` that names the format and its settings."""
+    digest = hashlib.sha256(f"{header} decoding v{DECODING_VERSION}\n".encode())
     for f in files:
         # surrogateescape: a name that is not UTF-8 (from a zip made on Windows, say) keys by its bytes
         digest.update(f"{f.path}\t{f.digest}\n".encode("utf-8", "surrogateescape"))
