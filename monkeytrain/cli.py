@@ -206,6 +206,8 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  skipped {bad.path}: {bad.reason}")
     for a, b in splits.leaks:
         print(f"  leak: {a} = {b}")
+    for a, b in splits.conflicts:
+        print(f"  two classes ({splits.class_folders[a.label]}, {splits.class_folders[b.label]}): {a.path} = {b.path}")
     if splits.selection_on_test:
         print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
 

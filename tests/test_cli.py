@@ -127,6 +127,14 @@ def test_inspect_data_takes_split_folders_one_by_one_as_train_py_does(capsys, da
                                              "--test-dir", str(test)], capsys)
 
 
+def test_inspect_data_lists_each_image_under_two_classes(capsys, tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=3, size=8)
+    shutil.copyfile(root / "train" / "n0" / "n0_000.png", root / "train" / "n1" / "copy.png")
+    cli.main(["inspect-data", str(root)])
+    assert (f"  two classes (n0, n1): {root / 'train' / 'n0' / 'n0_000.png'} = {root / 'train' / 'n1' / 'copy.png'}"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_inspect_data_sums_up_the_counts_of_many_classes(capsys, tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "many", layout="train-val", classes=21, per_class={"n0": 3, "n1": 2}, size=8)
     cli.main(["inspect-data", str(root), "--val-fraction", "0"])

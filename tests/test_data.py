@@ -350,6 +350,31 @@ def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
     assert "--val-fraction 0" in text
 
 
+def test_an_image_under_two_classes_of_one_split_is_one_warning_naming_both(
+        tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=3, per_class=4)
+    first, copy = root / "train" / "n0" / "n0_001.png", root / "train" / "n2" / "stray.png"
+    shutil.copyfile(first, copy)
+    log = RecordedLog()
+    splits = resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]),
+                             cpu_accelerator, log)
+    assert [w for w in log.warnings if "two classes" in w] == [
+        f"{first} and {copy} are the same image under two classes (n0 and n2); remove the copy with the wrong label."]
+    assert splits.manifest()["conflicts"] == [[str(first), str(copy)]] and splits.leaks == []
+
+
+def test_many_images_under_two_classes_are_one_line(tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="train-val", classes=2, per_class=8)
+    for i in range(7):
+        shutil.copyfile(root / "val" / "n0" / f"n0_{i:03d}.png", root / "val" / "n1" / f"copy{i}.png")
+    log = RecordedLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
+    [warning] = [w for w in log.warnings if "two classes" in w]
+    val = root / "val"
+    assert warning.startswith(f"7 images sit under two classes each (conflicting labels), such as "
+                              f"{val / 'n0' / 'n0_000.png'} and {val / 'n1' / 'copy0.png'} (n0 and n1)")
+
+
 def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_image_folder, cpu_accelerator,
                                                               monkeypatch):
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3, size=24)

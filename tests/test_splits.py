@@ -1,4 +1,4 @@
-"""monkeytrain.data.splits: the seeded stratified holdout and leak detection.
+"""monkeytrain.data.splits: the seeded stratified holdout, leak and conflicting-label detection.
 
 These work on ImageFile records alone, so the tests build them directly: the
 digest stands for the file's content.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from monkeytrain.data.imagefiles import ImageFile
-from monkeytrain.data.splits import find_leaks, stratified_holdout
+from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
 
 
 def files_for(counts: dict[int, int], duplicates: int = 0) -> list[ImageFile]:
@@ -137,3 +137,18 @@ def test_holdout_has_no_leaks_by_construction(fraction):
     files = files_for({0: 25, 1: 25, 2: 25}, duplicates=6)
     kept, held = stratified_holdout(files, fraction, seed=11)
     assert find_leaks({"train": kept, "val": held}) == []
+
+
+def test_find_conflicts_pairs_each_copy_under_another_class_with_the_first():
+    a = ImageFile(Path("/d/train/a/x.png"), 0, "same")
+    a_again = ImageFile(Path("/d/train/a/y.png"), 0, "same")
+    b = ImageFile(Path("/d/train/b/x.png"), 1, "same")
+    c = ImageFile(Path("/d/train/c/x.png"), 2, "same")
+    other = ImageFile(Path("/d/train/b/z.png"), 1, "other")
+    assert find_conflicts({"train": [c, other, b, a_again, a], "test": []}) == [(a, b), (a, c)]
+
+
+def test_find_conflicts_leaves_copies_in_two_splits_to_find_leaks():
+    a = ImageFile(Path("/d/train/a/x.png"), 0, "same")
+    b = ImageFile(Path("/d/test/b/x.png"), 1, "same")
+    assert find_conflicts({"train": [a], "test": [b]}) == []

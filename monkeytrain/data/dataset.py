@@ -14,7 +14,7 @@ from monkeytrain.data import layout
 from monkeytrain.data.imagefiles import (
     ImageFile, SkippedFile, candidate_files, oversized_warning, scan_labelled_files,
 )
-from monkeytrain.data.splits import find_leaks, stratified_holdout
+from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.errors import UserError
 from monkeytrain.storage import check_writable_dir
@@ -23,6 +23,8 @@ DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 # The test split held out of one folder of class subfolders is the same for every --seed, so that
 # runs with different seeds are scored on the same images and their spread is the training's alone.
 TEST_HOLDOUT_SEED = 0
+# Images under two classes are warned about one line each up to this many, then in one line with the first.
+MAX_LISTED_CONFLICTS = 5
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DatasetSplits:
     synthetic: bool = False
     skipped: list[SkippedFile] = field(default_factory=list)
     leaks: list[tuple[Path, Path]] = field(default_factory=list)
+    conflicts: list[tuple[ImageFile, ImageFile]] = field(default_factory=list)  # one image under two classes
 
     def manifest(self) -> dict:
         """A JSON-ready account of the data a run used."""
@@ -55,6 +58,7 @@ class DatasetSplits:
             "skipped_count": len(self.skipped),
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             "leaks": [[str(a), str(b)] for a, b in self.leaks],
+            "conflicts": [[str(a.path), str(b.path)] for a, b in self.conflicts],
             "files": {name: [str(f.path) for f in files] for name, files in self.named_splits().items()},
         }
 
@@ -142,6 +146,7 @@ def discover_splits(
     check_no_empty_class(splits, folders)
     check_held_out_splits(splits)
     splits.leaks = find_leaks(splits.distinct_splits())
+    splits.conflicts = find_conflicts(splits.distinct_splits())
     return splits
 
 
@@ -226,6 +231,8 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     if splits.leaks:
         pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
+    for line in conflict_warnings(splits):
+        log.warn(line)
     for split, name, consequence in (("val", "validation", "the best epoch is chosen"),
                                      ("test", "test", "the test figure is")):
         missing = splits.classes_missing_from(split)
@@ -235,3 +242,17 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")
+
+
+def conflict_warnings(splits: DatasetSplits) -> list[str]:
+    """One line for each image that sits under two classes, or one for them all where there are many."""
+    def classes(a: ImageFile, b: ImageFile) -> str:
+        return f"{splits.class_folders[a.label]} and {splits.class_folders[b.label]}"
+
+    if len(splits.conflicts) > MAX_LISTED_CONFLICTS:
+        a, b = splits.conflicts[0]
+        return [f"{len(splits.conflicts)} images sit under two classes each (conflicting labels), such as {a.path} "
+                f"and {b.path} ({classes(a, b)}); remove the copies with the wrong label "
+                "(`monkeytrain inspect-data` lists them all)."]
+    return [f"{a.path} and {b.path} are the same image under two classes ({classes(a, b)}); "
+            "remove the copy with the wrong label." for a, b in splits.conflicts]

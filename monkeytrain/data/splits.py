@@ -1,4 +1,4 @@
-"""Holding out a validation split, and finding files shared between splits."""
+"""Holding out a validation split, and finding files shared between splits or classes."""
 
 from __future__ import annotations
 
@@ -59,3 +59,10 @@ def find_leaks(splits: dict[str, list[ImageFile]]) -> list[tuple[Path, Path]]:
                 leaks.append((first_seen[f.digest][1], f.path))
             first_seen.setdefault(f.digest, (split_name, f.path))
     return leaks
+
+
+def find_conflicts(splits: dict[str, list[ImageFile]]) -> list[tuple[ImageFile, ImageFile]]:
+    """Files with identical content under two classes of one split (a labelling mistake; copies in two
+    splits are leaks): the first copy by path, paired with each copy of another class."""
+    return [(group[0], f) for files in splits.values() for group in _groups_by_content(files)
+            for f in group[1:] if f.label != group[0].label]
