@@ -239,6 +239,21 @@ def test_empty_class_in_the_validation_folder_is_a_user_error(tmp_path, make_ima
     assert str(empty) in str(error.value)
 
 
+def test_a_class_of_copies_held_out_with_their_originals_is_a_user_error_saying_so(tmp_path, make_image_folder):
+    """Not "no readable images": the class has images, but all are copies of another class's held out to test."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=10)
+    held = [f.path for f in discover(root).test if f.label == 0]
+    (root / "n0b").mkdir()
+    for path in held:
+        shutil.copyfile(path, root / "n0b" / path.name)
+    with pytest.raises(UserError) as error:
+        discover(root)
+    assert str(error.value) == (
+        f"class folder {root / 'n0b'} has no image left for training: its 2 image(s) are all copies of images of "
+        f"other classes, held out to the test split with them ({root / 'n0b' / held[0].name} = {held[0]}); "
+        "remove the copies with the wrong label, or add images of its own to it.")
+
+
 def test_no_images_at_all_is_a_user_error(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=0)
     with pytest.raises(UserError, match="no readable images"):

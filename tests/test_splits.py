@@ -82,6 +82,17 @@ def test_identical_files_in_two_classes_land_on_the_same_side():
     assert stratified_holdout(files, 0.3, seed=2) == stratified_holdout(files, 0.3, seed=2)
 
 
+def test_a_class_keeps_its_own_image_for_training_next_to_copies_of_another_class():
+    """Copies go where the first class put them; the image of its own is the one a class keeps, whatever the
+    shuffle, or its training images could all be held out with the copies."""
+    files = files_for({0: 12})
+    own = ImageFile(Path("/data/c1/own.png"), 1, "own")
+    copies = [ImageFile(Path(f"/data/c1/copy-{i}.png"), 1, f.digest) for i, f in enumerate(files)]
+    for seed in range(20):
+        kept, held = stratified_holdout(files + copies + [own], 0.3, seed=seed)
+        assert own in kept, seed
+
+
 def test_a_split_without_copies_across_classes_is_as_before():
     """The split of every data set measured so far: 3 classes, one pair of copies within a class."""
     kept, held = stratified_holdout(files_for({0: 8, 1: 6, 2: 5}, duplicates=1), 0.3, seed=1)

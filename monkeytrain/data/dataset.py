@@ -25,6 +25,7 @@ DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 TEST_HOLDOUT_SEED = 0
 # Images under two classes are warned about one line each up to this many, then in one line with the first.
 MAX_LISTED_CONFLICTS = 5
+SPLIT_NAMES = {"val": "validation", "test": "test"}  # the held-out splits, as messages name them
 
 
 @dataclass
@@ -188,10 +189,22 @@ def check_no_empty_class(splits: DatasetSplits, folders: layout.SplitFolders) ->
         present = {f.label for f in files}
         for label, folder_name in enumerate(splits.class_folders):
             if label not in present:
-                raise UserError(
-                    f"class folder {folder / folder_name} has no readable images; "
-                    "add images or remove the folder from every split."
-                )
+                raise UserError(empty_class_problem(splits, folder / folder_name, label))
+
+
+def empty_class_problem(splits: DatasetSplits, class_folder: Path, label: int) -> str:
+    """Why a class folder has no image in its split: none is readable, or (a split held out of it) all its
+    images are copies of an earlier class's that were held out, and its copies went with them."""
+    held_out = [(split, f) for split, files in splits.distinct_splits().items() for f in files
+                if f.label == label and class_folder in f.path.parents]
+    if not held_out:
+        return (f"class folder {class_folder} has no readable images; "
+                "add images or remove the folder from every split.")
+    split, copy = held_out[0]
+    twin = next(f for f in splits.named_splits()[split] if f.digest == copy.digest and f.label != label)
+    return (f"class folder {class_folder} has no image left for training: its {len(held_out)} image(s) are all "
+            f"copies of images of other classes, held out to the {SPLIT_NAMES[split]} split with them ({copy.path} = "
+            f"{twin.path}); remove the copies with the wrong label, or add images of its own to it.")
 
 
 def check_held_out_splits(splits: DatasetSplits) -> None:

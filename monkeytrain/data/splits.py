@@ -16,8 +16,10 @@ def stratified_holdout(
 
     Files with identical content stay together, so a duplicate can never sit on
     both sides (the real monkey set has dozens of such pairs), also when its
-    copies sit in two classes: the first class decides for the others. The split
-    depends only on the file list, the fraction and the seed.
+    copies sit in two classes: the first class decides for the others. A class
+    keeps an image of its own for training unless all of its images are copies
+    that an earlier class held out. The split depends only on the file list, the
+    fraction and the seed.
     """
     rng = random.Random(seed)
     kept, held_out = [], []
@@ -29,10 +31,12 @@ def stratified_holdout(
         # datasets never select on an empty validation split.
         target = max(1, round(fraction * sum(len(g) for g in groups))) if fraction > 0 else 0
         taken = 0
+        # Keep at least one group for training whatever the fraction: the last one no earlier class decided
+        # (copies of another class's images, kept in training, would not teach this class).
+        kept_for_training = next((group for group in reversed(groups) if group[0].digest not in held), None)
         for group in groups:
-            # Keep at least one group for training whatever the fraction.
             digest = group[0].digest
-            held.setdefault(digest, taken < target and group is not groups[-1])
+            held.setdefault(digest, taken < target and group is not kept_for_training)
             (held_out if held[digest] else kept).extend(group)
             taken += len(group) if held[digest] else 0
     return sorted(kept, key=_order), sorted(held_out, key=_order)
