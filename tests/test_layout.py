@@ -91,6 +91,35 @@ def test_kaggle_nested_layout_wins_over_its_outer_folders(tmp_path, make_image_f
     assert layout.class_folders(folders.train) == ["n0", "n1"]
 
 
+@pytest.mark.parametrize("made, nested, roles, layout_name", [
+    # Kaggle zips nest every split they hold, a test split too; a nested one is used wherever it appears
+    ("train-val-test", {"train": "training", "val": "validation", "test": "test"},
+     ("training/training", "validation/validation", "test/test"), "train-val-test"),
+    ("train-test", {"test": "Testing"}, ("train", None, "Testing/Testing"), "train-test"),
+    ("flattened", {"training": "training"}, ("training/training", None, "validation"), "kaggle"),
+])
+def test_a_split_folder_holding_only_a_folder_of_its_own_name_is_that_folder(tmp_path, make_image_folder, made,
+                                                                          nested, roles, layout_name):
+    root = make_image_folder(tmp_path / "data", layout=made, classes=2, per_class=1)
+    for name, new_name in nested.items():
+        (root / name).rename(tmp_path / "moved")
+        (root / new_name).mkdir()
+        (tmp_path / "moved").rename(root / new_name / new_name)
+    folders = layout.folders_from_root(root)
+    assert (folders.train, folders.selection, folders.test) == tuple(root / r if r else None for r in roles)
+    assert folders.layout == layout_name
+    assert layout.check_same_classes(folders) == ["n0", "n1"]
+
+
+def test_a_split_folder_holding_its_own_name_beside_other_classes_is_a_split_of_classes(tmp_path,
+                                                                                       make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    for split in ("train", "val"):
+        (root / split / "n1").rename(root / split / "train")  # a class that happens to be called train
+    folders = layout.folders_from_root(root)
+    assert folders.train == root / "train" and layout.check_same_classes(folders) == ["n0", "train"]
+
+
 def test_missing_root_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="nowhere"):
         layout.folders_from_root(tmp_path / "nowhere")
@@ -241,6 +270,13 @@ def test_class_names_differing_only_in_unicode_normalisation_are_named_as_such(t
     (root / "val" / "n1").rename(root / "val" / unicodedata.normalize("NFD", "café"))
     with pytest.raises(UserError, match="print alike but are spelled with different Unicode code points "
                                         r"\(NFC and NFD normalisation\); retype the name of one of them"):
+        layout.check_same_classes(layout.folders_from_root(root))
+
+
+def test_class_names_differing_only_in_letter_case_are_named_as_such(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    (root / "val" / "n1").rename(root / "val" / "N1")
+    with pytest.raises(UserError, match="'n1' in .*train and 'N1' in .*val differ only in letter case; rename one"):
         layout.check_same_classes(layout.folders_from_root(root))
 
 

@@ -7,7 +7,8 @@ val/, valid/ or validation/; test/ or testing/), in any letter case (Train/ and 
 - train + test: validation held out of train
 - train + val: the val folder is the test split, validation held out of train; this is Kaggle's
   flattened layout `training/<class>/` + `validation/<class>/`, and as downloaded
-  `training/training/<class>/` + `validation/validation/<class>/`
+  `training/training/<class>/` + `validation/validation/<class>/`: a split folder whose one subfolder
+  has its own name is that subfolder, in every layout
 - one folder of class subfolders (torchvision's ImageFolder): no split on
   disk, so the test split is held out of it too (`--test-fraction`)
 
@@ -96,19 +97,25 @@ def split_folders(root: Path) -> dict[str, Path]:
 def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]) -> SplitFolders:
     """Roles from the split folders present: with a test folder, a validation folder picks the best epoch;
     without one, it is the test split (as Kaggle's validation/ is) and selection is held out of training."""
-    train, val, test = splits.get("train"), splits.get("val"), splits.get("test")
+    inner = {role: unnested(folder) for role, folder in splits.items()}
+    train, val, test = inner.get("train"), inner.get("val"), inner.get("test")
     if train is None or not (val or test):
         raise no_layout_error(root, list(splits.values()))
     if val and test:
         return SplitFolders(train, val, test, labels, "train-val-test")
     if test:
         return SplitFolders(train, None, test, labels, "train-test")
-    if (train.name.lower(), val.name.lower()) != ("training", "validation"):
+    if (splits["train"].name.lower(), splits["val"].name.lower()) != ("training", "validation"):
         return SplitFolders(train, None, val, labels, "train-val")
-    kaggle = (first_folder(train, "training"), first_folder(val, "validation"))
-    if all(kaggle):
-        return SplitFolders(kaggle[0], None, kaggle[1], labels, "kaggle")
-    return SplitFolders(train, None, val, labels, "kaggle-flattened")
+    nested = inner != splits
+    return SplitFolders(train, None, val, labels, "kaggle" if nested else "kaggle-flattened")
+
+
+def unnested(split: Path) -> Path:
+    """A split folder whose one subfolder has its own name is that subfolder, in any letter case: Kaggle's
+    zips unpack so (training/training/<class>/), for every split they hold."""
+    inside = class_folders(split)
+    return split / inside[0] if len(inside) == 1 and inside[0].lower() == split.name.lower() else split
 
 
 def no_layout_error(root: Path, splits: list[Path]) -> UserError:
@@ -130,18 +137,6 @@ def holds_images(folder: Path) -> bool:
     from monkeytrain.data.imagefiles import is_image_file  # here: all CLI commands import this module, few need Pillow
 
     return any(is_image_file(entry) for entry in folder.iterdir() if not entry.name.startswith("."))
-
-
-def first_folder(root: Path, *names: str) -> Optional[Path]:
-    """The first of `names` that is a subfolder of `root`, in any letter case (Train/ is train/) where
-    none has the name as written."""
-    folders = sorted(folder for folder in root.iterdir() if folder.is_dir())
-    for name in names:
-        exact = [folder for folder in folders if folder.name == name]
-        found = exact or [folder for folder in folders if folder.name.lower() == name]
-        if found:
-            return found[0]
-    return None
 
 
 def folders_from_explicit(train: Optional[str], val: Optional[str], test: Optional[str]) -> SplitFolders:
@@ -205,6 +200,10 @@ def _difference_message(name: str, present: Path, absent: Path) -> str:
         return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} print alike but are spelled "
                 "with different Unicode code points (NFC and NFD normalisation); retype the name of one of "
                 "them so that every split has the same classes.")
+    alike = [other for other in class_folders(absent) if other.casefold() == name.casefold()]
+    if alike:  # class names are case-sensitive, as folder names are on most file systems
+        return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} differ only in letter case; "
+                "rename one of them so that every split has the same classes.")
     return f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
 
 
