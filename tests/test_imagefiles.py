@@ -179,6 +179,16 @@ def test_32_bit_integer_tiff_is_read_by_its_value_range(tmp_path, values, expect
     assert rgb[0, :len(values), 0].tolist() == expected
 
 
+@pytest.mark.parametrize("maxval, values, expected", [
+    (65535, [1, 128, 255], [0, 0, 0]),  # dark 16-bit data (all below 256) stays dark, not 8-bit
+    (1023, [4, 512, 1023], [0, 127, 255]),  # a 10-bit PGM: Pillow scales it to 0..65535
+])
+def test_a_pgm_of_more_than_8_bits_is_16_bit_data_however_dark(tmp_path, maxval, values, expected):
+    path = tmp_path / "grey.pgm"
+    path.write_bytes(f"P5\n3 1\n{maxval}\n".encode() + np.array(values, dtype=">u2").tobytes())
+    assert np.asarray(load_rgb(path))[0, :, 0].tolist() == expected
+
+
 def test_cache_keys_change_with_the_decoding(monkeypatch):
     """Views and statistics stored from images decoded otherwise (float images as black) are not reused."""
     files = [ImageFile(Path("/d/a.tif"), 0, "x")]

@@ -27,10 +27,13 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image
 # float TIFF of 0..1 is normalised and one of 0..255 holds 8-bit values.
 WHITE_LEVELS = {"I;16": (65535,), "I;16B": (65535,), "I;16L": (65535,), "I;16N": (65535,),
                 "I": (255, 65535), "F": (1.0, 255)}
+# Formats whose I images always hold 16-bit data: Pillow reads a PGM of more than 8 bits as I, scaled to
+# 0..65535 by the maxval its header gives, so a dark one must not be taken for 8-bit data.
+SIXTEEN_BIT_FORMATS = ("PPM",)
 # What the pixels of a file decode to, as to_rgb makes them. Part of every key made from files (views,
 # statistics), so a change to it rebuilds what was stored: 2 reads 32-bit and float images by their
-# values (1 made them black).
-DECODING_VERSION = 2
+# values (1 made them black); 3 reads a dark 16-bit PGM as 16-bit.
+DECODING_VERSION = 3
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
@@ -63,10 +66,12 @@ class SkippedFile:
     reason: str
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, 32-bit, float, ...) as 8-bit RGB; alpha over white."""
+def to_rgb(image: Image.Image, file_format: Optional[str] = None) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, 32-bit, float, ...) as 8-bit RGB; alpha over white. The
+    format of the file it came from (Pillow's name: "PPM") tells 16-bit data where the mode cannot."""
     if image.mode in WHITE_LEVELS:
-        image = eight_bit_grey(image)
+        sixteen_bit = image.mode == "I" and file_format in SIXTEEN_BIT_FORMATS
+        image = eight_bit_grey(image, (65535,) if sixteen_bit else WHITE_LEVELS[image.mode])
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -74,15 +79,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def eight_bit_grey(image: Image.Image) -> Image.Image:
-    """A 16-bit, 32-bit or float grey image as mode L, black to its white level (see WHITE_LEVELS). Values
+def eight_bit_grey(image: Image.Image, white_levels: tuple[float, ...]) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as mode L, black to the first of its white levels that holds
+    all its values (see WHITE_LEVELS). Values
     no level holds (negative, or past the largest) are stretched from the image's own minimum to its
     maximum: the only scale such a file gives. Pixels that are not numbers (NaN, a float TIFF's mark for
     a missing value) show black rather than spoil the range."""
     pixels = np.asarray(image, dtype=np.float64)
     numbers = pixels[np.isfinite(pixels)]
     low, high = (numbers.min(), numbers.max()) if numbers.size else (0, 0)
-    white = next((level for level in WHITE_LEVELS[image.mode] if low >= 0 and high <= level), None)
+    white = next((level for level in white_levels if low >= 0 and high <= level), None)
     black, white = (0, white) if white is not None else (low, high)
     scaled = (pixels - black) / (((white - black) or 1) / 255)
     return Image.fromarray(np.nan_to_num(np.clip(scaled, 0, 255), nan=0).astype(np.uint8), mode="L")
@@ -107,7 +113,7 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> Image.Image:
         if min_side:
             image.draft(None, (min_side * DRAFT_REDUCING_GAP, min_side * DRAFT_REDUCING_GAP))
         image.load()
-        return to_rgb(upright(image))
+        return to_rgb(upright(image), image.format)
 
 
 def upright(image: Image.Image) -> Image.Image:
