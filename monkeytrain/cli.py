@@ -17,6 +17,17 @@ CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain expor
 MAX_LISTED_CLASSES = 20  # inspect-data lists each class's image count up to this many classes
 
 
+def given(text: str) -> str:
+    """The argparse type of a path: "" (what `"$UNSET"` passes) would be the current folder, so it is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path")
+    return text
+
+
+def given_path(text: str) -> Path:
+    return Path(given(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="monkeytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,24 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
 
     predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+    predict.add_argument("inputs", nargs="+", type=given, metavar="IMAGE_OR_DIR",
                          help="image files, or folders whose images (subfolders too) are predicted")
-    predict.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
+    predict.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     predict.add_argument("--top-k", type=int, default=3, help="how many classes to show (default: 3)")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
-    score.add_argument("folder", type=Path, help="a folder of class subfolders named as in training, "
+    score.add_argument("folder", type=given_path, help="a folder of class subfolders named as in training, "
                                                  "e.g. data/10-monkey-species/validation/validation")
-    score.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
+    score.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     export = commands.add_parser("export", help="an ONNX model of a checkpoint, checked in ONNX Runtime")
-    export.add_argument("--checkpoint", required=True, type=Path, help="a run's best.safetensors")
-    export.add_argument("--output", type=Path, help="the .onnx file to write (default: beside the checkpoint)")
-    export.add_argument("--check-data", type=Path, metavar="FOLDER",
+    export.add_argument("--checkpoint", required=True, type=given_path, help="a run's best.safetensors")
+    export.add_argument("--output", type=given_path, help="the .onnx file to write (default: beside the checkpoint)")
+    export.add_argument("--check-data", type=given_path, metavar="FOLDER",
                         help="check on this folder of class subfolders, e.g. the test split "
                              "(default: 16 seeded synthetic images)")
     export.add_argument("--tolerance", type=float, default=1e-3,
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the full data manifest")
 
     download = commands.add_parser("download", help="fetch 10 Monkey Species from Kaggle (kagglehub)")
-    download.add_argument("--dest", type=Path, default=DEFAULT_DATA_ROOT, metavar="FOLDER",
+    download.add_argument("--dest", type=given_path, default=DEFAULT_DATA_ROOT, metavar="FOLDER",
                           help=f"an empty or new folder to put the data set in (default: {DEFAULT_DATA_ROOT}, "
                                "where training looks for it)")
 

@@ -318,6 +318,18 @@ def test_config_file_errors(capsys, tmp_path):
     assert "unknown key 'learning_rate'" in error_of(train.main, ["--config", str(preset)], capsys)
 
 
+@pytest.mark.parametrize("argv, argument", [
+    (["predict", "", "--checkpoint", "best.safetensors"], "IMAGE_OR_DIR"),  # would predict the current folder
+    (["evaluate", "", "--checkpoint", "best.safetensors"], "folder"),
+    (["evaluate", "val", "--checkpoint", ""], "--checkpoint"),
+    (["export", "--checkpoint", "best.safetensors", "--output", ""], "--output"),
+    (["download", "--dest", ""], "--dest"),  # would unpack into the current folder
+])
+def test_an_empty_path_is_refused_by_every_command_not_taken_for_the_current_folder(capsys, argv, argument):
+    message = error_of(cli.main, argv, capsys)
+    assert f"argument {argument}: is empty (an unset shell variable?); give a path" in message
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "resnet9000"], "unknown timm model 'resnet9000'"),
     (["--tta-shift", "5", "--model", "resnet10t"], "--tta-shift 5 reaches beyond"),
