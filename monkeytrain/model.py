@@ -49,7 +49,8 @@ def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         raise UserError(
             f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
-            f"({error.__class__.__name__}); check the network and HF_HUB_OFFLINE, or pass --pretrained PATH.safetensors."
+            f"({error.__class__.__name__}); check the network and HF_HUB_OFFLINE, or pass "
+            "--pretrained PATH.safetensors."
         ) from None
 
 

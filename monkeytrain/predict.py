@@ -103,7 +103,8 @@ def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile]
     return images, skipped
 
 
-def evaluate_folder(checkpoint: Path, folder: Path, accelerator, batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
+def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
+                    batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
     """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
     classifier, info = load_classifier(checkpoint, accelerator.device)
     images, skipped = labelled_folder(folder, info)

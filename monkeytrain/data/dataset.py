@@ -25,7 +25,7 @@ DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 TEST_HOLDOUT_SEED = 0
 # Images under two classes are warned about one line each up to this many, then in one line with the first.
 MAX_LISTED_CONFLICTS = 5
-SPLIT_NAMES = {"val": "validation", "test": "test"}  # the held-out splits, as messages name them
+HELD_OUT_NAMES = {"val": "validation", "test": "test"}  # the held-out splits, as messages name them
 
 
 @dataclass
@@ -203,8 +203,8 @@ def empty_class_problem(splits: DatasetSplits, class_folder: Path, label: int) -
     split, copy = held_out[0]
     twin = next(f for f in splits.named_splits()[split] if f.digest == copy.digest and f.label != label)
     return (f"class folder {class_folder} has no image left for training: its {len(held_out)} image(s) are all "
-            f"copies of images of other classes, held out to the {SPLIT_NAMES[split]} split with them ({copy.path} = "
-            f"{twin.path}); remove the copies with the wrong label, or add images of its own to it.")
+            f"copies of images of other classes, held out to the {HELD_OUT_NAMES[split]} split with them "
+            f"({copy.path} = {twin.path}); remove the copies with the wrong label, or add images of its own to it.")
 
 
 def check_held_out_splits(splits: DatasetSplits) -> None:
