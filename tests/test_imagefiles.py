@@ -273,7 +273,9 @@ def test_candidate_files_follow_linked_folders_once_and_keep_broken_links_to_rep
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(encoded(noise_image(), "PNG"))
     (folder / "more").symlink_to(elsewhere)  # a folder of links: followed
-    (folder / "loop").symlink_to(folder)     # back to itself: walked once, no loop
+    (folder / "loop").symlink_to(folder)     # back to itself: not followed, no loop
+    (folder / "up").symlink_to(tmp_path)     # to the split holding it: not followed, no other class's images
+    (folder / "more" / "back").symlink_to(folder / "more")  # elsewhere, to itself: walked once
     (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
     os.mkfifo(folder / "pipe")               # reading it would block for good
     found = [p.relative_to(folder).as_posix() for p in candidate_files(folder)]

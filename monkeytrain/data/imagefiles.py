@@ -164,19 +164,26 @@ def candidate_files(folder: Path) -> list[Path]:
     """Every non-hidden regular file below `folder`, sorted for a stable order.
 
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
-    once: a link to a folder above would otherwise walk in a loop). A link to nothing is kept, for the
+    once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
+    a link to `..` would walk the split's other classes as this one. A link to nothing is kept, for the
     scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks)."""
-    found, walked = [], set()
+    found, walked, real_folder = [], set(), os.path.realpath(folder)
     for top, folders, names in os.walk(folder, followlinks=True):
         here = os.stat(top)
         if (here.st_dev, here.st_ino) in walked:
             folders.clear()
             continue
         walked.add((here.st_dev, here.st_ino))
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if not name.startswith(".")
+                      and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
         paths = (Path(top) / name for name in names if not name.startswith("."))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
     return sorted(found)
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
