@@ -40,6 +40,9 @@ def prepare_run_dir(config, accelerator) -> Path:
     if not config.run_name:
         config.run_name = broadcast_from_main(new_run_name(Path(config.output_dir))
                                               if accelerator.is_main_process else None)
+        if config.resume == "auto" and accelerator.is_main_process:  # a new name never has a state to resume
+            warn(f"--resume auto without --run-name has no run to continue: a new run {config.run_name} starts; "
+                 "to continue a stopped run, give its name with --run-name (its stop line says both).")
     run_dir = Path(config.output_dir) / config.run_name
     if (run_dir / BEST_NAME).exists() and not config.resume:
         raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name, move it away, "

@@ -385,6 +385,13 @@ def test_a_resume_path_that_is_no_saved_state_stops_before_anything_is_written(c
     assert not Path("runs").exists()  # no run directory of a run that never began
 
 
+def test_resume_auto_without_a_run_name_says_that_a_new_run_starts(capsys, data):
+    train.main(["--data", str(data), *SMALL, "--resume", "auto"])
+    (run_dir,) = Path("runs").iterdir()
+    assert (f"warning: --resume auto without --run-name has no run to continue: a new run {run_dir.name} starts"
+            in capsys.readouterr().err)
+
+
 def test_model_and_weights_errors(capsys, data):
     assert "unknown timm model 'resnet9000'" in error_of(
         train.main, ["--data", str(data), *SMALL, "--model", "resnet9000"], capsys)
