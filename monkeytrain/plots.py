@@ -24,6 +24,8 @@ CONFUSION_NAME = "confusion_matrix.png"
 SERIES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 MAX_FIGURE_INCHES = 30  # Agg refuses images over 2**16 pixels a side; 1000 classes must not end a run
 MAX_ANNOTATED_CLASSES = 40  # beyond this the count in each cell is too small to read
+MAX_LABELLED_CLASSES = 150  # more ticks than this on 30 inches would be under 7 pt apart: every k-th is named
+MAX_LABEL_CHARACTERS = 32  # a longer class name is cut in its middle; the matrix keeps its room
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:
@@ -114,15 +116,44 @@ def confusion_figure(matrix: Sequence[Sequence[float]], class_names: Sequence[st
     axes = figure.subplots()
     image = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class")
-    ticks = np.arange(n)
-    axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(ticks, labels=class_names)
-    axes.set(xlabel="predicted", ylabel="true")
+    label_classes(axes, class_names)
     total, correct = counts.sum(), np.trace(counts)
     axes.set_title(f"test split: {correct:.0f} of {total:.0f} correct ({correct / max(total, 1):.1%})")
     if n <= MAX_ANNOTATED_CLASSES:
         write_counts(axes, counts, fractions)
     return figure
+
+
+def label_classes(axes, class_names: Sequence[str]) -> None:
+    """Class names along both axes, in type no taller than the rows they name."""
+    n = len(class_names)
+    ticks, labels = class_ticks(class_names)
+    size = min(10, max(5, 1000 / len(ticks)))
+    # Slanted names read well when few; many would overlap their neighbours unless upright.
+    slant = dict(rotation=45, ha="right", rotation_mode="anchor") if n <= MAX_ANNOTATED_CLASSES else dict(rotation=90)
+    axes.set_xticks(ticks, labels=labels, fontsize=size, **slant)
+    axes.set_yticks(ticks, labels=labels, fontsize=size)
+    named = "" if len(ticks) == n else f" (one class in {ticks[1]} named)"
+    axes.set(xlabel=f"predicted{named}", ylabel=f"true{named}")
+
+
+def class_ticks(class_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The class ticks of both axes: every class, or beyond MAX_LABELLED_CLASSES every k-th, its index
+    first so that the row can be found in results.json. Long names are shortened (see `shortened`)."""
+    n = len(class_names)
+    stride = math.ceil(n / MAX_LABELLED_CLASSES)
+    ticks = np.arange(0, n, stride)
+    labels = [shortened(class_names[i]) for i in ticks]
+    return ticks, labels if stride == 1 else [f"{i}: {label}" for i, label in zip(ticks, labels)]
+
+
+def shortened(name: str) -> str:
+    """At most MAX_LABEL_CHARACTERS, cut in the middle: a name is recognised by its start, but names of a
+    series often differ only at their end ("... species 3", "... species 7")."""
+    if len(name) <= MAX_LABEL_CHARACTERS:
+        return name
+    tail = (MAX_LABEL_CHARACTERS - 1) // 3
+    return f"{name[:MAX_LABEL_CHARACTERS - 1 - tail]}…{name[-tail:]}"
 
 
 def confusion_array(matrix: Sequence[Sequence[float]], class_names: Sequence[str]) -> np.ndarray:

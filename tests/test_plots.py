@@ -12,6 +12,8 @@ from PIL import Image
 from monkeytrain.plots import (
     CONFUSION_NAME,
     CURVES_NAME,
+    MAX_LABEL_CHARACTERS,
+    MAX_LABELLED_CLASSES,
     confusion_figure,
     curves_figure,
     highest_epoch,
@@ -147,6 +149,28 @@ def test_many_classes_give_a_bounded_picture_without_cell_counts(tmp_path):
     assert len(figure.axes[0].texts) == 0
     assert max(figure.get_size_inches()) <= 31
     assert_png(plot_confusion_matrix(matrix, names, tmp_path / CONFUSION_NAME), 2000, 2000)
+
+
+def test_long_class_names_are_shortened_in_the_middle_and_stay_apart():
+    names = [f"Weißstorch_ñ 白鹳 Ciconia ciconia, a long descriptive name, species {i}" for i in range(120)]
+    axes = confusion_figure(diagonal(120), names).axes[0]
+    labels = [label.get_text() for label in axes.get_yticklabels()]
+    assert len(labels) == 120 and len(set(labels)) == 120  # the ends that tell them apart are kept
+    assert all(len(label) <= MAX_LABEL_CHARACTERS for label in labels)
+    assert labels[7].startswith("Weißstorch_ñ 白鹳") and labels[7].endswith("species 7") and "…" in labels[7]
+    assert {label.get_rotation() for label in axes.get_xticklabels()} == {90}  # upright: no overlap
+
+
+def test_beyond_the_labelled_classes_every_kth_is_named_with_its_index():
+    n = 3 * MAX_LABELLED_CLASSES + 1
+    axes = confusion_figure(diagonal(n), [f"class {i}" for i in range(n)]).axes[0]
+    labels = [label.get_text() for label in axes.get_xticklabels()]
+    assert len(labels) <= MAX_LABELLED_CLASSES
+    assert labels[:2] == ["0: class 0", "4: class 4"] and axes.get_xlabel() == "predicted (one class in 4 named)"
+
+
+def diagonal(n: int) -> list[list[int]]:
+    return [[int(t == p) for p in range(n)] for t in range(n)]
 
 
 def test_write_run_plots_writes_both_files_into_the_run_directory(tmp_path):
