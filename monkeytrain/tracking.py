@@ -228,15 +228,26 @@ def new_run_id() -> str:
 
 def final_media(wandb: Any, run_dir: Path, results: dict, misclassified: list[dict]) -> dict:
     """The end-of-run W&B entries: interactive confusion matrix, both PNGs, misclassified images."""
-    names = results["class_names"]
-    true, predicted = expand_confusion(results["confusion_matrix"])
     return {
-        "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=true, preds=predicted, class_names=names,
-                                                             title="test confusion matrix"),
+        "test/confusion_matrix": confusion_chart(wandb, results["confusion_matrix"], results["class_names"]),
         **{key: wandb.Image(str(run_dir / name)) for key, name in
            (("test/confusion_matrix_png", CONFUSION_NAME), ("curves", CURVES_NAME)) if (run_dir / name).is_file()},
         "test/misclassified": misclassified_table(wandb, misclassified),
     }
+
+
+def confusion_chart(wandb: Any, matrix: list[list[int]], names: list[str]) -> Any:
+    """W&B's interactive confusion matrix. wandb.plot.confusion_matrix sends a row for every cell, and W&B
+    keeps a table's first 200,000 rows (MAX_ARTIFACT_ROWS): past 447 classes the last classes would vanish
+    with no more than a line in W&B's debug log. There only the cells that hold images are sent."""
+    title = "test confusion matrix"
+    if len(names) ** 2 <= wandb.Table.MAX_ARTIFACT_ROWS:
+        true, predicted = expand_confusion(matrix)
+        return wandb.plot.confusion_matrix(y_true=true, preds=predicted, class_names=names, title=title)
+    cells = [[names[t], names[p], count] for t, row in enumerate(matrix) for p, count in enumerate(row) if count]
+    columns = ["Actual", "Predicted", "nPredictions"]  # as wandb.plot.confusion_matrix names them for its chart
+    return wandb.plot_table("wandb/confusion_matrix/v1", wandb.Table(columns=columns, data=cells),
+                            {name: name for name in columns}, {"title": title})
 
 
 def expand_confusion(matrix: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -189,6 +189,25 @@ def test_offline_wandb_run_holds_the_metrics_summary_tables_and_checkpoint(wandb
     assert (run_dir / CURVES_NAME).stat().st_size > 5000 and (run_dir / CONFUSION_NAME).stat().st_size > 5000
 
 
+def test_the_wandb_confusion_matrix_of_many_classes_keeps_every_test_image(wandb_env, run_dir, monkeypatch):
+    """Past 447 classes, W&B kept the first 200,000 of the n*n cells: the last classes' images were lost.
+    The limit is lowered here to keep the test small."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb.Table, "MAX_ARTIFACT_ROWS", 10_000)
+    names = [f"class {i}" for i in range(120)]
+    matrix = [[2 * (t == p) + (t == 119 and p == 0) for p in range(120)] for t in range(120)]
+    log = make_run_log(run_dir, True, "wandb")
+    log.epoch(epoch_metrics(1))
+    log.final(RESULTS | {"class_names": names, "confusion_matrix": matrix}, [], run_dir / "best.safetensors")
+    log.close()
+    (run,) = finished_offline_runs(wandb_env)
+    rows = table_artifact(run, "confusion_matrix_table")["data"]
+    assert sum(row[2] for row in rows) == 241  # every test image
+    assert ["class 119", "class 0", 1] in rows and ["class 119", "class 119", 2] in rows
+
+
 def test_a_requeued_job_continues_the_same_wandb_run(wandb_env, run_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     first = make_run_log(run_dir, True, "wandb", config=CONFIG)
