@@ -29,7 +29,17 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
                 f"best validation accuracy {best.accuracy:.2%}, not scored on the test split")
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
     run.log.final(results, wrong, run.run_dir / BEST_NAME)
-    return results, f"test accuracy {results['test_accuracy']:.2%} on {results['test_images']} images"
+    return results, scored_line(results)
+
+
+def scored_line(results: dict) -> str:
+    """The test accuracy, and the balanced one where it differs: 96% on 50 images of one class and 2 of
+    another may be a model that never answers the small class."""
+    accuracy, balanced = f"{results['test_accuracy']:.2%}", results["balanced_accuracy"]
+    differs = f" (balanced {balanced:.2%})" if balanced is not None and f"{balanced:.2%}" != accuracy else ""
+    never = results["never_predicted"]
+    never = f"; {len(never)} of {len(results['class_names'])} classes never predicted" if never else ""
+    return f"test accuracy {accuracy}{differs} on {results['test_images']} images{never}"
 
 
 def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch) -> tuple[dict, list[dict]]:
@@ -49,13 +59,16 @@ def peak_gpu_memory() -> int:
 
 def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,
                     best: BestEpoch, run_dir: Path, world_size: int) -> dict:
+    names, per_class = info.class_names, test.per_class_accuracy()
     summary = {
         "test_accuracy": test.accuracy,
+        "balanced_accuracy": balanced_accuracy(per_class),
         "test_loss": test.loss,
         "test_images": test.count,
-        "per_class_accuracy": dict(zip(info.class_names, test.per_class_accuracy())),
+        "per_class_accuracy": dict(zip(names, per_class)),
+        "never_predicted": [name for name, column in zip(names, test.confusion.sum(dim=0).tolist()) if not column],
         "confusion_matrix": test.confusion.tolist(),
-        "class_names": info.class_names,
+        "class_names": names,
         "best_epoch": best.epoch,
         "best_val_accuracy": best.accuracy,
         "best_val_loss": best.loss,
@@ -69,6 +82,13 @@ def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplit
         summary["note"] = ("the best epoch was chosen on the test split (--val-fraction 0), "
                            "so test_accuracy is selection-biased (optimistic)")
     return summary
+
+
+def balanced_accuracy(per_class: list[float | None]) -> float | None:
+    """The mean of the per-class accuracies (recalls) over the classes with a test image, as scikit-learn's
+    balanced_accuracy_score: a model that always answers the largest of k classes scores 1/k."""
+    measured = [accuracy for accuracy in per_class if accuracy is not None]
+    return sum(measured) / len(measured) if measured else None
 
 
 def selection_summary(splits: DatasetSplits, best: BestEpoch, run_dir: Path) -> dict:

@@ -17,7 +17,7 @@ from monkeytrain.checkpoint import CheckpointInfo
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.engine import EvalResult
-from monkeytrain.results import misclassified, results_summary
+from monkeytrain.results import misclassified, results_summary, scored_line
 from monkeytrain.selection import BestEpoch
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
@@ -82,8 +82,8 @@ def test_on_two_ranks_each_prediction_is_matched_to_its_shard_file_and_all_are_g
     assert mistakes == [WRONG_MOST_CONFIDENT_FIRST[i] for i in (0, 1, 3)]
 
 
-def checkpoint_info() -> CheckpointInfo:
-    return CheckpointInfo(architecture="resnet18", class_names=CLASS_NAMES, class_folders=["n0", "n1", "n2"],
+def checkpoint_info(class_names=CLASS_NAMES) -> CheckpointInfo:
+    return CheckpointInfo(architecture="resnet18", class_names=class_names, class_folders=["n0", "n1", "n2"],
                           mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], image_size=64, epoch=4,
                           val_accuracy=0.8, config={"model": "resnet18"})
 
@@ -105,9 +105,11 @@ def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_pa
     note = summary.pop("note", None)
     assert summary == {
         "test_accuracy": 0.75,
+        "balanced_accuracy": 0.75,
         "test_loss": 0.625,
         "test_images": 8,
         "per_class_accuracy": {"howler": 1.0, "patas": 0.5, "uakari": 0.75},
+        "never_predicted": [],
         "confusion_matrix": CONFUSION,
         "class_names": CLASS_NAMES,
         "best_epoch": 4,
@@ -131,3 +133,36 @@ def test_the_summary_says_when_the_data_was_synthetic(tmp_path):
     splits.synthetic = True
     summary = results_summary(eval_result([0] * 8, [0.5] * 8), checkpoint_info(), splits, BestEpoch(), tmp_path, 1)
     assert summary["synthetic_data"] is True
+
+
+# 50 test images of a common class, 2 of a rare one, 1 of a third: the model answers "common" for all but one.
+SKEWED = [[50, 0, 0],
+          [2, 0, 0],
+          [0, 0, 1]]
+
+
+def skewed_summary(tmp_path, class_names=CLASS_NAMES) -> dict:
+    test = eval_result([0] * 53, [0.5] * 53, confusion=SKEWED, accuracy=51 / 53)
+    return results_summary(test, checkpoint_info(class_names), dataset_splits(False), BestEpoch(), tmp_path, 1)
+
+
+def test_the_summary_gives_the_balanced_accuracy_and_the_classes_never_predicted(tmp_path):
+    summary = skewed_summary(tmp_path)
+    assert summary["per_class_accuracy"] == {"howler": 1.0, "patas": 0.0, "uakari": 1.0}
+    assert summary["balanced_accuracy"] == pytest.approx(2 / 3)  # the mean of the three, not 51 of 53
+    assert summary["never_predicted"] == ["patas"]
+
+
+def test_the_balanced_accuracy_leaves_out_a_class_without_test_images(tmp_path):
+    test = eval_result([0] * 4, [0.5] * 4, confusion=[[3, 0, 0], [1, 0, 0], [0, 0, 0]], accuracy=0.75)
+    summary = results_summary(test, checkpoint_info(), dataset_splits(False), BestEpoch(), tmp_path, 1)
+    assert summary["per_class_accuracy"]["uakari"] is None
+    assert summary["balanced_accuracy"] == 0.5 and summary["never_predicted"] == ["patas", "uakari"]
+
+
+def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
+    assert scored_line(skewed_summary(tmp_path)) == (
+        "test accuracy 96.23% (balanced 66.67%) on 53 images; 1 of 3 classes never predicted")
+    even = {"test_accuracy": 0.75, "balanced_accuracy": 0.75, "test_images": 8, "never_predicted": [],
+            "class_names": CLASS_NAMES}
+    assert scored_line(even) == "test accuracy 75.00% on 8 images"
