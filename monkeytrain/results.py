@@ -50,7 +50,7 @@ def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch)
     summary = results_summary(test, info, data.splits, best, run_dir, accelerator.num_processes)
     summary.update(data_pipeline=data.pipeline.mode, resident_data_bytes=data.pipeline.resident_bytes,
                    peak_gpu_memory_bytes=peak_gpu_memory())
-    return summary, misclassified(test, data.splits.test, info.class_names, accelerator)
+    return summary, misclassified(test, data.splits.test, summary["class_names"], accelerator)
 
 
 def peak_gpu_memory() -> int:
@@ -59,7 +59,7 @@ def peak_gpu_memory() -> int:
 
 def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,
                     best: BestEpoch, run_dir: Path, world_size: int) -> dict:
-    names, per_class = info.class_names, test.per_class_accuracy()
+    names, per_class = distinct_names(info.class_names, info.class_folders), test.per_class_accuracy()
     summary = {
         "test_accuracy": test.accuracy,
         "balanced_accuracy": balanced_accuracy(per_class),
@@ -89,6 +89,13 @@ def balanced_accuracy(per_class: list[float | None]) -> float | None:
     balanced_accuracy_score: a model that always answers the largest of k classes scores 1/k."""
     measured = [accuracy for accuracy in per_class if accuracy is not None]
     return sum(measured) / len(measured) if measured else None
+
+
+def distinct_names(names: list[str], folders: list[str]) -> list[str]:
+    """The display names, a name that several classes share followed by its folder ("howler (n0)"):
+    per_class_accuracy is keyed by name, and two classes under one key would leave one out."""
+    shared = {name for name in names if names.count(name) > 1}
+    return [f"{name} ({folder})" if name in shared else name for name, folder in zip(names, folders)]
 
 
 def selection_summary(splits: DatasetSplits, best: BestEpoch, run_dir: Path) -> dict:

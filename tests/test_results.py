@@ -160,6 +160,13 @@ def test_the_balanced_accuracy_leaves_out_a_class_without_test_images(tmp_path):
     assert summary["balanced_accuracy"] == 0.5 and summary["never_predicted"] == ["patas", "uakari"]
 
 
+def test_classes_that_share_a_display_name_keep_one_entry_each(tmp_path):
+    summary = skewed_summary(tmp_path, class_names=["monkey", "monkey", "uakari"])  # a labels file said so
+    assert summary["class_names"] == ["monkey (n0)", "monkey (n1)", "uakari"]
+    assert summary["per_class_accuracy"] == {"monkey (n0)": 1.0, "monkey (n1)": 0.0, "uakari": 1.0}
+    assert summary["never_predicted"] == ["monkey (n1)"]
+
+
 def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
     assert scored_line(skewed_summary(tmp_path)) == (
         "test accuracy 96.23% (balanced 66.67%) on 53 images; 1 of 3 classes never predicted")
