@@ -211,6 +211,10 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  {split:<5} {len(files):>5} images  per class {class_counts(per_class)}")
     for split, origin in split_origins(folders, splits.selection_on_test, config, root).items():
         print(f"  {split:<5} {origin}")
+    for split in splits.named_splits():  # the counts above do not say which, past MAX_LISTED_CLASSES
+        missing = splits.classes_missing_from(split)
+        if missing:
+            print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(missing)}")
     for name, folder in zip(splits.class_names, splits.class_folders):
         print(f"  {folder}: {name}")
     for bad in splits.skipped:
