@@ -215,8 +215,8 @@ def run_inspect(args: argparse.Namespace) -> None:
         missing = splits.classes_missing_from(split)
         if missing:
             print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(missing)}")
-    for name, folder in zip(splits.class_names, splits.class_folders):
-        print(f"  {folder}: {name}")
+    for line in class_lines(splits.class_folders, splits.class_names):
+        print(line)
     for bad in splits.skipped:
         print(f"  skipped {bad.path}: {bad.reason}")
     for a, b in splits.leaks:
@@ -272,6 +272,15 @@ def split_origins(folders, selection_on_test: bool, config, root) -> dict[str, s
         held_out.insert(0, "val")
     less = f", less the {' and '.join(held_out)} held out of it" if held_out else ""
     return {"train": f"from {train}{less}", **{name: origins[name] for name in ("val", "test")}}
+
+
+def class_lines(folders: list[str], names: list[str]) -> list[str]:
+    """One line per class in label order, its index first: folders sort as strings (10 before 2), as in
+    torchvision's ImageFolder. The display name follows where it is not the folder's own."""
+    width = len(str(len(folders) - 1))
+    return ["  classes by label (folder: name where it differs):"] + [
+        f"  {index:>{width}}. {folder}" + (f": {name}" if name != folder else "")
+        for index, (folder, name) in enumerate(zip(folders, names))]
 
 
 def class_counts(per_class: list[int]) -> str:

@@ -1,10 +1,11 @@
 """`monkeytrain inspect-data` on data sets unlike the monkey set: many classes, a class too small to
-give each split an image."""
+give each split an image, folders named by numbers."""
 
 from __future__ import annotations
 
 import pytest
 
+from conftest import write_labels_file
 from monkeytrain import cli
 
 
@@ -22,3 +23,14 @@ def test_the_classes_a_held_out_split_lacks_are_named_past_the_listed_counts(cap
     assert "  test  has no image of 1 class(es): n7" in lines
     assert not [line for line in lines if line.startswith("  train has no image")]
 
+
+def test_classes_are_listed_by_label_with_a_name_only_where_it_differs(capsys, tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="flattened", classes=3, per_class=3, size=8)
+    for split in ("training", "validation"):
+        for old, new in (("n0", "0"), ("n1", "10"), ("n2", "2")):
+            (root / split / old).rename(root / split / new)
+    write_labels_file(root / "monkey_labels.txt", ["10", "2"], [3, 3])  # "0" has no common name
+    cli.main(["inspect-data", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  classes by label (folder: name where it differs):")
+    assert lines[start + 1:start + 4] == ["  0. 0", "  1. 10: common name 0", "  2. 2: common name 1"]
