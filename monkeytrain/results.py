@@ -36,10 +36,11 @@ def scored_line(results: dict) -> str:
     """The test accuracy, and the balanced one where it differs: 96% on 50 images of one class and 2 of
     another may be a model that never answers the small class."""
     accuracy, balanced = f"{results['test_accuracy']:.2%}", results["balanced_accuracy"]
-    differs = f" (balanced {balanced:.2%})" if balanced is not None and f"{balanced:.2%}" != accuracy else ""
     never = results["never_predicted"]
-    never = f"; {len(never)} of {len(results['class_names'])} classes never predicted" if never else ""
-    return f"test accuracy {accuracy}{differs} on {results['test_images']} images{never}"
+    notes = [f"balanced {balanced:.2%}"] if balanced is not None and f"{balanced:.2%}" != accuracy else []
+    notes += [f"{len(never)} of {len(results['class_names'])} classes never predicted"] if never else []
+    noted = f" ({', '.join(notes)})" if notes else ""
+    return f"test accuracy {accuracy}{noted} on {results['test_images']} images"
 
 
 def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch) -> tuple[dict, list[dict]]:

@@ -169,7 +169,7 @@ def test_classes_that_share_a_display_name_keep_one_entry_each(tmp_path):
 
 def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
     assert scored_line(skewed_summary(tmp_path)) == (
-        "test accuracy 96.23% (balanced 66.67%) on 53 images; 1 of 3 classes never predicted")
+        "test accuracy 96.23% (balanced 66.67%, 1 of 3 classes never predicted) on 53 images")
     even = {"test_accuracy": 0.75, "balanced_accuracy": 0.75, "test_images": 8, "never_predicted": [],
             "class_names": CLASS_NAMES}
     assert scored_line(even) == "test accuracy 75.00% on 8 images"
