@@ -10,6 +10,7 @@ beside it follows timm's pretrained-config format, so
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +90,37 @@ class CheckpointInfo:
             config=json.loads(metadata["config"]),
             synthetic_data=json.loads(metadata.get("synthetic_data", "false")),
         )
-        if not (isinstance(info.config, dict) and info.image_size > 0 and len(info.class_names) > 1):
-            raise ValueError("config, image_size or class_names out of range")
+        for field, fits in info._ranges().items():
+            if not fits:
+                raise ValueError(f"{field} out of range")
         return info
+
+    def _ranges(self) -> dict[str, bool]:
+        """Whether each field the header gives holds what predict and evaluate need: an edited one would
+        otherwise end in a traceback, NaN probabilities or wrong class names instead of one line."""
+        shift = self.config.get("tta_shift", 0) if isinstance(self.config, dict) else None
+        return {
+            "config": isinstance(self.config, dict) and type(shift) is int and shift >= 0,  # crops move by it
+            "image_size": self.image_size > 0,
+            "class_names": is_text_list(self.class_names) and len(self.class_names) > 1,
+            "class_folders": (is_text_list(self.class_folders) and len(self.class_folders) == len(self.class_names)
+                              and len(set(self.class_folders)) == len(self.class_folders)),
+            "mean": is_rgb(self.mean),
+            "std": is_rgb(self.std) and min(self.std) > 0,  # images are divided by it
+        }
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_text_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def is_rgb(value) -> bool:
+    """Three finite numbers: one per colour channel."""
+    return isinstance(value, list) and len(value) == 3 and all(map(is_number, value))
 
 
 def library_versions() -> dict[str, str]:

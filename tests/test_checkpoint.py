@@ -157,6 +157,13 @@ DAMAGED_HEADERS = {
     "not a number": ({"image_size": "abc"}, "ValueError"),
     "no pixels": ({"image_size": "0"}, "out of range"),
     "config not a mapping": ({"config": '"str"'}, "out of range"),
+    # edits that read as JSON but would end in a traceback, NaN probabilities or wrong labels
+    "a test-time shift of text": ({"config": '{"tta_shift": "4"}'}, "config out of range"),
+    "class names not text": ({"class_names": "[1, 2, 3]"}, "class_names out of range"),
+    "a class folder short": ({"class_folders": '["n0", "n1"]'}, "class_folders out of range"),
+    "a class folder twice": ({"class_folders": '["n0", "n1", "n1"]'}, "class_folders out of range"),
+    "a mean of one channel": ({"mean": "[0.5]"}, "mean out of range"),
+    "a std of 0": ({"std": "[0.2, 0, 0.2]"}, "std out of range"),
 }
 
 
