@@ -27,19 +27,31 @@ class Prediction:
 
 def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Readable images among files and folders given; a named file that is not one is an error."""
-    paths = []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise UserError(f"{item} does not exist; pass image files or folders of images.")
-        paths += candidate_files(item) if item.is_dir() else [item]
+    paths = [path for item in map(Path, inputs) for path in files_of(item)]
     images, skipped = scan_labelled_files([(p, -1) for p in paths])
-    named_files = {Path(i) for i in inputs if Path(i).is_file()}
+    named_files = {Path(i) for i in inputs if not Path(i).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
-            raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
+            raise UserError(f"{bad.path} is {as_predicate(bad.reason)}; pass an image file.")
     if not images:
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
     return images, skipped
+
+
+def files_of(item: Path) -> list[Path]:
+    """The files an input names: every file below a folder, or the file itself."""
+    if item.is_dir():
+        return candidate_files(item)
+    if item.is_file() or item.is_symlink():  # a link to nothing too, for the scan to say where it points
+        return [item]
+    if item.exists():  # reading a named pipe would wait for a writer forever; a pipe can be read only once
+        raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
+    raise UserError(f"{item} does not exist; pass image files or folders of images.")
+
+
+def as_predicate(reason: str) -> str:
+    """A scan's reason for skipping a file, to follow "is": all but one already read so."""
+    return "an empty file" if reason == "empty file" else reason
 
 
 def preparer(info: CheckpointInfo) -> Callable:

@@ -1,0 +1,67 @@
+"""monkeytrain predict and evaluate (monkeytrain.predict) on unusual inputs: one answer per image,
+one line and status 2 for what cannot be used.
+
+The checkpoint is an untrained tiny model saved once for the module (what it predicts does not
+matter here, only what is predicted and what is refused)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_image_folder
+from monkeytrain import cli
+from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
+from monkeytrain.config import TrainConfig
+from monkeytrain.model import create_model
+
+TINY = "test_resnet"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    info = CheckpointInfo(TINY, ["common name 0", "common name 1", "common name 2"], ["n0", "n1", "n2"],
+                          [0.5] * 3, [0.25] * 3, 32, 1, 0.5, TrainConfig(model=TINY, image_size=32).to_dict())
+    return save_checkpoint(tmp_path_factory.mktemp("run"), create_model(TINY, 3).eval(), info)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """A folder of class subfolders n0, n1, n2 of two images each."""
+    return write_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=2) / "validation" / "validation"
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """The one error line `monkeytrain ARGV` printed before exiting with status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("monkeytrain: error: "), errors
+    return errors[0]
+
+
+def predicted_paths(argv: list[str], capsys) -> list[str]:
+    capsys.readouterr()
+    cli.main(["predict", "--cpu", "--json", *argv])
+    return [answer["path"] for answer in json.loads(capsys.readouterr().out)]
+
+
+def test_a_named_file_that_is_no_image_says_what_it_is(checkpoint, split, capsys, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.touch()
+    dangling = tmp_path / "gone.png"
+    dangling.symlink_to(tmp_path / "moved.png")
+    expected = {empty: f"{empty} is an empty file; pass an image file.",
+                dangling: f"{dangling} is a link to {tmp_path / 'moved.png'}, which does not exist",
+                # a pipe would be read once, or wait for a writer forever; a device, like a pipe, is no file
+                Path(os.devnull): f"{os.devnull} is not a regular file (a pipe or a device)"}
+    for named, message in expected.items():
+        assert message in error_of(["predict", "--cpu", "--checkpoint", str(checkpoint), str(split), str(named)],
+                                   capsys)
