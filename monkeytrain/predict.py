@@ -3,6 +3,7 @@ and scoring an image folder."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,12 @@ class Prediction:
 
 
 def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Readable images among files and folders given; a named file that is not one is an error."""
-    paths = [path for item in map(Path, inputs) for path in files_of(item)]
-    images, skipped = scan_labelled_files([(p, -1) for p in paths])
+    """Readable images among files and folders given, each once (a file named twice, or named and in a
+    folder given too, is one image: one answer); a named file that is not one is an error."""
+    once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
+    for path in (path for item in map(Path, inputs) for path in files_of(item)):
+        once.setdefault(os.path.abspath(path), path)
+    images, skipped = scan_labelled_files([(p, -1) for p in once.values()])
     named_files = {Path(i) for i in inputs if not Path(i).is_dir()}
     for bad in skipped:
         if bad.path in named_files:

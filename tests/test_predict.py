@@ -53,6 +53,13 @@ def predicted_paths(argv: list[str], capsys) -> list[str]:
     return [answer["path"] for answer in json.loads(capsys.readouterr().out)]
 
 
+def test_a_file_named_twice_or_in_a_folder_given_too_is_predicted_once(checkpoint, split, capsys):
+    image = split / "n0" / "n0_000.png"
+    other = split / "n0" / "n0_001.png"
+    assert predicted_paths(["--checkpoint", str(checkpoint), str(image), f"{split}/./n0/n0_000.png",
+                            os.path.relpath(image), str(split / "n0")], capsys) == [str(image), str(other)]
+
+
 def test_a_named_file_that_is_no_image_says_what_it_is(checkpoint, split, capsys, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.touch()
