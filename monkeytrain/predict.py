@@ -103,20 +103,37 @@ def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
 def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Images of a folder of class subfolders, labelled by the checkpoint's class folders."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass a folder of class subfolders.")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{folder} {what}; pass a folder of class subfolders.")
     names = layout.class_folders(folder)
     unknown = [n for n in names if n not in info.class_folders]
     if not names:
+        itself = (f"; it is itself the class folder '{folder.name}', so pass the folder that holds it"
+                  if folder.name in info.class_folders else "")
         raise UserError(f"{folder} has no class subfolders; pass a folder of them, named as the checkpoint's "
-                        f"classes ({', '.join(info.class_folders)}).")
+                        f"classes ({', '.join(info.class_folders)}){itself}.")
     if unknown:
-        raise UserError(f"{folder} has class folder '{unknown[0]}' that the checkpoint does not know; expected "
-                        f"subfolders among {', '.join(info.class_folders)}.")
+        raise UserError(unknown_class_folder(folder, unknown[0], info))
     labelled = [(p, info.class_folders.index(n)) for n in names for p in candidate_files(folder / n)]
     images, skipped = scan_labelled_files(labelled)
     if not images:
         raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
     return images, skipped
+
+
+def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
+    """Why a subfolder named `name` is no class of the checkpoint's, and what to do: often the split folder
+    one level too high (Kaggle's validation/validation), or a name that differs only in letter case."""
+    known = info.class_folders
+    below = layout.class_folders(folder / name)
+    if below and all(n in known for n in below):
+        return f"{folder} holds the class folders one level down, in {folder / name}; pass that folder."
+    alike = [k for k in known if k.casefold() == name.casefold()]
+    if alike:  # class names are case-sensitive, as folder names are on most file systems
+        return (f"{folder} has class folder '{name}', where the checkpoint's is '{alike[0]}' (letter case "
+                "differs); rename it.")
+    return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
+            f"among {', '.join(known)}.")
 
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,

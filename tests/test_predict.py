@@ -72,3 +72,18 @@ def test_a_named_file_that_is_no_image_says_what_it_is(checkpoint, split, capsys
     for named, message in expected.items():
         assert message in error_of(["predict", "--cpu", "--checkpoint", str(checkpoint), str(split), str(named)],
                                    capsys)
+
+
+def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_looks(checkpoint, split, capsys,
+                                                                                      tmp_path):
+    (tmp_path / "cased" / "N0").mkdir(parents=True)
+    evaluate = ["evaluate", "--cpu", "--checkpoint", str(checkpoint)]
+    expected = {
+        tmp_path / "missing": f"{tmp_path / 'missing'} does not exist; pass a folder of class subfolders.",
+        split.parent: f"{split.parent} holds the class folders one level down, in {split}; pass that folder.",
+        split / "n1": f"{split / 'n1'} has no class subfolders; pass a folder of them, named as the checkpoint's "
+                      "classes (n0, n1, n2); it is itself the class folder 'n1', so pass the folder that holds it.",
+        tmp_path / "cased": "has class folder 'N0', where the checkpoint's is 'n0' (letter case differs)",
+    }
+    for folder, message in expected.items():
+        assert message in error_of([*evaluate, str(folder)], capsys)
