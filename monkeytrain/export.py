@@ -78,6 +78,9 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
     `output` defaults to the checkpoint's path with the suffix .onnx. A UserError, and
     nothing written, when a logit differs by more than `tolerance` (relative where
     logits exceed 1; see `compare`)."""
+    if checkpoint.suffix.lower() == ".onnx":  # else read as a .safetensors, "not readable" would puzzle
+        raise UserError(f"--checkpoint {checkpoint} is already an ONNX model; export takes the best.safetensors "
+                        "it was exported from.")
     output = output or checkpoint.with_suffix(".onnx")
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output {output} must end in .onnx: predict and evaluate tell an ONNX model by it.")

@@ -199,3 +199,8 @@ def test_deeper_resnets_build_save_reload_and_export(architecture, exported, tmp
         done = export.export_checkpoint(checkpoint)
         assert done.path == tmp_path / "best.onnx" and done.agreement.top1_agreement == 1.0
         assert load_onnx(done.path)[1] == info
+
+
+def test_exporting_an_onnx_file_again_says_it_is_one(run, capsys):
+    message = error_of(["export", "--checkpoint", str(run["onnx"])], capsys)
+    assert f"--checkpoint {run['onnx']} is already an ONNX model; export takes the best.safetensors" in message
