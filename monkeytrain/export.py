@@ -82,6 +82,8 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
         raise UserError(f"--checkpoint {checkpoint} is already an ONNX model; export takes the best.safetensors "
                         "it was exported from.")
     output = output or checkpoint.with_suffix(".onnx")
+    if output.name.lower() == ".onnx":  # a hidden file with no suffix to Python, and so to predict
+        raise UserError(f"--output {output} has no name before .onnx; name the file, e.g. model.onnx.")
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output {output} must end in .onnx: predict and evaluate tell an ONNX model by it.")
     if output.is_dir():

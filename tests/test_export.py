@@ -171,6 +171,7 @@ def test_a_tolerance_breach_is_one_line_and_writes_nothing(exported_again, monke
 
 def test_export_flags_are_checked(exported_again, capsys, tmp_path):
     assert "must end in .onnx" in error_of([*exported_again, "--output", "model.bin"], capsys)
+    assert "has no name before .onnx; name the file" in error_of([*exported_again, "--output", "runs/.onnx"], capsys)
     (tmp_path / "models.onnx").mkdir()
     assert "is a folder; name the .onnx file" in error_of([*exported_again, "--output", str(tmp_path / "models.onnx")],
                                                           capsys)
