@@ -163,12 +163,12 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from monkeytrain.predict import evaluate_folder
+    from monkeytrain.predict import evaluate_folder, shown_class_names
 
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
     warn_about_files(skipped)
-    per_class = dict(zip(info.class_names, result.per_class_accuracy()))
+    per_class = dict(zip(shown_class_names(info), result.per_class_accuracy()))
     if args.json:
         print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "images": result.count,
                           "per_class_accuracy": per_class,

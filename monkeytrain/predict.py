@@ -90,14 +90,23 @@ def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
     prepare, forward = inference(classifier, info)
     loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=batch_size)
     k = min(top_k, info.num_classes)
+    names = shown_class_names(info)
     predictions = []
     for views, _ in loader:
         probabilities = forward(prepare(views.to(device))).float().softmax(dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-            top = [(info.class_names[i], p) for i, p in zip(row_indices, row_values)]
+            top = [(names[i], p) for i, p in zip(row_indices, row_values)]
             predictions.append(Prediction(images[len(predictions)].path, top))
     return predictions
+
+
+def shown_class_names(info: CheckpointInfo) -> list[str]:
+    """The class names to show, each once: a name that two classes share (two folders given one common
+    name in monkey_labels.txt) has its folder added, so no class hides another, nor a JSON key."""
+    shared = {name for name in info.class_names if info.class_names.count(name) > 1}
+    return [f"{name} ({folder})" if name in shared else name
+            for name, folder in zip(info.class_names, info.class_folders)]
 
 
 def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:

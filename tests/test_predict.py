@@ -22,12 +22,17 @@ from monkeytrain.model import create_model
 TINY = "test_resnet"
 
 
+def tiny_checkpoint(folder: Path, class_names: list[str]) -> Path:
+    """best.safetensors of an untrained tiny model whose classes are the folders n0, n1, n2."""
+    torch.manual_seed(0)
+    info = CheckpointInfo(TINY, class_names, ["n0", "n1", "n2"], [0.5] * 3, [0.25] * 3, 32, 1, 0.5,
+                          TrainConfig(model=TINY, image_size=32).to_dict())
+    return save_checkpoint(folder, create_model(TINY, 3).eval(), info)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    info = CheckpointInfo(TINY, ["common name 0", "common name 1", "common name 2"], ["n0", "n1", "n2"],
-                          [0.5] * 3, [0.25] * 3, 32, 1, 0.5, TrainConfig(model=TINY, image_size=32).to_dict())
-    return save_checkpoint(tmp_path_factory.mktemp("run"), create_model(TINY, 3).eval(), info)
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"), ["common name 0", "common name 1", "common name 2"])
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +92,15 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
     }
     for folder, message in expected.items():
         assert message in error_of([*evaluate, str(folder)], capsys)
+
+
+def test_classes_that_share_a_name_are_told_apart_by_their_folders(split, capsys, tmp_path):
+    """monkey_labels.txt may give two folders one common name: no class may hide another in the output."""
+    shared = str(tiny_checkpoint(tmp_path, ["macaque", "macaque", "howler"]))
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", shared, str(split)])
+    assert list(json.loads(capsys.readouterr().out)["per_class_accuracy"]) == ["macaque (n0)", "macaque (n1)",
+                                                                                "howler"]
+    cli.main(["predict", "--cpu", "--json", "--top-k", "3", "--checkpoint", shared, str(split / "n0" / "n0_000.png")])
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert sorted(answer["class"] for answer in top) == ["howler", "macaque (n0)", "macaque (n1)"]
