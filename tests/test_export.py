@@ -134,6 +134,7 @@ def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tm
     assert "has no monkeytrain metadata" in error_of(["predict", "--checkpoint", str(foreign), str(run["test"])], capsys)
     header = {prop.key: prop.value for prop in onnx.load(str(run["onnx"])).metadata_props}
     header["class_names"] = json.dumps(["only", "two"])  # our header on a model of three classes
+    header["class_folders"] = json.dumps(["n0", "n1"])  # one per class, or the header itself is damaged
     onnx.helper.set_model_props(plain, header)
     onnx.save(plain, str(foreign))
     message = error_of(["evaluate", "--checkpoint", str(foreign), str(run["test"])], capsys)
