@@ -102,11 +102,8 @@ def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
 
 
 def shown_class_names(info: CheckpointInfo) -> list[str]:
-    """The class names to show, each once: a name that two classes share (two folders given one common
-    name in monkey_labels.txt) has its folder added, so no class hides another, nor a JSON key."""
-    shared = {name for name in info.class_names if info.class_names.count(name) > 1}
-    return [f"{name} ({folder})" if name in shared else name
-            for name, folder in zip(info.class_names, info.class_folders)]
+    """The class names to show, each once, also for a checkpoint made before names were made distinct."""
+    return layout.distinct_names(info.class_names, info.class_folders)
 
 
 def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:

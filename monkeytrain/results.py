@@ -14,7 +14,7 @@ from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
 from monkeytrain.distributed import shard_indices
 from monkeytrain.engine import EvalResult, evaluate
-from monkeytrain.predict import inference
+from monkeytrain.predict import inference, shown_class_names
 from monkeytrain.selection import BestEpoch
 
 MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
@@ -60,7 +60,7 @@ def peak_gpu_memory() -> int:
 
 def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplits,
                     best: BestEpoch, run_dir: Path, world_size: int) -> dict:
-    names, per_class = distinct_names(info.class_names, info.class_folders), test.per_class_accuracy()
+    names, per_class = shown_class_names(info), test.per_class_accuracy()
     summary = {
         "test_accuracy": test.accuracy,
         "balanced_accuracy": balanced_accuracy(per_class),
@@ -90,13 +90,6 @@ def balanced_accuracy(per_class: list[float | None]) -> float | None:
     balanced_accuracy_score: a model that always answers the largest of k classes scores 1/k."""
     measured = [accuracy for accuracy in per_class if accuracy is not None]
     return sum(measured) / len(measured) if measured else None
-
-
-def distinct_names(names: list[str], folders: list[str]) -> list[str]:
-    """The display names, a name that several classes share followed by its folder ("howler (n0)"):
-    per_class_accuracy is keyed by name, and two classes under one key would leave one out."""
-    shared = {name for name in names if names.count(name) > 1}
-    return [f"{name} ({folder})" if name in shared else name for name, folder in zip(names, folders)]
 
 
 def selection_summary(splits: DatasetSplits, best: BestEpoch, run_dir: Path) -> dict:

@@ -120,6 +120,12 @@ def test_a_split_folder_holding_its_own_name_beside_other_classes_is_a_split_of_
     assert folders.train == root / "train" and layout.check_same_classes(folders) == ["n0", "train"]
 
 
+def test_folders_a_labels_file_gives_one_common_name_are_told_apart_by_their_folders(tmp_path):
+    labels = tmp_path / "monkey_labels.txt"
+    labels.write_text("Label,Latin Name,Common Name\nn0,a,macaque\nn1,b,macaque\nn2,c,howler\n")
+    assert layout.display_names(["n0", "n1", "n2"], labels) == ["macaque (n0)", "macaque (n1)", "howler"]
+
+
 def test_missing_root_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="nowhere"):
         layout.folders_from_root(tmp_path / "nowhere")

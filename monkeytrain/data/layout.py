@@ -217,7 +217,15 @@ def display_names(class_folder_names: list[str], labels_file: Optional[Path]) ->
     """Common names from monkey_labels.txt where it has them, else the folder names, as printable text: a
     folder name that is not UTF-8 shows its odd bytes as U+FFFD (plots, logs and JSON cannot take them)."""
     common = read_common_names(labels_file) if labels_file else {}
-    return [printable(common.get(name, name)) for name in class_folder_names]
+    names = [printable(common.get(name, name)) for name in class_folder_names]
+    return distinct_names(names, [printable(name) for name in class_folder_names])
+
+
+def distinct_names(names: list[str], folders: list[str]) -> list[str]:
+    """The display names, a name that several classes share followed by its folder ("macaque (n0)"): a
+    labels file may give two folders one common name, and names key per-class figures and predictions."""
+    shared = {name for name in names if names.count(name) > 1}
+    return [f"{name} ({folder})" if name in shared else name for name, folder in zip(names, folders)]
 
 
 def printable(name: str) -> str:
