@@ -106,6 +106,19 @@ def write_image_folder(
     return root
 
 
+def command_error(argv: list[str], capsys) -> str:
+    """The one error line `monkeytrain ARGV` printed before exiting with status 2."""
+    from monkeytrain import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("monkeytrain: error: "), errors
+    return errors[0]
+
+
 @pytest.fixture
 def make_image_folder() -> Callable[..., Path]:
     """Factory: make_image_folder(root, layout="kaggle", classes=3, per_class=6, size=24) -> root.

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import command_error as error_of
 from monkeytrain import cli, export
 from monkeytrain.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from monkeytrain.config import TrainConfig
@@ -44,17 +45,6 @@ def run(tmp_path_factory) -> dict:
         cli.main(["export", "--checkpoint", str(checkpoint), "--check-data", str(test_split)])
     return {"checkpoint": checkpoint, "onnx": checkpoint.with_suffix(".onnx"), "test": test_split,
             "printed": printed.getvalue(), "root": root}
-
-
-def error_of(argv: list[str], capsys) -> str:
-    """The one error line `monkeytrain ARGV` printed before exiting with status 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(argv)
-    assert stopped.value.code == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("monkeytrain: error: "), errors
-    return errors[0]
 
 
 def output_of(argv: list[str], capsys) -> str:
@@ -131,7 +121,8 @@ def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tm
     del plain.metadata_props[:]
     foreign = tmp_path / "foreign.onnx"
     onnx.save(plain, str(foreign))
-    assert "has no monkeytrain metadata" in error_of(["predict", "--checkpoint", str(foreign), str(run["test"])], capsys)
+    predicted = ["predict", "--checkpoint", str(foreign), str(run["test"])]
+    assert "has no monkeytrain metadata" in error_of(predicted, capsys)
     header = {prop.key: prop.value for prop in onnx.load(str(run["onnx"])).metadata_props}
     header["class_names"] = json.dumps(["only", "two"])  # our header on a model of three classes
     header["class_folders"] = json.dumps(["n0", "n1"])  # one per class, or the header itself is damaged

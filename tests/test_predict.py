@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_image_folder
+from conftest import command_error as error_of, write_image_folder
 from monkeytrain import cli
 from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
 from monkeytrain.config import TrainConfig
@@ -39,17 +39,6 @@ def checkpoint(tmp_path_factory) -> Path:
 def split(tmp_path_factory) -> Path:
     """A folder of class subfolders n0, n1, n2 of two images each."""
     return write_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=2) / "validation" / "validation"
-
-
-def error_of(argv: list[str], capsys) -> str:
-    """The one error line `monkeytrain ARGV` printed before exiting with status 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(argv)
-    assert stopped.value.code == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("monkeytrain: error: "), errors
-    return errors[0]
 
 
 def predicted_paths(argv: list[str], capsys) -> list[str]:

@@ -463,7 +463,8 @@ def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
 def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path):
     """A job submitted with --no-requeue: the state is saved, but the job must not end COMPLETED as if
     requeued; the log's last line says how to continue."""
-    refusing = '#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\necho "Requested operation is presently disabled" >&2\nexit 1\n'
+    refusing = ('#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\n'
+                'echo "Requested operation is presently disabled" >&2\nexit 1\n')
     node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing)
     assert node.returncode == 1, stderr
     assert calls == "launcher ended\nrequeue 4242\n"
