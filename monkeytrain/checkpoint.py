@@ -186,6 +186,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo
     return weights, CheckpointInfo.from_metadata(header, path)
 
 
+def is_torch_save_file(path: Path) -> bool:
+    """Whether `path` starts as torch.save writes: a zip archive (since torch 1.6), or a bare pickle before."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
+
+
 def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights and the header word for word (str -> str), which an export copies whole."""
     if not path.is_file():
@@ -195,6 +202,10 @@ def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
             metadata = handle.metadata() or {}
             weights = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged files
+        if is_torch_save_file(path):
+            raise UserError(f"{path} is a torch.save file (.pt/.pth, as timm's train.py writes), not a monkeytrain "
+                            "checkpoint, which holds the classes and preprocessing too; pass the best.safetensors "
+                            "of a monkeytrain run.") from None
         raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid checkpoint.") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} has no monkeytrain metadata; pass a best.safetensors written by monkeytrain.")

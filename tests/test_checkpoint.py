@@ -195,7 +195,11 @@ def test_non_safetensors_file_is_a_user_error(tmp_path, content):
 def test_torch_pickle_checkpoint_is_a_user_error(tmp_path, tiny_model):
     path = tmp_path / "model.pth"
     torch.save(tiny_model.state_dict(), path)
-    with pytest.raises(UserError, match="safetensors"):
+    with pytest.raises(UserError, match=r"model.pth is a torch.save file \(.pt/.pth, as timm's train.py writes\), "
+                                        "not a monkeytrain checkpoint"):
+        read_checkpoint(path)
+    torch.save(tiny_model.state_dict(), path, _use_new_zipfile_serialization=False)  # before torch 1.6
+    with pytest.raises(UserError, match="is a torch.save file"):
         read_checkpoint(path)
 
 
