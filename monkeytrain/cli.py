@@ -207,7 +207,7 @@ def run_inspect(args: argparse.Namespace) -> None:
         return
     print(f"{root or folders.train}: layout {manifest['layout']}, {len(splits.class_names)} classes")
     for split, files in splits.named_splits().items():
-        per_class = [sum(f.label == i for f in files) for i in range(len(splits.class_names))]
+        per_class = list(manifest["per_class_counts"][split].values())
         print(f"  {split:<5} {len(files):>5} images  per class {class_counts(per_class)}")
     for split, origin in split_origins(folders, splits.selection_on_test, config, root).items():
         print(f"  {split:<5} {origin}")

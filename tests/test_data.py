@@ -178,6 +178,9 @@ def test_bad_files_are_skipped_with_a_reason_and_counted(tmp_path, make_image_fo
     assert not used & {s.path for s in splits.skipped}
     assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 10
     manifest = json.loads(json.dumps(splits.manifest()))
+    for split, files in splits.named_splits().items():
+        assert manifest["per_class_counts"][split] == {
+            folder: sum(f.label == label for f in files) for label, folder in enumerate(splits.class_folders)}
     assert manifest["skipped_count"] == 5
     assert {Path(s["path"]) for s in manifest["skipped"]} == {s.path for s in splits.skipped}
     reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}

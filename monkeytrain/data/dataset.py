@@ -56,12 +56,20 @@ class DatasetSplits:
             "class_folders": self.class_folders,
             "class_names": self.class_names,
             "counts": {name: len(files) for name, files in self.named_splits().items()},
+            "per_class_counts": {name: self.per_class_counts(files) for name, files in self.named_splits().items()},
             "skipped_count": len(self.skipped),
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             "leaks": [[str(a), str(b)] for a, b in self.leaks],
             "conflicts": [[str(a.path), str(b.path)] for a, b in self.conflicts],
             "files": {name: [str(f.path) for f in files] for name, files in self.named_splits().items()},
         }
+
+    def per_class_counts(self, files: list[ImageFile]) -> dict[str, int]:
+        """How many of `files` each class folder has, in label order."""
+        counts = [0] * len(self.class_folders)
+        for f in files:
+            counts[f.label] += 1
+        return dict(zip(self.class_folders, counts))
 
     def classes_missing_from(self, split: str) -> list[str]:
         """The class folders without an image in a held-out split: a class whose images are one (or
