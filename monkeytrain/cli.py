@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from monkeytrain import __version__
 from monkeytrain.data.layout import DEFAULT_DATA_ROOT
 from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
 
@@ -30,6 +31,7 @@ def given_path(text: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="monkeytrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("train", help="train (same flags as monkeytrain/train.py; --help there)",

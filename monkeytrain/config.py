@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from monkeytrain import __version__
 from monkeytrain.errors import FlagParser, UserError
 
 # The one list of accepted values of each choice flag: argparse, YAML presets and
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
+    parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {k: v for k, v in f.metadata.items() if k != "help"}

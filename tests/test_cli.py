@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from conftest import process_state_put_back, started_at_once
 from forked import exit_codes, printed, run_in, start
+import monkeytrain
 from monkeytrain import cli, train
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.statestore import state_dirs
@@ -390,6 +391,13 @@ def test_resume_auto_without_a_run_name_says_that_a_new_run_starts(capsys, data)
     (run_dir,) = Path("runs").iterdir()
     assert (f"warning: --resume auto without --run-name has no run to continue: a new run {run_dir.name} starts"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("entry_point", [cli.main, train.main])
+def test_version_prints_the_package_version(capsys, entry_point):
+    with pytest.raises(SystemExit) as exited:
+        entry_point(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"monkeytrain {monkeytrain.__version__}\n"
 
 
 def test_model_and_weights_errors(capsys, data):

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import monkeytrain
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +23,7 @@ def test_the_wheel_holds_every_module_of_the_source_tree(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True)
     wheel, = (tmp_path / "dist").glob("monkeytrain-*.whl")
+    assert wheel.name.startswith(f"monkeytrain-{monkeytrain.__version__}-")  # the version --version prints
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     expected = {path.relative_to(source).as_posix() for path in (source / "monkeytrain").rglob("*.py")}
     assert "monkeytrain/data/views.py" in expected
