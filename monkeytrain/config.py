@@ -209,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
         if "choices" in extra:  # old values are accepted here, then renamed with a warning
             extra["choices"] += tuple(old for (name, old) in RENAMED_VALUES if name == f.name)
-        help_text = f"{f.metadata['help']} (default: {f.default}" + (
-            f"; CPU recipe: {CPU_RECIPE[f.name]})" if f.name in CPU_RECIPE else ")")
+        help_text = f"{f.metadata['help']}{shown_default(f)}"
         if _base_type(f) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -218,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     for old, new in RENAMED_FIELDS.items():
         parser.add_argument("--" + old.replace("_", "-"), type=_base_type(FIELDS[new]), help=argparse.SUPPRESS)
     return parser
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """' (default: 150; CPU recipe: 45)' after a flag's help. Nothing for a default of None: its help says
+    in words what happens then (the cores, a timestamp, from scratch), and '(default: None)' would
+    contradict it."""
+    if f.default is None:
+        return ""
+    recipe = f"; CPU recipe: {CPU_RECIPE[f.name]}" if f.name in CPU_RECIPE else ""
+    return f" (default: {f.default}{recipe})"
 
 
 def _base_type(f: dataclasses.Field) -> type:

@@ -312,6 +312,15 @@ def test_every_field_has_help_text_and_a_flag():
         assert f.name in options
 
 
+def test_help_shows_no_default_of_none_beside_the_words_that_say_what_it_means():
+    """--num-workers says "Default: the CPU cores ..."; "(default: None)" after it would contradict that."""
+    from monkeytrain.config import build_parser
+
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert [name for name, text in helps.items() if text and "default: None" in text] == []
+    assert helps["epochs"].endswith(f"(default: 150; CPU recipe: {CPU_RECIPE['epochs']})")
+
+
 def test_user_error_from_config_ends_with_one_line_and_status_2(capsys):
     main = exits_cleanly_on_user_error(parse_config)
     with pytest.raises(SystemExit) as exit_info:
