@@ -362,8 +362,15 @@ def looks_like_a_number(text: str) -> bool:
     return True
 
 
+# YAML 1.1 (PyYAML) reads an unquoted no as false, and Accelerate's configs write `mixed_precision: no`:
+# in this text field, false can only mean the choice no.
+YAML_BOOLEANS_MEANING = {("mixed_precision", False): "no"}
+
+
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     kind = _base_type(f)
+    if isinstance(value, bool) and (f.name, value) in YAML_BOOLEANS_MEANING:
+        return YAML_BOOLEANS_MEANING[(f.name, value)]
     if value is None and "Optional" in str(f.type):
         return None
     if kind is bool and isinstance(value, bool):

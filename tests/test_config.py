@@ -139,6 +139,12 @@ def test_a_yaml_number_without_a_dot_is_a_number(tmp_path):
     assert (config.lr, config.weight_decay) == (0.001, 0.0005)
 
 
+@pytest.mark.parametrize("text", ["mixed_precision: no\n", "mixed-precision: 'no'\n"])
+def test_an_unquoted_no_is_the_precision_no(tmp_path, text):
+    """YAML 1.1 reads `no` as false; Accelerate's configs write `mixed_precision: no` unquoted."""
+    assert parse_config(["--config", write_yaml(tmp_path / "p.yaml", text)]).mixed_precision == "no"
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "gives 'lr' twice (again on line 3); keep one of them."),
     ("batch-size: 16\nbatch_size: 32\n", "sets --batch-size twice, as 'batch-size' and as 'batch_size'"),
