@@ -363,8 +363,9 @@ def looks_like_a_number(text: str) -> bool:
 
 
 # YAML 1.1 (PyYAML) reads an unquoted no as false, and Accelerate's configs write `mixed_precision: no`:
-# in this text field, false can only mean the choice no.
-YAML_BOOLEANS_MEANING = {("mixed_precision", False): "no"}
+# in this text field, false can only mean the choice no. timm's args.yaml writes `pretrained: true` (hub
+# weights, as the bare flag) or `pretrained: false` (from scratch, as no flag).
+YAML_BOOLEANS_MEANING = {("mixed_precision", False): "no", ("pretrained", True): "hub", ("pretrained", False): None}
 
 
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:

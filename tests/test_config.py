@@ -278,6 +278,12 @@ def test_pretrained_flag_alone_means_hub_and_takes_a_path(tmp_path, monkeypatch)
     assert parse_config(["--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
 
 
+@pytest.mark.parametrize("text, weights", [("pretrained: true\n", "hub"), ("pretrained: no\n", None)])
+def test_pretrained_true_or_false_in_a_preset_means_what_the_flag_or_its_absence_does(tmp_path, text, weights):
+    """timm's train.py saves `pretrained: true` or `false` in its args.yaml."""
+    assert parse_config(["--config", write_yaml(tmp_path / "p.yaml", text)]).pretrained == weights
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"only its existence is checked with the flags")
     config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", str(tmp_path / "x.safetensors"),
