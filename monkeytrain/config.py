@@ -382,7 +382,18 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if kind in (int, str) and type(value) is kind:
         return value
-    raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}.")
+    raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}; {how_to_write(f, value)}.")
+
+
+def how_to_write(f: dataclasses.Field, value: Any) -> str:
+    """What to write instead of a value of the wrong type: YAML reads yes, 2024 or 1.0 as other types
+    than the writer meant, and null (or nothing after the colon) as no value at all."""
+    if value is None:
+        return "give a value, or leave the key out for the default"
+    if f.metadata.get("choices"):
+        return "give {} or {}".format(*one_of(f.metadata["choices"]))
+    return {int: "give a whole number, such as 10", float: "give a number, such as 0.001",
+            bool: "give true or false", str: "put it in quotes to give it as text"}[_base_type(f)]
 
 
 def field_type(name: str) -> type:

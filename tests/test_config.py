@@ -133,6 +133,20 @@ def test_wrong_yaml_type_is_an_error_naming_the_key(tmp_path, text, key):
         parse_config(["--config", preset])
 
 
+@pytest.mark.parametrize("text, advice", [
+    ('epochs: "ten"\n', "give a whole number, such as 10"),
+    ("epochs:\n", "give a value, or leave the key out for the default"),
+    ("lr: [0.1, 0.2]\n", "give a number, such as 0.001"),
+    ('tta_flip: "yes"\n', "give true or false"),
+    ("run_name: 2024\n", "put it in quotes to give it as text"),
+    ("optimizer: 1\n", "give sgd or adamw"),
+])
+def test_a_wrong_yaml_type_says_what_to_write_instead(tmp_path, text, advice):
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", write_yaml(tmp_path / "p.yaml", text)])
+    assert str(error.value).endswith(f"; {advice}.")
+
+
 def test_a_yaml_number_without_a_dot_is_a_number(tmp_path):
     """YAML 1.1 (PyYAML) reads 1e-3 as text; in a float field it is the number everyone means."""
     config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", "lr: 1e-3\nweight_decay: 5E-4\n")])
