@@ -7,12 +7,15 @@ the trainer adds (where training stands, the augmentation generator, the
 weight average). It is written to a temporary folder by all ranks together,
 marked COMPLETE, then renamed into place, so a kill at any moment leaves
 either the old states or the new one, never a half-written folder that
-`--resume auto` would pick. What goes in is the trainer's business; when to
+`--resume auto` would pick. A state keeps a copy of the run's `data_manifest.json`, so
+that a resume whose data folder gained or lost an image since is refused instead of going on
+with other data, batches and normalisation. What goes in is the trainer's business; when to
 save and when to stop is `preemption.py`'s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -27,6 +30,7 @@ from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
 
 COMPLETE = "COMPLETE"
+DATA_RECORD = "data_manifest.json"  # the run's account of its data, which train.py writes before training
 STATE_PREFIX = "step-"
 
 
@@ -111,10 +115,26 @@ class StateStore:
         mine = torch.load(mine_file, map_location="cpu", weights_only=False) if mine_file.is_file() else {}
         if mine.pop("world_size", None) != accelerator.num_processes:
             raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
+        self._check_same_data(path)
         accelerator.load_state(str(path))
         main = torch.load(path / "progress-rank0.pt", map_location="cpu", weights_only=False)
         main.pop("world_size")
         return mine, main
+
+    def _check_same_data(self, path: Path) -> None:
+        """Refuse a state saved with other data than the run's now: RUN/data_manifest.json, written for
+        this run's data before it resumes, against the copy the state keeps (none in older states). On
+        refusal the run's record goes back to the data it trained on."""
+        kept, now = path / DATA_RECORD, self.root.parent / DATA_RECORD
+        if not (kept.is_file() and now.is_file()):
+            return
+        change = data_change(json.loads(kept.read_text()), json.loads(now.read_text()))
+        if change is None:
+            return
+        if self.accelerator.is_main_process:
+            write_atomically(now, kept.read_bytes())
+        raise UserError(f"the data changed since {path} was saved ({change}); put the data back as it was to "
+                        "resume, or start a new run.")
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
         """Delete a state that did not fit; the error saying the least it needs: what it had written by
@@ -125,6 +145,9 @@ class StateStore:
         return DiskFull(final, needed, at_least=True, flag="--output-dir")
 
     def _publish(self, staging: Path, final: Path) -> None:
+        record = self.root.parent / DATA_RECORD
+        if record.is_file():  # for a resume to check its data against (see _check_same_data)
+            write_atomically(staging / DATA_RECORD, record.read_bytes())
         write_atomically(staging / COMPLETE, b"complete\n")
         if final.exists():  # the same step saved twice (a stop right after a scheduled save)
             self._retire(final)
@@ -140,6 +163,18 @@ class StateStore:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def data_change(saved: dict, now: dict) -> Optional[str]:
+    """How the data of a data manifest differs from the one saved, in words; None when it does not."""
+    for split, files in saved.get("files", {}).items():
+        files_now = now.get("files", {}).get(split, [])
+        if len(files_now) != len(files):
+            return f"its {split} split has {len(files_now)} images, {len(files)} when the state was saved"
+        if files_now != files:
+            return f"its {split} split holds other files than when the state was saved"
+    different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    return f"its {different[0]} differs" if different else None
 
 
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:

@@ -150,6 +150,30 @@ def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(t
     assert not (elsewhere / "runs").exists()
 
 
+def test_a_resume_whose_data_gained_or_lost_an_image_is_refused_and_keeps_the_run_as_it_was(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from conftest import write_image_folder
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=12)
+    with interrupted("term", 5):
+        train_here([*common(data, tmp_path), "--run-name", "cut"], tmp_path)
+    run = tmp_path / "runs" / "cut"
+    began = (run / "data_manifest.json").read_text()
+    image = data / "training" / "training" / "n0" / "n0_000.png"
+    moved = image.rename(tmp_path / image.name)  # other batches, another mean and std: not the same run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        train.main([*common(data, tmp_path), "--run-name", "cut", "--resume", "auto"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "the data changed since" in error and "train split has 32 images, 33 when" in error
+    assert (run / "data_manifest.json").read_text() == began  # the run's record of the data it trained on
+
+    moved.rename(image)  # the data put back: the run resumes
+    resumed = train_here([*common(data, tmp_path), "--run-name", "cut", "--resume", "auto"], tmp_path)
+    assert "resumed from" in resumed.stdout and (run / "results.json").is_file()
+
+
 def test_resume_auto_without_a_saved_state_starts_over_and_says_so(tmp_path, data):
     train_here([*common(data, tmp_path), "--run-name", "early"], tmp_path)
     run = tmp_path / "runs" / "early"
