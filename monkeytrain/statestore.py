@@ -16,6 +16,7 @@ save and when to stop is `preemption.py`'s.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
+from monkeytrain.tracking import METRICS_NAME
 
 COMPLETE = "COMPLETE"
 DATA_RECORD = "data_manifest.json"  # the run's account of its data, which train.py writes before training
@@ -102,12 +104,16 @@ class StateStore:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
         rank's (which hold what was `shared`)."""
         try:
-            return self._load(path)
+            mine, main = self._load(path)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError) as error:  # the model's weights: safetensors raises its own type
             missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
             raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
                             "--resume auto takes the newest one left, or start a new run.") from None
+        resumed_epoch = main.get("progress", {}).get("epoch")  # the first epoch the resumed run logs
+        if self.accelerator.is_main_process and resumed_epoch is not None:
+            forget_epochs_from(self.root.parent, resumed_epoch)
+        return mine, main
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
@@ -163,6 +169,27 @@ class StateStore:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def forget_epochs_from(run_dir: Path, epoch: int) -> None:
+    """Drop the lines of RUN/metrics.jsonl from `epoch` on: a state older than the newest epochs logged (a
+    SIGKILL, a power cut or a state moved away, long after the last scheduled save) trains and logs those
+    epochs again, and the file must hold each once. A line a kill cut short goes too."""
+    metrics = run_dir / METRICS_NAME
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_epoch(line) < epoch]
+    if kept != lines:
+        write_atomically(metrics, "".join(kept).encode())
+
+
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for one that is not whole."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
 
 
 def data_change(saved: dict, now: dict) -> Optional[str]:

@@ -174,6 +174,25 @@ def test_a_resume_whose_data_gained_or_lost_an_image_is_refused_and_keeps_the_ru
     assert "resumed from" in resumed.stdout and (run / "results.json").is_file()
 
 
+def test_a_resume_from_a_state_older_than_the_last_logged_epoch_logs_each_epoch_once(tmp_path, data, whole):
+    # states after steps 10 (epoch 1) and 14 (epoch 2, after epoch 1 was logged); the newer one moved away
+    # by hand, as a damaged state is (or lost to a SIGKILL long after the last scheduled save)
+    with interrupted("term", 14):
+        train_here([*common(data, tmp_path), "--run-name", "cut", "--save-every", "5"], tmp_path)
+    cut = tmp_path / "runs" / "cut"
+    older, newer = state_dirs(cut)
+    shutil.move(newer, tmp_path / newer.name)
+    with (cut / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"epoch": 2, "train_lo')  # a line that a kill cut short
+
+    resumed = train_here([*common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto"],
+                         tmp_path)
+    assert f"resumed from runs/cut/state/{older.name}" in resumed.stdout
+    logged = [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    assert_same_run(whole, cut)
+
+
 def test_resume_auto_without_a_saved_state_starts_over_and_says_so(tmp_path, data):
     train_here([*common(data, tmp_path), "--run-name", "early"], tmp_path)
     run = tmp_path / "runs" / "early"
