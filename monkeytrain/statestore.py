@@ -155,20 +155,28 @@ class StateStore:
         if record.is_file():  # for a resume to check its data against (see _check_same_data)
             write_atomically(staging / DATA_RECORD, record.read_bytes())
         write_atomically(staging / COMPLETE, b"complete\n")
-        if final.exists():  # the same step saved twice (a stop right after a scheduled save)
-            self._retire(final)
+        # The same step saved twice (a stop right after a scheduled save): the older copy goes out of
+        # sight, the new one takes its name at once, and only then is the older deleted, which takes long
+        # enough for a kill to fall into (with --keep-states 1 that would leave no state at all).
+        replaced = self._out_of_sight(final) if final.exists() else None
         os.replace(staging, final)
         fsync_folder(self.root)  # make the rename itself durable
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in state_dirs(self.root.parent)[:-self.keep]:
             self._retire(old)
 
     def _retire(self, state: Path) -> None:
         """Delete a state so that a kill midway never leaves a COMPLETE folder missing files:
         first rename it out of sight (atomic), then delete it (the next save sweeps leftovers)."""
+        shutil.rmtree(self._out_of_sight(state), ignore_errors=True)
+
+    def _out_of_sight(self, state: Path) -> Path:
+        """`state` renamed to a name that neither --resume auto nor state_dirs takes; that name."""
         retired = self.root / f".tmp-retired-{state.name}"
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
-        shutil.rmtree(retired, ignore_errors=True)
+        return retired
 
 
 def forget_epochs_from(run_dir: Path, epoch: int) -> None:

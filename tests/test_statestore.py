@@ -81,6 +81,23 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path, cpu_accelerator, train
     assert mine == {"saved": "second"}
 
 
+def test_a_kill_while_the_replaced_copy_of_a_step_is_deleted_leaves_the_new_one(tmp_path, cpu_accelerator, trained,
+                                                                                monkeypatch):
+    """With --keep-states 1 the step saved twice is the only state: it must never be missing."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=1)
+    store.save(4, {"saved": "first"}, shared={})
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if Path(path).exists():
+            raise KeyboardInterrupt  # stands in for a SIGKILL in the middle of a long deletion
+    monkeypatch.setattr("monkeytrain.statestore.shutil.rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(4, {"saved": "second"}, shared={})
+    monkeypatch.undo()
+    (state,) = state_dirs(tmp_path)
+    assert store.load(state)[0] == {"saved": "second"}
+
+
 def test_the_next_save_sweeps_what_an_interrupted_save_or_retirement_left(tmp_path, cpu_accelerator, trained):
     root = tmp_path / "state"
     for leftover in (".tmp-step-00000006", ".tmp-retired-step-00000002"):
