@@ -36,7 +36,7 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     named_files = {Path(i) for i in inputs if not Path(i).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
-            raise UserError(f"{bad.path} is {as_predicate(bad.reason)}; pass an image file.")
+            raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
     if not images:
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
     return images, skipped
@@ -51,11 +51,6 @@ def files_of(item: Path) -> list[Path]:
     if item.exists():  # reading a named pipe would wait for a writer forever; a pipe can be read only once
         raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
     raise UserError(f"{item} does not exist; pass image files or folders of images.")
-
-
-def as_predicate(reason: str) -> str:
-    """A scan's reason for skipping a file, to follow "is": all but one already read so."""
-    return "an empty file" if reason == "empty file" else reason
 
 
 def preparer(info: CheckpointInfo) -> Callable:

@@ -41,7 +41,12 @@ from monkeytrain.tracking import RunLog
 
 
 class Diverged(UserError):
-    """The validated model gives NaN or infinite losses: one line for train.py, one failed trial for tune."""
+    """The validated model gives NaN or infinite losses: one line for train.py, one failed trial for tune
+    (`what` happened, without the advice to the user of train.py)."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}{advice}")
+        self.what = what
 
 
 @dataclass
@@ -128,7 +133,7 @@ class Trainer:
                 validated = self.validate(epoch, trained)
             self.on_epoch(epoch, validated.accuracy)  # first: a tune pruner may end a diverged trial as pruned
             if not math.isfinite(validated.loss):
-                raise Diverged(self.diverged(epoch, trained.loss, validated.loss))
+                raise self.diverged(epoch, trained.loss, validated.loss)
             report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
             stopping, save_due = self.stop.check(self.accelerator)
             if stopping or save_due:
@@ -221,13 +226,14 @@ class Trainer:
         })
         return validated
 
-    def diverged(self, epoch: int, train_loss: float, val_loss: float) -> str:
+    def diverged(self, epoch: int, train_loss: float, val_loss: float) -> Diverged:
         """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)
         hold them, and no later epoch trains its way back; the best checkpoint so far stays."""
         config, best = self.config, self.progress.best
         kept = f"; the best checkpoint so far (epoch {best.epoch}) is kept" if best.epoch > 0 else ""
-        return (f"training diverged in epoch {epoch} (training loss {train_loss:.4g}, validation loss "
-                f"{val_loss:.4g}){kept}; start a new run with a lower --lr (now {config.lr:g}) or --clip-grad-norm 1.")
+        return Diverged(f"training diverged in epoch {epoch} (training loss {train_loss:.4g}, validation loss "
+                        f"{val_loss:.4g})", f"{kept}; start a new run with a lower --lr (now {config.lr:g}) or "
+                        "--clip-grad-norm 1.")
 
     def save_state(self) -> Path:
         saved = self.store.save(

@@ -355,7 +355,7 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
     except optuna.TrialPruned as pruned:
         return TrialEnd(TrialState.PRUNED, None, f"pruned: {pruned}")
     except Diverged as diverged:  # these values break training: a failed trial, like any search's
-        trial.set_user_attr("error", str(diverged).split(";")[0][:300])
+        trial.set_user_attr("error", diverged.what[:300])
         return TrialEnd(TrialState.FAIL, None, f"failed: {trial.user_attrs['error']}")
     except UserError:
         raise

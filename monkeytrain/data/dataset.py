@@ -254,12 +254,11 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
     for line in conflict_warnings(splits):
         log.warn(line)
-    for split, name, consequence in (("val", "validation", "the best epoch is chosen"),
-                                     ("test", "test", "the test figure is")):
+    for split, consequence in (("val", "the best epoch is chosen"), ("test", "the test figure is")):
         missing = splits.classes_missing_from(split)
         if missing:
-            log.warn(f"class folder(s) {', '.join(missing)} have no held-out {name} image (one distinct "
-                     f"training image stays in training), so {consequence} without them; add images to them.")
+            log.warn(f"class folder(s) {', '.join(missing)} have no held-out {HELD_OUT_NAMES[split]} image (one "
+                     f"distinct training image stays in training), so {consequence} without them; add images to them.")
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")

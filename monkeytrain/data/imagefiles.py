@@ -81,10 +81,9 @@ def to_rgb(image: Image.Image, file_format: Optional[str] = None) -> Image.Image
 
 def eight_bit_grey(image: Image.Image, white_levels: tuple[float, ...]) -> Image.Image:
     """A 16-bit, 32-bit or float grey image as mode L, black to the first of its white levels that holds
-    all its values (see WHITE_LEVELS). Values
-    no level holds (negative, or past the largest) are stretched from the image's own minimum to its
-    maximum: the only scale such a file gives. Pixels that are not numbers (NaN, a float TIFF's mark for
-    a missing value) show black rather than spoil the range."""
+    all its values (see WHITE_LEVELS). Values no level holds (negative, or past the largest) are stretched
+    from the image's own minimum to its maximum: the only scale such a file gives. Pixels that are not
+    numbers (NaN, a float TIFF's mark for a missing value) show black rather than spoil the range."""
     pixels = np.asarray(image, dtype=np.float64)
     numbers = pixels[np.isfinite(pixels)]
     low, high = (numbers.min(), numbers.max()) if numbers.size else (0, 0)
@@ -134,7 +133,7 @@ def check_image_bytes(data: bytes) -> Optional[str]:
 def decode_check(data: bytes) -> tuple[Optional[str], int]:
     """(why `data` does not decode completely as an image, or None; its pixel count, or 0)."""
     if not data:
-        return "empty file", 0
+        return "an empty file", 0
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # a full decode, so truncated files are caught here
