@@ -129,10 +129,9 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     below = layout.class_folders(folder / name)
     if below and all(n in known for n in below):
         return f"{folder} holds the class folders one level down, in {folder / name}; pass that folder."
-    alike = [k for k in known if k.casefold() == name.casefold()]
-    if alike:  # class names are case-sensitive, as folder names are on most file systems
-        return (f"{folder} has class folder '{name}', where the checkpoint's is '{alike[0]}' (letter case "
-                "differs); rename it.")
+    alike = layout.spelled_alike(name, known)
+    if alike:
+        return f"{folder} has class folder '{name}' and the checkpoint '{alike[0]}': they {alike[1]}; rename it."
     return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
             f"among {', '.join(known)}.")
 

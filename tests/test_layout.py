@@ -275,7 +275,7 @@ def test_class_names_differing_only_in_unicode_normalisation_are_named_as_such(t
     (root / "train" / "n1").rename(root / "train" / unicodedata.normalize("NFC", "café"))
     (root / "val" / "n1").rename(root / "val" / unicodedata.normalize("NFD", "café"))
     with pytest.raises(UserError, match="print alike but are spelled with different Unicode code points "
-                                        r"\(NFC and NFD normalisation\); retype the name of one of them"):
+                                        r"\(NFC and NFD normalisation\); rename one of them"):
         layout.check_same_classes(layout.folders_from_root(root))
 
 

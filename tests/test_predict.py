@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,10 @@ from monkeytrain.model import create_model
 TINY = "test_resnet"
 
 
-def tiny_checkpoint(folder: Path, class_names: list[str]) -> Path:
-    """best.safetensors of an untrained tiny model whose classes are the folders n0, n1, n2."""
+def tiny_checkpoint(folder: Path, class_names: list[str], class_folders: tuple = ("n0", "n1", "n2")) -> Path:
+    """best.safetensors of an untrained tiny model whose classes are three folders, n0, n1, n2 by default."""
     torch.manual_seed(0)
-    info = CheckpointInfo(TINY, class_names, ["n0", "n1", "n2"], [0.5] * 3, [0.25] * 3, 32, 1, 0.5,
+    info = CheckpointInfo(TINY, class_names, list(class_folders), [0.5] * 3, [0.25] * 3, 32, 1, 0.5,
                           TrainConfig(model=TINY, image_size=32).to_dict())
     return save_checkpoint(folder, create_model(TINY, 3).eval(), info)
 
@@ -77,10 +79,20 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
         split.parent: f"{split.parent} holds the class folders one level down, in {split}; pass that folder.",
         split / "n1": f"{split / 'n1'} has no class subfolders; pass a folder of them, named as the checkpoint's "
                       "classes (n0, n1, n2); it is itself the class folder 'n1', so pass the folder that holds it.",
-        tmp_path / "cased": "has class folder 'N0', where the checkpoint's is 'n0' (letter case differs)",
+        tmp_path / "cased": "has class folder 'N0' and the checkpoint 'n0': they differ only in letter case",
     }
     for folder, message in expected.items():
         assert message in error_of([*evaluate, str(folder)], capsys)
+
+
+def test_evaluate_names_a_class_folder_spelled_with_other_unicode_code_points(split, capsys, tmp_path):
+    """A folder unzipped on a Mac may spell café decomposed (NFD) where the checkpoint has it composed."""
+    cafe = unicodedata.normalize("NFC", "café")
+    accented = str(tiny_checkpoint(tmp_path, [cafe, "n1", "n2"], (cafe, "n1", "n2")))
+    folder = tmp_path / "mac"
+    shutil.copytree(split / "n0", folder / unicodedata.normalize("NFD", "café"))
+    assert "they print alike but are spelled with different Unicode code points" in error_of(
+        ["evaluate", "--cpu", "--checkpoint", accented, str(folder)], capsys)
 
 
 def test_classes_that_share_a_name_are_told_apart_by_their_folders(split, capsys, tmp_path):

@@ -189,21 +189,28 @@ def check_same_classes(folders: SplitFolders) -> list[str]:
     return train_classes
 
 
-def _difference_message(name: str, present: Path, absent: Path) -> str:
-    """A class folder missing from a split. Where that split has one whose name prints the same, the two
-    differ in Unicode normalisation: the accents of one are separate code points (NFD, as a zip made on a
-    Mac can leave them), of the other composed (NFC). Matching them would need the mapping from class to
-    folder wherever a path is built, so the user renames instead."""
+def spelled_alike(name: str, names: list[str]) -> tuple[str, str] | None:
+    """The one of `names` that differs from `name` only in how it is spelled, and how: in Unicode
+    normalisation (the accents of one are separate code points, NFD, as a zip made on a Mac can leave them;
+    of the other composed, NFC), or only in letter case. Class names stay case- and code-point-sensitive, as
+    folder names are on most file systems: matching them would need the mapping from class to folder
+    wherever a path is built, so the user renames instead."""
     nfc = unicodedata.normalize("NFC", name)
-    alike = [other for other in class_folders(absent) if unicodedata.normalize("NFC", other) == nfc]
+    for other in names:
+        if other != name and unicodedata.normalize("NFC", other) == nfc:
+            return other, "print alike but are spelled with different Unicode code points (NFC and NFD normalisation)"
+    for other in names:
+        if other != name and other.casefold() == name.casefold():
+            return other, "differ only in letter case"
+    return None
+
+
+def _difference_message(name: str, present: Path, absent: Path) -> str:
+    """A class folder missing from a split, and why when the split has one spelled alike."""
+    alike = spelled_alike(name, class_folders(absent))
     if alike:
-        return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} print alike but are spelled "
-                "with different Unicode code points (NFC and NFD normalisation); retype the name of one of "
+        return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} {alike[1]}; rename one of "
                 "them so that every split has the same classes.")
-    alike = [other for other in class_folders(absent) if other.casefold() == name.casefold()]
-    if alike:  # class names are case-sensitive, as folder names are on most file systems
-        return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} differ only in letter case; "
-                "rename one of them so that every split has the same classes.")
     return f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
 
 
