@@ -481,6 +481,21 @@ def one_of(choices: Sequence[str]) -> tuple[str, str]:
     return ", ".join(choices[:-1]), choices[-1]
 
 
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as a run records it (config.yaml) and a resume is checked against: with the data
+    root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag named the data.
+    Recorded as null, `--config runs/NAME/config.yaml` in another shell or on another machine would train on
+    that one's default data, silently; null stays for the built-in synthetic set and for split folders."""
+    # Here, not at the top: the data code imports this module.
+    from monkeytrain.data.dataset import user_data_root
+
+    values = config.to_dict()
+    if not config.data:
+        root = user_data_root(config)
+        values["data"] = os.path.abspath(root) if root else None
+    return values
+
+
 def config_yaml(config: TrainConfig) -> str:
-    """The resolved config as YAML, loadable again with --config."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved config as YAML (see recorded_config), loadable again with --config."""
+    return yaml.safe_dump(recorded_config(config), sort_keys=False)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
@@ -16,6 +18,14 @@ from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 def write_yaml(path, text: str):
     path.write_text(text)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def no_data_found_without_flags(tmp_path, monkeypatch):
+    """No $MONKEYTRAIN_DATA and no data/10-monkey-species in the working folder, as on a machine without
+    the data: a saved config then names no data, and loads back as the config it was."""
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def test_the_gpu_recipe_is_the_dataclass_defaults():
@@ -305,6 +315,23 @@ def test_saved_config_loads_back_identically(tmp_path):
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
     assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(config)
+
+
+def test_the_saved_config_names_the_data_that_the_environment_or_the_default_folder_gave(tmp_path, monkeypatch):
+    """Saved as null, a run repeated with --config from another shell would train on that shell's data."""
+    monkeys = tmp_path / "monkeys"
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(monkeys))
+    saved = write_yaml(tmp_path / "config.yaml", config_yaml(parse_config(["--cpu"])))
+    monkeypatch.delenv("MONKEYTRAIN_DATA")  # another shell, where the run is repeated from its config.yaml
+    assert parse_config(["--config", saved]).data == str(monkeys)
+    default = tmp_path / "data" / "10-monkey-species"  # the working folder's, as an absolute path
+    default.mkdir(parents=True)
+    assert Path(yaml.safe_load(config_yaml(parse_config(["--cpu"])))["data"]) == default.resolve()
+
+
+@pytest.mark.parametrize("flags", [[], ["--train-dir", "train", "--val-dir", "val"]])
+def test_the_saved_config_names_no_data_for_the_synthetic_set_or_split_folders(flags):
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))["data"] is None
 
 
 def test_the_save_schedule_help_says_how_often_the_clock_is_looked_at():
