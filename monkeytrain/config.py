@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -296,15 +297,50 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
     raw = read_yaml_file(path, "config file", "--config") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option names to values.")
-    values = {}
-    for key, name in field_names(raw, path).items():
-        name_now = RENAMED_FIELDS.get(name, name)
-        if name_now not in FIELDS:
-            raise UserError(
-                f"unknown key '{key}' in {path}; valid keys are the flags listed by --help."
-            )
-        values[name] = _coerce(FIELDS[name_now], raw[key], f"key '{key}' in {path}")
-    return values
+    names = field_names(raw, path)
+    check_known_keys(names, path)
+    return {name: _coerce(FIELDS[RENAMED_FIELDS.get(name, name)], raw[key], f"key '{key}' in {path}")
+            for key, name in names.items()}
+
+
+# Names other trainers give options that monkeytrain has under its own: timm's train.py (the keys of its
+# args.yaml) and a learning rate in full. Their values may differ too (amp: true, scale: [0.08, 1.0]), so
+# they are named in the error, not taken.
+OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "image_size",
+               "input_size": "image_size", "workers": "num_workers", "data_dir": "data", "clip_grad": "clip_grad_norm",
+               "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "mixup_prob": "mix_prob",
+               "mixup_switch_prob": "mix_switch_prob", "model_ema": "ema_decay", "model_ema_decay": "ema_decay",
+               "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
+               "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
+               "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
+MAX_LISTED_KEYS = 8  # a whole args.yaml of another trainer has a hundred: the first ones say enough
+
+
+def check_known_keys(names: dict[Any, str], path: Path) -> None:
+    """Every key of a preset names a config field; the error names all the others at once (a timm args.yaml
+    has several), each with the key that was probably meant."""
+    if any(name.lstrip("_") == "config" for name in names.values()):  # config: or --config:
+        raise UserError(f"{path} has a key 'config', but a preset cannot name another preset; copy that file's "
+                        "keys into this one, or give that file to --config instead.")
+    unknown = [f"'{key}'{meant_key(name)}" for key, name in names.items()
+               if RENAMED_FIELDS.get(name, name) not in FIELDS]
+    if unknown:
+        listed = unknown[0] if len(unknown) == 1 else f"{', '.join(unknown[:-1])} and {unknown[-1]}"
+        if len(unknown) > MAX_LISTED_KEYS:
+            listed = f"{', '.join(unknown[:MAX_LISTED_KEYS])} and {len(unknown) - MAX_LISTED_KEYS} more"
+        raise UserError(f"unknown key{'s' * (len(unknown) > 1)} {listed} in {path}; valid keys are the flags listed "
+                        "by --help.")
+
+
+def meant_key(name: str) -> str:
+    """' (did you mean epochs?)' after an unknown key: another trainer's name, a flag's dashes, or a typo."""
+    bare = name.lstrip("_")  # `--lr:` copied from a command line reads as __lr
+    if bare in FIELDS:
+        return f" (write it as {bare}, without the dashes)"
+    if bare in OTHER_NAMES:
+        return f" (monkeytrain calls it {OTHER_NAMES[bare]})"
+    close = difflib.get_close_matches(bare, FIELDS, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class RepeatedKey(yaml.YAMLError):
@@ -362,6 +398,14 @@ def looks_like_a_number(text: str) -> bool:
     return True
 
 
+def looks_like_a_whole_number(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 # YAML 1.1 (PyYAML) reads an unquoted no as false, and Accelerate's configs write `mixed_precision: no`:
 # in this text field, false can only mean the choice no. timm's args.yaml writes `pretrained: true` (hub
 # weights, as the bare flag) or `pretrained: false` (from scratch, as no flag).
@@ -382,6 +426,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if kind in (int, str) and type(value) is kind:
         return value
+    if kind is int and isinstance(value, str) and looks_like_a_whole_number(value):
+        return int(value)  # "10", quoted, is 10 as "0.01" is 0.01; so timm's train.py reads its YAML too
     raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}; {how_to_write(f, value)}.")
 
 

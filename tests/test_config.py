@@ -130,6 +130,43 @@ def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
         parse_config(["--config", preset])
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("opt: adamw\nsmoothing: 0.1\n", "unknown keys 'opt' (monkeytrain calls it optimizer) and 'smoothing' "
+                                     "(monkeytrain calls it label_smoothing) in"),
+    ("epoch: 3\n", "unknown key 'epoch' (did you mean epochs?) in"),
+    ("--lr: 0.1\n", "unknown key '--lr' (write it as lr, without the dashes) in"),
+    ("sched: cosine\n", "unknown key 'sched' in"),
+])
+def test_an_unknown_key_names_the_key_probably_meant(tmp_path, text, expected):
+    """timm's train.py names (its args.yaml), a flag's dashes and typos each get a hint; all keys at once."""
+    preset = write_yaml(tmp_path / "p.yaml", text)
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", preset])
+    assert str(error.value) == f"{expected} {preset}; valid keys are the flags listed by --help."
+
+
+def test_a_whole_args_yaml_of_another_trainer_is_named_in_one_line_of_its_first_keys(tmp_path):
+    preset = write_yaml(tmp_path / "args.yaml", "".join(f"option_{n}: 1\n" for n in range(20)))
+    with pytest.raises(UserError, match="'option_6', 'option_7' and 12 more in"):
+        parse_config(["--config", preset])
+
+
+@pytest.mark.parametrize("key", ["config", "--config"])
+def test_a_preset_naming_another_preset_is_one_clear_sentence(tmp_path, key):
+    preset = write_yaml(tmp_path / "p.yaml", f"{key}: base.yaml\nepochs: 3\n")
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", preset])
+    assert str(error.value) == (f"{preset} has a key 'config', but a preset cannot name another preset; copy that "
+                                "file's keys into this one, or give that file to --config instead.")
+
+
+def test_a_quoted_whole_number_is_a_number_as_a_quoted_decimal_is(tmp_path):
+    """As timm's train.py reads its YAML (argparse converts text with the flag's type): epochs: "10" is 10."""
+    config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", 'epochs: "10"\nlr: "0.01"\n'
+                                                                        "num-workers: '2'\n")])
+    assert (config.epochs, config.lr, config.num_workers) == (10, 0.01, 2) and type(config.epochs) is int
+
+
 @pytest.mark.parametrize("text, key", [
     ("epochs: three\n", "epochs"),
     ("epochs: 2.5\n", "epochs"),
