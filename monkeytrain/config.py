@@ -268,6 +268,7 @@ def flag_name(field_name: str) -> str:
 PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")  # flags that name a file or folder
 # Paths that, when given, replace a default (a folder, the synthetic set, training from scratch)
 GIVEN_PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir", "pretrained", "output_dir")
+HOME_PATH_FIELDS = (*GIVEN_PATH_FIELDS, "cache_dir", "resume")  # where a preset's ~ is the home folder
 
 
 def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -299,8 +300,12 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} must be a mapping of option names to values.")
     names = field_names(raw, path)
     check_known_keys(names, path)
-    return {name: _coerce(FIELDS[RENAMED_FIELDS.get(name, name)], raw[key], f"key '{key}' in {path}")
-            for key, name in names.items()}
+    values = {name: _coerce(FIELDS[RENAMED_FIELDS.get(name, name)], raw[key], f"key '{key}' in {path}")
+              for key, name in names.items()}
+    # ~ as a shell would read it on the command line: no YAML reader does, and `data: ~/monkeys` would
+    # otherwise be a folder named ~ that "does not exist", beside the one the user sees.
+    return {name: os.path.expanduser(value) if name in HOME_PATH_FIELDS and isinstance(value, str) else value
+            for name, value in values.items()}
 
 
 # Names other trainers give options that monkeytrain has under its own: timm's train.py (the keys of its
@@ -313,6 +318,7 @@ OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "
                "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
                "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
                "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
+ACCELERATE_KEYS = {"compute_environment", "distributed_type"}  # what every `accelerate config` file has
 MAX_LISTED_KEYS = 8  # a whole args.yaml of another trainer has a hundred: the first ones say enough
 
 
@@ -322,6 +328,9 @@ def check_known_keys(names: dict[Any, str], path: Path) -> None:
     if any(name.lstrip("_") == "config" for name in names.values()):  # config: or --config:
         raise UserError(f"{path} has a key 'config', but a preset cannot name another preset; copy that file's "
                         "keys into this one, or give that file to --config instead.")
+    if ACCELERATE_KEYS & set(names.values()):
+        raise UserError(f"{path} is an Accelerate config, not a monkeytrain preset; give it to accelerate launch "
+                        f"--config_file {path}, before monkeytrain/train.py.")
     unknown = [f"'{key}'{meant_key(name)}" for key, name in names.items()
                if RENAMED_FIELDS.get(name, name) not in FIELDS]
     if unknown:
@@ -339,7 +348,7 @@ def meant_key(name: str) -> str:
         return f" (write it as {bare}, without the dashes)"
     if bare in OTHER_NAMES:
         return f" (monkeytrain calls it {OTHER_NAMES[bare]})"
-    close = difflib.get_close_matches(bare, FIELDS, n=1, cutoff=0.8)
+    close = difflib.get_close_matches(bare.lower(), FIELDS, n=1, cutoff=0.8)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -136,6 +136,7 @@ def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
     ("epoch: 3\n", "unknown key 'epoch' (did you mean epochs?) in"),
     ("--lr: 0.1\n", "unknown key '--lr' (write it as lr, without the dashes) in"),
     ("sched: cosine\n", "unknown key 'sched' in"),
+    ("LR: 0.1\n", "unknown key 'LR' (did you mean lr?) in"),
 ])
 def test_an_unknown_key_names_the_key_probably_meant(tmp_path, text, expected):
     """timm's train.py names (its args.yaml), a flag's dashes and typos each get a hint; all keys at once."""
@@ -158,6 +159,23 @@ def test_a_preset_naming_another_preset_is_one_clear_sentence(tmp_path, key):
         parse_config(["--config", preset])
     assert str(error.value) == (f"{preset} has a key 'config', but a preset cannot name another preset; copy that "
                                 "file's keys into this one, or give that file to --config instead.")
+
+
+def test_an_accelerate_config_given_to_config_says_where_it_goes(tmp_path):
+    """`monkeytrain/train.py --config accelerate_configs/cpu.yaml`: the launcher's --config_file was meant."""
+    accelerate_config = Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu.yaml"
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", str(accelerate_config)])
+    assert str(error.value) == (f"{accelerate_config} is an Accelerate config, not a monkeytrain preset; give it to "
+                                f"accelerate launch --config_file {accelerate_config}, before monkeytrain/train.py.")
+
+
+def test_a_home_folder_in_a_preset_is_the_home_folder_as_on_a_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = write_yaml(tmp_path / "p.yaml", "data: ~/monkeys\ncache-dir: ~/cache\nrun-name: ~night\n")
+    config = parse_config(["--config", preset])
+    assert (config.data, config.cache_dir) == (str(tmp_path / "monkeys"), str(tmp_path / "cache"))
+    assert config.run_name == "~night"  # a name, not a path
 
 
 def test_a_quoted_whole_number_is_a_number_as_a_quoted_decimal_is(tmp_path):
