@@ -537,10 +537,13 @@ def one_of(choices: Sequence[str]) -> tuple[str, str]:
 
 
 def recorded_config(config: TrainConfig) -> dict[str, Any]:
-    """The resolved config as a run records it (config.yaml) and a resume is checked against: with the data
-    root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag named the data.
-    Recorded as null, `--config runs/NAME/config.yaml` in another shell or on another machine would train on
-    that one's default data, silently; null stays for the built-in synthetic set and for split folders."""
+    """The resolved config as a run records it (config.yaml) and a resume is checked against, so that
+    `--config runs/NAME/config.yaml --run-name again` repeats the run, in another shell or on another machine:
+    - the data root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag
+      named the data (null would train on that shell's default data, silently); null stays for the built-in
+      synthetic set and for split folders;
+    - --resume auto for a run resumed from a state folder (RUN/state/step-N), which continues that run only:
+      another run given it is refused."""
     # Here, not at the top: the data code imports this module.
     from monkeytrain.data.dataset import user_data_root
 
@@ -548,6 +551,8 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     if not config.data:
         root = user_data_root(config)
         values["data"] = os.path.abspath(root) if root else None
+    if config.resume:
+        values["resume"] = "auto"
     return values
 
 

@@ -384,6 +384,13 @@ def test_the_saved_config_names_the_data_that_the_environment_or_the_default_fol
     assert Path(yaml.safe_load(config_yaml(parse_config(["--cpu"])))["data"]) == default.resolve()
 
 
+def test_the_saved_config_of_a_run_resumed_from_a_state_folder_repeats_as_a_new_run(tmp_path):
+    """A state folder continues its own run only: recorded as given, another run would be refused it."""
+    resumed = parse_config(["--cpu", "--resume", "runs/cut/state/step-00000005"])
+    saved = write_yaml(tmp_path / "config.yaml", config_yaml(resumed))
+    assert parse_config(["--config", saved, "--run-name", "again"]).resume == "auto"  # a new run; none to resume
+
+
 @pytest.mark.parametrize("flags", [[], ["--train-dir", "train", "--val-dir", "val"]])
 def test_the_saved_config_names_no_data_for_the_synthetic_set_or_split_folders(flags):
     assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))["data"] is None
