@@ -374,6 +374,9 @@ class NoRepeatsLoader(yaml.SafeLoader):
 
 def read_yaml_file(path: Path, what: str, flag: str) -> Any:
     """The YAML document of the file `flag` names (`what` it is, for the messages)."""
+    if path.is_dir():  # a run's folder, say, for its config.yaml
+        inside = f" ({path / 'config.yaml'}?)" if (path / "config.yaml").is_file() else ""
+        raise UserError(f"{what} {path} is a folder; give {flag} a YAML file{inside}.")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; check the path given to {flag}.")
     try:

@@ -178,6 +178,17 @@ def test_a_home_folder_in_a_preset_is_the_home_folder_as_on_a_command_line(tmp_p
     assert config.run_name == "~night"  # a name, not a path
 
 
+def test_a_run_folder_given_to_config_names_its_config_yaml(tmp_path):
+    run = tmp_path / "runs" / "cut"
+    run.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"^config file {run} is a folder; give --config a YAML file.$"):
+        parse_config(["--config", str(run)])
+    (run / "config.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", str(run)])
+    assert str(error.value) == f"config file {run} is a folder; give --config a YAML file ({run / 'config.yaml'}?)."
+
+
 def test_a_quoted_whole_number_is_a_number_as_a_quoted_decimal_is(tmp_path):
     """As timm's train.py reads its YAML (argparse converts text with the flag's type): epochs: "10" is 10."""
     config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", 'epochs: "10"\nlr: "0.01"\n'
