@@ -99,17 +99,17 @@ def check_resumed_run(run_dir: Path, config, accelerator) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
-def check_resumed_config(run_dir: Path, config, says_so: bool = True) -> None:
+def check_resumed_config(run_dir: Path, config, is_main_process: bool = True) -> None:
     """A run that resumes from a state goes on with the flags it began with (its config.yaml), checked
     before that file is written again: a changed model or data set would fail on loading, a changed batch
     size or epoch count would bend the learning-rate schedule, silently. Without a readable config.yaml
-    (deleted by hand) nothing can be checked: the main process (`says_so`) warns, and the run goes on."""
+    (deleted by hand) nothing can be checked: the main process warns, and the run goes on."""
     saved = run_dir / CONFIG_NAME
     if not config.resume:
         return
     began = began_config(saved)
     if began is None:
-        if says_so:
+        if is_main_process:
             warn(f"{saved} is missing or unreadable, so the flags of this resume cannot be checked against those "
                  "the run began with: it goes on with the flags given, and records them there.")
         return

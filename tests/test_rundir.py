@@ -58,5 +58,5 @@ def test_a_resume_without_a_readable_config_yaml_says_so_in_one_line_and_goes_on
     assert capsys.readouterr().err == (
         f"monkeytrain: warning: {run / CONFIG_NAME} is missing or unreadable, so the flags of this resume cannot be "
         "checked against those the run began with: it goes on with the flags given, and records them there.\n")
-    check_resumed_config(run, parse_config(RESUME), says_so=False)  # another rank: the main one says it
+    check_resumed_config(run, parse_config(RESUME), is_main_process=False)  # another rank: the main one says it
     assert capsys.readouterr().err == ""
