@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -267,6 +268,7 @@ def flag_name(field_name: str) -> str:
 PATH_FIELDS = ("config", "data", "train_dir", "val_dir", "test_dir")  # flags that name a file or folder
 # Paths that, when given, replace a default (a folder, the synthetic set, training from scratch)
 GIVEN_PATH_FIELDS = ("data", "train_dir", "val_dir", "test_dir", "pretrained", "output_dir")
+HOME_PATH_FIELDS = (*GIVEN_PATH_FIELDS, "cache_dir", "resume")  # where a preset's ~ is the home folder
 
 
 def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -296,15 +298,58 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
     raw = read_yaml_file(path, "config file", "--config") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option names to values.")
-    values = {}
-    for key, name in field_names(raw, path).items():
-        name_now = RENAMED_FIELDS.get(name, name)
-        if name_now not in FIELDS:
-            raise UserError(
-                f"unknown key '{key}' in {path}; valid keys are the flags listed by --help."
-            )
-        values[name] = _coerce(FIELDS[name_now], raw[key], f"key '{key}' in {path}")
-    return values
+    names = field_names(raw, path)
+    check_known_keys(names, path)
+    values = {name: _coerce(FIELDS[RENAMED_FIELDS.get(name, name)], raw[key], f"key '{key}' in {path}")
+              for key, name in names.items()}
+    # ~ as a shell would read it on the command line: no YAML reader does, and `data: ~/monkeys` would
+    # otherwise be a folder named ~ that "does not exist", beside the one the user sees.
+    return {name: os.path.expanduser(value) if name in HOME_PATH_FIELDS and isinstance(value, str) else value
+            for name, value in values.items()}
+
+
+# Names other trainers give options that monkeytrain has under its own: timm's train.py (the keys of its
+# args.yaml) and a learning rate in full. Their values may differ too (amp: true, scale: [0.08, 1.0]), so
+# they are named in the error, not taken.
+OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "image_size",
+               "input_size": "image_size", "workers": "num_workers", "data_dir": "data", "clip_grad": "clip_grad_norm",
+               "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "mixup_prob": "mix_prob",
+               "mixup_switch_prob": "mix_switch_prob", "model_ema": "ema_decay", "model_ema_decay": "ema_decay",
+               "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
+               "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
+               "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
+ACCELERATE_KEYS = {"compute_environment", "distributed_type"}  # what every `accelerate config` file has
+MAX_LISTED_KEYS = 8  # a whole args.yaml of another trainer has a hundred: the first ones say enough
+
+
+def check_known_keys(names: dict[Any, str], path: Path) -> None:
+    """Every key of a preset names a config field; the error names all the others at once (a timm args.yaml
+    has several), each with the key that was probably meant."""
+    if any(name.lstrip("_") == "config" for name in names.values()):  # config: or --config:
+        raise UserError(f"{path} has a key 'config', but a preset cannot name another preset; copy that file's "
+                        "keys into this one, or give that file to --config instead.")
+    if ACCELERATE_KEYS & set(names.values()):
+        raise UserError(f"{path} is an Accelerate config, not a monkeytrain preset; give it to accelerate launch "
+                        f"--config_file {path}, before monkeytrain/train.py.")
+    unknown = [f"'{key}'{meant_key(name)}" for key, name in names.items()
+               if RENAMED_FIELDS.get(name, name) not in FIELDS]
+    if unknown:
+        listed = unknown[0] if len(unknown) == 1 else f"{', '.join(unknown[:-1])} and {unknown[-1]}"
+        if len(unknown) > MAX_LISTED_KEYS:
+            listed = f"{', '.join(unknown[:MAX_LISTED_KEYS])} and {len(unknown) - MAX_LISTED_KEYS} more"
+        raise UserError(f"unknown key{'s' * (len(unknown) > 1)} {listed} in {path}; valid keys are the flags listed "
+                        "by --help.")
+
+
+def meant_key(name: str) -> str:
+    """' (did you mean epochs?)' after an unknown key: another trainer's name, a flag's dashes, or a typo."""
+    bare = name.lstrip("_")  # `--lr:` copied from a command line reads as __lr
+    if bare in FIELDS:
+        return f" (write it as {bare}, without the dashes)"
+    if bare in OTHER_NAMES:
+        return f" (monkeytrain calls it {OTHER_NAMES[bare]})"
+    close = difflib.get_close_matches(bare.lower(), FIELDS, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class RepeatedKey(yaml.YAMLError):
@@ -329,6 +374,9 @@ class NoRepeatsLoader(yaml.SafeLoader):
 
 def read_yaml_file(path: Path, what: str, flag: str) -> Any:
     """The YAML document of the file `flag` names (`what` it is, for the messages)."""
+    if path.is_dir():  # a run's folder, say, for its config.yaml
+        inside = f" ({path / 'config.yaml'}?)" if (path / "config.yaml").is_file() else ""
+        raise UserError(f"{what} {path} is a folder; give {flag} a YAML file{inside}.")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; check the path given to {flag}.")
     try:
@@ -362,6 +410,14 @@ def looks_like_a_number(text: str) -> bool:
     return True
 
 
+def looks_like_a_whole_number(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 # YAML 1.1 (PyYAML) reads an unquoted no as false, and Accelerate's configs write `mixed_precision: no`:
 # in this text field, false can only mean the choice no. timm's args.yaml writes `pretrained: true` (hub
 # weights, as the bare flag) or `pretrained: false` (from scratch, as no flag).
@@ -382,6 +438,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if kind in (int, str) and type(value) is kind:
         return value
+    if kind is int and isinstance(value, str) and looks_like_a_whole_number(value):
+        return int(value)  # "10", quoted, is 10 as "0.01" is 0.01; so timm's train.py reads its YAML too
     raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}; {how_to_write(f, value)}.")
 
 
@@ -481,6 +539,26 @@ def one_of(choices: Sequence[str]) -> tuple[str, str]:
     return ", ".join(choices[:-1]), choices[-1]
 
 
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as a run records it (config.yaml) and a resume is checked against, so that
+    `--config runs/NAME/config.yaml --run-name again` repeats the run, in another shell or on another machine:
+    - the data root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag
+      named the data (null would train on that shell's default data, silently); null stays for the built-in
+      synthetic set and for split folders;
+    - --resume auto for a run resumed from a state folder (RUN/state/step-N), which continues that run only:
+      another run given it is refused."""
+    # Here, not at the top: the data code imports this module.
+    from monkeytrain.data.dataset import user_data_root
+
+    values = config.to_dict()
+    if not config.data:
+        root = user_data_root(config)
+        values["data"] = os.path.abspath(root) if root else None
+    if config.resume:
+        values["resume"] = "auto"
+    return values
+
+
 def config_yaml(config: TrainConfig) -> str:
-    """The resolved config as YAML, loadable again with --config."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved config as YAML (see recorded_config), loadable again with --config."""
+    return yaml.safe_dump(recorded_config(config), sort_keys=False)

@@ -14,7 +14,7 @@ from typing import Iterator
 import yaml
 
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.config import flag_name, warn, with_absolute_paths
+from monkeytrain.config import flag_name, recorded_config, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import state_dirs
@@ -91,7 +91,7 @@ def check_resumed_run(run_dir: Path, config, accelerator) -> None:
     before its first save) it starts over, saying so: its metrics.jsonl and W&B run id go, so that neither
     holds the epochs of two runs (W&B drops a step logged below its last one)."""
     if config.resume != "auto" or state_dirs(run_dir):
-        check_resumed_config(run_dir, config)
+        check_resumed_config(run_dir, config, accelerator.is_main_process)
     elif accelerator.is_main_process and (run_dir / METRICS_NAME).is_file():
         warn(f"{run_dir} has no saved state to resume from (stopped before its first save): training starts "
              "over from epoch 1, replacing its metrics.jsonl and best.safetensors.")
@@ -99,23 +99,44 @@ def check_resumed_run(run_dir: Path, config, accelerator) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
-def check_resumed_config(run_dir: Path, config) -> None:
+def check_resumed_config(run_dir: Path, config, is_main_process: bool = True) -> None:
     """A run that resumes from a state goes on with the flags it began with (its config.yaml), checked
     before that file is written again: a changed model or data set would fail on loading, a changed batch
-    size or epoch count would bend the learning-rate schedule, silently."""
+    size or epoch count would bend the learning-rate schedule, silently. Without a readable config.yaml
+    (deleted by hand) nothing can be checked: the main process warns, and the run goes on."""
     saved = run_dir / CONFIG_NAME
-    if not config.resume or not saved.is_file():
+    if not config.resume:
         return
-    try:
-        began = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return  # no record to hold the run to
-    began, now = with_absolute_paths(began), with_absolute_paths(config.to_dict())
+    began = began_config(saved)
+    if began is None:
+        if is_main_process:
+            warn(f"{saved} is missing or unreadable, so the flags of this resume cannot be checked against those "
+                 "the run began with: it goes on with the flags given, and records them there.")
+        return
+    began, now = with_absolute_paths(began), with_absolute_paths(recorded_config(config))
+    if began.get("data") is None and not config.data:
+        now["data"] = None  # began before config.yaml named the data; the state's data manifest is checked on loading
     for name, value in now.items():
-        changed = name in began and began[name] != value
-        if changed and name not in MAY_CHANGE_ON_RESUME:
-            raise UserError(f"--{flag_name(name)} {value} is not the {began[name]} that {run_dir} began with "
-                            f"({saved}); a resumed run goes on with its own flags: drop it, or start a new run.")
+        if name in began and began[name] != value and name not in MAY_CHANGE_ON_RESUME:
+            raise UserError(changed_on_resume(name, value, began[name], saved, config))
+
+
+def changed_on_resume(name: str, value, began, saved: Path, config) -> str:
+    """Why a resume with a flag changed from `began` (config.yaml's value) to `value` is refused."""
+    if name == "data" and not config.data:  # from $MONKEYTRAIN_DATA or the default folder
+        return (f"the data found without --data ({value or 'the built-in synthetic set'}) is not the {began} that "
+                f"{saved.parent} began with ({saved}); give --data {began} to resume it, or start a new run.")
+    return (f"--{flag_name(name)} {value} is not the {began} that {saved.parent} began with ({saved}); a resumed "
+            "run goes on with its own flags: drop it, or start a new run.")
+
+
+def began_config(saved: Path) -> dict | None:
+    """The config a run recorded when it began; None where there is no readable mapping to hold it to."""
+    try:
+        began = yaml.safe_load(saved.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return began if isinstance(began, dict) else None
 
 
 @contextlib.contextmanager

@@ -22,8 +22,10 @@ TRIALS_NAME = "trials.csv"
 SEARCH_NAME = "search.png"
 BEST_CONFIG_NAME = "best_config.yaml"
 SUMMARY_NAME = "summary.json"
-# Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
-RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", "cpu_threads")
+# Keys of a trial's resolved config that belong to that one run, not to the recipe it found. The device is
+# the machine's: a preset found with --cpu, or in fp32 on a CPU (the precision is recorded as resolved),
+# would otherwise keep a GPU machine that reuses it on the CPU, or in fp32.
+RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", "cpu_threads", "cpu", "mixed_precision")
 
 
 def trial_note(trial: FrozenTrial) -> str:
@@ -112,7 +114,8 @@ def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], p
     preset = {key: value for key, value in config.items() if key not in RUN_ONLY_KEYS}
     header = (f"# The best trial of a monkeytrain tune study: trial {best.number}, validation accuracy "
               f"{best.value:.2%} (best epoch), from {trial_dir}.\n# Searched: {', '.join(searched)}. "
-              f"Train it again with: monkeytrain train --config {path}\n")
+              f"Train it again with: monkeytrain train --config {path}\n# The device and precision are left to "
+              "the machine that trains it (add --cpu or --mixed-precision to choose them).\n")
     path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
     return path
 

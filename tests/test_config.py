@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
@@ -16,6 +18,14 @@ from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 def write_yaml(path, text: str):
     path.write_text(text)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def no_data_found_without_flags(tmp_path, monkeypatch):
+    """No $MONKEYTRAIN_DATA and no data/10-monkey-species in the working folder, as on a machine without
+    the data: a saved config then names no data, and loads back as the config it was."""
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def test_the_gpu_recipe_is_the_dataclass_defaults():
@@ -118,6 +128,72 @@ def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
     preset = write_yaml(tmp_path / "p.yaml", "epochs: 3\nlearning_rat: 0.1\n")
     with pytest.raises(UserError, match="learning_rat"):
         parse_config(["--config", preset])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("opt: adamw\nsmoothing: 0.1\n", "unknown keys 'opt' (monkeytrain calls it optimizer) and 'smoothing' "
+                                     "(monkeytrain calls it label_smoothing) in"),
+    ("epoch: 3\n", "unknown key 'epoch' (did you mean epochs?) in"),
+    ("--lr: 0.1\n", "unknown key '--lr' (write it as lr, without the dashes) in"),
+    ("sched: cosine\n", "unknown key 'sched' in"),
+    ("LR: 0.1\n", "unknown key 'LR' (did you mean lr?) in"),
+])
+def test_an_unknown_key_names_the_key_probably_meant(tmp_path, text, expected):
+    """timm's train.py names (its args.yaml), a flag's dashes and typos each get a hint; all keys at once."""
+    preset = write_yaml(tmp_path / "p.yaml", text)
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", preset])
+    assert str(error.value) == f"{expected} {preset}; valid keys are the flags listed by --help."
+
+
+def test_a_whole_args_yaml_of_another_trainer_is_named_in_one_line_of_its_first_keys(tmp_path):
+    preset = write_yaml(tmp_path / "args.yaml", "".join(f"option_{n}: 1\n" for n in range(20)))
+    with pytest.raises(UserError, match="'option_6', 'option_7' and 12 more in"):
+        parse_config(["--config", preset])
+
+
+@pytest.mark.parametrize("key", ["config", "--config"])
+def test_a_preset_naming_another_preset_is_one_clear_sentence(tmp_path, key):
+    preset = write_yaml(tmp_path / "p.yaml", f"{key}: base.yaml\nepochs: 3\n")
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", preset])
+    assert str(error.value) == (f"{preset} has a key 'config', but a preset cannot name another preset; copy that "
+                                "file's keys into this one, or give that file to --config instead.")
+
+
+def test_an_accelerate_config_given_to_config_says_where_it_goes(tmp_path):
+    """`monkeytrain/train.py --config accelerate_configs/cpu.yaml`: the launcher's --config_file was meant."""
+    accelerate_config = Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu.yaml"
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", str(accelerate_config)])
+    assert str(error.value) == (f"{accelerate_config} is an Accelerate config, not a monkeytrain preset; give it to "
+                                f"accelerate launch --config_file {accelerate_config}, before monkeytrain/train.py.")
+
+
+def test_a_home_folder_in_a_preset_is_the_home_folder_as_on_a_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = write_yaml(tmp_path / "p.yaml", "data: ~/monkeys\ncache-dir: ~/cache\nrun-name: ~night\n")
+    config = parse_config(["--config", preset])
+    assert (config.data, config.cache_dir) == (str(tmp_path / "monkeys"), str(tmp_path / "cache"))
+    assert config.run_name == "~night"  # a name, not a path
+
+
+def test_a_run_folder_given_to_config_names_its_config_yaml(tmp_path):
+    run = tmp_path / "runs" / "cut"
+    run.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"^config file {run} is a folder; give --config a YAML file.$"):
+        parse_config(["--config", str(run)])
+    (run / "config.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", str(run)])
+    assert str(error.value) == f"config file {run} is a folder; give --config a YAML file ({run / 'config.yaml'}?)."
+
+
+def test_a_quoted_whole_number_is_a_number_as_a_quoted_decimal_is(tmp_path):
+    """As timm's train.py reads its YAML (argparse converts text with the flag's type): epochs: "10" is 10."""
+    config = parse_config(["--config", write_yaml(tmp_path / "p.yaml", 'epochs: "10"\nlr: "0.01"\n'
+                                                                        "num-workers: '2'\n")])
+    assert (config.epochs, config.lr, config.num_workers) == (10, 0.01, 2) and type(config.epochs) is int
 
 
 @pytest.mark.parametrize("text, key", [
@@ -305,6 +381,30 @@ def test_saved_config_loads_back_identically(tmp_path):
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
     assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(config)
+
+
+def test_the_saved_config_names_the_data_that_the_environment_or_the_default_folder_gave(tmp_path, monkeypatch):
+    """Saved as null, a run repeated with --config from another shell would train on that shell's data."""
+    monkeys = tmp_path / "monkeys"
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(monkeys))
+    saved = write_yaml(tmp_path / "config.yaml", config_yaml(parse_config(["--cpu"])))
+    monkeypatch.delenv("MONKEYTRAIN_DATA")  # another shell, where the run is repeated from its config.yaml
+    assert parse_config(["--config", saved]).data == str(monkeys)
+    default = tmp_path / "data" / "10-monkey-species"  # the working folder's, as an absolute path
+    default.mkdir(parents=True)
+    assert Path(yaml.safe_load(config_yaml(parse_config(["--cpu"])))["data"]) == default.resolve()
+
+
+def test_the_saved_config_of_a_run_resumed_from_a_state_folder_repeats_as_a_new_run(tmp_path):
+    """A state folder continues its own run only: recorded as given, another run would be refused it."""
+    resumed = parse_config(["--cpu", "--resume", "runs/cut/state/step-00000005"])
+    saved = write_yaml(tmp_path / "config.yaml", config_yaml(resumed))
+    assert parse_config(["--config", saved, "--run-name", "again"]).resume == "auto"  # a new run; none to resume
+
+
+@pytest.mark.parametrize("flags", [[], ["--train-dir", "train", "--val-dir", "val"]])
+def test_the_saved_config_names_no_data_for_the_synthetic_set_or_split_folders(flags):
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))["data"] is None
 
 
 def test_the_save_schedule_help_says_how_often_the_clock_is_looked_at():

@@ -113,6 +113,29 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     assert "the study's one look at the test split" in out
 
 
+def test_best_config_leaves_the_device_and_precision_to_the_machine_that_reuses_it(tmp_path, monkeypatch):
+    """A study on the CPU (--cpu, its precision resolved to fp32) gives a preset that trains on a GPU machine
+    on its GPU, in its precision, with the recipe the study found."""
+    import torch
+    from types import SimpleNamespace
+
+    from monkeytrain.config import config_yaml
+    from monkeytrain.tune_report import write_best_config
+
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    trial = tmp_path / "trial-0003"
+    trial.mkdir()
+    found = parse_config(["--cpu", "--lr", "0.03"])
+    found.mixed_precision = "no"  # as the run records what it trained in on the CPU
+    (trial / "config.yaml").write_text(config_yaml(found))
+    best = write_best_config(SimpleNamespace(number=3, value=0.9), trial, ["lr"], tmp_path / "best_config.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reused on a GPU machine
+    reused = parse_config(["--config", str(best)])
+    assert (reused.cpu, reused.mixed_precision) == (False, None)  # the GPU, in its own precision (bf16)
+    assert (reused.lr, reused.image_size, reused.epochs) == (0.03, found.image_size, found.epochs)
+
+
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
 def test_a_trial_whose_training_diverges_fails_and_the_study_goes_on(study_inputs, tmp_path):
     space, train_flags = study_inputs

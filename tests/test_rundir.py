@@ -1,0 +1,62 @@
+"""monkeytrain.rundir: what a resumed run is held to, its config.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from monkeytrain.config import config_yaml, parse_config
+from monkeytrain.errors import UserError
+from monkeytrain.rundir import CONFIG_NAME, check_resumed_config
+
+RESUME = ["--cpu", "--resume", "auto"]
+
+
+@pytest.fixture(autouse=True)
+def no_data_found_without_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def run_begun_with(tmp_path: Path, config_text: str) -> Path:
+    run = tmp_path / "runs" / "cut"
+    run.mkdir(parents=True)
+    (run / CONFIG_NAME).write_text(config_text)
+    return run
+
+
+def test_a_run_on_data_from_the_environment_resumes_from_the_same_and_not_from_another(tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(first))
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))
+    check_resumed_config(run, parse_config(RESUME))  # a requeued job, in the environment it began in
+    check_resumed_config(run, parse_config([*RESUME, "--data", str(first)]))
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(second))
+    with pytest.raises(UserError) as refused:
+        check_resumed_config(run, parse_config(RESUME))
+    assert str(refused.value) == (f"the data found without --data ({second}) is not the {first} that {run} began "
+                                  f"with ({run / CONFIG_NAME}); give --data {first} to resume it, or start a new run.")
+
+
+def test_a_run_whose_config_names_no_data_resumes_as_before(tmp_path, monkeypatch):
+    """config.yaml named no data before it recorded the default's: such a run still resumes (the data
+    manifest of its state is checked when the state is loaded), but not with another --data given."""
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))  # no data found: null
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(tmp_path / "monkeys"))
+    check_resumed_config(run, parse_config(RESUME))
+    with pytest.raises(UserError, match=f"--data {tmp_path / 'other'} is not the None that"):
+        check_resumed_config(run, parse_config([*RESUME, "--data", str(tmp_path / "other")]))
+
+
+@pytest.mark.parametrize("config_text", [None, "[not, a, mapping]\n", "epochs: [\n", ""])
+def test_a_resume_without_a_readable_config_yaml_says_so_in_one_line_and_goes_on(tmp_path, capsys, config_text):
+    run = run_begun_with(tmp_path, config_text or "")
+    if config_text is None:
+        (run / CONFIG_NAME).unlink()  # deleted by hand
+    check_resumed_config(run, parse_config([*RESUME, "--batch-size", "4"]))
+    assert capsys.readouterr().err == (
+        f"monkeytrain: warning: {run / CONFIG_NAME} is missing or unreadable, so the flags of this resume cannot be "
+        "checked against those the run began with: it goes on with the flags given, and records them there.\n")
+    check_resumed_config(run, parse_config(RESUME), is_main_process=False)  # another rank: the main one says it
+    assert capsys.readouterr().err == ""
