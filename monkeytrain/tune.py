@@ -56,6 +56,9 @@ RUNTIME_FIELDS = {"cpu_threads", "num_workers", "cache_dir", "report_to", "log_c
                   "compile", "save_every", "save_every_minutes", "keep_states"}
 # tune names every trial's run directory itself and never lets a trial see the test split.
 RESERVED_FIELDS = ("output_dir", "run_name", "resume", "score_test")
+# The machine's own flags, which best_config.yaml leaves to whoever reuses it: the study's final run is
+# given those the study was, so that it trains where and as its trials did (a --cpu study on a GPU machine).
+MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,11 +167,7 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
 
 def fixed_flags(train_flags: list[str], space: dict) -> dict:
     """The train.py flags given (a --config preset's path among them), checked against the space."""
-    from monkeytrain.config import build_parser as train_parser, rename_old_names
-
-    parser = train_parser()
-    parser.prog = "monkeytrain tune (train.py flags)"
-    given = rename_old_names(vars(parser.parse_args(train_flags)))  # an old name must not dodge the checks
+    given = given_flags(train_flags)
     for name in RESERVED_FIELDS:
         if name in given:
             raise UserError(f"--{name.replace('_', '-')} is set by monkeytrain tune itself (each trial's run "
@@ -178,6 +177,26 @@ def fixed_flags(train_flags: list[str], space: dict) -> dict:
         raise UserError(f"--{clash[0].replace('_', '-')} is given as a flag and searched in the space; "
                         "drop one of them.")
     return {name: value for name, value in given.items() if name not in RUNTIME_FIELDS}
+
+
+def given_flags(train_flags: list[str]) -> dict:
+    """The train.py flags given, by field name (an old name must not dodge the checks)."""
+    from monkeytrain.config import build_parser as train_parser, rename_old_names
+
+    parser = train_parser()
+    parser.prog = "monkeytrain tune (train.py flags)"
+    return rename_old_names(vars(parser.parse_args(train_flags)))
+
+
+def machine_flags(train_flags: list[str]) -> list[str]:
+    """The MACHINE_FIELDS the study was given, as flags or in its --config preset."""
+    from monkeytrain.config import load_yaml_preset, rename_old_names
+    from monkeytrain.tune_space import as_flags
+
+    given = given_flags(train_flags)
+    preset = rename_old_names(load_yaml_preset(Path(given["config"]))) if given.get("config") else {}
+    machine = {**preset, **given}
+    return as_flags({name: machine[name] for name in MACHINE_FIELDS if name in machine})
 
 
 def with_preset_values(fixed: dict) -> dict:
@@ -571,8 +590,8 @@ def train_best(setup: Setup, best_config: Path) -> dict:
     run_dir = setup.study_dir / BEST_RUN_NAME
     run_dir.mkdir(parents=True, exist_ok=True)
     say(f"training the best config once more, then scoring it on the test split; log: {run_dir / TRIAL_LOG}")
-    argv = ["--config", str(best_config), "--output-dir", str(setup.study_dir), "--run-name", BEST_RUN_NAME,
-            "--resume", "auto"]
+    argv = ["--config", str(best_config), *machine_flags(setup.train_flags), "--output-dir", str(setup.study_dir),
+            "--run-name", BEST_RUN_NAME, "--resume", "auto"]
     with open(run_dir / TRIAL_LOG, "a") as log, redirect_stdout(log), redirect_stderr(log):
         return train_main.__wrapped__(argv)
 

@@ -109,7 +109,10 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     # best_run trained from best_config.yaml with --config, and is the one run scored on the test split.
     best_run = json.loads((study_dir / "best_run" / "results.json").read_text())
     assert 0 <= best_run["test_accuracy"] <= 1 and best_run["test_images"] == 18
-    assert yaml.safe_load((study_dir / "best_run" / "config.yaml").read_text())["lr"] == preset.lr
+    best_run_config = yaml.safe_load((study_dir / "best_run" / "config.yaml").read_text())
+    assert best_run_config["lr"] == preset.lr
+    # best_config.yaml leaves the machine out; the study's own best run keeps the study's (--cpu here)
+    assert (best_run_config["cpu"], best_run_config["cpu_threads"]) == (True, 1)
     assert "the study's one look at the test split" in out
 
 
@@ -134,6 +137,16 @@ def test_best_config_leaves_the_device_and_precision_to_the_machine_that_reuses_
     reused = parse_config(["--config", str(best)])
     assert (reused.cpu, reused.mixed_precision) == (False, None)  # the GPU, in its own precision (bf16)
     assert (reused.lr, reused.image_size, reused.epochs) == (0.03, found.image_size, found.epochs)
+
+
+def test_the_best_run_is_given_the_machine_flags_the_study_was_given_or_its_preset(tmp_path):
+    from monkeytrain.tune import machine_flags
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("cpu: true\nmixed-precision: bf16\nlr: 0.02\n")
+    flags = machine_flags(["--config", str(preset), "--mixed-precision", "no", "--cpu-threads", "2", "--epochs", "3"])
+    assert flags == ["--cpu", "--mixed-precision", "no", "--cpu-threads", "2"]  # flags override the preset
+    assert machine_flags(["--epochs", "3"]) == []
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
