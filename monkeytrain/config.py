@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="monkeytrain/train.py",
         description="Train an image classifier on an image-folder dataset.",
         argument_default=argparse.SUPPRESS,
+        other_names=OTHER_NAMES,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
     parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")

@@ -86,9 +86,12 @@ class FlagParser(argparse.ArgumentParser):
     A flag must be spelled out: argparse would take --epoch for --epochs, and --image for --image-size,
     and a flag added later could change what a shortened one in a job script means."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, other_names: dict[str, str] | None = None, **kwargs):
+        """other_names: what other trainers call some flags (timm's --amp, --opt), by field name, so that
+        the hint names ours rather than whichever is spelled closest."""
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.other_names = other_names or {}
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but flags a subcommand does not know are reported by that subcommand's
@@ -106,7 +109,12 @@ class FlagParser(argparse.ArgumentParser):
         this; our oldest supported Python (3.10) has nothing like it."""
         if not message.startswith("unrecognized arguments:"):
             return ""
-        known = list(self._option_string_actions)
-        near = [match[0] for flag in re.findall(r"--[\w-]+", message)
-                if (match := difflib.get_close_matches(flag, known, n=1))]
+        near = [flag for flag in map(self.near_flag, re.findall(r"--[\w-]+", message)) if flag]
         return f" (did you mean {', '.join(near)}?)" if near else ""
+
+    def near_flag(self, flag: str) -> str | None:
+        ours = self.other_names.get(flag[2:].replace("-", "_"))
+        if ours:
+            return "--" + ours.replace("_", "-")
+        match = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+        return match[0] if match else None

@@ -73,6 +73,8 @@ def test_invalid_flag_values(capsys, data):
     (cli.main, ["tune", "--space"], "argument --space: expected one argument; see `monkeytrain tune --help`."),
     (train.main, ["--epoch", "2"], "unrecognized arguments: --epoch 2 (did you mean --epochs?); "
                                    "see `monkeytrain/train.py --help`."),  # not taken for --epochs
+    (train.main, ["--amp", "--opt", "adamw"], "unrecognized arguments: --amp --opt adamw (did you mean "
+                                               "--mixed-precision, --optimizer?); see `monkeytrain/train.py --help`."),
     (cli.main, ["predict", "--checkpoint", "m.onnx", "--top", "3", "a.jpg"],
      "unrecognized arguments: --top (did you mean --top-k?); see `monkeytrain predict --help`."),
     (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
