@@ -65,9 +65,19 @@ def collectives(folder: Path, data_root: str) -> None:
         "stream": StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, accelerator),
         "resident": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, folder / "cache" / "views", accelerator),
     }
-    report(folder, rank=accelerator.process_index, world=accelerator.num_processes, **{
-        mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
-        for mode, pipeline in pipelines.items()})
+    report(folder, rank=accelerator.process_index, world=accelerator.num_processes,
+           big_batches=big_batch_epochs(splits, folder / "cache" / "views", accelerator), **{
+               mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
+               for mode, pipeline in pipelines.items()})
+
+
+def big_batch_epochs(splits, views_cache: Path, accelerator) -> dict:
+    """Both pipelines' batches of one epoch when --batch-size exceeds a rank's share of the training
+    images (16 of 27 over two ranks): [batches an epoch, [the size of each batch]] by mode."""
+    pipelines = {"stream": StreamPipeline(splits, IMAGE_SIZE, 16, 0, 0, accelerator),
+                 "resident": ResidentPipeline(splits, IMAGE_SIZE, 16, 0, views_cache, accelerator)}
+    return {mode: [pipeline.batches_per_epoch, [len(labels) for _, labels in pipeline.train_epoch(1)]]
+            for mode, pipeline in pipelines.items()}
 
 
 def graphed(folder: Path, data_root: str) -> None:

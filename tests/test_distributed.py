@@ -94,6 +94,13 @@ def test_stats_and_evaluation_match_one_process(two_ranks, odd_dataset, tmp_path
         assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
 
 
+def test_a_batch_larger_than_a_ranks_share_trains_the_whole_share_in_either_pipeline(two_ranks):
+    """--batch-size 16 on 27 training images over two ranks: each rank's share, 13, is one batch, as on one
+    process a batch larger than the data is one batch of all of it (not an epoch of no batch at all)."""
+    for rank in two_ranks.reports("collectives"):
+        assert rank["big_batches"] == {"stream": [1, [13]], "resident": [1, [13]]}
+
+
 def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     main, other = two_ranks.reports("train")
     assert other["writes"] == []
