@@ -26,8 +26,6 @@ def make_accelerator(config) -> Accelerator:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
     precision, note = choose_precision(config.mixed_precision, launcher_precision(),
                                        Hardware.of_this_process(on_gpu))
-    if note:
-        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=precision,
@@ -35,6 +33,8 @@ def make_accelerator(config) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step itself
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if note and accelerator.is_main_process:  # the same on every rank: once, not once per GPU
+        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
     if accelerator.device.type == "cpu":
         # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,

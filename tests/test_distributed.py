@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import write_image_folder
 from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
 
+from monkeytrain import distributed
+from monkeytrain.config import parse_config
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import StreamPipeline
@@ -165,3 +170,20 @@ def test_a_graphed_ddp_run_trains_exactly_as_the_eager_one(two_ranks, group, war
         assert run["different"] == []
         assert (run["warm_batches"], run["captures"], run["steps"]) == (warm_batches, captures, steps)
     assert runs[0]["weight_sum"] == runs[1]["weight_sum"] and runs[0]["best"] == runs[1]["best"]
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_the_precision_warning_is_printed_by_the_main_process_alone(monkeypatch, capsys, main_process):
+    """Every rank meets the same hardware and config: eight GPUs would print the same line eight times."""
+    class ThisRank(Accelerator):
+        is_main_process = main_process  # rank 0, or another rank of a launch
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as a default config written on a GPU machine
+    monkeypatch.setattr(distributed, "cpu_does_bf16", lambda: False)
+    monkeypatch.setattr(distributed, "Accelerator", ThisRank)
+    AcceleratorState._reset_state(True)
+    try:
+        distributed.make_accelerator(parse_config(["--cpu", "--cpu-threads", str(torch.get_num_threads())]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert capsys.readouterr().err.count("only emulated on this CPU") == (1 if main_process else 0)
