@@ -11,7 +11,7 @@ from typing import Any, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast, broadcast_object_list, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
 from monkeytrain.errors import UserError
@@ -139,6 +139,17 @@ def broadcast_from_main(value: T) -> T:
     holder: list[Any] = [value]
     broadcast_object_list(holder, from_process=0)
     return holder[0]
+
+
+def main_process_statistics(module: torch.nn.Module) -> None:
+    """Every rank's floating-point buffers of `module` (batch-norm running statistics) made the main
+    process's, in place (a CUDA graph may read them). DDP broadcasts them only at the start of each
+    forward, which then updates them from the rank's own batch, so between forwards, and in a weight
+    average taken then, each rank holds statistics of its own: the model it evaluates would not be the
+    one the main process saves."""
+    buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+    if buffers:
+        broadcast(buffers, from_process=0)
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:

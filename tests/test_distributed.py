@@ -123,6 +123,14 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_every_rank_validates_with_the_batch_norm_statistics_of_the_model_the_main_process_saves(two_ranks):
+    """DDP hands rank 0's statistics to the others at each forward, which then update them from their own
+    batch: without a broadcast at the epoch's end, each rank would validate a model of its own."""
+    main, other = two_ranks.reports("train")
+    assert len(main["evaluated_statistics"]) == 3
+    assert main["evaluated_statistics"] == other["evaluated_statistics"]
+
+
 def test_each_file_is_decoded_by_one_rank_the_other_reads_its_scans(two_ranks, odd_dataset):
     main, other = two_ranks.reports("train")
     assert sorted(main["decoded"]) == sorted(str(p) for p in odd_dataset.rglob("*.png"))
