@@ -162,8 +162,18 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
 
 
 def cores_per_process(accelerator) -> int:
-    """The CPU cores this process may use, shared among the run's processes (at least one)."""
-    return max(1, usable_cores() // accelerator.num_processes)
+    """The CPU cores this process may use, shared among the run's processes on this machine (at least one)."""
+    return max(1, usable_cores() // processes_on_this_machine(accelerator))
+
+
+def processes_on_this_machine(accelerator) -> int:
+    """The run's processes that share this machine's cores: on several machines, fewer than the run's
+    (two nodes of 8 GPUs: 8, not 16). torchrun and `accelerate launch` say how many in LOCAL_WORLD_SIZE;
+    without it, all of the run's, which is right on one machine and too many, never too few, on several
+    (and never more: a run of one process started from inside a launch inherits its LOCAL_WORLD_SIZE)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    count = int(local) if local.isdigit() and int(local) >= 1 else accelerator.num_processes
+    return min(count, accelerator.num_processes)
 
 
 def usable_cores() -> int:

@@ -195,3 +195,28 @@ def test_the_precision_warning_is_printed_by_the_main_process_alone(monkeypatch,
     finally:
         AcceleratorState._reset_state(True)
     assert capsys.readouterr().err.count("only emulated on this CPU") == (1 if main_process else 0)
+
+
+class Processes:
+    """The part of an Accelerator that cores_per_process reads."""
+
+    def __init__(self, count: int):
+        self.num_processes = count
+
+
+@pytest.mark.parametrize("local_world_size, expected", [("8", 8), (None, 16), ("", 16), ("none", 16)])
+def test_the_cores_of_a_machine_are_shared_among_the_processes_on_that_machine(monkeypatch, local_world_size,
+                                                                                expected):
+    """Two nodes of 8 GPUs and 64 cores each: 8 cores a process (stream workers, CPU threads), not 4."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert distributed.cores_per_process(Processes(16)) == 64 // expected
+
+
+def test_a_single_process_started_inside_a_launch_uses_all_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # inherited from the launch around it
+    assert distributed.cores_per_process(Processes(1)) == 64
