@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.loaders import ending_workers_at_exit, sharded_loader, shuffled_loader
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
-from monkeytrain.distributed import all_ranks_agree, cores_per_process, local_main_first, shard_indices
+from monkeytrain.distributed import (all_ranks_agree, cores_per_process, local_main_first, processes_on_this_machine,
+                                     shard_indices)
 from monkeytrain.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -40,12 +41,13 @@ def choose_pipeline(requested: str, splits: DatasetSplits, image_size: int, acce
 
 
 def free_memory(accelerator) -> int:
-    """Bytes this process may fill: free GPU memory, or its share of the available host memory."""
+    """Bytes this process may fill: free GPU memory, or its share of the available host memory (shared
+    with the run's processes on this machine)."""
     if accelerator.device.type == "cuda":
         return torch.cuda.mem_get_info(accelerator.device)[0]
     import psutil  # an Accelerate dependency
 
-    return psutil.virtual_memory().available // accelerator.num_processes
+    return psutil.virtual_memory().available // processes_on_this_machine(accelerator)
 
 
 def default_workers(accelerator) -> int:
