@@ -11,7 +11,7 @@ from typing import Any, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast, broadcast_object_list, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
 from monkeytrain.errors import UserError
@@ -26,8 +26,6 @@ def make_accelerator(config) -> Accelerator:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
     precision, note = choose_precision(config.mixed_precision, launcher_precision(),
                                        Hardware.of_this_process(on_gpu))
-    if note:
-        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=precision,
@@ -35,6 +33,8 @@ def make_accelerator(config) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step itself
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if note and accelerator.is_main_process:  # the same on every rank: once, not once per GPU
+        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
     config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
     if accelerator.device.type == "cpu":
         # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,
@@ -141,6 +141,17 @@ def broadcast_from_main(value: T) -> T:
     return holder[0]
 
 
+def main_process_statistics(module: torch.nn.Module) -> None:
+    """Every rank's floating-point buffers of `module` (batch-norm running statistics) made the main
+    process's, in place (a CUDA graph may read them). DDP broadcasts them only at the start of each
+    forward, which then updates them from the rank's own batch, so between forwards, and in a weight
+    average taken then, each rank holds statistics of its own: the model it evaluates would not be the
+    one the main process saves."""
+    buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+    if buffers:
+        broadcast(buffers, from_process=0)
+
+
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     """This rank's disjoint share of `range(num_items)`, with no padding duplicates.
 
@@ -151,8 +162,18 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
 
 
 def cores_per_process(accelerator) -> int:
-    """The CPU cores this process may use, shared among the run's processes (at least one)."""
-    return max(1, usable_cores() // accelerator.num_processes)
+    """The CPU cores this process may use, shared among the run's processes on this machine (at least one)."""
+    return max(1, usable_cores() // processes_on_this_machine(accelerator))
+
+
+def processes_on_this_machine(accelerator) -> int:
+    """The run's processes that share this machine's cores: on several machines, fewer than the run's
+    (two nodes of 8 GPUs: 8, not 16). torchrun and `accelerate launch` say how many in LOCAL_WORLD_SIZE;
+    without it, all of the run's, which is right on one machine and too many, never too few, on several
+    (and never more: a run of one process started from inside a launch inherits its LOCAL_WORLD_SIZE)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    count = int(local) if local.isdigit() and int(local) >= 1 else accelerator.num_processes
+    return min(count, accelerator.num_processes)
 
 
 def usable_cores() -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from monkeytrain.distributed import sum_across_ranks
+from monkeytrain.distributed import main_process_statistics, sum_across_ranks
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,8 @@ def train_one_epoch(step: BatchStep, batches, accelerator, batches_total: int | 
             if step.stepped and after_step(batch):
                 stopped = True
                 break
+    if accelerator.num_processes > 1:  # each rank then validates the model the main process saves as the best
+        main_process_statistics(step.learner.averager.model)
     totals = sum_across_ranks(torch.stack([loss_sum, correct.double(),
                                            torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]))
     loss_total, correct_total, count_total = totals.tolist()  # the epoch's one sync

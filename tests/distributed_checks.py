@@ -27,7 +27,7 @@ from accelerate.state import AcceleratorState
 
 from graphed_runs import as_on_a_gpu, different_weights, train_run as emulated_run
 from monkeytrain import graphed as graphed_module
-from monkeytrain import selection, train
+from monkeytrain import selection, train, trainer
 from monkeytrain.data import imagefiles
 from monkeytrain.data.augment import Augmenter, AugmentSettings
 from monkeytrain.data.dataset import discover_splits
@@ -65,9 +65,19 @@ def collectives(folder: Path, data_root: str) -> None:
         "stream": StreamPipeline(splits, IMAGE_SIZE, 4, 0, 0, accelerator),
         "resident": ResidentPipeline(splits, IMAGE_SIZE, 4, 0, folder / "cache" / "views", accelerator),
     }
-    report(folder, rank=accelerator.process_index, world=accelerator.num_processes, **{
-        mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
-        for mode, pipeline in pipelines.items()})
+    report(folder, rank=accelerator.process_index, world=accelerator.num_processes,
+           big_batches=big_batch_epochs(splits, folder / "cache" / "views", accelerator), **{
+               mode: stats_and_test_evaluation(pipeline, splits, folder / "cache" / mode, accelerator)
+               for mode, pipeline in pipelines.items()})
+
+
+def big_batch_epochs(splits, views_cache: Path, accelerator) -> dict:
+    """Both pipelines' batches of one epoch when --batch-size exceeds a rank's share of the training
+    images (16 of 27 over two ranks): [batches an epoch, [the size of each batch]] by mode."""
+    pipelines = {"stream": StreamPipeline(splits, IMAGE_SIZE, 16, 0, 0, accelerator),
+                 "resident": ResidentPipeline(splits, IMAGE_SIZE, 16, 0, views_cache, accelerator)}
+    return {mode: [pipeline.batches_per_epoch, [len(labels) for _, labels in pipeline.train_epoch(1)]]
+            for mode, pipeline in pipelines.items()}
 
 
 def graphed(folder: Path, data_root: str) -> None:
@@ -126,6 +136,19 @@ def record_decisions(decisions: list) -> None:
     selection.BestEpoch.update = update
 
 
+def record_evaluated_statistics(statistics: list[float]) -> None:
+    """Note, at each validation, the sum of the floating-point buffers (batch-norm statistics) of the
+    model this rank validates."""
+    real_validate = trainer.Trainer.validate
+
+    def validate(self, epoch, trained):
+        buffers = [b.double().sum() for b in self.learner.averager.model.buffers() if b.is_floating_point()]
+        statistics.append(float(sum(buffers)))
+        return real_validate(self, epoch, trained)
+
+    trainer.Trainer.validate = validate
+
+
 def record_decodes(decoded: list[str]) -> None:
     """Note every file the scan decodes rather than takes from the scans cache. The data set was
     written just before this launch: its files count as changed since any scan (RACY_NS) unless
@@ -145,12 +168,15 @@ def train_run(folder: Path, data_root: str, *flags: str) -> None:
     writes: list[str] = []
     decisions: list = []
     decoded: list[str] = []
+    statistics: list[float] = []
     record_decisions(decisions)
+    record_evaluated_statistics(statistics)
     record_writes(output_dir, writes)
     record_decodes(decoded)
     results = train.main(["--output-dir", str(output_dir), "--data", data_root,
                           "--cache-dir", str(folder / "cache"), *flags])
     report(folder, rank=int(os.environ["RANK"]), writes=writes, decisions=decisions, decoded=decoded,
+           evaluated_statistics=statistics,
            best_epoch=results["best_epoch"], test_accuracy=results["test_accuracy"],
            test_images=results["test_images"])
 

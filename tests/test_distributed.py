@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import write_image_folder
 from distributed_checks import IMAGE_SIZE, stats_and_test_evaluation
 
+from monkeytrain import distributed
+from monkeytrain.config import parse_config
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
 from monkeytrain.data.pipeline import StreamPipeline
@@ -94,6 +99,13 @@ def test_stats_and_evaluation_match_one_process(two_ranks, odd_dataset, tmp_path
         assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
 
 
+def test_a_batch_larger_than_a_ranks_share_trains_the_whole_share_in_either_pipeline(two_ranks):
+    """--batch-size 16 on 27 training images over two ranks: each rank's share, 13, is one batch, as on one
+    process a batch larger than the data is one batch of all of it (not an epoch of no batch at all)."""
+    for rank in two_ranks.reports("collectives"):
+        assert rank["big_batches"] == {"stream": [1, [13]], "resident": [1, [13]]}
+
+
 def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     main, other = two_ranks.reports("train")
     assert other["writes"] == []
@@ -109,6 +121,14 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
     results = json.loads((output / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_accuracy"] == main["test_accuracy"]
     assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_every_rank_validates_with_the_batch_norm_statistics_of_the_model_the_main_process_saves(two_ranks):
+    """DDP hands rank 0's statistics to the others at each forward, which then update them from their own
+    batch: without a broadcast at the epoch's end, each rank would validate a model of its own."""
+    main, other = two_ranks.reports("train")
+    assert len(main["evaluated_statistics"]) == 3
+    assert main["evaluated_statistics"] == other["evaluated_statistics"]
 
 
 def test_each_file_is_decoded_by_one_rank_the_other_reads_its_scans(two_ranks, odd_dataset):
@@ -158,3 +178,45 @@ def test_a_graphed_ddp_run_trains_exactly_as_the_eager_one(two_ranks, group, war
         assert run["different"] == []
         assert (run["warm_batches"], run["captures"], run["steps"]) == (warm_batches, captures, steps)
     assert runs[0]["weight_sum"] == runs[1]["weight_sum"] and runs[0]["best"] == runs[1]["best"]
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_the_precision_warning_is_printed_by_the_main_process_alone(monkeypatch, capsys, main_process):
+    """Every rank meets the same hardware and config: eight GPUs would print the same line eight times."""
+    class ThisRank(Accelerator):
+        is_main_process = main_process  # rank 0, or another rank of a launch
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as a default config written on a GPU machine
+    monkeypatch.setattr(distributed, "cpu_does_bf16", lambda: False)
+    monkeypatch.setattr(distributed, "Accelerator", ThisRank)
+    AcceleratorState._reset_state(True)
+    try:
+        distributed.make_accelerator(parse_config(["--cpu", "--cpu-threads", str(torch.get_num_threads())]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert capsys.readouterr().err.count("only emulated on this CPU") == (1 if main_process else 0)
+
+
+class Processes:
+    """The part of an Accelerator that cores_per_process reads."""
+
+    def __init__(self, count: int):
+        self.num_processes = count
+
+
+@pytest.mark.parametrize("local_world_size, expected", [("8", 8), (None, 16), ("", 16), ("none", 16)])
+def test_the_cores_of_a_machine_are_shared_among_the_processes_on_that_machine(monkeypatch, local_world_size,
+                                                                                expected):
+    """Two nodes of 8 GPUs and 64 cores each: 8 cores a process (stream workers, CPU threads), not 4."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert distributed.cores_per_process(Processes(16)) == 64 // expected
+
+
+def test_a_single_process_started_inside_a_launch_uses_all_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # inherited from the launch around it
+    assert distributed.cores_per_process(Processes(1)) == 64

@@ -269,6 +269,17 @@ def test_free_host_memory_is_shared_among_the_processes(cpu_accelerator):
     assert 0.5 * available < pipeline.free_memory(cpu_accelerator) <= 1.5 * available
 
 
+def test_free_host_memory_is_shared_among_the_processes_on_this_machine_alone(monkeypatch):
+    import psutil
+
+    class TwoNodesOfEight:  # what free_memory reads of an Accelerator: rank 3 of 16, on a machine with 8
+        device, num_processes = torch.device("cpu"), 16
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    available = psutil.virtual_memory().available
+    assert 0.5 * available / 8 < pipeline.free_memory(TwoNodesOfEight()) <= 1.5 * available / 8
+
+
 def test_default_workers_fit_the_cores_this_process_may_use(cpu_accelerator, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert pipeline.default_workers(cpu_accelerator) == 2

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.loaders import ending_workers_at_exit, sharded_loader, shuffled_loader
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
-from monkeytrain.distributed import all_ranks_agree, cores_per_process, local_main_first, shard_indices
+from monkeytrain.distributed import (all_ranks_agree, cores_per_process, local_main_first, processes_on_this_machine,
+                                     shard_indices)
 from monkeytrain.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -40,12 +41,13 @@ def choose_pipeline(requested: str, splits: DatasetSplits, image_size: int, acce
 
 
 def free_memory(accelerator) -> int:
-    """Bytes this process may fill: free GPU memory, or its share of the available host memory."""
+    """Bytes this process may fill: free GPU memory, or its share of the available host memory (shared
+    with the run's processes on this machine)."""
     if accelerator.device.type == "cuda":
         return torch.cuda.mem_get_info(accelerator.device)[0]
     import psutil  # an Accelerate dependency
 
-    return psutil.virtual_memory().available // accelerator.num_processes
+    return psutil.virtual_memory().available // processes_on_this_machine(accelerator)
 
 
 def default_workers(accelerator) -> int:
@@ -63,6 +65,7 @@ class ResidentPipeline:
                  cache_dir: Path, accelerator):
         self.device, self.seed = accelerator.device, seed
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.per_rank = images_per_rank(len(splits.train), self.world)  # before the decode: an error costs none
         self.splits = {}
         with local_main_first(accelerator):  # one decode per node; the others load the cache
             # validation may *be* the test split (--val-fraction 0): hold it once
@@ -71,10 +74,6 @@ class ResidentPipeline:
                 self.splits[name] = (images.to(self.device), labels.to(self.device))
         self.resident_bytes = sum(images.numel() for images, _ in self.splits.values())
         self.splits.setdefault("val", self.splits["test"])
-        self.per_rank = len(splits.train) // self.world
-        if self.per_rank < 1:
-            raise UserError(f"{len(splits.train)} training image(s) cannot give each of {self.world} processes "
-                            "one; add images or start fewer processes.")
         self.train_batch = min(batch_size, self.per_rank)  # a batch larger than a share: the whole share
         self.batches_per_epoch = self.per_rank // self.train_batch
         self._shard: tuple[int | None, torch.Tensor | None] = (None, None)  # the pass last drawn, and its share
@@ -131,9 +130,13 @@ class StreamPipeline:
     def __init__(self, splits: DatasetSplits, image_size: int, batch_size: int, seed: int,
                  num_workers: int, accelerator):
         self.accelerator, self.num_workers = accelerator, num_workers
+        # As resident: a batch larger than a rank's share is the whole share. Accelerate deals whole batches
+        # round the ranks and drops a last round that is not full, so a batch of more than the share would
+        # leave every rank an epoch of no batch at all.
+        train_batch = min(batch_size, images_per_rank(len(splits.train), accelerator.num_processes))
         self.datasets = {name: view_dataset(files, image_size) for name, files in splits.named_splits().items()}
         self.train_loader = ending_workers_at_exit(accelerator.prepare(
-            shuffled_loader(self.datasets["train"], batch_size, num_workers, seed)))
+            shuffled_loader(self.datasets["train"], train_batch, num_workers, seed)))
         self.batches_per_epoch = len(self.train_loader)
         self.eval_loaders: dict[str, DataLoader] = {}
 
@@ -155,6 +158,14 @@ class StreamPipeline:
         device = self.accelerator.device
         for images, labels in self.eval_loaders[name]:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def images_per_rank(training_images: int, world: int) -> int:
+    """Each rank's equal share of the training images (at least one, or a clear error)."""
+    if training_images < world:
+        raise UserError(f"{training_images} training image(s) cannot give each of {world} processes "
+                        "one; add images or start fewer processes.")
+    return training_images // world
 
 
 def build_pipeline(config, splits: DatasetSplits, cache_dir: Path, accelerator):
