@@ -11,7 +11,7 @@ from pathlib import Path
 
 from monkeytrain import __version__
 from monkeytrain.data.layout import DEFAULT_DATA_ROOT
-from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
+from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error, to_stderr
 
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
@@ -141,9 +141,9 @@ def warn_about_files(skipped: list, images: list = ()) -> None:
     from monkeytrain.data.imagefiles import oversized_warning
 
     for bad in skipped:
-        print(f"monkeytrain: warning: skipping {bad.path}: {bad.reason}.", file=sys.stderr)
+        to_stderr("warning", f"skipping {bad.path}: {bad.reason}.")
     for large in (image for image in images if image.oversized):
-        print(f"monkeytrain: warning: {oversized_warning(large)}", file=sys.stderr)
+        to_stderr("warning", oversized_warning(large))
 
 
 def run_predict(args: argparse.Namespace) -> None:

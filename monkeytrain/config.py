@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,7 +21,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from monkeytrain import __version__
-from monkeytrain.errors import FlagParser, UserError
+from monkeytrain.errors import FlagParser, UserError, to_stderr
 
 # The one list of accepted values of each choice flag: argparse, YAML presets and
 # validation all read them from the field's metadata.
@@ -280,7 +279,7 @@ def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def warn(message: str) -> None:
-    print(f"monkeytrain: warning: {message}", file=sys.stderr)
+    to_stderr("warning", message)
 
 
 def resolve_recipe(requested: str, cpu_flag: bool) -> str:

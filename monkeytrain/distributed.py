@@ -4,7 +4,6 @@ on one process."""
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
@@ -14,7 +13,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast, broadcast_object_list, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, to_stderr
 
 T = TypeVar("T")
 
@@ -34,7 +33,7 @@ def make_accelerator(config) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if note and accelerator.is_main_process:  # the same on every rank: once, not once per GPU
-        print(f"monkeytrain: warning: {note}", file=sys.stderr, flush=True)
+        to_stderr("warning", note)
     config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
     if accelerator.device.type == "cpu":
         # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,

@@ -65,8 +65,15 @@ def first_line(error: BaseException) -> str:
 
 
 def fail(message: str, status: int) -> None:
-    print(f"monkeytrain: error: {message}", file=sys.stderr, flush=True)
+    to_stderr("error", message)
     sys.exit(status)
+
+
+def to_stderr(kind: str, message: str) -> None:
+    """`monkeytrain: KIND: message` as one write: print() writes the line and its newline apart, so the
+    same line from several ranks could come out glued together, followed by an empty one."""
+    sys.stderr.write(f"monkeytrain: {kind}: {message}\n")
+    sys.stderr.flush()
 
 
 def printable_on_any_console() -> None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Union
 
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, to_stderr
 
 # Out of space, or out of this user's quota: either way the fix is to free space or write elsewhere.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -193,8 +193,7 @@ def write_cache(path: Path, write: Payload) -> bool:
         write_atomically(path, write, durable=False, flag="--cache-dir")
         return True
     except (OSError, WriteFailed) as error:
-        print(f"monkeytrain: warning: cannot write the cache file {path} ({why_not_written(error)}); "
-              "going on without it.", file=sys.stderr, flush=True)
+        to_stderr("warning", f"cannot write the cache file {path} ({why_not_written(error)}); going on without it.")
         return False
 
 

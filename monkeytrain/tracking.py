@@ -14,11 +14,11 @@ import netrc
 import os
 import secrets
 import string
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
+from monkeytrain.errors import to_stderr
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
@@ -45,7 +45,7 @@ class RunLog:
         print(message, flush=True)
 
     def warn(self, message: str) -> None:
-        print(f"monkeytrain: warning: {message}", file=sys.stderr, flush=True)
+        to_stderr("warning", message)
 
     def write_file(self, name: str, text: str) -> Path:
         """A file of the run directory (config.yaml, results.json, ...), written once, by one process;

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -507,3 +508,16 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(data, tmp_path):
         done = subprocess.run([sys.executable, "-m", "monkeytrain.cli", "inspect-data", str(data)], cwd=tmp_path,
                               stdout=closed_pipe, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr == "", done.stderr[-3000:]
+
+
+def test_an_error_or_warning_line_is_written_at_once_so_that_ranks_do_not_glue_their_lines(monkeypatch):
+    """print() writes the text and its newline apart: two ranks' identical lines could come out as one."""
+    from monkeytrain.config import warn
+    from monkeytrain.errors import fail
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    warn("an old flag")
+    with pytest.raises(SystemExit):
+        fail("a wrong path", 2)
+    assert writes == ["monkeytrain: warning: an old flag\n", "monkeytrain: error: a wrong path\n"]
