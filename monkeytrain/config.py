@@ -248,15 +248,18 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def rename_old_names(values: dict[str, Any]) -> dict[str, Any]:
-    """Old flag names and values under their new ones, with one warning line each."""
+    """Old flag names and values under their new ones, with one warning line each from the run."""
     renamed = dict(values)
+    # Flags are read before the Accelerator exists, so the launcher's RANK is what says which process is
+    # the run's first: the others rename silently, rather than print the same line once per GPU.
+    say = warn if os.environ.get("RANK", "0") == "0" else lambda message: None
     for old, new in RENAMED_FIELDS.items():
         if old in renamed:
-            warn(f"--{flag_name(old)} is now called --{flag_name(new)}; using it.")
+            say(f"--{flag_name(old)} is now called --{flag_name(new)}; using it.")
             renamed[new] = renamed.pop(old)
     for (name, old), new in RENAMED_VALUES.items():
         if renamed.get(name) == old:
-            warn(f"--{flag_name(name)} {old} is now called {new}; using {new}.")
+            say(f"--{flag_name(name)} {old} is now called {new}; using {new}.")
             renamed[name] = new
     return renamed
 

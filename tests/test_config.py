@@ -89,6 +89,12 @@ def test_old_flag_names_still_work_with_one_warning_line(tmp_path, capsys):
     assert "now called --max-batches-per-epoch" in capsys.readouterr().err
 
 
+def test_an_old_flag_name_is_warned_about_by_the_runs_first_process_alone(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # as torchrun and accelerate launch number the processes
+    assert parse_config(["--max-steps-per-epoch", "4", "--data-pipeline", "gpu"]).data_pipeline == "resident"
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--optimizer", "sgdd", "--optimizer must be sgd or adamw"),
     ("--data-pipeline", "gpus", "--data-pipeline must be auto, resident or stream"),
