@@ -15,9 +15,10 @@
 #                                   machine, multi_node.yaml on several, cpu_ddp.yaml on one in CPU mode)
 #   MONKEYTRAIN_CPU=1               CPU mode: train.py --cpu and no mixed precision (gloo ranks);
 #                                   implied by a config file named cpu*.yaml
-#   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (the GPUs SLURM gave it, else
-#                                   those CUDA_VISIBLE_DEVICES names, else every GPU nvidia-smi lists;
-#                                   2 in CPU mode)
+#   MONKEYTRAIN_PROCS_PER_NODE      training processes on this machine (1 with a one-process config,
+#                                   distributed_type NO: cpu.yaml, single_gpu.yaml; else the GPUs SLURM
+#                                   gave it, else those CUDA_VISIBLE_DEVICES names, else every GPU
+#                                   nvidia-smi lists; 2 in CPU mode)
 #   MONKEYTRAIN_TRAIN_SCRIPT        what accelerate runs      (the checkout's monkeytrain/train.py; tests use a stub)
 #   MONKEYTRAIN_PID_FILE            where this script's pid goes, so a signal can be sent to it
 #                                   ($TMPDIR, or /tmp if that is no writable folder,
@@ -54,6 +55,10 @@ gpu_count() {
         echo 0
     fi
 }
+
+# Accelerate starts one process for a config with distributed_type NO, whatever --num_processes says;
+# counted as more, the launch would go without --quiet, and a bad flag end in Accelerate's traceback.
+one_process_config() { grep -Eq "^distributed_type:[[:space:]]*['\"]?NO['\"]?[[:space:]]*(#.*)?$" "$1"; }
 
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
@@ -103,7 +108,8 @@ if [ "$cpu" = 0 ]; then gpus=$(gpu_count); fi
 [ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
 procs=${MONKEYTRAIN_PROCS_PER_NODE:-}
 if [ -z "$procs" ]; then
-    if [ "$cpu" = 1 ]; then procs=2; else procs=$gpus; fi
+    if one_process_config "$config"; then procs=1
+    elif [ "$cpu" = 1 ]; then procs=2; else procs=$gpus; fi
 elif is_count "$procs" && [ "$procs" -ge 1 ]; then
     procs=$((10#$procs))
 else

@@ -610,10 +610,16 @@ NO_DRIVER = '#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communi
     ("launch/all_gpus.sh", dict(bin_nvidia_smi=FOUR_GPUS, CUDA_VISIBLE_DEVICES="2,3"), "2"),  # not all four
     ("slurm/launch_node.sh", dict(MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="08"), "8"),  # not octal
     ("slurm/launch_node.sh", dict(MONKEYTRAIN_CPU="1", TMPDIR="/nonexistent/tmp"), "2"),  # pid file in /tmp
+    # distributed_type NO: Accelerate starts one process whatever --num_processes says
+    ("slurm/launch_node.sh", dict(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu.yaml"), "1"),
+    ("slurm/launch_node.sh", dict(bin_nvidia_smi=FOUR_GPUS,
+                                  MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/single_gpu.yaml"), "1"),
 ])
 def test_launch_node_starts_as_many_processes_as_it_should(tmp_path, script, settings, processes):
     _, args = launch_recorded([str(PROJECT / script)], tmp_path, **settings)
     assert args[args.index("--num_processes") + 1] == processes, args
+    # one process: --quiet, so that a bad flag ends in train.py's one line, without Accelerate's traceback
+    assert ("--quiet" in args) == (processes == "1"), args
 
 
 def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_path):
