@@ -629,6 +629,21 @@ def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_p
     assert "no GPU found" in done.stderr and "MONKEYTRAIN_CPU=1" in done.stderr
 
 
+@pytest.mark.parametrize("cores, asked", [("6", ["--cpus-per-task=6"]), (None, [])])
+def test_multinode_launchers_get_the_cores_the_job_asked_for(tmp_path, cores, asked):
+    """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: the launchers' step must ask
+    for it, or each node's ranks and DataLoader workers share one core where tasks are pinned."""
+    (tmp_path / "out").mkdir()
+    recording_srun = '#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_OUTPUT/srun"\n'
+    settings = dict(SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[1-2]",
+                    MONKEYTRAIN_ROOT=str(PROJECT), **({"SLURM_CPUS_PER_TASK": cores} if cores else {}))
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train_multinode.sbatch")], tmp_path, tmp_path,
+                              bin_srun=recording_srun, bin_scontrol="#!/bin/sh\necho node1\n", **settings)
+    assert done.returncode == 0, done.stderr
+    srun_args = (tmp_path / "out" / "srun").read_text().splitlines()
+    step_options = srun_args[:srun_args.index("bash")]
+    assert [a for a in step_options if a.startswith("--cpus-per-task")] == asked, srun_args
+
 def test_tune_sbatch_without_an_environment_says_which_python_it_runs(tmp_path):
     """No virtual environment active and no .venv in the checkout: the log names the python tried,
     before that python's own complaint (a system python: "tune needs Optuna")."""
