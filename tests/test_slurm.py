@@ -669,6 +669,26 @@ def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "not a monkeytrain checkout" in done.stderr
 
 
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch", "tune.sbatch"])
+def test_sbatch_from_another_folder_finds_the_checkout_of_the_script_it_was_given(tmp_path, script):
+    """`sbatch ~/monkeytrain/slurm/train.sbatch ...` run from a project folder: SLURM runs a copy of the
+    file, but `scontrol show job` keeps the path given (followed by the arguments), and the checkout is
+    found from it; here through a path with a space, which every script must quote."""
+    checkout = tmp_path / "check out"
+    checkout.symlink_to(PROJECT)
+    work = tmp_path / "my work"
+    work.mkdir()
+    (tmp_path / "out").mkdir()
+    shown = f"JobId=7 JobName=monkeytrain\n   Command={checkout}/slurm/{script} --data my data\n   WorkDir={work}"
+    scontrol = f'#!/bin/sh\nif [ "$2" = hostnames ]; then echo node1; else printf "%s\\n" "{shown}"; fi\n'
+    recording = '#!/bin/sh\necho "$PYTHONPATH" "$@" >> "$STUB_OUTPUT/started"\n'  # the launcher, srun or python
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / script), "--data", "my data"], tmp_path, work,
+                              bin_scontrol=scontrol, accelerate=recording, bin_srun=recording, bin_python=recording,
+                              SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(work), SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NODELIST="node1", MONKEYTRAIN_CPU="1")
+    assert done.returncode == 0, done.stderr
+    assert str(checkout) in (tmp_path / "out" / "started").read_text()
+
 def test_local_cluster_rejects_an_unknown_command():
     done = subprocess.run([str(CLUSTER), "restart"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: slurm/local_cluster.sh start|stop|status" in done.stderr
