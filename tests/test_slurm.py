@@ -673,13 +673,15 @@ def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
 def test_sbatch_from_another_folder_finds_the_checkout_of_the_script_it_was_given(tmp_path, script):
     """`sbatch ~/monkeytrain/slurm/train.sbatch ...` run from a project folder: SLURM runs a copy of the
     file, but `scontrol show job` keeps the path given (followed by the arguments), and the checkout is
-    found from it; here through a path with a space, which every script must quote."""
+    found from it; here through a path with a space, which every script must quote. Shown as for an
+    array's last task, whose id is the array's: every task's record, one after the other."""
     checkout = tmp_path / "check out"
     checkout.symlink_to(PROJECT)
     work = tmp_path / "my work"
     work.mkdir()
     (tmp_path / "out").mkdir()
-    shown = f"JobId=7 JobName=monkeytrain\n   Command={checkout}/slurm/{script} --data my data\n   WorkDir={work}"
+    shown = "\n".join(f"JobId={job} ArrayJobId=7\n   Command={checkout}/slurm/{script} --data my data\n"
+                      f"   WorkDir={work}" for job in (7, 8))
     scontrol = f'#!/bin/sh\nif [ "$2" = hostnames ]; then echo node1; else printf "%s\\n" "{shown}"; fi\n'
     recording = '#!/bin/sh\necho "$PYTHONPATH" "$@" >> "$STUB_OUTPUT/started"\n'  # the launcher, srun or python
     done = run_with_stand_ins(["bash", str(SLURM_DIR / script), "--data", "my data"], tmp_path, work,
