@@ -10,7 +10,11 @@
 # warning. So the caller's traps note each stop signal it gets (note_stop_signal).
 
 stop_signals=  # " USR1 TERM ...": the stop signals the calling script got, in order
-note_stop_signal() { stop_signals+=" $1"; }
+warned_at=     # seconds into the calling script when SLURM's warning (SIGUSR1) first came
+note_stop_signal() {
+    stop_signals+=" $1"
+    if [ "$1" = USR1 ] && [ -z "$warned_at" ]; then warned_at=$SECONDS; fi
+}
 warned_only() { [[ $stop_signals =~ ^( USR1)+$ ]]; }
 
 # Whether train.py's flags name the run themselves: --run-name, or --resume with a state's path (it
@@ -75,6 +79,7 @@ requeue_if_asked() {
         echo "$1: not requeued: only SLURM's warning (SIGUSR1) to this script requeues the job${by:+, and SIG$by ends it}" >&2
         return 1
     fi
+    refuse_a_pointless_requeue "$1" "$hint"
     trap '' TERM INT  # the requeue's own SIGTERM, while the caller says how it went and exits
     local answer
     if ! answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
@@ -83,4 +88,21 @@ requeue_if_asked() {
         exit 1
     fi
     echo "$1: scontrol requeue $SLURM_JOB_ID: ok" >&2
+}
+
+# SLURM sends the warning as soon as less time is left than --signal=B:USR1@SECONDS asks for (up to a
+# minute early): at once, when the time limit is not longer than that. Requeued, such a job would be
+# warned at once again, save and requeue, every two minutes without end. So a warning within the first
+# minute of a job with a time limit ends the job (status 1), saying how to continue. ($1: the caller,
+# $2: what to do.) Jobs without a time limit (and so no warning from SLURM) are not judged.
+refuse_a_pointless_requeue() {
+    local limit
+    [ "${warned_at:-60}" -lt 60 ] || return 0
+    limit=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
+        | awk '!found && match($0, /TimeLimit=[^ ]+/) { found = 1; print substr($0, RSTART + 10, RLENGTH - 10) }' || true)
+    [[ $limit =~ ^[0-9][0-9:-]*$ ]] || return 0  # UNLIMITED, or unknown
+    echo "$1: not requeued: SLURM's warning came ${warned_at} s into the job, as its time limit ($limit) is not" \
+        "longer than the warning's lead (--signal=B:USR1@...), and a requeued job would be warned at once" \
+        "again; the job ends here, its state saved: to continue, $2, and a --time that leaves time to train." >&2
+    exit 1
 }

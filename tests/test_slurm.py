@@ -112,7 +112,8 @@ def stand_in_commands(folder: Path, **commands: str) -> Path:
     return folder
 
 
-RECORDING_SCONTROL = '#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\n'  # for tests that run no SLURM
+# For tests that run no SLURM: records what it is told to do (not `scontrol show ...`), shows nothing.
+RECORDING_SCONTROL = '#!/bin/sh\n[ "$1" = show ] || echo "$@" >> "$SCONTROL_CALLS"\n'
 
 
 def checkpoint_header(path: Path) -> dict[str, str]:
@@ -463,7 +464,7 @@ def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
 def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path):
     """A job submitted with --no-requeue: the state is saved, but the job must not end COMPLETED as if
     requeued; the log's last line says how to continue."""
-    refusing = ('#!/bin/sh\necho "$@" >> "$SCONTROL_CALLS"\n'
+    refusing = ('#!/bin/sh\n[ "$1" != show ] || exit 1\necho "$@" >> "$SCONTROL_CALLS"\n'
                 'echo "Requested operation is presently disabled" >&2\nexit 1\n')
     node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing)
     assert node.returncode == 1, stderr
@@ -481,6 +482,18 @@ def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
     assert calls == "launcher ended\n"
     assert "not requeued" in stderr.splitlines()[-1] and "SIGTERM" in stderr.splitlines()[-1], stderr
 
+
+def test_a_job_warned_as_it_starts_is_not_requeued_over_and_over(tmp_path):
+    """`sbatch --time=2` with the warning 120 s before the limit: SLURM warns at once. Requeued, the job
+    would be warned at once again, and save and requeue every two minutes without end: it ends (status
+    1, FAILED), its state saved, and the log's last line says how to continue."""
+    limited = RECORDING_SCONTROL + 'if [ "$1" = show ]; then echo "   RunTime=00:00:03 TimeLimit=00:02:00"; fi\n'
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=limited)
+    assert node.returncode == 1, stderr
+    assert calls == "launcher ended\n"  # and no requeue
+    last = stderr.splitlines()[-1]
+    assert last.startswith("launch_node.sh: machine 0: not requeued: SLURM's warning came") and "(00:02:00)" in last
+    assert "resubmit the job with --resume auto --run-name" in last and "--time" in last, stderr
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process(tmp_path, sig):
@@ -564,7 +577,7 @@ def test_training_runs_where_the_user_is_so_relative_paths_are_theirs(tmp_path, 
     the job's --chdir), as with `python monkeytrain/train.py`, not to the checkout."""
     if how == "sbatch --chdir":  # the job's working folder is not where sbatch ran (the checkout)
         command = ["bash", str(SLURM_DIR / "train.sbatch"), "--data", "mydata/monkeys"]
-        settings = dict(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(PROJECT),
+        settings = dict(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(PROJECT), bin_scontrol=RECORDING_SCONTROL,
                         MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml")
     else:
         command = [str(PROJECT / "launch" / "cpu_debug.sh"), "--data", "mydata/monkeys"]
@@ -662,9 +675,9 @@ def test_tune_sbatch_without_an_environment_says_which_python_it_runs(tmp_path):
 
 
 def test_sbatch_script_outside_a_checkout_says_so(tmp_path):
-    env = job_environment(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path))
-    done = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    unknown_job = '#!/bin/sh\necho "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n'
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train.sbatch")], tmp_path, tmp_path, bin_scontrol=unknown_job,
+                              SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "not a monkeytrain checkout" in done.stderr
 
