@@ -92,17 +92,28 @@ requeue_if_asked() {
 
 # SLURM sends the warning as soon as less time is left than --signal=B:USR1@SECONDS asks for (up to a
 # minute early): at once, when the time limit is not longer than that. Requeued, such a job would be
-# warned at once again, save and requeue, every two minutes without end. So a warning within the first
-# minute of a job with a time limit ends the job (status 1), saying how to continue. ($1: the caller,
-# $2: what to do.) Jobs without a time limit (and so no warning from SLURM) are not judged.
+# warned at once again, save and requeue, every two minutes without end. So a job with a time limit,
+# warned within its first minute, ends (status 1, saying how to continue) instead of being requeued when
+# at most 3 minutes of it were left (the scripts' 120 s lead and SLURM's minute), or when it had already
+# been requeued (a longer lead, warned again as soon). Warned later, or earlier by hand (`scancel
+# --signal=USR1`) with more time left, it is requeued. ($1: the caller, $2: what to do.)
 refuse_a_pointless_requeue() {
     local limit
     [ "${warned_at:-60}" -lt 60 ] || return 0
     limit=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
         | awk '!found && match($0, /TimeLimit=[^ ]+/) { found = 1; print substr($0, RSTART + 10, RLENGTH - 10) }' || true)
-    [[ $limit =~ ^[0-9][0-9:-]*$ ]] || return 0  # UNLIMITED, or unknown
-    echo "$1: not requeued: SLURM's warning came ${warned_at} s into the job, as its time limit ($limit) is not" \
-        "longer than the warning's lead (--signal=B:USR1@...), and a requeued job would be warned at once" \
-        "again; the job ends here, its state saved: to continue, $2, and a --time that leaves time to train." >&2
+    [[ $limit =~ ^([0-9]+-)?[0-9]+:[0-9]+:[0-9]+$ ]] || return 0  # UNLIMITED, or unknown
+    if (( $(seconds_of "$limit") - warned_at > 180 )) && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then return 0; fi
+    echo "$1: not requeued: SLURM's warning came ${warned_at} s into the job, whose time limit ($limit) is not" \
+        "longer than the warning's lead (--signal=B:USR1@...) by enough to train: requeued, it would be warned" \
+        "at once again; the job ends here, its state saved: to continue, $2, and a longer --time." >&2
     exit 1
+}
+
+# Seconds in a time limit as scontrol shows it: [days-]hours:minutes:seconds.
+seconds_of() {
+    local days=0 clock=$1 hours minutes seconds
+    if [[ $clock == *-* ]]; then days=${clock%%-*}; clock=${clock#*-}; fi
+    IFS=: read -r hours minutes seconds <<< "$clock"
+    echo $(( ((10#$days * 24 + 10#$hours) * 60 + 10#$minutes) * 60 + 10#$seconds ))
 }

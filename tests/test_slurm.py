@@ -426,7 +426,7 @@ sys.exit(1)
 """
 
 
-def launch_node_under_slurm(tmp_path: Path, sig: signal.Signals, scontrol: str = RECORDING_SCONTROL):
+def launch_node_under_slurm(tmp_path: Path, sig: signal.Signals, scontrol: str = RECORDING_SCONTROL, **settings):
     """launch_node.sh as train.sbatch runs it (SLURM_JOB_ID set, nothing above it requeues), with a
     stand-in launcher whose one rank asks for a requeue on a signal, sent to launch_node.sh once the
     rank is up: (the finished process, its stderr, the scontrol calls and the launcher's end, in order)."""
@@ -436,7 +436,7 @@ def launch_node_under_slurm(tmp_path: Path, sig: signal.Signals, scontrol: str =
     launcher = f'#!/bin/sh\n"{sys.executable}" "{tmp_path / "rank.py"}"\necho launcher ended >> "$SCONTROL_CALLS"\n'
     commands = stand_in_commands(tmp_path / "bin", scontrol=scontrol, accelerate=launcher)
     env = job_environment(SLURM_JOB_ID="4242", MONKEYTRAIN_CPU="1", MONKEYTRAIN_PROCS_PER_NODE="1",
-                          TMPDIR=str(tmp_path), SCONTROL_CALLS=str(calls), STUB_OUTPUT=str(out))
+                          TMPDIR=str(tmp_path), SCONTROL_CALLS=str(calls), STUB_OUTPUT=str(out), **settings)
     env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
     node = subprocess.Popen([str(SLURM_DIR / "launch_node.sh")], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -483,17 +483,32 @@ def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
     assert "not requeued" in stderr.splitlines()[-1] and "SIGTERM" in stderr.splitlines()[-1], stderr
 
 
-def test_a_job_warned_as_it_starts_is_not_requeued_over_and_over(tmp_path):
-    """`sbatch --time=2` with the warning 120 s before the limit: SLURM warns at once. Requeued, the job
-    would be warned at once again, and save and requeue every two minutes without end: it ends (status
-    1, FAILED), its state saved, and the log's last line says how to continue."""
-    limited = RECORDING_SCONTROL + 'if [ "$1" = show ]; then echo "   RunTime=00:00:03 TimeLimit=00:02:00"; fi\n'
-    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=limited)
+def time_limited(limit: str) -> str:
+    """A stand-in scontrol that records what it is told to do and shows a job with this time limit."""
+    return RECORDING_SCONTROL + f'if [ "$1" = show ]; then echo "   RunTime=00:00:03 TimeLimit={limit}"; fi\n'
+
+
+@pytest.mark.parametrize("limit, restarts", [("00:02:00", "0"), ("00:10:00", "1")])
+def test_a_job_warned_as_it_starts_is_not_requeued_over_and_over(tmp_path, limit, restarts):
+    """`sbatch --time=2` with the warning 120 s before the limit: SLURM warns at once (or with a longer
+    lead, at once again after a requeue). Requeued, the job would save and requeue every two minutes
+    without end: it ends (status 1, FAILED), its state saved, and the log's last line says how to continue."""
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=time_limited(limit),
+                                                  SLURM_RESTART_COUNT=restarts)
     assert node.returncode == 1, stderr
     assert calls == "launcher ended\n"  # and no requeue
     last = stderr.splitlines()[-1]
-    assert last.startswith("launch_node.sh: machine 0: not requeued: SLURM's warning came") and "(00:02:00)" in last
+    assert last.startswith("launch_node.sh: machine 0: not requeued: SLURM's warning came") and f"({limit})" in last
     assert "resubmit the job with --resume auto --run-name" in last and "--time" in last, stderr
+
+
+def test_a_job_warned_early_with_time_left_is_requeued(tmp_path):
+    """A warning in the first minute of an hour-long job (`scancel --signal=USR1 --batch` by hand, as the
+    tests do): a requeued job has its hour again, so it is requeued."""
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=time_limited("01:00:00"))
+    assert node.returncode == 0, stderr
+    assert calls == "launcher ended\nrequeue 4242\n"
+
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_sent_while_the_launch_is_starting_reaches_the_training_process(tmp_path, sig):
