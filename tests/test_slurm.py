@@ -719,6 +719,14 @@ def test_sbatch_from_another_folder_finds_the_checkout_of_the_script_it_was_give
     assert done.returncode == 0, done.stderr
     assert str(checkout) in (tmp_path / "out" / "started").read_text()
 
+def test_train_sbatch_on_several_nodes_says_to_use_the_multinode_script(tmp_path):
+    """`sbatch --nodes=2 slurm/train.sbatch`: it would train on the first node and leave the other idle."""
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train.sbatch")], tmp_path, tmp_path,
+                              accelerate="#!/bin/sh\necho started >&2\n", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2",
+                              MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "2 nodes" in done.stderr and "slurm/train_multinode.sbatch" in done.stderr
+
 def test_local_cluster_rejects_an_unknown_command():
     done = subprocess.run([str(CLUSTER), "restart"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: slurm/local_cluster.sh start|stop|status" in done.stderr
