@@ -56,8 +56,10 @@ def job_environment(**extra: str) -> dict[str, str]:
     what the scripts do by default, and with this interpreter's `accelerate` first on PATH."""
     dropped = {"MONKEYTRAIN_DATA", "MONKEYTRAIN_RESUME_FLAG", "MONKEYTRAIN_ACCELERATE_CONFIG", "MONKEYTRAIN_CPU",
                "MONKEYTRAIN_PROCS_PER_NODE", "MONKEYTRAIN_TRAIN_SCRIPT", "MONKEYTRAIN_ROOT", "HF_HUB_OFFLINE",
-               "WANDB_MODE", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDR", "MAIN_PORT", "MONKEYTRAIN_REQUEUE_FILE"}
+               "WANDB_MODE", "NUM_MACHINES", "MACHINE_RANK", "MAIN_ADDR", "MAIN_PORT", "MONKEYTRAIN_REQUEUE_FILE",
+               "WANDB_API_KEY", "WANDB_BASE_URL"}
     env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("SLURM_")}
+    env["NETRC"] = os.devnull  # no `wandb login` either: W&B is not used unless a test says so
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
@@ -332,7 +334,7 @@ def assert_forwarded_once(reports: list[dict], job: int) -> None:
         assert report["world_size"] == "2"
         argv = " ".join(report["argv"])
         assert f"--cpu --run-name slurm-{job} --resume auto --greeting hello" in argv
-        assert report["env"] == {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "ACCELERATE_MIXED_PRECISION": "no"}
+        assert report["env"] == {"HF_HUB_OFFLINE": "1", "WANDB_MODE": None, "ACCELERATE_MIXED_PRECISION": "no"}
 
 
 @dataclass
@@ -726,6 +728,25 @@ def test_train_sbatch_on_several_nodes_says_to_use_the_multinode_script(tmp_path
                               MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "2 nodes" in done.stderr and "slurm/train_multinode.sbatch" in done.stderr
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch", "tune.sbatch"])
+@pytest.mark.parametrize("wandb_user, mode", [
+    ({"WANDB_API_KEY": "k"}, "offline"), ({"NETRC": "netrc"}, "offline"), ({}, "unset"),
+    ({"WANDB_API_KEY": "k", "WANDB_MODE": "online"}, "online"),
+])
+def test_sbatch_keeps_wandb_offline_for_its_users_and_off_for_everyone_else(tmp_path, script, wandb_user, mode):
+    """Compute nodes are often offline: a W&B user's runs stay local instead of waiting 90 s for the network.
+    Without an account, --report-to auto means local files only; WANDB_MODE=offline would start W&B."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")  # `wandb login`'s
+    wandb_user = {k: str(tmp_path / v) if k == "NETRC" else v for k, v in wandb_user.items()}
+    recording = '#!/bin/sh\necho "${WANDB_MODE-unset}" > "$STUB_OUTPUT/wandb_mode"\n'  # the launcher, srun or python
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / script)], tmp_path, tmp_path, accelerate=recording,
+                              bin_srun=recording, bin_python=recording, bin_scontrol="#!/bin/sh\necho node1\n",
+                              SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1",
+                              MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1", **wandb_user)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "wandb_mode").read_text().strip() == mode
 
 def test_local_cluster_rejects_an_unknown_command():
     done = subprocess.run([str(CLUSTER), "restart"], capture_output=True, text=True, timeout=60)
