@@ -117,15 +117,29 @@ class StateStore:
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
-        mine_file = path / f"progress-rank{accelerator.process_index}.pt"
-        mine = torch.load(mine_file, map_location="cpu", weights_only=False) if mine_file.is_file() else {}
-        if mine.pop("world_size", None) != accelerator.num_processes:
+        main = torch.load(self._progress_file(path, 0), map_location="cpu", weights_only=False)
+        if main.pop("world_size", None) != accelerator.num_processes:
             raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
+        for rank in range(1, accelerator.num_processes):  # on every rank: all of them stop, or none
+            self._progress_file(path, rank)
         self._check_same_data(path)
         accelerator.load_state(str(path))
-        main = torch.load(path / "progress-rank0.pt", map_location="cpu", weights_only=False)
-        main.pop("world_size")
+        if accelerator.process_index == 0:
+            return main, main
+        mine = torch.load(self._progress_file(path, accelerator.process_index), map_location="cpu",
+                          weights_only=False)
+        mine.pop("world_size")
         return mine, main
+
+    def _progress_file(self, path: Path, rank: int) -> Path:
+        """`progress-rankR.pt` of the state at `path`; a UserError when it is missing (deleted by hand, as
+        a save always writes one per rank), which would read as a state of another number of processes."""
+        file = path / f"progress-rank{rank}.pt"
+        if file.is_file():
+            return file
+        earlier = [state for state in state_dirs(self.root.parent) if state.name < path.name]
+        instead = f"resume from an earlier state with --resume {earlier[-1]}, or " if earlier else ""
+        raise UserError(f"the saved state {path} is missing {file.name}; {instead}start a new run.")
 
     def _check_same_data(self, path: Path) -> None:
         """Refuse a state saved with other data than the run's now: RUN/data_manifest.json, written for
