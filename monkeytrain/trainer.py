@@ -34,7 +34,7 @@ from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_u
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
-from monkeytrain.preemption import Preemption, resume_flags, stop_check_interval
+from monkeytrain.preemption import Preemption, nothing_trained_since, resume_flags, stop_check_interval
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
@@ -112,12 +112,14 @@ class Trainer:
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
         self.progress = Progress()
+        self.unsaved_stop: str | None = None  # how a stop that saved no state ended, for the stop line
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
-        self.resume()
+        resumed_from = self.resume()
         if self.stop.check(self.accelerator)[0]:  # while the data was read or the model built: nothing trained
-            return True  # since the state resumed from, if any, so nothing to save
+            self.unsaved_stop = nothing_trained_since(resumed_from)  # since that state, so nothing to save
+            return True
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
@@ -142,16 +144,18 @@ class Trainer:
                 return True
         return False
 
-    def resume(self) -> None:
+    def resume(self) -> Path | None:
+        """Restore the state --resume asks for, if any; which one."""
         found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
         if found is None:
-            return
+            return None
         mine, main = self.store.load(found)
         self.progress = Progress.from_saved(mine)
         self.generator.set_state(mine["generator"])
         self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
         hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
+        return found
 
     def train_epoch(self, epoch: int) -> TrainStats:
         self.augmenter.train_size = epoch_train_size(self.config, epoch)
