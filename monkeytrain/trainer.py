@@ -37,6 +37,7 @@ from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import Preemption, nothing_trained_since, resume_flags, stop_check_interval
+from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
@@ -151,8 +152,11 @@ class Trainer:
         found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
         if found is None:
             return None
+        check_same_data(found, self.run.run_dir, self.accelerator.is_main_process)  # before anything is loaded
         mine, main = self.store.load(found)
         self.progress = Progress.from_saved(mine)
+        if self.accelerator.is_main_process:  # the epochs from here on are logged again
+            forget_epochs_from(self.run.run_dir, self.progress.epoch)
         self.generator.set_state(mine["generator"])
         self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
         hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
@@ -249,7 +253,7 @@ class Trainer:
         saved = self.store.save(
             self.progress.step,
             {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state()},
-            shared={"averager": self.learner.averager.state_dict()})
+            shared={"averager": self.learner.averager.state_dict()}, files=kept_with_a_state(self.run.run_dir))
         self.stop.schedule.saved()
         return saved
 

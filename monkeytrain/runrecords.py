@@ -1,0 +1,79 @@
+"""A resumed run's own records, kept true to the state it resumes from.
+
+`data_manifest.json`: the run's account of its data, which train.py writes
+before training. Each saved state keeps a copy (`kept_with_a_state`), so that a
+resume whose data folder gained or lost an image since is refused
+(`check_same_data`) instead of going on with other data, batches and
+normalisation. `metrics.jsonl`: a resume from a state older than the newest
+epochs logged trains and logs those epochs again, so their lines go first
+(`forget_epochs_from`). The trainer calls these around `StateStore`, which only
+saves and loads states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from monkeytrain.errors import UserError
+from monkeytrain.storage import write_atomically
+from monkeytrain.tracking import METRICS_NAME
+
+DATA_RECORD = "data_manifest.json"
+
+
+def kept_with_a_state(run_dir: Path) -> dict[str, bytes]:
+    """The files a state keeps a copy of (by name): the run's data record, when it has one."""
+    record = run_dir / DATA_RECORD
+    return {DATA_RECORD: record.read_bytes()} if record.is_file() else {}
+
+
+def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:
+    """Refuse a state saved with other data than the run's now: RUN/data_manifest.json, written for this
+    run's data before it resumes, against the copy the state keeps (none in older states). On refusal the
+    run's record goes back to the data it trained on (written by the main process)."""
+    kept, now = state / DATA_RECORD, run_dir / DATA_RECORD
+    if not (kept.is_file() and now.is_file()):
+        return
+    change = data_change(json.loads(kept.read_text()), json.loads(now.read_text()))
+    if change is None:
+        return
+    if is_main_process:
+        write_atomically(now, kept.read_bytes())
+    raise UserError(f"the data changed since {state} was saved ({change}); put the data back as it was to "
+                    "resume, or start a new run.")
+
+
+def data_change(saved: dict, now: dict) -> Optional[str]:
+    """How the data of a data manifest differs from the one saved, in words; None when it does not."""
+    for split, files in saved.get("files", {}).items():
+        files_now = now.get("files", {}).get(split, [])
+        if len(files_now) != len(files):
+            return f"its {split} split has {len(files_now)} images, {len(files)} when the state was saved"
+        if files_now != files:
+            return f"its {split} split holds other files than when the state was saved"
+    different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    return f"its {different[0]} differs" if different else None
+
+
+def forget_epochs_from(run_dir: Path, epoch: int) -> None:
+    """Drop the lines of RUN/metrics.jsonl from `epoch` on: a state older than the newest epochs logged (a
+    SIGKILL, a power cut or a state moved away, long after the last scheduled save) trains and logs those
+    epochs again, and the file must hold each once. A line a kill cut short goes too."""
+    metrics = run_dir / METRICS_NAME
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_epoch(line) < epoch]
+    if kept != lines:
+        write_atomically(metrics, "".join(kept).encode())
+
+
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for one that is not whole."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
