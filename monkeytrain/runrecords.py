@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,7 @@ def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:
 
 def data_change(saved: dict, now: dict) -> Optional[str]:
     """How the data of a data manifest differs from the one saved, in words; None when it does not."""
+    saved, now = from_its_root(saved), from_its_root(now)
     for split, files in saved.get("files", {}).items():
         files_now = now.get("files", {}).get(split, [])
         if len(files_now) != len(files):
@@ -56,6 +58,24 @@ def data_change(saved: dict, now: dict) -> Optional[str]:
             return f"its {split} split holds other files than when the state was saved"
     different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
     return f"its {different[0]} differs" if different else None
+
+
+def from_its_root(manifest: dict) -> dict:
+    """A data manifest with its paths relative to its root, and no root: the data folder given as data/x in
+    the checkout and as $PWD/data/x in a job script, or from another working directory, is the same data
+    (its paths are written as the run was given them)."""
+    root = manifest.get("root")
+    if not root:
+        return manifest
+
+    def relative(path: str) -> str:
+        return os.path.relpath(path, root)
+
+    return {**manifest, "root": None,
+            "files": {split: [relative(p) for p in files] for split, files in manifest.get("files", {}).items()},
+            "skipped": [{**skipped, "path": relative(skipped["path"])} for skipped in manifest.get("skipped", [])],
+            **{pairs: [[relative(a), relative(b)] for a, b in manifest.get(pairs, [])]
+               for pairs in ("leaks", "conflicts")}}
 
 
 def forget_epochs_from(run_dir: Path, epoch: int) -> None:
