@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import write_atomically
 from monkeytrain.tracking import METRICS_NAME
 
@@ -38,7 +38,12 @@ def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:
     kept, now = state / DATA_RECORD, run_dir / DATA_RECORD
     if not (kept.is_file() and now.is_file()):
         return
-    change = data_change(json.loads(kept.read_text()), json.loads(now.read_text()))
+    try:
+        saved = json.loads(kept.read_text())
+    except (OSError, ValueError) as error:  # damaged on disk: as any other file of the state
+        raise UserError(f"the saved state {state} cannot be loaded ({first_line(error)}: {kept}); move it away and "
+                        "--resume auto takes the newest one left, or start a new run.") from None
+    change = data_change(saved, json.loads(now.read_text()))  # train.py has just written it
     if change is None:
         return
     if is_main_process:

@@ -8,7 +8,8 @@ import pytest
 
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
-from monkeytrain.runrecords import data_change
+from monkeytrain.errors import UserError
+from monkeytrain.runrecords import DATA_RECORD, check_same_data, data_change
 
 
 def manifest(data: str) -> dict:
@@ -33,3 +34,12 @@ def test_an_image_gone_since_is_a_change_whatever_the_spelling(data):
     saved = manifest("data")
     next((data / "training" / "training" / "n0").iterdir()).unlink()
     assert data_change(saved, manifest(str(data))) == "its train split has 14 images, 15 when the state was saved"
+
+
+def test_a_state_whose_copy_of_the_data_record_is_damaged_cannot_be_loaded_in_one_line(tmp_path):
+    state, run_dir = tmp_path / "run" / "state" / "step-00000004", tmp_path / "run"
+    state.mkdir(parents=True)
+    (run_dir / DATA_RECORD).write_text("{}")
+    (state / DATA_RECORD).write_text('{"files": {"train": ["a.p')  # cut short on disk
+    with pytest.raises(UserError, match=f"the saved state {state} cannot be loaded .*; move it away"):
+        check_same_data(state, run_dir, is_main_process=True)
