@@ -25,10 +25,10 @@ from monkeytrain.tracking import METRICS_NAME
 DATA_RECORD = "data_manifest.json"
 
 
-def kept_with_a_state(run_dir: Path) -> dict[str, bytes]:
-    """The files a state keeps a copy of (by name): the run's data record, when it has one."""
+def kept_with_a_state(run_dir: Path) -> list[Path]:
+    """The files of the run that a state keeps a copy of: its data record, when it has one."""
     record = run_dir / DATA_RECORD
-    return {DATA_RECORD: record.read_bytes()} if record.is_file() else {}
+    return [record] if record.is_file() else []
 
 
 def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:

@@ -18,7 +18,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -65,9 +65,9 @@ class StateStore:
         self.root = run_dir / "state"
         self.accelerator, self.keep = accelerator, keep
 
-    def save(self, step: int, extras: dict, shared: dict, files: Optional[dict[str, bytes]] = None) -> Path:
+    def save(self, step: int, extras: dict, shared: dict, copies: Sequence[Path] = ()) -> Path:
         """Save the Accelerate state, this rank's `extras` and, from the main process, `shared`
-        (the same on every rank) and `files` (name: content) as the state of optimizer step `step`.
+        (the same on every rank) and a copy of each file of `copies` as the state of optimizer step `step`.
 
         All ranks call this together. On a full disk the half-written state is
         deleted and `DiskFull` raised (by each rank that hit it); older complete
@@ -87,8 +87,8 @@ class StateStore:
             torch.save(mine, staging / f"progress-rank{accelerator.process_index}.pt")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                for name, content in (files or {}).items():
-                    write_atomically(staging / name, content)
+                for original in copies:
+                    write_atomically(staging / original.name, original.read_bytes())
                 self._publish(staging, final)
         except Exception as error:  # torch and safetensors wrap ENOSPC in their own error types
             if not out_of_space(error, self.root):

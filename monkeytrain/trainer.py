@@ -253,7 +253,7 @@ class Trainer:
         saved = self.store.save(
             self.progress.step,
             {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state()},
-            shared={"averager": self.learner.averager.state_dict()}, files=kept_with_a_state(self.run.run_dir))
+            shared={"averager": self.learner.averager.state_dict()}, copies=kept_with_a_state(self.run.run_dir))
         self.stop.schedule.saved()
         return saved
 
