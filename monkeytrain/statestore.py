@@ -126,12 +126,14 @@ class StateStore:
 
     def _progress_file(self, path: Path, rank: int) -> Path:
         """`progress-rankR.pt` of the state at `path`; a UserError when it is missing (deleted by hand, as
-        a save always writes one per rank), which would read as a state of another number of processes."""
+        a save always writes one per rank), which would read as a state of another number of processes.
+        Moved away, the state is out of --resume auto's reach: resumed by its path instead, the one
+        before would leave it the newest, for the next --resume auto (a SLURM requeue) to fail on."""
         file = path / f"progress-rank{rank}.pt"
         if file.is_file():
             return file
         earlier = [state for state in state_dirs(self.root.parent) if state.name < path.name]
-        instead = f"resume from an earlier state with --resume {earlier[-1]}, or " if earlier else ""
+        instead = f"move it away and --resume auto takes the one before ({earlier[-1]}), or " if earlier else ""
         raise UserError(f"the saved state {path} is missing {file.name}; {instead}start a new run.")
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:

@@ -146,8 +146,8 @@ def test_a_state_missing_its_progress_file_says_so_and_names_the_state_before(tm
     (final / "progress-rank0.pt").unlink()  # by hand: not a state of another number of processes
     with pytest.raises(UserError) as raised:
         store.load(final)
-    assert str(raised.value) == (f"the saved state {final} is missing progress-rank0.pt; resume from an earlier "
-                                 f"state with --resume {earlier}, or start a new run.")
+    assert str(raised.value) == (f"the saved state {final} is missing progress-rank0.pt; move it away and --resume "
+                                 f"auto takes the one before ({earlier}), or start a new run.")
     (earlier / "progress-rank0.pt").unlink()  # the oldest: no state before it to name
     with pytest.raises(UserError, match=r"is missing progress-rank0.pt; start a new run\.$"):
         store.load(earlier)
