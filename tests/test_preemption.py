@@ -14,7 +14,8 @@ import pytest
 
 from conftest import RecordedLog, train_here
 from monkeytrain.preemption import (GPU_STOP_CHECK_INTERVAL, REQUEUE_REQUEST, STOP_SIGNALS, ConsoleStream, Preemption,
-                                    SaveSchedule, launched_by_a_launcher, requeue_or_exit, stop_check_interval)
+                                    SaveSchedule, launched_by_a_launcher, nothing_trained_since, requeue_or_exit,
+                                    stop_check_interval)
 from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,23 @@ def test_the_stop_line_names_the_run_to_continue(monkeypatch, run_dir, flags):
     requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGTERM"))
     assert log.infos == ["stopped on a signal after saving the training state; to continue, run the same "
                          f"command with {flags}."]
+
+
+@pytest.mark.parametrize("slurm", [False, True])
+def test_the_stop_line_of_a_run_stopped_before_its_first_step_says_nothing_was_saved(tmp_path, monkeypatch, slurm):
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv(REQUEUE_REQUEST, str(tmp_path / "job.requeue"))
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    log = run_log(Path("runs") / "cut")
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGUSR1"),
+                    nothing_trained_since(None))
+    [line] = log.infos
+    assert line.startswith("stopped on SIGUSR1 before its first training step, so there was nothing to save; the job "
+                           "is requeued" if slurm else "stopped on a signal before its first training step, so there "
+                           "was nothing to save; to continue, run the same command with --resume auto --run-name cut")
+    assert "after saving" not in line
 
 
 @pytest.mark.parametrize("problem", ["no scontrol", "no request folder"])
