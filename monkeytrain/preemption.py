@@ -207,6 +207,18 @@ def nothing_trained_since(state: Optional[Path]) -> str:
     return f"before its first training step, nothing trained since {state}"
 
 
+def stopped_exit_status(received: Optional[str], environ: Mapping[str, str] = os.environ) -> int:
+    """The exit status of a run that the stop signal `received` ended: 128 + its number, as a shell
+    reports a process that signal ended (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1), so that `&&`,
+    a retry loop, systemd or a Kubernetes Job does not take the unfinished run for finished. 0 in a
+    process that a launcher started (accelerate launch, torchrun): it would take any other status for a
+    crash (torchrun's ChildFailedError report), and exits as the signal says itself, as do launch/*.sh
+    and the SLURM scripts (which requeue on the main process's request, whatever the status)."""
+    if received not in {sig.name for sig in STOP_SIGNALS} or launched_by_a_launcher(environ):
+        return 0
+    return 128 + signal.Signals[received].value
+
+
 def resume_flags(run_dir: Path) -> str:
     """The flags that continue the run in `run_dir`: without its name, --resume auto would start a new run
     named after the time."""

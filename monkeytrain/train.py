@@ -31,7 +31,7 @@ from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
-from monkeytrain.preemption import Preemption, requeue_or_exit
+from monkeytrain.preemption import Preemption, requeue_or_exit, stopped_exit_status
 from monkeytrain.results import score
 from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir
 from monkeytrain.statestore import given_state
@@ -86,7 +86,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     if trainer.fit():  # a stop signal ended it, its state saved if it trained
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator, stop, trainer.unsaved_stop)
-        return {"stopped": True}
+        return {"stopped": True, "exit_status": stopped_exit_status(stop.received)}
     with run.phases.timing("test"):
         results, figure = score(run, data, trainer.best)
     results.update(wall_seconds=round(run.phases.elapsed(), 2), phase_seconds=run.phases.summary())
@@ -96,4 +96,4 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main().get("exit_status", 0))  # a stopped run is not a finished one (see stopped_exit_status)
