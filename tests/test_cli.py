@@ -229,7 +229,7 @@ def test_a_signal_while_the_data_is_read_stops_before_training(capsys, data, mon
         return prepared
 
     monkeypatch.setattr(train, "prepare_data", prepared_then_signalled)
-    assert train.main(["--data", str(data), *SMALL, "--run-name", "early"]) == {"stopped": True}
+    assert train.main(["--data", str(data), *SMALL, "--run-name", "early"])["stopped"] is True
     assert "run the same command with --resume auto --run-name early." in capsys.readouterr().out
     assert not (Path("runs") / "early" / "metrics.jsonl").exists()  # not one step trained
     assert not state_dirs(Path("runs") / "early")
