@@ -24,7 +24,7 @@ from typing import Callable
 
 from accelerate.utils import set_seed
 
-from monkeytrain.config import TrainConfig, config_yaml, parse_config
+from monkeytrain.config import TrainConfig, config_yaml, parse_config, recorded_config
 from monkeytrain.data.dataset import usable_cache_dir
 from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
@@ -62,7 +62,7 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     run_dir = prepare_run_dir(config, accelerator)
     with claimed(run_dir, accelerator):  # no other run in it meanwhile; removed after if left empty (bad data)
         check_resumed_run(run_dir, config, accelerator)  # before config.yaml is written again, and W&B started
-        log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
+        log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, recorded_config(config),
                            config.log_checkpoint)
         run = RunContext(config, accelerator, run_dir, log, phases)
         phases.add("start_up", start_up_seconds(phases))

@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
-from monkeytrain.config import TrainConfig
+from monkeytrain.config import TrainConfig, recorded_config
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
@@ -262,7 +262,7 @@ class Trainer:
         return CheckpointInfo(
             architecture=config.model, class_names=splits.class_names, class_folders=splits.class_folders,
             mean=stats.mean, std=stats.std, image_size=config.image_size, epoch=epoch,
-            val_accuracy=accuracy, config=config.to_dict(), synthetic_data=splits.synthetic,
+            val_accuracy=accuracy, config=recorded_config(config), synthetic_data=splits.synthetic,
         )
 
     @property

@@ -521,3 +521,13 @@ def test_an_error_or_warning_line_is_written_at_once_so_that_ranks_do_not_glue_t
     with pytest.raises(SystemExit):
         fail("a wrong path", 2)
     assert writes == ["monkeytrain: warning: an old flag\n", "monkeytrain: error: a wrong path\n"]
+
+
+def test_the_checkpoint_names_the_data_that_the_environment_gave(data, monkeypatch):
+    """As config.yaml does: its header's config repeats the run on the same data from any shell."""
+    from monkeytrain.checkpoint import read_checkpoint
+
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(data))
+    train.main([*SMALL, "--run-name", "from-env"])
+    _, info = read_checkpoint(Path("runs") / "from-env" / "best.safetensors")
+    assert info.config["data"] == os.path.abspath(data)
