@@ -112,8 +112,11 @@ class StateStore:
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
         main = torch.load(self._progress_file(path, 0), map_location="cpu", weights_only=False)
-        if main.pop("world_size", None) != accelerator.num_processes:
-            raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
+        saved_by = main.pop("world_size", None)
+        if saved_by != accelerator.num_processes:
+            raise UserError(f"{path} was saved by {saved_by} processes and this run has {accelerator.num_processes}; "
+                            f"resume it with {saved_by} (accelerate launch --num_processes {saved_by}, or torchrun "
+                            f"--nproc_per_node {saved_by}), or start a new run.")
         for rank in range(1, accelerator.num_processes):  # on every rank: all of them stop, or none
             self._progress_file(path, rank)
         accelerator.load_state(str(path))

@@ -28,7 +28,7 @@ from monkeytrain.config import TrainConfig, config_yaml, parse_config, recorded_
 from monkeytrain.data.dataset import usable_cache_dir
 from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
-from monkeytrain.distributed import make_accelerator
+from monkeytrain.distributed import make_accelerator, processes_on
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit, stopped_exit_status
@@ -76,7 +76,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     config, accelerator, log = run.config, run.accelerator, run.log
     with run.phases.timing("data"):
         data = prepare_data(config, accelerator, cache_dir, log)
-    log.info(f"{data.summary()}; {accelerator.num_processes} process(es) on {accelerator.device}; "
+    log.info(f"{data.summary()}; {processes_on(accelerator)}; "
              f"{config.recipe} recipe; run directory {run.run_dir}")
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
