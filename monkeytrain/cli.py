@@ -117,7 +117,9 @@ def run_command(argv: list[str]) -> None:
     if argv[:1] == ["train"]:
         from monkeytrain.train import main as train_main
 
-        train_main(argv[1:])
+        status = train_main(argv[1:]).get("exit_status", 0)  # a stopped run is not a finished one
+        if status:
+            sys.exit(status)
         return
     if argv[:1] == ["tune"]:
         from monkeytrain.tune import main as tune_main

@@ -140,6 +140,12 @@ def broadcast_from_main(value: T) -> T:
     return holder[0]
 
 
+def processes_on(accelerator) -> str:
+    """'2 processes on cuda', for the run's first line: the device type, as every rank has its own index."""
+    count = accelerator.num_processes
+    return f"{count} process{'es' * (count > 1)} on {accelerator.device.type}"
+
+
 def main_process_statistics(module: torch.nn.Module) -> None:
     """Every rank's floating-point buffers of `module` (batch-norm running statistics) made the main
     process's, in place (a CUDA graph may read them). DDP broadcasts them only at the start of each

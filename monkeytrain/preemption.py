@@ -183,18 +183,40 @@ class SaveSchedule:
 REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/requeue.sh)
 
 
-def requeue_or_exit(log, accelerator, stop: Preemption) -> None:
+def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] = None) -> None:
     """Under SLURM, after its warning signal, have this job put back in the queue (it resumes with
     --resume auto); else just stop, saying how to continue the run (`log.run_dir`, the main process's
-    run directory). The main process alone asks: one requeue per job."""
+    run directory). The main process alone asks: one requeue per job. `unsaved`: how a stop that saved
+    no state came (nothing_trained_since); None after a save."""
     if not accelerator.is_main_process:
         return
     flags = resume_flags(log.run_dir)
     job = os.environ.get("SLURM_JOB_ID")
     if job and stop.wants_requeue():
-        log.info(f"stopped on SIGUSR1 after saving; {ask_for_requeue(job, flags)}")
+        log.info(f"stopped on SIGUSR1 {unsaved or 'after saving'}; {ask_for_requeue(job, flags)}")
         return
-    log.info(f"stopped on a signal after saving the training state; to continue, run the same command with {flags}.")
+    log.info(f"stopped on a signal {unsaved or 'after saving the training state'}; to continue, run the same "
+             f"command with {flags}.")
+
+
+def nothing_trained_since(state: Optional[Path]) -> str:
+    """How a run stopped before its first training step came, in words: nothing trained, so nothing saved;
+    `state`, the state it resumed from (None: a new run), goes on as it was."""
+    if state is None:
+        return "before its first training step, so there was nothing to save"
+    return f"before its first training step, nothing trained since {state}"
+
+
+def stopped_exit_status(received: Optional[str], environ: Mapping[str, str] = os.environ) -> int:
+    """The exit status of a run that the stop signal `received` ended: 128 + its number, as a shell
+    reports a process that signal ended (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1), so that `&&`,
+    a retry loop, systemd or a Kubernetes Job does not take the unfinished run for finished. 0 in a
+    process that a launcher started (accelerate launch, torchrun): it would take any other status for a
+    crash (torchrun's ChildFailedError report), and exits as the signal says itself, as do launch/*.sh
+    and the SLURM scripts (which requeue on the main process's request, whatever the status)."""
+    if received not in {sig.name for sig in STOP_SIGNALS} or launched_by_a_launcher(environ):
+        return 0
+    return 128 + signal.Signals[received].value
 
 
 def resume_flags(run_dir: Path) -> str:

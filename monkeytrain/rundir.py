@@ -126,7 +126,14 @@ def changed_on_resume(name: str, value, began, saved: Path, config) -> str:
     if name == "data" and not config.data:  # from $MONKEYTRAIN_DATA or the default folder
         return (f"the data found without --data ({value or 'the built-in synthetic set'}) is not the {began} that "
                 f"{saved.parent} began with ({saved}); give --data {began} to resume it, or start a new run.")
-    return (f"--{flag_name(name)} {value} is not the {began} that {saved.parent} began with ({saved}); a resumed "
+    flag, run = f"--{flag_name(name)}", saved.parent
+    if value is None:  # dropped on resume
+        return f"{run} began with {flag} {began} ({saved}); give it again to resume the run, or start a new run."
+    if began is None:
+        what = "with the data found without --data" if name == "data" else f"without {flag}"
+        return (f"{run} began {what} ({saved}), not with {flag} {value}; a resumed run goes on with its own "
+                "flags: drop it, or start a new run.")
+    return (f"{flag} {value} is not the {began} that {run} began with ({saved}); a resumed "
             "run goes on with its own flags: drop it, or start a new run.")
 
 

@@ -7,21 +7,18 @@ the trainer adds (where training stands, the augmentation generator, the
 weight average). It is written to a temporary folder by all ranks together,
 marked COMPLETE, then renamed into place, so a kill at any moment leaves
 either the old states or the new one, never a half-written folder that
-`--resume auto` would pick. A state keeps a copy of the run's `data_manifest.json`, so
-that a resume whose data folder gained or lost an image since is refused instead of going on
-with other data, batches and normalisation. What goes in is the trainer's business; when to
-save and when to stop is `preemption.py`'s.
+`--resume auto` would pick. What goes in (and which files of the run a state keeps
+a copy of, see `runrecords.py`) is the trainer's business; when to save and when to
+stop is `preemption.py`'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -29,10 +26,8 @@ from safetensors import SafetensorError
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
-from monkeytrain.tracking import METRICS_NAME
 
 COMPLETE = "COMPLETE"
-DATA_RECORD = "data_manifest.json"  # the run's account of its data, which train.py writes before training
 STATE_PREFIX = "step-"
 
 
@@ -70,9 +65,9 @@ class StateStore:
         self.root = run_dir / "state"
         self.accelerator, self.keep = accelerator, keep
 
-    def save(self, step: int, extras: dict, shared: dict) -> Path:
+    def save(self, step: int, extras: dict, shared: dict, copies: Sequence[Path] = ()) -> Path:
         """Save the Accelerate state, this rank's `extras` and, from the main process, `shared`
-        (the same on every rank) as the state of optimizer step `step`.
+        (the same on every rank) and a copy of each file of `copies` as the state of optimizer step `step`.
 
         All ranks call this together. On a full disk the half-written state is
         deleted and `DiskFull` raised (by each rank that hit it); older complete
@@ -92,6 +87,8 @@ class StateStore:
             torch.save(mine, staging / f"progress-rank{accelerator.process_index}.pt")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                for original in copies:
+                    write_atomically(staging / original.name, original.read_bytes())
                 self._publish(staging, final)
         except Exception as error:  # torch and safetensors wrap ENOSPC in their own error types
             if not out_of_space(error, self.root):
@@ -110,37 +107,37 @@ class StateStore:
             missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
             raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
                             "--resume auto takes the newest one left, or start a new run.") from None
-        resumed_epoch = main.get("progress", {}).get("epoch")  # the first epoch the resumed run logs
-        if self.accelerator.is_main_process and resumed_epoch is not None:
-            forget_epochs_from(self.root.parent, resumed_epoch)
         return mine, main
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
-        mine_file = path / f"progress-rank{accelerator.process_index}.pt"
-        mine = torch.load(mine_file, map_location="cpu", weights_only=False) if mine_file.is_file() else {}
-        if mine.pop("world_size", None) != accelerator.num_processes:
-            raise UserError(f"{path} was saved by a different number of processes; resume with the same launch.")
-        self._check_same_data(path)
+        main = torch.load(self._progress_file(path, 0), map_location="cpu", weights_only=False)
+        saved_by = main.pop("world_size", None)
+        if saved_by != accelerator.num_processes:
+            raise UserError(f"{path} was saved by {saved_by} processes and this run has {accelerator.num_processes}; "
+                            f"resume it with {saved_by} (accelerate launch --num_processes {saved_by}, or torchrun "
+                            f"--nproc_per_node {saved_by}), or start a new run.")
+        for rank in range(1, accelerator.num_processes):  # on every rank: all of them stop, or none
+            self._progress_file(path, rank)
         accelerator.load_state(str(path))
-        main = torch.load(path / "progress-rank0.pt", map_location="cpu", weights_only=False)
-        main.pop("world_size")
+        if accelerator.process_index == 0:
+            return main, main
+        mine = torch.load(self._progress_file(path, accelerator.process_index), map_location="cpu",
+                          weights_only=False)
+        mine.pop("world_size")
         return mine, main
 
-    def _check_same_data(self, path: Path) -> None:
-        """Refuse a state saved with other data than the run's now: RUN/data_manifest.json, written for
-        this run's data before it resumes, against the copy the state keeps (none in older states). On
-        refusal the run's record goes back to the data it trained on."""
-        kept, now = path / DATA_RECORD, self.root.parent / DATA_RECORD
-        if not (kept.is_file() and now.is_file()):
-            return
-        change = data_change(json.loads(kept.read_text()), json.loads(now.read_text()))
-        if change is None:
-            return
-        if self.accelerator.is_main_process:
-            write_atomically(now, kept.read_bytes())
-        raise UserError(f"the data changed since {path} was saved ({change}); put the data back as it was to "
-                        "resume, or start a new run.")
+    def _progress_file(self, path: Path, rank: int) -> Path:
+        """`progress-rankR.pt` of the state at `path`; a UserError when it is missing (deleted by hand, as
+        a save always writes one per rank), which would read as a state of another number of processes.
+        Moved away, the state is out of --resume auto's reach: resumed by its path instead, the one
+        before would leave it the newest, for the next --resume auto (a SLURM requeue) to fail on."""
+        file = path / f"progress-rank{rank}.pt"
+        if file.is_file():
+            return file
+        earlier = [state for state in state_dirs(self.root.parent) if state.name < path.name]
+        instead = f"move it away and --resume auto takes the one before ({earlier[-1]}), or " if earlier else ""
+        raise UserError(f"the saved state {path} is missing {file.name}; {instead}start a new run.")
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
         """Delete a state that did not fit; the error saying the least it needs: what it had written by
@@ -151,9 +148,6 @@ class StateStore:
         return DiskFull(final, needed, at_least=True, flag="--output-dir")
 
     def _publish(self, staging: Path, final: Path) -> None:
-        record = self.root.parent / DATA_RECORD
-        if record.is_file():  # for a resume to check its data against (see _check_same_data)
-            write_atomically(staging / DATA_RECORD, record.read_bytes())
         write_atomically(staging / COMPLETE, b"complete\n")
         # The same step saved twice (a stop right after a scheduled save): the older copy goes out of
         # sight, the new one takes its name at once, and only then is the older deleted, which takes long
@@ -177,39 +171,6 @@ class StateStore:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
         return retired
-
-
-def forget_epochs_from(run_dir: Path, epoch: int) -> None:
-    """Drop the lines of RUN/metrics.jsonl from `epoch` on: a state older than the newest epochs logged (a
-    SIGKILL, a power cut or a state moved away, long after the last scheduled save) trains and logs those
-    epochs again, and the file must hold each once. A line a kill cut short goes too."""
-    metrics = run_dir / METRICS_NAME
-    if not metrics.is_file():
-        return
-    lines = metrics.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if logged_epoch(line) < epoch]
-    if kept != lines:
-        write_atomically(metrics, "".join(kept).encode())
-
-
-def logged_epoch(line: str) -> float:
-    """The epoch of a metrics.jsonl line; infinity for one that is not whole."""
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, TypeError, KeyError):
-        return math.inf
-
-
-def data_change(saved: dict, now: dict) -> Optional[str]:
-    """How the data of a data manifest differs from the one saved, in words; None when it does not."""
-    for split, files in saved.get("files", {}).items():
-        files_now = now.get("files", {}).get(split, [])
-        if len(files_now) != len(files):
-            return f"its {split} split has {len(files_now)} images, {len(files)} when the state was saved"
-        if files_now != files:
-            return f"its {split} split holds other files than when the state was saved"
-    different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
-    return f"its {different[0]} differs" if different else None
 
 
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:

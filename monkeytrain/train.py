@@ -24,14 +24,14 @@ from typing import Callable
 
 from accelerate.utils import set_seed
 
-from monkeytrain.config import TrainConfig, config_yaml, parse_config
+from monkeytrain.config import TrainConfig, config_yaml, parse_config, recorded_config
 from monkeytrain.data.dataset import usable_cache_dir
 from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
-from monkeytrain.distributed import make_accelerator
+from monkeytrain.distributed import make_accelerator, processes_on
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
-from monkeytrain.preemption import Preemption, requeue_or_exit
+from monkeytrain.preemption import Preemption, requeue_or_exit, stopped_exit_status
 from monkeytrain.results import score
 from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir
 from monkeytrain.statestore import given_state
@@ -62,7 +62,7 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     run_dir = prepare_run_dir(config, accelerator)
     with claimed(run_dir, accelerator):  # no other run in it meanwhile; removed after if left empty (bad data)
         check_resumed_run(run_dir, config, accelerator)  # before config.yaml is written again, and W&B started
-        log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, config.to_dict(),
+        log = make_run_log(run_dir, accelerator.is_main_process, config.report_to, recorded_config(config),
                            config.log_checkpoint)
         run = RunContext(config, accelerator, run_dir, log, phases)
         phases.add("start_up", start_up_seconds(phases))
@@ -76,17 +76,17 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     config, accelerator, log = run.config, run.accelerator, run.log
     with run.phases.timing("data"):
         data = prepare_data(config, accelerator, cache_dir, log)
-    log.info(f"{data.summary()}; {accelerator.num_processes} process(es) on {accelerator.device}; "
+    log.info(f"{data.summary()}; {processes_on(accelerator)}; "
              f"{config.recipe} recipe; run directory {run.run_dir}")
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
     # Once the model is built: a flag it refuses (--model, --tta-shift, --grad-accum-steps) leaves no run folder
     log.write_file(CONFIG_NAME, config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
-    if trainer.fit():  # a stop signal ended it, its state saved
+    if trainer.fit():  # a stop signal ended it, its state saved if it trained
         log.close()  # before a requeue, which ends this job at once
-        requeue_or_exit(log, accelerator, stop)
-        return {"stopped": True}
+        requeue_or_exit(log, accelerator, stop, trainer.unsaved_stop)
+        return {"stopped": True, "exit_status": stopped_exit_status(stop.received)}
     with run.phases.timing("test"):
         results, figure = score(run, data, trainer.best)
     results.update(wall_seconds=round(run.phases.elapsed(), 2), phase_seconds=run.phases.summary())
@@ -96,4 +96,4 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main().get("exit_status", 0))  # a stopped run is not a finished one (see stopped_exit_status)

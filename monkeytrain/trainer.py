@@ -17,24 +17,27 @@ import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
+from accelerate.utils import gather_object
 
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
-from monkeytrain.config import TrainConfig
+from monkeytrain.config import TrainConfig, recorded_config
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
+from monkeytrain.distributed import sum_across_ranks
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
 from monkeytrain.model import check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
-from monkeytrain.preemption import Preemption, resume_flags, stop_check_interval
+from monkeytrain.preemption import Preemption, nothing_trained_since, resume_flags, stop_check_interval
+from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
 from monkeytrain.tracking import RunLog
@@ -112,12 +115,14 @@ class Trainer:
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
         self.progress = Progress()
+        self.unsaved_stop: str | None = None  # how a stop that saved no state ended, for the stop line
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
-        self.resume()
+        resumed_from = self.resume()
         if self.stop.check(self.accelerator)[0]:  # while the data was read or the model built: nothing trained
-            return True  # since the state resumed from, if any, so nothing to save
+            self.unsaved_stop = nothing_trained_since(resumed_from)  # since that state, so nothing to save
+            return True
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
@@ -142,21 +147,26 @@ class Trainer:
                 return True
         return False
 
-    def resume(self) -> None:
+    def resume(self) -> Path | None:
+        """Restore the state --resume asks for, if any; which one."""
         found = agree_on_state(resolve_resume(self.config.resume, self.run.run_dir))
         if found is None:
-            return
+            return None
+        check_same_data(found, self.run.run_dir, self.accelerator.is_main_process)  # before anything is loaded
         mine, main = self.store.load(found)
         self.progress = Progress.from_saved(mine)
+        if self.accelerator.is_main_process:  # the epochs from here on are logged again
+            forget_epochs_from(self.run.run_dir, self.progress.epoch)
         self.generator.set_state(mine["generator"])
         self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
         hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
+        return found
 
     def train_epoch(self, epoch: int) -> TrainStats:
         self.augmenter.train_size = epoch_train_size(self.config, epoch)
         skipped = self.progress.batch  # batches of this epoch trained before a resume
-        batches = self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped)
+        batches = self.every_rank_read(self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped))
 
         def after_step(batches_done: int) -> bool:
             self.progress.epoch, self.progress.batch = epoch, skipped + batches_done
@@ -168,19 +178,23 @@ class Trainer:
     @contextmanager
     def saved_on_a_fixable_stop(self) -> Iterator[None]:
         """Keep what the run has trained when a CUDA graph capture fails (its message says to resume), or
-        when an image of a streamed epoch can no longer be read (on one process: with several, only the
-        rank that read it knows, and a state is saved by all of them together)."""
+        when an image of a streamed epoch can no longer be read (on every rank at once: every_rank_read)."""
         try:
             yield
         except CaptureFailed:
             self.save_state()  # the batches before the failed one; no graph ran, so nothing else changed
             raise
         except ImageGone as gone:
-            if self.accelerator.num_processes > 1:
-                raise
             self.save_state()  # the loader fails between steps: the last step's state is whole
             raise UserError(f"{gone} The training state is saved: the same command with "
                             f"{resume_flags(self.run.run_dir)} continues the run.") from None
+
+    def every_rank_read(self, batches: Iterable) -> Iterable:
+        """`batches`, in step with the other ranks where one of them may find an image gone alone (the
+        stream pipeline, several processes; see batches_read_everywhere)."""
+        if self.data.pipeline.mode != "stream" or self.accelerator.num_processes == 1:
+            return batches
+        return batches_read_everywhere(batches, self.accelerator)
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""
@@ -206,8 +220,8 @@ class Trainer:
     def validate(self, epoch: int, trained: TrainStats) -> EvalResult:
         """Score the validation split, save the checkpoint if it improved, and log the epoch."""
         self.learner.averager.model.eval()
-        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"), self.eval_views.prepare,
-                             self.accelerator, self.data.num_classes)
+        validated = evaluate(self.evaluated, self.every_rank_read(self.data.pipeline.eval_batches("val")),
+                             self.eval_views.prepare, self.accelerator, self.data.num_classes)
         finite = math.isfinite(validated.loss)  # else a broken model, never to be chosen (see diverged)
         improved = finite and self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on all
         if improved:
@@ -239,7 +253,7 @@ class Trainer:
         saved = self.store.save(
             self.progress.step,
             {"progress": dataclasses.asdict(self.progress), "generator": self.generator.get_state()},
-            shared={"averager": self.learner.averager.state_dict()})
+            shared={"averager": self.learner.averager.state_dict()}, copies=kept_with_a_state(self.run.run_dir))
         self.stop.schedule.saved()
         return saved
 
@@ -248,7 +262,7 @@ class Trainer:
         return CheckpointInfo(
             architecture=config.model, class_names=splits.class_names, class_folders=splits.class_folders,
             mean=stats.mean, std=stats.std, image_size=config.image_size, epoch=epoch,
-            val_accuracy=accuracy, config=config.to_dict(), synthetic_data=splits.synthetic,
+            val_accuracy=accuracy, config=recorded_config(config), synthetic_data=splits.synthetic,
         )
 
     @property
@@ -275,6 +289,32 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,
         augment=augment, clip_grad_norm=config.clip_grad_norm,
     )
+
+
+def batches_read_everywhere(batches: Iterable, accelerator) -> Iterator:
+    """`batches`, each yielded once every rank has read its own; an image that one rank can no longer read
+    (ImageGone) raises on every rank at the same batch, with that rank's message, so that all of them stop
+    (and save) together, where the others would wait in their next collective for a rank that has ended.
+    A rank whose share has ended (evaluation shards differ by one batch) votes on until every one has.
+    The cost: one tiny reduction a batch, a device sync on a GPU."""
+    batches, done = iter(batches), False
+    while True:
+        batch, gone = None, None
+        if not done:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                done = True
+            except ImageGone as error:
+                gone = error
+        vote = torch.tensor([gone is not None, batch is not None], dtype=torch.int64, device=accelerator.device)
+        failed, reading = sum_across_ranks(vote).tolist()
+        if failed:
+            raise ImageGone(gather_object([str(gone)] if gone else [])[0]) from None
+        if not reading:
+            return
+        if batch is not None:
+            yield batch
 
 
 def whole_accumulation_groups(batches: int, accumulation: int) -> int:

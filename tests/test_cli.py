@@ -229,7 +229,7 @@ def test_a_signal_while_the_data_is_read_stops_before_training(capsys, data, mon
         return prepared
 
     monkeypatch.setattr(train, "prepare_data", prepared_then_signalled)
-    assert train.main(["--data", str(data), *SMALL, "--run-name", "early"]) == {"stopped": True}
+    assert train.main(["--data", str(data), *SMALL, "--run-name", "early"])["stopped"] is True
     assert "run the same command with --resume auto --run-name early." in capsys.readouterr().out
     assert not (Path("runs") / "early" / "metrics.jsonl").exists()  # not one step trained
     assert not state_dirs(Path("runs") / "early")
@@ -521,3 +521,13 @@ def test_an_error_or_warning_line_is_written_at_once_so_that_ranks_do_not_glue_t
     with pytest.raises(SystemExit):
         fail("a wrong path", 2)
     assert writes == ["monkeytrain: warning: an old flag\n", "monkeytrain: error: a wrong path\n"]
+
+
+def test_the_checkpoint_names_the_data_that_the_environment_gave(data, monkeypatch):
+    """As config.yaml does: its header's config repeats the run on the same data from any shell."""
+    from monkeytrain.checkpoint import read_checkpoint
+
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(data))
+    train.main([*SMALL, "--run-name", "from-env"])
+    _, info = read_checkpoint(Path("runs") / "from-env" / "best.safetensors")
+    assert info.config["data"] == os.path.abspath(data)

@@ -220,3 +220,14 @@ def test_a_single_process_started_inside_a_launch_uses_all_its_cores(monkeypatch
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # inherited from the launch around it
     assert distributed.cores_per_process(Processes(1)) == 64
+
+
+def test_the_first_line_names_the_processes_and_their_device_type_alike_on_every_count():
+    """Not '1 process(es) on cpu' beside '2 process(es) on cpu:0' (rank 0's index)."""
+    from types import SimpleNamespace
+
+    from monkeytrain.distributed import processes_on
+
+    one = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu", 0))
+    assert (processes_on(one), processes_on(two)) == ("1 process on cpu", "2 processes on cpu")

@@ -122,11 +122,12 @@ PYTHON = [sys.executable, str(TRAIN), "--cpu"]
 STREAM = [*PYTHON, "--data-pipeline", "stream", "--num-workers", "2"]
 FORMS = {
     # name: (command, how the signal is sent, which signal, ranks, the launcher's expected exit status)
-    "python script, SIGTERM": (PYTHON, "top", signal.SIGTERM, 1, {0}),
+    "python script, SIGTERM": (PYTHON, "top", signal.SIGTERM, 1, {128 + signal.SIGTERM}),
     "python -m, Ctrl-C to the group": ([sys.executable, "-m", "monkeytrain.train", "--cpu"], "group",
-                                       signal.SIGINT, 1, {0}),
-    "monkeytrain train, SIGUSR1": ([str(BIN / "monkeytrain"), "train", "--cpu"], "top", signal.SIGUSR1, 1, {0}),
-    "stream workers, SIGTERM to the group": (STREAM, "group", signal.SIGTERM, 1, {0}),
+                                       signal.SIGINT, 1, {128 + signal.SIGINT}),
+    "monkeytrain train, SIGUSR1": ([str(BIN / "monkeytrain"), "train", "--cpu"], "top", signal.SIGUSR1, 1,
+                                   {128 + signal.SIGUSR1}),
+    "stream workers, SIGTERM to the group": (STREAM, "group", signal.SIGTERM, 1, {128 + signal.SIGTERM}),
     # Accelerate's own status: up to 1.15 its one-process launcher dies of the signal (our process then
     # gets SIGTERM as its parent dies); from 1.16 it sends SIGTERM to our process, then exits with 143
     "accelerate launch, one process, SIGTERM": (ONE_PROCESS, "top", signal.SIGTERM, 1,

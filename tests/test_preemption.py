@@ -14,7 +14,8 @@ import pytest
 
 from conftest import RecordedLog, train_here
 from monkeytrain.preemption import (GPU_STOP_CHECK_INTERVAL, REQUEUE_REQUEST, STOP_SIGNALS, ConsoleStream, Preemption,
-                                    SaveSchedule, launched_by_a_launcher, requeue_or_exit, stop_check_interval)
+                                    SaveSchedule, launched_by_a_launcher, nothing_trained_since, requeue_or_exit,
+                                    stop_check_interval, stopped_exit_status)
 from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -208,6 +209,23 @@ def test_the_stop_line_names_the_run_to_continue(monkeypatch, run_dir, flags):
                          f"command with {flags}."]
 
 
+@pytest.mark.parametrize("slurm", [False, True])
+def test_the_stop_line_of_a_run_stopped_before_its_first_step_says_nothing_was_saved(tmp_path, monkeypatch, slurm):
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv(REQUEUE_REQUEST, str(tmp_path / "job.requeue"))
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    log = run_log(Path("runs") / "cut")
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGUSR1"),
+                    nothing_trained_since(None))
+    [line] = log.infos
+    assert line.startswith("stopped on SIGUSR1 before its first training step, so there was nothing to save; the job "
+                           "is requeued" if slurm else "stopped on a signal before its first training step, so there "
+                           "was nothing to save; to continue, run the same command with --resume auto --run-name cut")
+    assert "after saving" not in line
+
+
 @pytest.mark.parametrize("problem", ["no scontrol", "no request folder"])
 def test_a_requeue_that_cannot_be_asked_for_is_one_line_and_the_run_ends(tmp_path, monkeypatch, problem):
     """SLURM_JOB_ID set inside a container without scontrol, or a request file in a folder that is gone:
@@ -223,3 +241,16 @@ def test_a_requeue_that_cannot_be_asked_for_is_one_line_and_the_run_ends(tmp_pat
     assert len(log.infos) == 1 and log.infos[0].startswith("stopped on SIGUSR1 after saving; could not ")
     assert log.infos[0].endswith("No such file or directory); to continue, resubmit the job with --resume auto "
                                  "--run-name slurm-4242."), log.infos
+
+
+@pytest.mark.parametrize("received, status", [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 138)])
+def test_a_stopped_run_exits_as_its_signal_says_so_that_nothing_takes_it_for_finished(received, status):
+    """`python monkeytrain/train.py ... && next step`, a retry loop, systemd, a Kubernetes Job: exit 0 means done."""
+    assert stopped_exit_status(received, environ={}) == status
+
+
+@pytest.mark.parametrize("marker", ["ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID"])
+def test_under_a_launcher_a_stopped_rank_exits_0_and_the_launcher_says_how_it_ended(marker):
+    """torchrun would take any other status for a crash and print its ChildFailedError report."""
+    assert stopped_exit_status("SIGTERM", environ={marker: "x"}) == 0
+    assert stopped_exit_status("launcher gone", environ={marker: "x"}) == 0

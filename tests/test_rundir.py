@@ -45,8 +45,9 @@ def test_a_run_whose_config_names_no_data_resumes_as_before(tmp_path, monkeypatc
     run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))  # no data found: null
     monkeypatch.setenv("MONKEYTRAIN_DATA", str(tmp_path / "monkeys"))
     check_resumed_config(run, parse_config(RESUME))
-    with pytest.raises(UserError, match=f"--data {tmp_path / 'other'} is not the None that"):
-        check_resumed_config(run, parse_config([*RESUME, "--data", str(tmp_path / "other")]))
+    other = tmp_path / "other"
+    with pytest.raises(UserError, match=f"began with the data found without --data .*, not with --data {other};"):
+        check_resumed_config(run, parse_config([*RESUME, "--data", str(other)]))
 
 
 @pytest.mark.parametrize("config_text", [None, "[not, a, mapping]\n", "epochs: [\n", ""])
@@ -60,3 +61,15 @@ def test_a_resume_without_a_readable_config_yaml_says_so_in_one_line_and_goes_on
         "checked against those the run began with: it goes on with the flags given, and records them there.\n")
     check_resumed_config(run, parse_config(RESUME), is_main_process=False)  # another rank: the main one says it
     assert capsys.readouterr().err == ""
+
+
+def test_a_flag_added_or_dropped_on_resume_is_named_as_such(tmp_path):
+    """Not 'is not the None that ...' (a split folder the run began without, or dropped on resume)."""
+    splits = ["--train-dir", str(tmp_path / "a"), "--val-dir", str(tmp_path / "b")]
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", *splits])))
+    added = [*RESUME, *splits, "--test-dir", str(tmp_path / "c")]
+    with pytest.raises(UserError, match=f"^{run} began without --test-dir .*, not with --test-dir {tmp_path / 'c'}; "):
+        check_resumed_config(run, parse_config(added))
+    run = run_begun_with(tmp_path / "2", config_yaml(parse_config(["--cpu", *splits, "--test-dir", str(tmp_path)])))
+    with pytest.raises(UserError, match=f"^{run} began with --test-dir {tmp_path} .*; give it again to resume"):
+        check_resumed_config(run, parse_config([*RESUME, *splits]))

@@ -140,28 +140,32 @@ def test_resuming_from_an_incomplete_folder_says_to_use_resume_auto(tmp_path):
     assert str(folder) in message and "--resume auto" in message
 
 
-def test_a_state_saved_by_another_number_of_processes_asks_for_the_same_launch(tmp_path, cpu_accelerator, trained):
+def test_a_state_missing_its_progress_file_says_so_and_names_the_state_before(tmp_path, cpu_accelerator, trained):
     store = StateStore(tmp_path, cpu_accelerator, keep=3)
-    final = store.save(2, {"step": 2}, shared={})
-    # as if saved by two processes and loaded by a rank that has no file of its own
-    (final / "progress-rank0.pt").rename(final / "progress-rank1.pt")
+    earlier, final = store.save(1, {"step": 1}, shared={}), store.save(2, {"step": 2}, shared={})
+    (final / "progress-rank0.pt").unlink()  # by hand: not a state of another number of processes
     with pytest.raises(UserError) as raised:
         store.load(final)
-    message = str(raised.value)
-    assert str(final) in message and "resume with the same launch" in message
+    assert str(raised.value) == (f"the saved state {final} is missing progress-rank0.pt; move it away and --resume "
+                                 f"auto takes the one before ({earlier}), or start a new run.")
+    (earlier / "progress-rank0.pt").unlink()  # the oldest: no state before it to name
+    with pytest.raises(UserError, match=r"is missing progress-rank0.pt; start a new run\.$"):
+        store.load(earlier)
 
 
-def test_a_state_saved_by_more_processes_than_resume_it_asks_for_the_same_launch(tmp_path, cpu_accelerator,
-                                                                                 trained):
+def test_a_state_saved_by_more_processes_than_resume_it_says_how_many_to_resume_with(tmp_path, cpu_accelerator,
+                                                                                     trained):
     store = StateStore(tmp_path, cpu_accelerator, keep=3)
     final = store.save(2, {"step": 2}, shared={})
     # as if saved by two processes: rank 0's file exists, but it says two processes wrote the state
     saved = torch.load(final / "progress-rank0.pt", weights_only=False)
     torch.save({**saved, "world_size": 2}, final / "progress-rank0.pt")
-    with pytest.raises(UserError, match="resume with the same launch"):
+    with pytest.raises(UserError, match=r"was saved by 2 processes and this run has 1; resume it with 2 "
+                                        r"\(accelerate launch --num_processes 2, or torchrun --nproc_per_node 2\)"):
         store.load(final)
 
 
 def test_on_one_process_every_rank_agrees_on_the_main_process_state(cpu_accelerator, tmp_path):
     assert agree_on_state(tmp_path / "state" / "step-00000003") == tmp_path / "state" / "step-00000003"
     assert agree_on_state(None) is None
+

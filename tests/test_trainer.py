@@ -98,6 +98,24 @@ def test_a_stop_saves_the_step_it_was_agreed_at_and_says_so(trainer_for, monkeyp
     assert (trainer.progress.epoch, trainer.progress.batch, trainer.progress.step) == (2, 1, 7)
 
 
+def test_a_stop_before_the_first_step_saves_nothing_and_says_so(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", stop=NoStop(stop_at_check=1))
+    assert trainer.fit() is True
+    assert state_dirs(trainer.run.run_dir) == [] and trainer.progress.step == 0
+    assert trainer.unsaved_stop == "before its first training step, so there was nothing to save"
+
+
+def test_a_resumed_run_stopped_before_its_first_step_names_the_state_it_keeps(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", stop=NoStop(stop_at_check=3)).fit()
+    [saved] = state_dirs(Path("runs") / "r")
+    again = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", "--resume", "auto",
+                        stop=NoStop(stop_at_check=1))
+    assert again.fit() is True and state_dirs(again.run.run_dir) == [saved]
+    assert again.unsaved_stop == f"before its first training step, nothing trained since {saved}"
+
+
 class Pruned(Exception):
     pass
 

@@ -1,0 +1,104 @@
+"""A resumed run's own records, kept true to the state it resumes from.
+
+`data_manifest.json`: the run's account of its data, which train.py writes
+before training. Each saved state keeps a copy (`kept_with_a_state`), so that a
+resume whose data folder gained or lost an image since is refused
+(`check_same_data`) instead of going on with other data, batches and
+normalisation. `metrics.jsonl`: a resume from a state older than the newest
+epochs logged trains and logs those epochs again, so their lines go first
+(`forget_epochs_from`). The trainer calls these around `StateStore`, which only
+saves and loads states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from monkeytrain.errors import UserError, first_line
+from monkeytrain.storage import write_atomically
+from monkeytrain.tracking import METRICS_NAME
+
+DATA_RECORD = "data_manifest.json"
+
+
+def kept_with_a_state(run_dir: Path) -> list[Path]:
+    """The files of the run that a state keeps a copy of: its data record, when it has one."""
+    record = run_dir / DATA_RECORD
+    return [record] if record.is_file() else []
+
+
+def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:
+    """Refuse a state saved with other data than the run's now: RUN/data_manifest.json, written for this
+    run's data before it resumes, against the copy the state keeps (none in older states). On refusal the
+    run's record goes back to the data it trained on (written by the main process)."""
+    kept, now = state / DATA_RECORD, run_dir / DATA_RECORD
+    if not (kept.is_file() and now.is_file()):
+        return
+    try:
+        saved = json.loads(kept.read_text())
+    except (OSError, ValueError) as error:  # damaged on disk: as any other file of the state
+        raise UserError(f"the saved state {state} cannot be loaded ({first_line(error)}: {kept}); move it away and "
+                        "--resume auto takes the newest one left, or start a new run.") from None
+    change = data_change(saved, json.loads(now.read_text()))  # train.py has just written it
+    if change is None:
+        return
+    if is_main_process:
+        write_atomically(now, kept.read_bytes())
+    raise UserError(f"the data changed since {state} was saved ({change}); put the data back as it was to "
+                    "resume, or start a new run.")
+
+
+def data_change(saved: dict, now: dict) -> Optional[str]:
+    """How the data of a data manifest differs from the one saved, in words; None when it does not."""
+    saved, now = from_its_root(saved), from_its_root(now)
+    for split, files in saved.get("files", {}).items():
+        files_now = now.get("files", {}).get(split, [])
+        if len(files_now) != len(files):
+            return f"its {split} split has {len(files_now)} images, {len(files)} when the state was saved"
+        if files_now != files:
+            return f"its {split} split holds other files than when the state was saved"
+    different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    return f"its {different[0]} differs" if different else None
+
+
+def from_its_root(manifest: dict) -> dict:
+    """A data manifest with its paths relative to its root, and no root: the data folder given as data/x in
+    the checkout and as $PWD/data/x in a job script, or from another working directory, is the same data
+    (its paths are written as the run was given them)."""
+    root = manifest.get("root")
+    if not root:
+        return manifest
+
+    def relative(path: str) -> str:
+        return os.path.relpath(path, root)
+
+    return {**manifest, "root": None,
+            "files": {split: [relative(p) for p in files] for split, files in manifest.get("files", {}).items()},
+            "skipped": [{**skipped, "path": relative(skipped["path"])} for skipped in manifest.get("skipped", [])],
+            **{pairs: [[relative(a), relative(b)] for a, b in manifest.get(pairs, [])]
+               for pairs in ("leaks", "conflicts")}}
+
+
+def forget_epochs_from(run_dir: Path, epoch: int) -> None:
+    """Drop the lines of RUN/metrics.jsonl from `epoch` on: a state older than the newest epochs logged (a
+    SIGKILL, a power cut or a state moved away, long after the last scheduled save) trains and logs those
+    epochs again, and the file must hold each once. A line a kill cut short goes too."""
+    metrics = run_dir / METRICS_NAME
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_epoch(line) < epoch]
+    if kept != lines:
+        write_atomically(metrics, "".join(kept).encode())
+
+
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for one that is not whole."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf

@@ -1,0 +1,90 @@
+"""monkeytrain.trainer on two real ranks (gloo, forked from the session's forkserver, see forked.py): an image
+that one rank alone finds gone while streaming stops every rank with the same one line and exit status 2,
+with a state saved by all of them when it happened in training; no rank is left waiting for the other."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from forked import exit_codes, printed, rank_variables, free_port, start, train_rank
+from monkeytrain.statestore import COMPLETE, state_dirs
+
+FLAGS = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3", "--epochs", "2",
+         "--data-pipeline", "stream", "--num-workers", "0", "--report-to", "none", "--cpu-threads", "1",
+         "--save-every-minutes", "0", "--run-name", "gone"]
+GONE_AFTER_STEP = 3  # in "training": the images of rank 1 go away once it has taken this optimizer step
+
+
+def lose_images(when: str) -> None:
+    """From `when` on ("training": after optimizer step GONE_AFTER_STEP; "validation": as the first one
+    begins), every image this process reads is gone, as if deleted; the other rank's stay."""
+    from monkeytrain.data import loaders
+    from monkeytrain.trainer import Trainer
+
+    gone = {"now": False}
+    real_step, real_validate, real_load = Trainer.after_optimizer_step, Trainer.validate, loaders.load_rgb
+
+    def after_optimizer_step(trainer: Trainer) -> bool:
+        stopping = real_step(trainer)
+        gone["now"] |= when == "training" and trainer.progress.step == GONE_AFTER_STEP
+        return stopping
+
+    def validate(trainer: Trainer, *args):
+        gone["now"] |= when == "validation"
+        return real_validate(trainer, *args)
+
+    def load_rgb(path, *args):
+        if gone["now"]:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_load(path, *args)
+
+    Trainer.after_optimizer_step, Trainer.validate, loaders.load_rgb = after_optimizer_step, validate, load_rgb
+
+
+def train_rank_losing_images(folder: Path, flags: list[str], environment: dict[str, str], rank: int,
+                             when: str) -> None:
+    """forked.train_rank, rank 1 losing its images at `when`."""
+    if rank == 1:
+        lose_images(when)
+    train_rank(folder, flags, environment, rank)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from conftest import write_image_folder
+    return write_image_folder(tmp_path_factory.mktemp("gone") / "data", classes=3, per_class=12)
+
+
+def two_ranks_losing_images(tmp_path: Path, data: Path, when: str) -> list[str]:
+    """Both ranks' last lines, after checking that both ended with status 2."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS]
+    children = [start(train_rank_losing_images, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
+                      rank, when) for rank in (0, 1)]
+    ended = exit_codes(children)
+    logs = [printed(tmp_path / f"rank{rank}.log") for rank in (0, 1)]
+    assert ended == [2, 2], f"exit codes {ended}\n" + "\n".join(logs)
+    assert not any("Traceback" in log for log in logs), "\n".join(logs)
+    return [log.strip().splitlines()[-1] for log in logs]
+
+
+def test_an_image_one_rank_finds_gone_in_training_stops_both_with_one_line_and_a_saved_state(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "training")
+    assert last_lines[0] == last_lines[1], last_lines  # rank 0 names the image that rank 1 could not read
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+    assert "The training state is saved: the same command with --resume auto --run-name gone" in last_lines[0]
+    [state] = state_dirs(tmp_path / "runs" / "gone")
+    assert (state / COMPLETE).is_file()
+    steps = [torch.load(state / f"progress-rank{rank}.pt", weights_only=False)["progress"]["step"] for rank in (0, 1)]
+    assert steps == [GONE_AFTER_STEP] * 2 and state.name == f"step-{GONE_AFTER_STEP:08d}"
+
+
+def test_an_image_one_rank_finds_gone_in_validation_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "validation")
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
