@@ -240,7 +240,7 @@ def ask_for_requeue(job: str, flags: str = "") -> str:
         Path(request).write_text(f"{job}\n{flags}\n")
     except OSError as error:  # a TMPDIR gone, a full disk: the state is saved all the same
         return f"could not ask for a requeue in {request} ({error.strerror}); {resubmit(flags)}"
-    return "the job is requeued once its processes have ended."
+    return "asked the job script to requeue the job once its processes have ended."
 
 
 def requeue(job: str, flags: str = "") -> str:

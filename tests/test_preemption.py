@@ -166,8 +166,8 @@ def test_under_launch_node_sh_a_stopped_job_asks_its_script_to_requeue_it(tmp_pa
     requeue_or_exit(log, SimpleNamespace(is_main_process=main), stop_after("SIGUSR1"))
     # the second line: what the script says should the requeue fail
     assert (request.read_text() == "4242\n--resume auto --run-name slurm-4242\n") if main else not request.exists()
-    assert log.infos == (["stopped on SIGUSR1 after saving; the job is requeued once its processes have ended."]
-                          if main else [])
+    asked = "stopped on SIGUSR1 after saving; asked the job script to requeue the job once its processes have ended."
+    assert log.infos == ([asked] if main else [])
 
 
 @pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGUSR1", "SIGTERM"), ("SIGINT",), ()])
@@ -220,8 +220,8 @@ def test_the_stop_line_of_a_run_stopped_before_its_first_step_says_nothing_was_s
     requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGUSR1"),
                     nothing_trained_since(None))
     [line] = log.infos
-    assert line.startswith("stopped on SIGUSR1 before its first training step, so there was nothing to save; the job "
-                           "is requeued" if slurm else "stopped on a signal before its first training step, so there "
+    assert line.startswith("stopped on SIGUSR1 before its first training step, so there was nothing to save; asked "
+                           "the job script to requeue" if slurm else "stopped on a signal before its first training step, so there "
                            "was nothing to save; to continue, run the same command with --resume auto --run-name cut")
     assert "after saving" not in line
 

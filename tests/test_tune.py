@@ -434,7 +434,7 @@ def test_tune_sbatch_passes_the_warning_to_its_worker_and_requeues_once_it_has_e
         batch.kill()
     assert batch.returncode == 0, stdout + stderr
     assert json.loads((out / "argv.json").read_text()) == ["-m", "monkeytrain.cli", "tune", "--space", "s.yaml"]
-    assert "tune: the job is requeued once its processes have ended." in stdout
+    assert "tune: asked the job script to requeue the job once its processes have ended." in stdout
     assert calls.read_text() == "requeue 77\n"
     assert "tune.sbatch: scontrol requeue 77: ok" in stderr.splitlines()[-1], stderr
 
