@@ -1,6 +1,6 @@
 """The benchmark scripts in their tiny CPU modes, so they cannot rot.
 
-Both run a tiny model on one thread (on a busy 2-core machine a second thread
+All run a tiny model on one thread (on a busy 2-core machine a second thread
 mostly waits) and share one cache, so the synthetic set is generated once. They
 are background jobs (conftest's `background_jobs`): the first test of the session
 hands them over, the last ones read what they printed.
@@ -38,6 +38,8 @@ def tiny_commands(cache_dir: Path, runs_dir: Path) -> dict[str, list[str]]:
         "time_to_accuracy": [str(BENCHMARKS / "time_to_accuracy.py"), "--seeds", "2", "--debug", "--image-size",
                              "32", "--model", TINY_MODEL, "--cpu-threads", "1", "--cache-dir", str(cache_dir),
                              "--output-dir", str(runs_dir)],
+        "cpu_profile": [str(BENCHMARKS / "cpu_profile.py"), "--debug", "--image-size", "32", "--model", TINY_MODEL,
+                        "--cpu-threads", "1", "--cache-dir", str(cache_dir)],
     }
 
 
@@ -104,3 +106,21 @@ def test_time_to_accuracy_names_and_seeds_each_run_itself():
                            "--run-name", "mine"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("drop --run-name and --seed")
+
+
+@pytest.mark.last
+def test_cpu_profile_splits_the_wall_time_into_phases_and_the_training_step_into_its_parts(benchmark_runs):
+    stdout = printed(benchmark_runs["cpu_profile"])
+    rows = {name.strip(): float(seconds) for name, seconds in
+            re.findall(r"^ *(\S.*?) +(-?[\d.]+) +-?[\d.]+%$", stdout, re.M)}
+    step_parts = ["augmentation", "mixing", "forward and loss", "backward", "optimizer step", "average (EMA) update",
+                  "rest of the loop (schedule, zero_grad, metrics, progress bar)"]
+    phases = ["start-up (interpreter, imports, accelerator)", "data", "model (creation, size check, optimizer)",
+              "training (6 batches)", "validation (2 passes)", "test (reload best, score, plots)",
+              "rest (config, manifest and results writes, logs)"]
+    assert set(step_parts + phases) <= set(rows), stdout  # --debug: 2 epochs of 3 batches, each validated
+    assert all(rows[name] >= 0 for name in step_parts + phases)  # a part counted twice would leave a rest < 0
+    # each timer still wraps what the run calls (one renamed or bypassed would read 0)
+    timed = ["augmentation", "forward and loss", "backward", "optimizer step", "average (EMA) update",
+             "evaluation passes", "test pass"]
+    assert all(rows[name] > 0 for name in timed), stdout
