@@ -445,7 +445,8 @@ def stopped(reason: str, received: str | None) -> int:
         # comes back and goes on with the study. A SIGTERM (scancel) ends it.
         say(ask_for_requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
-    return 0
+    # 128 + the signal, as train.py outside a launcher: a stopped study is not a finished one to `&&`
+    return 128 + signal.Signals[received].value if received else 1
 
 
 # --- counting trials, and which worker ends the study -------------------------

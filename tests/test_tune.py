@@ -175,7 +175,7 @@ def test_a_stopped_study_loses_only_the_trial_in_flight_and_continues(study_inpu
         time.sleep(0.1)
     first.send_signal(signal.SIGTERM)  # in epoch 2 of 3: the trial saves at its end and stops
     output, _ = first.communicate(timeout=120)
-    assert first.returncode == 0 and "stopped on SIGTERM" in output, output
+    assert first.returncode == 128 + signal.SIGTERM and "stopped on SIGTERM" in output, output
     assert "interrupted by a stop signal; it does not count" in output
 
     again = run_here(tune.main, command[4:], PROJECT)  # how it starts was checked above: no new process
@@ -432,7 +432,7 @@ def test_tune_sbatch_passes_the_warning_to_its_worker_and_requeues_once_it_has_e
         stdout, stderr = batch.communicate(timeout=60)
     finally:
         batch.kill()
-    assert batch.returncode == 0, stdout + stderr
+    assert batch.returncode == 128 + signal.SIGUSR1, stdout + stderr  # the worker's status, as train.sbatch's
     assert json.loads((out / "argv.json").read_text()) == ["-m", "monkeytrain.cli", "tune", "--space", "s.yaml"]
     assert "tune: asked the job script to requeue the job once its processes have ended." in stdout
     assert calls.read_text() == "requeue 77\n"
@@ -469,5 +469,5 @@ def test_a_worker_stopped_between_trials_asks_for_a_requeue_only_after_slurms_wa
     request = tmp_path / "job.requeue"
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("MONKEYTRAIN_REQUEUE_FILE", str(request))
-    assert stopped("signal", received) == 0
+    assert stopped("signal", received) == 128 + signal.Signals[received]  # not finished, to a shell
     assert request.is_file() == requested  # scancel's SIGTERM ends the task for good
