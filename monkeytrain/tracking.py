@@ -1,9 +1,11 @@
 """Run logs: the main process prints, appends metrics.jsonl, draws the run's plots
 and, with `--report-to wandb`, mirrors all of it to one W&B run; other ranks log nothing.
 
-Every logger shares one interface (info, warn, write_file, epoch, final,
-close), so the training loop never asks which rank it is on or whether a
-tracker is on.
+Every logger shares one interface (info, warn, write_file, start_tracking,
+epoch, final, close), so the training loop never asks which rank it is on or
+whether a tracker is on. A W&B run starts at start_tracking(), which train.py
+calls once the run is viable (data read, model built): bad input creates no
+W&B run and leaves no wandb/ folder in the run directory.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class RunLog:
 
     def warn(self, message: str) -> None:
         to_stderr("warning", message)
+
+    def start_tracking(self) -> None:
+        """Once the run is viable: nothing to start for the local logs."""
 
     def write_file(self, name: str, text: str) -> Path:
         """A file of the run directory (config.yaml, results.json, ...), written once, by one process;
@@ -95,22 +100,35 @@ class SilentLog(RunLog):
 
 
 class WandbRunLog(RunLog):
-    """Everything RunLog does, and the same figures in one W&B run."""
+    """Everything RunLog does and, from start_tracking() on, the same figures in one W&B run;
+    where W&B cannot start, one warning line and the local logs only."""
 
-    def __init__(self, run_dir: Path, run: Any, wandb: Any, log_checkpoint: bool = False):
+    def __init__(self, run_dir: Path, report_to: str, config: dict, log_checkpoint: bool = False):
         super().__init__(run_dir)
-        self.run, self.wandb, self.log_checkpoint = run, wandb, log_checkpoint
+        self.report_to, self.config, self.log_checkpoint = report_to, config, log_checkpoint
+        self.run: Any = None  # None: not started yet, or W&B could not start
+        self.wandb: Any = None
         self.last_epoch: int | None = None
+
+    def start_tracking(self) -> None:
+        try:
+            self.wandb, self.run = start_wandb_run(self.run_dir, self.report_to, self.config)
+        except TrackerUnavailable as problem:
+            self.warn(f"{problem}; logging to {self.run_dir} only.")
 
     def epoch(self, metrics: dict) -> None:
         super().epoch(metrics)
-        # "epochs" is the same every epoch and already in the config: no chart for it.
-        # Nor for a figure the epoch did not measure (None): a gap, not a point at 0.
-        self.run.log({k: v for k, v in metrics.items() if k != "epochs" and v is not None}, step=metrics["epoch"])
         self.last_epoch = metrics["epoch"]
+        if self.run is not None:
+            # "epochs" is the same every epoch and already in the config: no chart for it.
+            # Nor for a figure the epoch did not measure (None): a gap, not a point at 0.
+            self.run.log({k: v for k, v in metrics.items() if k != "epochs" and v is not None},
+                         step=metrics["epoch"])
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
         super().final(results, misclassified, checkpoint_path)
+        if self.run is None:
+            return
         self.run.summary.update({key: results[key] for key in SUMMARY_KEYS if key in results})
         # The last epoch's step: W&B drops data logged to a step below the latest one.
         self.run.log(final_media(self.wandb, self.run_dir, results, misclassified), step=self.last_epoch)
@@ -130,26 +148,20 @@ class TrackerUnavailable(Exception):
 
 def make_run_log(run_dir: Path, is_main_process: bool, report_to: str = "none", config: dict | None = None,
                  log_checkpoint: bool = False) -> RunLog:
-    """The logger for this process.
+    """The logger for this process; its tracker starts at start_tracking().
 
     Other ranks get a silent one. The main process gets the local RunLog, or a
     W&B-reporting one when `report_to` ("wandb", "none" or "auto": W&B when
-    installed and configured) resolves to W&B; a W&B problem costs one warning
-    line and training goes on with the local logs.
+    installed and configured) resolves to W&B, for the run with `config`; a W&B
+    problem costs one warning line and training goes on with the local logs.
     """
     if report_to not in REPORT_TO_CHOICES:
         raise ValueError(f"report_to must be one of {REPORT_TO_CHOICES}, got {report_to!r}")
     if not is_main_process:
         return SilentLog()
-    local = RunLog(run_dir)
     if report_to == "none" or (report_to == "auto" and not wandb_set_up(os.environ)):
-        return local  # auto means "W&B when it is set up": nothing to warn about
-    try:
-        wandb, run = start_wandb_run(run_dir, report_to, config or {})
-    except TrackerUnavailable as problem:
-        local.warn(f"{problem}; logging to {run_dir} only.")
-        return local
-    return WandbRunLog(run_dir, run, wandb, log_checkpoint)
+        return RunLog(run_dir)  # auto means "W&B when it is set up": nothing to warn about
+    return WandbRunLog(run_dir, report_to, config or {}, log_checkpoint)
 
 
 def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, Any]:

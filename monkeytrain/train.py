@@ -83,6 +83,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     # Once the model is built: a flag it refuses (--model, --tta-shift, --grad-accum-steps) leaves no run folder
     log.write_file(CONFIG_NAME, config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
+    log.start_tracking()  # and no W&B run either
     if trainer.fit():  # a stop signal ended it, its state saved if it trained
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator, stop, trainer.unsaved_stop)

@@ -1,5 +1,5 @@
-"""Run logs: local files always, one offline W&B run from the main process, one warning line
-when W&B cannot be used, nothing at all from other ranks."""
+"""Run logs: local files always, one offline W&B run from the main process once the run is viable,
+one warning line when W&B cannot be used, nothing at all from other ranks."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def misclassified_items(folder: Path) -> list[dict]:
     # as results.misclassified hands them over: the most confident mistake first
     return [{"path": str(paths[1]), "true": "patas", "predicted": "uakari", "confidence": 0.9},
             {"path": str(paths[0]), "true": "howler", "predicted": "patas", "confidence": 0.55}]
+
+
+def started(log: RunLog) -> RunLog:
+    """The log once train.py has built the model, which is when a W&B run starts."""
+    log.start_tracking()
+    return log
 
 
 def run_a_job(log: RunLog, run_dir: Path, folder: Path) -> None:
@@ -161,7 +167,7 @@ def table_artifact(run: dict, name: str) -> dict:
 def test_offline_wandb_run_holds_the_metrics_summary_tables_and_checkpoint(wandb_env, run_dir, tmp_path,
                                                                          monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    log = make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True)
+    log = started(make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True))
     assert isinstance(log, WandbRunLog)
     run_a_job(log, run_dir, tmp_path)
 
@@ -198,7 +204,7 @@ def test_the_wandb_confusion_matrix_of_many_classes_keeps_every_test_image(wandb
     monkeypatch.setattr(wandb.Table, "MAX_ARTIFACT_ROWS", 10_000)
     names = [f"class {i}" for i in range(120)]
     matrix = [[2 * (t == p) + (t == 119 and p == 0) for p in range(120)] for t in range(120)]
-    log = make_run_log(run_dir, True, "wandb")
+    log = started(make_run_log(run_dir, True, "wandb"))
     log.epoch(epoch_metrics(1))
     log.final(RESULTS | {"class_names": names, "confusion_matrix": matrix}, [], run_dir / "best.safetensors")
     log.close()
@@ -210,11 +216,11 @@ def test_the_wandb_confusion_matrix_of_many_classes_keeps_every_test_image(wandb
 
 def test_a_requeued_job_continues_the_same_wandb_run(wandb_env, run_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    first = make_run_log(run_dir, True, "wandb", config=CONFIG)
+    first = started(make_run_log(run_dir, True, "wandb", config=CONFIG))
     first.epoch(epoch_metrics(1))
     first.close()
     run_id = (run_dir / RUN_ID_NAME).read_text().strip()
-    second = make_run_log(run_dir, True, "auto", config=CONFIG)  # auto: offline mode counts as configured
+    second = started(make_run_log(run_dir, True, "auto", config=CONFIG))  # auto: offline mode counts as configured
     assert isinstance(second, WandbRunLog)
     second.epoch(epoch_metrics(2))
     second.close()
@@ -224,10 +230,38 @@ def test_a_requeued_job_continues_the_same_wandb_run(wandb_env, run_dir, monkeyp
     assert [sorted(run["history"]) for run in runs] == [[1], [2]]
 
 
+@pytest.fixture
+def wandb_inits(monkeypatch) -> list[dict]:
+    """The arguments of every wandb.init call, each still starting its (offline) run."""
+    import wandb
+
+    calls, init = [], wandb.init
+
+    def recorded_init(**kwargs):
+        calls.append(kwargs)
+        return init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", recorded_init)
+    return calls
+
+
+def test_the_wandb_run_starts_at_start_tracking_not_before(wandb_env, run_dir, monkeypatch, wandb_inits, capsys):
+    """A run that ends on bad input before start_tracking() has no W&B run and no W&B file in its folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR")
+    log = make_run_log(run_dir, True, "wandb", config=CONFIG)
+    log.warn("a data warning")  # still shown before the start
+    assert wandb_inits == [] and list(run_dir.iterdir()) == []
+    assert warning_lines(capsys.readouterr()) == ["monkeytrain: warning: a data warning"]
+    started(log).close()
+    assert [call["config"] for call in wandb_inits] == [CONFIG]
+    assert len(offline_run_folders(run_dir)) == 1
+
+
 def test_wandb_files_default_to_the_run_directory(wandb_env, run_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR")
-    make_run_log(run_dir, True, "wandb").close()
+    started(make_run_log(run_dir, True, "wandb")).close()
     assert len(offline_run_folders(run_dir)) == 1
 
 
@@ -247,8 +281,8 @@ def test_auto_without_credentials_logs_locally_without_a_word(wandb_env, run_dir
 
 def test_wandb_without_credentials_falls_back_to_local_logs_with_one_warning(wandb_env, run_dir, capsys):
     report_to = "wandb"
-    log = make_run_log(run_dir, True, report_to, config=CONFIG)
-    assert type(log) is RunLog
+    log = started(make_run_log(run_dir, True, report_to, config=CONFIG))
+    assert log.run is None
     captured = capsys.readouterr()
     (line,) = warning_lines(captured)
     assert "W&B is not configured" in line and f"--report-to {report_to}" in line and str(run_dir) in line
@@ -261,8 +295,8 @@ def test_missing_wandb_package_falls_back_and_training_logs_still_go_to_metrics_
         wandb_env, run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-    log = make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True)
-    assert type(log) is RunLog
+    log = started(make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True))
+    assert log.run is None
     (line,) = warning_lines(capsys.readouterr())
     assert "wandb package is not installed" in line
     run_a_job(log, run_dir, tmp_path)
@@ -277,7 +311,7 @@ def test_a_wandb_init_failure_falls_back_with_one_warning(wandb_env, run_dir, mo
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    assert type(make_run_log(run_dir, True, "wandb")) is RunLog
+    assert started(make_run_log(run_dir, True, "wandb")).run is None
     (line,) = warning_lines(capsys.readouterr())
     assert "could not start a run (RuntimeError: api.wandb.ai unreachable)" in line
 
@@ -292,7 +326,7 @@ def test_report_to_none_is_local_and_quiet(wandb_env, run_dir, monkeypatch, caps
 
 def test_other_ranks_write_nothing(wandb_env, run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    log = make_run_log(run_dir, False, "wandb", config=CONFIG, log_checkpoint=True)
+    log = started(make_run_log(run_dir, False, "wandb", config=CONFIG, log_checkpoint=True))
     assert isinstance(log, SilentLog)
     log.info("hello")
     log.warn("careful")
@@ -371,7 +405,8 @@ def test_expand_confusion_gives_one_pair_per_image():
     assert expand_confusion([[2, 1], [0, 1]]) == ([0, 0, 0, 1], [0, 0, 1, 1])
 
 
-def test_a_training_run_reports_one_offline_run_with_its_final_accuracy(wandb_env, tmp_path, monkeypatch):
+def test_a_training_run_reports_one_offline_run_with_its_final_accuracy(wandb_env, tmp_path, monkeypatch,
+                                                                         wandb_inits):
     monkeypatch.setenv("WANDB_MODE", "offline")
     train_here(["--debug", "--image-size", "32", "--report-to", "wandb", "--run-name", "tracked",
                 "--cache-dir", str(tmp_path / "cache")], tmp_path)
@@ -383,4 +418,22 @@ def test_a_training_run_reports_one_offline_run_with_its_final_accuracy(wandb_en
     for logged in metrics:
         assert run["history"][logged["epoch"]]["val_accuracy"] == pytest.approx(logged["val_accuracy"])
     assert run["config"]["run_name"] == "tracked"
+    (init,) = wandb_inits  # one run, with the whole config
+    assert init["config"]["run_name"] == "tracked" and init["config"]["report_to"] == "wandb"
     assert (run_dir / CURVES_NAME).is_file() and (run_dir / CONFUSION_NAME).is_file()
+
+
+@pytest.mark.parametrize("bad_flags", [["--data", "no-such-folder"], ["--pretrained", "broken.safetensors"]])
+def test_a_run_ended_by_bad_input_starts_no_wandb_run(wandb_env, tmp_path, monkeypatch, wandb_inits, bad_flags):
+    """Neither bad data nor a model that cannot be built (here: weights that do not load) starts a W&B
+    run: online, each typo would have left an empty run in the user's W&B project, and offline a wandb/
+    folder that kept the run folder from being removed as empty."""
+    (tmp_path / "broken.safetensors").write_bytes(b"not weights")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR")  # W&B's files would go into the run folder
+    with pytest.raises(SystemExit) as stopped:
+        train_here(["--debug", "--image-size", "32", "--report-to", "wandb", "--run-name", "typo",
+                    "--cache-dir", str(tmp_path / "cache"), *bad_flags], tmp_path)
+    assert stopped.value.code == 2
+    assert wandb_inits == []
+    assert not (tmp_path / "runs" / "typo").exists()  # removed as empty, as without W&B
