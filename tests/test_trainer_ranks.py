@@ -1,6 +1,7 @@
 """monkeytrain.trainer on two real ranks (gloo, forked from the session's forkserver, see forked.py): an image
-that one rank alone finds gone while streaming stops every rank with the same one line and exit status 2,
-with a state saved by all of them when it happened in training; no rank is left waiting for the other."""
+that one rank alone finds gone while streaming (in the channel statistics pass, training, validation or the
+test scoring) stops every rank with the same one line and exit status 2, with a state saved by all of them
+when it happened in training; no rank is left waiting for the other."""
 
 from __future__ import annotations
 
@@ -20,12 +21,22 @@ GONE_AFTER_STEP = 3  # in "training": the images of rank 1 go away once it has t
 
 
 def lose_images(when: str) -> None:
-    """From `when` on ("training": after optimizer step GONE_AFTER_STEP; "validation": as the first one
-    begins), every image this process reads is gone, as if deleted; the other rank's stay."""
+    """From `when` on ("stats": from the start, so in the channel statistics pass, the first to read an
+    image; "training": after optimizer step GONE_AFTER_STEP; "validation": as the first one begins; "test":
+    as the test split is scored), every image this process reads is gone, as if deleted; the other rank's
+    stay."""
+    from monkeytrain import results
     from monkeytrain.data import loaders
     from monkeytrain.trainer import Trainer
 
-    gone = {"now": False}
+    gone = {"now": when == "stats"}
+    real_final_evaluation = results.final_evaluation
+
+    def final_evaluation(*args):
+        gone["now"] |= when == "test"
+        return real_final_evaluation(*args)
+
+    results.final_evaluation = final_evaluation
     real_step, real_validate, real_load = Trainer.after_optimizer_step, Trainer.validate, loaders.load_rgb
 
     def after_optimizer_step(trainer: Trainer) -> bool:
@@ -59,11 +70,11 @@ def data(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("gone") / "data", classes=3, per_class=12)
 
 
-def two_ranks_losing_images(tmp_path: Path, data: Path, when: str) -> list[str]:
+def two_ranks_losing_images(tmp_path: Path, data: Path, when: str, *more_flags: str) -> list[str]:
     """Both ranks' last lines, after checking that both ended with status 2."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
-    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS]
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, *more_flags]
     children = [start(train_rank_losing_images, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
                       rank, when) for rank in (0, 1)]
     ended = exit_codes(children)
@@ -86,5 +97,17 @@ def test_an_image_one_rank_finds_gone_in_training_stops_both_with_one_line_and_a
 
 def test_an_image_one_rank_finds_gone_in_validation_stops_both_with_one_line(tmp_path, data):
     last_lines = two_ranks_losing_images(tmp_path, data, "validation")
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def test_an_image_one_rank_finds_gone_in_the_channel_statistics_pass_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "stats")  # a new cache folder: the statistics are computed
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def test_an_image_one_rank_finds_gone_in_the_test_scoring_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "test", "--epochs", "1")
     assert last_lines[0] == last_lines[1], last_lines
     assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
