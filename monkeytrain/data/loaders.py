@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import weakref
 from multiprocessing.util import Finalize
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 from accelerate.utils import gather_object
@@ -15,6 +15,8 @@ from monkeytrain.data.imagefiles import DECODE_ERRORS, ImageFile, load_rgb
 from monkeytrain.distributed import shard_indices, sum_across_ranks
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.preemption import ignore_stop_signals
+
+T = TypeVar("T")
 
 
 # The workers of every loader here ignore stop signals (preemption.ignore_stop_signals): the trainer
@@ -90,6 +92,13 @@ def batches_read_everywhere(batches: Iterable, accelerator) -> Iterator:
             return
         if batch is not None:
             yield batch
+
+
+def read_everywhere(read: Callable[[], T], accelerator) -> T:
+    """What `read()` returns on this rank, once it has returned on every rank; an image that one rank can no
+    longer read raises on every rank, as batches_read_everywhere does for a single batch."""
+    [result] = batches_read_everywhere(map(lambda _: read(), range(1)), accelerator)  # read() inside the vote
+    return result
 
 
 class ImageListDataset(Dataset):
