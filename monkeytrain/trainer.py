@@ -17,10 +17,9 @@ import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
-from accelerate.utils import gather_object
 
 from monkeytrain.averaging import weight_averager
 from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
@@ -29,7 +28,6 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import sum_across_ranks
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
@@ -166,7 +164,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> TrainStats:
         self.augmenter.train_size = epoch_train_size(self.config, epoch)
         skipped = self.progress.batch  # batches of this epoch trained before a resume
-        batches = self.every_rank_read(self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped))
+        batches = self.data.pipeline.train_epoch(epoch, self.batches_per_epoch, skip=skipped)
 
         def after_step(batches_done: int) -> bool:
             self.progress.epoch, self.progress.batch = epoch, skipped + batches_done
@@ -178,7 +176,8 @@ class Trainer:
     @contextmanager
     def saved_on_a_fixable_stop(self) -> Iterator[None]:
         """Keep what the run has trained when a CUDA graph capture fails (its message says to resume), or
-        when an image of a streamed epoch can no longer be read (on every rank at once: every_rank_read)."""
+        when an image of a streamed epoch can no longer be read (on every rank at once: the stream pipeline
+        reads its batches in step)."""
         try:
             yield
         except CaptureFailed:
@@ -188,13 +187,6 @@ class Trainer:
             self.save_state()  # the loader fails between steps: the last step's state is whole
             raise UserError(f"{gone} The training state is saved: the same command with "
                             f"{resume_flags(self.run.run_dir)} continues the run.") from None
-
-    def every_rank_read(self, batches: Iterable) -> Iterable:
-        """`batches`, in step with the other ranks where one of them may find an image gone alone (the
-        stream pipeline, several processes; see batches_read_everywhere)."""
-        if self.data.pipeline.mode != "stream" or self.accelerator.num_processes == 1:
-            return batches
-        return batches_read_everywhere(batches, self.accelerator)
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""
@@ -220,7 +212,7 @@ class Trainer:
     def validate(self, epoch: int, trained: TrainStats) -> EvalResult:
         """Score the validation split, save the checkpoint if it improved, and log the epoch."""
         self.learner.averager.model.eval()
-        validated = evaluate(self.evaluated, self.every_rank_read(self.data.pipeline.eval_batches("val")),
+        validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"),
                              self.eval_views.prepare, self.accelerator, self.data.num_classes)
         finite = math.isfinite(validated.loss)  # else a broken model, never to be chosen (see diverged)
         improved = finite and self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on all
@@ -289,32 +281,6 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,
         augment=augment, clip_grad_norm=config.clip_grad_norm,
     )
-
-
-def batches_read_everywhere(batches: Iterable, accelerator) -> Iterator:
-    """`batches`, each yielded once every rank has read its own; an image that one rank can no longer read
-    (ImageGone) raises on every rank at the same batch, with that rank's message, so that all of them stop
-    (and save) together, where the others would wait in their next collective for a rank that has ended.
-    A rank whose share has ended (evaluation shards differ by one batch) votes on until every one has.
-    The cost: one tiny reduction a batch, a device sync on a GPU."""
-    batches, done = iter(batches), False
-    while True:
-        batch, gone = None, None
-        if not done:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                done = True
-            except ImageGone as error:
-                gone = error
-        vote = torch.tensor([gone is not None, batch is not None], dtype=torch.int64, device=accelerator.device)
-        failed, reading = sum_across_ranks(vote).tolist()
-        if failed:
-            raise ImageGone(gather_object([str(gone)] if gone else [])[0]) from None
-        if not reading:
-            return
-        if batch is not None:
-            yield batch
 
 
 def whole_accumulation_groups(batches: int, accumulation: int) -> int:

@@ -1,5 +1,6 @@
 """monkeytrain.trainer on two real ranks (gloo, forked from the session's forkserver, see forked.py): an image
-that one rank alone finds gone while streaming stops every rank with the same one line and exit status 2,
+that one rank alone finds gone while streaming (in the channel statistics pass, training, validation or the
+test scoring), or while decoding the resident views, stops every rank with the same one line and exit status 2,
 with a state saved by all of them when it happened in training; no rank is left waiting for the other."""
 
 from __future__ import annotations
@@ -20,12 +21,22 @@ GONE_AFTER_STEP = 3  # in "training": the images of rank 1 go away once it has t
 
 
 def lose_images(when: str) -> None:
-    """From `when` on ("training": after optimizer step GONE_AFTER_STEP; "validation": as the first one
-    begins), every image this process reads is gone, as if deleted; the other rank's stay."""
+    """From `when` on ("stats", "decode": from the start, so in the first pass to read an image, the channel
+    statistics' when streaming, the decode of the resident views; "training": after optimizer step
+    GONE_AFTER_STEP; "validation": as the first one begins; "test": as the test split is scored), every image
+    this process reads is gone, as if deleted; the other rank's stay."""
+    from monkeytrain import results
     from monkeytrain.data import loaders
     from monkeytrain.trainer import Trainer
 
-    gone = {"now": False}
+    gone = {"now": when in ("stats", "decode")}
+    real_final_evaluation = results.final_evaluation
+
+    def final_evaluation(*args):
+        gone["now"] |= when == "test"
+        return real_final_evaluation(*args)
+
+    results.final_evaluation = final_evaluation
     real_step, real_validate, real_load = Trainer.after_optimizer_step, Trainer.validate, loaders.load_rgb
 
     def after_optimizer_step(trainer: Trainer) -> bool:
@@ -47,7 +58,11 @@ def lose_images(when: str) -> None:
 
 def train_rank_losing_images(folder: Path, flags: list[str], environment: dict[str, str], rank: int,
                              when: str) -> None:
-    """forked.train_rank, rank 1 losing its images at `when`."""
+    """forked.train_rank, rank 1 losing its images at `when`; when the resident views are decoded, on a full
+    disk: no rank can write them to the cache, so each decodes them itself."""
+    if when == "decode":
+        from monkeytrain.data import views
+        views.write_cache = lambda *args: None
     if rank == 1:
         lose_images(when)
     train_rank(folder, flags, environment, rank)
@@ -59,11 +74,11 @@ def data(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("gone") / "data", classes=3, per_class=12)
 
 
-def two_ranks_losing_images(tmp_path: Path, data: Path, when: str) -> list[str]:
+def two_ranks_losing_images(tmp_path: Path, data: Path, when: str, *more_flags: str) -> list[str]:
     """Both ranks' last lines, after checking that both ended with status 2."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
-    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS]
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, *more_flags]
     children = [start(train_rank_losing_images, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
                       rank, when) for rank in (0, 1)]
     ended = exit_codes(children)
@@ -86,5 +101,23 @@ def test_an_image_one_rank_finds_gone_in_training_stops_both_with_one_line_and_a
 
 def test_an_image_one_rank_finds_gone_in_validation_stops_both_with_one_line(tmp_path, data):
     last_lines = two_ranks_losing_images(tmp_path, data, "validation")
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def test_an_image_one_rank_finds_gone_in_the_channel_statistics_pass_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "stats")  # a new cache folder: the statistics are computed
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def test_an_image_one_rank_finds_gone_in_the_test_scoring_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "test", "--epochs", "1")
+    assert last_lines[0] == last_lines[1], last_lines
+    assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def test_an_image_one_rank_finds_gone_decoding_the_resident_views_stops_both_with_one_line(tmp_path, data):
+    last_lines = two_ranks_losing_images(tmp_path, data, "decode", "--data-pipeline", "resident")
     assert last_lines[0] == last_lines[1], last_lines
     assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from monkeytrain.data.dataset import DatasetSplits
-from monkeytrain.data.loaders import ending_workers_at_exit, sharded_loader, shuffled_loader
+from monkeytrain.data.loaders import (batches_read_everywhere, ending_workers_at_exit, read_everywhere, sharded_loader,
+                                      shuffled_loader)
 from monkeytrain.data.views import cached_views, view_bytes, view_dataset
 from monkeytrain.distributed import (all_ranks_agree, cores_per_process, local_main_first, processes_on_this_machine,
                                      shard_indices)
@@ -66,17 +67,25 @@ class ResidentPipeline:
         self.device, self.seed = accelerator.device, seed
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_rank = images_per_rank(len(splits.train), self.world)  # before the decode: an error costs none
-        self.splits = {}
-        with local_main_first(accelerator):  # one decode per node; the others load the cache
-            # validation may *be* the test split (--val-fraction 0): hold it once
-            for name, files in splits.distinct_splits().items():
-                images, labels = cached_views(files, image_size, cache_dir)
-                self.splits[name] = (images.to(self.device), labels.to(self.device))
+        # Every rank decodes where it finds no cache (another node's disk, a cache it could not write), so
+        # an image may be gone for one rank alone: then every rank stops there, none waits on in a collective
+        self.splits = read_everywhere(lambda: self.views_of(splits, image_size, cache_dir, accelerator), accelerator)
         self.resident_bytes = sum(images.numel() for images, _ in self.splits.values())
         self.splits.setdefault("val", self.splits["test"])
         self.train_batch = min(batch_size, self.per_rank)  # a batch larger than a share: the whole share
         self.batches_per_epoch = self.per_rank // self.train_batch
         self._shard: tuple[int | None, torch.Tensor | None] = (None, None)  # the pass last drawn, and its share
+
+    def views_of(self, splits: DatasetSplits, image_size: int, cache_dir: Path,
+                 accelerator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each distinct split's (views, labels) on the device; validation may *be* the test split
+        (--val-fraction 0): held once."""
+        held = {}
+        with local_main_first(accelerator):  # one decode per node; the others load the cache
+            for name, files in splits.distinct_splits().items():
+                images, labels = cached_views(files, image_size, cache_dir)
+                held[name] = (images.to(self.device), labels.to(self.device))
+        return held
 
     def train_epoch(self, epoch: int, max_batches: int | None = None,
                     skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,7 +131,12 @@ class ResidentPipeline:
 
 
 class StreamPipeline:
-    """Stored views made by DataLoader workers each epoch, from the image files."""
+    """Stored views made by DataLoader workers each epoch, from the image files.
+
+    Several processes read their batches in step (batches_read_everywhere), in every loop: training,
+    validation, the channel statistics and the test split. An image that one rank alone can no longer
+    read then stops every rank at the same batch with the same line, where the others would die in
+    their next collective, waiting for a rank that has ended."""
 
     mode = "stream"
     resident_bytes = 0
@@ -148,16 +162,24 @@ class StreamPipeline:
         self.train_loader.set_epoch(epoch)
         # Run to the loader's end when possible, so Accelerate's end-of-loader bookkeeping runs.
         end = None if max_batches is None or max_batches >= self.batches_per_epoch else max_batches
-        return self.train_loader if end is None and skip == 0 else itertools.islice(self.train_loader, skip, end)
+        return self.in_step(self.train_loader if end is None and skip == 0
+                            else itertools.islice(self.train_loader, skip, end))
 
-    def eval_batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, name: str) -> Batches:
+        """This rank's disjoint, unpadded shard of a split, in order, on the device."""
         if name not in self.eval_loaders:
             self.eval_loaders[name] = sharded_loader(
                 self.datasets[name], EVAL_BATCH // 4, self.num_workers,
                 self.accelerator.process_index, self.accelerator.num_processes)
         device = self.accelerator.device
-        for images, labels in self.eval_loaders[name]:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return self.in_step((images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                            for images, labels in self.eval_loaders[name])
+
+    def in_step(self, batches: Batches) -> Batches:
+        """`batches`, read in step with the other ranks when there are any (one small reduction a batch)."""
+        if self.accelerator.num_processes == 1:
+            return batches
+        return batches_read_everywhere(batches, self.accelerator)
 
 
 def images_per_rank(training_images: int, world: int) -> int:
