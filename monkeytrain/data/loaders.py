@@ -97,7 +97,7 @@ def batches_read_everywhere(batches: Iterable, accelerator) -> Iterator:
 def read_everywhere(read: Callable[[], T], accelerator) -> T:
     """What `read()` returns on this rank, once it has returned on every rank; an image that one rank can no
     longer read raises on every rank, as batches_read_everywhere does for a single batch."""
-    [result] = batches_read_everywhere(map(lambda _: read(), range(1)), accelerator)  # read() inside the vote
+    [result] = batches_read_everywhere((read() for _ in range(1)), accelerator)  # read() inside the vote
     return result
 
 
