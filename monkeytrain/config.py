@@ -157,8 +157,8 @@ class TrainConfig:
     keep_states: int = _option(2, "How many saved training states to keep.")
     # --- tracking ---
     report_to: str = _option(
-        "auto", "wandb, none, or auto (wandb when it is installed and configured: an API key, or "
-        "WANDB_MODE set).", choices=REPORT_TO_CHOICES)
+        "auto", "wandb, none, or auto (wandb when it is installed and configured: WANDB_API_KEY, a "
+        "`wandb login` in ~/.netrc, or WANDB_MODE=offline).", choices=REPORT_TO_CHOICES)
     log_checkpoint: bool = _option(False, "Upload the best checkpoint to W&B as an artifact.")
     # --- run ---
     output_dir: str = _option("runs", "Folder that holds one directory per run.")

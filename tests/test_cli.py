@@ -531,3 +531,10 @@ def test_the_checkpoint_names_the_data_that_the_environment_gave(data, monkeypat
     train.main([*SMALL, "--run-name", "from-env"])
     _, info = read_checkpoint(Path("runs") / "from-env" / "best.safetensors")
     assert info.config["data"] == os.path.abspath(data)
+
+
+def test_python_dash_m_monkeytrain_is_the_monkeytrain_command():
+    """For an environment whose scripts are not on PATH (a venv not activated, a notebook)."""
+    done = subprocess.run([sys.executable, "-m", "monkeytrain", "--version"], capture_output=True, text=True,
+                          timeout=60, cwd=Path(monkeytrain.__file__).parent.parent)
+    assert (done.returncode, done.stdout) == (0, f"monkeytrain {monkeytrain.__version__}\n"), done.stderr

@@ -30,3 +30,12 @@ def test_no_function_in_the_package_takes_more_than_six_parameters():
 
 def test_train_py_stays_wiring():
     assert len((PACKAGE / "train.py").read_text().splitlines()) <= MAX_TRAIN_LINES
+
+
+def test_the_readmes_layout_names_every_module_and_benchmark():
+    """The Layout section is where a reader finds which file does what: a new file must appear there."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    files = [path.name for path in sorted(PACKAGE.rglob("*.py")) if path.name != "__init__.py"]
+    files += [path.name for path in sorted((PACKAGE.parent / "benchmarks").iterdir()) if path.is_file()]
+    assert [name for name in files if name not in layout] == []
