@@ -4,6 +4,6 @@
 # SIGTERM, SIGINT or SIGUSR1 to this script (or its process group): every rank
 # saves its state and stops; continue with --resume auto --run-name NAME.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)  # the checkout; --data, --output-dir stay relative to here
+root=$(cd "$(dirname "$0")/.." && pwd)  # the checkout; --data, --output-dir stay relative to the working folder
 export MONKEYTRAIN_ACCELERATE_CONFIG=$root/accelerate_configs/multi_gpu.yaml
 exec "$root/slurm/launch_node.sh" "$@"

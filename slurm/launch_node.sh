@@ -105,7 +105,7 @@ case "$(basename "$config")" in cpu*) cpu=1 ;; esac
 gpus=0
 if [ "$cpu" = 0 ]; then gpus=$(gpu_count); fi
 # Also with MONKEYTRAIN_PROCS_PER_NODE set (launch/single_gpu.sh): a GPU config must not train on the CPU.
-[ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml)."
+[ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml), or use launch/cpu_ddp.sh or launch/cpu_debug.sh here."
 procs=${MONKEYTRAIN_PROCS_PER_NODE:-}
 if [ -z "$procs" ]; then
     if one_process_config "$config"; then procs=1

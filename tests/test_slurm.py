@@ -657,6 +657,7 @@ def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_p
                               accelerate="#!/bin/sh\necho started >&2\n", bin_nvidia_smi=NO_DRIVER)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "no GPU found" in done.stderr and "MONKEYTRAIN_CPU=1" in done.stderr
+    assert "or use launch/cpu_ddp.sh or launch/cpu_debug.sh here." in done.stderr  # what a launch/ user runs
 
 
 @pytest.mark.parametrize("cores, asked", [("6", ["--cpus-per-task=6"]), (None, [])])
