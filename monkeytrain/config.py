@@ -405,17 +405,10 @@ def field_names(raw: dict, path: Path) -> dict[Any, str]:
     return names
 
 
-def looks_like_a_number(text: str) -> bool:
+def reads_as(kind: type, text: str) -> bool:
+    """Whether `kind` (int or float) reads `text`: a number a preset gives in quotes."""
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def looks_like_a_whole_number(text: str) -> bool:
-    try:
-        int(text)
+        kind(text)
     except ValueError:
         return False
     return True
@@ -437,11 +430,11 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if kind is float and isinstance(value, str) and looks_like_a_number(value):
+    if kind is float and isinstance(value, str) and reads_as(float, value):
         return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if kind in (int, str) and type(value) is kind:
         return value
-    if kind is int and isinstance(value, str) and looks_like_a_whole_number(value):
+    if kind is int and isinstance(value, str) and reads_as(int, value):
         return int(value)  # "10", quoted, is 10 as "0.01" is 0.01; so timm's train.py reads its YAML too
     raise UserError(f"{where} must be of type {kind.__name__}, got {value!r}; {how_to_write(f, value)}.")
 

@@ -28,7 +28,7 @@ from monkeytrain.checkpoint import (FORMAT, CheckpointInfo, model_with_weights, 
 from monkeytrain.data.imagefiles import SkippedFile
 from monkeytrain.data.views import stored_size, view_dataset
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.predict import labelled_folder, preparer
+from monkeytrain.predict import is_onnx_model, labelled_folder, preparer
 from monkeytrain.storage import write_atomically, writable_dir_for
 
 INSTALL_EXTRA = 'pip install -e ".[export]"'
@@ -78,13 +78,13 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
     `output` defaults to the checkpoint's path with the suffix .onnx. A UserError, and
     nothing written, when a logit differs by more than `tolerance` (relative where
     logits exceed 1; see `compare`)."""
-    if checkpoint.suffix.lower() == ".onnx":  # else read as a .safetensors, "not readable" would puzzle
+    if is_onnx_model(checkpoint):  # else read as a .safetensors, "not readable" would puzzle
         raise UserError(f"--checkpoint {checkpoint} is already an ONNX model; export takes the best.safetensors "
                         "it was exported from.")
     output = output or checkpoint.with_suffix(".onnx")
     if output.name.lower() == ".onnx":  # a hidden file with no suffix to Python, and so to predict
         raise UserError(f"--output {output} has no name before .onnx; name the file, e.g. model.onnx.")
-    if output.suffix.lower() != ".onnx":
+    if not is_onnx_model(output):
         raise UserError(f"--output {output} must end in .onnx: predict and evaluate tell an ONNX model by it.")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; name the .onnx file to write.")

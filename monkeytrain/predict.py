@@ -70,11 +70,16 @@ def load_classifier(checkpoint: Path, device: torch.device | str) -> tuple[Calla
 
     A `.onnx` file (from `monkeytrain export`) runs in ONNX Runtime, anything else is
     a best.safetensors for PyTorch; both headers are the same, so is all that follows."""
-    if checkpoint.suffix.lower() == ".onnx":
+    if is_onnx_model(checkpoint):
         from monkeytrain.export import load_onnx  # only ONNX users need onnxruntime
 
         return load_onnx(checkpoint)
     return load_model(checkpoint, device)
+
+
+def is_onnx_model(path: Path) -> bool:
+    """Whether predict and evaluate run `path` in ONNX Runtime: they tell an ONNX model by its suffix."""
+    return path.suffix.lower() == ".onnx"
 
 
 @torch.no_grad()

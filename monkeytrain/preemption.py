@@ -216,7 +216,12 @@ def stopped_exit_status(received: Optional[str], environ: Mapping[str, str] = os
     and the SLURM scripts (which requeue on the main process's request, whatever the status)."""
     if received not in {sig.name for sig in STOP_SIGNALS} or launched_by_a_launcher(environ):
         return 0
-    return 128 + signal.Signals[received].value
+    return signal_exit_status(received)
+
+
+def signal_exit_status(name: str) -> int:
+    """128 + the number of the signal `name` (SIGTERM: 143), as a shell reports a process it ended."""
+    return 128 + signal.Signals[name].value
 
 
 def resume_flags(run_dir: Path) -> str:

@@ -101,13 +101,12 @@ class StateStore:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
         rank's (which hold what was `shared`)."""
         try:
-            mine, main = self._load(path)
+            return self._load(path)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError) as error:  # the model's weights: safetensors raises its own type
             missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
             raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
                             "--resume auto takes the newest one left, or start a new run.") from None
-        return mine, main
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator

@@ -56,9 +56,6 @@ RUNTIME_FIELDS = {"cpu_threads", "num_workers", "cache_dir", "report_to", "log_c
                   "compile", "save_every", "save_every_minutes", "keep_states"}
 # tune names every trial's run directory itself and never lets a trial see the test split.
 RESERVED_FIELDS = ("output_dir", "run_name", "resume", "score_test")
-# The machine's own flags, which best_config.yaml leaves to whoever reuses it: the study's final run is
-# given those the study was, so that it trains where and as its trials did (a --cpu study on a GPU machine).
-MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +186,11 @@ def given_flags(train_flags: list[str]) -> dict:
 
 
 def machine_flags(train_flags: list[str]) -> list[str]:
-    """The MACHINE_FIELDS the study was given, as flags or in its --config preset."""
+    """The machine's flags the study was given, as flags or in its --config preset, which best_config.yaml
+    leaves to whoever reuses it: the study's final run trains where and as its trials did (a --cpu study on
+    a GPU machine)."""
     from monkeytrain.config import load_yaml_preset, rename_old_names
+    from monkeytrain.tune_report import MACHINE_FIELDS
     from monkeytrain.tune_space import as_flags
 
     given = given_flags(train_flags)
@@ -437,7 +437,7 @@ def stopped_finishing(reason: str, received: str | None, setup: Setup) -> int:
 
 
 def stopped(reason: str, received: str | None) -> int:
-    from monkeytrain.preemption import ask_for_requeue
+    from monkeytrain.preemption import ask_for_requeue, signal_exit_status
 
     if reason == "signal" and received == "SIGUSR1" and os.environ.get("SLURM_JOB_ID"):
         # SLURM's warning before a time limit, as for a training run (preemption.requeue_or_exit); a stop
@@ -445,8 +445,8 @@ def stopped(reason: str, received: str | None) -> int:
         # comes back and goes on with the study. A SIGTERM (scancel) ends it.
         say(ask_for_requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
-    # 128 + the signal, as train.py outside a launcher: a stopped study is not a finished one to `&&`
-    return 128 + signal.Signals[received].value if received else 1
+    # as train.py outside a launcher: a stopped study is not a finished one to `&&`
+    return signal_exit_status(received) if received else 1
 
 
 # --- counting trials, and which worker ends the study -------------------------

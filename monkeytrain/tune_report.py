@@ -22,10 +22,12 @@ TRIALS_NAME = "trials.csv"
 SEARCH_NAME = "search.png"
 BEST_CONFIG_NAME = "best_config.yaml"
 SUMMARY_NAME = "summary.json"
-# Keys of a trial's resolved config that belong to that one run, not to the recipe it found. The device is
-# the machine's: a preset found with --cpu, or in fp32 on a CPU (the precision is recorded as resolved),
-# would otherwise keep a GPU machine that reuses it on the CPU, or in fp32.
-RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", "cpu_threads", "cpu", "mixed_precision")
+# The machine's own keys: a preset found with --cpu, or in fp32 on a CPU (the precision is recorded as
+# resolved), would otherwise keep a GPU machine that reuses it on the CPU, or in fp32. The study's own best
+# run is given them back, as the study was (tune.machine_flags).
+MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
+# Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
+RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", *MACHINE_FIELDS)
 
 
 def trial_note(trial: FrozenTrial) -> str:
