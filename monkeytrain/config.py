@@ -198,7 +198,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field; unset flags stay absent."""
     parser = FlagParser(
-        prog="monkeytrain/train.py",
+        prog="monkeytrain train",  # runs wherever the package is installed, as a hint must
         description="Train an image classifier on an image-folder dataset.",
         argument_default=argparse.SUPPRESS,
         other_names=OTHER_NAMES,

@@ -180,9 +180,7 @@ def given_flags(train_flags: list[str]) -> dict:
     """The train.py flags given, by field name (an old name must not dodge the checks)."""
     from monkeytrain.config import build_parser as train_parser, rename_old_names
 
-    parser = train_parser()
-    parser.prog = "monkeytrain tune (train.py flags)"
-    return rename_old_names(vars(parser.parse_args(train_flags)))
+    return rename_old_names(vars(train_parser().parse_args(train_flags)))
 
 
 def machine_flags(train_flags: list[str]) -> list[str]:

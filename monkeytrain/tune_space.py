@@ -45,7 +45,7 @@ def searchable_name(key: Any, name: str, path: Path) -> str:
     name = RENAMED_FIELDS.get(name, name)
     if name not in FIELDS:
         raise UserError(f"unknown field '{key}' in {path}; search-space keys are the flags of "
-                        "monkeytrain/train.py --help.")
+                        "`monkeytrain train --help`.")
     if name in UNSEARCHABLE:
         raise UserError(f"'{key}' in {path} cannot be searched (it says where runs read or write, or which "
                         f"images score the trials); give it as a flag of monkeytrain tune instead.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,16 +67,16 @@ def test_invalid_flag_values(capsys, data):
 
 @pytest.mark.parametrize("entry_point, argv, expected", [
     (train.main, ["--lrr", "0.1"], "unrecognized arguments: --lrr 0.1 (did you mean --lr?); "
-                                   "see `monkeytrain/train.py --help`."),
+                                   "see `monkeytrain train --help`."),
     (cli.main, ["inspect-data", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?); "
                                           "see `monkeytrain inspect-data --help`."),
     (cli.main, ["predict", "a.jpg"], "the following arguments are required: --checkpoint; "
                                      "see `monkeytrain predict --help`."),
     (cli.main, ["tune", "--space"], "argument --space: expected one argument; see `monkeytrain tune --help`."),
     (train.main, ["--epoch", "2"], "unrecognized arguments: --epoch 2 (did you mean --epochs?); "
-                                   "see `monkeytrain/train.py --help`."),  # not taken for --epochs
+                                   "see `monkeytrain train --help`."),  # not taken for --epochs
     (train.main, ["--amp", "--opt", "adamw"], "unrecognized arguments: --amp --opt adamw (did you mean "
-                                               "--mixed-precision, --optimizer?); see `monkeytrain/train.py --help`."),
+                                               "--mixed-precision, --optimizer?); see `monkeytrain train --help`."),
     (cli.main, ["predict", "--checkpoint", "m.onnx", "--top", "3", "a.jpg"],
      "unrecognized arguments: --top (did you mean --top-k?); see `monkeytrain predict --help`."),
     (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
@@ -86,6 +87,23 @@ def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv,
         entry_point(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"monkeytrain: error: {expected}"]
+
+
+@pytest.mark.parametrize("entry_point, argv", [
+    (train.main, ["--lrr", "0.1"]),
+    (cli.main, ["tune", "--space", "{space}", "--study-dir", "{study}", "--lrr", "0.1"]),  # a train flag to tune
+])
+def test_the_help_a_bad_flag_names_runs_as_typed(entry_point, argv, capsys, tmp_path):
+    """The hint is a command to copy: `monkeytrain/train.py --help` was not executable as typed."""
+    (tmp_path / "space.yaml").write_text("lr: {low: 0.01, high: 0.1}\n")
+    argv = [arg.format(space=tmp_path / "space.yaml", study=tmp_path / "study") for arg in argv]
+    with pytest.raises(SystemExit):
+        entry_point(argv)
+    hint = capsys.readouterr().err.rsplit("see `", 1)[1].split("`")[0]
+    assert hint == "monkeytrain train --help"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    shown = subprocess.run(shlex.split(hint), capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and "--lr LR" in shown.stdout
 
 
 def test_inspect_data_shows_the_test_split_held_out_of_one_folder_of_classes(capsys, tmp_path, make_image_folder):
