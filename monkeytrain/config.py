@@ -247,12 +247,13 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return config
 
 
-def rename_old_names(values: dict[str, Any]) -> dict[str, Any]:
-    """Old flag names and values under their new ones, with one warning line each from the run."""
+def rename_old_names(values: dict[str, Any], say_so: bool = True) -> dict[str, Any]:
+    """Old flag names and values under their new ones, with one warning line each from the run (none
+    with `say_so` False: for a caller that reads flags parse_config has read and warned about)."""
     renamed = dict(values)
     # Flags are read before the Accelerator exists, so the launcher's RANK is what says which process is
     # the run's first: the others rename silently, rather than print the same line once per GPU.
-    say = warn if os.environ.get("RANK", "0") == "0" else lambda message: None
+    say = warn if say_so and os.environ.get("RANK", "0") == "0" else lambda message: None
     for old, new in RENAMED_FIELDS.items():
         if old in renamed:
             say(f"--{flag_name(old)} is now called --{flag_name(new)}; using it.")

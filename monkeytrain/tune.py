@@ -177,10 +177,11 @@ def fixed_flags(train_flags: list[str], space: dict) -> dict:
 
 
 def given_flags(train_flags: list[str]) -> dict:
-    """The train.py flags given, by field name (an old name must not dodge the checks)."""
+    """The train.py flags given, by field name (an old name must not dodge the checks; open_search's
+    parse_config has warned about it)."""
     from monkeytrain.config import build_parser as train_parser, rename_old_names
 
-    return rename_old_names(vars(train_parser().parse_args(train_flags)))
+    return rename_old_names(vars(train_parser().parse_args(train_flags)), say_so=False)
 
 
 def machine_flags(train_flags: list[str]) -> list[str]:
@@ -192,7 +193,7 @@ def machine_flags(train_flags: list[str]) -> list[str]:
     from monkeytrain.tune_space import as_flags
 
     given = given_flags(train_flags)
-    preset = rename_old_names(load_yaml_preset(Path(given["config"]))) if given.get("config") else {}
+    preset = rename_old_names(load_yaml_preset(Path(given["config"])), say_so=False) if given.get("config") else {}
     machine = {**preset, **given}
     return as_flags({name: machine[name] for name in MACHINE_FIELDS if name in machine})
 

@@ -305,6 +305,17 @@ def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, m
     assert exited.value.code == 2 and "holds a study begun with another search space" in error, error
 
 
+def test_an_old_flag_name_given_to_a_study_is_warned_about_once(tmp_path, capsys, monkeypatch):
+    space = tmp_path / "space.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    ended_with = []  # the flags the study's best run is given, worked out as at the study's end
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: ended_with.append(
+        tune.machine_flags(setup.train_flags)) or 0)
+    argv = ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu", "--max-steps-per-epoch", "2"]
+    assert tune.main(argv) == 0 and ended_with == [["--cpu"]]
+    assert capsys.readouterr().err.count("--max-steps-per-epoch is now called") == 1
+
+
 def test_a_study_continues_with_the_same_data_named_by_an_absolute_path(tmp_path, capsys, monkeypatch):
     space, study = tmp_path / "space.yaml", tmp_path / "study"
     space.write_text("{lr: [0.1, 0.2]}")
