@@ -88,7 +88,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
         log.close()  # before a requeue, which ends this job at once
         requeue_or_exit(log, accelerator, stop, trainer.unsaved_stop)
         return {"stopped": True, "exit_status": stopped_exit_status(stop.received)}
-    with run.phases.timing("test"):
+    with run.phases.timing("test"), trainer.saved_on_a_fixable_stop():  # an image gone: resume scores
         results, figure = score(run, data, trainer.best)
     results.update(wall_seconds=round(run.phases.elapsed(), 2), phase_seconds=run.phases.summary())
     log.write_file(RESULTS_NAME, json.dumps(results, indent=2))  # last: it marks the run finished

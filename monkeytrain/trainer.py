@@ -176,8 +176,8 @@ class Trainer:
     @contextmanager
     def saved_on_a_fixable_stop(self) -> Iterator[None]:
         """Keep what the run has trained when a CUDA graph capture fails (its message says to resume), or
-        when an image of a streamed epoch can no longer be read (on every rank at once: the stream pipeline
-        reads its batches in step)."""
+        when an image of a streamed epoch or of the test split can no longer be read (on every rank at once:
+        the stream pipeline reads its batches in step); a run whose training had ended resumes to score it."""
         try:
             yield
         except CaptureFailed:

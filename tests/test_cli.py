@@ -203,6 +203,25 @@ def test_an_image_gone_while_streaming_is_one_line_and_the_state_is_saved(capsys
     assert torch.load(state / "progress-rank0.pt", weights_only=False)["progress"]["epoch"] == 2
 
 
+def test_an_image_gone_before_the_test_split_is_scored_costs_no_training(capsys, data):
+    """The state saved when a test image cannot be read holds the finished training: the resume the line
+    names scores the best checkpoint at once (before, the advice was to run again, that is train again)."""
+    folder = data / "validation" / "validation" / "n1"  # the test split
+    kept = data.parent / "kept"
+    flags = ["--data", str(data), *SMALL, "--batch-size", "4", "--data-pipeline", "stream", "--run-name", "scored"]
+    with pytest.raises(SystemExit) as stopped:  # the one epoch trained and validated, then the images go
+        train.main(flags, on_epoch=lambda epoch, accuracy: shutil.move(folder, kept))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.endswith("The training state is saved: the same command with --resume auto --run-name scored "
+                          "continues the run.\n") and f"{folder}/n1_" in error
+    shutil.move(kept, folder)  # put back, as the line says
+    results = train.main([*flags, "--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().out, "not resumed"
+    assert results["test_images"] == 12
+    assert len(Path("runs/scored/metrics.jsonl").read_text().splitlines()) == 1  # no epoch trained again
+
+
 def lose_an_image_while_streaming_with_workers(folder: Path, data: Path, environment: dict[str, str]) -> None:
     """In a child process: the run above, its images read by two loader workers, then the garbage collector,
     which a long-lived process (this session, `monkeytrain tune` between trials) runs at any moment."""
