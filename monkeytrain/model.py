@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -45,13 +47,27 @@ def check_weights_file(path: Path) -> None:
 
 def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+        with hub_warnings_held_back():
+            return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         raise UserError(
             f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
             f"({error.__class__.__name__}); check the network and HF_HUB_OFFLINE, or pass "
             "--pretrained PATH.safetensors."
         ) from None
+
+
+@contextlib.contextmanager
+def hub_warnings_held_back():
+    """Offline, huggingface_hub logs a warning of its own for each request it fails ("... thrown while
+    requesting HEAD https://..."), above the one line that says what to do."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

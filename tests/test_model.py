@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -129,3 +130,19 @@ def test_hub_weights_offline_are_a_user_error_without_waiting(tmp_path, monkeypa
     with pytest.raises(UserError, match="resnet18"):
         create_model("resnet18", 3, pretrained="hub")
     assert time.monotonic() - started < 30
+
+
+def test_hub_weights_offline_are_one_line_without_the_hubs_own_warnings(monkeypatch):
+    import logging
+
+    request_log, warned = logging.getLogger("huggingface_hub.utils._http"), []
+
+    def offline_hub(*args, **kwargs):  # as huggingface_hub reports a request that fails, then raises
+        warned.append(request_log.isEnabledFor(logging.WARNING))  # would print above our line
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(timm, "create_model", offline_hub)
+    with pytest.raises(UserError, match="could not fetch pretrained weights for 'resnet18'"):
+        create_model("resnet18", 3, pretrained="hub")
+    assert warned == [False]
+    assert logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING)  # as it was
