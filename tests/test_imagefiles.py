@@ -267,6 +267,15 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
     assert found == ["a.jpg", "b.png", "sub/c"]
 
 
+def test_a_link_that_leads_back_to_itself_is_reported_as_a_loop(tmp_path):
+    (tmp_path / "a.jpg").symlink_to("b.jpg")
+    (tmp_path / "b.jpg").symlink_to("a.jpg")
+    images, skipped = scan_labelled_files([(path, 0) for path in candidate_files(tmp_path)])
+    assert images == [] and skipped == [
+        SkippedFile(tmp_path / "a.jpg", "a link to b.jpg that leads back round to itself (a loop of links)"),
+        SkippedFile(tmp_path / "b.jpg", "a link to a.jpg that leads back round to itself (a loop of links)")]
+
+
 def test_candidate_files_follow_linked_folders_once_and_keep_broken_links_to_report(tmp_path):
     elsewhere, folder = tmp_path / "elsewhere", tmp_path / "class"
     for relative in ("elsewhere/far.png", "class/near.png"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -191,12 +192,19 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
         if path.is_symlink() and not path.exists():
-            return SkippedFile(path, f"a link to {os.readlink(path)}, which does not exist")
+            return SkippedFile(path, broken_link(path, error))
         return SkippedFile(path, f"unreadable ({error.strerror or error})")
     problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
     return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
+
+
+def broken_link(path: Path, error: OSError) -> str:
+    """Why the link at `path` leads to no file: its target is missing, or links lead back round to it."""
+    if error.errno == errno.ELOOP:
+        return f"a link to {os.readlink(path)} that leads back round to itself (a loop of links)"
+    return f"a link to {os.readlink(path)}, which does not exist"
 
 
 def scan_labelled_files(
