@@ -267,6 +267,12 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
     assert found == ["a.jpg", "b.png", "sub/c"]
 
 
+def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_letter_case(tmp_path):
+    for name in ("photo.jpg", "Thumbs.db", "thumbs.db", "ehthumbs.db", "desktop.ini", "Desktop.ini", "Icon\r", "Icon"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [path.name for path in candidate_files(tmp_path)] == ["Icon", "photo.jpg"]  # plain Icon: a user's file
+
+
 def test_a_link_that_leads_back_to_itself_is_reported_as_a_loop(tmp_path):
     (tmp_path / "a.jpg").symlink_to("b.jpg")
     (tmp_path / "b.jpg").symlink_to("a.jpg")

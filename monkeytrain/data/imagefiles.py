@@ -38,6 +38,11 @@ DECODING_VERSION = 3
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
+# Files an operating system writes into folders for its own use, hidden where it made them: Windows' thumbnail
+# caches and folder settings (Google Drive and network shares leave desktop.ini in every folder), and the
+# custom-icon file "Icon\r" of a Mac folder. Passed over like dot files, as torchvision's ImageFolder passes
+# over them by their extensions, never reported as bad images (nor fatal under --strict-data).
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
 
 
 
@@ -161,7 +166,7 @@ def is_image_file(path: Path) -> bool:
 
 
 def candidate_files(folder: Path) -> list[Path]:
-    """Every non-hidden regular file below `folder`, sorted for a stable order.
+    """Every regular file below `folder` but hidden ones (is_hidden_file), sorted for a stable order.
 
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
     once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
@@ -176,9 +181,14 @@ def candidate_files(folder: Path) -> list[Path]:
         walked.add((here.st_dev, here.st_ino))
         folders[:] = [name for name in folders if not name.startswith(".")
                       and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
-        paths = (Path(top) / name for name in names if not name.startswith("."))
+        paths = (Path(top) / name for name in names if not is_hidden_file(name))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
     return sorted(found)
+
+
+def is_hidden_file(name: str) -> bool:
+    """A dot file (a Mac's ._ AppleDouble files and .DS_Store too) or one of the SYSTEM_FILES, in any case."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FILES
 
 
 def is_within(path: str, folder: str) -> bool:
