@@ -273,6 +273,28 @@ def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_let
     assert [path.name for path in candidate_files(tmp_path)] == ["Icon", "photo.jpg"]  # plain Icon: a user's file
 
 
+def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, monkeypatch):
+    locked = tmp_path / "class" / "locked"
+    locked.mkdir(parents=True)
+    for path in (tmp_path / "class" / "open.png", locked / "hidden_from_us.png"):
+        path.write_bytes(encoded(noise_image(), "PNG"))
+    scandir, listdir = os.scandir, os.listdir
+
+    def no_permission(listing):  # as for a folder without read permission (the tests may run as root)
+        def refuse(path="."):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return listing(path)
+        return refuse
+
+    monkeypatch.setattr(os, "scandir", no_permission(scandir))
+    monkeypatch.setattr(os, "listdir", no_permission(listdir))
+    images, skipped = scan_labelled_files([(path, 0) for path in candidate_files(tmp_path / "class")])
+    assert [image.path.name for image in images] == ["open.png"]
+    assert skipped == [SkippedFile(locked, "a folder that cannot be listed (Permission denied); the images in it "
+                                           "are left out")]
+
+
 def test_a_link_that_leads_back_to_itself_is_reported_as_a_loop(tmp_path):
     (tmp_path / "a.jpg").symlink_to("b.jpg")
     (tmp_path / "b.jpg").symlink_to("a.jpg")

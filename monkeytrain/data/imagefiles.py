@@ -171,9 +171,10 @@ def candidate_files(folder: Path) -> list[Path]:
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
     once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
     a link to `..` would walk the split's other classes as this one. A link to nothing is kept, for the
-    scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks)."""
-    found, walked, real_folder = [], set(), os.path.realpath(folder)
-    for top, folders, names in os.walk(folder, followlinks=True):
+    scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks). So is
+    a folder that cannot be listed (no read permission): os.walk would pass over it and its images unseen."""
+    found, walked, real_folder, unlisted = [], set(), os.path.realpath(folder), []
+    for top, folders, names in os.walk(folder, followlinks=True, onerror=unlisted.append):
         here = os.stat(top)
         if (here.st_dev, here.st_ino) in walked:
             folders.clear()
@@ -183,7 +184,7 @@ def candidate_files(folder: Path) -> list[Path]:
                       and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
         paths = (Path(top) / name for name in names if not is_hidden_file(name))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
-    return sorted(found)
+    return sorted(found + [Path(error.filename) for error in unlisted])
 
 
 def is_hidden_file(name: str) -> bool:
@@ -203,11 +204,22 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
         if path.is_symlink() and not path.exists():
             return SkippedFile(path, broken_link(path, error))
+        if path.is_dir():  # one candidate_files could not list
+            return SkippedFile(path, f"a folder that cannot be listed ({why_unlisted(path)}); the images in it "
+                                     "are left out")
         return SkippedFile(path, f"unreadable ({error.strerror or error})")
     problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
     return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
+
+
+def why_unlisted(folder: Path) -> str:
+    try:
+        os.listdir(folder)
+    except OSError as error:
+        return error.strerror or str(error)
+    return "a passing error"
 
 
 def broken_link(path: Path, error: OSError) -> str:
