@@ -85,7 +85,7 @@ def write_bad_files(folder: Path) -> None:
 
 
 BAD_FILES = {"empty.jpg": "an empty file", "truncated.jpg": "a damaged or truncated image",
-             "notes.jpg": "not an image", "scraped.jpg": "not an image", "gone.jpg": "which does not exist",
+             "notes.jpg": "not an image", "scraped.jpg": "an HTML page", "gone.jpg": "which does not exist",
              "loop.jpg": "a loop of links"}
 
 

@@ -46,6 +46,17 @@ def test_text_file_is_reported_as_not_an_image():
     assert reason is not None and "not an image" in reason
 
 
+@pytest.mark.parametrize("page", [b"<!DOCTYPE html>\n<html><body>403 Forbidden</body></html>",
+                                  b"\xef\xbb\xbf\r\n  <HTML><head><title>Not Found</title></head></HTML>"])
+def test_an_html_page_saved_as_an_image_is_named_as_such(page):
+    assert check_image_bytes(page).startswith("an HTML page, not an image")  # as a failed download saves
+
+
+def test_an_iphones_heic_photo_is_named_as_such_with_what_to_do():
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # the first box of a photo an iPhone takes
+    assert check_image_bytes(heic) == "a HEIC image, which this Pillow cannot read; convert it to JPEG or PNG"
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_image_is_reported_as_damaged(fmt):
     data = encoded(noise_image(), fmt)

@@ -38,6 +38,10 @@ DECODING_VERSION = 3
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
+# The brands an ISO media file of HEIF images names in its ftyp box, by what its users call it: "HEIC" for an
+# iPhone's photos (its HEVC-coded kind), and AVIF, which only some builds of Pillow read.
+HEIF_BRANDS = {**dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"), "HEIC"),
+               **dict.fromkeys((b"mif1", b"msf1"), "HEIF"), **dict.fromkeys((b"avif", b"avis"), "AVIF")}
 # Files an operating system writes into folders for its own use, hidden where it made them: Windows' thumbnail
 # caches and folder settings (Google Drive and network shares leave desktop.ini in every folder), and the
 # custom-icon file "Icon\r" of a Mac folder. Passed over like dot files, as torchvision's ImageFolder passes
@@ -145,11 +149,22 @@ def decode_check(data: bytes) -> tuple[Optional[str], int]:
             image.load()  # a full decode, so truncated files are caught here
             return None, image.width * image.height
     except UnidentifiedImageError:
-        return "not an image in any format Pillow reads", 0
+        return unreadable_kind(data), 0
     except Image.DecompressionBombError as error:  # Pillow's guard, at twice MAX_IMAGE_PIXELS: not damage
         return f"too large for Pillow to decode ({error}); use a smaller copy of it", 0
     except DECODE_ERRORS as error:
         return f"a damaged or truncated image ({error})", 0
+
+
+def unreadable_kind(data: bytes) -> str:
+    """What a file Pillow cannot identify holds, where its first bytes tell a kind that image folders often
+    hold: an iPhone's HEIC photos (an ISO media file whose brand says so), or the HTML page a failed
+    download saves under the image's name."""
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return f"a {HEIF_BRANDS[data[8:12]]} image, which this Pillow cannot read; convert it to JPEG or PNG"
+    if data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image (what a failed download saves under the image's name)"
+    return "not an image in any format Pillow reads"
 
 
 def is_image_file(path: Path) -> bool:
