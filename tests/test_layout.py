@@ -143,6 +143,12 @@ def test_root_without_a_known_layout_is_a_user_error(tmp_path):
         layout.folders_from_root(tmp_path)
 
 
+def test_a_root_of_images_without_class_folders_is_told_to_sort_them_into_classes(tmp_path, make_image_folder):
+    one_class = make_image_folder(tmp_path / "data", layout="image-folder", classes=2) / "n0"
+    with pytest.raises(UserError, match="n0 holds images but no class subfolders; put each class's images in a"):
+        layout.folders_from_root(one_class)
+
+
 def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, make_image_folder):
     """valid/ and test/ without train/: split names, not class names (a class "test" would be silent)."""
     root = make_image_folder(tmp_path / "data", layout="train-valid-test", classes=2, per_class=1)

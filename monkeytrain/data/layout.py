@@ -68,6 +68,10 @@ def folders_from_root(root: Path) -> SplitFolders:
         return layout_of_splits(root, splits, labels)
     if class_folders(root):
         return SplitFolders(root, None, None, labels, "image-folder")
+    if holds_images(root):  # a class folder given as the root, or images not yet sorted into classes
+        raise UserError(f"{root} holds images but no class subfolders; put each class's images in a subfolder "
+                        f"named after the class ({root / '<class>'}), or if it is one class's folder, give "
+                        "the folder that holds it and the other classes.")
     raise no_layout_error(root, [])
 
 
