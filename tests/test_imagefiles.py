@@ -284,6 +284,13 @@ def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_let
     assert [path.name for path in candidate_files(tmp_path)] == ["Icon", "photo.jpg"]  # plain Icon: a user's file
 
 
+def test_candidate_files_skip_the_thumbnails_a_synology_nas_keeps_beside_the_images(tmp_path):
+    (tmp_path / "@eaDir" / "photo.jpg").mkdir(parents=True)
+    for relative in ("photo.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_XL.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_S.jpg"):
+        noise_image().save(tmp_path / relative, "JPEG")
+    assert candidate_files(tmp_path) == [tmp_path / "photo.jpg"]
+
+
 def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, monkeypatch):
     locked = tmp_path / "class" / "locked"
     locked.mkdir(parents=True)

@@ -18,6 +18,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from monkeytrain.data.layout import is_hidden_folder
 from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
@@ -181,7 +182,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def candidate_files(folder: Path) -> list[Path]:
-    """Every regular file below `folder` but hidden ones (is_hidden_file), sorted for a stable order.
+    """Every regular file below `folder` but hidden ones (is_hidden_file, is_hidden_folder), sorted for a
+    stable order.
 
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
     once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
@@ -195,7 +197,7 @@ def candidate_files(folder: Path) -> list[Path]:
             folders.clear()
             continue
         walked.add((here.st_dev, here.st_ino))
-        folders[:] = [name for name in folders if not name.startswith(".")
+        folders[:] = [name for name in folders if not is_hidden_folder(name)
                       and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
         paths = (Path(top) / name for name in names if not is_hidden_file(name))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
