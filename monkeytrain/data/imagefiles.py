@@ -232,6 +232,7 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
 
 
 def why_unlisted(folder: Path) -> str:
+    """Why `folder` cannot be listed, in the system's words."""
     try:
         os.listdir(folder)
     except OSError as error:
