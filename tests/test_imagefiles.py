@@ -46,6 +46,17 @@ def test_text_file_is_reported_as_not_an_image():
     assert reason is not None and "not an image" in reason
 
 
+@pytest.mark.parametrize("page", [b"<!DOCTYPE html>\n<html><body>403 Forbidden</body></html>",
+                                  b"\xef\xbb\xbf\r\n  <HTML><head><title>Not Found</title></head></HTML>"])
+def test_an_html_page_saved_as_an_image_is_named_as_such(page):
+    assert check_image_bytes(page).startswith("an HTML page, not an image")  # as a failed download saves
+
+
+def test_an_iphones_heic_photo_is_named_as_such_with_what_to_do():
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # the first box of a photo an iPhone takes
+    assert check_image_bytes(heic) == "a HEIC image, which this Pillow cannot read; convert it to JPEG or PNG"
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_image_is_reported_as_damaged(fmt):
     data = encoded(noise_image(), fmt)
@@ -265,6 +276,50 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
         (tmp_path / relative).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in candidate_files(tmp_path)]
     assert found == ["a.jpg", "b.png", "sub/c"]
+
+
+def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_letter_case(tmp_path):
+    for name in ("photo.jpg", "Thumbs.db", "thumbs.db", "ehthumbs.db", "desktop.ini", "Desktop.ini", "Icon\r", "Icon"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [path.name for path in candidate_files(tmp_path)] == ["Icon", "photo.jpg"]  # plain Icon: a user's file
+
+
+def test_candidate_files_skip_the_thumbnails_a_synology_nas_keeps_beside_the_images(tmp_path):
+    (tmp_path / "@eaDir" / "photo.jpg").mkdir(parents=True)
+    for relative in ("photo.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_XL.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_S.jpg"):
+        noise_image().save(tmp_path / relative, "JPEG")
+    assert candidate_files(tmp_path) == [tmp_path / "photo.jpg"]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, monkeypatch):
+    locked = tmp_path / "class" / "locked"
+    locked.mkdir(parents=True)
+    for path in (tmp_path / "class" / "open.png", locked / "hidden_from_us.png"):
+        path.write_bytes(encoded(noise_image(), "PNG"))
+    scandir, listdir = os.scandir, os.listdir
+
+    def no_permission(listing):  # as for a folder without read permission (the tests may run as root)
+        def refuse(path="."):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return listing(path)
+        return refuse
+
+    monkeypatch.setattr(os, "scandir", no_permission(scandir))
+    monkeypatch.setattr(os, "listdir", no_permission(listdir))
+    images, skipped = scan_labelled_files([(path, 0) for path in candidate_files(tmp_path / "class")])
+    assert [image.path.name for image in images] == ["open.png"]
+    assert skipped == [SkippedFile(locked, "a folder that cannot be listed (Permission denied); the images in it "
+                                           "are left out")]
+
+
+def test_a_link_that_leads_back_to_itself_is_reported_as_a_loop(tmp_path):
+    (tmp_path / "a.jpg").symlink_to("b.jpg")
+    (tmp_path / "b.jpg").symlink_to("a.jpg")
+    images, skipped = scan_labelled_files([(path, 0) for path in candidate_files(tmp_path)])
+    assert images == [] and skipped == [
+        SkippedFile(tmp_path / "a.jpg", "a link to b.jpg that leads back round to itself (a loop of links)"),
+        SkippedFile(tmp_path / "b.jpg", "a link to a.jpg that leads back round to itself (a loop of links)")]
 
 
 def test_candidate_files_follow_linked_folders_once_and_keep_broken_links_to_report(tmp_path):

@@ -143,6 +143,12 @@ def test_root_without_a_known_layout_is_a_user_error(tmp_path):
         layout.folders_from_root(tmp_path)
 
 
+def test_a_root_of_images_without_class_folders_is_told_to_sort_them_into_classes(tmp_path, make_image_folder):
+    one_class = make_image_folder(tmp_path / "data", layout="image-folder", classes=2) / "n0"
+    with pytest.raises(UserError, match="n0 holds images but no class subfolders; put each class's images in a"):
+        layout.folders_from_root(one_class)
+
+
 def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, make_image_folder):
     """valid/ and test/ without train/: split names, not class names (a class "test" would be silent)."""
     root = make_image_folder(tmp_path / "data", layout="train-valid-test", classes=2, per_class=1)
@@ -186,6 +192,14 @@ def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_im
     for extra in ("__MACOSX/n0", ".ipynb_checkpoints"):
         (root / extra).mkdir(parents=True)
     (root / "__MACOSX" / "n0" / "._n0_000.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
+
+
+@pytest.mark.parametrize("extra", ["@eaDir", "System Volume Information", "$RECYCLE.BIN", "__macosx"])
+def test_folders_a_nas_or_windows_makes_beside_the_classes_are_not_classes(tmp_path, make_image_folder, extra):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / extra / "n0_000.png").mkdir(parents=True)  # a Synology NAS: a folder of thumbnails per image
+    shutil.copy(root / "n0" / "n0_000.png", root / extra / "n0_000.png" / "SYNOPHOTO_THUMB_M.png")
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 

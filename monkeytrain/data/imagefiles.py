@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from monkeytrain.data.layout import is_hidden_folder
 from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
@@ -37,6 +39,15 @@ DECODING_VERSION = 3
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
+# The brands an ISO media file of HEIF images names in its ftyp box, by what its users call it: "HEIC" for an
+# iPhone's photos (its HEVC-coded kind), and AVIF, which only some builds of Pillow read.
+HEIF_BRANDS = {**dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"), "HEIC"),
+               **dict.fromkeys((b"mif1", b"msf1"), "HEIF"), **dict.fromkeys((b"avif", b"avis"), "AVIF")}
+# Files an operating system writes into folders for its own use, hidden where it made them: Windows' thumbnail
+# caches and folder settings (Google Drive and network shares leave desktop.ini in every folder), and the
+# custom-icon file "Icon\r" of a Mac folder. Passed over like dot files, as torchvision's ImageFolder passes
+# over them by their extensions, never reported as bad images (nor fatal under --strict-data).
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
 
 
 
@@ -139,11 +150,22 @@ def decode_check(data: bytes) -> tuple[Optional[str], int]:
             image.load()  # a full decode, so truncated files are caught here
             return None, image.width * image.height
     except UnidentifiedImageError:
-        return "not an image in any format Pillow reads", 0
+        return unreadable_kind(data), 0
     except Image.DecompressionBombError as error:  # Pillow's guard, at twice MAX_IMAGE_PIXELS: not damage
         return f"too large for Pillow to decode ({error}); use a smaller copy of it", 0
     except DECODE_ERRORS as error:
         return f"a damaged or truncated image ({error})", 0
+
+
+def unreadable_kind(data: bytes) -> str:
+    """What a file Pillow cannot identify holds, where its first bytes tell a kind that image folders often
+    hold: an iPhone's HEIC photos (an ISO media file whose brand says so), or the HTML page a failed
+    download saves under the image's name."""
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return f"a {HEIF_BRANDS[data[8:12]]} image, which this Pillow cannot read; convert it to JPEG or PNG"
+    if data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image (what a failed download saves under the image's name)"
+    return "not an image in any format Pillow reads"
 
 
 def is_image_file(path: Path) -> bool:
@@ -160,24 +182,31 @@ def is_image_file(path: Path) -> bool:
 
 
 def candidate_files(folder: Path) -> list[Path]:
-    """Every non-hidden regular file below `folder`, sorted for a stable order.
+    """Every regular file below `folder` but hidden ones (is_hidden_file, is_hidden_folder), sorted for a
+    stable order.
 
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
     once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
     a link to `..` would walk the split's other classes as this one. A link to nothing is kept, for the
-    scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks)."""
-    found, walked, real_folder = [], set(), os.path.realpath(folder)
-    for top, folders, names in os.walk(folder, followlinks=True):
+    scan to report it rather than drop it unseen; pipes and devices are left out (reading one blocks). So is
+    a folder that cannot be listed (no read permission): os.walk would pass over it and its images unseen."""
+    found, walked, real_folder, unlisted = [], set(), os.path.realpath(folder), []
+    for top, folders, names in os.walk(folder, followlinks=True, onerror=unlisted.append):
         here = os.stat(top)
         if (here.st_dev, here.st_ino) in walked:
             folders.clear()
             continue
         walked.add((here.st_dev, here.st_ino))
-        folders[:] = [name for name in folders if not name.startswith(".")
+        folders[:] = [name for name in folders if not is_hidden_folder(name)
                       and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
-        paths = (Path(top) / name for name in names if not name.startswith("."))
+        paths = (Path(top) / name for name in names if not is_hidden_file(name))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
-    return sorted(found)
+    return sorted(found + [Path(error.filename) for error in unlisted])
+
+
+def is_hidden_file(name: str) -> bool:
+    """A dot file (a Mac's ._ AppleDouble files and .DS_Store too) or one of the SYSTEM_FILES, in any case."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FILES
 
 
 def is_within(path: str, folder: str) -> bool:
@@ -191,12 +220,31 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
         if path.is_symlink() and not path.exists():
-            return SkippedFile(path, f"a link to {os.readlink(path)}, which does not exist")
+            return SkippedFile(path, broken_link(path, error))
+        if path.is_dir():  # one candidate_files could not list
+            return SkippedFile(path, f"a folder that cannot be listed ({why_unlisted(path)}); the images in it "
+                                     "are left out")
         return SkippedFile(path, f"unreadable ({error.strerror or error})")
     problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
     return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
+
+
+def why_unlisted(folder: Path) -> str:
+    """Why `folder` cannot be listed, in the system's words."""
+    try:
+        os.listdir(folder)
+    except OSError as error:
+        return error.strerror or str(error)
+    return "a passing error"
+
+
+def broken_link(path: Path, error: OSError) -> str:
+    """Why the link at `path` leads to no file: its target is missing, or links lead back round to it."""
+    if error.errno == errno.ELOOP:
+        return f"a link to {os.readlink(path)} that leads back round to itself (a loop of links)"
+    return f"a link to {os.readlink(path)}, which does not exist"
 
 
 def scan_labelled_files(

@@ -36,6 +36,11 @@ DEFAULT_DATA_ROOT = Path("data/10-monkey-species")  # where training looks witho
 # images beside bus/ and car/ is a class.
 ROLE_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 SPLIT_NAMES = {name for names in ROLE_NAMES.values() for name in names}
+# Folders that tools make beside a user's own, in any letter case: the __MACOSX folder of metadata a zip made
+# on a Mac unpacks beside its contents; the @eaDir a Synology NAS puts in every folder of images, holding
+# JPEG thumbnails of them (taken for images, they would train on and test with copies of the same pictures);
+# and what Windows puts at the top of every drive, a USB stick's too.
+SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ def folders_from_root(root: Path) -> SplitFolders:
         return layout_of_splits(root, splits, labels)
     if class_folders(root):
         return SplitFolders(root, None, None, labels, "image-folder")
+    if holds_images(root):  # a class folder given as the root, or images not yet sorted into classes
+        raise UserError(f"{root} holds images but no class subfolders; put each class's images in a subfolder "
+                        f"named after the class ({root / '<class>'}), or if it is one class's folder, give "
+                        "the folder that holds it and the other classes.")
     raise no_layout_error(root, [])
 
 
@@ -165,10 +174,13 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 
 
 def class_folders(split: Path) -> list[str]:
-    """Sorted names of the subfolders of a split folder, but hidden ones and the __MACOSX folder that
-    a zip made on a Mac unpacks beside its contents (metadata only)."""
-    return sorted(p.name for p in split.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+    """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder)."""
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name))
+
+
+def is_hidden_folder(name: str) -> bool:
+    """A dot folder, or one of the SYSTEM_FOLDERS, which hold no class and none of a class's images."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
 def check_same_classes(folders: SplitFolders) -> list[str]:
