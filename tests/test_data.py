@@ -368,6 +368,31 @@ def test_resolve_dataset_warns_about_skipped_files_leaks_and_test_selection(
     assert "--val-fraction 0" in text
 
 
+def test_many_skipped_files_are_five_lines_and_one_for_the_rest(tmp_path, make_image_folder, cpu_accelerator):
+    """A scraped set may hold hundreds of saved HTML pages: the log names a few and counts the rest."""
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
+    for number in range(8):
+        (root / "training" / "training" / "n0" / f"page{number}.jpg").write_text("<html>")
+    log = RecordedLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
+    skipping = [line for line in log.warnings if line.startswith("skipping")]
+    assert len(skipping) == 6 and all("page" in line for line in skipping[:5])
+    assert skipping[5].startswith("skipping 3 more file(s) that are not readable images (8 in all); "
+                                  "data_manifest.json lists each")
+
+
+def test_a_class_folder_of_unreadable_files_says_why_they_were_skipped(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="kaggle", classes=2, per_class=3)
+    folder = root / "validation" / "validation" / "n1"
+    for image in folder.iterdir():
+        image.unlink()
+    (folder / "IMG_0001.jpg").write_text("<!DOCTYPE html><html>")
+    with pytest.raises(UserError) as refused:
+        discover(root)
+    assert str(refused.value).startswith(f"class folder {folder} has no readable images (1 file(s) skipped, such as "
+                                         f"{folder / 'IMG_0001.jpg'}: ")
+
+
 def test_an_image_under_two_classes_of_one_split_is_one_warning_naming_both(
         tmp_path, make_image_folder, cpu_accelerator):
     root = make_image_folder(tmp_path / "d", layout="train-val-test", classes=3, per_class=4)

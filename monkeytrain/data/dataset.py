@@ -23,8 +23,9 @@ DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 # The test split held out of one folder of class subfolders is the same for every --seed, so that
 # runs with different seeds are scored on the same images and their spread is the training's alone.
 TEST_HOLDOUT_SEED = 0
-# Images under two classes are warned about one line each up to this many, then in one line with the first.
-MAX_LISTED_CONFLICTS = 5
+# Skipped files, and images under two classes, are warned about one line each up to this many, then in one
+# line for the rest (a scraped set may hold hundreds of saved HTML pages; data_manifest.json lists them all).
+MAX_LISTED = 5
 HELD_OUT_NAMES = {"val": "validation", "test": "test"}  # the held-out splits, as messages name them
 
 
@@ -206,7 +207,9 @@ def empty_class_problem(splits: DatasetSplits, class_folder: Path, label: int) -
     held_out = [(split, f) for split, files in splits.distinct_splits().items() for f in files
                 if f.label == label and class_folder in f.path.parents]
     if not held_out:
-        return (f"class folder {class_folder} has no readable images; "
+        unread = [bad for bad in splits.skipped if class_folder in bad.path.parents]
+        why = f" ({len(unread)} file(s) skipped, such as {unread[0].path}: {unread[0].reason})" if unread else ""
+        return (f"class folder {class_folder} has no readable images{why}; "
                 "add images or remove the folder from every split.")
     split, copy = held_out[0]
     twin = next(f for f in splits.named_splits()[split] if f.digest == copy.digest and f.label != label)
@@ -245,8 +248,8 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
 
 
 def report_data_problems(splits: DatasetSplits, log) -> None:
-    for skipped in splits.skipped:
-        log.warn(f"skipping {skipped.path}: {skipped.reason}.")
+    for line in skipped_warnings(splits.skipped):
+        log.warn(line)
     for large in (f for files in splits.distinct_splits().values() for f in files if f.oversized):
         log.warn(oversized_warning(large))
     if splits.leaks:
@@ -264,12 +267,22 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
                  "will be selection-biased.")
 
 
+def skipped_warnings(skipped: list[SkippedFile]) -> list[str]:
+    """One line for each skipped file, up to MAX_LISTED; then one for the rest."""
+    lines = [f"skipping {bad.path}: {bad.reason}." for bad in skipped[:MAX_LISTED]]
+    rest = len(skipped) - MAX_LISTED
+    if rest > 0:
+        lines.append(f"skipping {rest} more file(s) that are not readable images ({len(skipped)} in all); "
+                     "data_manifest.json lists each with its reason, as does `monkeytrain inspect-data`.")
+    return lines
+
+
 def conflict_warnings(splits: DatasetSplits) -> list[str]:
     """One line for each image that sits under two classes, or one for them all where there are many."""
     def classes(a: ImageFile, b: ImageFile) -> str:
         return f"{splits.class_folders[a.label]} and {splits.class_folders[b.label]}"
 
-    if len(splits.conflicts) > MAX_LISTED_CONFLICTS:
+    if len(splits.conflicts) > MAX_LISTED:
         a, b = splits.conflicts[0]
         return [f"{len(splits.conflicts)} images sit under two classes each (conflicting labels), such as {a.path} "
                 f"and {b.path} ({classes(a, b)}); remove the copies with the wrong label "
