@@ -24,7 +24,7 @@ from monkeytrain.errors import to_stderr
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
-from monkeytrain.storage import WriteFailed, why_not_written, write_atomically
+from monkeytrain.storage import WriteFailed, append_line, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
 METRICS_NAME = "metrics.jsonl"
@@ -60,8 +60,7 @@ class RunLog:
         return path
 
     def epoch(self, metrics: dict) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        append_line(self.metrics_path, json.dumps(metrics) + "\n")  # a full disk leaves no half line
         print(format_epoch(metrics), flush=True)
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
