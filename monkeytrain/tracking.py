@@ -220,7 +220,11 @@ def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, A
         raise TrackerUnavailable(
             f"--report-to {report_to}: W&B is not configured (no WANDB_API_KEY, no ~/.netrc entry for "
             f"{wandb_hosts(os.environ)[0]}, no WANDB_MODE=offline)")
-    run_id = persistent_run_id(run_dir, new_run_id)
+    try:
+        run_id = persistent_run_id(run_dir, new_run_id)
+    except WriteFailed as error:  # a W&B run that a resume could not find again: none, as for other failures
+        raise TrackerUnavailable(f"--report-to {report_to}: cannot keep the W&B run id in {RUN_ID_NAME} "
+                                 f"({error.reason}) for a resume to continue the run") from error
     try:
         run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), id=run_id, resume="allow",
@@ -272,7 +276,7 @@ def persistent_run_id(run_dir: Path, new_id: Callable[[], str]) -> str:
     if existing:
         return existing
     run_id = new_id()
-    path.write_text(run_id + "\n")
+    write_atomically(path, f"{run_id}\n".encode())  # whole or not at all: an empty file would lose the run
     return run_id
 
 

@@ -380,6 +380,24 @@ def test_a_run_folder_deleted_mid_run_stops_the_run_rather_than_write_a_new_one(
     assert [p.name for p in run_dir.iterdir()] == ["state"]
 
 
+def test_a_wandb_run_id_that_cannot_be_kept_costs_a_warning_not_the_run(wandb_env, run_dir, monkeypatch, capsys):
+    """Without its id kept, a resume would start a second W&B run: W&B is left out, as for any failure to start."""
+    import errno
+    from monkeytrain import storage
+
+    def full(path, write, durable):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(storage, "_write_file", full)
+    log = started(make_run_log(run_dir, True, "wandb"))
+    assert log.run is None
+    assert warning_lines(capsys.readouterr()) == [
+        f"monkeytrain: warning: --report-to wandb: cannot keep the W&B run id in {RUN_ID_NAME} (no space left on "
+        f"the device, 9 B needed) for a resume to continue the run; logging to {run_dir} only."]
+    assert list(run_dir.iterdir()) == []  # no empty id file, which would start another W&B run on resume
+
+
 # --- pure helpers ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("environ, netrc_text, expected", [
