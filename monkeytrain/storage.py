@@ -26,6 +26,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 QUOTA_WORDS = ("Disk quota exceeded", "QuotaExceeded")
 DISK_FULL_WORDS = ("No space left on device", "StorageFull", *QUOTA_WORDS)
 NEARLY_FULL = 1024 * 1024  # free bytes below which a failed write is taken for a full disk
+SPACE_PROBE_BYTES = 64 * 1024  # a few blocks: a write that must find new space on any file system
 
 Payload = Union[bytes, Callable[[BinaryIO], None]]
 
@@ -87,8 +88,22 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 def out_of_space(error: BaseException, folder: Path) -> bool:
     """Whether a failed write into `folder` failed for lack of space. torch.save to a path
     reports a full disk only as a RuntimeError ("unexpected pos"), so a nearly full device
-    counts too: writes fill it to the brim before they fail."""
-    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL
+    counts too: writes fill it to the brim before they fail; and so does a folder that refuses
+    a small write for lack of space: a full quota, on a device that may have terabytes free."""
+    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL or refuses_for_space(folder)
+
+
+def refuses_for_space(folder: Path) -> bool:
+    """Whether a small file written into `folder` now fails with ENOSPC or EDQUOT (it goes again)."""
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        _write_file(probe, b"\0" * SPACE_PROBE_BYTES, durable=True)  # a network file system says so at fsync
+    except OSError as error:
+        return error.errno in DISK_FULL_ERRNOS
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return False
 
 
 def free_bytes(folder: Path) -> int:

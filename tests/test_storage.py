@@ -346,3 +346,25 @@ def test_a_state_that_does_not_fit_is_removed_and_the_older_one_still_loads(full
     mine, main = store.load(first)
     assert mine == main == {"progress": {"epoch": 1, "batch": 2}}
     assert torch.equal(model.weight.detach(), saved_weights)
+
+
+def test_a_state_save_over_quota_is_disk_full_not_a_traceback(tmp_path, cpu_accelerator, monkeypatch):
+    """torch.save to a path says only "unexpected pos" when a write fails, and a full quota leaves the device
+    with room to spare: the folder's refusal of a small write for lack of quota tells what happened."""
+    model = torch.nn.Linear(8, 2)
+    cpu_accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    store = StateStore(tmp_path, cpu_accelerator, keep=2)
+    first = store.save(2, {"progress": {"epoch": 1, "batch": 2}}, shared={})
+
+    def torch_save_over_quota(obj, path, *args, **kwargs):  # what torch's zip writer does on a failed write
+        Path(path).write_bytes(b"written before the quota ran out")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def quota_full(path, write, durable):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(torch, "save", torch_save_over_quota)
+    monkeypatch.setattr(storage, "_write_file", quota_full)
+    with pytest.raises(DiskFull, match=f"of {tmp_path / 'state'} to write step-00000004 \\(at least "):
+        store.save(4, {"progress": {"epoch": 1, "batch": 4}}, shared={})
+    assert names_in(tmp_path / "state") == [first.name]  # the half-written state went
