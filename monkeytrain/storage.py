@@ -78,7 +78,7 @@ def over_quota(error: BaseException) -> bool:
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:
-    """`error` and the errors it was raised from or while handling, innermost last."""
+    """`error`, then the error it was raised from (or while handling), and so on."""
     seen: BaseException | None = error
     while seen is not None:
         yield seen

@@ -276,7 +276,7 @@ def persistent_run_id(run_dir: Path, new_id: Callable[[], str]) -> str:
     if existing:
         return existing
     run_id = new_id()
-    write_atomically(path, f"{run_id}\n".encode())  # whole or not at all: an empty file would lose the run
+    write_atomically(path, f"{run_id}\n".encode())  # whole or not at all: an empty one would start a second W&B run on resume
     return run_id
 
 
