@@ -3,6 +3,8 @@
 Every file monkeytrain writes for later (the checkpoint, its config.json, the
 caches) goes through `write_atomically`: a reader sees the old file or the new
 one, never half of one, and a failed write leaves no temporary file behind.
+A log that grows a line at a time (metrics.jsonl) goes through `append_line`:
+each line whole or not at all.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from monkeytrain.errors import UserError, to_stderr
 # Out of space, or out of this user's quota: either way the fix is to free space or write elsewhere.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # What libraries that wrap the error in their own type (torch's zip writer, safetensors) still say.
-DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+QUOTA_WORDS = ("Disk quota exceeded", "QuotaExceeded")
+DISK_FULL_WORDS = ("No space left on device", "StorageFull", *QUOTA_WORDS)
 NEARLY_FULL = 1024 * 1024  # free bytes below which a failed write is taken for a full disk
+SPACE_PROBE_BYTES = 64 * 1024  # a few blocks: a write that must find new space on any file system
 
 Payload = Union[bytes, Callable[[BinaryIO], None]]
 
@@ -37,14 +41,16 @@ class WriteFailed(UserError):
 
 
 class DiskFull(WriteFailed):
-    """A write that failed for lack of space; the message says how much it needed, when known."""
+    """A write that failed for lack of space, or of quota; the message says how much it needed, when known.
+    A quota is named as such: on a cluster `df` shows terabytes free, which "no space left" would contradict."""
 
-    def __init__(self, path: Path, needed: int, at_least: bool, flag: str):
+    def __init__(self, path: Path, needed: int, at_least: bool, flag: str, quota: bool = False):
         self.path, self.needed = path, needed
         amount = ("" if at_least and not needed  # "at least 0 B" would tell nothing
                   else f"{'at least ' if at_least else ''}{human_size(needed)} needed")
-        self.reason = "no space left on the device" + (f", {amount}" if amount else "")
-        UserError.__init__(self, f"no space left on the device of {path.parent} to write {path.name}"
+        what = "your disk quota is used up" if quota else "no space left"
+        self.reason = f"{what} on the device" + (f", {amount}" if amount else "")
+        UserError.__init__(self, f"{what} on the device of {path.parent} to write {path.name}"
                            + (f" ({amount})" if amount else "") + f"; free some space or pick another {flag}.")
 
 
@@ -61,21 +67,43 @@ def human_size(n: int) -> str:
 
 def is_disk_full(error: BaseException) -> bool:
     """True for ENOSPC / EDQUOT, also when a library re-raised it as its own error type."""
-    seen = error
+    return any((isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS)
+               or any(words in str(seen) for words in DISK_FULL_WORDS) for seen in causes(error))
+
+
+def over_quota(error: BaseException) -> bool:
+    """True when the space that ran out is this user's quota (EDQUOT), not the device's."""
+    return any((isinstance(seen, OSError) and seen.errno == errno.EDQUOT)
+               or any(words in str(seen) for words in QUOTA_WORDS) for seen in causes(error))
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then the error it was raised from (or while handling), and so on."""
+    seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(words in str(seen) for words in DISK_FULL_WORDS):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def out_of_space(error: BaseException, folder: Path) -> bool:
     """Whether a failed write into `folder` failed for lack of space. torch.save to a path
     reports a full disk only as a RuntimeError ("unexpected pos"), so a nearly full device
-    counts too: writes fill it to the brim before they fail."""
-    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL
+    counts too: writes fill it to the brim before they fail; and so does a folder that refuses
+    a small write for lack of space: a full quota, on a device that may have terabytes free."""
+    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL or refuses_for_space(folder)
+
+
+def refuses_for_space(folder: Path) -> bool:
+    """Whether a small file written into `folder` now fails with ENOSPC or EDQUOT (it goes again)."""
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        _write_file(probe, b"\0" * SPACE_PROBE_BYTES, durable=True)  # a network file system says so at fsync
+    except OSError as error:
+        return error.errno in DISK_FULL_ERRNOS
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return False
 
 
 def free_bytes(folder: Path) -> int:
@@ -104,14 +132,49 @@ def write_atomically(path: Path, write: Payload, durable: bool = True, *, flag: 
         written = _size_or_zero(temporary)  # measured before the file goes
         with contextlib.suppress(OSError):  # a folder gone read-only refuses this too: keep the first cause
             temporary.unlink(missing_ok=True)
-        if is_disk_full(error):
-            needed, at_least = (len(write), False) if isinstance(write, bytes) else (written, True)
-            raise DiskFull(path, needed, at_least, flag) from error
-        if isinstance(error, OSError):  # read-only, no permission, an I/O error of the disk
-            raise WriteFailed(path, error.strerror or str(error), flag) from error
-        raise
+        needed, at_least = (len(write), False) if isinstance(write, bytes) else (written, True)
+        raise write_failure(path, error, needed, at_least, flag) from error
     if durable:
         fsync_folder(path.parent)  # make the rename itself durable
+
+
+def write_failure(path: Path, error: Exception, needed: int, at_least: bool, flag: str) -> Exception:
+    """What a failed write of `path` raises: `DiskFull` (saying how much it needed), `WriteFailed` for any
+    other OSError (read-only, no permission, an I/O error of the disk), else the error itself."""
+    if is_disk_full(error):
+        return DiskFull(path, needed, at_least, flag, quota=over_quota(error))
+    if isinstance(error, OSError):
+        return WriteFailed(path, error.strerror or str(error), flag)
+    return error
+
+
+def append_line(path: Path, line: str, *, flag: str = "--output-dir") -> None:
+    """Append `line` (ending in a newline) to `path` in one write, so that a reader, a resume or
+    pandas.read_json(lines=True) sees it whole or not at all. A disk that fills up mid-line would
+    leave half of it (a buffered file writes what fits, then fails), which breaks the file for every
+    reader: the file is cut back to where it was. Fails as `write_atomically` does."""
+    data = line.encode()
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise write_failure(path, error, len(data), False, flag) from error
+    try:
+        start = os.fstat(descriptor).st_size
+        try:
+            _write_all(descriptor, data)
+        except OSError as error:
+            with contextlib.suppress(OSError):  # a disk that fails writes may fail this too: keep the cause
+                os.ftruncate(descriptor, start)
+            raise write_failure(path, error, len(data), False, flag) from error
+    finally:
+        os.close(descriptor)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """os.write until all of `data` is out: a write may take only part of it (a disk nearly full)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
 
 
 def _write_file(path: Path, write: Payload, durable: bool) -> None:

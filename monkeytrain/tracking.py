@@ -16,15 +16,16 @@ import netrc
 import os
 import secrets
 import string
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from monkeytrain.errors import to_stderr
+from monkeytrain.errors import UserError, to_stderr
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
-from monkeytrain.storage import WriteFailed, why_not_written, write_atomically
+from monkeytrain.storage import WriteFailed, append_line, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
 METRICS_NAME = "metrics.jsonl"
@@ -42,6 +43,7 @@ class RunLog:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_NAME
+        self.folder = HeldFolder(run_dir)  # the run's folder, not one of its name made later
 
     def info(self, message: str) -> None:
         print(message, flush=True)
@@ -56,13 +58,23 @@ class RunLog:
         """A file of the run directory (config.yaml, results.json, ...), written once, by one process;
         whole or not at all, as an empty results.json would mark an unfinished run finished."""
         path = self.run_dir / name
+        self.check_folder()
         write_atomically(path, text.encode())
         return path
 
     def epoch(self, metrics: dict) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        self.check_folder()
+        append_line(self.metrics_path, json.dumps(metrics) + "\n")  # a full disk leaves no half line
         print(format_epoch(metrics), flush=True)
+
+    def check_folder(self) -> None:
+        """Stop once the run's folder was deleted or moved away while the run went on. Writing on would
+        make a new folder of its name (a saved state does) holding a run with holes: no config.yaml, no
+        data record, the metrics of the epochs since; and results.json would mark it finished."""
+        if not self.folder.still_there():
+            raise UserError(f"the run folder {self.run_dir} was deleted or moved away while the run trained, "
+                            "and with it the run's records; stopped rather than write an incomplete run there: "
+                            "start a new run.")
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
         """Once, after the test evaluation: curves.png and confusion_matrix.png. They only picture what
@@ -74,7 +86,34 @@ class RunLog:
                       f"{self.metrics_path.name} and results.json.")
 
     def close(self) -> None:
-        pass
+        self.folder.release()
+
+
+class HeldFolder:
+    """An open descriptor of a folder, to tell it from one made later under its name: while it is held,
+    the folder's inode cannot be given to another (a file system reuses a freed inode number at once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.descriptor: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # no folder to hold: nothing to tell apart later
+            self.descriptor = None
+        self._closer = weakref.finalize(self, os.close, self.descriptor) if self.descriptor is not None else None
+
+    def still_there(self) -> bool:
+        """Whether `path` is still the folder held (True when none is)."""
+        if self.descriptor is None:
+            return True
+        try:
+            return os.path.samestat(os.fstat(self.descriptor), os.stat(self.path))
+        except OSError:  # the path leads nowhere now
+            return False
+
+    def release(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self.descriptor = None
 
 
 class SilentLog(RunLog):
@@ -96,6 +135,9 @@ class SilentLog(RunLog):
         pass
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -137,6 +179,7 @@ class WandbRunLog(RunLog):
                                   aliases=["best"])
 
     def close(self) -> None:
+        super().close()
         run, self.run = self.run, None
         if run is not None:  # a second close finds nothing left to finish
             run.finish()
@@ -177,7 +220,11 @@ def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, A
         raise TrackerUnavailable(
             f"--report-to {report_to}: W&B is not configured (no WANDB_API_KEY, no ~/.netrc entry for "
             f"{wandb_hosts(os.environ)[0]}, no WANDB_MODE=offline)")
-    run_id = persistent_run_id(run_dir, new_run_id)
+    try:
+        run_id = persistent_run_id(run_dir, new_run_id)
+    except WriteFailed as error:  # a W&B run that a resume could not find again: none, as for other failures
+        raise TrackerUnavailable(f"--report-to {report_to}: cannot keep the W&B run id in {RUN_ID_NAME} "
+                                 f"({error.reason}) for a resume to continue the run") from error
     try:
         run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), id=run_id, resume="allow",
@@ -229,7 +276,7 @@ def persistent_run_id(run_dir: Path, new_id: Callable[[], str]) -> str:
     if existing:
         return existing
     run_id = new_id()
-    path.write_text(run_id + "\n")
+    write_atomically(path, f"{run_id}\n".encode())  # whole or not at all: an empty one would start a second W&B run on resume
     return run_id
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,6 +29,7 @@ from monkeytrain.statestore import StateStore, state_dirs
 from monkeytrain.storage import (
     DiskFull, WriteFailed, check_writable_dir, human_size, is_disk_full, write_atomically, write_cache,
 )
+from monkeytrain.tracking import METRICS_NAME, RunLog
 
 TMPFS_BYTES = 2 * 1024 * 1024
 
@@ -106,6 +108,9 @@ def test_no_space_in_a_writer_is_disk_full_with_at_least_the_bytes_written(tmp_p
         write_atomically(path, writes_then_fails(3 * 1024 * 1024, OSError(code, os.strerror(code))))
     message = str(raised.value)
     assert isinstance(raised.value, UserError)  # the entry point prints it on one line, exit 2
+    # a quota says so: on a cluster, `df` would show the device with terabytes free
+    assert message.startswith("your disk quota is used up on the device" if code == errno.EDQUOT
+                              else "no space left on the device")
     assert f"of {tmp_path} to write best.safetensors (at least 3.0 MiB needed)" in message
     assert message.endswith("free some space or pick another --output-dir.")
     assert path.read_bytes() == b"previous"
@@ -121,6 +126,39 @@ def test_no_space_for_a_payload_names_its_exact_size(tmp_path, monkeypatch):
     with pytest.raises(DiskFull, match=r"cache\.json \(45\.2 MiB needed\).*pick another --cache-dir\.$"):
         write_atomically(path, b"\0" * int(45.2 * 1024 * 1024), flag="--cache-dir")
     assert names_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("error, failure, reason", [
+    (OSError(errno.EIO, "Input/output error"), WriteFailed, "Input/output error"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), DiskFull, "your disk quota is used up on the device, {} B needed"),
+    (PermissionError(errno.EACCES, "Permission denied"), WriteFailed, "Permission denied"),
+])
+def test_a_metrics_line_that_fails_halfway_is_taken_back(tmp_path, monkeypatch, error, failure, reason):
+    log = RunLog(tmp_path)
+    log.epoch(epoch_line(1))
+    write = os.write
+
+    def half_then_fail(descriptor, data):  # the disk takes part of the line, then refuses the rest
+        if len(data) < 20:
+            raise error
+        return write(descriptor, bytes(data)[:len(data) // 2])
+
+    monkeypatch.setattr(os, "write", half_then_fail)
+    with pytest.raises(failure) as raised:
+        log.epoch(epoch_line(2))
+    assert raised.value.reason == reason.format(len(json.dumps(epoch_line(2))) + 1)  # the line's exact size
+    assert raised.value.path == tmp_path / METRICS_NAME  # the message names it
+    assert epochs_logged(tmp_path / METRICS_NAME) == [1]  # every line whole: no half of epoch 2
+
+
+def epoch_line(epoch: int) -> dict:
+    return dict(epoch=epoch, epochs=3, train_loss=1.0, train_accuracy=0.5, val_loss=1.0, val_accuracy=0.5, lr=0.1,
+                images_per_second=10.0, epoch_seconds=1.0, train_size=32, is_best=False)
+
+
+def epochs_logged(metrics: Path) -> list[int]:
+    """The epoch of each line of metrics.jsonl, read as pandas.read_json(lines=True) would: all or nothing."""
+    return [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("size, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
@@ -273,6 +311,18 @@ def fill_to_the_brim(folder: Path) -> None:
         assert error.errno == errno.ENOSPC
 
 
+def test_a_metrics_line_the_disk_has_room_for_half_of_leaves_no_half_line(full_disk):
+    """A buffered append writes what fits and then fails: half a line, which breaks metrics.jsonl for
+    pandas, `monkeytrain` tools and the next resume's reading of it."""
+    log = RunLog(full_disk)
+    log.epoch(epoch_line(1) | {"note": "x" * 2900})  # most of a 4 KiB page: the next line fits only in part
+    fill_to_the_brim(full_disk)
+    with pytest.raises(DiskFull, match=f"no space left on the device of {full_disk} to write metrics.jsonl "
+                                       r"\(1\.[0-9] KiB needed\)"):
+        log.epoch(epoch_line(2) | {"note": "y" * 1500})
+    assert epochs_logged(full_disk / METRICS_NAME) == [1]
+
+
 def test_a_state_that_does_not_fit_is_removed_and_the_older_one_still_loads(full_disk, cpu_accelerator):
     torch.manual_seed(0)
     model = torch.nn.Linear(128, 128)  # 64 KiB of weights
@@ -296,3 +346,25 @@ def test_a_state_that_does_not_fit_is_removed_and_the_older_one_still_loads(full
     mine, main = store.load(first)
     assert mine == main == {"progress": {"epoch": 1, "batch": 2}}
     assert torch.equal(model.weight.detach(), saved_weights)
+
+
+def test_a_state_save_over_quota_is_disk_full_not_a_traceback(tmp_path, cpu_accelerator, monkeypatch):
+    """torch.save to a path says only "unexpected pos" when a write fails, and a full quota leaves the device
+    with room to spare: the folder's refusal of a small write for lack of quota tells what happened."""
+    model = torch.nn.Linear(8, 2)
+    cpu_accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    store = StateStore(tmp_path, cpu_accelerator, keep=2)
+    first = store.save(2, {"progress": {"epoch": 1, "batch": 2}}, shared={})
+
+    def torch_save_over_quota(obj, path, *args, **kwargs):  # what torch's zip writer does on a failed write
+        Path(path).write_bytes(b"written before the quota ran out")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def quota_full(path, write, durable):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(torch, "save", torch_save_over_quota)
+    monkeypatch.setattr(storage, "_write_file", quota_full)
+    with pytest.raises(DiskFull, match=f"of {tmp_path / 'state'} to write step-00000004 \\(at least "):
+        store.save(4, {"progress": {"epoch": 1, "batch": 4}}, shared={})
+    assert names_in(tmp_path / "state") == [first.name]  # the half-written state went

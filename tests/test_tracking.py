@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import struct
 import sys
 import types
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import train_here
+from monkeytrain.errors import UserError
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
 from monkeytrain.tracking import (
     RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, make_run_log, persistent_run_id,
@@ -359,6 +361,41 @@ def test_a_full_disk_leaves_no_half_file_and_costs_the_plots_only_a_warning(run_
     with pytest.raises(DiskFull, match="to write results.json"):
         log.write_file("results.json", json.dumps(RESULTS))
     assert list(run_dir.iterdir()) == []  # no empty results.json to mark the run finished, no half a PNG
+
+
+def test_a_run_folder_deleted_mid_run_stops_the_run_rather_than_write_a_new_one(run_dir):
+    """rm -rf runs/NAME while it trains: the next save of a state makes the folder again (state/), and the run
+    would go on to finish there, without config.yaml, the data record or its first epochs' metrics."""
+    log = make_run_log(run_dir, True, "none")
+    log.write_file("config.yaml", "epochs: 3\n")
+    log.epoch(epoch_metrics(1))
+    shutil.rmtree(run_dir)
+    with pytest.raises(UserError, match=f"the run folder {run_dir} was deleted or moved away while the run trained"):
+        log.epoch(epoch_metrics(2))
+    (run_dir / "state").mkdir(parents=True)  # as the next saved state makes it again
+    with pytest.raises(UserError, match="start a new run"):
+        log.epoch(epoch_metrics(2))
+    with pytest.raises(UserError, match="start a new run"):
+        log.write_file("results.json", json.dumps(RESULTS))  # which would mark that folder a finished run
+    assert [p.name for p in run_dir.iterdir()] == ["state"]
+
+
+def test_a_wandb_run_id_that_cannot_be_kept_costs_a_warning_not_the_run(wandb_env, run_dir, monkeypatch, capsys):
+    """Without its id kept, a resume would start a second W&B run: W&B is left out, as for any failure to start."""
+    import errno
+    from monkeytrain import storage
+
+    def full(path, write, durable):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(storage, "_write_file", full)
+    log = started(make_run_log(run_dir, True, "wandb"))
+    assert log.run is None
+    assert warning_lines(capsys.readouterr()) == [
+        f"monkeytrain: warning: --report-to wandb: cannot keep the W&B run id in {RUN_ID_NAME} (no space left on "
+        f"the device, 9 B needed) for a resume to continue the run; logging to {run_dir} only."]
+    assert list(run_dir.iterdir()) == []  # no empty id file, which would start another W&B run on resume
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
