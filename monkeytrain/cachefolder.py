@@ -5,7 +5,9 @@ statistics, what scans of split folders found, the built-in synthetic data set, 
 kernels, and temporary files that a killed write left behind. Runs mark each file or folder they
 use (its modification time, `storage.mark_used`), so that `--unused-days` can spare what recent
 runs still use. Only these known entries are ever listed or deleted: a --cache-dir pointed at a
-folder of other things loses none of them.
+folder of other things loses none of them. A cache folder that can be read but not written (prepared once
+by an admin on a cluster's shared file system, mounted read-only) serves what it holds: runs only read
+from it, and make in memory, every time, whatever it lacks.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from monkeytrain.errors import UserError
-from monkeytrain.storage import folder_size
+from monkeytrain.errors import UserError, to_stderr
+from monkeytrain.storage import check_writable_dir, folder_size
 
 DAY = 24 * 3600
 # kind: the patterns of its entries under the cache folder (pathlib's glob also matches dot files)
@@ -54,6 +56,25 @@ def cache_folder(chosen: str | os.PathLike | None = None) -> Path:
     except RuntimeError:  # ~someone unknown, or no $HOME and no passwd entry (a container's odd user id)
         where = f"the home folder of {chosen}" if chosen else "a home folder for the default cache folder"
         raise UserError(f"cannot find {where}; give --cache-dir (or MONKEYTRAIN_CACHE) a folder path.") from None
+
+
+def usable_cache_folder(chosen: str | os.PathLike | None = None, warn: bool = True) -> Path:
+    """`cache_folder(chosen)` for a run, created and checked writable up front (on every rank: the probe
+    file is per process), so that a bad --cache-dir ends in one sentence rather than a traceback. A folder
+    that exists and can be read but not written is used as it is, after one warning (when `warn`: from one
+    process): a cache only saves time, its files are only read, and each write to it is best effort
+    (`storage.write_cache`)."""
+    folder = cache_folder(chosen)
+    try:
+        check_writable_dir(folder, "--cache-dir")
+    except UserError:
+        if not (folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)):  # missing, or not even readable
+            raise
+        if warn:
+            to_stderr("warning", f"the cache folder {folder} is read-only: this run reads what it holds and "
+                                 "makes anything it lacks in memory, again each run (give a writable --cache-dir "
+                                 "to keep it).")
+    return folder
 
 
 def cache_entries(cache_dir: Path) -> list[Entry]:

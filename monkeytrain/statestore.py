@@ -7,18 +7,22 @@ the trainer adds (where training stands, the augmentation generator, the
 weight average). It is written to a temporary folder by all ranks together,
 marked COMPLETE, then renamed into place, so a kill at any moment leaves
 either the old states or the new one, never a half-written folder that
-`--resume auto` would pick. What goes in (and which files of the run a state keeps
+`--resume auto` would pick. COMPLETE lists every file of the state with its
+size, and a load first checks them all: Accelerate's `load_state` passes over
+a missing or damaged `random_states_R.pkl` without a word, which would resume
+with other randomness, a silently different run. What goes in (and which files of the run a state keeps
 a copy of, see `runrecords.py`) is the trainer's business; when to save and when to
 stop is `preemption.py`'s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +33,7 @@ from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_spac
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
+SCALER = "scaler.pt"  # Accelerate's name for the grad scaler's state (fp16 only)
 
 
 def state_dirs(run_dir: Path) -> list[Path]:
@@ -84,7 +89,7 @@ class StateStore:
             accelerator.save_state(str(staging))
             mine = {**extras, **(shared if accelerator.is_main_process else {}),
                     "world_size": accelerator.num_processes}
-            torch.save(mine, staging / f"progress-rank{accelerator.process_index}.pt")
+            torch.save(mine, staging / progress_file(accelerator.process_index))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 for original in copies:
@@ -97,46 +102,76 @@ class StateStore:
         accelerator.wait_for_everyone()
         return final
 
-    def load(self, path: Path) -> tuple[dict, dict]:
+    def load(self, path: Path, restore: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict]:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
-        rank's (which hold what was `shared`)."""
+        rank's (which hold what was `shared`). `restore(mine, main)`, when given, puts the extras back
+        in place here, so that extras this version cannot read are one line too, as damaged files are."""
         try:
-            return self._load(path)
+            mine, main = self._load(path)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError) as error:  # the model's weights: safetensors raises its own type
-            missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
-            raise UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
-                            "--resume auto takes the newest one left, or start a new run.") from None
+            raise unloadable(path, error) from None
+        if restore is not None:
+            self._restore(path, restore, mine, main)
+        return mine, main
+
+    @staticmethod
+    def _restore(path: Path, restore: Callable[[dict, dict], None], mine: dict, main: dict) -> None:
+        """`restore(mine, main)`; extras with a field this version lacks, or lacking one it reads, come from
+        another version of monkeytrain (a newer one, say, after a downgrade) or from other flags."""
+        try:
+            restore(mine, main)
+        except (KeyError, TypeError) as error:
+            raise UserError(f"the saved state {path} holds what this run cannot read ({type(error).__name__}: "
+                            f"{first_line(error)}): was it saved by another version of monkeytrain, or with other "
+                            "flags? Resume it as it was saved, or start a new run.") from None
 
     def _load(self, path: Path) -> tuple[dict, dict]:
         accelerator = self.accelerator
-        main = torch.load(self._progress_file(path, 0), map_location="cpu", weights_only=False)
+        self._check_recorded_files(path)
+        main = torch.load(self._present(path, progress_file(0)), map_location="cpu", weights_only=False)
         saved_by = main.pop("world_size", None)
         if saved_by != accelerator.num_processes:
             raise UserError(f"{path} was saved by {saved_by} processes and this run has {accelerator.num_processes}; "
                             f"resume it with {saved_by} (accelerate launch --num_processes {saved_by}, or torchrun "
                             f"--nproc_per_node {saved_by}), or start a new run.")
-        for rank in range(1, accelerator.num_processes):  # on every rank: all of them stop, or none
-            self._progress_file(path, rank)
+        if accelerator.scaler is not None and not (path / SCALER).is_file():  # fp16's grad scaler
+            raise UserError(f"{path} was saved without the grad scaler that --mixed-precision fp16 resumes; resume "
+                            "it with the --mixed-precision it was saved with (bf16 or no), or start a new run.")
+        for name in files_to_load(accelerator):  # on every rank, every rank's files: all of them stop, or none
+            self._present(path, name)
         accelerator.load_state(str(path))
         if accelerator.process_index == 0:
             return main, main
-        mine = torch.load(self._progress_file(path, accelerator.process_index), map_location="cpu",
-                          weights_only=False)
+        mine = torch.load(path / progress_file(accelerator.process_index), map_location="cpu", weights_only=False)
         mine.pop("world_size")
         return mine, main
 
-    def _progress_file(self, path: Path, rank: int) -> Path:
-        """`progress-rankR.pt` of the state at `path`; a UserError when it is missing (deleted by hand, as
-        a save always writes one per rank), which would read as a state of another number of processes.
-        Moved away, the state is out of --resume auto's reach: resumed by its path instead, the one
-        before would leave it the newest, for the next --resume auto (a SLURM requeue) to fail on."""
-        file = path / f"progress-rank{rank}.pt"
+    def _check_recorded_files(self, path: Path) -> None:
+        """Each file that COMPLETE lists is there, at the size it was saved with (a state saved before
+        COMPLETE listed its files is checked by `files_to_load` alone)."""
+        for name, size in recorded_sizes(path).items():
+            found = self._present(path, name).stat().st_size
+            if found != size:
+                raise UserError(f"the saved state {path} has a damaged {name} ({found:,} bytes, not the {size:,} "
+                                f"it was saved with); {self._way_out(path)}")
+
+    def _present(self, path: Path, name: str) -> Path:
+        """`path / name`; a UserError naming the file when it is missing (deleted by hand, as a save
+        always writes every one). A missing progress file of another rank would otherwise read as a
+        state of another number of processes, and a missing random_states_R.pkl is skipped by Accelerate."""
+        file = path / name
         if file.is_file():
             return file
+        raise UserError(f"the saved state {path} is missing {name}; {self._way_out(path)}")
+
+    def _way_out(self, path: Path) -> str:
+        """What to do about a damaged state. Moved away, it is out of --resume auto's reach: resumed by its
+        path instead, the one before would leave it the newest, for the next --resume auto (a SLURM
+        requeue) to fail on."""
         earlier = [state for state in state_dirs(self.root.parent) if state.name < path.name]
         instead = f"move it away and --resume auto takes the one before ({earlier[-1]}), or " if earlier else ""
-        raise UserError(f"the saved state {path} is missing {file.name}; {instead}start a new run.")
+        return f"{instead}start a new run."
 
     def _abandon(self, staging: Path, final: Path) -> DiskFull:
         """Delete a state that did not fit; the error saying the least it needs: what it had written by
@@ -147,7 +182,8 @@ class StateStore:
         return DiskFull(final, needed, at_least=True, flag="--output-dir")
 
     def _publish(self, staging: Path, final: Path) -> None:
-        write_atomically(staging / COMPLETE, b"complete\n")
+        sizes = {file.name: file.stat().st_size for file in sorted(staging.iterdir()) if file.is_file()}
+        write_atomically(staging / COMPLETE, json.dumps({"files": sizes}, indent=1).encode())
         # The same step saved twice (a stop right after a scheduled save): the older copy goes out of
         # sight, the new one takes its name at once, and only then is the older deleted, which takes long
         # enough for a kill to fall into (with --keep-states 1 that would leave no state at all).
@@ -170,6 +206,49 @@ class StateStore:
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(state, retired)
         return retired
+
+
+def unloadable(path: Path, error: Exception) -> UserError:
+    """The one line for a state that Accelerate or torch failed to load. Weights that do not fit the model
+    (the run's config.yaml edited, or deleted, and another --model given) are no damage: the state before
+    would fail alike."""
+    if isinstance(error, RuntimeError) and str(error).startswith("Error(s) in loading state_dict"):
+        return UserError(f"the saved state {path} holds the weights of a model other than the one this run builds "
+                         f"({first_line(error).rstrip(':')}); resume with the --model it was saved with, or start "
+                         "a new run.")
+    missing = f": {error.filename}" if isinstance(error, OSError) and error.filename else ""  # which file
+    return UserError(f"the saved state {path} cannot be loaded ({first_line(error)}{missing}); move it away and "
+                     "--resume auto takes the newest one left, or start a new run.")
+
+
+def progress_file(rank: int) -> str:
+    """What the trainer adds to a state, for rank `rank`."""
+    return f"progress-rank{rank}.pt"
+
+
+def files_to_load(accelerator) -> list[str]:
+    """The files that loading a state into `accelerator` reads, for every rank: Accelerate's own (named as
+    its save_state names them: model, optimizer and scheduler per object prepared, the grad scaler, objects
+    registered for checkpointing, each rank's RNG states) and each rank's progress file."""
+    def numbered(stem: str, suffix: str, count: int) -> list[str]:
+        return [f"{stem}{f'_{i}' if i else ''}{suffix}" for i in range(count)]
+
+    ranks = range(accelerator.num_processes)
+    return [*numbered("model", ".safetensors", len(accelerator._models)),
+            *numbered("optimizer", ".bin", len(accelerator._optimizers)),
+            *numbered("scheduler", ".bin", len(accelerator._schedulers)),
+            *([SCALER] if accelerator.scaler is not None else []),
+            *(f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects))),
+            *(f"random_states_{rank}.pkl" for rank in ranks), *(progress_file(rank) for rank in ranks)]
+
+
+def recorded_sizes(state: Path) -> dict[str, int]:
+    """{file name: size} of the files a state was saved with, as its COMPLETE lists them; empty for a
+    state saved before COMPLETE listed them (it holds the word complete)."""
+    try:
+        return {str(name): int(size) for name, size in json.loads((state / COMPLETE).read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not a JSON object of files and sizes
+        return {}
 
 
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from monkeytrain import cli
-from monkeytrain.cachefolder import DAY, cache_entries, delete_entries, unused_for
+from monkeytrain import cli, storage
+from monkeytrain.cachefolder import DAY, cache_entries, delete_entries, unused_for, usable_cache_folder
 from monkeytrain.data import imagefiles
 from monkeytrain.data.imagefiles import scan_labelled_files
 from monkeytrain.data.stats import ChannelStats, read_cached, write_cached
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.data.views import cached_views
+from monkeytrain.errors import UserError
 from monkeytrain.model import compiled
 
 LONG_AGO = time.time() - 90 * DAY
@@ -149,3 +151,55 @@ def test_an_entry_that_cannot_be_deleted_is_one_line_naming_it(cache, capsys, mo
     error = error_of(cli.main, ["cache", "--cache-dir", str(cache), "--clear"], capsys)
     assert "cannot delete" in error and "Permission denied" in error and str(cache) in error
 
+
+
+def read_only(folder: Path, monkeypatch) -> None:
+    """Writes under `folder` fail as on a read-only mount (which root, unlike a chmod, cannot write into)."""
+    def refused_under_folder(original):
+        def refuse(path, *args, **kwargs):
+            if Path(path).is_relative_to(folder):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return original(path, *args, **kwargs)
+        return refuse
+
+    monkeypatch.setattr(Path, "touch", refused_under_folder(Path.touch))
+    monkeypatch.setattr(Path, "mkdir", refused_under_folder(Path.mkdir))
+    monkeypatch.setattr(storage, "_write_file", refused_under_folder(storage._write_file))
+
+
+READ_ONLY_WARNING = ("monkeytrain: warning: the cache folder {} is read-only: this run reads what it holds and makes "
+                     "anything it lacks in memory, again each run (give a writable --cache-dir to keep it).")
+
+
+def test_a_read_only_cache_folder_is_read_from_after_one_warning(tmp_path, make_image_folder, monkeypatch, capsys):
+    """A cache an admin prepared once, mounted read-only: was refused ('pick a writable --cache-dir')."""
+    cache = tmp_path / "cache"
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    files, _ = scan_labelled_files([(path, 0) for path in sorted(root.rglob("*.png"))], None)
+    prepared, _ = cached_views(files, 32, cache)
+    read_only(cache, monkeypatch)
+
+    assert usable_cache_folder(str(cache)) == cache
+    assert capsys.readouterr().err.splitlines() == [READ_ONLY_WARNING.format(cache)]
+    assert usable_cache_folder(str(cache), warn=False) == cache  # the other processes of the run
+    assert capsys.readouterr().err == ""
+    assert torch.equal(cached_views(files, 32, cache)[0], prepared)  # what it holds, read without a word
+    assert capsys.readouterr().err == ""
+    assert len(cached_views(files, 48, cache)[0]) == len(files)  # what it lacks: made in memory
+    assert "cannot write the cache file" in capsys.readouterr().err
+
+
+def test_a_cache_folder_that_cannot_be_made_or_read_is_still_refused(tmp_path, monkeypatch):
+    read_only(tmp_path, monkeypatch)
+    with pytest.raises(UserError, match=r"cannot create or write the folder .*/missing \(Read-only file system\); "
+                                        r"pick a writable --cache-dir\."):
+        usable_cache_folder(str(tmp_path / "missing"))
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(UserError, match=r"pick a writable --cache-dir"):
+        usable_cache_folder(str(tmp_path / "a-file"))
+
+
+def test_a_writable_cache_folder_is_made_without_a_word(tmp_path, capsys):
+    assert usable_cache_folder(str(tmp_path / "new" / "cache")) == tmp_path / "new" / "cache"
+    assert (tmp_path / "new" / "cache").is_dir() and capsys.readouterr().err == ""
+    assert os.listdir(tmp_path / "new" / "cache") == []  # the probe file is gone

@@ -141,7 +141,8 @@ def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(t
         shutil.copytree(run, damaged)
         cut = next((damaged / "state" / state.name).glob(part))
         cut.write_bytes(cut.read_bytes()[:100])
-        assert "cannot be loaded" in refused("--run-name", damaged.name, "--resume", "auto")
+        refusal = refused("--run-name", damaged.name, "--resume", "auto")
+        assert f"has a damaged {cut.name} (100 bytes, not the" in refusal
 
     elsewhere = tmp_path / "another-folder"  # a state given by its path resumes its own run, from anywhere
     elsewhere.mkdir()

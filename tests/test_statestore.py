@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 
 from monkeytrain.errors import UserError
-from monkeytrain.statestore import COMPLETE, STATE_PREFIX, StateStore, agree_on_state, resolve_resume, state_dirs
+from monkeytrain.statestore import (COMPLETE, STATE_PREFIX, StateStore, agree_on_state, recorded_sizes, resolve_resume,
+                                    state_dirs)
 
 
 @pytest.fixture
@@ -151,6 +154,90 @@ def test_a_state_missing_its_progress_file_says_so_and_names_the_state_before(tm
     (earlier / "progress-rank0.pt").unlink()  # the oldest: no state before it to name
     with pytest.raises(UserError, match=r"is missing progress-rank0.pt; start a new run\.$"):
         store.load(earlier)
+
+
+def two_states(tmp_path, accelerator) -> tuple[StateStore, Path, Path]:
+    """A store with two states, each keeping a copy of a run file (as the data record is kept)."""
+    record = tmp_path / "data_manifest.json"
+    record.write_text('{"files": {}}')
+    store = StateStore(tmp_path, accelerator, keep=3)
+    return store, store.save(1, {"step": 1}, shared={}, copies=[record]), store.save(2, {"step": 2}, shared={},
+                                                                                      copies=[record])
+
+
+def move_away_or_start_again(earlier: Path) -> str:
+    return f"move it away and --resume auto takes the one before ({earlier}), or start a new run."
+
+
+# Accelerate's load_state passes over a missing or damaged random_states_0.pkl without a word: the run would
+# resume with other randomness. A missing model was named pytorch_model.bin, a file no save writes.
+@pytest.mark.parametrize("piece", ["random_states_0.pkl", "model.safetensors", "optimizer.bin", "progress-rank0.pt",
+                                   "data_manifest.json"])
+def test_a_state_missing_any_file_it_was_saved_with_is_refused_naming_it(tmp_path, cpu_accelerator, trained, piece):
+    store, earlier, final = two_states(tmp_path, cpu_accelerator)
+    assert sorted(recorded_sizes(final)) == sorted(name for name in names_in(final) if name != COMPLETE)
+    (final / piece).unlink()
+    with pytest.raises(UserError) as raised:
+        store.load(final)
+    assert str(raised.value) == f"the saved state {final} is missing {piece}; {move_away_or_start_again(earlier)}"
+
+
+@pytest.mark.parametrize("piece", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_state_with_a_truncated_file_is_refused_naming_it(tmp_path, cpu_accelerator, trained, piece):
+    store, earlier, final = two_states(tmp_path, cpu_accelerator)
+    size = (final / piece).stat().st_size
+    with open(final / piece, "r+b") as handle:
+        handle.truncate(10)  # a copy cut short, a disk that lost the end of the file
+    with pytest.raises(UserError) as raised:
+        store.load(final)
+    assert str(raised.value) == (f"the saved state {final} has a damaged {piece} (10 bytes, not the {size:,} it was "
+                                 f"saved with); {move_away_or_start_again(earlier)}")
+
+
+def test_a_state_saved_before_complete_listed_its_files_still_needs_every_file_loading_reads(tmp_path,
+                                                                                              cpu_accelerator, trained):
+    store, earlier, final = two_states(tmp_path, cpu_accelerator)
+    (final / COMPLETE).write_text("complete\n")  # what earlier versions wrote
+    assert recorded_sizes(final) == {}
+    (final / "data_manifest.json").unlink()  # older states kept no data record: not needed
+    assert store.load(final)[0] == {"step": 2}
+    (final / "random_states_0.pkl").unlink()
+    with pytest.raises(UserError, match=rf"is missing random_states_0.pkl; move it away .*\({earlier}\)"):
+        store.load(final)
+
+
+def test_an_fp16_resume_of_a_state_saved_without_a_grad_scaler_says_to_resume_in_its_precision(
+        tmp_path, cpu_accelerator, trained, monkeypatch):
+    store, _, final = two_states(tmp_path, cpu_accelerator)
+    monkeypatch.setattr(cpu_accelerator, "scaler", torch.amp.GradScaler("cpu"))  # as --mixed-precision fp16 has
+    with pytest.raises(UserError, match=r"was saved without the grad scaler that --mixed-precision fp16 resumes; "
+                                        r"resume it with the --mixed-precision it was saved with \(bf16 or no\)"):
+        store.load(final)
+
+
+def test_weights_of_another_model_say_so_rather_than_call_the_state_damaged(tmp_path, cpu_accelerator, trained):
+    store, _, final = two_states(tmp_path, cpu_accelerator)
+    cpu_accelerator._models[0] = torch.nn.Linear(4, 5)  # --model changed, and config.yaml gone that would refuse it
+    with pytest.raises(UserError) as raised:
+        store.load(final)
+    assert str(raised.value) == (f"the saved state {final} holds the weights of a model other than the one this run "
+                                 "builds (Error(s) in loading state_dict for Linear); resume with the --model it was "
+                                 "saved with, or start a new run.")
+
+
+def test_restore_gets_the_extras_and_extras_it_cannot_read_are_one_line(tmp_path, cpu_accelerator, trained):
+    store, _, final = two_states(tmp_path, cpu_accelerator)
+    restored = []
+    assert store.load(final, restore=lambda mine, main: restored.append((mine, main)))[0] == {"step": 2}
+    assert restored == [({"step": 2}, {"step": 2})]
+
+    def another_version(mine: dict, main: dict) -> None:
+        mine["generator"]  # a field this version reads, which the saving version did not write
+    with pytest.raises(UserError) as raised:
+        store.load(final, restore=another_version)
+    assert str(raised.value) == (f"the saved state {final} holds what this run cannot read (KeyError: 'generator'): "
+                                 "was it saved by another version of monkeytrain, or with other flags? Resume it as "
+                                 "it was saved, or start a new run.")
 
 
 def test_a_state_saved_by_more_processes_than_resume_it_says_how_many_to_resume_with(tmp_path, cpu_accelerator,
