@@ -56,7 +56,7 @@ def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> d
     phases = PhaseTimes()
     stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
     set_seed(config.seed)
-    cache_dir = usable_cache_dir(config)  # before the run directory: a bad --cache-dir leaves nothing behind
+    cache_dir = usable_cache_dir(config, warn=accelerator.is_main_process)  # before the run directory is made
     if config.resume and config.resume != "auto":
         given_state(config.resume)  # and a wrong --resume path neither
     run_dir = prepare_run_dir(config, accelerator)

@@ -151,15 +151,19 @@ class Trainer:
         if found is None:
             return None
         check_same_data(found, self.run.run_dir, self.accelerator.is_main_process)  # before anything is loaded
-        mine, main = self.store.load(found)
-        self.progress = Progress.from_saved(mine)
+        self.store.load(found, restore=self.restore)
         if self.accelerator.is_main_process:  # the epochs from here on are logged again
             forget_epochs_from(self.run.run_dir, self.progress.epoch)
-        self.generator.set_state(mine["generator"])
-        self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
         hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
         return found
+
+    def restore(self, mine: dict, main: dict) -> None:
+        """Put back what save_state added to the Accelerate state (called by the store, which reports
+        extras it cannot read)."""
+        self.progress = Progress.from_saved(mine)
+        self.generator.set_state(mine["generator"])
+        self.learner.averager.load_state_dict(main["averager"])  # the main rank's: the one it saves
 
     def train_epoch(self, epoch: int) -> TrainStats:
         self.augmenter.train_size = epoch_train_size(self.config, epoch)

@@ -203,3 +203,18 @@ def test_a_writable_cache_folder_is_made_without_a_word(tmp_path, capsys):
     assert usable_cache_folder(str(tmp_path / "new" / "cache")) == tmp_path / "new" / "cache"
     assert (tmp_path / "new" / "cache").is_dir() and capsys.readouterr().err == ""
     assert os.listdir(tmp_path / "new" / "cache") == []  # the probe file is gone
+
+
+def test_a_run_trains_from_a_read_only_cache_that_holds_what_it_needs(tmp_path, make_image_folder, monkeypatch):
+    from conftest import train_here
+
+    monkeypatch.setattr(imagefiles, "RACY_NS", 0)  # the images were just written: trust their scan anyway
+    data, cache = make_image_folder(tmp_path / "data", classes=2, per_class=6), tmp_path / "cache"
+    flags = ["--data", str(data), "--cpu", "--model", "resnet10t", "--image-size", "32", "--epochs", "1",
+             "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--cache-dir", str(cache)]
+    train_here([*flags, "--run-name", "first"], tmp_path)  # fills the cache
+    read_only(cache, monkeypatch)
+    again = train_here([*flags, "--run-name", "again"], tmp_path)
+    said = [line for line in again.stderr.splitlines() if line.startswith("monkeytrain:")]  # not progress bars
+    assert said == [READ_ONLY_WARNING.format(cache)]  # nothing to write: no other word
+    assert "(cached)" in again.stdout and again.results["test_accuracy"] is not None

@@ -21,7 +21,7 @@ from forked import exit_codes, printed, start
 from resume_checks import OUTPUT, interrupted, killed_in
 from monkeytrain import train
 from monkeytrain.checkpoint import read_checkpoint
-from monkeytrain.statestore import COMPLETE, state_dirs
+from monkeytrain.statestore import COMPLETE, recorded_sizes, state_dirs
 
 # --cpu-threads 1 everywhere: runs compared bit for bit use the same threads, and a second one only waits.
 # 3 classes x 11 training images, batch 3: 11 steps an epoch, 33 in all.
@@ -143,6 +143,15 @@ def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(t
         cut.write_bytes(cut.read_bytes()[:100])
         refusal = refused("--run-name", damaged.name, "--resume", "auto")
         assert f"has a damaged {cut.name} (100 bytes, not the" in refusal
+
+    newer = tmp_path / "runs" / "newer"  # as if saved by a newer monkeytrain: a progress field this one lacks
+    shutil.copytree(run, newer)
+    kept = newer / "state" / state.name
+    saved = torch.load(kept / "progress-rank0.pt", weights_only=False)
+    torch.save({**saved, "progress": {**saved["progress"], "samples": 15}}, kept / "progress-rank0.pt")
+    sizes = {**recorded_sizes(kept), "progress-rank0.pt": (kept / "progress-rank0.pt").stat().st_size}
+    (kept / COMPLETE).write_text(json.dumps({"files": sizes}))
+    assert "holds what this run cannot read (TypeError: " in refused("--run-name", "newer", "--resume", "auto")
 
     elsewhere = tmp_path / "another-folder"  # a state given by its path resumes its own run, from anywhere
     elsewhere.mkdir()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from monkeytrain.cachefolder import cache_folder
+from monkeytrain.cachefolder import cache_folder, usable_cache_folder
 from monkeytrain.config import TrainConfig
 from monkeytrain.data import layout
 from monkeytrain.data.imagefiles import (
@@ -17,7 +17,6 @@ from monkeytrain.data.imagefiles import (
 from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
 from monkeytrain.data.synthetic import ensure_synthetic_dataset
 from monkeytrain.errors import UserError
-from monkeytrain.storage import check_writable_dir
 
 DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
 # The test split held out of one folder of class subfolders is the same for every --seed, so that
@@ -89,12 +88,10 @@ class DatasetSplits:
         return splits
 
 
-def usable_cache_dir(config: TrainConfig) -> Path:
-    """The cache folder, created and checked writable up front (on every rank: the probe file
-    is per process), so a bad --cache-dir ends in one sentence rather than a traceback."""
-    cache_dir = cache_folder(config.cache_dir)
-    check_writable_dir(cache_dir, "--cache-dir")
-    return cache_dir
+def usable_cache_dir(config: TrainConfig, warn: bool = True) -> Path:
+    """The cache folder, checked up front (see `usable_cache_folder`: a read-only one is read from, after
+    a warning when `warn`), so a bad --cache-dir ends in one sentence rather than a traceback."""
+    return usable_cache_folder(config.cache_dir, warn)
 
 
 def user_data_root(config: TrainConfig) -> Optional[Path]:
