@@ -299,7 +299,7 @@ def work(study, setup: Setup, finish_now: bool) -> int:
             return stopped(reason, stops.received)
         if not finish_is_mine(study, setup, reason):
             return 0
-        return finish(study, setup, stops)
+        return finish_or_let_go(study, setup, stops)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         say("stopped at once; the trial in flight is marked failed, and a re-run continues the study.")
         return 130
@@ -342,6 +342,7 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
 
 def run_trial(trial, setup: Setup) -> TrialEnd:
     """One training run in DIR/trials/trial-NNNN, its console output in its train.log."""
+    from monkeytrain.storage import write_atomically
     from monkeytrain.tune_space import as_flags
 
     run_dir = setup.study_dir / TRIALS_DIR / f"trial-{trial.number:04d}"
@@ -353,9 +354,9 @@ def run_trial(trial, setup: Setup) -> TrialEnd:
         ended = train_trial(trial, argv)
     release_memory()
     ended.note += f" [{time.monotonic() - started:.1f} s]"
-    (run_dir / "trial.json").write_text(json.dumps(
+    write_atomically(run_dir / "trial.json", json.dumps(
         {"number": trial.number, "state": ended.state.name, "value": ended.value, "params": trial.params,
-         "note": ended.note, "worker": setup.worker}, indent=2))
+         "note": ended.note, "worker": setup.worker}, indent=2).encode(), flag="--study-dir")
     return ended
 
 
@@ -539,6 +540,16 @@ def study_finished(study_dir: Path) -> bool:
 
 # --- the end of a study -------------------------------------------------------
 
+def finish_or_let_go(study, setup: Setup, stops: StopSignals) -> int:
+    """`finish`; should it fail (no trial completed, a full disk), the claim goes, so that the next worker to
+    come, on any host, ends the study: a claim left behind is taken over only from a worker known to be gone."""
+    try:
+        return finish(study, setup, stops)
+    except UserError:
+        (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)
+        raise
+
+
 def finish(study, setup: Setup, stops: StopSignals) -> int:
     """The study's files from its trials, then the best config trained again and scored on test, once."""
     from optuna.trial import TrialState
@@ -546,8 +557,7 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     from monkeytrain import tune_report
 
     trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)  # more trials may come; let them finish it
+    if not any(t.state == TrialState.COMPLETE for t in trials):  # more trials may come; they finish it
         raise UserError(f"no trial of {setup.study_dir} completed ({progress(study, setup.trials)}); widen the "
                         "space or relax --pruner, then run again with more --trials or --timeout-minutes.")
     best = study.best_trial
