@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -328,7 +328,10 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
         try:
             ended = run_trial(trial, setup)
         except BaseException:  # a UserError or a second Ctrl-C ends the worker; the trial must not hang on
-            study.tell(trial, state=TrialState.FAIL)
+            # A disk full for the trial's files is full for the journal too: the first error is the one to say
+            # (it names the file); a trial left running is failed by the next worker here (fail_abandoned).
+            with suppress(OSError):
+                study.tell(trial, state=TrialState.FAIL)
             raise
         finally:
             stops.listen()

@@ -11,6 +11,7 @@ the divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% o
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -337,6 +338,25 @@ def test_a_trial_record_the_disk_has_no_room_for_is_one_line_naming_it_and_no_em
     with pytest.raises(DiskFull, match=f"of {full_disk / 'trials' / 'trial-0007'} to write trial.json "):
         tune.run_trial(SimpleNamespace(number=7, params={"lr": 0.1}), setup)
     assert not (full_disk / "trials" / "trial-0007" / "trial.json").exists()
+
+
+def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused_first(tmp_path, monkeypatch):
+    """Failing the trial in the study's journal fails as well on that disk: its OSError, which names no file,
+    took the place of the DiskFull line."""
+    from types import SimpleNamespace
+
+    def trial_fills_the_disk(trial, setup):
+        raise DiskFull(tmp_path / "trial.json", 300, False, "--study-dir")
+
+    def journal_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    study = tune.open_study(tmp_path, optuna.pruners.NopPruner())
+    monkeypatch.setattr(tune, "run_trial", trial_fills_the_disk)
+    monkeypatch.setattr(study, "tell", journal_on_a_full_disk)
+    setup = tune.Setup(tmp_path, {}, [], 1, None, "host:1")
+    with pytest.raises(DiskFull, match="to write trial.json"):
+        tune.run_trials(study, setup, SimpleNamespace(received=None, listen=lambda: None))
 
 
 def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_finishes_it(study_inputs, tmp_path,
