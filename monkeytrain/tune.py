@@ -524,17 +524,31 @@ def finish_is_mine(study, setup: Setup, reason: str) -> bool:
         return False
     claim = setup.study_dir / CLAIM_NAME
     try:
-        with open(claim, "x") as handle:  # O_EXCL: atomic, NFS included, so one worker wins
-            handle.write(setup.worker)
-        return True
+        handle = open(claim, "x")  # O_EXCL: atomic, NFS included, so one worker wins
     except FileExistsError:
         owner = claim.read_text().strip()
+    else:
+        sign_claim(handle, claim, setup.worker)
+        return True
     owner_is = worker_state(owner, setup.worker)
     if owner_is == "gone" or (reason == "finish" and owner_is == "unknown"):  # --finish: the user's call
         claim.write_text(setup.worker)  # take over; the best run resumes from its saved state
         return True
     say(f"{owner} is finishing the study.")
     return False
+
+
+def sign_claim(handle, claim: Path, worker: str) -> None:
+    """Write this worker's name into the claim it has just created. Should the disk be full, the claim goes
+    again: left empty, it would name no worker that could be found gone, and hold the study's end for ever."""
+    from monkeytrain.storage import write_failure
+
+    try:
+        with handle:
+            handle.write(worker)
+    except OSError as error:
+        claim.unlink(missing_ok=True)
+        raise write_failure(claim, error, len(worker.encode()), False, "--study-dir") from error
 
 
 def study_finished(study_dir: Path) -> bool:

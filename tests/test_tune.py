@@ -359,6 +359,18 @@ def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused
         tune.run_trials(study, setup, SimpleNamespace(received=None, listen=lambda: None))
 
 
+def test_a_claim_the_disk_has_no_room_for_is_one_line_and_leaves_no_empty_claim(full_disk, tmp_path):
+    """An empty finish.claim names no worker that could be found gone: every later run said " is finishing the
+    study." and ended, leaving the study unfinished."""
+    from monkeytrain.tune import CLAIM_NAME, Setup, finish_is_mine, open_study
+
+    fill_to_the_brim(full_disk)
+    setup = Setup(full_disk, {}, [], 1, None, "host:5")
+    with pytest.raises(DiskFull, match=f"of {full_disk} to write {CLAIM_NAME} "):
+        finish_is_mine(open_study(tmp_path, optuna.pruners.NopPruner()), setup, "trials")
+    assert not (full_disk / CLAIM_NAME).exists()
+
+
 def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_finishes_it(study_inputs, tmp_path,
                                                                                           monkeypatch):
     """The worker that ends the study lets go of it when a file fails: a rerun, here by the same process
