@@ -21,6 +21,7 @@ from safetensors.torch import save
 
 from monkeytrain import __version__
 from monkeytrain.data.views import CROP_PCT
+from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.model import create_model, strip_wrapper_prefixes
 from monkeytrain.storage import write_atomically
@@ -158,9 +159,20 @@ class BestCheckpoint:
         self.run_dir, self.accelerator = run_dir, accelerator
 
     def save(self, model: torch.nn.Module, info: CheckpointInfo) -> None:
+        """Every rank returns once the file is whole, or raises the same one line when the main process
+        could not write it (a full disk): the others would otherwise wait for it at a barrier it never
+        reaches, and end in a gloo or NCCL traceback under its line."""
+        failure = None
         if self.accelerator.is_main_process:
-            save_checkpoint(self.run_dir, model, info)
-        self.accelerator.wait_for_everyone()  # no rank reads or replaces it before it is whole
+            try:
+                save_checkpoint(self.run_dir, model, info)
+            except UserError as error:  # DiskFull, WriteFailed
+                failure = error
+        problem = broadcast_from_main(str(failure) if failure else None)  # also: none goes on before it is whole
+        if failure:
+            raise failure
+        if problem:
+            raise UserError(problem)
 
 
 def timm_config(info: CheckpointInfo) -> dict:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -299,7 +299,7 @@ def work(study, setup: Setup, finish_now: bool) -> int:
             return stopped(reason, stops.received)
         if not finish_is_mine(study, setup, reason):
             return 0
-        return finish(study, setup, stops)
+        return finish_or_let_go(study, setup, stops)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         say("stopped at once; the trial in flight is marked failed, and a re-run continues the study.")
         return 130
@@ -328,7 +328,10 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
         try:
             ended = run_trial(trial, setup)
         except BaseException:  # a UserError or a second Ctrl-C ends the worker; the trial must not hang on
-            study.tell(trial, state=TrialState.FAIL)
+            # A disk full for the trial's files is full for the journal too: the first error is the one to say
+            # (it names the file); a trial left running is failed by the next worker here (fail_abandoned).
+            with suppress(OSError):
+                study.tell(trial, state=TrialState.FAIL)
             raise
         finally:
             stops.listen()
@@ -342,6 +345,7 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
 
 def run_trial(trial, setup: Setup) -> TrialEnd:
     """One training run in DIR/trials/trial-NNNN, its console output in its train.log."""
+    from monkeytrain.storage import write_atomically
     from monkeytrain.tune_space import as_flags
 
     run_dir = setup.study_dir / TRIALS_DIR / f"trial-{trial.number:04d}"
@@ -353,9 +357,9 @@ def run_trial(trial, setup: Setup) -> TrialEnd:
         ended = train_trial(trial, argv)
     release_memory()
     ended.note += f" [{time.monotonic() - started:.1f} s]"
-    (run_dir / "trial.json").write_text(json.dumps(
+    write_atomically(run_dir / "trial.json", json.dumps(
         {"number": trial.number, "state": ended.state.name, "value": ended.value, "params": trial.params,
-         "note": ended.note, "worker": setup.worker}, indent=2))
+         "note": ended.note, "worker": setup.worker}, indent=2).encode(), flag="--study-dir")
     return ended
 
 
@@ -520,11 +524,12 @@ def finish_is_mine(study, setup: Setup, reason: str) -> bool:
         return False
     claim = setup.study_dir / CLAIM_NAME
     try:
-        with open(claim, "x") as handle:  # O_EXCL: atomic, NFS included, so one worker wins
-            handle.write(setup.worker)
-        return True
+        handle = open(claim, "x")  # O_EXCL: atomic, NFS included, so one worker wins
     except FileExistsError:
         owner = claim.read_text().strip()
+    else:
+        sign_claim(handle, claim, setup.worker)
+        return True
     owner_is = worker_state(owner, setup.worker)
     if owner_is == "gone" or (reason == "finish" and owner_is == "unknown"):  # --finish: the user's call
         claim.write_text(setup.worker)  # take over; the best run resumes from its saved state
@@ -533,11 +538,34 @@ def finish_is_mine(study, setup: Setup, reason: str) -> bool:
     return False
 
 
+def sign_claim(handle, claim: Path, worker: str) -> None:
+    """Write this worker's name into the claim it has just created. Should the disk be full, the claim goes
+    again: left empty, it would name no worker that could be found gone, and hold the study's end for ever."""
+    from monkeytrain.storage import write_failure
+
+    try:
+        with handle:
+            handle.write(worker)
+    except OSError as error:
+        claim.unlink(missing_ok=True)
+        raise write_failure(claim, error, len(worker.encode()), False, "--study-dir") from error
+
+
 def study_finished(study_dir: Path) -> bool:
     return (study_dir / BEST_RUN_NAME / RESULTS_NAME).is_file()
 
 
 # --- the end of a study -------------------------------------------------------
+
+def finish_or_let_go(study, setup: Setup, stops: StopSignals) -> int:
+    """`finish`; should it fail (no trial completed, a full disk), the claim goes, so that the next worker to
+    come, on any host, ends the study: a claim left behind is taken over only from a worker known to be gone."""
+    try:
+        return finish(study, setup, stops)
+    except UserError:
+        (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)
+        raise
+
 
 def finish(study, setup: Setup, stops: StopSignals) -> int:
     """The study's files from its trials, then the best config trained again and scored on test, once."""
@@ -546,8 +574,7 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     from monkeytrain import tune_report
 
     trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)  # more trials may come; let them finish it
+    if not any(t.state == TrialState.COMPLETE for t in trials):  # more trials may come; they finish it
         raise UserError(f"no trial of {setup.study_dir} completed ({progress(study, setup.trials)}); widen the "
                         "space or relax --pruner, then run again with more --trials or --timeout-minutes.")
     best = study.best_trial

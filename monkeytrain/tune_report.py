@@ -1,12 +1,14 @@
 """What the end of a study writes: trials.csv, search.png, best_config.yaml and summary.json.
 
 Everything here reads the study (and the best trial's run directory) and writes files; nothing trains.
-The picture is drawn on matplotlib's Agg canvas directly, as plots.py does.
+The picture is drawn on matplotlib's Agg canvas directly, as plots.py does. Every file goes through
+storage.write_atomically: a full disk leaves the one before whole and ends the study in one line naming the file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from pathlib import Path
@@ -18,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from optuna.trial import FrozenTrial, TrialState
 
+from monkeytrain.storage import write_atomically
+
 TRIALS_NAME = "trials.csv"
 SEARCH_NAME = "search.png"
 BEST_CONFIG_NAME = "best_config.yaml"
@@ -28,6 +32,7 @@ SUMMARY_NAME = "summary.json"
 MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
 # Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
 RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", *MACHINE_FIELDS)
+FLAG = "--study-dir"  # where the files go: the way out of a full disk
 
 
 def trial_note(trial: FrozenTrial) -> str:
@@ -53,14 +58,15 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
     one; none for a failed or interrupted one, whose last epoch was no score), each parameter,
     seconds, the worker that ran it and a note."""
     names = sorted({name for trial in trials for name in trial.params})
-    with open(path, "w", newline="") as handle:
-        table = csv.writer(handle)
-        table.writerow(["number", "state", "value", *names, "seconds", "worker", "note"])
-        for trial in trials:
-            value = (trial.intermediate_values.get(trial.last_step) if trial.state == TrialState.PRUNED
-                     else trial.value)
-            table.writerow([trial.number, trial.state.name, value, *(trial.params.get(n) for n in names),
-                            seconds(trial), trial.user_attrs.get("worker", ""), trial_note(trial)])
+    text = io.StringIO()  # the whole table first: opened with "w", a full disk would leave half of it
+    table = csv.writer(text)
+    table.writerow(["number", "state", "value", *names, "seconds", "worker", "note"])
+    for trial in trials:
+        value = (trial.intermediate_values.get(trial.last_step) if trial.state == TrialState.PRUNED
+                 else trial.value)
+        table.writerow([trial.number, trial.state.name, value, *(trial.params.get(n) for n in names),
+                        seconds(trial), trial.user_attrs.get("worker", ""), trial_note(trial)])
+    write_atomically(path, text.getvalue().encode(), flag=FLAG)
 
 
 def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
@@ -105,7 +111,7 @@ def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_no
         importance.axis("off")
         importance.text(0.5, 0.5, f"no parameter importance yet:\n{why_not}", ha="center", va="center",
                         wrap=True, fontsize=9)
-    FigureCanvasAgg(figure).print_png(str(path))
+    write_atomically(path, FigureCanvasAgg(figure).print_png, durable=False, flag=FLAG)  # drawn again if lost
     return path
 
 
@@ -118,7 +124,7 @@ def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], p
               f"{best.value:.2%} (best epoch), from {trial_dir}.\n# Searched: {', '.join(searched)}. "
               f"Train it again with: monkeytrain train --config {path}\n# The device and precision are left to "
               "the machine that trains it (add --cpu or --mixed-precision to choose them).\n")
-    path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
+    write_atomically(path, (header + yaml.safe_dump(preset, sort_keys=False)).encode(), flag=FLAG)
     return path
 
 
@@ -138,5 +144,5 @@ def study_summary(trials: list[FrozenTrial], best: FrozenTrial, importances: dic
 
 
 def write_json(data: dict, path: Path) -> Path:
-    path.write_text(json.dumps(data, indent=2))
+    write_atomically(path, json.dumps(data, indent=2).encode(), flag=FLAG)
     return path

@@ -11,7 +11,9 @@ from PIL import Image
 
 from monkeytrain.data import layout
 from monkeytrain.data.dataset import discover_splits
-from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.data.synthetic import SIZE_AT_LEAST, VERSION, ensure_synthetic_dataset
+from monkeytrain.storage import DiskFull, folder_size, human_size
+from test_storage import full_disk  # noqa: F401  (a real 2 MiB tmpfs: the data set takes more)
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -82,3 +84,16 @@ def test_an_incomplete_dataset_is_regenerated(tmp_path):
     assert ensure_synthetic_dataset(tmp_path) == root
     assert file_digests(root) == expected
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no staging folder left behind
+
+
+def test_the_size_a_full_disk_is_told_is_no_more_than_the_data_set_takes(synthetic_root):
+    assert folder_size(synthetic_root) >= SIZE_AT_LEAST
+
+
+def test_a_full_disk_leaves_no_half_made_folder_and_names_the_cache_folder_and_the_space(full_disk):
+    cache = full_disk / "cache"
+    with pytest.raises(DiskFull) as raised:
+        ensure_synthetic_dataset(cache)
+    assert str(raised.value) == (f"no space left on the device of {cache} to write {VERSION} (at least "
+                                 f"{human_size(SIZE_AT_LEAST)} needed); free some space or pick another --cache-dir.")
+    assert list(cache.iterdir()) == []  # the half-made .synthetic-v2.<pid> folder is gone

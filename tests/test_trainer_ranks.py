@@ -121,3 +121,31 @@ def test_an_image_one_rank_finds_gone_decoding_the_resident_views_stops_both_wit
     last_lines = two_ranks_losing_images(tmp_path, data, "decode", "--data-pipeline", "resident")
     assert last_lines[0] == last_lines[1], last_lines
     assert last_lines[0].startswith(f"monkeytrain: error: {data}") and "can no longer be read" in last_lines[0]
+
+
+def train_rank_on_a_full_disk(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
+    """forked.train_rank, the main process finding the disk full as it writes best.safetensors."""
+    if rank == 0:
+        from monkeytrain import checkpoint
+        from monkeytrain.storage import DiskFull
+
+        def save_checkpoint(run_dir: Path, *args) -> Path:
+            raise DiskFull(run_dir / checkpoint.BEST_NAME, 4096, False, "--output-dir")
+
+        checkpoint.save_checkpoint = save_checkpoint
+    train_rank(folder, flags, environment, rank)
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_both_with_its_one_line(tmp_path, data):
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, "--epochs", "1"]
+    children = [start(train_rank_on_a_full_disk, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
+                      rank) for rank in (0, 1)]
+    ended = exit_codes(children)
+    logs = [printed(tmp_path / f"rank{rank}.log") for rank in (0, 1)]
+    assert ended == [2, 2], f"exit codes {ended}\n" + "\n".join(logs)
+    assert not any("Traceback" in log for log in logs), "\n".join(logs)  # was rank 1's gloo "Connection closed"
+    expected = ("monkeytrain: error: no space left on the device of runs/gone to write "
+                "best.safetensors (4.0 KiB needed); free some space or pick another --output-dir.")
+    assert [log.strip().splitlines()[-1] for log in logs] == [expected] * 2

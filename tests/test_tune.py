@@ -11,6 +11,7 @@ the divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% o
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ import yaml
 from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
+from monkeytrain.storage import DiskFull
+from test_storage import fill_to_the_brim, full_disk  # noqa: F401  (a real 2 MiB tmpfs)
 from test_slurm import (RECORDING_SCONTROL, job_environment, job_state, read_log, slurm_cluster,  # noqa: F401
                         stand_in_commands, submit, wait_for_job)
 
@@ -266,6 +269,133 @@ def test_the_space_is_checked_with_the_fixed_flags_before_any_trial(tmp_path, ca
     error = capsys.readouterr().err.splitlines()[-1]
     assert exited.value.code == 2 and expected.format(space=space) in error, error
     assert not (tmp_path / "study").exists()
+
+
+def finished_trials(count: int) -> list:
+    """`count` complete trials of a study held in memory, each with a long note (a few KiB in all)."""
+    study = optuna.create_study(direction="maximize")
+    for number in range(count):
+        study.add_trial(optuna.trial.create_trial(params={"lr": 0.01 + number / 1000}, value=0.5,
+                                                  distributions={"lr": optuna.distributions.FloatDistribution(0, 1)},
+                                                  user_attrs={"worker": f"host:{number}", "error": "x" * 40}))
+    return study.get_trials()
+
+
+def write_trials(folder: Path, count: int) -> Path:
+    from monkeytrain.tune_report import write_trials_csv
+
+    write_trials_csv(finished_trials(count), folder / "trials.csv")
+    return folder / "trials.csv"
+
+
+def write_best(folder: Path, count: int) -> Path:
+    """best_config.yaml of a trial whose config holds `count` long values."""
+    from types import SimpleNamespace
+
+    from monkeytrain.tune_report import write_best_config
+
+    trial = folder.parent / f"trial-{count}"
+    trial.mkdir(exist_ok=True)
+    (trial / "config.yaml").write_text(yaml.safe_dump({f"key{n}": "x" * 40 for n in range(count)}))
+    return write_best_config(SimpleNamespace(number=3, value=0.9), trial, ["lr"], folder / "best_config.yaml")
+
+
+def write_summary(folder: Path, count: int) -> Path:
+    from monkeytrain.tune_report import write_json
+
+    return write_json({f"key{n}": "x" * 40 for n in range(count)}, folder / "summary.json")
+
+
+def draw(folder: Path, count: int) -> Path:
+    from monkeytrain.tune_report import draw_search
+
+    return draw_search(finished_trials(count), {}, "too few trials", folder / "search.png")
+
+
+@pytest.mark.parametrize("write", [write_trials, write_best, write_summary, draw])
+def test_a_study_file_the_disk_has_no_room_for_leaves_the_one_before_whole(full_disk, write):
+    """Each was written in place (trials.csv opened with "w", the others with write_text): a full disk emptied
+    the file before, then left half of the new one, and the error named no file."""
+    path = write(full_disk, 2)
+    before = path.read_bytes()
+    fill_to_the_brim(full_disk)
+    with pytest.raises(DiskFull, match=f"^no space left on the device of {full_disk} to write {path.name}"
+                                       r"( \(.* needed\))?; free some space or pick another --study-dir\.$"):
+        write(full_disk, 200)  # more than the page the old file frees
+    assert path.read_bytes() == before
+    assert not [p for p in full_disk.iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+def test_a_trial_record_the_disk_has_no_room_for_is_one_line_naming_it_and_no_empty_file(full_disk, monkeypatch):
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    monkeypatch.setattr(tune, "train_trial", lambda trial, argv: tune.TrialEnd(TrialState.COMPLETE, 0.9, "fine"))
+    setup = tune.Setup(full_disk, {}, [], 1, None, "host:1")
+    (full_disk / "trials" / "trial-0007").mkdir(parents=True)
+    fill_to_the_brim(full_disk)
+    with pytest.raises(DiskFull, match=f"of {full_disk / 'trials' / 'trial-0007'} to write trial.json "):
+        tune.run_trial(SimpleNamespace(number=7, params={"lr": 0.1}), setup)
+    assert not (full_disk / "trials" / "trial-0007" / "trial.json").exists()
+
+
+def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused_first(tmp_path, monkeypatch):
+    """Failing the trial in the study's journal fails as well on that disk: its OSError, which names no file,
+    took the place of the DiskFull line."""
+    from types import SimpleNamespace
+
+    def trial_fills_the_disk(trial, setup):
+        raise DiskFull(tmp_path / "trial.json", 300, False, "--study-dir")
+
+    def journal_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    study = tune.open_study(tmp_path, optuna.pruners.NopPruner())
+    monkeypatch.setattr(tune, "run_trial", trial_fills_the_disk)
+    monkeypatch.setattr(study, "tell", journal_on_a_full_disk)
+    setup = tune.Setup(tmp_path, {}, [], 1, None, "host:1")
+    with pytest.raises(DiskFull, match="to write trial.json"):
+        tune.run_trials(study, setup, SimpleNamespace(received=None, listen=lambda: None))
+
+
+def test_a_claim_the_disk_has_no_room_for_is_one_line_and_leaves_no_empty_claim(full_disk, tmp_path):
+    """An empty finish.claim names no worker that could be found gone: every later run said " is finishing the
+    study." and ended, leaving the study unfinished."""
+    from monkeytrain.tune import CLAIM_NAME, Setup, finish_is_mine, open_study
+
+    fill_to_the_brim(full_disk)
+    setup = Setup(full_disk, {}, [], 1, None, "host:5")
+    with pytest.raises(DiskFull, match=f"of {full_disk} to write {CLAIM_NAME} "):
+        finish_is_mine(open_study(tmp_path, optuna.pruners.NopPruner()), setup, "trials")
+    assert not (full_disk / CLAIM_NAME).exists()
+
+
+def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_finishes_it(study_inputs, tmp_path,
+                                                                                          monkeypatch):
+    """The worker that ends the study lets go of it when a file fails: a rerun, here by the same process
+    (alive, so its claim would never be taken over), finishes it without training another trial."""
+    from monkeytrain import tune_report
+
+    space, train_flags = study_inputs
+    study_dir = tmp_path / "study"
+    argv = ["--space", str(space), "--study-dir", str(study_dir), "--trials", "1", "--pruner", "none",
+            *train_flags, "--epochs", "1"]
+    real_write = tune_report.write_best_config
+
+    def full(best, trial_dir, searched, path):
+        raise DiskFull(path, 1234, False, "--study-dir")
+
+    monkeypatch.setattr(tune_report, "write_best_config", full)
+    with pytest.raises(SystemExit) as raised:
+        run_here(tune.main, argv, PROJECT)
+    assert raised.value.code == 2
+    assert not (study_dir / tune.CLAIM_NAME).exists()
+    monkeypatch.setattr(tune_report, "write_best_config", real_write)
+    done = run_here(tune.main, argv, PROJECT)
+    assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 trial (1 complete)" in done.stdout and len(read_trials(study_dir)) == 1
+    assert (study_dir / "best_run" / "results.json").is_file() and (study_dir / "best_config.yaml").is_file()
 
 
 def test_the_end_of_a_study_is_taken_over_only_from_a_worker_that_is_gone(tmp_path, monkeypatch):

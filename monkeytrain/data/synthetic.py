@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from monkeytrain.storage import mark_used
+from monkeytrain.storage import folder_size, mark_used, write_failure
 
 VERSION = "synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes", "vstripes", "checker", "star")
@@ -24,6 +24,9 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes"
 # recipe) finishes in under a minute and still learns the shapes (v1 had 40/10/10).
 IMAGES_PER_SPLIT = {"train": 16, "val": 5, "test": 10}
 SIDE = 64
+# What the 310 PNG files take (2.9 MiB with today's zlib), rounded down: a full disk is told at least this
+# much is needed, even when it refuses the very first file.
+SIZE_AT_LEAST = 2_500_000
 
 
 def ensure_synthetic_dataset(cache_dir: Path) -> Path:
@@ -34,6 +37,22 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
         return root
     staging = cache_dir / f".{VERSION}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_samples(staging)
+    except OSError as error:  # a full disk, a read-only cache folder: nothing half made is left there
+        needed = max(folder_size(staging), SIZE_AT_LEAST)  # measured before the folder goes
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(root, error, needed, True, "--cache-dir") from error
+    if not (root / ".complete").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+    else:
+        shutil.rmtree(staging)
+    return root
+
+
+def write_samples(staging: Path) -> None:
+    """Every split's images into `staging`, then the `.complete` mark."""
     for split_index, (split, count) in enumerate(IMAGES_PER_SPLIT.items()):
         for label, shape in enumerate(SHAPES):
             folder = staging / split / shape
@@ -42,12 +61,6 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
                 seed = (split_index * 100 + label) * 10_000 + i
                 draw_sample(shape, label, np.random.default_rng(seed)).save(folder / f"{shape}_{i:03d}.png")
     (staging / ".complete").touch()
-    if not (root / ".complete").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
-    else:
-        shutil.rmtree(staging)
-    return root
 
 
 def draw_sample(shape: str, label: int, rng: np.random.Generator) -> Image.Image:
