@@ -102,14 +102,20 @@ def graphed(folder: Path, data_root: str) -> None:
 
 
 def record_writes(output_dir: Path, writes: list[str]) -> None:
-    """Note every file opened for writing, replaced or created under `output_dir`."""
-    real_open, real_replace, real_mkdir = builtins.open, os.replace, os.mkdir
+    """Note every file opened for writing (by open or os.open), replaced or created under `output_dir`."""
+    real_open, real_os_open, real_replace, real_mkdir = builtins.open, os.open, os.replace, os.mkdir
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     inside = lambda p: str(Path(p).resolve()).startswith(str(output_dir.resolve()))
 
     def open_(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and inside(file):
             writes.append(f"open {file}")
         return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & writing and inside(path):
+            writes.append(f"os.open {path}")
+        return real_os_open(path, flags, *args, **kwargs)
 
     def replace_(src, dst, *args, **kwargs):
         if inside(dst):
@@ -122,7 +128,7 @@ def record_writes(output_dir: Path, writes: list[str]) -> None:
         return real_mkdir(path, *args, **kwargs)
 
     builtins.open = io.open = open_
-    os.replace, os.mkdir = replace_, mkdir_
+    os.open, os.replace, os.mkdir = os_open, replace_, mkdir_
 
 
 def record_decisions(decisions: list) -> None:
