@@ -180,3 +180,15 @@ def test_tune_sbatch_workers_redraw_their_progress_bars_at_most_once_a_minute(tm
                               VIRTUAL_ENV=str(tmp_path))  # the python on PATH
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "mininterval").read_text().strip() == "60"
+
+
+def test_tune_sbatch_on_several_nodes_says_a_worker_trains_on_one(tmp_path):
+    """`sbatch --nodes=2 slurm/tune.sbatch`: each worker would train on its first node, the other idle and billed."""
+    (tmp_path / "out").mkdir()
+    python = '#!/bin/sh\ntouch "$STUB_OUTPUT/started"\n'
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "tune.sbatch")], tmp_path, tmp_path, bin_python=python,
+                              SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2", MONKEYTRAIN_ROOT=str(SLURM_DIR.parent),
+                              VIRTUAL_ENV=str(tmp_path))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "2 nodes" in done.stderr and "--nodes=1" in done.stderr
+    assert not (tmp_path / "out" / "started").exists()
