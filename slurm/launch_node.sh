@@ -9,7 +9,8 @@
 #   NUM_MACHINES    machines in the run                      (1)
 #   MACHINE_RANK    this machine, 0 .. NUM_MACHINES-1         (0)
 #   MAIN_ADDR       address of the rendezvous host            (127.0.0.1)
-#   MAIN_PORT       rendezvous port there                     (20000 + SLURM_JOB_ID % 20000, else 29500)
+#   MAIN_PORT       rendezvous port there                     (20000 + SLURM_JOB_ID % 20000, else 29500;
+#                                                             on one machine, the next free one if taken)
 #   MONKEYTRAIN_ACCELERATE_CONFIG   Accelerate config file, a relative path from the working directory
 #                                   or else the checkout      (accelerate_configs/multi_gpu.yaml on one
 #                                   machine, multi_node.yaml on several, cpu_ddp.yaml on one in CPU mode)
@@ -63,10 +64,11 @@ one_process_config() { grep -Eq "^distributed_type:[[:space:]]*['\"]?NO['\"]?[[:
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
 MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
-if [ -n "${SLURM_JOB_ID:-}" ]; then
-    # One port per job (and the same one after a requeue), so two jobs sharing
-    # a node do not collide on Accelerate's default 29500.
-    MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+source "$root/slurm/ports.sh"
+port_given=${MAIN_PORT:+1}
+if [ -n "${SLURM_JOB_ID:-}" ] && [[ $SLURM_JOB_ID =~ ^[0-9]+$ ]]; then
+    # One port per job, so two jobs sharing a node do not collide on Accelerate's default 29500.
+    MAIN_PORT=${MAIN_PORT:-$(job_port "$SLURM_JOB_ID")}
 fi
 MAIN_PORT=${MAIN_PORT:-29500}
 tmp=${TMPDIR:-/tmp}
@@ -88,6 +90,16 @@ is_count "$MAIN_PORT" && [ "$MAIN_PORT" -ge 1 ] && [ "$MAIN_PORT" -le 65535 ] \
     || die "MAIN_PORT must be a TCP port (1-65535), got '$MAIN_PORT'."
 # Decimal from here on: in $((...)) a leading zero would make 08 an octal error.
 NUM_MACHINES=$((10#$NUM_MACHINES)) MACHINE_RANK=$((10#$MACHINE_RANK)) MAIN_PORT=$((10#$MAIN_PORT))
+# A taken port (slurm/ports.sh says what then goes wrong). On one machine the port is this launch's
+# alone: one left to this script moves on to the next free one. Machine 0 of several (Accelerate's
+# rendezvous host, the one it checks) cannot tell the others: a port in use there ends the launch.
+if [ "$NUM_MACHINES" = 1 ] && [ -z "$port_given" ]; then
+    MAIN_PORT=$(first_free_port "$MAIN_PORT") \
+        || die "no free port among the 100 from $MAIN_PORT on $(hostname -s); set MAIN_PORT to a free one."
+elif [ "$MACHINE_RANK" = 0 ]; then
+    port_is_free "$MAIN_PORT" \
+        || die "the rendezvous port MAIN_PORT=$MAIN_PORT is in use on $(hostname -s); set MAIN_PORT to a free port."
+fi
 
 # --- which config, which device, how many processes -------------------------
 cpu=${MONKEYTRAIN_CPU:-0}
@@ -127,6 +139,13 @@ launch=("$accelerate" launch --config_file "$config"
         --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
         --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+# tqdm redraws its progress bar with a \r ten times a second; a log file (SLURM's, a redirect) keeps every
+# one, on one endless line. There, once a minute at most (tqdm reads TQDM_MININTERVAL; set it to override).
+if [ ! -t 2 ]; then export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}; fi
+# The c10d rendezvous keeps its keys under torchrun's --rdzv-id, which Accelerate leaves at "none" (torchrun
+# reads PET_RDZV_ID instead): the job's id, so that a machine which meets another job's rendezvous on its
+# port (taken after train_multinode.sbatch chose it) waits for its own job's machines instead of joining.
+if [ "$NUM_MACHINES" -gt 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then export PET_RDZV_ID=${PET_RDZV_ID:-$SLURM_JOB_ID}; fi
 train_flags=()
 if [ "$((NUM_MACHINES * procs))" = 1 ]; then
     # One process: accelerate's --quiet keeps its CalledProcessError traceback from

@@ -67,10 +67,9 @@ def job_environment(**extra: str) -> dict[str, str]:
 
 
 def submit(script: Path, *train_args: str, workdir: Path, env: dict[str, str], sbatch_flags=()) -> int:
-    """sbatch `script` from the checkout (SLURM_SUBMIT_DIR) with the job working in `workdir`
-    (its logs/ folder is created); returns the job id at once (`wait_for_job` waits for its end:
-    sooner than `sbatch --wait`, which looks again only after 2, 8 and then 32 s)."""
-    (workdir / "logs").mkdir(exist_ok=True)
+    """sbatch `script` from the checkout (SLURM_SUBMIT_DIR) with the job working in `workdir`, where
+    its log goes; returns the job id at once (`wait_for_job` waits for its end: sooner than
+    `sbatch --wait`, which looks again only after 2, 8 and then 32 s)."""
     command = ["sbatch", "--parsable", f"--chdir={workdir}", *CPU_NODE, *sbatch_flags, str(script), *train_args]
     done = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
     job_id = done.stdout.strip().split(";")[0]
@@ -97,8 +96,8 @@ def wait_for_job(job_id: int, timeout: float = 300) -> dict[str, str]:
 
 
 def log_file(workdir: Path, job_id: int, job_name: str = "monkeytrain") -> Path:
-    """Where the scripts' `--output=logs/%x-%j.out` puts the job's log."""
-    return workdir / "logs" / f"{job_name}-{job_id}.out"
+    """Where the scripts' `--output=%x-%j.out` puts the job's log: its working folder."""
+    return workdir / f"{job_name}-{job_id}.out"
 
 
 def read_log(path: Path) -> str:
@@ -218,10 +217,10 @@ def two_rank_job(slurm_cluster, tmp_path_factory) -> tuple[int, Path]:
 @pytest.mark.first
 def test_train_sbatch_directives_reach_slurm(two_rank_job):
     """What the script's #SBATCH lines ask for, as Slurm holds the job (its run is checked last)."""
-    job, _ = two_rank_job
+    job, workdir = two_rank_job
     state = job_state(job)
     assert state["JobName"] == "monkeytrain" and state["Requeue"] == "1", state
-    assert state["NumNodes"].split("-")[0] == "1" and state["StdOut"].endswith(f"/logs/monkeytrain-{job}.out"), state
+    assert state["NumNodes"].split("-")[0] == "1" and state["StdOut"] == str(log_file(workdir, job)), state
 
 
 @pytest.mark.last
@@ -375,7 +374,7 @@ def forwarding_jobs(slurm_cluster, tmp_path_factory) -> dict[str, ForwardingJob]
 @pytest.mark.first
 def test_both_sbatch_scripts_submit_jobs_named_as_their_log_files_expect(forwarding_jobs):
     for script, forwarding in forwarding_jobs.items():
-        assert job_state(forwarding.job)["StdOut"].endswith(f"/logs/{forwarding.log.name}"), script
+        assert job_state(forwarding.job)["StdOut"] == str(forwarding.log), script
 
 
 @pytest.mark.last
