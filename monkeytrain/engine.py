@@ -7,6 +7,7 @@ global figures.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -109,6 +110,14 @@ def update_weights(learner: Learner, accelerator) -> None:
     learner.averager.apply()
 
 
+def progress_bar(total: int | None, description: str, shown: bool) -> tqdm:
+    """The epoch's bar. Into a file (a SLURM log, `> run.log`), tqdm's ten redraws a second, each after a
+    \r on one endless line, would be megabytes an hour that `less` shows as one line: there, at most one a
+    minute (a long epoch's progress still shows)."""
+    redraws = {} if sys.stderr.isatty() else {"mininterval": 60}
+    return tqdm(total=total, desc=description, leave=False, disable=not shown, **redraws)
+
+
 def train_one_epoch(step: BatchStep, batches, accelerator, batches_total: int | None = None,
                     after_step: Callable[[int], bool] = lambda batches_done: False,
                     description: str = "train") -> TrainStats:
@@ -129,7 +138,7 @@ def train_one_epoch(step: BatchStep, batches, accelerator, batches_total: int | 
     started = time.perf_counter()
     stopped = False
     # closed also on an error, which would otherwise be printed after the bar, on its line
-    with tqdm(total=batches_total, desc=description, leave=False, disable=not accelerator.is_main_process) as progress:
+    with progress_bar(batches_total, description, accelerator.is_main_process) as progress:
         for batch, (views, labels) in enumerate(batches, start=1):
             loss, logits = step(views, labels)
             loss_sum += loss.double() * labels.shape[0]

@@ -139,9 +139,6 @@ launch=("$accelerate" launch --config_file "$config"
         --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
         --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
-# tqdm redraws its progress bar with a \r ten times a second; a log file (SLURM's, a redirect) keeps every
-# one, on one endless line. There, once a minute at most (tqdm reads TQDM_MININTERVAL; set it to override).
-if [ ! -t 2 ]; then export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}; fi
 # The c10d rendezvous keeps its keys under torchrun's --rdzv-id, which Accelerate leaves at "none" (torchrun
 # reads PET_RDZV_ID instead): the job's id, so that a machine which meets another job's rendezvous on its
 # port (taken after train_multinode.sbatch chose it) waits for its own job's machines instead of joining.

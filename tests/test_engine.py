@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -296,3 +297,13 @@ def test_mixed_targets_reach_the_loss_and_accuracy_counts_the_true_labels(cpu_ac
     assert len(seen) == 2
     assert trained.loss == pytest.approx(F.cross_entropy(logits, 1 - labels).item(), rel=1e-6)
     assert trained.accuracy == pytest.approx((logits.argmax(dim=1) == labels).double().mean().item())
+
+
+@pytest.mark.parametrize("terminal, redraw_seconds", [(True, 0.1), (False, 60)])
+def test_the_progress_bar_redraws_at_most_once_a_minute_into_a_file(monkeypatch, terminal, redraw_seconds):
+    """A SLURM log or `> run.log` would keep each of ten redraws a second, \\r after \\r on one line."""
+    from monkeytrain.engine import progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    with progress_bar(3, "epoch 1", shown=True) as bar:
+        assert bar.mininterval == redraw_seconds and not bar.disable

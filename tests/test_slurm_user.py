@@ -154,34 +154,6 @@ def test_train_multinode_sbatch_takes_the_next_free_port_when_its_own_is_taken(j
     assert port != job_port(job) and f"training process on port {port}\n" in log, log
 
 
-# --- progress bars in log files -----------------------------------------------------------------
-
-# What engine.py's bar would do, reporting how often it may redraw itself.
-TQDM_BAR = "from tqdm.auto import tqdm\nwith tqdm(total=2, leave=False, disable=False) as bar:\n" \
-           "    print('redraws at most every', bar.mininterval, 's')\n"
-
-
-def test_a_progress_bar_into_a_log_file_redraws_at_most_once_a_minute(tmp_path):
-    """A SLURM log (or `launch/cpu_ddp.sh > run.log`) keeps each of tqdm's ten redraws a second, \\r after
-    \\r on one line: megabytes an hour that `less` shows as one."""
-    (tmp_path / "bar.py").write_text(TQDM_BAR)
-    done = subprocess.run([str(SLURM_DIR / "launch_node.sh")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env=job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu.yaml",
-                                                           MONKEYTRAIN_TRAIN_SCRIPT=str(tmp_path / "bar.py")))
-    assert done.returncode == 0, done.stderr
-    assert "redraws at most every 60.0 s" in done.stdout, done.stdout
-
-
-def test_tune_sbatch_workers_redraw_their_progress_bars_at_most_once_a_minute(tmp_path):
-    (tmp_path / "out").mkdir()
-    python = '#!/bin/sh\necho "$TQDM_MININTERVAL" > "$STUB_OUTPUT/mininterval"\n'
-    done = run_with_stand_ins(["bash", str(SLURM_DIR / "tune.sbatch")], tmp_path, tmp_path, bin_python=python,
-                              bin_scontrol="#!/bin/sh\n", SLURM_JOB_ID="7", MONKEYTRAIN_ROOT=str(SLURM_DIR.parent),
-                              VIRTUAL_ENV=str(tmp_path))  # the python on PATH
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "out" / "mininterval").read_text().strip() == "60"
-
-
 def test_tune_sbatch_on_several_nodes_says_a_worker_trains_on_one(tmp_path):
     """`sbatch --nodes=2 slurm/tune.sbatch`: each worker would train on its first node, the other idle and billed."""
     (tmp_path / "out").mkdir()

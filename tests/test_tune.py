@@ -527,7 +527,7 @@ def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_
     # Polled here, not with sbatch --wait, which looks again only 2, 10 and 42 s after submitting.
     states = [wait_for_job(f"{job}_{task}", timeout=300)["JobState"] for task in (0, 1)]
 
-    logs = [read_log(folder / "logs" / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
+    logs = [read_log(folder / f"monkeytrain-tune-{job}_{task}.out") for task in (0, 1)]
     assert states == ["COMPLETED", "COMPLETED"], "\n".join(log[-3000:] for log in logs)
     assert sum(log.count("training the best config once more") for log in logs) == 1  # exactly one finishes
     assert all(" joins " in log for log in logs)
