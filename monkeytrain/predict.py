@@ -3,10 +3,12 @@ and scoring an image folder."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,12 +30,14 @@ class Prediction:
 
 def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Readable images among files and folders given, each once (a file named twice, or named and in a
-    folder given too, is one image: one answer); a named file that is not one is an error."""
+    folder given too, is one image: one answer); a named file that is not one is an error. A pattern
+    the shell left as it was ('*.jpg' in quotes) names the files it matches, as the shell would have."""
+    named = [name for item in inputs for name in expanded(item)]
     once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
-    for path in (path for item in map(Path, inputs) for path in files_of(item)):
+    for path in (path for item in map(Path, named) for path in files_of(item)):
         once.setdefault(os.path.abspath(path), path)
     images, skipped = scan_labelled_files([(p, -1) for p in once.values()])
-    named_files = {Path(i) for i in inputs if not Path(i).is_dir()}
+    named_files = {Path(name) for name in named if not Path(name).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
             raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
@@ -42,15 +46,39 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     return images, skipped
 
 
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+PATTERN = re.compile(r"[*?[]")  # what makes a word a pattern to the shell and to glob
+
+
+def expanded(item: str) -> list[str]:
+    """The paths an input names: itself where it exists, else the files that it matches as a pattern;
+    what names nothing is an error that says what it is (Path() would already have turned https://
+    into https:/)."""
+    if os.path.lexists(item):  # a file named '*.jpg' is itself, as in the shell
+        return [item]
+    if URL.match(item):
+        raise UserError(f"{item} is a URL, and predict reads local files only; download the image and pass "
+                        "its path.")
+    if item == "-":
+        raise UserError("- (standard input) cannot be read as an image; save the image to a file and pass its "
+                        "path (to predict the files that a command lists, pipe them to xargs).")
+    if PATTERN.search(item):
+        matches = sorted(glob.glob(item, recursive=True))
+        if not matches:
+            raise UserError(f"{item} matches no file; pass image files, folders of images or a pattern that "
+                            "matches some.")
+        return matches
+    raise UserError(f"{item} does not exist; pass image files or folders of images.")
+
+
 def files_of(item: Path) -> list[Path]:
     """The files an input names: every file below a folder, or the file itself."""
     if item.is_dir():
         return candidate_files(item)
     if item.is_file() or item.is_symlink():  # a link to nothing too, for the scan to say where it points
         return [item]
-    if item.exists():  # reading a named pipe would wait for a writer forever; a pipe can be read only once
-        raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
-    raise UserError(f"{item} does not exist; pass image files or folders of images.")
+    # reading a named pipe would wait for a writer forever; a pipe can be read only once
+    raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
 
 
 def preparer(info: CheckpointInfo) -> Callable:

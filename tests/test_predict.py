@@ -105,3 +105,21 @@ def test_classes_that_share_a_name_are_told_apart_by_their_folders(split, capsys
     cli.main(["predict", "--cpu", "--json", "--top-k", "3", "--checkpoint", shared, str(split / "n0" / "n0_000.png")])
     top = json.loads(capsys.readouterr().out)[0]["top"]
     assert sorted(answer["class"] for answer in top) == ["howler", "macaque (n0)", "macaque (n1)"]
+
+
+def test_a_pattern_the_shell_left_as_it_was_names_the_files_it_matches(checkpoint, split, capsys):
+    """`monkeytrain predict '*.png'` in quotes, or from a shell that does not expand patterns."""
+    flags = ["--checkpoint", str(checkpoint)]
+    assert predicted_paths([*flags, str(split / "n0" / "*.png")], capsys) == [
+        str(split / "n0" / "n0_000.png"), str(split / "n0" / "n0_001.png")]
+    assert len(predicted_paths([*flags, str(split / "**" / "*_000.png")], capsys)) == 3
+    assert f"{split / 'n0' / '*.jpg'} matches no file" in error_of(
+        ["predict", *flags, str(split / "n0" / "*.jpg")], capsys)
+
+
+def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, capsys):
+    flags = ["predict", "--checkpoint", str(checkpoint)]
+    assert ("https://example.com/monkey.jpg is a URL, and predict reads local files only; download the image"
+            in error_of([*flags, "https://example.com/monkey.jpg"], capsys))
+    assert "- (standard input) cannot be read as an image; save the image to a file" in error_of(
+        [*flags, "-"], capsys)
