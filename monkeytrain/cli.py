@@ -149,19 +149,35 @@ def warn_about_files(skipped: list, images: list = ()) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from monkeytrain.predict import collect_images, predict
+    from monkeytrain.predict import collect_images, load_classifier, predict
 
     if args.top_k < 1:
-        raise UserError("--top-k must be at least 1.")
+        raise UserError(f"--top-k must be at least 1 (got {args.top_k}); it is how many classes to show.")
+    device = device_for(args.cpu)
+    classifier = load_classifier(args.checkpoint, device)  # a wrong checkpoint is told before images are read
     images, skipped = collect_images(args.inputs)
     warn_about_files(skipped, images)
-    predictions = predict(args.checkpoint, images, args.top_k, device_for(args.cpu))
+    predictions = predict(classifier, images, args.top_k, device)
     if args.json:
-        print(json.dumps([{"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
-                          for p in predictions], indent=2))
+        print_json_array({"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
+                         for p in predictions)
         return
     for p in predictions:
-        print(f"{p.path}: " + ", ".join(f"{c} {q:.1%}" for c, q in p.top))
+        print(f"{p.path}: " + ", ".join(f"{c} {q:.1%}" for c, q in p.top), flush=True)
+
+
+def print_json_array(items) -> None:
+    """One JSON document, an array, written one element a line as each comes (for a long list: the
+    first answers at once, and `grep` works on it too); an element waits for the next, for its comma."""
+    print("[")
+    previous = None
+    for item in items:
+        if previous is not None:
+            print(f"  {previous},", flush=True)
+        previous = json.dumps(item)
+    if previous is not None:
+        print(f"  {previous}")
+    print("]")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

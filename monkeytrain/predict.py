@@ -110,23 +110,27 @@ def is_onnx_model(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
 
 
-@torch.no_grad()
-def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
-            device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
-    """Top-k class names and probabilities for each image, from the checkpoint alone."""
-    classifier, info = load_classifier(checkpoint, device)
-    prepare, forward = inference(classifier, info)
-    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=batch_size)
+PREDICT_BATCH_SIZE = 32
+
+
+@torch.no_grad()  # on a generator, torch turns gradients off for each step of it, not for its caller
+def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile], top_k: int = 3,
+            device: str = "cpu") -> Iterator[Prediction]:
+    """Top-k class names and probabilities for each image, from a `load_classifier` checkpoint alone,
+    yielded batch by batch: a caller prints the first answers of 10,000 images at once, and a reader
+    that stops reading (`| head`) stops the work."""
+    model, info = classifier
+    prepare, forward = inference(model, info)
+    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=PREDICT_BATCH_SIZE)
     k = min(top_k, info.num_classes)
     names = shown_class_names(info)
-    predictions = []
+    answered = 0
     for views, _ in loader:
         probabilities = forward(prepare(views.to(device))).float().softmax(dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-            top = [(names[i], p) for i, p in zip(row_indices, row_values)]
-            predictions.append(Prediction(images[len(predictions)].path, top))
-    return predictions
+            yield Prediction(images[answered].path, [(names[i], p) for i, p in zip(row_indices, row_values)])
+            answered += 1
 
 
 def shown_class_names(info: CheckpointInfo) -> list[str]:

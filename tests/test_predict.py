@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from conftest import command_error as error_of, write_image_folder
 from monkeytrain import cli
+from monkeytrain import predict as predict_module
 from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
 from monkeytrain.config import TrainConfig
 from monkeytrain.model import create_model
@@ -123,3 +125,44 @@ def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, ca
             in error_of([*flags, "https://example.com/monkey.jpg"], capsys))
     assert "- (standard input) cannot be read as an image; save the image to a file" in error_of(
         [*flags, "-"], capsys)
+
+
+def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, monkeypatch):
+    """Reading 10,000 images takes most of a minute: a mistyped --checkpoint should not wait for it."""
+    monkeypatch.setattr(predict_module, "scan_labelled_files", lambda *args: pytest.fail("images read first"))
+    assert "missing.safetensors does not exist" in error_of(
+        ["predict", "--checkpoint", "missing.safetensors", str(split)], capsys)
+
+
+class ReaderGone:
+    """The stdout of `monkeytrain predict ... | head -1`: the reader goes once the first answer is written."""
+
+    def __init__(self, batches_computed: list):
+        self.batches_computed, self.at_first_answer = batches_computed, None
+
+    def write(self, text: str) -> int:
+        if "n0_000.png" in text:
+            self.at_first_answer = sum(self.batches_computed)
+            raise BrokenPipeError
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("output, images_before_it", [([], 1), (["--json"], 2)])  # JSON: the next, for the comma
+def test_answers_are_written_as_they_come_and_a_reader_that_goes_stops_the_work(checkpoint, split, monkeypatch,
+                                                                               output, images_before_it):
+    monkeypatch.setattr(predict_module, "PREDICT_BATCH_SIZE", 1)
+    batches = []  # the images of each batch prepared for the model
+    prepared = predict_module.inference
+
+    def counted(model, info):
+        prepare, forward = prepared(model, info)
+        return lambda views: batches.append(len(views)) or prepare(views), forward
+
+    monkeypatch.setattr(predict_module, "inference", counted)
+    monkeypatch.setattr("sys.stdout", ReaderGone(batches))
+    with pytest.raises(BrokenPipeError):  # cli.main ends it quietly with status 1 (test_cli)
+        cli.run_command(["predict", "--cpu", *output, "--checkpoint", str(checkpoint), str(split)])
+    assert sys.stdout.at_first_answer == images_before_it and sum(batches) == images_before_it  # of 6
