@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="the largest logit difference allowed between ONNX Runtime and PyTorch, relative "
                              "to the image's largest logit where that exceeds 1 (default: 1e-3)")
+    export.add_argument("--opset", type=int, metavar="VERSION",
+                        help="the ONNX operator set to write, 18 or newer, e.g. 18 for an older ONNX Runtime "
+                             "that refuses the default (default: torch's exporter's own; the last line says which)")
 
     inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
@@ -203,7 +206,7 @@ def run_export(args: argparse.Namespace) -> None:
     from monkeytrain.export import export_checkpoint
     from monkeytrain.storage import human_size
 
-    done = export_checkpoint(args.checkpoint, args.output, args.check_data, args.tolerance)
+    done = export_checkpoint(args.checkpoint, args.output, args.check_data, args.tolerance, args.opset)
     warn_about_files(done.skipped)
     agreement, size = done.agreement, done.info.image_size
     print(f"checked in ONNX Runtime against PyTorch on {done.checked_on}: largest logit difference "

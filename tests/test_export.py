@@ -137,7 +137,7 @@ def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tm
 @pytest.fixture
 def exported_again(run, monkeypatch):
     """Export reuses the module's ONNX model instead of exporting it again (seconds saved)."""
-    monkeypatch.setattr(export, "onnx_model", lambda model, info, header: onnx.load(str(run["onnx"])))
+    monkeypatch.setattr(export, "onnx_model", lambda model, info, header, opset=None: onnx.load(str(run["onnx"])))
     return ["export", "--checkpoint", str(run["checkpoint"])]
 
 
@@ -168,6 +168,18 @@ def test_export_flags_are_checked(exported_again, capsys, tmp_path):
     assert "is a folder; name the .onnx file" in error_of([*exported_again, "--output", str(tmp_path / "models.onnx")],
                                                           capsys)
     assert "--tolerance must be 0 or more" in error_of([*exported_again, "--tolerance", "-1"], capsys)
+    for opset in ("17", "1000"):
+        assert f"--opset {opset} is outside 18 to " in error_of([*exported_again, "--opset", opset], capsys)
+
+
+def test_export_writes_the_operator_set_asked_for(run, capsys, tmp_path):
+    """An older ONNX Runtime may refuse the exporter's own choice (opset 20 with torch 2.14), but load 18."""
+    output = tmp_path / "opset18.onnx"
+    printed = output_of(["export", "--checkpoint", str(run["checkpoint"]), "--opset", "18", "--output", str(output)],
+                        capsys)
+    assert f"wrote {output} (" in printed and "ONNX opset 18)" in printed
+    assert export.opset_of(onnx.load(str(output))) == 18
+    assert load_onnx(output)[1] == load_model(run["checkpoint"])[1]
 
 
 @pytest.mark.parametrize("package", ["onnxruntime", "onnxscript"])
