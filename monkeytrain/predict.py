@@ -139,30 +139,47 @@ def shown_class_names(info: CheckpointInfo) -> list[str]:
 
 
 def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Images of a folder of class subfolders, labelled by the checkpoint's class folders."""
+    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{folder} {what}; pass a folder of class subfolders.")
+    labels = subfolder_labels(info)
     names = layout.class_folders(folder)
-    unknown = [n for n in names if n not in info.class_folders]
+    unknown = [n for n in names if n not in labels]
     if not names:
         itself = (f"; it is itself the class folder '{folder.name}', so pass the folder that holds it"
-                  if folder.name in info.class_folders else "")
+                  if folder.name in labels else "")
         raise UserError(f"{folder} has no class subfolders; pass a folder of them, named as the checkpoint's "
-                        f"classes ({', '.join(info.class_folders)}){itself}.")
+                        f"classes' folders or names: {known_subfolders(info)}{itself}.")
     if unknown:
         raise UserError(unknown_class_folder(folder, unknown[0], info))
-    labelled = [(p, info.class_folders.index(n)) for n in names for p in candidate_files(folder / n)]
+    labelled = [(p, labels[n]) for n in names for p in candidate_files(folder / n)]
     images, skipped = scan_labelled_files(labelled)
     if not images:
         raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
     return images, skipped
 
 
+def subfolder_labels(info: CheckpointInfo) -> dict[str, int]:
+    """The label of each subfolder name a labelled folder may use: a class's folder in training (n0), or
+    its name (mantled howler: new photos sorted by species), unless two classes share that name."""
+    named = {}
+    for label, name in enumerate(info.class_names):
+        named[name] = label if name not in named else None
+    folders = {folder: label for label, folder in enumerate(info.class_folders)}
+    return {**{name: label for name, label in named.items() if label is not None}, **folders}  # folders win
+
+
+def known_subfolders(info: CheckpointInfo) -> str:
+    """The class folders in words, each with its name where that differs: n0 (mantled howler), n1 ..."""
+    return ", ".join(folder if name == folder else f"{folder} ({name})"
+                     for folder, name in zip(info.class_folders, info.class_names))
+
+
 def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     """Why a subfolder named `name` is no class of the checkpoint's, and what to do: often the split folder
     one level too high (Kaggle's validation/validation), or a name that differs only in letter case."""
-    known = info.class_folders
+    known = list(subfolder_labels(info))
     below = layout.class_folders(folder / name)
     if below and all(n in known for n in below):
         return f"{folder} holds the class folders one level down, in {folder / name}; pass that folder."
@@ -170,7 +187,7 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     if alike:
         return f"{folder} has class folder '{name}' and the checkpoint '{alike[0]}': they {alike[1]}; rename it."
     return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
-            f"among {', '.join(known)}.")
+            f"named as its classes' folders or names: {known_subfolders(info)}.")
 
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,

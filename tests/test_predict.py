@@ -80,11 +80,27 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
         tmp_path / "missing": f"{tmp_path / 'missing'} does not exist; pass a folder of class subfolders.",
         split.parent: f"{split.parent} holds the class folders one level down, in {split}; pass that folder.",
         split / "n1": f"{split / 'n1'} has no class subfolders; pass a folder of them, named as the checkpoint's "
-                      "classes (n0, n1, n2); it is itself the class folder 'n1', so pass the folder that holds it.",
+                      "classes' folders or names: n0 (common name 0), n1 (common name 1), n2 (common name 2); "
+                      "it is itself the class folder 'n1', so pass the folder that holds it.",
         tmp_path / "cased": "has class folder 'N0' and the checkpoint 'n0': they differ only in letter case",
     }
     for folder, message in expected.items():
         assert message in error_of([*evaluate, str(folder)], capsys)
+
+
+def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_is_which(checkpoint, split,
+                                                                                       capsys, tmp_path):
+    """New photos sorted by species (`mantled howler/`) where training had Kaggle's n0 ... n9."""
+    shutil.copytree(split / "n1", tmp_path / "by-name" / "common name 1")
+    shutil.copytree(split / "n2", tmp_path / "by-name" / "n2")
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")])
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["images"] == 4 and [sum(row) for row in scored["confusion_matrix"]] == [0, 2, 2]
+    (tmp_path / "by-name" / "common name 1").rename(tmp_path / "by-name" / "common_name_1")
+    assert ("has class folder 'common_name_1' that the checkpoint does not know; expected subfolders named as its "
+            "classes' folders or names: n0 (common name 0), n1 (common name 1), n2 (common name 2).") in error_of(
+        ["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")], capsys)
 
 
 def test_evaluate_names_a_class_folder_spelled_with_other_unicode_code_points(split, capsys, tmp_path):
