@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
-    score.add_argument("folder", type=given_path, help="a folder of class subfolders named as in training, "
-                                                 "e.g. data/10-monkey-species/validation/validation")
+    score.add_argument("folder", type=given_path, help="a folder of class subfolders named as in training or by "
+                                                 "class name, e.g. data/10-monkey-species/validation/validation")
     score.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
