@@ -17,6 +17,9 @@ the `[export]` extra; a missing one is a one-line error naming that extra.
 from __future__ import annotations
 
 import importlib
+import io
+import re
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -139,17 +142,34 @@ def onnx_model(model: torch.nn.Module, info: CheckpointInfo, header: dict[str, s
     try:
         # dynamo=True: the torch.export-based exporter, torch's default since 2.9 and the one
         # maintained; the TorchScript one (dynamo=False) is deprecated and warns on every call.
-        # It needs onnxscript, hence that package in the [export] extra.
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False)
+        # It needs onnxscript, hence that package in the [export] extra. What it prints (on a failure,
+        # pages of graphs and warnings) is for torch's developers: the check against PyTorch that
+        # follows judges the result, and a failure is told in one line.
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False)
     except Exception as error:  # torch.export and the ONNX translation raise many types
+        reason = deepest_cause(error)
         raise UserError(f"the timm model '{info.architecture}' could not be exported to ONNX "
-                        f"({error.__class__.__name__}: {first_line(error)}); update torch and onnxscript, "
-                        "or train another --model.") from None
+                        f"({reason.__class__.__name__}: {without_colours(first_line(reason))}); update torch and "
+                        "onnxscript, or train another --model.") from None
     proto = program.model_proto
     onnx.helper.set_model_props(proto, header)
     return proto
+
+
+def deepest_cause(error: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: torch.onnx wraps the reason (an operator it cannot translate,
+    a branch on the data) in a banner whose first line says only which of its steps failed."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def without_colours(text: str) -> str:
+    """`text` without the terminal colour codes that torch.onnx puts in its messages."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def serialized(proto, info: CheckpointInfo) -> bytes:

@@ -206,6 +206,24 @@ def test_deeper_resnets_build_save_reload_and_export(architecture, exported, tmp
         assert load_onnx(done.path)[1] == info
 
 
+class BranchesOnItsInput(torch.nn.Module):
+    """A model that torch.export cannot capture: which way it goes depends on the pixels."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = images.mean(dim=(2, 3))
+        return pooled if images.sum() > 0 else -pooled
+
+
+def test_a_model_the_exporter_cannot_take_is_one_line_that_names_the_reason(run, monkeypatch, capsys, tmp_path):
+    """torch.onnx prints pages of graphs and warnings as it fails, and its error's first line says only that
+    step 1 of 3 failed, in terminal colours: the line should say why, and be all that is printed."""
+    monkeypatch.setattr(export, "model_with_weights", lambda weights, info: BranchesOnItsInput().eval())
+    output = tmp_path / "model.onnx"
+    message = error_of(["export", "--checkpoint", str(run["checkpoint"]), "--output", str(output)], capsys)
+    assert f"the timm model '{OTHER_FAMILY}' could not be exported to ONNX (GuardOnDataDependentSymNode: " in message
+    assert "\x1b" not in message and not output.exists()
+
+
 def test_exporting_an_onnx_file_again_says_it_is_one(run, capsys):
     message = error_of(["export", "--checkpoint", str(run["onnx"])], capsys)
     assert f"--checkpoint {run['onnx']} is already an ONNX model; export takes the best.safetensors" in message
