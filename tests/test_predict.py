@@ -144,7 +144,7 @@ def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, ca
 
 
 def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, monkeypatch):
-    """Reading 10,000 images takes most of a minute: a mistyped --checkpoint should not wait for it."""
+    """Reading 10,000 images takes tens of seconds: a mistyped --checkpoint should not wait for it."""
     monkeypatch.setattr(predict_module, "scan_labelled_files", lambda *args: pytest.fail("images read first"))
     assert "missing.safetensors does not exist" in error_of(
         ["predict", "--checkpoint", "missing.safetensors", str(split)], capsys)
@@ -153,12 +153,12 @@ def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, mo
 class ReaderGone:
     """The stdout of `monkeytrain predict ... | head -1`: the reader goes once the first answer is written."""
 
-    def __init__(self, batches_computed: list):
-        self.batches_computed, self.at_first_answer = batches_computed, None
+    def __init__(self, batches_prepared: list):
+        self.batches_prepared, self.at_first_answer = batches_prepared, None
 
     def write(self, text: str) -> int:
         if "n0_000.png" in text:
-            self.at_first_answer = sum(self.batches_computed)
+            self.at_first_answer = sum(self.batches_prepared)  # images
             raise BrokenPipeError
         return len(text)
 
