@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     score = commands.add_parser("evaluate", help="score a checkpoint on a folder of class subfolders")
-    score.add_argument("folder", type=given_path, help="a folder of class subfolders named as in training, "
-                                                 "e.g. data/10-monkey-species/validation/validation")
+    score.add_argument("folder", type=given_path, help="a folder of class subfolders named as in training or by "
+                                                 "class name, e.g. data/10-monkey-species/validation/validation")
     score.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="the largest logit difference allowed between ONNX Runtime and PyTorch, relative "
                              "to the image's largest logit where that exceeds 1 (default: 1e-3)")
+    export.add_argument("--opset", type=int, metavar="VERSION",
+                        help="the ONNX operator set to write, 18 or newer, e.g. 18 for an older ONNX Runtime "
+                             "that refuses the default (default: torch's exporter's own; the last line says which)")
 
     inspect = commands.add_parser("inspect-data", help="show what a dataset holds and what training would use")
     inspect.add_argument("data", nargs="?", help="dataset root (default: as for training)")
@@ -149,19 +152,35 @@ def warn_about_files(skipped: list, images: list = ()) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from monkeytrain.predict import collect_images, predict
+    from monkeytrain.predict import collect_images, load_classifier, predict
 
     if args.top_k < 1:
-        raise UserError("--top-k must be at least 1.")
+        raise UserError(f"--top-k must be at least 1 (got {args.top_k}); it is how many classes to show.")
+    device = device_for(args.cpu)
+    classifier = load_classifier(args.checkpoint, device)  # a wrong checkpoint is told before images are read
     images, skipped = collect_images(args.inputs)
     warn_about_files(skipped, images)
-    predictions = predict(args.checkpoint, images, args.top_k, device_for(args.cpu))
+    predictions = predict(classifier, images, args.top_k, device)
     if args.json:
-        print(json.dumps([{"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
-                          for p in predictions], indent=2))
+        print_json_array({"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
+                         for p in predictions)
         return
     for p in predictions:
-        print(f"{p.path}: " + ", ".join(f"{c} {q:.1%}" for c, q in p.top))
+        print(f"{p.path}: " + ", ".join(f"{c} {q:.1%}" for c, q in p.top), flush=True)
+
+
+def print_json_array(items) -> None:
+    """One JSON document, an array, written one element a line as each comes (for a long list: the
+    first answers at once, and `grep` works on it too); an element waits for the next, for its comma."""
+    print("[")
+    previous = None
+    for item in items:
+        if previous is not None:
+            print(f"  {previous},", flush=True)
+        previous = json.dumps(item)
+    if previous is not None:
+        print(f"  {previous}")
+    print("]")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -187,7 +206,7 @@ def run_export(args: argparse.Namespace) -> None:
     from monkeytrain.export import export_checkpoint
     from monkeytrain.storage import human_size
 
-    done = export_checkpoint(args.checkpoint, args.output, args.check_data, args.tolerance)
+    done = export_checkpoint(args.checkpoint, args.output, args.check_data, args.tolerance, args.opset)
     warn_about_files(done.skipped)
     agreement, size = done.agreement, done.info.image_size
     print(f"checked in ONNX Runtime against PyTorch on {done.checked_on}: largest logit difference "

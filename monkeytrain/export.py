@@ -17,6 +17,9 @@ the `[export]` extra; a missing one is a one-line error naming that extra.
 from __future__ import annotations
 
 import importlib
+import io
+import re
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -36,6 +39,9 @@ EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1: trace with 2 to keep the batch axis dynamic
 SYNTHETIC_IMAGES, SYNTHETIC_SEED = 16, 0
+# torch.onnx's exporter implements operator sets from 18 on; an older one it tries to convert down
+# to, and for a ResNet fails, keeping 18 after a page of traceback on stderr.
+LOWEST_OPSET = 18
 CHECK_BATCH_SIZE = 32
 
 
@@ -72,12 +78,12 @@ def require(module: str, purpose: str):
 
 
 def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_data: Optional[Path] = None,
-                      tolerance: float = 1e-3) -> Export:
+                      tolerance: float = 1e-3, opset: Optional[int] = None) -> Export:
     """Export a best.safetensors to ONNX, check it against PyTorch, then write it atomically.
 
-    `output` defaults to the checkpoint's path with the suffix .onnx. A UserError, and
-    nothing written, when a logit differs by more than `tolerance` (relative where
-    logits exceed 1; see `compare`)."""
+    `output` defaults to the checkpoint's path with the suffix .onnx, `opset` to the exporter's
+    own choice. A UserError, and nothing written, when a logit differs by more than `tolerance`
+    (relative where logits exceed 1; see `compare`)."""
     if is_onnx_model(checkpoint):  # else read as a .safetensors, "not readable" would puzzle
         raise UserError(f"--checkpoint {checkpoint} is already an ONNX model; export takes the best.safetensors "
                         "it was exported from.")
@@ -92,16 +98,27 @@ def export_checkpoint(checkpoint: Path, output: Optional[Path] = None, check_dat
         raise UserError(f"--tolerance must be 0 or more (got {tolerance}); the default is 1e-3.")
     for package in EXPORT_PACKAGES:
         require(package, "monkeytrain export")
+    check_opset(opset)
     with writable_dir_for(output.parent, "--output"):  # checked before the seconds that exporting takes
-        return checked_export(checkpoint, output, check_data, tolerance)
+        return checked_export(checkpoint, output, check_data, tolerance, opset)
 
 
-def checked_export(checkpoint: Path, output: Path, check_data: Optional[Path], tolerance: float) -> Export:
+def check_opset(opset: Optional[int]) -> None:
+    """An operator set that the exporter writes and the installed onnx package knows, or a UserError."""
+    newest = importlib.import_module("onnx").defs.onnx_opset_version()
+    if opset is not None and not LOWEST_OPSET <= opset <= newest:
+        raise UserError(f"--opset {opset} is outside {LOWEST_OPSET} to {newest}: torch's ONNX exporter writes "
+                        f"operator sets from {LOWEST_OPSET} on, and the installed onnx knows them up to {newest}; "
+                        "pick one in between, or leave --opset out for the exporter's own.")
+
+
+def checked_export(checkpoint: Path, output: Path, check_data: Optional[Path], tolerance: float,
+                   opset: Optional[int] = None) -> Export:
     """Export, check, then write: the work of export_checkpoint once its flags are known good."""
     weights, header = read_checkpoint_file(checkpoint)
     info = CheckpointInfo.from_metadata(header)
     model = model_with_weights(weights, info)
-    exported = onnx_model(model, info, header)
+    exported = onnx_model(model, info, header, opset)
     data = serialized(exported, info)
     onnx_forward, _ = load_onnx(data, label=f"the ONNX export of {checkpoint}")
     batches, checked_on, skipped = check_batches(info, check_data)
@@ -117,24 +134,42 @@ def checked_export(checkpoint: Path, output: Path, check_data: Optional[Path], t
     return Export(output, len(data), opset_of(exported), info, checked_on, agreement, skipped)
 
 
-def onnx_model(model: torch.nn.Module, info: CheckpointInfo, header: dict[str, str]):
-    """The model as an onnx.ModelProto with a dynamic batch axis and `header` as its metadata_props."""
+def onnx_model(model: torch.nn.Module, info: CheckpointInfo, header: dict[str, str], opset: Optional[int] = None):
+    """The model as an onnx.ModelProto with a dynamic batch axis and `header` as its metadata_props, in
+    operator set `opset` (None: the exporter's own)."""
     onnx = require("onnx", "monkeytrain export")
     example = torch.zeros(EXAMPLE_BATCH, 3, info.image_size, info.image_size)
     try:
         # dynamo=True: the torch.export-based exporter, torch's default since 2.9 and the one
         # maintained; the TorchScript one (dynamo=False) is deprecated and warns on every call.
-        # It needs onnxscript, hence that package in the [export] extra.
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        # It needs onnxscript, hence that package in the [export] extra. What it prints (on a failure,
+        # pages of graphs and warnings) is for torch's developers: the check against PyTorch that
+        # follows judges the result, and a failure is told in one line.
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False)
     except Exception as error:  # torch.export and the ONNX translation raise many types
+        reason = deepest_cause(error)
         raise UserError(f"the timm model '{info.architecture}' could not be exported to ONNX "
-                        f"({error.__class__.__name__}: {first_line(error)}); update torch and onnxscript, "
-                        "or train another --model.") from None
+                        f"({reason.__class__.__name__}: {without_colours(first_line(reason))}); update torch and "
+                        "onnxscript, or train another --model.") from None
     proto = program.model_proto
     onnx.helper.set_model_props(proto, header)
     return proto
+
+
+def deepest_cause(error: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: torch.onnx wraps the reason (an operator it cannot translate,
+    a branch on the data) in a banner whose first line says only which of its steps failed."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def without_colours(text: str) -> str:
+    """`text` without the terminal colour codes that torch.onnx puts in its messages."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def serialized(proto, info: CheckpointInfo) -> bytes:

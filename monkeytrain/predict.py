@@ -3,10 +3,12 @@ and scoring an image folder."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,12 +30,14 @@ class Prediction:
 
 def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Readable images among files and folders given, each once (a file named twice, or named and in a
-    folder given too, is one image: one answer); a named file that is not one is an error."""
+    folder given too, is one image: one answer); a named file that is not one is an error. A pattern
+    the shell left as it was ('*.jpg' in quotes) names the files it matches, as the shell would have."""
+    named = [name for item in inputs for name in expanded(item)]
     once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
-    for path in (path for item in map(Path, inputs) for path in files_of(item)):
+    for path in (path for item in map(Path, named) for path in files_of(item)):
         once.setdefault(os.path.abspath(path), path)
     images, skipped = scan_labelled_files([(p, -1) for p in once.values()])
-    named_files = {Path(i) for i in inputs if not Path(i).is_dir()}
+    named_files = {Path(name) for name in named if not Path(name).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
             raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
@@ -42,15 +46,39 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     return images, skipped
 
 
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+PATTERN = re.compile(r"[*?[]")  # what makes a word a pattern to the shell and to glob
+
+
+def expanded(item: str) -> list[str]:
+    """The paths an input names: itself where it exists, else the files that it matches as a pattern;
+    what names nothing is an error that says what it is (Path() would already have turned https://
+    into https:/)."""
+    if os.path.lexists(item):  # a file named '*.jpg' is itself, as in the shell
+        return [item]
+    if URL.match(item):
+        raise UserError(f"{item} is a URL, and predict reads local files only; download the image and pass "
+                        "its path.")
+    if item == "-":
+        raise UserError("- (standard input) cannot be read as an image; save the image to a file and pass its "
+                        "path (to predict the files that a command lists, pipe them to xargs).")
+    if PATTERN.search(item):
+        matches = sorted(glob.glob(item, recursive=True))
+        if not matches:
+            raise UserError(f"{item} matches no file; pass image files, folders of images or a pattern that "
+                            "matches some.")
+        return matches
+    raise UserError(f"{item} does not exist; pass image files or folders of images.")
+
+
 def files_of(item: Path) -> list[Path]:
     """The files an input names: every file below a folder, or the file itself."""
     if item.is_dir():
         return candidate_files(item)
     if item.is_file() or item.is_symlink():  # a link to nothing too, for the scan to say where it points
         return [item]
-    if item.exists():  # reading a named pipe would wait for a writer forever; a pipe can be read only once
-        raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
-    raise UserError(f"{item} does not exist; pass image files or folders of images.")
+    # reading a named pipe would wait for a writer forever; a pipe can be read only once
+    raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
 
 
 def preparer(info: CheckpointInfo) -> Callable:
@@ -82,23 +110,27 @@ def is_onnx_model(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
 
 
-@torch.no_grad()
-def predict(checkpoint: Path, images: list[ImageFile], top_k: int = 3,
-            device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
-    """Top-k class names and probabilities for each image, from the checkpoint alone."""
-    classifier, info = load_classifier(checkpoint, device)
-    prepare, forward = inference(classifier, info)
-    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=batch_size)
+PREDICT_BATCH_SIZE = 32
+
+
+@torch.no_grad()  # on a generator, torch turns gradients off for each step of it, not for its caller
+def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile], top_k: int = 3,
+            device: str = "cpu") -> Iterator[Prediction]:
+    """Top-k class names and probabilities for each image, from a `load_classifier` checkpoint alone,
+    yielded batch by batch: a caller prints the first answers of 10,000 images at once, and a reader
+    that stops reading (`| head`) stops the work."""
+    model, info = classifier
+    prepare, forward = inference(model, info)
+    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=PREDICT_BATCH_SIZE)
     k = min(top_k, info.num_classes)
     names = shown_class_names(info)
-    predictions = []
+    answered = 0
     for views, _ in loader:
         probabilities = forward(prepare(views.to(device))).float().softmax(dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-            top = [(names[i], p) for i, p in zip(row_indices, row_values)]
-            predictions.append(Prediction(images[len(predictions)].path, top))
-    return predictions
+            yield Prediction(images[answered].path, [(names[i], p) for i, p in zip(row_indices, row_values)])
+            answered += 1
 
 
 def shown_class_names(info: CheckpointInfo) -> list[str]:
@@ -107,30 +139,47 @@ def shown_class_names(info: CheckpointInfo) -> list[str]:
 
 
 def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Images of a folder of class subfolders, labelled by the checkpoint's class folders."""
+    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{folder} {what}; pass a folder of class subfolders.")
+    labels = subfolder_labels(info)
     names = layout.class_folders(folder)
-    unknown = [n for n in names if n not in info.class_folders]
+    unknown = [n for n in names if n not in labels]
     if not names:
         itself = (f"; it is itself the class folder '{folder.name}', so pass the folder that holds it"
-                  if folder.name in info.class_folders else "")
+                  if folder.name in labels else "")
         raise UserError(f"{folder} has no class subfolders; pass a folder of them, named as the checkpoint's "
-                        f"classes ({', '.join(info.class_folders)}){itself}.")
+                        f"classes' folders or names: {known_subfolders(info)}{itself}.")
     if unknown:
         raise UserError(unknown_class_folder(folder, unknown[0], info))
-    labelled = [(p, info.class_folders.index(n)) for n in names for p in candidate_files(folder / n)]
+    labelled = [(p, labels[n]) for n in names for p in candidate_files(folder / n)]
     images, skipped = scan_labelled_files(labelled)
     if not images:
         raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
     return images, skipped
 
 
+def subfolder_labels(info: CheckpointInfo) -> dict[str, int]:
+    """The label of each subfolder name a labelled folder may use: a class's folder in training (n0), or
+    its name (mantled howler: new photos sorted by species), unless two classes share that name."""
+    named = {}
+    for label, name in enumerate(info.class_names):
+        named[name] = label if name not in named else None
+    folders = {folder: label for label, folder in enumerate(info.class_folders)}
+    return {**{name: label for name, label in named.items() if label is not None}, **folders}  # folders win
+
+
+def known_subfolders(info: CheckpointInfo) -> str:
+    """The class folders in words, each with its name where that differs: n0 (mantled howler), n1 ..."""
+    return ", ".join(folder if name == folder else f"{folder} ({name})"
+                     for folder, name in zip(info.class_folders, info.class_names))
+
+
 def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     """Why a subfolder named `name` is no class of the checkpoint's, and what to do: often the split folder
     one level too high (Kaggle's validation/validation), or a name that differs only in letter case."""
-    known = info.class_folders
+    known = list(subfolder_labels(info))
     below = layout.class_folders(folder / name)
     if below and all(n in known for n in below):
         return f"{folder} holds the class folders one level down, in {folder / name}; pass that folder."
@@ -138,7 +187,7 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     if alike:
         return f"{folder} has class folder '{name}' and the checkpoint '{alike[0]}': they {alike[1]}; rename it."
     return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
-            f"among {', '.join(known)}.")
+            f"named as its classes' folders or names: {known_subfolders(info)}.")
 
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,

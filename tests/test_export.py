@@ -137,7 +137,7 @@ def test_a_damaged_or_foreign_onnx_file_is_one_line_and_status_2(run, capsys, tm
 @pytest.fixture
 def exported_again(run, monkeypatch):
     """Export reuses the module's ONNX model instead of exporting it again (seconds saved)."""
-    monkeypatch.setattr(export, "onnx_model", lambda model, info, header: onnx.load(str(run["onnx"])))
+    monkeypatch.setattr(export, "onnx_model", lambda model, info, header, opset=None: onnx.load(str(run["onnx"])))
     return ["export", "--checkpoint", str(run["checkpoint"])]
 
 
@@ -168,6 +168,18 @@ def test_export_flags_are_checked(exported_again, capsys, tmp_path):
     assert "is a folder; name the .onnx file" in error_of([*exported_again, "--output", str(tmp_path / "models.onnx")],
                                                           capsys)
     assert "--tolerance must be 0 or more" in error_of([*exported_again, "--tolerance", "-1"], capsys)
+    for opset in ("17", "1000"):
+        assert f"--opset {opset} is outside 18 to " in error_of([*exported_again, "--opset", opset], capsys)
+
+
+def test_export_writes_the_operator_set_asked_for(run, capsys, tmp_path):
+    """An older ONNX Runtime may refuse the exporter's own choice (opset 20 with torch 2.14), but load 18."""
+    output = tmp_path / "opset18.onnx"
+    printed = output_of(["export", "--checkpoint", str(run["checkpoint"]), "--opset", "18", "--output", str(output)],
+                        capsys)
+    assert f"wrote {output} (" in printed and "ONNX opset 18)" in printed
+    assert export.opset_of(onnx.load(str(output))) == 18
+    assert load_onnx(output)[1] == load_model(run["checkpoint"])[1]
 
 
 @pytest.mark.parametrize("package", ["onnxruntime", "onnxscript"])
@@ -192,6 +204,24 @@ def test_deeper_resnets_build_save_reload_and_export(architecture, exported, tmp
         done = export.export_checkpoint(checkpoint)
         assert done.path == tmp_path / "best.onnx" and done.agreement.top1_agreement == 1.0
         assert load_onnx(done.path)[1] == info
+
+
+class BranchesOnItsInput(torch.nn.Module):
+    """A model that torch.export cannot capture: which way it goes depends on the pixels."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = images.mean(dim=(2, 3))
+        return pooled if images.sum() > 0 else -pooled
+
+
+def test_a_model_the_exporter_cannot_take_is_one_line_that_names_the_reason(run, monkeypatch, capsys, tmp_path):
+    """torch.onnx prints pages of graphs and warnings as it fails, and its error's first line says only that
+    step 1 of 3 failed, in terminal colours: the line should say why, and be all that is printed."""
+    monkeypatch.setattr(export, "model_with_weights", lambda weights, info: BranchesOnItsInput().eval())
+    output = tmp_path / "model.onnx"
+    message = error_of(["export", "--checkpoint", str(run["checkpoint"]), "--output", str(output)], capsys)
+    assert f"the timm model '{OTHER_FAMILY}' could not be exported to ONNX (GuardOnDataDependentSymNode: " in message
+    assert "\x1b" not in message and not output.exists()
 
 
 def test_exporting_an_onnx_file_again_says_it_is_one(run, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from conftest import command_error as error_of, write_image_folder
 from monkeytrain import cli
+from monkeytrain import predict as predict_module
 from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
 from monkeytrain.config import TrainConfig
 from monkeytrain.model import create_model
@@ -78,11 +80,27 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
         tmp_path / "missing": f"{tmp_path / 'missing'} does not exist; pass a folder of class subfolders.",
         split.parent: f"{split.parent} holds the class folders one level down, in {split}; pass that folder.",
         split / "n1": f"{split / 'n1'} has no class subfolders; pass a folder of them, named as the checkpoint's "
-                      "classes (n0, n1, n2); it is itself the class folder 'n1', so pass the folder that holds it.",
+                      "classes' folders or names: n0 (common name 0), n1 (common name 1), n2 (common name 2); "
+                      "it is itself the class folder 'n1', so pass the folder that holds it.",
         tmp_path / "cased": "has class folder 'N0' and the checkpoint 'n0': they differ only in letter case",
     }
     for folder, message in expected.items():
         assert message in error_of([*evaluate, str(folder)], capsys)
+
+
+def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_is_which(checkpoint, split,
+                                                                                       capsys, tmp_path):
+    """New photos sorted by species (`mantled howler/`) where training had Kaggle's n0 ... n9."""
+    shutil.copytree(split / "n1", tmp_path / "by-name" / "common name 1")
+    shutil.copytree(split / "n2", tmp_path / "by-name" / "n2")
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")])
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["images"] == 4 and [sum(row) for row in scored["confusion_matrix"]] == [0, 2, 2]
+    (tmp_path / "by-name" / "common name 1").rename(tmp_path / "by-name" / "common_name_1")
+    assert ("has class folder 'common_name_1' that the checkpoint does not know; expected subfolders named as its "
+            "classes' folders or names: n0 (common name 0), n1 (common name 1), n2 (common name 2).") in error_of(
+        ["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")], capsys)
 
 
 def test_evaluate_names_a_class_folder_spelled_with_other_unicode_code_points(split, capsys, tmp_path):
@@ -105,3 +123,62 @@ def test_classes_that_share_a_name_are_told_apart_by_their_folders(split, capsys
     cli.main(["predict", "--cpu", "--json", "--top-k", "3", "--checkpoint", shared, str(split / "n0" / "n0_000.png")])
     top = json.loads(capsys.readouterr().out)[0]["top"]
     assert sorted(answer["class"] for answer in top) == ["howler", "macaque (n0)", "macaque (n1)"]
+
+
+def test_a_pattern_the_shell_left_as_it_was_names_the_files_it_matches(checkpoint, split, capsys):
+    """`monkeytrain predict '*.png'` in quotes, or from a shell that does not expand patterns."""
+    flags = ["--checkpoint", str(checkpoint)]
+    assert predicted_paths([*flags, str(split / "n0" / "*.png")], capsys) == [
+        str(split / "n0" / "n0_000.png"), str(split / "n0" / "n0_001.png")]
+    assert len(predicted_paths([*flags, str(split / "**" / "*_000.png")], capsys)) == 3
+    assert f"{split / 'n0' / '*.jpg'} matches no file" in error_of(
+        ["predict", *flags, str(split / "n0" / "*.jpg")], capsys)
+
+
+def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, capsys):
+    flags = ["predict", "--checkpoint", str(checkpoint)]
+    assert ("https://example.com/monkey.jpg is a URL, and predict reads local files only; download the image"
+            in error_of([*flags, "https://example.com/monkey.jpg"], capsys))
+    assert "- (standard input) cannot be read as an image; save the image to a file" in error_of(
+        [*flags, "-"], capsys)
+
+
+def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, monkeypatch):
+    """Reading 10,000 images takes tens of seconds: a mistyped --checkpoint should not wait for it."""
+    monkeypatch.setattr(predict_module, "scan_labelled_files", lambda *args: pytest.fail("images read first"))
+    assert "missing.safetensors does not exist" in error_of(
+        ["predict", "--checkpoint", "missing.safetensors", str(split)], capsys)
+
+
+class ReaderGone:
+    """The stdout of `monkeytrain predict ... | head -1`: the reader goes once the first answer is written."""
+
+    def __init__(self, batches_prepared: list):
+        self.batches_prepared, self.at_first_answer = batches_prepared, None
+
+    def write(self, text: str) -> int:
+        if "n0_000.png" in text:
+            self.at_first_answer = sum(self.batches_prepared)  # images
+            raise BrokenPipeError
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("output, images_before_it", [([], 1), (["--json"], 2)])  # JSON: the next, for the comma
+def test_answers_are_written_as_they_come_and_a_reader_that_goes_stops_the_work(checkpoint, split, monkeypatch,
+                                                                               output, images_before_it):
+    monkeypatch.setattr(predict_module, "PREDICT_BATCH_SIZE", 1)
+    batches = []  # the images of each batch prepared for the model
+    prepared = predict_module.inference
+
+    def counted(model, info):
+        prepare, forward = prepared(model, info)
+        return lambda views: batches.append(len(views)) or prepare(views), forward
+
+    monkeypatch.setattr(predict_module, "inference", counted)
+    monkeypatch.setattr("sys.stdout", ReaderGone(batches))
+    with pytest.raises(BrokenPipeError):  # cli.main ends it quietly with status 1 (test_cli)
+        cli.run_command(["predict", "--cpu", *output, "--checkpoint", str(checkpoint), str(split)])
+    assert sys.stdout.at_first_answer == images_before_it and sum(batches) == images_before_it  # of 6
