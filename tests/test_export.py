@@ -10,6 +10,7 @@ import io
 import json
 import sys
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import onnx
 import pytest
@@ -28,6 +29,7 @@ from monkeytrain.predict import labelled_folder, preparer
 OTHER_FAMILY = "test_vit"  # a transformer: no convolutions, no BatchNorm, its head is `head`, not `fc`
 TINY_TRAINING = ["--cpu", "--epochs", "1", "--max-batches-per-epoch", "2", "--image-size", "32",
                  "--batch-size", "4", "--num-workers", "0", "--report-to", "none"]
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,28 @@ def test_predict_gives_the_same_top_k_from_both_files(run, capsys):
         assert [t["class"] for t in torch_answer["top"]] == [t["class"] for t in onnx_answer["top"]]
         for t, o in zip(torch_answer["top"], onnx_answer["top"]):
             assert o["probability"] == pytest.approx(t["probability"], abs=1e-5)
+
+
+def readme_deploy_snippet() -> str:
+    """The README's Python block that runs an exported model with ONNX Runtime, Pillow and NumPy alone."""
+    blocks = README.read_text().split("```python\n")[1:]
+    [snippet] = [block.split("```")[0] for block in blocks if "ort.InferenceSession" in block]
+    return snippet
+
+
+def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys):
+    """A deployer copies it: its preprocessing, names and test-time views must be predict's."""
+    answers = json.loads(output_of(["predict", "--checkpoint", str(run["onnx"]), "--json", "--top-k", "1",
+                                    str(run["test"])], capsys))
+    snippet = readme_deploy_snippet().replace("runs/demo/best.onnx", str(run["onnx"]))
+    assert len(answers) == 12
+    for answer in answers:
+        scope: dict = {}
+        exec(snippet.replace("photo.jpg", answer["path"]), scope)
+        logits = torch.from_numpy(scope["logits"][0])
+        [top] = answer["top"]
+        assert capsys.readouterr().out == f"{top['class']}\n"
+        assert logits.softmax(0).max().item() == pytest.approx(top["probability"], abs=1e-5)
 
 
 def test_evaluate_gives_the_same_figures_from_both_files(run, capsys):
