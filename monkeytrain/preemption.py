@@ -195,6 +195,10 @@ def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] =
     if job and stop.wants_requeue():
         log.info(f"stopped on SIGUSR1 {unsaved or 'after saving'}; {ask_for_requeue(job, flags)}")
         return
+    if job and os.environ.get(REQUEUE_REQUEST):  # a job of our scripts, ended or requeued by Slurm (SIGTERM)
+        log.info(f"stopped on a signal {unsaved or 'after saving the training state'}; a job that Slurm puts back "
+                 f"in the queue (by hand or on preemption) goes on by itself; else, {resubmit(flags)}")
+        return
     log.info(f"stopped on a signal {unsaved or 'after saving the training state'}; to continue, run the same "
              f"command with {flags}.")
 

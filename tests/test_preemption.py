@@ -188,6 +188,24 @@ def test_a_job_told_to_end_is_not_requeued(tmp_path, monkeypatch, signals, reque
     assert len(log.infos) == 1 and "requeue" not in log.infos[0] and "--resume auto" in log.infos[0]
 
 
+@pytest.mark.parametrize("scripts", [True, False])
+def test_a_job_ended_by_slurm_says_a_requeue_goes_on_by_itself_else_to_resubmit(tmp_path, monkeypatch, scripts):
+    """SIGTERM comes from scancel and from `scontrol requeue` or a preemption alike: the job script's run
+    cannot tell them apart, and "run the same command" would tell a requeued job's user to start it twice.
+    Outside the scripts (an salloc shell), the command typed is the one to run again."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    if scripts:
+        monkeypatch.setenv(REQUEUE_REQUEST, str(tmp_path / "job.requeue"))
+    else:
+        monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
+    log = run_log(Path("runs") / "slurm-4242")
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), stop_after("SIGTERM"))
+    ending = ("a job that Slurm puts back in the queue (by hand or on preemption) goes on by itself; else, to "
+              "continue, resubmit the job with" if scripts else "to continue, run the same command with")
+    assert log.infos == [f"stopped on a signal after saving the training state; {ending} --resume auto --run-name "
+                         "slurm-4242."]
+
+
 def test_the_signals_a_preemption_heard_decide_the_requeue(preemption):
     assert not preemption.wants_requeue()
     os.kill(os.getpid(), signal.SIGUSR1)
