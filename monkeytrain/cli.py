@@ -191,10 +191,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
     warn_about_files(skipped)
-    per_class = dict(zip(shown_class_names(info), result.per_class_accuracy()))
-    if args.json:
+    names = shown_class_names(info)
+    per_class = dict(zip(names, result.per_class_accuracy()))
+    if args.json:  # the matrix's rows are the true classes, its columns the predicted, both in class_names order
         print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "images": result.count,
-                          "per_class_accuracy": per_class,
+                          "per_class_accuracy": per_class, "class_names": names,
                           "confusion_matrix": result.confusion.tolist()}, indent=2))
         return
     print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f})")
