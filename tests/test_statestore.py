@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import (COMPLETE, STATE_PREFIX, StateStore, agree_on_state, recorded_sizes, resolve_resume,
                                     state_dirs)
+from monkeytrain.storage import WriteFailed
 
 
 @pytest.fixture
@@ -256,3 +258,53 @@ def test_on_one_process_every_rank_agrees_on_the_main_process_state(cpu_accelera
     assert agree_on_state(tmp_path / "state" / "step-00000003") == tmp_path / "state" / "step-00000003"
     assert agree_on_state(None) is None
 
+
+
+# --- a save that fails ------------------------------------------------------------------------------------------
+
+
+def torch_save_failing(message: str):
+    """torch.save as it fails a write: a part of the file written, then a RuntimeError in torch's own words."""
+    def save(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"written before the write failed")
+        raise RuntimeError(message)
+    return save
+
+
+def failing(error: Exception):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("where, error, reason", [
+    ("torch.save", torch_save_failing("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "unexpected pos 704 vs 598"),
+    ("torch.save", torch_save_failing("PytorchStreamWriter failed writing file data/0: file write failed"),
+     "PytorchStreamWriter failed writing file data/0: file write failed"),
+    ("save_state", failing(OSError(errno.EIO, "Input/output error")), "Input/output error"),
+    ("save_state", failing(SafetensorError("Error while serializing: I/O error")),
+     "Error while serializing: I/O error"),
+], ids=["torch unexpected pos", "torch PytorchStreamWriter", "OSError EIO", "safetensors"])
+def test_a_state_the_disk_fails_to_write_is_one_line_and_leaves_no_staging_folder(
+        tmp_path, cpu_accelerator, trained, monkeypatch, where, error, reason):
+    """A failing disk (EIO), which torch.save reports as a RuntimeError: a traceback before, and the half-written
+    .tmp-step-* folder left until the next save."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    first = store.save(2, {"step": 2}, shared={})
+    monkeypatch.setattr(*((torch, "save") if where == "torch.save" else (cpu_accelerator, "save_state")), error)
+    with pytest.raises(WriteFailed) as raised:
+        store.save(4, {"step": 4}, shared={})
+    monkeypatch.undo()
+    assert str(raised.value) == (f"cannot write step-00000004 in {tmp_path / 'state'} ({reason}); make that folder "
+                                 "writable or pick another --output-dir.")
+    assert names_in(tmp_path / "state") == [first.name]
+    assert store.load(first)[0] == {"step": 2}
+
+
+def test_a_bug_in_a_save_keeps_its_traceback_and_leaves_no_staging_folder(tmp_path, cpu_accelerator, trained):
+    """Extras that cannot be pickled are monkeytrain's error, not the disk's."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        store.save(4, {"not a value": lambda: None}, shared={})
+    assert names_in(tmp_path / "state") == []
