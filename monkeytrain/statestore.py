@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.storage import DiskFull, WriteFailed, folder_size, fsync_folder, out_of_space, write_atomically
+from monkeytrain.storage import (SPACE_PROBE_BYTES, DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full,
+                                 out_of_space, over_quota, write_atomically)
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
@@ -150,7 +151,7 @@ class StateStore:
         size of the newest state saved before (a writer may delete its own partial file)."""
         earlier = state_dirs(self.root.parent)
         needed = max(folder_size(staging), folder_size(earlier[-1]) if earlier else 0)
-        return DiskFull(final, needed, at_least=True, flag="--output-dir")
+        return DiskFull(final, needed, at_least=True, flag="--output-dir", quota=quota_used_up(error, self.root))
 
     def load(self, path: Path, restore: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict]:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
@@ -330,3 +331,17 @@ def write_trouble(error: Exception) -> str:
         return error.strerror or str(error)
     return TORCH_ASSERTION_PREFIX.sub("", first_line(error))
 
+
+def quota_used_up(error: Exception, folder: Path) -> bool:
+    """Whether the space that ran out is the user's quota (EDQUOT), not the device's: as the error says, or,
+    where the writer gave only its own words (torch's "unexpected pos"), as a small write into `folder` now
+    says (on a cluster `df` shows terabytes free, which "no space left" would contradict)."""
+    if is_disk_full(error):
+        return over_quota(error)
+    probe = folder / f".quota-probe-{os.getpid()}"
+    try:
+        write_atomically(probe, bytes(SPACE_PROBE_BYTES))
+    except WriteFailed as refused:  # its cause is the system's error, with its errno
+        return over_quota(refused)
+    probe.unlink(missing_ok=True)
+    return False

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import SafetensorError
 
+from monkeytrain import storage
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import (COMPLETE, STATE_PREFIX, StateStore, agree_on_state, recorded_sizes, resolve_resume,
                                     state_dirs)
-from monkeytrain.storage import WriteFailed
+from monkeytrain.storage import DiskFull, WriteFailed, folder_size, human_size
 
 
 @pytest.fixture
@@ -308,3 +310,32 @@ def test_a_bug_in_a_save_keeps_its_traceback_and_leaves_no_staging_folder(tmp_pa
     with pytest.raises(AttributeError, match="Can't pickle local object"):
         store.save(4, {"not a value": lambda: None}, shared={})
     assert names_in(tmp_path / "state") == []
+
+
+@pytest.mark.parametrize("code, words", [(errno.EDQUOT, "your disk quota is used up"),
+                                         (errno.ENOSPC, "no space left")])
+def test_a_state_save_out_of_quota_says_quota_and_out_of_space_says_no_space(tmp_path, cpu_accelerator, trained,
+                                                                          monkeypatch, code, words):
+    """On a cluster `df` shows terabytes free: "no space left" would send the user looking for the wrong thing."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    first = store.save(2, {"step": 2}, shared={})
+    monkeypatch.setattr(cpu_accelerator, "save_state", failing(OSError(code, os.strerror(code))))
+    with pytest.raises(DiskFull) as raised:
+        store.save(4, {"step": 4}, shared={})
+    assert str(raised.value).startswith(f"{words} on the device of {tmp_path / 'state'} to write step-00000004 "
+                                        f"(at least {human_size(folder_size(first))} needed)")
+    assert names_in(tmp_path / "state") == [first.name]
+
+
+def test_a_torch_save_over_quota_is_told_a_quota_by_the_folder(tmp_path, cpu_accelerator, trained, monkeypatch):
+    """torch.save says only "unexpected pos": a small write into the folder tells a quota from a full device."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    store.save(2, {"step": 2}, shared={})
+
+    def quota_full(path, write, durable):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(torch, "save", torch_save_failing("[enforce fail at inline_container.cc:672] . unexpected pos"))
+    monkeypatch.setattr(storage, "_write_file", quota_full)
+    with pytest.raises(DiskFull, match=f"^your disk quota is used up on the device of {tmp_path / 'state'} to write "
+                                       "step-00000004"):
+        store.save(4, {"step": 4}, shared={})
