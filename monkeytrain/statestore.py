@@ -93,9 +93,18 @@ class StateStore:
         return final
 
     def _make_staging(self, staging: Path) -> None:
+        """An empty staging folder in `state/`, made in the run folder as it is: never the run folder
+        itself, which would bring back one deleted while the run trained (a stop saves before the next
+        metrics line finds it gone) as a folder of its name holding a state and nothing else."""
+        try:
+            self.root.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise UserError(f"the run folder {self.root.parent} was deleted or moved away while the run trained, "
+                            "and with it the run's records; stopped rather than write an incomplete run there: "
+                            "start a new run.") from None
         for leftover in self.root.glob(".tmp-*"):  # from a save that a kill interrupted
             shutil.rmtree(leftover, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging.mkdir()
 
     def _write(self, staging: Path, extras: dict, shared: dict) -> None:
         """This rank's part of the state: Accelerate's files (the main process writes the model's, optimizer's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,20 @@ def test_a_torch_save_over_quota_is_told_a_quota_by_the_folder(tmp_path, cpu_acc
     with pytest.raises(DiskFull, match=f"^your disk quota is used up on the device of {tmp_path / 'state'} to write "
                                        "step-00000004"):
         store.save(4, {"step": 4}, shared={})
+
+
+def test_a_state_saved_after_the_run_folder_was_deleted_stops_and_makes_no_folder_of_its_name(
+        tmp_path, cpu_accelerator, trained):
+    """A stop (SIGTERM) saves a state before the next metrics line would find the run folder gone; making it
+    again would leave a folder of the run's name holding a state and nothing else, for --resume auto to take."""
+    run_dir = tmp_path / "runs" / "gone"
+    run_dir.mkdir(parents=True)
+    store = StateStore(run_dir, cpu_accelerator, keep=3)
+    store.save(2, {"step": 2}, shared={})
+    shutil.rmtree(run_dir)
+    with pytest.raises(UserError) as raised:
+        store.save(4, {"step": 4}, shared={})
+    assert str(raised.value) == (f"the run folder {run_dir} was deleted or moved away while the run trained, and "
+                                 "with it the run's records; stopped rather than write an incomplete run there: "
+                                 "start a new run.")
+    assert names_in(tmp_path / "runs") == []
