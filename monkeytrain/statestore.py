@@ -7,7 +7,8 @@ the trainer adds (where training stands, the augmentation generator, the
 weight average). It is written to a temporary folder by all ranks together,
 marked COMPLETE, then renamed into place, so a kill at any moment leaves
 either the old states or the new one, never a half-written folder that
-`--resume auto` would pick. COMPLETE lists every file of the state with its
+`--resume auto` would pick; a save that any rank fails to write (a full disk, a failing one) is
+deleted, and every rank stops with the same one line. COMPLETE lists every file of the state with its
 size, and a load first checks them all: Accelerate's `load_state` passes over
 a missing or damaged `random_states_R.pkl` without a word, which would resume
 with other randomness, a silently different run. What goes in (and which files of the run a state keeps
@@ -20,20 +21,26 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.storage import DiskFull, folder_size, fsync_folder, out_of_space, write_atomically
+from monkeytrain.storage import (SPACE_PROBE_BYTES, DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full,
+                                 out_of_space, over_quota, write_atomically)
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
 SCALER = "scaler.pt"  # Accelerate's name for the grad scaler's state (fp16 only)
+# What torch.save says of a file it failed to write (a failing disk, a folder gone): no errno, its own words.
+TORCH_WRITE_WORDS = ("PytorchStreamWriter failed", "unexpected pos", "cannot be opened", "Parent directory")
+TORCH_ASSERTION_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\][ .]*")  # where in torch's C++ it failed
 
 
 def state_dirs(run_dir: Path) -> list[Path]:
@@ -74,33 +81,86 @@ class StateStore:
         """Save the Accelerate state, this rank's `extras` and, from the main process, `shared`
         (the same on every rank) and a copy of each file of `copies` as the state of optimizer step `step`.
 
-        All ranks call this together. On a full disk the half-written state is
-        deleted and `DiskFull` raised (by each rank that hit it); older complete
-        states stay as they were."""
-        accelerator = self.accelerator
+        All ranks call this together, and return or fail together: a state that one of them could not
+        write (a full disk or quota, a failing disk, the run folder gone) is deleted, and every rank raises
+        the same one line (the rank that failed its DiskFull or WriteFailed); older complete states stay
+        as they were."""
         final = self.root / f"{STATE_PREFIX}{step:08d}"
         staging = self.root / f".tmp-{final.name}"
-        if accelerator.is_main_process:
-            for leftover in self.root.glob(".tmp-*"):  # from a save that a kill interrupted
-                shutil.rmtree(leftover, ignore_errors=True)
-            staging.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(staging))
-            mine = {**extras, **(shared if accelerator.is_main_process else {}),
-                    "world_size": accelerator.num_processes}
-            torch.save(mine, staging / progress_file(accelerator.process_index))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                for original in copies:
-                    write_atomically(staging / original.name, original.read_bytes())
-                self._publish(staging, final)
-        except Exception as error:  # torch and safetensors wrap ENOSPC in their own error types
-            if not out_of_space(error, self.root):
-                raise
-            raise self._abandon(staging, final) from error
-        accelerator.wait_for_everyone()
+        self._on_main(lambda: self._make_staging(staging), staging, final)
+        self._on_every_rank(lambda: self._write(staging, extras, shared), staging, final)
+        self._on_main(lambda: self._complete(staging, final, copies), staging, final)
         return final
+
+    def _make_staging(self, staging: Path) -> None:
+        """An empty staging folder in `state/`, made in the run folder as it is: never the run folder
+        itself, which would bring back one deleted while the run trained (a stop saves before the next
+        metrics line finds it gone) as a folder of its name holding a state and nothing else."""
+        try:
+            self.root.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise UserError(f"the run folder {self.root.parent} was deleted or moved away while the run trained, "
+                            "and with it the run's records; stopped rather than write an incomplete run there: "
+                            "start a new run.") from None
+        for leftover in self.root.glob(".tmp-*"):  # from a save that a kill interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir()
+
+    def _write(self, staging: Path, extras: dict, shared: dict) -> None:
+        """This rank's part of the state: Accelerate's files (the main process writes the model's, optimizer's
+        and scheduler's; each rank its RNG states) and its progress file."""
+        accelerator = self.accelerator
+        accelerator.save_state(str(staging))
+        mine = {**extras, **(shared if accelerator.is_main_process else {}), "world_size": accelerator.num_processes}
+        torch.save(mine, staging / progress_file(accelerator.process_index))
+
+    def _on_main(self, work: Callable[[], None], staging: Path, final: Path) -> None:
+        """`work` on the main process; the others wait for it, and raise its line if it failed."""
+        failure = None
+        if self.accelerator.is_main_process:
+            failure = self._failure_of(work, staging, final)
+        self._stop_on(failure, broadcast_from_main(described(failure)), staging)
+
+    def _on_every_rank(self, work: Callable[[], None], staging: Path, final: Path) -> None:
+        """`work` on every rank; once all are done, every rank raises the first rank's failure, if any. A
+        rank's error alone would leave the others waiting at the next barrier, then a gloo traceback."""
+        failure = self._failure_of(work, staging, final)
+        problems = [problem for problem in gather_object([described(failure)]) if problem]
+        self._stop_on(failure, problems[0] if problems else None, staging)
+
+    def _stop_on(self, failure: Optional[Exception], problem: Optional[str], staging: Path) -> None:
+        """Raise `problem` (the line every rank agreed on) once the staging folder is gone; this rank's own
+        `failure` where it is that line, with its type and cause."""
+        if problem is None:
+            return
+        if self.accelerator.is_main_process:  # every rank is done with it: the barrier was the agreement
+            shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None and described(failure) == problem:
+            raise failure
+        raise UserError(problem)
+
+    def _failure_of(self, work: Callable[[], None], staging: Path, final: Path) -> Optional[Exception]:
+        """What `work` raised, as the error to stop with (None: it went well): a write that failed for lack
+        of space is `DiskFull`, any other failed write `WriteFailed`, both naming the state `final`."""
+        try:
+            work()
+            return None
+        except Exception as error:  # torch and safetensors wrap the system's error in their own types
+            if out_of_space(error, self.root):
+                failure: Exception = self._disk_full(error, staging, final)
+            elif failed_write(error):
+                failure = WriteFailed(final, write_trouble(error), "--output-dir")
+            else:
+                return error  # a UserError as it is; anything else is a bug, with its traceback
+            failure.__cause__ = error
+            return failure
+
+    def _disk_full(self, error: Exception, staging: Path, final: Path) -> DiskFull:
+        """The error of a state that did not fit, saying the least it needs: what was written by then, or the
+        size of the newest state saved before (a writer may delete its own partial file)."""
+        earlier = state_dirs(self.root.parent)
+        needed = max(folder_size(staging), folder_size(earlier[-1]) if earlier else 0)
+        return DiskFull(final, needed, at_least=True, flag="--output-dir", quota=quota_used_up(error, self.root))
 
     def load(self, path: Path, restore: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict]:
         """Restore the Accelerate state on every rank; returns this rank's extras, and the main
@@ -173,13 +233,11 @@ class StateStore:
         instead = f"move it away and --resume auto takes the one before ({earlier[-1]}), or " if earlier else ""
         return f"{instead}start a new run."
 
-    def _abandon(self, staging: Path, final: Path) -> DiskFull:
-        """Delete a state that did not fit; the error saying the least it needs: what it had written by
-        then, or the size of the newest state saved before (a writer may delete its own partial file)."""
-        earlier = state_dirs(self.root.parent)
-        needed = max(folder_size(staging), folder_size(earlier[-1]) if earlier else 0)  # before deleting
-        shutil.rmtree(staging, ignore_errors=True)
-        return DiskFull(final, needed, at_least=True, flag="--output-dir")
+    def _complete(self, staging: Path, final: Path, copies: Sequence[Path]) -> None:
+        """Add a copy of each file of `copies` to the state in `staging`, then publish it as `final`."""
+        for original in copies:
+            write_atomically(staging / original.name, original.read_bytes())
+        self._publish(staging, final)
 
     def _publish(self, staging: Path, final: Path) -> None:
         sizes = {file.name: file.stat().st_size for file in sorted(staging.iterdir()) if file.is_file()}
@@ -254,3 +312,45 @@ def recorded_sizes(state: Path) -> dict[str, int]:
 def agree_on_state(path: Optional[Path]) -> Optional[Path]:
     """Every rank resumes from the state the main process found."""
     return broadcast_from_main(path)
+
+
+def described(failure: Optional[Exception]) -> Optional[str]:
+    """The line that every rank stops with for `failure` (None: no failure): a UserError's message; for
+    anything else, a bug that its own rank shows with its traceback, what the other ranks say instead."""
+    if failure is None:
+        return None
+    if isinstance(failure, UserError):
+        return str(failure)
+    return (f"saving the training state failed on another process ({type(failure).__name__}: "
+            f"{first_line(failure)}); its traceback says where.")
+
+
+def failed_write(error: Exception) -> bool:
+    """Whether `error` is a file that could not be written: the system's error, or one that Accelerate,
+    safetensors or torch reported in their own types."""
+    return (isinstance(error, (OSError, WriteFailed, SafetensorError))
+            or isinstance(error, RuntimeError) and any(words in str(error) for words in TORCH_WRITE_WORDS))
+
+
+def write_trouble(error: Exception) -> str:
+    """A failed write's cause in a few words, for WriteFailed."""
+    if isinstance(error, WriteFailed):
+        return error.reason
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return TORCH_ASSERTION_PREFIX.sub("", first_line(error))
+
+
+def quota_used_up(error: Exception, folder: Path) -> bool:
+    """Whether the space that ran out is the user's quota (EDQUOT), not the device's: as the error says, or,
+    where the writer gave only its own words (torch's "unexpected pos"), as a small write into `folder` now
+    says (on a cluster `df` shows terabytes free, which "no space left" would contradict)."""
+    if is_disk_full(error):
+        return over_quota(error)
+    probe = folder / f".quota-probe-{os.getpid()}"
+    try:
+        write_atomically(probe, bytes(SPACE_PROBE_BYTES))
+    except WriteFailed as refused:  # its cause is the system's error, with its errno
+        return over_quota(refused)
+    probe.unlink(missing_ok=True)
+    return False

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
+from monkeytrain import storage
 from monkeytrain.errors import UserError
 from monkeytrain.statestore import (COMPLETE, STATE_PREFIX, StateStore, agree_on_state, recorded_sizes, resolve_resume,
                                     state_dirs)
+from monkeytrain.storage import DiskFull, WriteFailed, folder_size, human_size
 
 
 @pytest.fixture
@@ -256,3 +261,99 @@ def test_on_one_process_every_rank_agrees_on_the_main_process_state(cpu_accelera
     assert agree_on_state(tmp_path / "state" / "step-00000003") == tmp_path / "state" / "step-00000003"
     assert agree_on_state(None) is None
 
+
+
+# --- a save that fails ------------------------------------------------------------------------------------------
+
+
+def torch_save_failing(message: str):
+    """torch.save as it fails a write: a part of the file written, then a RuntimeError in torch's own words."""
+    def save(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"written before the write failed")
+        raise RuntimeError(message)
+    return save
+
+
+def failing(error: Exception):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("where, error, reason", [
+    ("torch.save", torch_save_failing("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "unexpected pos 704 vs 598"),
+    ("torch.save", torch_save_failing("PytorchStreamWriter failed writing file data/0: file write failed"),
+     "PytorchStreamWriter failed writing file data/0: file write failed"),
+    ("save_state", failing(OSError(errno.EIO, "Input/output error")), "Input/output error"),
+    ("save_state", failing(SafetensorError("Error while serializing: I/O error")),
+     "Error while serializing: I/O error"),
+], ids=["torch unexpected pos", "torch PytorchStreamWriter", "OSError EIO", "safetensors"])
+def test_a_state_the_disk_fails_to_write_is_one_line_and_leaves_no_staging_folder(
+        tmp_path, cpu_accelerator, trained, monkeypatch, where, error, reason):
+    """A failing disk (EIO), which torch.save reports as a RuntimeError: a traceback before, and the half-written
+    .tmp-step-* folder left until the next save."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    first = store.save(2, {"step": 2}, shared={})
+    monkeypatch.setattr(*((torch, "save") if where == "torch.save" else (cpu_accelerator, "save_state")), error)
+    with pytest.raises(WriteFailed) as raised:
+        store.save(4, {"step": 4}, shared={})
+    monkeypatch.undo()
+    assert str(raised.value) == (f"cannot write step-00000004 in {tmp_path / 'state'} ({reason}); make that folder "
+                                 "writable or pick another --output-dir.")
+    assert names_in(tmp_path / "state") == [first.name]
+    assert store.load(first)[0] == {"step": 2}
+
+
+def test_a_bug_in_a_save_keeps_its_traceback_and_leaves_no_staging_folder(tmp_path, cpu_accelerator, trained):
+    """Extras that cannot be pickled are monkeytrain's error, not the disk's."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        store.save(4, {"not a value": lambda: None}, shared={})
+    assert names_in(tmp_path / "state") == []
+
+
+@pytest.mark.parametrize("code, words", [(errno.EDQUOT, "your disk quota is used up"),
+                                         (errno.ENOSPC, "no space left")])
+def test_a_state_save_out_of_quota_says_quota_and_out_of_space_says_no_space(tmp_path, cpu_accelerator, trained,
+                                                                          monkeypatch, code, words):
+    """On a cluster `df` shows terabytes free: "no space left" would send the user looking for the wrong thing."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    first = store.save(2, {"step": 2}, shared={})
+    monkeypatch.setattr(cpu_accelerator, "save_state", failing(OSError(code, os.strerror(code))))
+    with pytest.raises(DiskFull) as raised:
+        store.save(4, {"step": 4}, shared={})
+    assert str(raised.value).startswith(f"{words} on the device of {tmp_path / 'state'} to write step-00000004 "
+                                        f"(at least {human_size(folder_size(first))} needed)")
+    assert names_in(tmp_path / "state") == [first.name]
+
+
+def test_a_torch_save_over_quota_is_told_a_quota_by_the_folder(tmp_path, cpu_accelerator, trained, monkeypatch):
+    """torch.save says only "unexpected pos": a small write into the folder tells a quota from a full device."""
+    store = StateStore(tmp_path, cpu_accelerator, keep=3)
+    store.save(2, {"step": 2}, shared={})
+
+    def quota_full(path, write, durable):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(torch, "save", torch_save_failing("[enforce fail at inline_container.cc:672] . unexpected pos"))
+    monkeypatch.setattr(storage, "_write_file", quota_full)
+    with pytest.raises(DiskFull, match=f"^your disk quota is used up on the device of {tmp_path / 'state'} to write "
+                                       "step-00000004"):
+        store.save(4, {"step": 4}, shared={})
+
+
+def test_a_state_saved_after_the_run_folder_was_deleted_stops_and_makes_no_folder_of_its_name(
+        tmp_path, cpu_accelerator, trained):
+    """A stop (SIGTERM) saves a state before the next metrics line would find the run folder gone; making it
+    again would leave a folder of the run's name holding a state and nothing else, for --resume auto to take."""
+    run_dir = tmp_path / "runs" / "gone"
+    run_dir.mkdir(parents=True)
+    store = StateStore(run_dir, cpu_accelerator, keep=3)
+    store.save(2, {"step": 2}, shared={})
+    shutil.rmtree(run_dir)
+    with pytest.raises(UserError) as raised:
+        store.save(4, {"step": 4}, shared={})
+    assert str(raised.value) == (f"the run folder {run_dir} was deleted or moved away while the run trained, and "
+                                 "with it the run's records; stopped rather than write an incomplete run there: "
+                                 "start a new run.")
+    assert names_in(tmp_path / "runs") == []
