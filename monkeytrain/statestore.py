@@ -34,6 +34,7 @@ from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import (SPACE_PROBE_BYTES, DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full,
                                  out_of_space, over_quota, write_atomically)
+from monkeytrain.tracking import run_folder_gone
 
 COMPLETE = "COMPLETE"
 STATE_PREFIX = "step-"
@@ -99,9 +100,7 @@ class StateStore:
         try:
             self.root.mkdir(exist_ok=True)
         except FileNotFoundError:
-            raise UserError(f"the run folder {self.root.parent} was deleted or moved away while the run trained, "
-                            "and with it the run's records; stopped rather than write an incomplete run there: "
-                            "start a new run.") from None
+            raise run_folder_gone(self.root.parent) from None
         for leftover in self.root.glob(".tmp-*"):  # from a save that a kill interrupted
             shutil.rmtree(leftover, ignore_errors=True)
         staging.mkdir()

@@ -72,9 +72,7 @@ class RunLog:
         make a new folder of its name (a saved state does) holding a run with holes: no config.yaml, no
         data record, the metrics of the epochs since; and results.json would mark it finished."""
         if not self.folder.still_there():
-            raise UserError(f"the run folder {self.run_dir} was deleted or moved away while the run trained, "
-                            "and with it the run's records; stopped rather than write an incomplete run there: "
-                            "start a new run.")
+            raise run_folder_gone(self.run_dir)
 
     def final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
         """Once, after the test evaluation: curves.png and confusion_matrix.png. They only picture what
@@ -87,6 +85,12 @@ class RunLog:
 
     def close(self) -> None:
         self.folder.release()
+
+
+def run_folder_gone(run_dir: Path) -> UserError:
+    """The line of a run whose folder went away while it trained (a log write or a state save found it)."""
+    return UserError(f"the run folder {run_dir} was deleted or moved away while the run trained, and with it the "
+                     "run's records; stopped rather than write an incomplete run there: start a new run.")
 
 
 class HeldFolder:
