@@ -84,7 +84,7 @@ requeue_if_asked() {
     local answer
     if ! answer=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
         answer=${answer//$'\n'/ }  # one line in the log
-        echo "$1: scontrol requeue $SLURM_JOB_ID failed (${answer:-no message}); the job ends here, its state saved: to continue, ${hint}." >&2
+        echo "$1: scontrol requeue $SLURM_JOB_ID failed (${answer:-no message}); the job ends here (what it trained is saved): to continue, ${hint}." >&2
         exit 1
     fi
     echo "$1: scontrol requeue $SLURM_JOB_ID: ok" >&2
@@ -106,7 +106,7 @@ refuse_a_pointless_requeue() {
     if (( $(seconds_of "$limit") - warned_at > 180 )) && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then return 0; fi
     echo "$1: not requeued: SLURM's warning came ${warned_at} s into the job, whose time limit ($limit) is not" \
         "longer than the warning's lead (--signal=B:USR1@...) by enough to train: requeued, it would be warned" \
-        "at once again; the job ends here, its state saved: to continue, $2, and a longer --time." >&2
+        "at once again; the job ends here (what it trained is saved): to continue, $2, and a longer --time." >&2
     exit 1
 }
 
