@@ -108,18 +108,27 @@ def readme_deploy_snippet() -> str:
     return snippet
 
 
-def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys):
-    """A deployer copies it: its preprocessing, names and test-time views must be predict's."""
+def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys, tmp_path):
+    """A deployer copies it: its preprocessing, names and test-time views must be predict's, also for a
+    transparent PNG (over white) and a JPEG large enough to be decoded at a reduced scale."""
+    from PIL import Image
+
+    photos = sorted(run["test"].rglob("*.png"))
+    half_clear = Image.open(photos[0]).convert("RGBA").resize((300, 200))
+    half_clear.putalpha(Image.linear_gradient("L").resize((300, 200)))
+    half_clear.save(tmp_path / "clear.png")
+    Image.open(photos[1]).convert("RGB").resize((900, 700)).save(tmp_path / "large.jpg", quality=90)
     answers = json.loads(output_of(["predict", "--checkpoint", str(run["onnx"]), "--json", "--top-k", "1",
-                                    str(run["test"])], capsys))
+                                    str(run["test"]), str(tmp_path / "clear.png"), str(tmp_path / "large.jpg")],
+                                   capsys))
     snippet = readme_deploy_snippet().replace("runs/demo/best.onnx", str(run["onnx"]))
-    assert len(answers) == 12
+    assert len(answers) == 14
     for answer in answers:
         scope: dict = {}
         exec(snippet.replace("photo.jpg", answer["path"]), scope)
         logits = torch.from_numpy(scope["logits"][0])
         [top] = answer["top"]
-        assert capsys.readouterr().out == f"{top['class']}\n"
+        assert capsys.readouterr().out == f"{top['class']} {top['probability']:.1%}\n"
         assert logits.softmax(0).max().item() == pytest.approx(top["probability"], abs=1e-5)
 
 
