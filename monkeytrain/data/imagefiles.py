@@ -332,6 +332,7 @@ def content_key(header: str, files: Iterable[ImageFile]) -> str:
     contents, how they decode, and a `header` that names the format and its settings."""
     digest = hashlib.sha256(f"{header} decoding v{DECODING_VERSION}\n".encode())
     for f in files:
-        # surrogateescape: a name that is not UTF-8 (from a zip made on Windows, say) keys by its bytes
-        digest.update(f"{f.path}\t{f.digest}\n".encode("utf-8", "surrogateescape"))
+        # Absolute: the same folder given as data/x here and as $PWD/data/x in a job script is one entry, not
+        # two of 21-257 MiB. surrogateescape: a name that is not UTF-8 (a zip made on Windows) keys by its bytes
+        digest.update(f"{os.path.abspath(f.path)}\t{f.digest}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]

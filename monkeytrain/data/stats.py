@@ -11,6 +11,7 @@ single-process pass whatever the shard order.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -55,7 +56,7 @@ def stats_from_sums(totals: torch.Tensor) -> ChannelStats:
 
 def cache_key(files: list[ImageFile], image_size: int) -> str:
     """Keyed by every file's path and content, and the resolution."""
-    return content_key(f"v{STATS_VERSION} {image_size}", sorted(files, key=lambda f: str(f.path)))
+    return content_key(f"v{STATS_VERSION} {image_size}", sorted(files, key=lambda f: os.path.abspath(f.path)))
 
 
 def read_cached(path: Path) -> Optional[ChannelStats]:
