@@ -134,10 +134,9 @@ def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile]
     prepare, forward = inference(model, info)
     loader = torch.utils.data.DataLoader(DecodedOrWhyNot(view_dataset(images, info.image_size)),
                                          batch_size=PREDICT_BATCH_SIZE, collate_fn=as_list)
-    k, names, taken, answered = min(top_k, info.num_classes), shown_class_names(info), 0, 0
-    for batch in loader:  # in order: the batch holds images[taken:taken + len(batch)]
-        decoded = [(image, view) for image, (view, why_not) in zip(images[taken:], batch) if decodes(image, why_not)]
-        taken += len(batch)
+    k, names, answered = min(top_k, info.num_classes), shown_class_names(info), 0
+    for batch in loader:
+        decoded = [(image, view) for view, image, why_not in batch if decodes(image, why_not)]
         if decoded:
             views = torch.stack([view for _, view in decoded]).to(device)
             values, indices = forward(prepare(views)).float().softmax(dim=1).cpu().topk(k, dim=1)
@@ -166,8 +165,10 @@ def shown_class_names(info: CheckpointInfo) -> list[str]:
     return layout.distinct_names(info.class_names, info.class_folders)
 
 
-def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names."""
+def labelled_folder(folder: Path, info: CheckpointInfo,
+                    scan: Callable = scan_labelled_files) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names; `scan`
+    judges the files (glance_at_files: by their headers alone)."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{folder} {what}; pass a folder of class subfolders.")
@@ -182,7 +183,7 @@ def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile]
     if unknown:
         raise UserError(unknown_class_folder(folder, unknown[0], info))
     labelled = [(p, labels[n]) for n in names for p in candidate_files(folder / n)]
-    images, skipped = scan_labelled_files(labelled)
+    images, skipped = scan(labelled)
     if not images:
         raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
     return images, skipped
@@ -220,11 +221,25 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
                     batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
-    """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
+    """Score a checkpoint on a folder of class subfolders (any split, any rank count). Each image is decoded
+    once, in the evaluation: one damaged past its header is skipped then, with a warning."""
     classifier, info = load_classifier(checkpoint, accelerator.device)
-    images, skipped = labelled_folder(folder, info)
-    loader = sharded_loader(view_dataset(images, info.image_size), batch_size, 0,
-                            accelerator.process_index, accelerator.num_processes)
-    batches = ((views.to(accelerator.device), labels.to(accelerator.device)) for views, labels in loader)
+    images, skipped = labelled_folder(folder, info, scan=glance_at_files)
+    loader = sharded_loader(DecodedOrWhyNot(view_dataset(images, info.image_size)), batch_size, 0,
+                            accelerator.process_index, accelerator.num_processes, collate_fn=as_list)
+    batches = (views_and_labels(batch, accelerator.device) for batch in loader)
     prepare, forward = inference(classifier, info)
-    return evaluate(forward, batches, prepare, accelerator, info.num_classes), info, skipped
+    result = evaluate(forward, (b for b in batches if b), prepare, accelerator, info.num_classes)
+    if not result.count:  # the same on every rank: a sum over all of them
+        raise UserError(f"{folder} has no readable images (each is named above); add images to its class "
+                        "subfolders.")
+    return result, info, skipped
+
+
+def views_and_labels(batch: list, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A DecodedOrWhyNot batch as (views, labels) on `device`, of the images that decoded (None if none did)."""
+    decoded = [(view, image.label) for view, image, why_not in batch if decodes(image, why_not)]
+    if not decoded:
+        return None
+    return (torch.stack([view for view, _ in decoded]).to(device),
+            torch.tensor([label for _, label in decoded], dtype=torch.int64, device=device))

@@ -235,3 +235,24 @@ def test_a_folder_of_images_that_are_all_damaged_is_an_error_after_a_warning_for
     *warnings, error = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and [w.split(": ")[2] for w in warnings] == [f"skipping {path}" for path in cut]
     assert error.startswith("monkeytrain: error: none of the images given could be decoded")
+
+
+def test_evaluate_decodes_each_image_once_and_skips_one_damaged_past_its_header(checkpoint, split, capsys,
+                                                                                monkeypatch, tmp_path):
+    folder = tmp_path / "scored"
+    shutil.copytree(split, folder)
+    cut = truncated_copy(split / "n1" / "n1_000.png", folder / "n1" / "cut.png")
+    decoded = decoded_files(monkeypatch)
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", str(checkpoint), str(folder)])
+    scored, warnings = capsys.readouterr()
+    assert json.loads(scored)["images"] == 6 and len(decoded) == 7  # the damaged one too, once
+    assert warnings.splitlines() == [
+        f"monkeytrain: warning: skipping {cut}: a damaged or truncated image (image file is truncated)."]
+    for image in folder.rglob("*.png"):
+        truncated_copy(image, image)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(folder)])
+    *_, error = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and error == (f"monkeytrain: error: {folder} has no readable images (each is "
+                                                 "named above); add images to its class subfolders.")

@@ -127,8 +127,9 @@ class ImageListDataset(Dataset):
 
 
 class DecodedOrWhyNot(Dataset):
-    """(transformed image, "") or (None, why it did not decode) for each of a list of image files that were only
-    glanced at (imagefiles.glance_at_files): a damaged image, found only now, is the caller's to report."""
+    """(transformed image, its ImageFile, "") or (None, its ImageFile, why it did not decode) for each of a list
+    of image files that were only glanced at (imagefiles.glance_at_files): a damaged image, found only now, is
+    the caller's to report."""
 
     def __init__(self, images: ImageListDataset):
         self.images = images
@@ -137,10 +138,11 @@ class DecodedOrWhyNot(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
+        image = self.images.files[index]
         try:
-            return self.images.transformed(index), ""
+            return self.images.transformed(index), image, ""
         except DECODE_ERRORS as error:
-            return None, decode_failure(error)
+            return None, image, decode_failure(error)
 
 
 def as_list(items: list) -> list:
@@ -164,7 +166,7 @@ def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: i
 
 
 def sharded_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, collate_fn=None
 ) -> DataLoader:
     """This rank's disjoint, unpadded shard, in order: every sample is seen exactly once
     across ranks, so sums of per-shard results are exact whatever the dataset size."""
@@ -173,6 +175,6 @@ def sharded_loader(
     # global RNG would make training depend on how often we evaluated (or
     # whether channel statistics came from the cache).
     return ending_workers_at_exit(DataLoader(
-        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()))
