@@ -237,7 +237,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
         blocking = file_in_the_way(path)
         if blocking:  # mkdir says "File exists" or "Not a directory", naming neither the file nor the folder
             within = "" if blocking == path else f"cannot create the folder {path}: "
-            raise UserError(f"{within}{blocking} is a file, not a folder; pick another {flag}.") from None
+            raise UserError(f"{within}{blocking} is a file, not a folder; pick a writable {flag}.") from None
         raise UserError(f"cannot create or write the folder {path} ({error.strerror or error}); "
                         f"pick a writable {flag}.") from None
 

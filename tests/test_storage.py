@@ -200,7 +200,7 @@ def test_a_folder_asked_for_at_or_under_a_file_names_that_file(tmp_path, below):
     with pytest.raises(UserError) as raised:
         check_writable_dir(path, "--output")
     within = f"cannot create the folder {path}: " if below else ""
-    assert str(raised.value) == f"{within}{tmp_path / 'a-file'} is a file, not a folder; pick another --output."
+    assert str(raised.value) == f"{within}{tmp_path / 'a-file'} is a file, not a folder; pick a writable --output."
 
 
 def _regular_file(tmp_path: Path) -> Path:
