@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import functools
+import os
 import re
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 USAGE_EXIT_CODE = 2
 
@@ -38,7 +40,11 @@ def exits_cleanly_on_user_error(main: F) -> F:
     def wrapper(*args, **kwargs):
         printable_on_any_console()
         try:
-            return main(*args, **kwargs)
+            with output_failures_told_apart():
+                return main(*args, **kwargs)
+        except OutputFailed as error:
+            discard_standard_output()  # else Python's own flush at exit would fail again, with a traceback
+            fail(str(error), USAGE_EXIT_CODE)
         except UserError as error:
             fail(str(error), USAGE_EXIT_CODE)
         except OSError as error:
@@ -52,6 +58,67 @@ def exits_cleanly_on_user_error(main: F) -> F:
                  "--run-name).", INTERRUPTED_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OutputFailed(UserError):
+    """Standard output could not be written: `> file` on a full disk, `> /dev/full`, a failing disk."""
+
+    def __init__(self, error: OSError):
+        super().__init__(f"standard output could not be written ({error.strerror or error}); free space where "
+                         "it goes, or send it elsewhere.")
+
+
+class StandardOutput:
+    """sys.stdout, whose failed writes raise OutputFailed. They name no file, so that a full disk behind
+    `> answers.txt` would otherwise read as a failure of some other file. A closed pipe (`| head`) is left as
+    the BrokenPipeError that its callers end quietly on."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        with output_errors_raised_as_such():
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        with output_errors_raised_as_such():
+            self.stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer, ...: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_errors_raised_as_such() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputFailed(error) from error
+
+
+@contextlib.contextmanager
+def output_failures_told_apart() -> Iterator[None]:
+    """sys.stdout as a StandardOutput for the block (once: entry points call each other)."""
+    if isinstance(sys.stdout, StandardOutput) or sys.stdout is None:
+        yield
+        return
+    stream = sys.stdout
+    sys.stdout = StandardOutput(stream)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, StandardOutput):  # unless the block replaced it (a test's capture)
+            sys.stdout = stream
+
+
+def discard_standard_output() -> None:
+    """Point file descriptor 1 at /dev/null, as Python's documentation advises for a closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stream with no descriptor (a test's capture)
+        pass
 
 
 def first_line(error: BaseException) -> str:

@@ -15,11 +15,13 @@ import torch
 from monkeytrain.checkpoint import CheckpointInfo, load_model
 from monkeytrain.data import layout
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews
-from monkeytrain.data.imagefiles import ImageFile, SkippedFile, candidate_files, scan_labelled_files
-from monkeytrain.data.loaders import sharded_loader
+from monkeytrain.data.imagefiles import (
+    ImageFile, SkippedFile, candidate_files, glance_at_files, scan_labelled_files,
+)
+from monkeytrain.data.loaders import DecodedOrWhyNot, as_list, sharded_loader
 from monkeytrain.data.views import view_dataset
 from monkeytrain.engine import EvalResult, evaluate
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, to_stderr
 
 
 @dataclass(frozen=True)
@@ -29,21 +31,30 @@ class Prediction:
 
 
 def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Readable images among files and folders given, each once (a file named twice, or named and in a
-    folder given too, is one image: one answer); a named file that is not one is an error. A pattern
-    the shell left as it was ('*.jpg' in quotes) names the files it matches, as the shell would have."""
+    """Images among files and folders given, each once (a file named twice, or named and in a folder given
+    too, is one image: one answer); a named file that is not one is an error. A pattern the shell left as it
+    was ('*.jpg' in quotes) names the files it matches, as the shell would have. Judged by their headers
+    alone: `predict` decodes each image once, and reports one damaged past its header then."""
     named = [name for item in inputs for name in expanded(item)]
     once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
     for path in (path for item in map(Path, named) for path in files_of(item)):
         once.setdefault(os.path.abspath(path), path)
-    images, skipped = scan_labelled_files([(p, -1) for p in once.values()])
+    images, skipped = glance_at_files([(p, -1) for p in once.values()])  # each is decoded once, by predict
     named_files = {Path(name) for name in named if not Path(name).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
-            raise UserError(f"{bad.path} is {bad.reason}; pass an image file.")
+            raise UserError(not_an_image(bad))
     if not images:
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
-    return images, skipped
+    return [NamedImage(*vars(i).values()) if i.path in named_files else i for i in images], skipped
+
+
+class NamedImage(ImageFile):
+    """An image file the user named (not one found in a folder): should it not decode, that is an error."""
+
+
+def not_an_image(bad: SkippedFile) -> str:
+    return f"{bad.path} is {bad.reason}; pass an image file."
 
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -121,16 +132,32 @@ def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile]
     that stops reading (`| head`) stops the work."""
     model, info = classifier
     prepare, forward = inference(model, info)
-    loader = torch.utils.data.DataLoader(view_dataset(images, info.image_size), batch_size=PREDICT_BATCH_SIZE)
-    k = min(top_k, info.num_classes)
-    names = shown_class_names(info)
-    answered = 0
-    for views, _ in loader:
-        probabilities = forward(prepare(views.to(device))).float().softmax(dim=1).cpu()
-        values, indices = probabilities.topk(k, dim=1)
-        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-            yield Prediction(images[answered].path, [(names[i], p) for i, p in zip(row_indices, row_values)])
-            answered += 1
+    loader = torch.utils.data.DataLoader(DecodedOrWhyNot(view_dataset(images, info.image_size)),
+                                         batch_size=PREDICT_BATCH_SIZE, collate_fn=as_list)
+    k, names, answered = min(top_k, info.num_classes), shown_class_names(info), 0
+    for batch in loader:
+        decoded = [(image, view) for view, image, why_not in batch if decodes(image, why_not)]
+        if decoded:
+            views = torch.stack([view for _, view in decoded]).to(device)
+            values, indices = forward(prepare(views)).float().softmax(dim=1).cpu().topk(k, dim=1)
+            for (image, _), row_values, row_indices in zip(decoded, values.tolist(), indices.tolist()):
+                yield Prediction(image.path, [(names[i], p) for i, p in zip(row_indices, row_values)])
+        answered += len(decoded)
+    if not answered:
+        raise UserError("none of the images given could be decoded (each is named above); pass image files or "
+                        "folders of images.")
+
+
+def decodes(image: ImageFile, why_not: str) -> bool:
+    """Whether `image` decoded; one that did not (damaged past its header, which is all the first look read) is
+    an error if the user named it, and one warning if it was found in a folder, as the first look's findings."""
+    if not why_not:
+        return True
+    skipped = SkippedFile(image.path, why_not)
+    if isinstance(image, NamedImage):
+        raise UserError(not_an_image(skipped))
+    to_stderr("warning", f"skipping {skipped.path}: {skipped.reason}.")
+    return False
 
 
 def shown_class_names(info: CheckpointInfo) -> list[str]:
@@ -138,8 +165,10 @@ def shown_class_names(info: CheckpointInfo) -> list[str]:
     return layout.distinct_names(info.class_names, info.class_folders)
 
 
-def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names."""
+def labelled_folder(folder: Path, info: CheckpointInfo,
+                    scan: Callable = scan_labelled_files) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """Images of a folder of class subfolders, labelled by the checkpoint's class folders or names; `scan`
+    judges the files (glance_at_files: by their headers alone)."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{folder} {what}; pass a folder of class subfolders.")
@@ -154,7 +183,7 @@ def labelled_folder(folder: Path, info: CheckpointInfo) -> tuple[list[ImageFile]
     if unknown:
         raise UserError(unknown_class_folder(folder, unknown[0], info))
     labelled = [(p, labels[n]) for n in names for p in candidate_files(folder / n)]
-    images, skipped = scan_labelled_files(labelled)
+    images, skipped = scan(labelled)
     if not images:
         raise UserError(f"{folder} has no readable images; add images to its class subfolders.")
     return images, skipped
@@ -192,11 +221,25 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
                     batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
-    """Score a checkpoint on a folder of class subfolders (any split, any rank count)."""
+    """Score a checkpoint on a folder of class subfolders (any split, any rank count). Each image is decoded
+    once, in the evaluation: one damaged past its header is skipped then, with a warning."""
     classifier, info = load_classifier(checkpoint, accelerator.device)
-    images, skipped = labelled_folder(folder, info)
-    loader = sharded_loader(view_dataset(images, info.image_size), batch_size, 0,
-                            accelerator.process_index, accelerator.num_processes)
-    batches = ((views.to(accelerator.device), labels.to(accelerator.device)) for views, labels in loader)
+    images, skipped = labelled_folder(folder, info, scan=glance_at_files)
+    loader = sharded_loader(DecodedOrWhyNot(view_dataset(images, info.image_size)), batch_size, 0,
+                            accelerator.process_index, accelerator.num_processes, collate_fn=as_list)
+    batches = (views_and_labels(batch, accelerator.device) for batch in loader)
     prepare, forward = inference(classifier, info)
-    return evaluate(forward, batches, prepare, accelerator, info.num_classes), info, skipped
+    result = evaluate(forward, (b for b in batches if b), prepare, accelerator, info.num_classes)
+    if not result.count:  # the same on every rank: a sum over all of them
+        raise UserError(f"{folder} has no readable images (each is named above); add images to its class "
+                        "subfolders.")
+    return result, info, skipped
+
+
+def views_and_labels(batch: list, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A DecodedOrWhyNot batch as (views, labels) on `device`, of the images that decoded (None if none did)."""
+    decoded = [(view, image.label) for view, image, why_not in batch if decodes(image, why_not)]
+    if not decoded:
+        return None
+    return (torch.stack([view for view, _ in decoded]).to(device),
+            torch.tensor([label for _, label in decoded], dtype=torch.int64, device=device))

@@ -234,8 +234,20 @@ def check_writable_dir(path: Path, flag: str) -> None:
         probe.touch()
         probe.unlink()
     except OSError as error:
+        blocking = file_in_the_way(path)
+        if blocking:  # mkdir says "File exists" or "Not a directory", naming neither the file nor the folder
+            within = "" if blocking == path else f"cannot create the folder {path}: "
+            raise UserError(f"{within}{blocking} is a file, not a folder; pick a writable {flag}.") from None
         raise UserError(f"cannot create or write the folder {path} ({error.strerror or error}); "
                         f"pick a writable {flag}.") from None
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (anything but a folder) at `path` or at the first of its parents that is one, if any."""
+    for step in (*reversed(path.parents), path):
+        if step.exists() and not step.is_dir():
+            return step
+    return None
 
 
 def mark_used(path: Path) -> None:

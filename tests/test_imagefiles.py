@@ -508,3 +508,16 @@ def test_an_oversized_image_is_used_and_flagged_without_a_python_warning(tmp_pat
     load_rgb(big)
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
     assert "big.png is a very large image" in oversized_warning(images[0])
+
+
+def test_a_glance_finds_what_a_scan_finds_but_damage_past_the_header(tmp_path):
+    from test_image_kinds import write_bad_files
+
+    write_bad_files(tmp_path)
+    noise_image().save(tmp_path / "fine.png")
+    (tmp_path / "cut.png").write_bytes(encoded(noise_image(), "PNG")[:200])  # its header whole, its pixels not
+    labelled = [(path, 0) for path in candidate_files(tmp_path)]
+    scanned, glanced = scan_labelled_files(labelled), imagefiles.glance_at_files(labelled)
+    assert [image.path for image in glanced[0]] == [tmp_path / "cut.png", tmp_path / "fine.png"]
+    assert glanced[1] == [bad for bad in scanned[1] if bad.path.name != "cut.png"] and len(glanced[1]) == 6
+    assert glanced[0][1].pixels == scanned[0][0].pixels == 32 * 24

@@ -146,7 +146,7 @@ def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, ca
 
 def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, monkeypatch):
     """Reading 10,000 images takes tens of seconds: a mistyped --checkpoint should not wait for it."""
-    monkeypatch.setattr(predict_module, "scan_labelled_files", lambda *args: pytest.fail("images read first"))
+    monkeypatch.setattr(predict_module, "glance_at_files", lambda *args: pytest.fail("images read first"))
     assert "missing.safetensors does not exist" in error_of(
         ["predict", "--checkpoint", "missing.safetensors", str(split)], capsys)
 
@@ -183,3 +183,77 @@ def test_answers_are_written_as_they_come_and_a_reader_that_goes_stops_the_work(
     with pytest.raises(BrokenPipeError):  # cli.main ends it quietly with status 1 (test_cli)
         cli.run_command(["predict", "--cpu", *output, "--checkpoint", str(checkpoint), str(split)])
     assert sys.stdout.at_first_answer == images_before_it and sum(batches) == images_before_it  # of 6
+
+
+def decoded_files(monkeypatch) -> list:
+    """The image files Pillow decodes from here on (a file object per decode; an opened header is none)."""
+    from PIL import ImageFile as PillowImageFile
+
+    decoded, load = [], PillowImageFile.ImageFile.load
+
+    def counted(image):
+        if image.tile:  # still to decode: later calls on the same image find the pixels there
+            decoded.append(image.filename or image.fp)
+        return load(image)
+
+    monkeypatch.setattr(PillowImageFile.ImageFile, "load", counted)
+    return decoded
+
+
+def test_each_image_is_decoded_once(checkpoint, split, capsys, monkeypatch):
+    """10,000 images were decoded twice: in full by a scan (for a digest predict never uses), then to predict."""
+    decoded = decoded_files(monkeypatch)
+    assert len(predicted_paths(["--checkpoint", str(checkpoint), str(split)], capsys)) == 6
+    assert len(decoded) == 6
+
+
+def truncated_copy(image: Path, to: Path) -> Path:
+    """`image` cut short: its header is whole, its pixels are not."""
+    to.write_bytes(image.read_bytes()[:200])
+    return to
+
+
+def test_an_image_damaged_past_its_header_is_skipped_in_a_folder_and_an_error_when_named(checkpoint, split, capsys,
+                                                                                          tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(split / "n0", folder)
+    cut = truncated_copy(split / "n1" / "n1_000.png", folder / "cut.png")
+    flags = ["--checkpoint", str(checkpoint)]
+    assert predicted_paths([*flags, str(folder)], capsys) == [str(folder / "n0_000.png"), str(folder / "n0_001.png")]
+    # capsys was read by predicted_paths: run again for the warning
+    cli.main(["predict", "--cpu", *flags, str(folder)])
+    assert capsys.readouterr().err.splitlines() == [
+        f"monkeytrain: warning: skipping {cut}: a damaged or truncated image (image file is truncated)."]
+    assert f"{cut} is a damaged or truncated image" in error_of(["predict", "--cpu", *flags, str(cut)], capsys)
+
+
+def test_a_folder_of_images_that_are_all_damaged_is_an_error_after_a_warning_for_each(checkpoint, split, capsys,
+                                                                                       tmp_path):
+    cut = [truncated_copy(split / "n0" / "n0_000.png", tmp_path / name) for name in ("a.png", "b.png")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["predict", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path)])
+    *warnings, error = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and [w.split(": ")[2] for w in warnings] == [f"skipping {path}" for path in cut]
+    assert error.startswith("monkeytrain: error: none of the images given could be decoded")
+
+
+def test_evaluate_decodes_each_image_once_and_skips_one_damaged_past_its_header(checkpoint, split, capsys,
+                                                                                monkeypatch, tmp_path):
+    folder = tmp_path / "scored"
+    shutil.copytree(split, folder)
+    cut = truncated_copy(split / "n1" / "n1_000.png", folder / "n1" / "cut.png")
+    decoded = decoded_files(monkeypatch)
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", str(checkpoint), str(folder)])
+    scored, warnings = capsys.readouterr()
+    assert json.loads(scored)["images"] == 6 and len(decoded) == 7  # the damaged one too, once
+    assert warnings.splitlines() == [
+        f"monkeytrain: warning: skipping {cut}: a damaged or truncated image (image file is truncated)."]
+    for image in folder.rglob("*.png"):
+        truncated_copy(image, image)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(folder)])
+    *_, error = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and error == (f"monkeytrain: error: {folder} has no readable images (each is "
+                                                 "named above); add images to its class subfolders.")

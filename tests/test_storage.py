@@ -185,17 +185,22 @@ def test_a_bare_torch_error_counts_as_disk_full_only_on_a_nearly_full_device(tmp
     assert storage.out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)  # a quota, not the disk
 
 
-@pytest.mark.parametrize("make_path", [
-    pytest.param(lambda tmp: _regular_file(tmp) / "runs", id="under-a-file"),
-    pytest.param(lambda tmp: Path("/proc/nope/runs"), id="proc"),
-])
-def test_an_unusable_folder_is_one_user_error_naming_the_flag(tmp_path, make_path):
-    path = make_path(tmp_path)
+def test_an_unusable_folder_is_one_user_error_naming_the_flag():
+    path = Path("/proc/nope/runs")
     with pytest.raises(UserError) as raised:
         check_writable_dir(path, "--output-dir")
     message = str(raised.value)
     assert message.startswith(f"cannot create or write the folder {path} (")
     assert message.endswith("pick a writable --output-dir.") and "\n" not in message
+
+
+@pytest.mark.parametrize("below", ["", "runs", "runs/2026"])  # mkdir: "File exists", "Not a directory"
+def test_a_folder_asked_for_at_or_under_a_file_names_that_file(tmp_path, below):
+    path = _regular_file(tmp_path) / below if below else _regular_file(tmp_path)
+    with pytest.raises(UserError) as raised:
+        check_writable_dir(path, "--output")
+    within = f"cannot create the folder {path}: " if below else ""
+    assert str(raised.value) == f"{within}{tmp_path / 'a-file'} is a file, not a folder; pick a writable --output."
 
 
 def _regular_file(tmp_path: Path) -> Path:

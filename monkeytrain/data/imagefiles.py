@@ -12,7 +12,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Optional
 
 import numpy as np
 import PIL
@@ -48,6 +48,7 @@ HEIF_BRANDS = {**dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"h
 # custom-icon file "Icon\r" of a Mac folder. Passed over like dot files, as torchvision's ImageFolder passes
 # over them by their extensions, never reported as bad images (nor fatal under --strict-data).
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
+SCAN_THREADS = min(8, (os.cpu_count() or 1) * 2)  # more than the cores: a thread waits on the disk too
 
 
 
@@ -143,18 +144,32 @@ def check_image_bytes(data: bytes) -> Optional[str]:
 
 def decode_check(data: bytes) -> tuple[Optional[str], int]:
     """(why `data` does not decode completely as an image, or None; its pixel count, or 0)."""
-    if not data:
+    return image_problem(io.BytesIO(data), data, decode=True)
+
+
+def image_problem(source: BinaryIO, head: bytes, decode: bool) -> tuple[Optional[str], int]:
+    """(why the image in `source` does not open, or with `decode` does not decode completely, or None; its
+    pixel count, or 0). `head`, the file's first bytes, tells what a file that is no image holds."""
+    if not head:
         return "an empty file", 0
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # a full decode, so truncated files are caught here
+        with Image.open(source) as image:
+            if decode:
+                image.load()  # a full decode, so truncated files are caught here
             return None, image.width * image.height
     except UnidentifiedImageError:
-        return unreadable_kind(data), 0
-    except Image.DecompressionBombError as error:  # Pillow's guard, at twice MAX_IMAGE_PIXELS: not damage
-        return f"too large for Pillow to decode ({error}); use a smaller copy of it", 0
+        return unreadable_kind(head), 0
     except DECODE_ERRORS as error:
-        return f"a damaged or truncated image ({error})", 0
+        return decode_failure(error), 0
+
+
+def decode_failure(error: Exception) -> str:
+    """Why an image that Pillow opened did not decode, in the scan's words."""
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's guard, at twice MAX_IMAGE_PIXELS: not damage
+        return f"too large for Pillow to decode ({error}); use a smaller copy of it"
+    if isinstance(error, OSError) and error.errno is not None:  # the system's: a file gone, a failing disk
+        return f"unreadable ({error.strerror or error})"
+    return f"a damaged or truncated image ({error})"
 
 
 def unreadable_kind(data: bytes) -> str:
@@ -219,16 +234,40 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     try:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
-        if path.is_symlink() and not path.exists():
-            return SkippedFile(path, broken_link(path, error))
-        if path.is_dir():  # one candidate_files could not list
-            return SkippedFile(path, f"a folder that cannot be listed ({why_unlisted(path)}); the images in it "
-                                     "are left out")
-        return SkippedFile(path, f"unreadable ({error.strerror or error})")
+        return unreadable_file(path, error)
     problem, pixels = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
     return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
+
+
+# What a glance reads of a file: enough for unreadable_kind to tell what a file that is no image holds.
+HEAD_BYTES = 1024
+
+
+def glance(path: Path, label: int) -> ImageFile | SkippedFile:
+    """As `inspect`, from the file's header alone: no decode and no digest (an empty one), so a damaged image
+    passes; for a caller that decodes each image once anyway and reports a damaged one then."""
+    quiet_pillow_size_warning()
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+            handle.seek(0)
+            problem, pixels = image_problem(handle, head, decode=False)
+    except OSError as error:  # raised by open() or the first read: Pillow's own are a problem of the image
+        return unreadable_file(path, error)
+    return SkippedFile(path, problem) if problem else ImageFile(path, label, "", pixels)
+
+
+def unreadable_file(path: Path, error: OSError) -> SkippedFile:
+    """A file that could not be read at all, and why: a link to nothing, a folder that could not be listed, or
+    the system's reason (no permission, a vanished file, an I/O error of the disk)."""
+    if path.is_symlink() and not path.exists():
+        return SkippedFile(path, broken_link(path, error))
+    if path.is_dir():  # one candidate_files could not list
+        return SkippedFile(path, f"a folder that cannot be listed ({why_unlisted(path)}); the images in it "
+                                 "are left out")
+    return SkippedFile(path, f"unreadable ({error.strerror or error})")
 
 
 def why_unlisted(folder: Path) -> str:
@@ -258,14 +297,23 @@ def scan_labelled_files(
     labelled_paths = list(labelled_paths)
     started = time.time_ns()
     earlier = read_scans(cache_file) if cache_file else {}
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         scans = list(pool.map(lambda item: reuse_or_inspect(*item, earlier), labelled_paths))
     if cache_file and (not all(scan.reused for scan in scans) or len(earlier) != len(scans)):
         write_scans(cache_file, scans, started)
-    images = [scan.found for scan in scans if isinstance(scan.found, ImageFile)]
-    skipped = [scan.found for scan in scans if isinstance(scan.found, SkippedFile)]
-    return images, skipped
+    return images_and_skipped([scan.found for scan in scans])
+
+
+def glance_at_files(labelled_paths: Iterable[tuple[Path, int]]) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """As scan_labelled_files, from each file's header alone (`glance`): a header check per file, where a scan
+    decodes each at full size and digests it: 300 photos of 6 megapixels take 0.03 s, where a scan takes 2 s
+    (on two cores; 2,000 of the monkey set's small ones: 0.2 s and 0.5 s)."""
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        return images_and_skipped(list(pool.map(lambda item: glance(*item), labelled_paths)))
+
+
+def images_and_skipped(found: list[ImageFile | SkippedFile]) -> tuple[list[ImageFile], list[SkippedFile]]:
+    return ([f for f in found if isinstance(f, ImageFile)], [f for f in found if isinstance(f, SkippedFile)])
 
 
 # --- what earlier scans found ----------------------------------------------------------

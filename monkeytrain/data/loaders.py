@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from monkeytrain.data.imagefiles import DECODE_ERRORS, ImageFile, load_rgb
+from monkeytrain.data.imagefiles import DECODE_ERRORS, ImageFile, decode_failure, load_rgb
 from monkeytrain.distributed import shard_indices, sum_across_ranks
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.preemption import ignore_stop_signals
@@ -115,12 +115,39 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int):
         item = self.files[index]
         try:
-            image = load_rgb(item.path, self.min_side)
+            return self.transformed(index), item.label
         except DECODE_ERRORS as error:
             raise ImageGone(f"{item.path} can no longer be read as an image ({first_line(error)}): it changed or "
                             "went away after the data was scanned; put it back, or run again to scan the data "
                             "anew.") from None
-        return self.transform(image), item.label
+
+    def transformed(self, index: int):
+        """The transformed image of file `index`; raises what Pillow raises for a file that does not decode."""
+        return self.transform(load_rgb(self.files[index].path, self.min_side))
+
+
+class DecodedOrWhyNot(Dataset):
+    """(transformed image, its ImageFile, "") or (None, its ImageFile, why it did not decode) for each of a list
+    of image files that were only glanced at (imagefiles.glance_at_files): a damaged image, found only now, is
+    the caller's to report."""
+
+    def __init__(self, images: ImageListDataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self.images.files[index]
+        try:
+            return self.images.transformed(index), image, ""
+        except DECODE_ERRORS as error:
+            return None, image, decode_failure(error)
+
+
+def as_list(items: list) -> list:
+    """A DataLoader's collate_fn that keeps a batch as the list of its items (an item may hold None)."""
+    return items
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
@@ -139,7 +166,7 @@ def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: i
 
 
 def sharded_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, collate_fn=None
 ) -> DataLoader:
     """This rank's disjoint, unpadded shard, in order: every sample is seen exactly once
     across ranks, so sums of per-shard results are exact whatever the dataset size."""
@@ -148,6 +175,6 @@ def sharded_loader(
     # global RNG would make training depend on how often we evaluated (or
     # whether channel statistics came from the cache).
     return ending_workers_at_exit(DataLoader(
-        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()))
