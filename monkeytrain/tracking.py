@@ -280,7 +280,8 @@ def persistent_run_id(run_dir: Path, new_id: Callable[[], str]) -> str:
     if existing:
         return existing
     run_id = new_id()
-    write_atomically(path, f"{run_id}\n".encode())  # whole or not at all: an empty one would start a second W&B run on resume
+    # Whole or not at all: an empty one would start a second W&B run on resume
+    write_atomically(path, f"{run_id}\n".encode())
     return run_id
 
 
