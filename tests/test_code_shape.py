@@ -9,6 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "monkeytrain"
 MAX_PARAMETERS = 6  # self and cls not counted
 MAX_TRAIN_LINES = 100
+MAX_LINE_LENGTH = 120  # STYLE's bound, for code and tests alike
 
 
 def parameters(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
@@ -30,6 +31,13 @@ def test_no_function_in_the_package_takes_more_than_six_parameters():
 
 def test_train_py_stays_wiring():
     assert len((PACKAGE / "train.py").read_text().splitlines()) <= MAX_TRAIN_LINES
+
+
+def test_no_line_of_the_package_or_its_tests_is_longer_than_120_characters():
+    files = sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tests").glob("*.py")])
+    too_long = [f"{path.relative_to(PACKAGE.parent)}:{number}" for path in files
+                for number, line in enumerate(path.read_text().splitlines(), start=1) if len(line) > MAX_LINE_LENGTH]
+    assert not too_long, too_long
 
 
 def test_the_readmes_layout_names_every_module_and_benchmark():

@@ -239,8 +239,9 @@ def test_the_stop_line_of_a_run_stopped_before_its_first_step_says_nothing_was_s
                     nothing_trained_since(None))
     [line] = log.infos
     assert line.startswith("stopped on SIGUSR1 before its first training step, so there was nothing to save; asked "
-                           "the job script to requeue" if slurm else "stopped on a signal before its first training step, so there "
-                           "was nothing to save; to continue, run the same command with --resume auto --run-name cut")
+                           "the job script to requeue" if slurm else "stopped on a signal before its first training "
+                           "step, so there was nothing to save; to continue, run the same command with --resume auto "
+                           "--run-name cut")
     assert "after saving" not in line
 
 
