@@ -18,6 +18,7 @@ stop is `preemption.py`'s.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -32,8 +33,8 @@ from safetensors import SafetensorError
 
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.storage import (SPACE_PROBE_BYTES, DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full,
-                                 out_of_space, over_quota, write_atomically)
+from monkeytrain.storage import (DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full, out_of_space,
+                                 over_quota, space_refusal, write_atomically)
 from monkeytrain.tracking import run_folder_gone
 
 COMPLETE = "COMPLETE"
@@ -346,10 +347,4 @@ def quota_used_up(error: Exception, folder: Path) -> bool:
     says (on a cluster `df` shows terabytes free, which "no space left" would contradict)."""
     if is_disk_full(error):
         return over_quota(error)
-    probe = folder / f".quota-probe-{os.getpid()}"
-    try:
-        write_atomically(probe, bytes(SPACE_PROBE_BYTES))
-    except WriteFailed as refused:  # its cause is the system's error, with its errno
-        return over_quota(refused)
-    probe.unlink(missing_ok=True)
-    return False
+    return space_refusal(folder) == errno.EDQUOT

@@ -90,20 +90,21 @@ def out_of_space(error: BaseException, folder: Path) -> bool:
     reports a full disk only as a RuntimeError ("unexpected pos"), so a nearly full device
     counts too: writes fill it to the brim before they fail; and so does a folder that refuses
     a small write for lack of space: a full quota, on a device that may have terabytes free."""
-    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL or refuses_for_space(folder)
+    return is_disk_full(error) or free_bytes(folder) < NEARLY_FULL or space_refusal(folder) is not None
 
 
-def refuses_for_space(folder: Path) -> bool:
-    """Whether a small file written into `folder` now fails with ENOSPC or EDQUOT (it goes again)."""
+def space_refusal(folder: Path) -> int | None:
+    """ENOSPC or EDQUOT, where a small file written into `folder` now fails for lack of space or of quota
+    (it goes again); None where it is written, or fails otherwise."""
     probe = folder / f".space-probe-{os.getpid()}"
     try:
         _write_file(probe, b"\0" * SPACE_PROBE_BYTES, durable=True)  # a network file system says so at fsync
     except OSError as error:
-        return error.errno in DISK_FULL_ERRNOS
+        return error.errno if error.errno in DISK_FULL_ERRNOS else None
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-    return False
+    return None
 
 
 def free_bytes(folder: Path) -> int:
