@@ -135,17 +135,23 @@ def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile]
     loader = torch.utils.data.DataLoader(DecodedOrWhyNot(view_dataset(images, info.image_size)),
                                          batch_size=PREDICT_BATCH_SIZE, collate_fn=as_list)
     k, names, answered = min(top_k, info.num_classes), shown_class_names(info), 0
-    for batch in loader:
-        decoded = [(image, view) for view, image, why_not in batch if decodes(image, why_not)]
-        if decoded:
-            views = torch.stack([view for _, view in decoded]).to(device)
-            values, indices = forward(prepare(views)).float().softmax(dim=1).cpu().topk(k, dim=1)
-            for (image, _), row_values, row_indices in zip(decoded, values.tolist(), indices.tolist()):
-                yield Prediction(image.path, [(names[i], p) for i, p in zip(row_indices, row_values)])
-        answered += len(decoded)
+    for images_and_views in filter(None, map(decoded, loader)):
+        images, views = images_and_views
+        values, indices = forward(prepare(views.to(device))).float().softmax(dim=1).cpu().topk(k, dim=1)
+        for image, row_values, row_indices in zip(images, values.tolist(), indices.tolist()):
+            yield Prediction(image.path, [(names[i], p) for i, p in zip(row_indices, row_values)])
+        answered += len(images)
     if not answered:
         raise UserError("none of the images given could be decoded (each is named above); pass image files or "
                         "folders of images.")
+
+
+def decoded(batch: list) -> tuple[list[ImageFile], torch.Tensor] | None:
+    """A DecodedOrWhyNot batch as the images that decoded and their stacked views (None if none did)."""
+    pairs = [(image, view) for view, image, why_not in batch if decodes(image, why_not)]
+    if not pairs:
+        return None
+    return [image for image, _ in pairs], torch.stack([view for _, view in pairs])
 
 
 def decodes(image: ImageFile, why_not: str) -> bool:
@@ -227,19 +233,17 @@ def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
     images, skipped = labelled_folder(folder, info, scan=glance_at_files)
     loader = sharded_loader(DecodedOrWhyNot(view_dataset(images, info.image_size)), batch_size, 0,
                             accelerator.process_index, accelerator.num_processes, collate_fn=as_list)
-    batches = (views_and_labels(batch, accelerator.device) for batch in loader)
+    batches = (views_and_labels(images_and_views, accelerator.device)
+               for images_and_views in filter(None, map(decoded, loader)))
     prepare, forward = inference(classifier, info)
-    result = evaluate(forward, (b for b in batches if b), prepare, accelerator, info.num_classes)
+    result = evaluate(forward, batches, prepare, accelerator, info.num_classes)
     if not result.count:  # the same on every rank: a sum over all of them
         raise UserError(f"{folder} has no readable images (each is named above); add images to its class "
                         "subfolders.")
     return result, info, skipped
 
 
-def views_and_labels(batch: list, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A DecodedOrWhyNot batch as (views, labels) on `device`, of the images that decoded (None if none did)."""
-    decoded = [(view, image.label) for view, image, why_not in batch if decodes(image, why_not)]
-    if not decoded:
-        return None
-    return (torch.stack([view for view, _ in decoded]).to(device),
-            torch.tensor([label for _, label in decoded], dtype=torch.int64, device=device))
+def views_and_labels(images_and_views: tuple[list[ImageFile], torch.Tensor], device) -> tuple[torch.Tensor, ...]:
+    """`decoded`'s images and views as (views, labels) on `device`."""
+    images, views = images_and_views
+    return views.to(device), torch.tensor([image.label for image in images], dtype=torch.int64, device=device)
