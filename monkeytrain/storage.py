@@ -149,11 +149,12 @@ def write_failure(path: Path, error: Exception, needed: int, at_least: bool, fla
     return error
 
 
-def append_line(path: Path, line: str, *, flag: str = "--output-dir") -> None:
+def append_line(path: Path, line: str, *, flag: str = "--output-dir", durable: bool = False) -> None:
     """Append `line` (ending in a newline) to `path` in one write, so that a reader, a resume or
     pandas.read_json(lines=True) sees it whole or not at all. A disk that fills up mid-line would
     leave half of it (a buffered file writes what fits, then fails), which breaks the file for every
-    reader: the file is cut back to where it was. Fails as `write_atomically` does."""
+    reader: the file is cut back to where it was. `durable` waits until the disk has it (fsync), for a
+    file that other hosts read. Fails as `write_atomically` does."""
     data = line.encode()
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -163,6 +164,8 @@ def append_line(path: Path, line: str, *, flag: str = "--output-dir") -> None:
         start = os.fstat(descriptor).st_size
         try:
             _write_all(descriptor, data)
+            if durable:
+                os.fsync(descriptor)
         except OSError as error:
             with contextlib.suppress(OSError):  # a disk that fails writes may fail this too: keep the cause
                 os.ftruncate(descriptor, start)

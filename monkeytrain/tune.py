@@ -239,10 +239,11 @@ def study_storage(study_dir: Path):
     NFS setups break, and a shared file system is where a SLURM array's tasks meet; the journal only
     appends to one file, under a lock taken by creating a symlink, which NFS does atomically."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+
+    from monkeytrain.tune_journal import WholeLineJournal
 
     study_dir.mkdir(parents=True, exist_ok=True)  # for the README's enqueueing before any worker starts
-    return JournalStorage(JournalFileBackend(str(study_dir / STORAGE_NAME)))
+    return JournalStorage(WholeLineJournal(study_dir / STORAGE_NAME))
 
 
 def open_study(study_dir: Path, pruner):
@@ -330,7 +331,7 @@ def run_trials(study, setup: Setup, stops: StopSignals) -> str:
         except BaseException:  # a UserError or a second Ctrl-C ends the worker; the trial must not hang on
             # A disk full for the trial's files is full for the journal too: the first error is the one to say
             # (it names the file); a trial left running is failed by the next worker here (fail_abandoned).
-            with suppress(OSError):
+            with suppress(OSError, UserError):
                 study.tell(trial, state=TrialState.FAIL)
             raise
         finally:

@@ -340,16 +340,19 @@ def test_a_trial_record_the_disk_has_no_room_for_is_one_line_naming_it_and_no_em
     assert not (full_disk / "trials" / "trial-0007" / "trial.json").exists()
 
 
-def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused_first(tmp_path, monkeypatch):
-    """Failing the trial in the study's journal fails as well on that disk: its OSError, which names no file,
-    took the place of the DiskFull line."""
+@pytest.mark.parametrize("journal_error", [OSError(errno.ENOSPC, "No space left on device"),
+                                           DiskFull(Path("study") / tune.STORAGE_NAME, 120, False, "--study-dir")])
+def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused_first(tmp_path, monkeypatch,
+                                                                                        journal_error):
+    """Failing the trial in the study's journal fails as well on that disk: its error (an OSError from the
+    journal's lock, our DiskFull from its append) took the place of the DiskFull line naming the trial's file."""
     from types import SimpleNamespace
 
     def trial_fills_the_disk(trial, setup):
         raise DiskFull(tmp_path / "trial.json", 300, False, "--study-dir")
 
     def journal_on_a_full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise journal_error
 
     study = tune.open_study(tmp_path, optuna.pruners.NopPruner())
     monkeypatch.setattr(tune, "run_trial", trial_fills_the_disk)
@@ -357,6 +360,20 @@ def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused
     setup = tune.Setup(tmp_path, {}, [], 1, None, "host:1")
     with pytest.raises(DiskFull, match="to write trial.json"):
         tune.run_trials(study, setup, SimpleNamespace(received=None, listen=lambda: None))
+
+
+def test_a_journal_entry_the_disk_has_room_for_half_of_leaves_the_study_readable(full_disk):
+    """Optuna appends to its journal with a buffered write: a full disk kept half a line, the next entry, once
+    there was room, was joined onto it, and the study could no longer be read (all its trials lost)."""
+    study = optuna.create_study(study_name="s", storage=tune.study_storage(full_disk))
+    study.set_user_attr("first", "x" * 2900)  # most of a 4 KiB page: the next entry fits only in part
+    fill_to_the_brim(full_disk)
+    with pytest.raises(DiskFull, match=f"of {full_disk} to write {tune.STORAGE_NAME} "):
+        study.set_user_attr("refused", "y" * 1500)
+    (full_disk / "brim").unlink()
+    study.set_user_attr("after", "z")
+    reread = optuna.load_study(study_name="s", storage=tune.study_storage(full_disk))
+    assert reread.user_attrs == {"first": "x" * 2900, "after": "z"}
 
 
 def test_a_claim_the_disk_has_no_room_for_is_one_line_and_leaves_no_empty_claim(full_disk, tmp_path):
