@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -575,3 +576,26 @@ def test_python_dash_m_monkeytrain_is_the_monkeytrain_command():
     done = subprocess.run([sys.executable, "-m", "monkeytrain", "--version"], capture_output=True, text=True,
                           timeout=60, cwd=Path(monkeytrain.__file__).parent.parent)
     assert (done.returncode, done.stdout) == (0, f"monkeytrain {monkeytrain.__version__}\n"), done.stderr
+
+
+class BufferedFullDisk:
+    """The standard output of `monkeytrain --help > /dev/full`: Python buffers what is written to a file, so the
+    disk's refusal comes with the flush, which argparse's --help and --version leave to Python's exit."""
+
+    def __init__(self):
+        self.buffered = []
+
+    def write(self, text: str) -> int:
+        self.buffered.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffered:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["predict", "--help"], ["train", "--version"]])
+def test_help_and_version_that_cannot_be_written_say_so_as_every_command_does(argv, monkeypatch, capsys):
+    """They exited 0 and left the failure to Python's flush at exit: a notice naming no file, status 120."""
+    monkeypatch.setattr(sys, "stdout", BufferedFullDisk())
+    assert "standard output could not be written (No space left on device)" in error_of(cli.main, argv, capsys)
