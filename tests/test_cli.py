@@ -386,8 +386,14 @@ def test_a_run_whose_model_diverges_ends_in_one_line_and_never_chooses_the_broke
     message = error_of(train.main, ["--data", str(data), *SMALL, "--lr", "1e30", "--run-name", "nan"], capsys)
     assert "training diverged in epoch 1 (training loss " in message
     assert "validation loss nan); start a new run with a lower --lr (now 1e+30)" in message
-    (epoch,) = [json.loads(line) for line in (Path("runs") / "nan" / "metrics.jsonl").read_text().splitlines()]
+    lines = (Path("runs") / "nan" / "metrics.jsonl").read_text().splitlines()
+    (epoch,) = [json.loads(line, parse_constant=refused_as_no_json) for line in lines]  # as jq reads it
     assert epoch["is_best"] is False and not (Path("runs") / "nan" / "best.safetensors").exists()
+    assert epoch["val_loss"] is None and epoch["not_finite"]["val_loss"] == "nan"
+
+
+def refused_as_no_json(constant: str):
+    raise ValueError(f"{constant} is not JSON (jq refuses the line)")
 
 def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, data):
     bad = data / "training" / "training" / "n1" / "broken.jpg"
