@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monkeytrain.errors import UserError, to_stderr
-from monkeytrain.storage import check_writable_dir, folder_size
+from monkeytrain.storage import check_writable_dir, folder_size, told_read_only
 
 DAY = 24 * 3600
 # kind: the patterns of its entries under the cache folder (pathlib's glob also matches dot files)
@@ -70,6 +70,7 @@ def usable_cache_folder(chosen: str | os.PathLike | None = None, warn: bool = Tr
     except UserError:
         if not (folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)):  # missing, or not even readable
             raise
+        told_read_only(folder)  # on every process: the one warning stands for each write that fails
         if warn:
             to_stderr("warning", f"the cache folder {folder} is read-only: this run reads what it holds and "
                                  "makes anything it lacks in memory, again each run (give a writable --cache-dir "

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from monkeytrain import __version__
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="top-k species for images, from a checkpoint alone")
     predict.add_argument("inputs", nargs="+", type=given, metavar="IMAGE_OR_DIR",
-                         help="image files, or folders whose images (subfolders too) are predicted")
+                         help="image files, folders whose images (subfolders too) are predicted, or - for "
+                              "an image piped to standard input")
     predict.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     predict.add_argument("--top-k", type=int, default=3, help="how many classes to show (default: 3)")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
@@ -107,7 +109,14 @@ def as_in_training(field: str) -> dict:
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
     try:
-        run_command(sys.argv[1:] if argv is None else argv)
+        try:
+            run_command(sys.argv[1:] if argv is None else argv)
+        except SystemExit as ended:
+            # --help and --version print and exit inside argparse: their text, still buffered, must fail here
+            # (one line, status 2), not in Python's flush at exit (a traceback-like notice and status 120)
+            if not ended.code:  # a failed command has said why already
+                sys.stdout.flush()
+            raise
         sys.stdout.flush()  # a reader that has gone shows here, not in Python's own flush at exit
     except BrokenPipeError:
         # `monkeytrain predict ... | head`: the reader has all it wanted. End quietly with status 1, as
@@ -144,24 +153,30 @@ def device_for(cpu_only: bool) -> str:
 
 def warn_about_files(skipped: list, images: list = ()) -> None:
     from monkeytrain.data.imagefiles import oversized_warning
+    from monkeytrain.predict import shown_path
 
     for bad in skipped:
         to_stderr("warning", f"skipping {bad.path}: {bad.reason}.")
     for large in (image for image in images if image.oversized):
-        to_stderr("warning", oversized_warning(large))
+        to_stderr("warning", oversized_warning(replace(large, path=shown_path(large))))  # `-`, if piped in
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from monkeytrain.predict import collect_images, load_classifier, predict
+    from monkeytrain.predict import collect_images, load_classifier, predict, scratch_for
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k}); it is how many classes to show.")
     device = device_for(args.cpu)
     classifier = load_classifier(args.checkpoint, device)  # a wrong checkpoint is told before images are read
-    images, skipped = collect_images(args.inputs)
-    warn_about_files(skipped, images)
-    predictions = predict(classifier, images, args.top_k, device)
-    if args.json:
+    with scratch_for(args.inputs) as scratch:  # where an image piped in (-) is kept while it is predicted
+        images, skipped = collect_images(args.inputs, scratch)
+        warn_about_files(skipped, images)
+        print_predictions(predict(classifier, images, args.top_k, device), args.json)
+
+
+def print_predictions(predictions, as_json: bool) -> None:
+    """Each answer as it comes: one line, or one element of a JSON array."""
+    if as_json:
         print_json_array({"path": str(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]}
                          for p in predictions)
         return

@@ -33,7 +33,8 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
 
     A requeued job may log an epoch again, so the last line for an epoch wins;
     a line cut short by a killed job is skipped rather than losing the plot.
-    Missing or null values are NaN; a missing file gives empty series.
+    Missing or null values (not measured, or not finite: tracking.metrics_line) are NaN; a missing file
+    gives empty series.
     """
     by_epoch: dict[int, dict] = {}
     lines = path.read_text().splitlines() if path.is_file() else []

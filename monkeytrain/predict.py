@@ -3,9 +3,13 @@ and scoring an image folder."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,12 +34,15 @@ class Prediction:
     top: list[tuple[str, float]]  # (class name, probability), most likely first
 
 
-def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
+def collect_images(inputs: list[str], scratch: Path | None = None) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Images among files and folders given, each once (a file named twice, or named and in a folder given
     too, is one image: one answer); a named file that is not one is an error. A pattern the shell left as it
-    was ('*.jpg' in quotes) names the files it matches, as the shell would have. Judged by their headers
-    alone: `predict` decodes each image once, and reports one damaged past its header then."""
-    named = [name for item in inputs for name in expanded(item)]
+    was ('*.jpg' in quotes) names the files it matches, as the shell would have. `-` is the image piped to
+    standard input, saved in `scratch` (see `scratch_for`) once the other inputs are found. Judged by their
+    headers alone: `predict` decodes each image once, and reports one damaged past its header then."""
+    found = {item: expanded(item) for item in inputs if item != STANDARD_INPUT}  # a typo told before the read
+    piped = saved_standard_input(scratch) if STANDARD_INPUT in inputs else None
+    named = [name for item in inputs for name in (found[item] if item != STANDARD_INPUT else [str(piped)])]
     once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
     for path in (path for item in map(Path, named) for path in files_of(item)):
         once.setdefault(os.path.abspath(path), path)
@@ -43,18 +50,66 @@ def collect_images(inputs: list[str]) -> tuple[list[ImageFile], list[SkippedFile
     named_files = {Path(name) for name in named if not Path(name).is_dir()}
     for bad in skipped:
         if bad.path in named_files:
-            raise UserError(not_an_image(bad))
+            raise UserError(not_an_image(bad, piped=bad.path == piped))
     if not images:
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
-    return [NamedImage(*vars(i).values()) if i.path in named_files else i for i in images], skipped
+    return [as_given(image, named_files, piped) for image in images], skipped
 
 
 class NamedImage(ImageFile):
     """An image file the user named (not one found in a folder): should it not decode, that is an error."""
 
 
-def not_an_image(bad: SkippedFile) -> str:
+class PipedImage(NamedImage):
+    """The image piped to standard input, read from the file it was saved to (decoding reads files)."""
+
+
+STANDARD_INPUT = "-"  # as for cat and most commands: `curl URL | monkeytrain predict --checkpoint CKPT -`
+
+
+def as_given(image: ImageFile, named_files: set[Path], piped: Path | None) -> ImageFile:
+    """`image` as the user gave it: piped in, named, or found in a folder given."""
+    kind = PipedImage if image.path == piped else NamedImage if image.path in named_files else None
+    return kind(*vars(image).values()) if kind else image
+
+
+def shown_path(image: ImageFile) -> Path:
+    """Where an answer says its image came from: its path as given, or `-` for the one piped in."""
+    return Path(STANDARD_INPUT) if isinstance(image, PipedImage) else image.path
+
+
+def not_an_image(bad: SkippedFile, piped: bool = False) -> str:
+    if piped:
+        return f"standard input (-) is {bad.reason}; pipe an image into it, or pass an image file."
     return f"{bad.path} is {bad.reason}; pass an image file."
+
+
+@contextlib.contextmanager
+def scratch_for(inputs: list[str]) -> Iterator[Path | None]:
+    """A temporary folder for the image piped to standard input while the block predicts, where `-` is
+    among `inputs`; None where it is not (no temporary folder needed, none made)."""
+    if STANDARD_INPUT not in inputs:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="monkeytrain-stdin-") as folder:
+        yield Path(folder)
+
+
+def saved_standard_input(scratch: Path) -> Path:
+    """All of standard input, as a file in `scratch`: a pipe can be read once, and the first look at an image
+    and its decoding each read its file from the start. A terminal (nothing piped) or an empty input is refused."""
+    if sys.stdin is None or sys.stdin.isatty():
+        what = "closed" if sys.stdin is None else "a terminal here"
+        itself = "; for the file named -, pass ./-" if os.path.lexists(STANDARD_INPUT) else ""
+        raise UserError(f"- stands for an image piped to standard input, but standard input is {what}; pipe one "
+                        "in (`curl URL | monkeytrain predict --checkpoint CKPT -`) or pass image files" + itself + ".")
+    saved = scratch / "standard-input"
+    with open(saved, "wb") as copy:
+        shutil.copyfileobj(getattr(sys.stdin, "buffer", sys.stdin), copy)
+    if not saved.stat().st_size:
+        raise UserError("standard input (-) is empty; pipe an image into it (`monkeytrain predict --checkpoint "
+                        "CKPT - < photo.jpg`), or pass image files.")
+    return saved
 
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -70,9 +125,6 @@ def expanded(item: str) -> list[str]:
     if URL.match(item):
         raise UserError(f"{item} is a URL, and predict reads local files only; download the image and pass "
                         "its path.")
-    if item == "-":
-        raise UserError("- (standard input) cannot be read as an image; save the image to a file and pass its "
-                        "path (to predict the files that a command lists, pipe them to xargs).")
     if PATTERN.search(item):
         matches = sorted(glob.glob(item, recursive=True))
         if not matches:
@@ -139,7 +191,7 @@ def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile]
         images, views = images_and_views
         values, indices = forward(prepare(views.to(device))).float().softmax(dim=1).cpu().topk(k, dim=1)
         for image, row_values, row_indices in zip(images, values.tolist(), indices.tolist()):
-            yield Prediction(image.path, [(names[i], p) for i, p in zip(row_indices, row_values)])
+            yield Prediction(shown_path(image), [(names[i], p) for i, p in zip(row_indices, row_values)])
         answered += len(images)
     if not answered:
         raise UserError("none of the images given could be decoded (each is named above); pass image files or "
@@ -161,7 +213,7 @@ def decodes(image: ImageFile, why_not: str) -> bool:
         return True
     skipped = SkippedFile(image.path, why_not)
     if isinstance(image, NamedImage):
-        raise UserError(not_an_image(skipped))
+        raise UserError(not_an_image(skipped, piped=isinstance(image, PipedImage)))
     to_stderr("warning", f"skipping {skipped.path}: {skipped.reason}.")
     return False
 

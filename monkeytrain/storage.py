@@ -264,16 +264,34 @@ def mark_used(path: Path) -> None:
         pass
 
 
+# Cache folders this process has told the user are read-only (cachefolder.usable_cache_folder): a write that
+# fails under one fails as that warning said, so it goes without a word of its own.
+FOLDERS_TOLD_READ_ONLY: set[str] = set()
+
+
+def told_read_only(folder: Path) -> None:
+    """Note that the user was told `folder` is read-only: write_cache's failures under it are quiet from now."""
+    FOLDERS_TOLD_READ_ONLY.add(os.path.abspath(folder))
+
+
 def write_cache(path: Path, write: Payload) -> bool:
     """Write a cache file; on any failure (a full disk, a read-only folder) warn once and
-    return False: a cache only saves time, so the run goes on without it."""
+    return False: a cache only saves time, so the run goes on without it. Under a folder the
+    user was told is read-only it is still tried (a subfolder may take it) but fails quietly."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, write, durable=False, flag="--cache-dir")
         return True
     except (OSError, WriteFailed) as error:
-        to_stderr("warning", f"cannot write the cache file {path} ({why_not_written(error)}); going on without it.")
+        if not any(is_within_folder(path, folder) for folder in FOLDERS_TOLD_READ_ONLY):
+            to_stderr("warning", f"cannot write the cache file {path} ({why_not_written(error)}); going on "
+                                 "without it.")
         return False
+
+
+def is_within_folder(path: Path, folder: str) -> bool:
+    """Whether `path` lies below `folder` (an absolute path), as written: no links are followed."""
+    return Path(os.path.abspath(path)).is_relative_to(folder)
 
 
 def why_not_written(error: OSError | WriteFailed) -> str:

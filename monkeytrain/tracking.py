@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import netrc
 import os
 import secrets
@@ -64,7 +65,7 @@ class RunLog:
 
     def epoch(self, metrics: dict) -> None:
         self.check_folder()
-        append_line(self.metrics_path, json.dumps(metrics) + "\n")  # a full disk leaves no half line
+        append_line(self.metrics_path, metrics_line(metrics))  # a full disk leaves no half line
         print(format_epoch(metrics), flush=True)
 
     def check_folder(self) -> None:
@@ -85,6 +86,19 @@ class RunLog:
 
     def close(self) -> None:
         self.folder.release()
+
+
+def metrics_line(metrics: dict) -> str:
+    """An epoch's line of metrics.jsonl, strict JSON: a figure that is not a finite number (a diverged epoch's
+    NaN or infinite loss) is null there, as JSON has no such numbers (Python would write NaN, which jq and
+    other strict readers refuse), and "not_finite" gives its value ({"val_loss": "nan"}; float() reads it
+    back): a null alone is a figure the epoch did not measure (the training figures of a resumed epoch)."""
+    not_finite = {name: str(value) for name, value in metrics.items()
+                  if isinstance(value, float) and not math.isfinite(value)}
+    if not_finite:
+        metrics = {**{name: None if name in not_finite else value for name, value in metrics.items()},
+                   "not_finite": not_finite}
+    return json.dumps(metrics) + "\n"
 
 
 def run_folder_gone(run_dir: Path) -> UserError:

@@ -165,6 +165,7 @@ def read_only(folder: Path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "touch", refused_under_folder(Path.touch))
     monkeypatch.setattr(Path, "mkdir", refused_under_folder(Path.mkdir))
     monkeypatch.setattr(storage, "_write_file", refused_under_folder(storage._write_file))
+    monkeypatch.setattr(storage, "FOLDERS_TOLD_READ_ONLY", set())  # what this test's runs are told, only
 
 
 READ_ONLY_WARNING = ("monkeytrain: warning: the cache folder {} is read-only: this run reads what it holds and makes "
@@ -186,6 +187,18 @@ def test_a_read_only_cache_folder_is_read_from_after_one_warning(tmp_path, make_
     assert torch.equal(cached_views(files, 32, cache)[0], prepared)  # what it holds, read without a word
     assert capsys.readouterr().err == ""
     assert len(cached_views(files, 48, cache)[0]) == len(files)  # what it lacks: made in memory
+    assert capsys.readouterr().err == ""  # as the warning said: not a warning more for each file (4 a run)
+
+
+def test_only_writes_under_the_folder_told_read_only_are_quiet(tmp_path, monkeypatch, capsys):
+    """Another folder (a cache folder of another run in this process, a disk that fills up) still warns."""
+    told = tmp_path / "told"
+    told.mkdir()
+    read_only(tmp_path, monkeypatch)
+    assert usable_cache_folder(str(told)) == told
+    capsys.readouterr()
+    assert not storage.write_cache(told / "stats" / "a.json", b"{}") and capsys.readouterr().err == ""
+    assert not storage.write_cache(tmp_path / "told-too" / "stats" / "a.json", b"{}")
     assert "cannot write the cache file" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -385,8 +386,14 @@ def test_a_run_whose_model_diverges_ends_in_one_line_and_never_chooses_the_broke
     message = error_of(train.main, ["--data", str(data), *SMALL, "--lr", "1e30", "--run-name", "nan"], capsys)
     assert "training diverged in epoch 1 (training loss " in message
     assert "validation loss nan); start a new run with a lower --lr (now 1e+30)" in message
-    (epoch,) = [json.loads(line) for line in (Path("runs") / "nan" / "metrics.jsonl").read_text().splitlines()]
+    lines = (Path("runs") / "nan" / "metrics.jsonl").read_text().splitlines()
+    (epoch,) = [json.loads(line, parse_constant=refused_as_no_json) for line in lines]  # as jq reads it
     assert epoch["is_best"] is False and not (Path("runs") / "nan" / "best.safetensors").exists()
+    assert epoch["val_loss"] is None and epoch["not_finite"]["val_loss"] == "nan"
+
+
+def refused_as_no_json(constant: str):
+    raise ValueError(f"{constant} is not JSON (jq refuses the line)")
 
 def test_corrupt_file_is_skipped_with_a_warning_or_fatal_when_strict(capsys, data):
     bad = data / "training" / "training" / "n1" / "broken.jpg"
@@ -575,3 +582,26 @@ def test_python_dash_m_monkeytrain_is_the_monkeytrain_command():
     done = subprocess.run([sys.executable, "-m", "monkeytrain", "--version"], capture_output=True, text=True,
                           timeout=60, cwd=Path(monkeytrain.__file__).parent.parent)
     assert (done.returncode, done.stdout) == (0, f"monkeytrain {monkeytrain.__version__}\n"), done.stderr
+
+
+class BufferedFullDisk:
+    """The standard output of `monkeytrain --help > /dev/full`: Python buffers what is written to a file, so the
+    disk's refusal comes with the flush, which argparse's --help and --version leave to Python's exit."""
+
+    def __init__(self):
+        self.buffered = []
+
+    def write(self, text: str) -> int:
+        self.buffered.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffered:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["predict", "--help"], ["train", "--version"]])
+def test_help_and_version_that_cannot_be_written_say_so_as_every_command_does(argv, monkeypatch, capsys):
+    """They exited 0 and left the failure to Python's flush at exit: a notice naming no file, status 120."""
+    monkeypatch.setattr(sys, "stdout", BufferedFullDisk())
+    assert "standard output could not be written (No space left on device)" in error_of(cli.main, argv, capsys)

@@ -93,6 +93,18 @@ def test_curves_star_the_highest_epoch_without_a_selected_one(tmp_path):
     assert "best 40.0% (epoch 1)" in labels
 
 
+def test_a_diverged_epoch_as_metrics_jsonl_holds_it_is_a_gap_in_the_curves(tmp_path):
+    """Its NaN and infinite losses are written as null (strict JSON) with their values under "not_finite"."""
+    from monkeytrain.tracking import metrics_line
+
+    diverged = {**json.loads(epoch_line(2, 0.1)), "train_loss": math.inf, "val_loss": math.nan}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(epoch_line(1, 0.4) + "\n" + metrics_line(diverged))
+    series = read_metrics(path)
+    assert series["train_loss"][0] == 2.0 and math.isnan(series["train_loss"][1])
+    assert math.isnan(series["val_loss"][1]) and series["val_accuracy"] == [0.4, 0.1]
+
+
 def test_plot_curves_writes_a_png(tmp_path):
     series = read_metrics(write_metrics(tmp_path / "metrics.jsonl", [epoch_line(e, 0.1 * e) for e in (1, 2, 3)]))
     path = plot_curves(series, tmp_path / CURVES_NAME, best_epoch=3)

@@ -6,10 +6,12 @@ matter here, only what is predicted and what is refused)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -136,12 +138,50 @@ def test_a_pattern_the_shell_left_as_it_was_names_the_files_it_matches(checkpoin
         ["predict", *flags, str(split / "n0" / "*.jpg")], capsys)
 
 
-def test_a_url_or_standard_input_is_one_line_that_says_what_to_do(checkpoint, capsys):
+def test_a_url_is_one_line_that_says_what_to_do(checkpoint, capsys):
     flags = ["predict", "--checkpoint", str(checkpoint)]
     assert ("https://example.com/monkey.jpg is a URL, and predict reads local files only; download the image"
             in error_of([*flags, "https://example.com/monkey.jpg"], capsys))
-    assert "- (standard input) cannot be read as an image; save the image to a file" in error_of(
-        [*flags, "-"], capsys)
+
+
+class StandardInput:
+    """sys.stdin with `data` piped in, or a terminal (nothing piped in)."""
+
+    def __init__(self, data: bytes = b"", terminal: bool = False):
+        self.buffer, self.terminal = io.BytesIO(data), terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+def test_an_image_piped_to_standard_input_is_answered_as_a_file_is_and_named_dash(checkpoint, split, capsys,
+                                                                                 monkeypatch, tmp_path):
+    """`curl URL | monkeytrain predict --checkpoint CKPT -` was refused: save the image to a file first."""
+    image = split / "n1" / "n1_000.png"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the piped image is kept meanwhile
+    monkeypatch.setattr(sys, "stdin", StandardInput(image.read_bytes()))
+    cli.main(["predict", "--cpu", "--json", "--checkpoint", str(checkpoint), "-", str(image), "-"])
+    piped, named = json.loads(capsys.readouterr().out)  # `-` twice is one image, as a file named twice
+    assert (piped["path"], named["path"]) == ("-", str(image)) and piped["top"] == named["top"]
+    monkeypatch.setattr(sys, "stdin", StandardInput(image.read_bytes()))
+    cli.main(["predict", "--cpu", "--checkpoint", str(checkpoint), "-"])
+    assert capsys.readouterr().out.startswith("-: ")
+    assert list(tmp_path.iterdir()) == []  # the saved copy is gone
+
+
+def test_standard_input_that_holds_no_image_is_refused_as_a_named_file_is(checkpoint, split, capsys, monkeypatch):
+    flags = ["predict", "--cpu", "--checkpoint", str(checkpoint), "-"]
+    cut = (split / "n0" / "n0_000.png").read_bytes()[:200]  # its header is whole, its pixels are not
+    expected = {
+        StandardInput(terminal=True): "- stands for an image piped to standard input, but standard input is a "
+                                      "terminal here; pipe one in (`curl URL | monkeytrain predict",
+        StandardInput(b""): "standard input (-) is empty; pipe an image into it",
+        StandardInput(b"<!DOCTYPE html><html>Not Found</html>"): "standard input (-) is an HTML page, not an image",
+        StandardInput(cut): "standard input (-) is a damaged or truncated image",
+    }
+    for stdin, message in expected.items():
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert message in error_of(flags, capsys)
 
 
 def test_a_wrong_checkpoint_is_told_before_the_images_are_read(split, capsys, monkeypatch):

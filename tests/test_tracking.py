@@ -363,6 +363,26 @@ def test_a_full_disk_leaves_no_half_file_and_costs_the_plots_only_a_warning(run_
     assert list(run_dir.iterdir()) == []  # no empty results.json to mark the run finished, no half a PNG
 
 
+def strict_json(line: str):
+    """`line` as a strict JSON reader (jq, JavaScript, Go) takes it: NaN and Infinity are no JSON numbers."""
+    def refused(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refused)
+
+
+def test_a_diverged_epoch_is_strict_json_that_names_its_figures_that_are_not_finite(run_dir, capsys):
+    """Its NaN loss was written as NaN: Python and pandas read it, jq refused the line."""
+    log = make_run_log(run_dir, True, "none")
+    log.epoch(epoch_metrics(1))
+    log.epoch({**epoch_metrics(2), "train_loss": float("inf"), "val_loss": float("nan")})
+    first, diverged = map(strict_json, (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert first == epoch_metrics(1)  # a finite epoch as it was: no "not_finite"
+    assert diverged == {**epoch_metrics(2), "train_loss": None, "val_loss": None,
+                        "not_finite": {"train_loss": "inf", "val_loss": "nan"}}
+    assert "val loss nan" in capsys.readouterr().out  # the console says it as it is
+
+
 def test_a_run_folder_deleted_mid_run_stops_the_run_rather_than_write_a_new_one(run_dir):
     """rm -rf runs/NAME while it trains: the next save of a state makes the folder again (state/), and the run
     would go on to finish there, without config.yaml, the data record or its first epochs' metrics."""
