@@ -7,11 +7,16 @@ layer and the `monkeytrain` commands make of them, without training where the la
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from conftest import command_error
-from monkeytrain.data import layout
-from monkeytrain.data.dataset import discover_splits
+from conftest import RecordedLog, command_error, noisy_image
+from monkeytrain.config import parse_config
+from monkeytrain.data import imagefiles, layout
+from monkeytrain.data.dataset import discover_splits, resolve_dataset
+from monkeytrain.data.imagefiles import scan_labelled_files
 from monkeytrain.errors import UserError
 
 
@@ -65,3 +70,46 @@ def test_strong_imbalance_holds_out_an_image_of_every_class_for_validation_and_t
     assert splits.per_class_counts(splits.test) == {"n0": 20, "n1": 1, "n2": 1, "n3": 1, "n4": 1}
     assert splits.per_class_counts(splits.val) == {"n0": 8, "n1": 1, "n2": 1, "n3": 1, "n4": 1}
     assert splits.per_class_counts(splits.train) == {"n0": 72, "n1": 3, "n2": 3, "n3": 3, "n4": 3}
+
+
+def elongated_warnings(root: Path, cache: Path, accelerator) -> list[str]:
+    log = RecordedLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(cache)]), accelerator, log)
+    return [warning for warning in log.warnings if "far from square" in warning]
+
+
+def test_images_far_from_square_are_one_warning_saying_the_centre_crop_leaves_most_out(
+        tmp_path, make_image_folder, cpu_accelerator):
+    """1000 x 50 strips (spectrograms, lines of text) train on the 50 x 50 square at their centre."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
+    for strip in ("n0/strip_a.png", "n1/strip_b.png"):
+        noisy_image((90, 90, 90), 40, [1]).resize((400, 20)).save(root / strip)
+    [warning] = elongated_warnings(root, tmp_path / "c", cpu_accelerator)
+    assert warning.startswith("2 of 12 images are far from square (one side over 3 times the other), such as ")
+    assert "strip_a.png (20.0 to 1)" in warning and "leaves out 67% or more of it" in warning
+
+
+def test_images_nearly_square_are_no_warning(tmp_path, make_image_folder, cpu_accelerator):
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
+    noisy_image((90, 90, 90), 40, [1]).resize((300, 100)).save(root / "n0" / "wide.png")  # 3 to 1: kept
+    assert elongated_warnings(root, tmp_path / "c", cpu_accelerator) == []
+
+
+def test_a_scan_kept_before_elongations_were_gets_them_from_the_headers(tmp_path, monkeypatch):
+    """A scans file of an earlier version has no elongation: the header is read again (no decode), and
+    the scans file is written anew with it."""
+    noisy_image((90, 90, 90), 40, [1]).resize((400, 20)).save(tmp_path / "strip.png")
+    cache = tmp_path / "scans.json"
+    scan_labelled_files([(tmp_path / "strip.png", 0)], cache)
+    saved = json.loads(cache.read_text())
+    for record in saved["files"].values():
+        del record["elongation"]
+    saved["started"] += 10 ** 10  # long after the file's times: its records are trusted, not racy
+    cache.write_text(json.dumps(saved))
+
+    def no_decode(path, label):
+        raise AssertionError(f"{path} decoded again")
+    monkeypatch.setattr(imagefiles, "inspect", no_decode)
+    [image], _ = scan_labelled_files([(tmp_path / "strip.png", 0)], cache)
+    assert image.elongation == 20.0
+    assert [record["elongation"] for record in json.loads(cache.read_text())["files"].values()] == [20.0]
