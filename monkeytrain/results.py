@@ -34,11 +34,15 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
 
 def scored_line(results: dict) -> str:
     """The test accuracy, and the balanced one where it differs: 96% on 50 images of one class and 2 of
-    another may be a model that never answers the small class."""
+    another may be a model that never answers the small class. Classes the test split has no image of
+    are counted, as the figure says nothing of them."""
     accuracy, balanced = f"{results['test_accuracy']:.2%}", results["balanced_accuracy"]
-    never = results["never_predicted"]
+    never, classes = results["never_predicted"], len(results["class_names"])
+    untested = [name for name, accuracy in results["per_class_accuracy"].items() if accuracy is None]
     notes = [f"balanced {balanced:.2%}"] if balanced is not None and f"{balanced:.2%}" != accuracy else []
-    notes += [f"{len(never)} of {len(results['class_names'])} classes never predicted"] if never else []
+    notes += [f"{len(never)} of {classes} classes never predicted"] if never else []
+    # A class of one image keeps it for training: the figure then leaves that class out, and says so.
+    notes += [f"{len(untested)} of {classes} classes without a test image"] if untested else []
     noted = f" ({', '.join(notes)})" if notes else ""
     return f"test accuracy {accuracy}{noted} on {results['test_images']} images"
 
@@ -67,6 +71,8 @@ def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplit
         "test_loss": test.loss,
         "test_images": test.count,
         "per_class_accuracy": dict(zip(names, per_class)),
+        # What each per-class figure rests on: 100% of one image says little.
+        "per_class_test_images": dict(zip(names, test.confusion.sum(dim=1).tolist())),
         "never_predicted": [name for name, column in zip(names, test.confusion.sum(dim=0).tolist()) if not column],
         "confusion_matrix": test.confusion.tolist(),
         "class_names": names,

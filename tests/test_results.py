@@ -110,6 +110,7 @@ def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_pa
         "test_images": 8,
         "per_class_accuracy": {"howler": 1.0, "patas": 0.5, "uakari": 0.75},
         "never_predicted": [],
+        "per_class_test_images": {"howler": 2, "patas": 2, "uakari": 4},
         "confusion_matrix": CONFUSION,
         "class_names": CLASS_NAMES,
         "best_epoch": 4,
@@ -158,6 +159,9 @@ def test_the_balanced_accuracy_leaves_out_a_class_without_test_images(tmp_path):
     summary = results_summary(test, checkpoint_info(), dataset_splits(False), BestEpoch(), tmp_path, 1)
     assert summary["per_class_accuracy"]["uakari"] is None
     assert summary["balanced_accuracy"] == 0.5 and summary["never_predicted"] == ["patas", "uakari"]
+    assert summary["per_class_test_images"] == {"howler": 3, "patas": 1, "uakari": 0}
+    assert scored_line(summary) == ("test accuracy 75.00% (balanced 50.00%, 2 of 3 classes never predicted, "
+                                    "1 of 3 classes without a test image) on 4 images")
 
 
 def test_classes_that_share_a_display_name_keep_one_entry_each(tmp_path):
@@ -171,5 +175,5 @@ def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
     assert scored_line(skewed_summary(tmp_path)) == (
         "test accuracy 96.23% (balanced 66.67%, 1 of 3 classes never predicted) on 53 images")
     even = {"test_accuracy": 0.75, "balanced_accuracy": 0.75, "test_images": 8, "never_predicted": [],
-            "class_names": CLASS_NAMES}
+            "class_names": CLASS_NAMES, "per_class_accuracy": {name: 0.75 for name in CLASS_NAMES}}
     assert scored_line(even) == "test accuracy 75.00% on 8 images"

@@ -26,6 +26,9 @@ TEST_HOLDOUT_SEED = 0
 # line for the rest (a scraped set may hold hundreds of saved HTML pages; data_manifest.json lists them all).
 MAX_LISTED = 5
 HELD_OUT_NAMES = {"val": "validation", "test": "test"}  # the held-out splits, as messages name them
+# Images whose longer side is over this many times the shorter (a spectrogram, a line of text, a panorama)
+# lose most of their content to the centre square crop that every image is framed by (views.py).
+ELONGATED = 3.0
 
 
 @dataclass
@@ -249,6 +252,9 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
         log.warn(line)
     for large in (f for files in splits.distinct_splits().values() for f in files if f.oversized):
         log.warn(oversized_warning(large))
+    elongated = elongated_warning(splits)
+    if elongated:
+        log.warn(elongated)
     if splits.leaks:
         pairs = "; ".join(f"{a} = {b}" for a, b in splits.leaks)
         log.warn(f"{len(splits.leaks)} file(s) with identical content sit in two splits (leakage): {pairs}")
@@ -262,6 +268,20 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")
+
+
+def elongated_warning(splits: DatasetSplits) -> Optional[str]:
+    """One line for the images far from square, if any: framed as a centre square, each loses most of
+    itself, silently (the run trains, on a strip from the middle of every image)."""
+    images = [f for files in splits.distinct_splits().values() for f in files]
+    elongated = [f for f in images if (f.elongation or 1.0) > ELONGATED]
+    if not elongated:
+        return None
+    first = elongated[0]
+    return (f"{len(elongated)} of {len(images)} images are far from square (one side over {ELONGATED:g} times the "
+            f"other), such as {first.path} ({first.elongation:.1f} to 1): each is framed by the square at its "
+            f"centre, which leaves out {1 - 1 / ELONGATED:.0%} or more of it; pad such images to nearer square "
+            "(or tile them) if what tells their classes apart lies away from their middle.")
 
 
 def skipped_warnings(skipped: list[SkippedFile]) -> list[str]:

@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional
 
@@ -60,6 +60,9 @@ class ImageFile:
     label: int
     digest: str
     pixels: int = 0  # width x height as stored
+    # The longer side over the shorter (None: scanned before it was kept). Not part of equality: like
+    # `pixels`, it follows from the content, which `digest` stands for.
+    elongation: Optional[float] = field(default=None, compare=False)
 
     @property
     def oversized(self) -> bool:
@@ -142,25 +145,25 @@ def check_image_bytes(data: bytes) -> Optional[str]:
     return decode_check(data)[0]
 
 
-def decode_check(data: bytes) -> tuple[Optional[str], int]:
-    """(why `data` does not decode completely as an image, or None; its pixel count, or 0)."""
+def decode_check(data: bytes) -> tuple[Optional[str], tuple[int, int]]:
+    """(why `data` does not decode completely as an image, or None; its width and height, or (0, 0))."""
     return image_problem(io.BytesIO(data), data, decode=True)
 
 
-def image_problem(source: BinaryIO, head: bytes, decode: bool) -> tuple[Optional[str], int]:
+def image_problem(source: BinaryIO, head: bytes, decode: bool) -> tuple[Optional[str], tuple[int, int]]:
     """(why the image in `source` does not open, or with `decode` does not decode completely, or None; its
-    pixel count, or 0). `head`, the file's first bytes, tells what a file that is no image holds."""
+    width and height, or (0, 0)). `head`, the file's first bytes, tells what a file that is no image holds."""
     if not head:
-        return "an empty file", 0
+        return "an empty file", (0, 0)
     try:
         with Image.open(source) as image:
             if decode:
                 image.load()  # a full decode, so truncated files are caught here
-            return None, image.width * image.height
+            return None, image.size
     except UnidentifiedImageError:
-        return unreadable_kind(head), 0
+        return unreadable_kind(head), (0, 0)
     except DECODE_ERRORS as error:
-        return decode_failure(error), 0
+        return decode_failure(error), (0, 0)
 
 
 def decode_failure(error: Exception) -> str:
@@ -235,10 +238,15 @@ def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
         return unreadable_file(path, error)
-    problem, pixels = decode_check(data)
+    problem, size = decode_check(data)
     if problem:
         return SkippedFile(path, problem)
-    return ImageFile(path, label, hashlib.sha1(data).hexdigest(), pixels)
+    return measured_image(path, label, hashlib.sha1(data).hexdigest(), size)
+
+
+def measured_image(path: Path, label: int, digest: str, size: tuple[int, int]) -> ImageFile:
+    width, height = size
+    return ImageFile(path, label, digest, width * height, max(width, height) / max(min(width, height), 1))
 
 
 # What a glance reads of a file: enough for unreadable_kind to tell what a file that is no image holds.
@@ -253,10 +261,10 @@ def glance(path: Path, label: int) -> ImageFile | SkippedFile:
         with open(path, "rb") as handle:
             head = handle.read(HEAD_BYTES)
             handle.seek(0)
-            problem, pixels = image_problem(handle, head, decode=False)
+            problem, size = image_problem(handle, head, decode=False)
     except OSError as error:  # raised by open() or the first read: Pillow's own are a problem of the image
         return unreadable_file(path, error)
-    return SkippedFile(path, problem) if problem else ImageFile(path, label, "", pixels)
+    return SkippedFile(path, problem) if problem else measured_image(path, label, "", size)
 
 
 def unreadable_file(path: Path, error: OSError) -> SkippedFile:
@@ -335,7 +343,8 @@ class Scan:
         found = self.found
         if isinstance(found, SkippedFile):
             return {"identity": self.identity, "problem": found.reason}
-        return {"identity": self.identity, "digest": found.digest, "pixels": found.pixels}
+        return {"identity": self.identity, "digest": found.digest, "pixels": found.pixels,
+                "elongation": found.elongation}
 
 
 def identity(path: Path) -> Optional[list[int]]:
@@ -352,7 +361,11 @@ def reuse_or_inspect(path: Path, label: int, earlier: dict) -> Scan:
         return Scan(inspect(path, label), now, reused=False)
     if "problem" in record:
         return Scan(SkippedFile(path, record["problem"]), now, reused=True)
-    return Scan(ImageFile(path, label, record["digest"], record["pixels"]), now, reused=True)
+    if "elongation" not in record:  # kept before elongations were: the file's header gives it, with no decode
+        glanced = glance(path, label)
+        elongation = glanced.elongation if isinstance(glanced, ImageFile) else None
+        return Scan(ImageFile(path, label, record["digest"], record["pixels"], elongation), now, reused=False)
+    return Scan(ImageFile(path, label, record["digest"], record["pixels"], record["elongation"]), now, reused=True)
 
 
 def read_scans(cache_file: Path) -> dict:

@@ -108,7 +108,12 @@ def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]
     without one, it is the test split (as Kaggle's validation/ is) and selection is held out of training."""
     inner = {role: unnested(folder) for role, folder in splits.items()}
     train, val, test = inner.get("train"), inner.get("val"), inner.get("test")
-    if train is None or not (val or test):
+    if train is not None and not (val or test):
+        raise UserError(
+            f"no dataset layout found in {root}: it has a training folder ({splits['train'].name}/) but no "
+            f"validation or test folder; give --data {train} to hold the validation and test splits out of it "
+            "(--val-fraction, --test-fraction), or add a val/ or test/ folder beside it.")
+    if train is None:
         raise no_layout_error(root, list(splits.values()))
     if val and test:
         return SplitFolders(train, val, test, labels, "train-val-test")
@@ -223,7 +228,16 @@ def _difference_message(name: str, present: Path, absent: Path) -> str:
     if alike:
         return (f"class folder '{name}' in {present} and '{alike[0]}' in {absent} {alike[1]}; rename one of "
                 "them so that every split has the same classes.")
-    return f"class folder '{name}' is in {present} but not in {absent}; every split needs the same classes."
+    # A class renamed in one split shows as one missing and one extra: name both, so that one message says it.
+    extra = sorted(set(class_folders(absent)) - set(class_folders(present)))
+    instead = f", which has {quoted(extra)} that {present} lacks" if extra else ""
+    return f"class folder '{name}' is in {present} but not in {absent}{instead}; every split needs the same classes."
+
+
+def quoted(names: list[str], most: int = 3) -> str:
+    """Up to `most` folder names in quotes, and how many more."""
+    shown = ", ".join(f"'{name}'" for name in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _first_difference(a: list[str], a_dir: Path, b: list[str], b_dir: Path) -> list[tuple[str, Path, Path]]:
