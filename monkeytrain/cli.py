@@ -202,20 +202,24 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from monkeytrain.predict import evaluate_folder, shown_class_names
+    from monkeytrain.results import balanced_accuracy
 
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
     warn_about_files(skipped)
     names = shown_class_names(info)
-    per_class = dict(zip(names, result.per_class_accuracy()))
+    accuracies, counts = result.per_class_accuracy(), result.confusion.sum(dim=1).tolist()
+    balanced = balanced_accuracy(accuracies)
     if args.json:  # the matrix's rows are the true classes, its columns the predicted, both in class_names order
-        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "images": result.count,
-                          "per_class_accuracy": per_class, "class_names": names,
+        print(json.dumps({"accuracy": result.accuracy, "balanced_accuracy": balanced, "loss": result.loss,
+                          "images": result.count, "per_class_accuracy": dict(zip(names, accuracies)),
+                          "per_class_images": dict(zip(names, counts)), "class_names": names,
                           "confusion_matrix": result.confusion.tolist()}, indent=2))
         return
-    print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f})")
-    for name, accuracy in per_class.items():
-        print(f"  {name:<28} {'n/a (no images)' if accuracy is None else f'{accuracy:.1%}'}")
+    print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f}), "
+          f"balanced accuracy {balanced:.2%}")
+    for name, accuracy, count in zip(names, accuracies, counts):
+        print(f"  {name:<28} {'n/a (no images)' if accuracy is None else f'{accuracy:6.1%} of {count}'}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -234,7 +238,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.cachefolder import cache_folder
-    from monkeytrain.data.dataset import discover_splits
+    from monkeytrain.data.dataset import discover_splits, elongated_warning
 
     config = inspected_config(args)
     root, folders = inspected_folders(config)
@@ -262,6 +266,8 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  leak: {a} = {b}")
     for a, b in splits.conflicts:
         print(f"  two classes ({splits.class_folders[a.label]}, {splits.class_folders[b.label]}): {a.path} = {b.path}")
+    if elongated_warning(splits):
+        print(f"  note: {elongated_warning(splits)}")
     if splits.selection_on_test:
         print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RecordedLog, command_error, noisy_image
+from monkeytrain import cli
 from monkeytrain.config import parse_config
 from monkeytrain.data import imagefiles, layout
 from monkeytrain.data.dataset import discover_splits, resolve_dataset
@@ -79,7 +80,7 @@ def elongated_warnings(root: Path, cache: Path, accelerator) -> list[str]:
 
 
 def test_images_far_from_square_are_one_warning_saying_the_centre_crop_leaves_most_out(
-        tmp_path, make_image_folder, cpu_accelerator):
+        tmp_path, make_image_folder, cpu_accelerator, capsys):
     """1000 x 50 strips (spectrograms, lines of text) train on the 50 x 50 square at their centre."""
     root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
     for strip in ("n0/strip_a.png", "n1/strip_b.png"):
@@ -87,6 +88,8 @@ def test_images_far_from_square_are_one_warning_saying_the_centre_crop_leaves_mo
     [warning] = elongated_warnings(root, tmp_path / "c", cpu_accelerator)
     assert warning.startswith("2 of 12 images are far from square (one side over 3 times the other), such as ")
     assert "strip_a.png (20.0 to 1)" in warning and "leaves out 67% or more of it" in warning
+    cli.main(["inspect-data", "--data", str(root)])
+    assert f"  note: {warning}" in capsys.readouterr().out.splitlines()
 
 
 def test_images_nearly_square_are_no_warning(tmp_path, make_image_folder, cpu_accelerator):

@@ -100,6 +100,13 @@ def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_
     scored = json.loads(capsys.readouterr().out)
     assert scored["images"] == 4 and [sum(row) for row in scored["confusion_matrix"]] == [0, 2, 2]
     assert scored["class_names"] == ["common name 0", "common name 1", "common name 2"]  # the matrix's order
+    cli.main(["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")])
+    text = capsys.readouterr().out.splitlines()
+    per_class = scored["per_class_accuracy"]
+    assert text[0].endswith(f", balanced accuracy {(per_class['common name 1'] + per_class['common name 2']) / 2:.2%}")
+    assert text[1:] == ["  common name 0                n/a (no images)",
+                        f"  common name 1                {per_class['common name 1']:6.1%} of 2",
+                        f"  common name 2                {per_class['common name 2']:6.1%} of 2"]
     (tmp_path / "by-name" / "common name 1").rename(tmp_path / "by-name" / "common_name_1")
     assert ("has class folder 'common_name_1' that the checkpoint does not know; expected subfolders named as its "
             "classes' folders or names: n0 (common name 0), n1 (common name 1), n2 (common name 2).") in error_of(

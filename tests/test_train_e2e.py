@@ -93,6 +93,8 @@ def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthe
     assert scored["images"] == 100
     assert scored["accuracy"] == results["test_accuracy"]
     assert scored["confusion_matrix"] == results["confusion_matrix"]
+    assert scored["balanced_accuracy"] == results["balanced_accuracy"]
+    assert scored["per_class_images"] == results["per_class_test_images"]
 
 
 def test_run_directory_records_config_metrics_and_checkpoint(trained):
