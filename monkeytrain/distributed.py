@@ -10,7 +10,7 @@ from typing import Any, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast, broadcast_object_list, reduce
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
 from monkeytrain.errors import UserError, to_stderr
@@ -138,6 +138,13 @@ def broadcast_from_main(value: T) -> T:
     holder: list[Any] = [value]
     broadcast_object_list(holder, from_process=0)
     return holder[0]
+
+
+def first_problem_of_any_rank(problem: str | None) -> str | None:
+    """The problem of the lowest rank that has one (None: no rank has), on every rank: a failure that
+    one rank alone may meet (a write), which every rank then stops with, none left waiting for it."""
+    problems = [found for found in gather_object([problem]) if found]
+    return problems[0] if problems else None
 
 
 def processes_on(accelerator) -> str:
