@@ -30,6 +30,7 @@ ENVIRONMENT_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS
                       errno.EDQUOT, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE,
                       errno.ENFILE, errno.ESTALE}
 INTERRUPTED_EXIT_CODE = 130  # the shell's for a SIGINT
+FAILED_ELSEWHERE_EXIT_CODE = 1  # Python's for an uncaught exception: another process's failure ended this one
 # What gloo says of a connection whose other end has gone (a process that ended), at either end of a collective.
 LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -70,7 +71,8 @@ def fail_unless_a_bug(error: Exception) -> None:
              USAGE_EXIT_CODE)
     lost = lost_another_process(error)
     if lost:  # the other process says why; the main process, if it does, says it for this one too
-        fail(f"another process of this run ended ({lost}); what it printed says why.", 1, main_said=lambda _: True)
+        fail(f"another process of this run ended ({lost}); what it printed says why.", FAILED_ELSEWHERE_EXIT_CODE,
+             main_said=lambda _: True)
     if in_a_launch():  # the main process's bug, for the others, which would otherwise wait to hear how it ended
         from monkeytrain.distributed import A_BUG, tell_the_other_processes  # (see fail)
         tell_the_other_processes(A_BUG)
