@@ -1,21 +1,29 @@
 """The run's Accelerator, and named collectives: each says what it reduces, and is a no-op
-on one process."""
+on one process. And how the processes of a launch end with one message, not one each."""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import socket
+import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Iterator, TypeVar
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast, broadcast_object_list, reduce
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
 from monkeytrain.errors import UserError, to_stderr
 
 T = TypeVar("T")
+# How long a process other than the main one waits to hear how the main process ended before it speaks for
+# itself: an error that every process meets reaches the main one moments apart (the same code, in step), and a
+# main process waiting in a collective fails as soon as this one's connections close.
+MAIN_OUTCOME_SECONDS = 10.0
+A_BUG = "(a bug: its traceback follows)"  # the main process's outcome when it is no message of ours
 
 
 def make_accelerator(config) -> Accelerator:
@@ -140,6 +148,13 @@ def broadcast_from_main(value: T) -> T:
     return holder[0]
 
 
+def first_problem_of_any_rank(problem: str | None) -> str | None:
+    """The problem of the lowest rank that has one (None: no rank has), on every rank: a failure that
+    one rank alone may meet (a write), which every rank then stops with, none left waiting for it."""
+    problems = [found for found in gather_object([problem]) if found]
+    return problems[0] if problems else None
+
+
 def processes_on(accelerator) -> str:
     """'2 processes on cuda', for the run's first line: the device type, as every rank has its own index."""
     count = accelerator.num_processes
@@ -184,3 +199,62 @@ def processes_on_this_machine(accelerator) -> int:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity, as under SLURM or taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def said_once_per_launch(outcome: str, say: Callable[[], None], main_said: Callable[[str], bool]) -> None:
+    """`say()` how this process ends, once per launch rather than once per process. The main process says
+    it at once, then tells the others `outcome` (its message); another process waits for the main process's
+    and says its own unless `main_said(the main process's outcome)`. Where no launcher's store answers (a
+    launch without torchrun's agent), or the main process tells nothing in time, every process speaks: a
+    message is said twice rather than lost."""
+    if os.environ.get("RANK", "0") == "0":
+        say()
+        tell_the_other_processes(outcome)
+        return
+    told = main_outcome(launcher_store())
+    if told is None or not main_said(told):
+        say()
+
+
+def tell_the_other_processes(outcome: str) -> None:
+    """On the main process, leave `outcome` (how it ends: its message, or A_BUG) in the launcher's store, for
+    the others that wait for it in `said_once_per_launch`; nothing elsewhere."""
+    store = launcher_store() if os.environ.get("RANK", "0") == "0" else None
+    if store is not None:
+        with suppress(RuntimeError):  # gone meanwhile: nobody is left to tell
+            store.set(main_outcome_key(), outcome.encode("utf-8", "surrogatepass"))  # a path's escaped bytes too
+
+
+def launcher_store():
+    """A client of the key-value store that torchrun's agent (under `accelerate launch` too) keeps for the
+    whole launch, which any process reaches whatever the others are doing, unlike a collective (None: no
+    such store answers). Probed first: torch's client prints a page of C++ errors while it retries one gone."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((address, int(port)), timeout=2).close()
+        return torch.distributed.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=5),
+                                          wait_for_workers=False)
+    except (OSError, RuntimeError):  # torch's DistNetworkError is a RuntimeError
+        return None
+
+
+def main_outcome(store) -> str | None:
+    """The main process's outcome, once it is in `store` (None: not within MAIN_OUTCOME_SECONDS, or no store).
+    Looked for rather than waited for: a wait that times out prints C++ warnings."""
+    deadline = time.monotonic() + MAIN_OUTCOME_SECONDS
+    try:
+        while store is not None and time.monotonic() < deadline:
+            if store.check([main_outcome_key()]):
+                return store.get(main_outcome_key()).decode("utf-8", "surrogatepass")
+            time.sleep(0.05)
+    except RuntimeError:  # the store went away with the launcher
+        pass
+    return None
+
+
+def main_outcome_key() -> str:
+    """The store's key for the main process's outcome; a restarted worker group (torchrun --max-restarts)
+    keeps the store, so each has its own."""
+    return f"monkeytrain/main-outcome/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"

@@ -30,11 +30,16 @@ ENVIRONMENT_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS
                       errno.EDQUOT, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE,
                       errno.ENFILE, errno.ESTALE}
 INTERRUPTED_EXIT_CODE = 130  # the shell's for a SIGINT
+FAILED_ELSEWHERE_EXIT_CODE = 1  # Python's for an uncaught exception: another process's failure ended this one
+# What gloo says of a connection whose other end has gone (a process that ended), at either end of a collective.
+LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def exits_cleanly_on_user_error(main: F) -> F:
     """Wrap an entry point so a `UserError`, or an OSError of the user's files and disks, prints one line
-    and exits with status 2; and an interrupt that reaches it (a second Ctrl-C), one line and 130."""
+    and exits with status 2; an interrupt that reaches it (a second Ctrl-C), one line and 130; and a
+    connection to another process of the run that broke, one line and 1 (see `lost_another_process`).
+    Under a launcher, one line for the run: see `fail`."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -47,17 +52,40 @@ def exits_cleanly_on_user_error(main: F) -> F:
             fail(str(error), USAGE_EXIT_CODE)
         except UserError as error:
             fail(str(error), USAGE_EXIT_CODE)
-        except OSError as error:
-            if error.errno not in ENVIRONMENT_ERRNOS:
-                raise
-            where = f" ({error.filename})" if error.filename else ""
-            fail(f"{error.strerror or error}{where}; check that path and the disk it is on, then run again.",
-                 USAGE_EXIT_CODE)
         except KeyboardInterrupt:
             fail("interrupted (a training run continues from its last saved state with --resume auto and its "
                  "--run-name).", INTERRUPTED_EXIT_CODE)
+        except Exception as error:
+            fail_unless_a_bug(error)
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail_unless_a_bug(error: Exception) -> None:
+    """One line and exit for an OSError of the user's files and disks, or for a connection to another
+    process of the run that broke; return for anything else, a bug that its traceback shows."""
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        where = f" ({error.filename})" if error.filename else ""
+        fail(f"{error.strerror or error}{where}; check that path and the disk it is on, then run again.",
+             USAGE_EXIT_CODE)
+    lost = lost_another_process(error)
+    if lost:  # the other process says why; the main process, if it does, says it for this one too
+        fail(f"another process of this run ended ({lost}); what it printed says why.", FAILED_ELSEWHERE_EXIT_CODE,
+             main_said=lambda _: True)
+    if in_a_launch():  # the main process's bug, for the others, which would otherwise wait to hear how it ended
+        from monkeytrain.distributed import A_BUG, tell_the_other_processes  # (see fail)
+        tell_the_other_processes(A_BUG)
+
+
+def lost_another_process(error: Exception) -> str | None:
+    """What gloo says when the process at the other end of a collective has gone (it failed, and closed its
+    connections as it ended), in a few words; None for any other error. Its traceback would only show where
+    this process was waiting for it, under the other's own message."""
+    if not isinstance(error, RuntimeError) or "gloo" not in str(error):
+        return None
+    said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]  # without the source file and advice
+    return said if any(words in said for words in LOST_PEER_WORDS) else None
 
 
 class OutputFailed(UserError):
@@ -131,9 +159,24 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else error.__class__.__name__
 
 
-def fail(message: str, status: int) -> None:
-    to_stderr("error", message)
+def fail(message: str, status: int, main_said: Callable[[str], bool] | None = None) -> None:
+    """`monkeytrain: error: message`, then exit with `status`. Of the processes of a launch, the main one
+    says it, and another only when the main process ended otherwise (`main_said(how)` false; by default,
+    unless with this very message): an error that every process meets is one line, not one per process."""
+    say = functools.partial(to_stderr, "error", message)
+    if in_a_launch():
+        from monkeytrain.distributed import said_once_per_launch  # here: it imports this module, and torch
+        said_once_per_launch(message, say, main_said or message.__eq__)
+    else:
+        say()
     sys.exit(status)
+
+
+def in_a_launch() -> bool:
+    """Whether this process is one of several that a launcher with a store of its own started (torchrun's
+    agent, under `accelerate launch` too)."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"))
 
 
 def to_stderr(kind: str, message: str) -> None:

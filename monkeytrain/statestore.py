@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from accelerate.utils import gather_object
 from safetensors import SafetensorError
 
-from monkeytrain.distributed import broadcast_from_main
+from monkeytrain.distributed import broadcast_from_main, first_problem_of_any_rank
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import (DiskFull, WriteFailed, folder_size, fsync_folder, is_disk_full, out_of_space,
                                  over_quota, space_refusal, write_atomically)
@@ -125,8 +124,7 @@ class StateStore:
         """`work` on every rank; once all are done, every rank raises the first rank's failure, if any. A
         rank's error alone would leave the others waiting at the next barrier, then a gloo traceback."""
         failure = self._failure_of(work, staging, final)
-        problems = [problem for problem in gather_object([described(failure)]) if problem]
-        self._stop_on(failure, problems[0] if problems else None, staging)
+        self._stop_on(failure, first_problem_of_any_rank(described(failure)), staging)
 
     def _stop_on(self, failure: Optional[Exception], problem: Optional[str], staging: Path) -> None:
         """Raise `problem` (the line every rank agreed on) once the staging folder is gone; this rank's own

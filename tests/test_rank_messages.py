@@ -1,0 +1,147 @@
+"""How the processes of a launch end: one `monkeytrain: error:` line for an error that every process meets (the
+main process's), the line of any process whose error the main process did not meet, and a bug's traceback with
+no gloo traceback under it from the process that lost its connection to the failed one.
+
+The store that torchrun's agent keeps for a launch (and `accelerate launch`, which runs torchrun) is a
+`TCPStore` served here, in the test's process, its address passed on as torchrun passes it."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from forked import exit_codes, printed, rank_variables, start, train_rank
+from monkeytrain import distributed
+from monkeytrain.errors import UserError, exits_cleanly_on_user_error
+
+MISSING = "dataset folder /nowhere does not exist; check --data or $MONKEYTRAIN_DATA."
+UNDECODED = "image /data/n0/caf\udce9.png cannot be read; delete it or leave out --strict-data."  # a Latin-1 name
+GLOO_LOST = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+             "[127.0.0.1]:19345. This is typically caused by a remote worker crashing. Check the logs of the "
+             "remote worker before reporting an error. GLHF!")
+
+
+@pytest.fixture
+def agent_store() -> dist.TCPStore:
+    """The launcher's store, as torchrun's agent serves it."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+
+
+def as_rank(monkeypatch, rank: int, store: dist.TCPStore) -> None:
+    """This process as rank `rank` of two, started by torchrun."""
+    for name, value in {**rank_variables(rank, 2, store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def ended(failure: BaseException, capsys) -> tuple[int, str]:
+    """The exit status and standard error of an entry point that raises `failure`."""
+    @exits_cleanly_on_user_error
+    def entry_point():
+        raise failure
+
+    with pytest.raises(SystemExit) as stopped:
+        entry_point()
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("message", [MISSING, UNDECODED])
+def test_the_main_process_says_its_error_and_another_says_nothing_more(monkeypatch, capsys, agent_store, message):
+    as_rank(monkeypatch, 0, agent_store)
+    printable = message.encode("utf-8", "backslashreplace").decode()  # as on a strict console
+    assert ended(UserError(message), capsys) == (2, f"monkeytrain: error: {printable}\n")
+    as_rank(monkeypatch, 1, agent_store)
+    assert ended(UserError(message), capsys) == (2, "")
+
+
+@pytest.mark.parametrize("main_outcome", ["class folder n1 has no readable images.", distributed.A_BUG, None])
+def test_another_process_says_an_error_the_main_process_did_not_say(monkeypatch, capsys, agent_store, main_outcome):
+    """The main process ended otherwise, or tells nothing in time (still running, or killed)."""
+    as_rank(monkeypatch, 1, agent_store)
+    monkeypatch.setattr(distributed, "MAIN_OUTCOME_SECONDS", 0.2)
+    if main_outcome is not None:
+        agent_store.set(distributed.main_outcome_key(), main_outcome)
+    assert ended(UserError(MISSING), capsys) == (2, f"monkeytrain: error: {MISSING}\n")
+
+
+def test_every_process_says_its_error_where_no_launchers_store_answers(monkeypatch, capsys, agent_store):
+    as_rank(monkeypatch, 1, agent_store)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")  # started without torchrun's agent
+    agent_store.set(distributed.main_outcome_key(), MISSING)
+    assert ended(UserError(MISSING), capsys) == (2, f"monkeytrain: error: {MISSING}\n")
+
+
+def test_a_connection_lost_to_a_failed_process_is_one_line(monkeypatch, capsys, agent_store):
+    as_rank(monkeypatch, 0, agent_store)
+    assert ended(RuntimeError(GLOO_LOST), capsys) == (1, (
+        "monkeytrain: error: another process of this run ended (Connection closed by peer [127.0.0.1]:19345); "
+        "what it printed says why.\n"))
+
+
+def test_a_connection_lost_to_the_main_process_that_said_why_says_nothing_more(monkeypatch, capsys, agent_store):
+    as_rank(monkeypatch, 1, agent_store)
+    agent_store.set(distributed.main_outcome_key(), distributed.A_BUG)
+    assert ended(RuntimeError(GLOO_LOST), capsys) == (1, "")
+
+
+def test_a_bug_of_the_main_process_keeps_its_traceback_and_tells_the_others(monkeypatch, capsys, agent_store):
+    as_rank(monkeypatch, 0, agent_store)
+    with pytest.raises(ZeroDivisionError):
+        exits_cleanly_on_user_error(lambda: 1 / 0)()
+    assert agent_store.get(distributed.main_outcome_key()).decode() == distributed.A_BUG
+    assert capsys.readouterr().err == ""
+
+
+def test_other_gloo_errors_are_bugs(monkeypatch, agent_store):
+    as_rank(monkeypatch, 1, agent_store)
+    with pytest.raises(RuntimeError, match="mismatched sizes"):
+        ended(RuntimeError("[gloo/transport/tcp/pair.cc:1] mismatched sizes"), None)
+
+
+# Two real ranks, forked (see forked.py), with the launcher's store served here.
+FLAGS = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "3", "--epochs", "1",
+         "--num-workers", "0", "--report-to", "none", "--cpu-threads", "1", "--run-name", "ranks"]
+
+
+def train_rank_with_a_bug(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
+    """forked.train_rank, the main process failing with a bug (not a UserError) as it writes best.safetensors."""
+    if rank == 0:
+        from monkeytrain import checkpoint
+
+        def save_checkpoint(*args):
+            raise RuntimeError("a bug in writing best.safetensors")
+
+        checkpoint.save_checkpoint = save_checkpoint
+    train_rank(folder, flags, environment, rank)
+
+
+def two_ranks(tmp_path: Path, agent_store: dist.TCPStore, flags: list[str], target=train_rank) -> tuple[list, list]:
+    """Both ranks' exit statuses and logs."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
+    environment.update(TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1")
+    flags = ["--cache-dir", str(tmp_path / "cache"), *FLAGS, *flags]
+    children = [start(target, tmp_path, flags, {**environment, **rank_variables(rank, 2, agent_store.port)}, rank)
+                for rank in (0, 1)]
+    ended = exit_codes(children, seconds=300)
+    return ended, [printed(tmp_path / f"rank{rank}.log") for rank in (0, 1)]
+
+
+def test_an_error_that_both_ranks_meet_is_said_once(tmp_path, agent_store):
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(tmp_path / "nowhere")])
+    assert ended == [2, 2], logs
+    assert logs[0].strip().splitlines()[-1] == (f"monkeytrain: error: dataset folder {tmp_path / 'nowhere'} does "
+                                                "not exist; check --data or $MONKEYTRAIN_DATA.")
+    assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]
+
+
+def test_a_bug_of_the_main_rank_leaves_no_gloo_traceback_under_its_own(tmp_path, agent_store):
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)], train_rank_with_a_bug)
+    assert ended == [1, 1], logs
+    assert "Traceback" in logs[0] and logs[0].strip().endswith("RuntimeError: a bug in writing best.safetensors")
+    assert "Traceback" not in logs[1] and "gloo" not in logs[1], logs[1]
