@@ -109,14 +109,7 @@ def as_in_training(field: str) -> dict:
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
     try:
-        try:
-            run_command(sys.argv[1:] if argv is None else argv)
-        except SystemExit as ended:
-            # --help and --version print and exit inside argparse: their text, still buffered, must fail here
-            # (one line, status 2), not in Python's flush at exit (a traceback-like notice and status 120)
-            if not ended.code:  # a failed command has said why already
-                sys.stdout.flush()
-            raise
+        run_command(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # a reader that has gone shows here, not in Python's own flush at exit
     except BrokenPipeError:
         # `monkeytrain predict ... | head`: the reader has all it wanted. End quietly with status 1, as

@@ -221,6 +221,14 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(f"{message}{self.near_flags(message)}; see `{self.prog} --help`.")
 
+    def exit(self, status=0, message=None):
+        """--help and --version print, then exit here: their text, still buffered, must fail now (one line,
+        status 2, from the entry point's wrapper), not in Python's flush at exit (a notice naming no file and
+        status 120)."""
+        if not status:
+            sys.stdout.flush()
+        super().exit(status, message)
+
     def near_flags(self, message: str) -> str:
         """' (did you mean --epochs?)' for an unknown --epoch. Python 3.14's suggest_on_error does
         this; our oldest supported Python (3.10) has nothing like it."""

@@ -605,3 +605,15 @@ def test_help_and_version_that_cannot_be_written_say_so_as_every_command_does(ar
     """They exited 0 and left the failure to Python's flush at exit: a notice naming no file, status 120."""
     monkeypatch.setattr(sys, "stdout", BufferedFullDisk())
     assert "standard output could not be written (No space left on device)" in error_of(cli.main, argv, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_the_training_scripts_help_and_version_that_cannot_be_written_say_so(flag):
+    """`python monkeytrain/train.py --help > /dev/full`, not through the monkeytrain command."""
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # as by default
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "monkeytrain/train.py", flag], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=Path(monkeytrain.__file__).parent.parent, env=buffered)
+    assert (done.returncode, done.stderr) == (2, "monkeytrain: error: standard output could not be written (No "
+                                                 "space left on device); free space where it goes, or send it "
+                                                 "elsewhere.\n")
