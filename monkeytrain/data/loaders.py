@@ -8,11 +8,10 @@ from multiprocessing.util import Finalize
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
-from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from monkeytrain.data.imagefiles import DECODE_ERRORS, ImageFile, decode_failure, load_rgb
-from monkeytrain.distributed import shard_indices, sum_across_ranks
+from monkeytrain.distributed import first_problem_of_any_rank, shard_indices, sum_across_ranks
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.preemption import ignore_stop_signals
 
@@ -87,7 +86,7 @@ def batches_read_everywhere(batches: Iterable, accelerator) -> Iterator:
         vote = torch.tensor([gone is not None, batch is not None], dtype=torch.int64, device=accelerator.device)
         failed, reading = sum_across_ranks(vote).tolist()
         if failed:
-            raise ImageGone(gather_object([str(gone)] if gone else [])[0]) from None
+            raise ImageGone(first_problem_of_any_rank(str(gone) if gone else None)) from None
         if not reading:
             return
         if batch is not None:
