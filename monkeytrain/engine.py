@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from monkeytrain.distributed import main_process_statistics, sum_across_ranks
+from monkeytrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,23 @@ def forward_backward(learner: Learner, accelerator, views: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment, mix, forward and backward one batch; its (loss, logits), detached."""
     images, targets = learner.mix(learner.augment(views), labels)
-    logits = learner.model(images)
+    try:
+        logits = learner.model(images)
+    except ValueError as error:
+        if not str(error).startswith("Expected more than 1 value per channel when training"):
+            raise  # a bug
+        raise too_few_for_batch_norm() from None
     loss = learner.criterion(logits, targets)
     accelerator.backward(loss)
     return loss.detach(), logits.detach()
+
+
+def too_few_for_batch_norm() -> UserError:
+    """torch's error for a BatchNorm layer that sees one value per channel (a batch of one image whose
+    features have shrunk to 1x1), as one line to act on."""
+    return UserError("a training batch of one image cannot train the model's BatchNorm layers at this image size "
+                     "(each channel needs more than one value); give --batch-size 2 or more, or, with several "
+                     "processes, at least 2 training images per process.")
 
 
 def update_weights(learner: Learner, accelerator) -> None:

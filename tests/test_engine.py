@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from monkeytrain import engine
 from monkeytrain.engine import BatchStep, Learner, evaluate, train_one_epoch
+from monkeytrain.errors import UserError
 
 
 def reset_accelerate() -> None:
@@ -307,3 +308,26 @@ def test_the_progress_bar_redraws_at_most_once_a_minute_into_a_file(monkeypatch,
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     with progress_bar(3, "epoch 1", shown=True) as bar:
         assert bar.mininterval == redraw_seconds and not bar.disable
+
+
+def test_a_batch_of_one_image_that_batch_norm_cannot_train_on_is_one_line_to_act_on(cpu_accelerator):
+    """`--batch-size 1` at 32 px, or two processes sharing 2 training images: a ResNet's last features are
+    1x1, and torch's BatchNorm error came out as a traceback."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    learner, _ = make_learner(cpu_accelerator, model, [])
+    with pytest.raises(UserError, match=r"^a training batch of one image cannot train the model's BatchNorm "
+                                        r"layers .*; give --batch-size 2 or more, or, with several processes, at "
+                                        r"least 2 training images per process\.$"):
+        train_batches(learner, float_batches(1, 1), cpu_accelerator)
+    assert train_batches(learner, float_batches(1, 2), cpu_accelerator).images == 2
+
+
+def test_a_value_error_of_the_model_that_is_not_batch_norms_stays_a_bug(cpu_accelerator):
+    class WrongShape(torch.nn.Linear):
+        def forward(self, images):
+            raise ValueError("Expected input batch_size (1) to match target batch_size (2).")
+
+    learner, _ = make_learner(cpu_accelerator, WrongShape(3, 2), [])
+    with pytest.raises(ValueError, match="^Expected input batch_size"):
+        train_batches(learner, float_batches(1, 2), cpu_accelerator)
