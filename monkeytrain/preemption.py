@@ -264,5 +264,9 @@ def requeue(job: str, flags: str = "") -> str:
     return f"scontrol requeue {job} failed ({answer}); {resubmit(flags)}"
 
 
-def resubmit(flags: str) -> str:
-    return f"to continue, resubmit the job{' with ' + flags if flags else ''}."
+def resubmit(flags: str, environ: Mapping[str, str] = os.environ) -> str:
+    """How to continue a stopped SLURM job by hand: a task of a job array alone, whose task id gives the run
+    its seed again (slurm/requeue.sh, name_the_run), as the job script says should its requeue fail."""
+    task = environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"this task alone (sbatch --array={task} ...)" if task else "the job"
+    return f"to continue, resubmit {job}{' with ' + flags if flags else ''}."

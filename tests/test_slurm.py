@@ -389,7 +389,7 @@ def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(forwarding_job
     forwarding = forwarding_jobs["train_multinode.sbatch"]
     assert_forwarded_once(forwarding.reports.result(timeout=300), forwarding.job)
     text = read_log(forwarding.log)
-    assert f"1 machines, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
+    assert f"1 machine, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
     assert "forwarding SIGUSR1 to the training processes on every node" in text
 
 
@@ -621,6 +621,85 @@ def test_train_sbatch_names_the_run_unless_the_flags_do(tmp_path, flags, named):
     assert train_flags[len(train_flags) - len(flags):] == flags  # the user's flags come last
 
 
+# Task 2 of job array 7, a task of three (`sbatch --array=0-2`), which Slurm runs as job 9.
+ARRAY_TASK = dict(SLURM_JOB_ID="9", SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="3")
+
+
+def as_train_py_takes_it(flags: list[str], name: str) -> str | None:
+    """The value train.py's argparse takes for the flag `name` (--seed): the last one given, either form."""
+    value = None
+    for previous, flag in zip([None, *flags], flags):
+        if flag.startswith(f"{name}="):
+            value = flag.split("=", 1)[1]
+        elif previous == name:
+            value = flag
+    return value
+
+
+def launched_train_flags(script: str, flags: list[str], tmp_path: Path, **settings: str) -> list[str]:
+    """train.py's flags as `script` passes them on, with stand-ins for accelerate, srun and scontrol."""
+    _, args = launch_recorded(["bash", str(SLURM_DIR / script), *flags], tmp_path, bin_srun=RECORDING_ACCELERATE,
+                              bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NODELIST="node1", MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1",
+                              **settings)
+    started = next(i for i, a in enumerate(args) if a.endswith(("train.py", "launch_node.sh")))
+    return args[started + 1:]
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch"])
+@pytest.mark.parametrize("flags, preset, seed", [
+    ([], None, "2"),
+    (["--seed", "10"], None, "12"),
+    (["--config", "PRESET"], "seed: 5\nrun_name: best\n", "7"),  # a recorded config.yaml holds both
+    (["--seed=10", "--config=PRESET"], "seed: 5\n", "12"),  # the flag wins over the preset, as in train.py
+    (["--config", "PRESET"], "epochs: 3\n", "2"),
+])
+def test_each_task_of_a_job_array_trains_a_run_of_its_own_with_a_seed_of_its_own(tmp_path, script, flags, preset,
+                                                                                   seed):
+    """`sbatch --array=0-2 slurm/train.sbatch ...` trained three runs with the same seed, the usual "three seeds"
+    by hand: task N now trains runs/slurm-<array job>_N with the seed the flags give plus N."""
+    if preset:
+        (tmp_path / "preset.yaml").write_text(preset)
+    flags = [flag.replace("PRESET", str(tmp_path / "preset.yaml")) for flag in flags]
+    train_flags = launched_train_flags(script, flags, tmp_path, **ARRAY_TASK)
+    assert as_train_py_takes_it(train_flags, "--run-name") == "slurm-7_2", train_flags
+    assert as_train_py_takes_it(train_flags, "--seed") == seed, train_flags
+
+
+def test_an_array_task_resubmitted_alone_goes_on_with_its_run_and_seed(tmp_path):
+    """What a stopped task's log says to do (resubmit it alone, `sbatch --array=2 ...`, with its run's name):
+    the run it began, with the seed it began with (a resume with another seed is refused)."""
+    flags = ["--resume", "auto", "--run-name", "slurm-7_2"]
+    train_flags = launched_train_flags("train.sbatch", flags, tmp_path, **{**ARRAY_TASK, "SLURM_ARRAY_TASK_COUNT": "1",
+                                                                          "SLURM_ARRAY_JOB_ID": "12"})
+    assert as_train_py_takes_it(train_flags, "--run-name") == "slurm-7_2", train_flags
+    assert as_train_py_takes_it(train_flags, "--seed") == "2", train_flags
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch"])
+@pytest.mark.parametrize("flags", [["--run-name", "mine"], ["--resume", "runs/X/state/step-00000010"]])
+def test_an_array_whose_tasks_would_all_train_one_run_is_refused_in_one_line(tmp_path, script, flags):
+    (tmp_path / "out").mkdir()
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / script), *flags], tmp_path, tmp_path,
+                              accelerate=RECORDING_ACCELERATE, bin_srun=RECORDING_ACCELERATE,
+                              bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NODELIST="node1", MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1",
+                              **ARRAY_TASK)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "every task of job array 7" in done.stderr and "--array=N" in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "args").exists()  # nothing started
+
+
+def test_a_stopped_array_task_says_to_resubmit_it_alone():
+    """Resubmitted as a job of its own, a task's run would start with seed 0, not its task's, and be refused."""
+    from monkeytrain.preemption import resubmit
+
+    assert resubmit("--resume auto --run-name slurm-7_2", environ={"SLURM_ARRAY_TASK_ID": "2"}) == (
+        "to continue, resubmit this task alone (sbatch --array=2 ...) with --resume auto --run-name slurm-7_2.")
+    assert resubmit("--resume auto --run-name slurm-9", environ={}) == (
+        "to continue, resubmit the job with --resume auto --run-name slurm-9.")
+
+
 @pytest.mark.parametrize("flags", [["--resume", "my runs/X/state/step-00000010"],
                                    ["--resume=my runs/X/state/step-00000010", "--epochs", "5"]])
 def test_a_requeued_job_that_began_from_a_given_state_goes_on_from_its_newest_one(tmp_path, flags):
@@ -673,6 +752,15 @@ def test_multinode_launchers_get_the_cores_the_job_asked_for(tmp_path, cores, as
     srun_args = (tmp_path / "out" / "srun").read_text().splitlines()
     step_options = srun_args[:srun_args.index("bash")]
     assert [a for a in step_options if a.startswith("--cpus-per-task")] == asked, srun_args
+
+
+@pytest.mark.parametrize("nodes, said", [("1", "1 machine,"), ("2", "2 machines,")])
+def test_the_multinode_log_counts_its_machines_in_words(tmp_path, nodes, said):
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train_multinode.sbatch")], tmp_path, tmp_path,
+                              bin_srun="#!/bin/sh\n", bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_ID="7",
+                              SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST="node[1-2]", MONKEYTRAIN_ROOT=str(PROJECT))
+    assert done.returncode == 0, done.stderr
+    assert f"restart 0: {said} rendezvous node1:" in done.stdout.splitlines()[0], done.stdout
 
 def test_tune_sbatch_without_an_environment_says_which_python_it_runs(tmp_path):
     """No virtual environment active and no .venv in the checkout: the log names the python tried,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_slurm import (RECORDING_ACCELERATE, SLURM_DIR, job_environment, job_state, log_file,  # noqa: F401
-                        read_log, run_with_stand_ins, slurm_cluster, submit, wait_for_job)
+from test_slurm import (RECORDING_ACCELERATE, SLURM_DIR, as_train_py_takes_it, job_environment,  # noqa: F401
+                        job_state, log_file, read_log, run_with_stand_ins, slurm_cluster, submit, wait_for_job)
 
 # Each fails at once, in the script or in what it starts: a bad Accelerate config, tune without --space.
 FAILING_AT_ONCE = {
@@ -164,3 +164,41 @@ def test_tune_sbatch_on_several_nodes_says_a_worker_trains_on_one(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "2 nodes" in done.stderr and "--nodes=1" in done.stderr
     assert not (tmp_path / "out" / "started").exists()
+
+
+# --- job arrays -------------------------------------------------------------------------------
+
+PRINT_FLAGS = "import sys\nprint('train.py flags:', *sys.argv[1:])\n"
+
+
+@pytest.fixture(scope="session")
+def array_job(slurm_cluster, tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    """`sbatch --array=0-1 slurm/train.sbatch --seed 10` with a training script that prints its flags, one
+    process each: (the array's job id, its folder)."""
+    workdir = tmp_path_factory.mktemp("array")
+    (workdir / "train.py").write_text(PRINT_FLAGS)
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu.yaml",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(workdir / "train.py"))
+    job = submit(SLURM_DIR / "train.sbatch", "--seed", "10", workdir=workdir, env=env, sbatch_flags=["--array=0-1"])
+    yield job, workdir
+    subprocess.run(["scancel", str(job)], capture_output=True)
+
+
+@pytest.mark.first
+def test_the_array_job_is_submitted(array_job):
+    job, _ = array_job
+    assert job_state(f"{job}_0")["ArrayJobId"] == str(job)
+
+
+@pytest.mark.last
+def test_each_task_of_an_array_job_trains_its_own_run_with_its_own_seed(array_job):
+    """The usual "three seeds" with Slurm's own array variables: the tasks trained one run, seed and all."""
+    job, workdir = array_job
+    for task in (0, 1):
+        state = wait_for_job(f"{job}_{task}", timeout=600)
+        log = read_log(Path(state["StdOut"]))
+        assert state["JobState"] == "COMPLETED", log
+        flags = log.split("train.py flags: ")[1].splitlines()[0].split()
+        assert as_train_py_takes_it(flags, "--run-name") == f"slurm-{job}_{task}", log
+        assert as_train_py_takes_it(flags, "--seed") == str(10 + task), log
+        assert f"(task {task} of job array {job})" in log.splitlines()[0], log
