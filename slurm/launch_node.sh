@@ -135,7 +135,11 @@ accelerate=$(command -v accelerate || true)
 if [ -z "$accelerate" ] && [ -x "$root/.venv/bin/accelerate" ]; then accelerate=$root/.venv/bin/accelerate; fi
 [ -n "$accelerate" ] || die "'accelerate' is not on PATH; activate the environment monkeytrain is installed in before sbatch (jobs inherit your PATH)."
 
-launch=("$accelerate" launch --config_file "$config"
+# Run by accelerate's own Python (a console script names it on its first line), `accelerate launch` goes
+# through slurm/launcher.py, which leaves out the elastic agent's report of a stop signal forwarded here.
+interpreter=$(head -n 1 "$accelerate" 2>/dev/null | sed -n 's|^#!\(/[^ ]*/python[0-9.]*\)$|\1|p' || true)
+if [ -x "$interpreter" ]; then accelerate=("$interpreter" "$root/slurm/launcher.py"); fi
+launch=("${accelerate[@]}" launch --config_file "$config"
         --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
         --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")

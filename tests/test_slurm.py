@@ -19,7 +19,9 @@ The rest of the suite runs meanwhile instead of waiting.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -391,6 +393,25 @@ def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(forwarding_job
     text = read_log(forwarding.log)
     assert f"1 machine, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
     assert "forwarding SIGUSR1 to the training processes on every node" in text
+
+
+def test_the_launcher_leaves_out_only_its_report_of_a_forwarded_stop_signal():
+    """slurm/launcher.py's filter on the elastic agent's loggers (the scancel test sees it work on a real job):
+    a rank's failure, another signal and a rank killed unsaved still show."""
+    spec = importlib.util.spec_from_file_location("launcher", SLURM_DIR / "launcher.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+
+    def shown(message: str, *args) -> bool:
+        return launcher.ForwardedStopSignal().filter(logging.LogRecord("agent", logging.WARNING, "", 0, message,
+                                                                        args, None))
+
+    closing = "Sending process %s closing signal %s"
+    assert shown(closing, 12, "SIGTERM")  # a rank failed, and the agent stops the others
+    assert shown("Received %s death signal, shutting down workers", signal.SIGHUP)  # not forwarded: ranks die
+    assert not shown("Received %s death signal, shutting down workers", signal.SIGTERM)
+    assert not shown(closing, 12, "SIGTERM")
+    assert shown("Unable to shutdown process %s via %s, forcefully exiting via %s", 12, signal.SIGTERM, signal.SIGKILL)
 
 
 # --- bad input ------------------------------------------------------------------

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from test_slurm import (RECORDING_ACCELERATE, SLURM_DIR, as_train_py_takes_it, job_environment,  # noqa: F401
-                        job_state, log_file, read_log, run_with_stand_ins, slurm_cluster, submit, wait_for_job)
+from test_slurm import (FINISHED, RECORDING_ACCELERATE, SLURM_DIR, STUB, as_train_py_takes_it,  # noqa: F401
+                        job_environment, job_state, log_file, read_log, run_with_stand_ins, slurm_cluster, submit,
+                        wait_for_job)
 
 # Each fails at once, in the script or in what it starts: a bad Accelerate config, tune without --space.
 FAILING_AT_ONCE = {
@@ -202,3 +205,49 @@ def test_each_task_of_an_array_job_trains_its_own_run_with_its_own_seed(array_jo
         assert as_train_py_takes_it(flags, "--run-name") == f"slurm-{job}_{task}", log
         assert as_train_py_takes_it(flags, "--seed") == str(10 + task), log
         assert f"(task {task} of job array {job})" in log.splitlines()[0], log
+
+
+# --- scancel ----------------------------------------------------------------------------------
+
+def cancel_when_ready(job: int, stub_output: Path) -> None:
+    """`scancel JOB` once both stub ranks are up: Slurm's SIGTERM to every process of the job."""
+    deadline = time.monotonic() + 300
+    while not all((stub_output / f"rank{rank}.ready").exists() for rank in (0, 1)):
+        state = job_state(job)["JobState"]
+        assert state not in FINISHED and time.monotonic() < deadline, f"ranks never started ({state})"
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)], check=True)
+
+
+@pytest.fixture(scope="session")
+def cancelled_job(slurm_cluster, tmp_path_factory) -> Iterator[tuple[int, Path, Future]]:
+    """A two-rank train.sbatch job (the stub as its training script), cancelled by a thread of its own once
+    its ranks are up: (job id, its folder, the thread's end)."""
+    workdir = tmp_path_factory.mktemp("cancelled")
+    (workdir / "stub").mkdir()
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(workdir / "stub"))
+    job = submit(SLURM_DIR / "train.sbatch", workdir=workdir, env=env)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-scancel") as canceller:
+            yield job, workdir, canceller.submit(cancel_when_ready, job, workdir / "stub")
+    finally:
+        subprocess.run(["scancel", str(job)], capture_output=True)
+
+
+@pytest.mark.first
+def test_the_job_to_cancel_is_submitted(cancelled_job):
+    job, _, _ = cancelled_job
+    assert job_state(job)["JobName"] == "monkeytrain"
+
+
+@pytest.mark.last
+def test_scancel_of_a_two_rank_job_logs_our_stop_line_without_the_launchers_own(cancelled_job):
+    """Slurm signals the launcher too, whose elastic agent logged "Received 15 death signal" and "Sending
+    process N closing signal SIGTERM" per rank above the one line that says the signal was passed on."""
+    job, workdir, cancelled = cancelled_job
+    cancelled.result(timeout=600)
+    wait_for_job(job, timeout=120)
+    log = read_log(log_file(workdir, job))
+    assert "launch_node.sh: machine 0: forwarding SIGTERM to the training processes" in log, log
+    assert "death signal" not in log and "closing signal" not in log, log
