@@ -4,6 +4,7 @@ for the cluster and for why jobs are submitted by `first` tests and checked by `
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -153,7 +154,7 @@ def test_train_multinode_sbatch_takes_the_next_free_port_when_its_own_is_taken(j
     state = wait_for_job(job, timeout=600)
     log = read_log(log_file(workdir, job, "monkeytrain-multinode"))
     assert state["JobState"] == "COMPLETED", log
-    port = int(log.split("rendezvous ")[1].split()[0].split(":")[1])
+    port = int(re.search(r"rendezvous [^ ]+:(\d+)", log).group(1))
     assert port != job_port(job) and f"training process on port {port}\n" in log, log
 
 
