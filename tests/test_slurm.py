@@ -759,6 +759,17 @@ def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_p
     assert "or use launch/cpu_ddp.sh or launch/cpu_debug.sh here." in done.stderr  # what a launch/ user runs
 
 
+def test_a_slurm_job_without_a_gpu_says_how_to_submit_it_again(tmp_path):
+    """`sbatch --gres=none slurm/train.sbatch` (a CPU partition) without MONKEYTRAIN_CPU: the log said to set it
+    or run launch/cpu_ddp.sh "here", in a job that had already ended."""
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train.sbatch")], tmp_path, tmp_path,
+                              accelerate="#!/bin/sh\necho started >&2\n", bin_nvidia_smi=NO_DRIVER, SLURM_JOB_ID="7",
+                              MONKEYTRAIN_ROOT=str(PROJECT))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "no GPU found" in done.stderr and "for job 7" in done.stderr, done.stderr
+    assert "MONKEYTRAIN_CPU=1 sbatch --gres=none" in done.stderr and "launch/" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("cores, asked", [("6", ["--cpus-per-task=6"]), (None, [])])
 def test_multinode_launchers_get_the_cores_the_job_asked_for(tmp_path, cores, asked):
     """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: the launchers' step must ask
