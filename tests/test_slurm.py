@@ -483,17 +483,21 @@ def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
     assert stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", stderr
 
 
-def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path):
+@pytest.mark.parametrize("array_task, resubmit", [
+    ({}, "the job"), ({"SLURM_ARRAY_TASK_ID": "2"}, "this task alone (sbatch --array=2 ...)")])
+def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path, array_task, resubmit):
     """A job submitted with --no-requeue: the state is saved, but the job must not end COMPLETED as if
-    requeued; the log's last line says how to continue."""
+    requeued; the log's last line says how to continue: a task of a job array resubmitted alone, whose
+    task id gives its run the seed it began with."""
     refusing = ('#!/bin/sh\n[ "$1" != show ] || exit 1\necho "$@" >> "$SCONTROL_CALLS"\n'
                 'echo "Requested operation is presently disabled" >&2\nexit 1\n')
-    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing)
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing, **array_task)
     assert node.returncode == 1, stderr
     assert calls == "launcher ended\nrequeue 4242\n"
     last = stderr.splitlines()[-1]
     assert last.startswith("launch_node.sh: machine 0: scontrol requeue 4242 failed (Requested operation is "
-                           "presently disabled)") and "resubmit the job with --resume auto --run-name" in last, stderr
+                           "presently disabled)"), stderr
+    assert f"resubmit {resubmit} with --resume auto --run-name" in last, stderr
 
 
 def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
