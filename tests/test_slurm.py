@@ -414,6 +414,32 @@ def test_the_launcher_leaves_out_only_its_report_of_a_forwarded_stop_signal():
     assert shown("Unable to shutdown process %s via %s, forcefully exiting via %s", 12, signal.SIGTERM, signal.SIGKILL)
 
 
+# A training process that a launcher started (its marker set), with a clock of its own: one Ctrl-C as srun
+# passes it to every process of the job step, then a second one.
+SRUN_CTRL_C = """
+import os, signal
+from monkeytrain.preemption import Preemption
+
+now = [0.0]
+stop = Preemption(environ={"ACCELERATE_MIXED_PRECISION": "no"}, clock=lambda: now[0])
+for sender in ("slurmstepd", "torch's elastic agent", "launch_node.sh"):
+    os.kill(os.getpid(), signal.SIGINT)
+print("saving", flush=True)
+now[0] = 1.0
+os.kill(os.getpid(), signal.SIGINT)
+print("still saving")
+"""
+
+
+def test_a_ctrl_c_that_srun_passes_to_every_process_of_the_step_is_one_ctrl_c():
+    """`srun launch/cpu_ddp.sh` and Ctrl-C: Slurm, the launcher and launch_node.sh each passed the SIGINT on,
+    and the second copy stopped every rank at once, unsaved. A second Ctrl-C a second later still does."""
+    done = subprocess.run([sys.executable, "-c", SRUN_CTRL_C], env=job_environment(PYTHONPATH=str(PROJECT)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "saving\n" and "KeyboardInterrupt" in done.stderr, done.stdout + done.stderr
+    assert done.stderr.count("SIGINT received") == 1, done.stderr
+
+
 # --- bad input ------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting, named", [
