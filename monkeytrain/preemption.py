@@ -47,15 +47,24 @@ GPU_STOP_CHECK_INTERVAL = 8
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Set by `accelerate launch` (every launcher form) and by torchrun in the processes they start.
 LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+# A process that a launcher started gets one Ctrl-C up to three times within milliseconds where the signal
+# goes to every process of a job step (srun's Ctrl-C): from Slurm, from the launcher (torch's elastic agent
+# passes on what it gets), from slurm/launch_node.sh. Only a SIGINT this long after the first is a second
+# Ctrl-C, which stops at once, unsaved: sooner, the same one would lose the save it asked for.
+SAME_CTRL_C_SECONDS = 1.0
 
 
 class Preemption:
     """Remembers a stop signal, and when a save is due, until the ranks next agree."""
 
-    def __init__(self, save_every_minutes: float = 0.0, environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(self, save_every_minutes: float = 0.0, environ: Mapping[str, str] = os.environ,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.received: Optional[str] = None
         self.heard: set[str] = set()  # every stop signal received, for wants_requeue
         self.schedule = SaveSchedule(save_every_minutes)
+        self.clock, self.first_ctrl_c = clock, None
+        # Only a launcher's process gets a Ctrl-C more than once (SAME_CTRL_C_SECONDS says why).
+        self.same_ctrl_c_seconds = SAME_CTRL_C_SECONDS if launched_by_a_launcher(environ) else 0.0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
         if launched_by_a_launcher(environ):
@@ -65,7 +74,11 @@ class Preemption:
 
     def _note(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == "SIGINT":
+            if self.clock() - self.first_ctrl_c < self.same_ctrl_c_seconds:
+                return  # the same Ctrl-C, passed on by another process of the launch
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        if signum == signal.SIGINT and self.first_ctrl_c is None:
+            self.first_ctrl_c = self.clock()
         if self.received is None:
             acknowledge(signal.Signals(signum).name)
         self.received = signal.Signals(signum).name
@@ -264,5 +277,9 @@ def requeue(job: str, flags: str = "") -> str:
     return f"scontrol requeue {job} failed ({answer}); {resubmit(flags)}"
 
 
-def resubmit(flags: str) -> str:
-    return f"to continue, resubmit the job{' with ' + flags if flags else ''}."
+def resubmit(flags: str, environ: Mapping[str, str] = os.environ) -> str:
+    """How to continue a stopped SLURM job by hand: a task of a job array alone, whose task id gives the run
+    its seed again (slurm/requeue.sh, name_the_run), as the job script says should its requeue fail."""
+    task = environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"this task alone (sbatch --array={task} ...)" if task else "the job"
+    return f"to continue, resubmit {job}{' with ' + flags if flags else ''}."

@@ -117,7 +117,16 @@ case "$(basename "$config")" in cpu*) cpu=1 ;; esac
 gpus=0
 if [ "$cpu" = 0 ]; then gpus=$(gpu_count); fi
 # Also with MONKEYTRAIN_PROCS_PER_NODE set (launch/single_gpu.sh): a GPU config must not train on the CPU.
-[ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] || die "no GPU found on $(hostname -s); for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml), or use launch/cpu_ddp.sh or launch/cpu_debug.sh here."
+# A SLURM job is submitted again (the environment goes with it), not started by hand here.
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    cpu_ranks="submit it to a partition with GPUs (sbatch --gres=gpu:N), or for CPU ranks submit it with"
+    cpu_ranks+=" MONKEYTRAIN_CPU=1 set (MONKEYTRAIN_CPU=1 sbatch --gres=none ...)"
+else
+    cpu_ranks="for CPU ranks set MONKEYTRAIN_CPU=1 (or MONKEYTRAIN_ACCELERATE_CONFIG=accelerate_configs/cpu_ddp.yaml),"
+    cpu_ranks+=" or use launch/cpu_ddp.sh or launch/cpu_debug.sh here"
+fi
+[ "$cpu" = 1 ] || [ "$gpus" -ge 1 ] \
+    || die "no GPU found on $(hostname -s)${SLURM_JOB_ID:+ for job $SLURM_JOB_ID}; $cpu_ranks."
 procs=${MONKEYTRAIN_PROCS_PER_NODE:-}
 if [ -z "$procs" ]; then
     if one_process_config "$config"; then procs=1
@@ -135,7 +144,11 @@ accelerate=$(command -v accelerate || true)
 if [ -z "$accelerate" ] && [ -x "$root/.venv/bin/accelerate" ]; then accelerate=$root/.venv/bin/accelerate; fi
 [ -n "$accelerate" ] || die "'accelerate' is not on PATH; activate the environment monkeytrain is installed in before sbatch (jobs inherit your PATH)."
 
-launch=("$accelerate" launch --config_file "$config"
+# Run by accelerate's own Python (a console script names it on its first line), `accelerate launch` goes
+# through slurm/launcher.py, which leaves out the elastic agent's report of a stop signal forwarded here.
+interpreter=$(head -n 1 "$accelerate" 2>/dev/null | sed -n 's|^#!\(/[^ ]*/python[0-9.]*\)$|\1|p' || true)
+if [ -x "$interpreter" ]; then accelerate=("$interpreter" "$root/slurm/launcher.py"); fi
+launch=("${accelerate[@]}" launch --config_file "$config"
         --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
         --num_processes "$((NUM_MACHINES * procs))"   # Accelerate wants the total over all machines
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")

@@ -17,6 +17,59 @@ note_stop_signal() {
 }
 warned_only() { [[ $stop_signals =~ ^( USR1)+$ ]]; }
 
+# Sets `run_name` and `task_seed`, the flags that go before and after train.py's own (where the last
+# of a flag given twice wins, as argparse takes it): the run's name, the same after a requeue, and for a
+# task of a job array a seed of its own. $1 names the caller in an error; the rest are train.py's flags.
+# Without a job array: runs/slurm-<job id> unless the flags name the run. Each task of an array (`sbatch
+# --array=0-2`: the usual three seeds) trains into runs/slurm-<array job>_<task> (as squeue shows it) with
+# the seed the flags give (--seed, else their --config preset's, else 0) plus the task id; with several
+# tasks, flags that name the run would have every task train into that one run, and stop the job (exit 2).
+name_the_run() {
+    local caller=$1 seed
+    shift
+    run_name=(--run-name "slurm-$SLURM_JOB_ID") task_seed=()
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+        run_name=(--run-name "slurm-${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID")
+        seed=$(given_seed "$@")
+        # A state given to --resume continues its run with that run's seed; a seed that is no whole
+        # number is left for train.py to refuse.
+        if [ -z "$(given_state "$@")" ] && [[ $seed =~ ^[0-9]+$ ]]; then
+            task_seed=(--seed "$((10#$seed + SLURM_ARRAY_TASK_ID))")
+        fi
+    fi
+    flags_name_the_run "$@" || return 0
+    run_name=()
+    if [ "${SLURM_ARRAY_TASK_COUNT:-1}" -gt 1 ]; then
+        echo "$caller: error: every task of job array ${SLURM_ARRAY_JOB_ID} would train into the one run that" \
+             "--run-name or --resume names; leave it out (each task then trains into" \
+             "runs/slurm-${SLURM_ARRAY_JOB_ID}_<task>, seeded by its task id), or submit one task (--array=N)." >&2
+        exit 2
+    fi
+}
+
+# The seed train.py's flags give: the last --seed, else the seed key of the last --config preset (read
+# with the job's python, as train.py will read it), else train.py's default, 0.
+given_seed() {
+    local flag previous= seed= preset= python
+    for flag in "$@"; do
+        case $flag in
+            --seed=*) seed=${flag#--seed=} ;;
+            --config=*) preset=${flag#--config=} ;;
+        esac
+        case $previous in
+            --seed) seed=$flag ;;
+            --config) preset=$flag ;;
+        esac
+        previous=$flag
+    done
+    if [ -z "$seed" ] && [ -n "$preset" ] && python=$(command -v python || command -v python3); then
+        seed=$("$python" -c 'import sys, yaml; preset = yaml.safe_load(open(sys.argv[1]))
+print(preset.get("seed", "") if isinstance(preset, dict) else "")' "$preset" 2>/dev/null || true)
+        [[ $seed =~ ^[0-9]+$ ]] || seed=  # an unreadable preset, or a bad seed in it: train.py says which
+    fi
+    echo "${seed:-0}"
+}
+
 # Whether train.py's flags name the run themselves: --run-name, or --resume with a state's path (it
 # continues that state's run, and refuses another name). Else the SLURM scripts name it slurm-<job id>,
 # the same after a requeue.
@@ -72,7 +125,7 @@ requeue_if_asked() {
     [ -s "$MONKEYTRAIN_REQUEUE_FILE" ] || return 1
     local flags hint
     flags=$(sed -n 2p "$MONKEYTRAIN_REQUEUE_FILE")
-    hint=${2:-"resubmit the job with ${flags:-"--resume auto --run-name <the run's name>"}"}
+    hint=${2:-"resubmit $(the_job) with ${flags:-"--resume auto --run-name <the run's name>"}"}
     rm -f "$MONKEYTRAIN_REQUEUE_FILE"
     if ! warned_only; then
         local by=${stop_signals##* }
@@ -88,6 +141,21 @@ requeue_if_asked() {
         exit 1
     fi
     echo "$1: scontrol requeue $SLURM_JOB_ID: ok" >&2
+}
+
+# " (task 1 of job array 408)" in a job's first log line, for a task of a job array: squeue shows it as 408_1.
+array_task() {
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then echo " (task $SLURM_ARRAY_TASK_ID of job array $SLURM_ARRAY_JOB_ID)"; fi
+}
+
+# ", seed 5" after the run's name in that line, where name_the_run gave the task a seed.
+seed_words() { if [ -n "${task_seed[1]:-}" ]; then echo ", seed ${task_seed[1]}"; fi; }
+
+# What to resubmit to continue a run: the job, or a task of a job array alone, whose task id gives the
+# run its seed again (name_the_run).
+the_job() {
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then echo "this task alone (sbatch --array=$SLURM_ARRAY_TASK_ID ...)"
+    else echo "the job"; fi
 }
 
 # SLURM sends the warning as soon as less time is left than --signal=B:USR1@SECONDS asks for (up to a

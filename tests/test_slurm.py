@@ -19,7 +19,9 @@ The rest of the suite runs meanwhile instead of waiting.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -389,8 +391,53 @@ def test_multinode_sbatch_on_one_node_forwards_the_warning_signal(forwarding_job
     forwarding = forwarding_jobs["train_multinode.sbatch"]
     assert_forwarded_once(forwarding.reports.result(timeout=300), forwarding.job)
     text = read_log(forwarding.log)
-    assert f"1 machines, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
+    assert f"1 machine, rendezvous {job_state(forwarding.job)['BatchHost']}:{20000 + forwarding.job % 20000}" in text
     assert "forwarding SIGUSR1 to the training processes on every node" in text
+
+
+def test_the_launcher_leaves_out_only_its_report_of_a_forwarded_stop_signal():
+    """slurm/launcher.py's filter on the elastic agent's loggers (the scancel test sees it work on a real job):
+    a rank's failure, another signal and a rank killed unsaved still show."""
+    spec = importlib.util.spec_from_file_location("launcher", SLURM_DIR / "launcher.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+
+    def shown(message: str, *args) -> bool:
+        return launcher.ForwardedStopSignal().filter(logging.LogRecord("agent", logging.WARNING, "", 0, message,
+                                                                        args, None))
+
+    closing = "Sending process %s closing signal %s"
+    assert shown(closing, 12, "SIGTERM")  # a rank failed, and the agent stops the others
+    assert shown("Received %s death signal, shutting down workers", signal.SIGHUP)  # not forwarded: ranks die
+    assert not shown("Received %s death signal, shutting down workers", signal.SIGTERM)
+    assert not shown(closing, 12, "SIGTERM")
+    assert shown("Unable to shutdown process %s via %s, forcefully exiting via %s", 12, signal.SIGTERM, signal.SIGKILL)
+
+
+# A training process that a launcher started (its marker set), with a clock of its own: one Ctrl-C as srun
+# passes it to every process of the job step, then a second one.
+SRUN_CTRL_C = """
+import os, signal
+from monkeytrain.preemption import Preemption
+
+now = [0.0]
+stop = Preemption(environ={"ACCELERATE_MIXED_PRECISION": "no"}, clock=lambda: now[0])
+for sender in ("slurmstepd", "torch's elastic agent", "launch_node.sh"):
+    os.kill(os.getpid(), signal.SIGINT)
+print("saving", flush=True)
+now[0] = 1.0
+os.kill(os.getpid(), signal.SIGINT)
+print("still saving")
+"""
+
+
+def test_a_ctrl_c_that_srun_passes_to_every_process_of_the_step_is_one_ctrl_c():
+    """`srun launch/cpu_ddp.sh` and Ctrl-C: Slurm, the launcher and launch_node.sh each passed the SIGINT on,
+    and the second copy stopped every rank at once, unsaved. A second Ctrl-C a second later still does."""
+    done = subprocess.run([sys.executable, "-c", SRUN_CTRL_C], env=job_environment(PYTHONPATH=str(PROJECT)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "saving\n" and "KeyboardInterrupt" in done.stderr, done.stdout + done.stderr
+    assert done.stderr.count("SIGINT received") == 1, done.stderr
 
 
 # --- bad input ------------------------------------------------------------------
@@ -462,17 +509,21 @@ def test_launch_node_sh_requeues_the_job_once_its_launch_has_ended(tmp_path):
     assert stderr.splitlines()[-1] == "launch_node.sh: machine 0: scontrol requeue 4242: ok", stderr
 
 
-def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path):
+@pytest.mark.parametrize("array_task, resubmit", [
+    ({}, "the job"), ({"SLURM_ARRAY_TASK_ID": "2"}, "this task alone (sbatch --array=2 ...)")])
+def test_a_requeue_that_fails_fails_the_job_and_says_how_to_continue(tmp_path, array_task, resubmit):
     """A job submitted with --no-requeue: the state is saved, but the job must not end COMPLETED as if
-    requeued; the log's last line says how to continue."""
+    requeued; the log's last line says how to continue: a task of a job array resubmitted alone, whose
+    task id gives its run the seed it began with."""
     refusing = ('#!/bin/sh\n[ "$1" != show ] || exit 1\necho "$@" >> "$SCONTROL_CALLS"\n'
                 'echo "Requested operation is presently disabled" >&2\nexit 1\n')
-    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing)
+    node, stderr, calls = launch_node_under_slurm(tmp_path, signal.SIGUSR1, scontrol=refusing, **array_task)
     assert node.returncode == 1, stderr
     assert calls == "launcher ended\nrequeue 4242\n"
     last = stderr.splitlines()[-1]
     assert last.startswith("launch_node.sh: machine 0: scontrol requeue 4242 failed (Requested operation is "
-                           "presently disabled)") and "resubmit the job with --resume auto --run-name" in last, stderr
+                           "presently disabled)"), stderr
+    assert f"resubmit {resubmit} with --resume auto --run-name" in last, stderr
 
 
 def test_launch_node_sh_does_not_requeue_a_job_told_to_end(tmp_path):
@@ -621,6 +672,85 @@ def test_train_sbatch_names_the_run_unless_the_flags_do(tmp_path, flags, named):
     assert train_flags[len(train_flags) - len(flags):] == flags  # the user's flags come last
 
 
+# Task 2 of job array 7, a task of three (`sbatch --array=0-2`), which Slurm runs as job 9.
+ARRAY_TASK = dict(SLURM_JOB_ID="9", SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="3")
+
+
+def as_train_py_takes_it(flags: list[str], name: str) -> str | None:
+    """The value train.py's argparse takes for the flag `name` (--seed): the last one given, either form."""
+    value = None
+    for previous, flag in zip([None, *flags], flags):
+        if flag.startswith(f"{name}="):
+            value = flag.split("=", 1)[1]
+        elif previous == name:
+            value = flag
+    return value
+
+
+def launched_train_flags(script: str, flags: list[str], tmp_path: Path, **settings: str) -> list[str]:
+    """train.py's flags as `script` passes them on, with stand-ins for accelerate, srun and scontrol."""
+    _, args = launch_recorded(["bash", str(SLURM_DIR / script), *flags], tmp_path, bin_srun=RECORDING_ACCELERATE,
+                              bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NODELIST="node1", MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1",
+                              **settings)
+    started = next(i for i, a in enumerate(args) if a.endswith(("train.py", "launch_node.sh")))
+    return args[started + 1:]
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch"])
+@pytest.mark.parametrize("flags, preset, seed", [
+    ([], None, "2"),
+    (["--seed", "10"], None, "12"),
+    (["--config", "PRESET"], "seed: 5\nrun_name: best\n", "7"),  # a recorded config.yaml holds both
+    (["--seed=10", "--config=PRESET"], "seed: 5\n", "12"),  # the flag wins over the preset, as in train.py
+    (["--config", "PRESET"], "epochs: 3\n", "2"),
+])
+def test_each_task_of_a_job_array_trains_a_run_of_its_own_with_a_seed_of_its_own(tmp_path, script, flags, preset,
+                                                                                   seed):
+    """`sbatch --array=0-2 slurm/train.sbatch ...` trained three runs with the same seed, the usual "three seeds"
+    by hand: task N now trains runs/slurm-<array job>_N with the seed the flags give plus N."""
+    if preset:
+        (tmp_path / "preset.yaml").write_text(preset)
+    flags = [flag.replace("PRESET", str(tmp_path / "preset.yaml")) for flag in flags]
+    train_flags = launched_train_flags(script, flags, tmp_path, **ARRAY_TASK)
+    assert as_train_py_takes_it(train_flags, "--run-name") == "slurm-7_2", train_flags
+    assert as_train_py_takes_it(train_flags, "--seed") == seed, train_flags
+
+
+def test_an_array_task_resubmitted_alone_goes_on_with_its_run_and_seed(tmp_path):
+    """What a stopped task's log says to do (resubmit it alone, `sbatch --array=2 ...`, with its run's name):
+    the run it began, with the seed it began with (a resume with another seed is refused)."""
+    flags = ["--resume", "auto", "--run-name", "slurm-7_2"]
+    train_flags = launched_train_flags("train.sbatch", flags, tmp_path, **{**ARRAY_TASK, "SLURM_ARRAY_TASK_COUNT": "1",
+                                                                          "SLURM_ARRAY_JOB_ID": "12"})
+    assert as_train_py_takes_it(train_flags, "--run-name") == "slurm-7_2", train_flags
+    assert as_train_py_takes_it(train_flags, "--seed") == "2", train_flags
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch"])
+@pytest.mark.parametrize("flags", [["--run-name", "mine"], ["--resume", "runs/X/state/step-00000010"]])
+def test_an_array_whose_tasks_would_all_train_one_run_is_refused_in_one_line(tmp_path, script, flags):
+    (tmp_path / "out").mkdir()
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / script), *flags], tmp_path, tmp_path,
+                              accelerate=RECORDING_ACCELERATE, bin_srun=RECORDING_ACCELERATE,
+                              bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_NUM_NODES="1",
+                              SLURM_JOB_NODELIST="node1", MONKEYTRAIN_ROOT=str(PROJECT), MONKEYTRAIN_CPU="1",
+                              **ARRAY_TASK)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "every task of job array 7" in done.stderr and "--array=N" in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "args").exists()  # nothing started
+
+
+def test_a_stopped_array_task_says_to_resubmit_it_alone():
+    """Resubmitted as a job of its own, a task's run would start with seed 0, not its task's, and be refused."""
+    from monkeytrain.preemption import resubmit
+
+    assert resubmit("--resume auto --run-name slurm-7_2", environ={"SLURM_ARRAY_TASK_ID": "2"}) == (
+        "to continue, resubmit this task alone (sbatch --array=2 ...) with --resume auto --run-name slurm-7_2.")
+    assert resubmit("--resume auto --run-name slurm-9", environ={}) == (
+        "to continue, resubmit the job with --resume auto --run-name slurm-9.")
+
+
 @pytest.mark.parametrize("flags", [["--resume", "my runs/X/state/step-00000010"],
                                    ["--resume=my runs/X/state/step-00000010", "--epochs", "5"]])
 def test_a_requeued_job_that_began_from_a_given_state_goes_on_from_its_newest_one(tmp_path, flags):
@@ -659,6 +789,17 @@ def test_a_gpu_launch_without_a_gpu_says_so_instead_of_training_on_the_cpu(tmp_p
     assert "or use launch/cpu_ddp.sh or launch/cpu_debug.sh here." in done.stderr  # what a launch/ user runs
 
 
+def test_a_slurm_job_without_a_gpu_says_how_to_submit_it_again(tmp_path):
+    """`sbatch --gres=none slurm/train.sbatch` (a CPU partition) without MONKEYTRAIN_CPU: the log said to set it
+    or run launch/cpu_ddp.sh "here", in a job that had already ended."""
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train.sbatch")], tmp_path, tmp_path,
+                              accelerate="#!/bin/sh\necho started >&2\n", bin_nvidia_smi=NO_DRIVER, SLURM_JOB_ID="7",
+                              MONKEYTRAIN_ROOT=str(PROJECT))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "no GPU found" in done.stderr and "for job 7" in done.stderr, done.stderr
+    assert "MONKEYTRAIN_CPU=1 sbatch --gres=none" in done.stderr and "launch/" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("cores, asked", [("6", ["--cpus-per-task=6"]), (None, [])])
 def test_multinode_launchers_get_the_cores_the_job_asked_for(tmp_path, cores, asked):
     """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: the launchers' step must ask
@@ -673,6 +814,15 @@ def test_multinode_launchers_get_the_cores_the_job_asked_for(tmp_path, cores, as
     srun_args = (tmp_path / "out" / "srun").read_text().splitlines()
     step_options = srun_args[:srun_args.index("bash")]
     assert [a for a in step_options if a.startswith("--cpus-per-task")] == asked, srun_args
+
+
+@pytest.mark.parametrize("nodes, said", [("1", "1 machine,"), ("2", "2 machines,")])
+def test_the_multinode_log_counts_its_machines_in_words(tmp_path, nodes, said):
+    done = run_with_stand_ins(["bash", str(SLURM_DIR / "train_multinode.sbatch")], tmp_path, tmp_path,
+                              bin_srun="#!/bin/sh\n", bin_scontrol="#!/bin/sh\necho node1\n", SLURM_JOB_ID="7",
+                              SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST="node[1-2]", MONKEYTRAIN_ROOT=str(PROJECT))
+    assert done.returncode == 0, done.stderr
+    assert f"restart 0: {said} rendezvous node1:" in done.stdout.splitlines()[0], done.stdout
 
 def test_tune_sbatch_without_an_environment_says_which_python_it_runs(tmp_path):
     """No virtual environment active and no .venv in the checkout: the log names the python tried,

@@ -4,16 +4,20 @@ for the cluster and for why jobs are submitted by `first` tests and checked by `
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from test_slurm import (RECORDING_ACCELERATE, SLURM_DIR, job_environment, job_state, log_file,  # noqa: F401
-                        read_log, run_with_stand_ins, slurm_cluster, submit, wait_for_job)
+from test_slurm import (FINISHED, RECORDING_ACCELERATE, SLURM_DIR, STUB, as_train_py_takes_it,  # noqa: F401
+                        job_environment, job_state, log_file, read_log, run_with_stand_ins, slurm_cluster, submit,
+                        wait_for_job)
 
 # Each fails at once, in the script or in what it starts: a bad Accelerate config, tune without --space.
 FAILING_AT_ONCE = {
@@ -150,7 +154,7 @@ def test_train_multinode_sbatch_takes_the_next_free_port_when_its_own_is_taken(j
     state = wait_for_job(job, timeout=600)
     log = read_log(log_file(workdir, job, "monkeytrain-multinode"))
     assert state["JobState"] == "COMPLETED", log
-    port = int(log.split("rendezvous ")[1].split()[0].split(":")[1])
+    port = int(re.search(r"rendezvous [^ ]+:(\d+)", log).group(1))
     assert port != job_port(job) and f"training process on port {port}\n" in log, log
 
 
@@ -164,3 +168,87 @@ def test_tune_sbatch_on_several_nodes_says_a_worker_trains_on_one(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "2 nodes" in done.stderr and "--nodes=1" in done.stderr
     assert not (tmp_path / "out" / "started").exists()
+
+
+# --- job arrays -------------------------------------------------------------------------------
+
+PRINT_FLAGS = "import sys\nprint('train.py flags:', *sys.argv[1:])\n"
+
+
+@pytest.fixture(scope="session")
+def array_job(slurm_cluster, tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    """`sbatch --array=0-1 slurm/train.sbatch --seed 10` with a training script that prints its flags, one
+    process each: (the array's job id, its folder)."""
+    workdir = tmp_path_factory.mktemp("array")
+    (workdir / "train.py").write_text(PRINT_FLAGS)
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu.yaml",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(workdir / "train.py"))
+    job = submit(SLURM_DIR / "train.sbatch", "--seed", "10", workdir=workdir, env=env, sbatch_flags=["--array=0-1"])
+    yield job, workdir
+    subprocess.run(["scancel", str(job)], capture_output=True)
+
+
+@pytest.mark.first
+def test_the_array_job_is_submitted(array_job):
+    job, _ = array_job
+    assert job_state(f"{job}_0")["ArrayJobId"] == str(job)
+
+
+@pytest.mark.last
+def test_each_task_of_an_array_job_trains_its_own_run_with_its_own_seed(array_job):
+    """The usual "three seeds" with Slurm's own array variables: the tasks trained one run, seed and all."""
+    job, workdir = array_job
+    for task in (0, 1):
+        state = wait_for_job(f"{job}_{task}", timeout=600)
+        log = read_log(Path(state["StdOut"]))
+        assert state["JobState"] == "COMPLETED", log
+        flags = log.split("train.py flags: ")[1].splitlines()[0].split()
+        assert as_train_py_takes_it(flags, "--run-name") == f"slurm-{job}_{task}", log
+        assert as_train_py_takes_it(flags, "--seed") == str(10 + task), log
+        assert f"(task {task} of job array {job})" in log.splitlines()[0], log
+
+
+# --- scancel ----------------------------------------------------------------------------------
+
+def cancel_when_ready(job: int, stub_output: Path) -> None:
+    """`scancel JOB` once both stub ranks are up: Slurm's SIGTERM to every process of the job."""
+    deadline = time.monotonic() + 300
+    while not all((stub_output / f"rank{rank}.ready").exists() for rank in (0, 1)):
+        state = job_state(job)["JobState"]
+        assert state not in FINISHED and time.monotonic() < deadline, f"ranks never started ({state})"
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)], check=True)
+
+
+@pytest.fixture(scope="session")
+def cancelled_job(slurm_cluster, tmp_path_factory) -> Iterator[tuple[int, Path, Future]]:
+    """A two-rank train.sbatch job (the stub as its training script), cancelled by a thread of its own once
+    its ranks are up: (job id, its folder, the thread's end)."""
+    workdir = tmp_path_factory.mktemp("cancelled")
+    (workdir / "stub").mkdir()
+    env = job_environment(MONKEYTRAIN_ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml",
+                          MONKEYTRAIN_TRAIN_SCRIPT=str(STUB), STUB_OUTPUT=str(workdir / "stub"))
+    job = submit(SLURM_DIR / "train.sbatch", workdir=workdir, env=env)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-scancel") as canceller:
+            yield job, workdir, canceller.submit(cancel_when_ready, job, workdir / "stub")
+    finally:
+        subprocess.run(["scancel", str(job)], capture_output=True)
+
+
+@pytest.mark.first
+def test_the_job_to_cancel_is_submitted(cancelled_job):
+    job, _, _ = cancelled_job
+    assert job_state(job)["JobName"] == "monkeytrain"
+
+
+@pytest.mark.last
+def test_scancel_of_a_two_rank_job_logs_our_stop_line_without_the_launchers_own(cancelled_job):
+    """Slurm signals the launcher too, whose elastic agent logged "Received 15 death signal" and "Sending
+    process N closing signal SIGTERM" per rank above the one line that says the signal was passed on."""
+    job, workdir, cancelled = cancelled_job
+    cancelled.result(timeout=600)
+    wait_for_job(job, timeout=120)
+    log = read_log(log_file(workdir, job))
+    assert "launch_node.sh: machine 0: forwarding SIGTERM to the training processes" in log, log
+    assert "death signal" not in log and "closing signal" not in log, log
