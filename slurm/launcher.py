@@ -17,8 +17,6 @@ import logging
 import signal
 import sys
 
-import torch.distributed.elastic.agent.server.api as elastic_agent
-import torch.distributed.elastic.multiprocessing.api as elastic_processes
 from accelerate.commands.accelerate_cli import main
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -37,8 +35,18 @@ class ForwardedStopSignal(logging.Filter):
         return not (ForwardedStopSignal.heard and message.startswith("Sending process %s closing signal"))
 
 
+def elastic_loggers() -> list[logging.Logger]:
+    """The agent's two loggers; none should a torch release move them (the lines then stay, the launch goes on)."""
+    try:
+        import torch.distributed.elastic.agent.server.api as elastic_agent
+        import torch.distributed.elastic.multiprocessing.api as elastic_processes
+        return [elastic_agent.logger, elastic_processes.logger]
+    except (ImportError, AttributeError):
+        return []
+
+
 if __name__ == "__main__":
-    for logger in (elastic_agent.logger, elastic_processes.logger):
+    for logger in elastic_loggers():
         logger.addFilter(ForwardedStopSignal())
     sys.argv[0] = "accelerate"
     sys.exit(main())

@@ -412,6 +412,16 @@ def test_the_launcher_leaves_out_only_its_report_of_a_forwarded_stop_signal():
     assert not shown("Received %s death signal, shutting down workers", signal.SIGTERM)
     assert not shown(closing, 12, "SIGTERM")
     assert shown("Unable to shutdown process %s via %s, forcefully exiting via %s", 12, signal.SIGTERM, signal.SIGKILL)
+    assert launcher.elastic_loggers()  # torch's loggers are where the filter looks for them
+
+
+def test_the_launcher_launches_should_torch_move_its_loggers(monkeypatch):
+    """The filter is cosmetic: a torch release without those modules must not stop every SLURM job."""
+    spec = importlib.util.spec_from_file_location("launcher", SLURM_DIR / "launcher.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    monkeypatch.setitem(sys.modules, "torch.distributed.elastic.agent.server.api", None)  # import fails
+    assert launcher.elastic_loggers() == []
 
 
 # A training process that a launcher started (its marker set), with a clock of its own: one Ctrl-C as srun
