@@ -133,8 +133,10 @@ def changed_on_resume(name: str, value, began, saved: Path, config) -> str:
         what = "with the data found without --data" if name == "data" else f"without {flag}"
         return (f"{run} began {what} ({saved}), not with {flag} {value}; a resumed run goes on with its own "
                 "flags: drop it, or start a new run.")
-    return (f"{flag} {value} is not the {began} that {run} began with ({saved}); a resumed "
-            "run goes on with its own flags: drop it, or start a new run.")
+    # Not "drop it": the value may be the default of a flag the resume leaves out (--seed 0 for a run begun
+    # with --seed 5), and no flag was given to drop.
+    return (f"{run} began with {flag} {began} ({saved}), not {value}; a resumed run goes on with the flags it "
+            f"began with: give {flag} {began}, or start a new run.")
 
 
 def began_config(saved: Path) -> dict | None:

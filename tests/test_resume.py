@@ -130,8 +130,10 @@ def test_a_resumed_run_keeps_its_flags_and_a_given_state_continues_its_own_run(t
         return capsys.readouterr().err.splitlines()[-1]
 
     # a batch size or epoch count of its own would bend the schedule; another model fails to load
-    assert "--batch-size 4 is not the 3 that" in refused("--run-name", "cut", "--resume", "auto", "--batch-size", "4")
-    assert "--epochs 5 is not the 3 that" in refused("--resume", str(state), "--epochs", "5")
+    assert "runs/cut began with --batch-size 3 (runs/cut/config.yaml), not 4; a resumed run goes on with the flags " \
+           "it began with: give --batch-size 3, or start a new run." in refused("--run-name", "cut", "--resume", "auto",
+                                                                            "--batch-size", "4")
+    assert "began with --epochs 3 " in refused("--resume", str(state), "--epochs", "5")
     assert (run / "config.yaml").read_text() == began  # its record kept
     assert f"is a state of the run {run}" in refused("--resume", str(state), "--run-name", "elsewhere")
     assert not (tmp_path / "runs" / "elsewhere").exists()

@@ -63,6 +63,15 @@ def test_a_resume_without_a_readable_config_yaml_says_so_in_one_line_and_goes_on
     assert capsys.readouterr().err == ""
 
 
+def test_a_flag_left_out_on_resume_is_not_told_to_be_dropped(tmp_path):
+    """A run begun with --seed 5 and resumed without it has the default seed 0 here: "--seed 0 is not the 5 ...:
+    drop it" named a flag the user never gave."""
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--seed", "5"])))
+    with pytest.raises(UserError, match=f"^{run} began with --seed 5 .*, not 0; a resumed run goes on with the "
+                                        "flags it began with: give --seed 5, or start a new run.$"):
+        check_resumed_config(run, parse_config(RESUME))
+
+
 def test_a_flag_added_or_dropped_on_resume_is_named_as_such(tmp_path):
     """Not 'is not the None that ...' (a split folder the run began without, or dropped on resume)."""
     splits = ["--train-dir", str(tmp_path / "a"), "--val-dir", str(tmp_path / "b")]
