@@ -42,8 +42,13 @@ def size_options(name: str, image_size: Optional[int]) -> dict:
     """timm's `img_size=` for a model its registry marks `fixed_input_size` (ViT, DeiT, Swin, ...), whose
     position embeddings are made for one patch grid: as timm does for the size of its own weights. Hub
     weights made for another size are resampled to it by timm as they load; a local file by load_weights_file."""
-    fixed = timm.models.get_pretrained_cfg_value(name, "fixed_input_size")
-    return {"img_size": image_size} if image_size and fixed else {}
+    return {"img_size": image_size} if image_size and built_for_one_size(name) else {}
+
+
+def built_for_one_size(name: str) -> bool:
+    """Whether timm builds the model for one input size (its registry's `fixed_input_size`): timm's
+    config.json must then say so, or timm's own loader builds it for its default size."""
+    return bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
 
 
 def check_model_choice(name: str, pretrained: Optional[str] = None) -> None:
@@ -183,7 +188,7 @@ def check_input_sizes(model: torch.nn.Module, name: str, sizes: list[int], devic
 def accepted_sizes(model: torch.nn.Module, name: str, refused: int, image_size: int) -> str:
     """What to give instead of a size the model refused: a model built for --image-size (see size_options)
     takes no smaller training crops; any other, a size it was made for."""
-    if refused < image_size and size_options(name, image_size):
+    if refused < image_size and built_for_one_size(name):
         return f"give --image-size {image_size} alone, without --min-train-size: the model is built for that size"
     made_for = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
     return f"give --image-size (and --min-train-size) it accepts, e.g. {made_for}"
