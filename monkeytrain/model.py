@@ -147,14 +147,22 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid weights file.")
     weights, own = converted_for(model, weights), model.state_dict()
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    head = model.pretrained_cfg.get("classifier", "fc") + "."
-    body_missing = [k for k in own if k not in compatible and not k.startswith(head)]
+    body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
     if body_missing:
         raise UserError(
             f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "
             "pass weights saved for the same --model."
         )
     model.load_state_dict(compatible, strict=False)
+
+
+def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The key prefixes of the classifier, which another class count replaces: one ("fc.", "head.fc."), two
+    for a distilled model (DeiT's "head." and "head_dist.", LeViT's, CrossViT's), none for a model timm
+    names no classifier for."""
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    return tuple(name + "." for name in names)
 
 
 def converted_for(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

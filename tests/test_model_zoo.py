@@ -114,3 +114,17 @@ def test_a_fixed_size_model_refusing_smaller_training_crops_says_to_leave_out_mi
     with pytest.raises(UserError, match=r"cannot take 16-pixel images .*give --image-size 32 alone, "
                                         r"without --min-train-size"):
         check_input_sizes(model, VIT, [16, 32], CPU)
+
+
+@pytest.mark.parametrize("name, heads", [("deit_tiny_distilled_patch16_224", ("head.", "head_dist.")),
+                                         ("levit_128s", ("head.linear.", "head_dist.linear."))])
+def test_local_weights_of_a_model_with_two_heads_replace_both_for_another_class_count(tmp_path, name, heads):
+    # timm names two classifiers for distilled models; joining that pair to "." was a TypeError traceback
+    torch.manual_seed(1)
+    source = timm.create_model(name, num_classes=10)
+    path = tmp_path / "ten.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = create_model(name, 3, pretrained=str(path)).state_dict()
+    assert [loaded[head + "weight"].shape[0] for head in heads] == [3, 3]
+    body = [k for k in loaded if not k.startswith(heads)]
+    assert all(torch.equal(loaded[k], source.state_dict()[k]) for k in body)
