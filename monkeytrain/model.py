@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,28 +18,84 @@ from monkeytrain.errors import UserError
 from monkeytrain.storage import mark_used
 
 HUB = "hub"
+# timm's prefixes for a model whose definition lives outside its registry (a hub repository, a folder)
+OUTSIDE_REGISTRY = ("hf-hub:", "local-dir:")
 # Wrappers that prefix state-dict keys: DDP ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def create_model(name: str, num_classes: int, pretrained: Optional[str] = None) -> torch.nn.Module:
-    """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path."""
+def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
+                 image_size: Optional[int] = None) -> torch.nn.Module:
+    """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path. A model whose
+    input size is fixed when it is built (a ViT) is built for `image_size`-pixel images, when given."""
     check_model_choice(name, pretrained)
+    options = {"num_classes": num_classes, **size_options(name, image_size)}
     if pretrained == HUB:
-        return _create_from_hub(name, num_classes)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return _create_from_hub(name, options)
+    model = timm.create_model(name, pretrained=False, **options)
     if pretrained:
         load_weights_file(model, Path(pretrained))
     return model
 
 
+def size_options(name: str, image_size: Optional[int]) -> dict:
+    """timm's `img_size=` for a model its registry marks `fixed_input_size` (ViT, DeiT, Swin, ...), whose
+    position embeddings are made for one patch grid: as timm does for the size of its own weights. Hub
+    weights made for another size are resampled to it by timm as they load; a local file by load_weights_file."""
+    return {"img_size": image_size} if image_size and built_for_one_size(name) else {}
+
+
+def built_for_one_size(name: str) -> bool:
+    """Whether timm builds the model for one input size (its registry's `fixed_input_size`): timm's
+    config.json must then say so, or timm's own loader builds it for its default size."""
+    return bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
+
+
 def check_model_choice(name: str, pretrained: Optional[str] = None) -> None:
     """A timm model name and, unless None or "hub", a weights file that exists: config validation calls
     this too, so that a typo costs one line at start-up, not after minutes of reading the data."""
+    if name.startswith(OUTSIDE_REGISTRY):
+        raise UserError(outside_registry(name))
     if not timm.is_model(name):
-        raise UserError(f"unknown timm model '{name}'; pick a name from timm.list_models(), e.g. resnet18.")
+        raise UserError(f"unknown timm model '{name}'; {closest_names(name)}")
+    check_pretrained_tag(name)
     if pretrained and pretrained != HUB:
         check_weights_file(Path(pretrained))
+
+
+def outside_registry(name: str) -> str:
+    """Why --model takes no hub or folder model (a run's checkpoint must rebuild its model from the name
+    alone, offline), and the name to give instead."""
+    repository = name.split(":", 1)[1]
+    owner, _, model = repository.rpartition("/")
+    if owner == "timm" and timm.is_model(model):  # the timm organisation's repositories are timm's own names
+        return (f"--model {name} names a model on the Hugging Face hub, which predict could not rebuild "
+                f"offline; give timm's own name for it: --model {model} --pretrained.")
+    return (f"--model {name} names a model outside timm's registry, which predict could not rebuild offline; "
+            "give the timm architecture it is built on (its config.json's 'architecture') as --model, "
+            "and its weights as --pretrained PATH.safetensors.")
+
+
+def closest_names(name: str) -> str:
+    """The end of the unknown-model line: registered names that begin as `name` does (vit_tiny), else
+    those most like it (Resnet18, efficientnet-b0), where there are any."""
+    names, typed = timm.list_models(), name.lower().replace("-", "_")
+    close = [known for known in names if known.startswith(typed)][:3] or difflib.get_close_matches(typed, names, n=3)
+    if not close:
+        return "pick a name from timm.list_models(), e.g. resnet18."
+    listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f"did you mean {listed}? (timm.list_models() lists them all)"
+
+
+def check_pretrained_tag(name: str) -> None:
+    """timm accepts a tag after the architecture (resnet18.a1_in1k: which pretrained weights), and
+    raises a RuntimeError of its own, a traceback at start-up, for one it does not know."""
+    architecture, tag = timm.models.split_model_name_tag(name)
+    if tag and f"{architecture}.{tag}" not in timm.list_pretrained(architecture + ".*"):
+        tags = [known.split(".", 1)[1] for known in timm.list_pretrained(architecture + ".*")]
+        known = f"its tags: {', '.join(tags)}" if tags else "it has none"
+        raise UserError(f"--model {name}: timm has no weights tagged '{tag}' for {architecture} ({known}); "
+                        f"give one of them, or {architecture} alone.")
 
 
 def check_weights_file(path: Path) -> None:
@@ -45,10 +103,10 @@ def check_weights_file(path: Path) -> None:
         raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
 
 
-def _create_from_hub(name: str, num_classes: int) -> torch.nn.Module:
+def _create_from_hub(name: str, options: dict) -> torch.nn.Module:
     try:
         with hub_warnings_held_back():
-            return timm.create_model(name, pretrained=True, num_classes=num_classes)
+            return timm.create_model(name, pretrained=True, **options)
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         raise UserError(
             f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
@@ -87,16 +145,38 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
         weights = strip_wrapper_prefixes(load_file(str(path)))
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid weights file.")
-    own = model.state_dict()
+    weights, own = converted_for(model, weights), model.state_dict()
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    head = model.pretrained_cfg.get("classifier", "fc") + "."
-    body_missing = [k for k in own if k not in compatible and not k.startswith(head)]
+    body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
     if body_missing:
         raise UserError(
             f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "
             "pass weights saved for the same --model."
         )
     model.load_state_dict(compatible, strict=False)
+
+
+def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The key prefixes of the classifier, which another class count replaces: one ("fc.", "head.fc."), two
+    for a distilled model (DeiT's "head." and "head_dist.", LeViT's, CrossViT's), none for a model timm
+    names no classifier for."""
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    return tuple(name + "." for name in names)
+
+
+def converted_for(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights as timm converts pretrained weights for this architecture as they load from its hub (its
+    module's checkpoint_filter_fn): position embeddings resampled to the size the model was built for (ViT
+    weights of 224 px for a 64 px run), relative position tables to its windows (Swin). Weights the model
+    takes as they are stay so; architectures without a conversion (ResNets) get them unchanged."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return weights
+    try:
+        return convert(weights, model)
+    except Exception:  # a conversion written for other layouts: the fit check that follows judges the weights
+        return weights
 
 
 @torch.no_grad()
@@ -108,10 +188,18 @@ def check_input_sizes(model: torch.nn.Module, name: str, sizes: list[int], devic
         try:
             model(torch.zeros(1, 3, size, size, device=device))
         except Exception as error:  # timm models refuse sizes in their own ways (assertions, shape errors)
-            fixed = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
             raise UserError(f"--model {name} cannot take {size}-pixel images ({str(error).splitlines()[0]}); "
-                            f"give --image-size (and --min-train-size) it accepts, e.g. {fixed}.") from None
+                            f"{accepted_sizes(model, name, size, max(sizes))}.") from None
     model.train()
+
+
+def accepted_sizes(model: torch.nn.Module, name: str, refused: int, image_size: int) -> str:
+    """What to give instead of a size the model refused: a model built for --image-size (see size_options)
+    takes no smaller training crops; any other, a size it was made for."""
+    if refused < image_size and built_for_one_size(name):
+        return f"give --image-size {image_size} alone, without --min-train-size: the model is built for that size"
+    made_for = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
+    return f"give --image-size (and --min-train-size) it accepts, e.g. {made_for}"
 
 
 def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn.Module:
