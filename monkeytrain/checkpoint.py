@@ -23,7 +23,7 @@ from monkeytrain import __version__
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.model import create_model, strip_wrapper_prefixes
+from monkeytrain.model import built_for_one_size, create_model, strip_wrapper_prefixes
 from monkeytrain.storage import write_atomically
 
 BEST_NAME = "best.safetensors"
@@ -183,6 +183,7 @@ def timm_config(info: CheckpointInfo) -> dict:
         "label_names": info.class_names,
         "pretrained_cfg": {
             "input_size": [3, info.image_size, info.image_size],
+            "fixed_input_size": built_for_one_size(info.architecture),  # timm then builds a ViT for input_size
             "crop_pct": CROP_PCT,
             "interpolation": "bilinear",
             "mean": info.mean,
@@ -233,7 +234,7 @@ def not_a_checkpoint_file(path: Path) -> str:
 
 def model_with_weights(weights: dict[str, torch.Tensor], info: CheckpointInfo) -> torch.nn.Module:
     """A fresh model of the header's architecture holding `weights`, in eval mode, on the CPU."""
-    model = create_model(info.architecture, info.num_classes)
+    model = create_model(info.architecture, info.num_classes, image_size=info.image_size)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:  # missing, unexpected or misshapen tensors

@@ -12,6 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from monkeytrain.checkpoint import load_model
 from monkeytrain.errors import UserError
 from monkeytrain.model import check_input_sizes, check_model_choice, create_model
 
@@ -114,6 +115,24 @@ def test_a_fixed_size_model_refusing_smaller_training_crops_says_to_leave_out_mi
     with pytest.raises(UserError, match=r"cannot take 16-pixel images .*give --image-size 32 alone, "
                                         r"without --min-train-size"):
         check_input_sizes(model, VIT, [16, 32], CPU)
+
+
+def test_a_vit_trains_at_the_runs_size_and_predict_and_timm_rebuild_it_at_that_size(tmp_path):
+    # vit_tiny_patch16_224 at 32 px was refused ("cannot take 32-pixel images"); its checkpoint must then load
+    # at 32 px in predict, and in timm's own loader (config.json), not be resampled back up to 224
+    from conftest import train_here, write_image_folder
+
+    data = write_image_folder(tmp_path / "data", classes=2, per_class=6)
+    train_here(["--data", str(data), "--model", "vit_tiny_patch16_224", "--cpu", "--epochs", "1",
+                "--max-batches-per-epoch", "2", "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
+                "--report-to", "none", "--run-name", "vit", "--cache-dir", str(tmp_path / "cache")], tmp_path)
+    run = tmp_path / "runs" / "vit"
+    model, info = load_model(run / "best.safetensors")
+    rebuilt = timm.create_model("local-dir:" + str(run), pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), rebuilt(images))
+    assert info.image_size == 32 and model.patch_embed.img_size == rebuilt.patch_embed.img_size == (32, 32)
 
 
 @pytest.mark.parametrize("name, heads", [("deit_tiny_distilled_patch16_224", ("head.", "head_dist.")),

@@ -165,7 +165,7 @@ def test_mixup_and_cutmix_flags_mix_the_training_batches_with_the_run_generator(
     assert not torch.equal(mixing.generator.get_state(), state)  # drawn from the run's generator
 
 
-def fixed_size_vit(name: str, num_classes: int, pretrained=None):
+def fixed_size_vit(name: str, num_classes: int, pretrained=None, image_size=None):
     """timm's test_vit with a fixed 32-pixel patch grid, as vit_base_patch16_224 has one of 224."""
     import timm
 
