@@ -75,7 +75,8 @@ class Bench:
     def __init__(self, args, accelerator: Accelerator, num_classes: int, cache_dir: Path):
         self.args, self.accelerator = args, accelerator
         config = TrainConfig(lr=0.01, weight_decay=5e-5)
-        plain = create_model(args.model, num_classes, image_size=args.image_size).to(accelerator.device, memory_format=torch.channels_last)
+        plain = create_model(args.model, num_classes, image_size=args.image_size)
+        plain = plain.to(accelerator.device, memory_format=torch.channels_last)
         self.averager = weight_averager(plain, 0.0)
         optimizer = build_optimizer(plain, config, accelerator.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
