@@ -48,7 +48,10 @@ def size_options(name: str, image_size: Optional[int]) -> dict:
 def built_for_one_size(name: str) -> bool:
     """Whether timm builds the model for one input size (its registry's `fixed_input_size`): timm's
     config.json must then say so, or timm's own loader builds it for its default size."""
-    return bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
+    try:
+        return bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
+    except RuntimeError:  # timm has no config for the name (a checkpoint of a model registered by its user)
+        return False
 
 
 def check_model_choice(name: str, pretrained: Optional[str] = None) -> None:
