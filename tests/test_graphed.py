@@ -8,10 +8,12 @@ clipping, a stop and a resume.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 
 from conftest import write_image_folder
@@ -96,6 +98,20 @@ def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
     assert_same_weights(graphs, eager)
 
 
+def test_a_graphed_run_of_a_model_with_drop_path_and_dropout_trains_exactly_as_the_eager_one(eager, train,
+                                                                                             monkeypatch):
+    """timm's drop_path and dropout draw from the default generator, which a CUDA graph replays as it
+    does the run's own (PyTorch registers it with every capture): each replay draws anew, in eager order."""
+    monkeypatch.setattr(timm, "create_model", partial(timm.create_model, drop_rate=0.5, drop_path_rate=0.2))
+    graphs = train("graphed", "--cuda-graphs")
+    after_graphs = torch.default_generator.get_state()
+    dropped = train("eager", "--no-cuda-graphs")
+    assert graphs.step.graphs.captures == 2
+    assert different_weights(dropped, eager)  # the dropping changed what was trained
+    assert_same_weights(graphs, dropped)
+    assert torch.equal(after_graphs, torch.default_generator.get_state())
+
+
 def test_the_emulator_sees_a_learning_rate_frozen_into_the_graph(train, monkeypatch):
     """What the graphed run's equality with the eager one rests on: a rate left in a Python float is
     frozen at capture, and then the run drifts (the schedule changes the rate every step)."""
@@ -123,6 +139,23 @@ def test_the_emulator_refuses_a_replay_on_a_tensor_the_program_has_let_go_of():
     del step
     with pytest.raises(FreedUnderTheGraph, match=r"aten.add_.Tensor replays on a tensor the program has let go"):
         replay()
+
+
+def test_the_emulator_replays_draws_from_the_default_generator_as_the_eager_step_draws_them():
+    """Given no generator, a random op draws from the default one: a capture leaves it where it was, and
+    each replay draws the next numbers, as on a GPU (PyTorch registers its default generator with every
+    capture)."""
+    kept = torch.empty(64)
+    torch.manual_seed(0)
+    eager = [kept.bernoulli_(0.5).clone() for _ in range(2)]
+    torch.manual_seed(0)
+    replay = EmulatedGraphs().capture(lambda: kept.bernoulli_(0.5))
+    replayed = []
+    for _ in range(2):
+        replay()
+        replayed.append(kept.clone())
+    assert not torch.equal(eager[0], eager[1])
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(replayed, eager))
 
 
 def test_warm_up_batches_come_before_each_capture(train):
