@@ -18,7 +18,7 @@ same tensors, writing each result where the op first wrote it. So, as on a GPU:
   rank, as NCCL's captured ones do.
 
 A real capture runs nothing, so the emulated one leaves every tensor it wrote and every generator it
-drew from as it found them.
+drew from as it found them, also when it fails.
 """
 
 from __future__ import annotations
@@ -176,8 +176,10 @@ class EmulatedGraphs:
 
     def capture(self, work: Callable[[], None]) -> Callable[[], None]:
         recorder = Recorder()
-        with recorder:
-            work()
-        recorder.undo()
+        try:
+            with recorder:
+                work()
+        finally:  # a capture that fails has run nothing either (the trainer then saves the state)
+            recorder.undo()
         self.captures += 1
         return recorder.replay

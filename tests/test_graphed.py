@@ -158,6 +158,19 @@ def test_the_emulator_replays_draws_from_the_default_generator_as_the_eager_step
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(replayed, eager))
 
 
+def test_a_capture_that_fails_part_way_leaves_the_tensors_and_generators_as_it_found_them():
+    """As a real one, which ran nothing: the trainer saves the training state after a failed capture."""
+    weights, before = torch.ones(8), torch.random.get_rng_state()
+
+    def fails_part_way():
+        weights.add_(torch.rand(8))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="not permitted"):
+        EmulatedGraphs().capture(fails_part_way)
+    assert torch.equal(weights, torch.ones(8)) and torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_warm_up_batches_come_before_each_capture(train):
     trainer = train("graphed", "--cuda-graphs", "--epochs", "1", "--min-train-size", "0")
     assert WARMUP_BATCHES < trainer.batches_per_epoch
