@@ -98,18 +98,42 @@ def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
     assert_same_weights(graphs, eager)
 
 
-def test_a_graphed_run_of_a_model_with_drop_path_and_dropout_trains_exactly_as_the_eager_one(eager, train,
-                                                                                             monkeypatch):
-    """timm's drop_path and dropout draw from the default generator, which a CUDA graph replays as it
-    does the run's own (PyTorch registers it with every capture): each replay draws anew, in eager order."""
-    monkeypatch.setattr(timm, "create_model", partial(timm.create_model, drop_rate=0.5, drop_path_rate=0.2))
+def with_dropout(patch: pytest.MonkeyPatch) -> None:
+    """Models built with dropout before the head and drop_path in the blocks: both draw from the
+    default generator (given none), which a CUDA graph replays as it does the run's own (PyTorch
+    registers it with every capture): each replay draws anew, in the eager step's order."""
+    patch.setattr(timm, "create_model", partial(timm.create_model, drop_rate=0.5, drop_path_rate=0.2))
+
+
+@pytest.fixture(scope="module")
+def eager_with_dropout(data_folder, tmp_path_factory) -> tuple[Trainer, torch.Tensor]:
+    """The eager run with dropout, and the default generator's state after it."""
+    with pytest.MonkeyPatch.context() as patch:
+        as_on_a_gpu(patch)
+        with_dropout(patch)
+        patch.chdir(tmp_path_factory.mktemp("eager_with_dropout"))
+        return train_run(data_folder, "eager"), torch.default_generator.get_state()
+
+
+def test_a_graphed_run_of_a_model_with_drop_path_and_dropout_trains_exactly_as_the_eager_one(
+        eager, eager_with_dropout, train, monkeypatch):
+    dropped, generator_after = eager_with_dropout
+    with_dropout(monkeypatch)
     graphs = train("graphed", "--cuda-graphs")
-    after_graphs = torch.default_generator.get_state()
-    dropped = train("eager", "--no-cuda-graphs")
     assert graphs.step.graphs.captures == 2
     assert different_weights(dropped, eager)  # the dropping changed what was trained
     assert_same_weights(graphs, dropped)
-    assert torch.equal(after_graphs, torch.default_generator.get_state())
+    assert torch.equal(torch.default_generator.get_state(), generator_after)
+
+
+def test_a_graphed_run_with_dropout_stopped_and_resumed_ends_as_the_uninterrupted_one(eager_with_dropout, train,
+                                                                                      monkeypatch):
+    """The saved state holds the default generator where the eager run's stands (no capture moved it)."""
+    with_dropout(monkeypatch)
+    stopped = train("stopped", "--cuda-graphs", stop=StopAt(check=9))
+    assert (stopped.progress.epoch, stopped.progress.batch) == (1, 8)
+    resumed = train("stopped", "--cuda-graphs", "--resume", "auto")
+    assert_same_weights(resumed, eager_with_dropout[0])
 
 
 def test_the_emulator_sees_a_learning_rate_frozen_into_the_graph(train, monkeypatch):
