@@ -19,6 +19,12 @@ same tensors, writing each result where the op first wrote it. So, as on a GPU:
 
 A real capture runs nothing, so the emulated one leaves every tensor it wrote and every generator it
 drew from as it found them, also when it fails.
+
+What it cannot show: where a GPU would run a host op once at capture and freeze its result (a draw
+from the CPU's generator, copied to the device), as everything here is on the CPU; and a compiled model
+(--compile), which Dynamo runs uncompiled under a TorchDispatchMode: the capture records its eager ops
+while the warm-up ran Inductor's kernels, so a graphed --compile run differs from the eager one in the
+last bits, here only.
 """
 
 from __future__ import annotations
