@@ -11,7 +11,12 @@ the step, and where each is met:
 - No value frozen at capture: the learning rate lives in a tensor that the scheduler fills
   (optim.hold_lr_in_tensors; optim.make_capturable at each capture), the EMA's decay in one that
   the averager fills (averaging.py), and the augmentation and mixing draw from the run's generator
-  on the device, registered with the graph so that each replay draws new numbers.
+  on the device, registered with the graph so that each replay draws new numbers. A model's dropout
+  and drop_path draw from the default CUDA generator, which PyTorch registers with every capture
+  itself (CUDAGraph::capture_begin): a capture moves no generator on, and each replay draws from
+  where it stands and moves it on by the whole step's draws, as the eager step does. So the eager
+  warm-up batches (on a side stream or not), a new size's capture and the RNG state a save keeps all
+  follow the eager run: nothing more is needed here.
 - No host work inside: the host half of an optimizer step (the average's decay, the scheduler)
   runs around each replay, as BatchStep (engine.py) runs it around the same device work.
 - A warm-up before each capture: a few eager steps on a side stream, which run cuDNN's algorithm
@@ -84,7 +89,7 @@ class CudaGraphs:
     def capture(self, work: Callable[[], None]) -> Callable[[], None]:
         """Record `work`'s device work (nothing runs); returns what replays it."""
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
+        graph.register_generator_state(self.generator)  # the default generator is registered by PyTorch
         with torch.cuda.graph(graph):
             work()
         return graph.replay

@@ -8,14 +8,23 @@ same tensors, writing each result where the op first wrote it. So, as on a GPU:
 - a number computed on the host at capture (a learning rate, a decay, a random draw made with
   Python's `random`) is frozen, and a step that relies on one drifts from the eager step;
 - a host sync inside the step (`.item()`, a Python branch on a tensor's value) is an error;
-- random ops draw new numbers at each replay from the generator they were given;
+- random ops draw new numbers at each replay, in the eager step's order, from the generator they were
+  given or, given none (dropout, timm's drop_path), from the default one, which PyTorch registers with
+  every capture (CUDAGraph::capture_begin): a capture leaves it where it was, and each replay moves it on
+  by what the step draws, as the eager step does;
 - a tensor the capture did not make (the program's own memory) is held only weakly: replaying on one
   the program has let go of is an error, as its memory would be handed out again under the graph;
 - collectives (DDP's gradient all-reduce, its buffer broadcast) run again at each replay, on every
   rank, as NCCL's captured ones do.
 
 A real capture runs nothing, so the emulated one leaves every tensor it wrote and every generator it
-drew from as it found them.
+drew from as it found them, also when it fails.
+
+What it cannot show: where a GPU would run a host op once at capture and freeze its result (a draw
+from the CPU's generator, copied to the device), as everything here is on the CPU; and a compiled model
+(--compile), which Dynamo runs uncompiled under a TorchDispatchMode: the capture records its eager ops
+while the warm-up ran Inductor's kernels, so a graphed --compile run differs from the eager one in the
+last bits, here only.
 """
 
 from __future__ import annotations
@@ -102,6 +111,7 @@ class Recorder(TorchDispatchMode):
         self.made: dict[int, torch.Tensor] = {}  # tensors the capture made (a graph's own memory)
         self.saved_tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.saved_generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+        self.save_generator(torch.default_generator)  # what ops given no generator draw from (see above)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,11 +133,15 @@ class Recorder(TorchDispatchMode):
         than their schema says (native_batch_norm updates its running statistics unannotated)."""
         for position, argument in enumerate(func._schema.arguments):
             value = kwargs.get(argument.name, args[position] if position < len(args) else None)
-            if isinstance(value, torch.Generator) and id(value) not in self.saved_generators:
-                self.saved_generators[id(value)] = (value, value.get_state())
+            if isinstance(value, torch.Generator):
+                self.save_generator(value)
             for tensor in tensors_in(value):
                 if id(tensor) not in self.saved_tensors and not expanded(tensor):
                     self.saved_tensors[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def save_generator(self, generator: torch.Generator) -> None:
+        if id(generator) not in self.saved_generators:
+            self.saved_generators[id(generator)] = (generator, generator.get_state())
 
     def undo(self) -> None:
         for tensor, before in reversed(list(self.saved_tensors.values())):
@@ -168,8 +182,10 @@ class EmulatedGraphs:
 
     def capture(self, work: Callable[[], None]) -> Callable[[], None]:
         recorder = Recorder()
-        with recorder:
-            work()
-        recorder.undo()
+        try:
+            with recorder:
+                work()
+        finally:  # a capture that fails has run nothing either (the trainer then saves the state)
+            recorder.undo()
         self.captures += 1
         return recorder.replay

@@ -8,10 +8,12 @@ clipping, a stop and a resume.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 
 from conftest import write_image_folder
@@ -96,6 +98,44 @@ def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
     assert_same_weights(graphs, eager)
 
 
+def with_dropout(patch: pytest.MonkeyPatch) -> None:
+    """Models built with dropout before the head and drop_path in the blocks: both draw from the
+    default generator (given none), which a CUDA graph replays as it does the run's own (PyTorch
+    registers it with every capture): each replay draws anew, in the eager step's order."""
+    patch.setattr(timm, "create_model", partial(timm.create_model, drop_rate=0.5, drop_path_rate=0.2))
+
+
+@pytest.fixture(scope="module")
+def eager_with_dropout(data_folder, tmp_path_factory) -> tuple[Trainer, torch.Tensor]:
+    """The eager run with dropout, and the default generator's state after it."""
+    with pytest.MonkeyPatch.context() as patch:
+        as_on_a_gpu(patch)
+        with_dropout(patch)
+        patch.chdir(tmp_path_factory.mktemp("eager_with_dropout"))
+        return train_run(data_folder, "eager"), torch.default_generator.get_state()
+
+
+def test_a_graphed_run_of_a_model_with_drop_path_and_dropout_trains_exactly_as_the_eager_one(
+        eager, eager_with_dropout, train, monkeypatch):
+    dropped, generator_after = eager_with_dropout
+    with_dropout(monkeypatch)
+    graphs = train("graphed", "--cuda-graphs")
+    assert graphs.step.graphs.captures == 2
+    assert different_weights(dropped, eager)  # the dropping changed what was trained
+    assert_same_weights(graphs, dropped)
+    assert torch.equal(torch.default_generator.get_state(), generator_after)
+
+
+def test_a_graphed_run_with_dropout_stopped_and_resumed_ends_as_the_uninterrupted_one(eager_with_dropout, train,
+                                                                                      monkeypatch):
+    """The saved state holds the default generator where the eager run's stands (no capture moved it)."""
+    with_dropout(monkeypatch)
+    stopped = train("stopped", "--cuda-graphs", stop=StopAt(check=9))
+    assert (stopped.progress.epoch, stopped.progress.batch) == (1, 8)
+    resumed = train("stopped", "--cuda-graphs", "--resume", "auto")
+    assert_same_weights(resumed, eager_with_dropout[0])
+
+
 def test_the_emulator_sees_a_learning_rate_frozen_into_the_graph(train, monkeypatch):
     """What the graphed run's equality with the eager one rests on: a rate left in a Python float is
     frozen at capture, and then the run drifts (the schedule changes the rate every step)."""
@@ -123,6 +163,36 @@ def test_the_emulator_refuses_a_replay_on_a_tensor_the_program_has_let_go_of():
     del step
     with pytest.raises(FreedUnderTheGraph, match=r"aten.add_.Tensor replays on a tensor the program has let go"):
         replay()
+
+
+def test_the_emulator_replays_draws_from_the_default_generator_as_the_eager_step_draws_them():
+    """Given no generator, a random op draws from the default one: a capture leaves it where it was, and
+    each replay draws the next numbers, as on a GPU (PyTorch registers its default generator with every
+    capture)."""
+    kept = torch.empty(64)
+    torch.manual_seed(0)
+    eager = [kept.bernoulli_(0.5).clone() for _ in range(2)]
+    torch.manual_seed(0)
+    replay = EmulatedGraphs().capture(lambda: kept.bernoulli_(0.5))
+    replayed = []
+    for _ in range(2):
+        replay()
+        replayed.append(kept.clone())
+    assert not torch.equal(eager[0], eager[1])
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(replayed, eager))
+
+
+def test_a_capture_that_fails_part_way_leaves_the_tensors_and_generators_as_it_found_them():
+    """As a real one, which ran nothing: the trainer saves the training state after a failed capture."""
+    weights, before = torch.ones(8), torch.random.get_rng_state()
+
+    def fails_part_way():
+        weights.add_(torch.rand(8))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="not permitted"):
+        EmulatedGraphs().capture(fails_part_way)
+    assert torch.equal(weights, torch.ones(8)) and torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_warm_up_batches_come_before_each_capture(train):
