@@ -275,6 +275,9 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
     optimizer = build_optimizer(plain, config, accelerator.device)
     scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.grad_accum_steps))
     model, optimizer, scheduler = accelerator.prepare(plain, optimizer, scheduler)
+    # From here each rank draws its own dropout and drop_path masks (the default generator): set_seed gave
+    # every rank the same one, for the same initial weights, and the same masks would repeat one noise.
+    torch.manual_seed(config.seed * 1000 + accelerator.process_index)
     # After prepare: the average pairs its tensors with the model's once, and prepare may give the model
     # new ones (on CPU ranks it moves it to "cpu:0", which copies every tensor), leaving the average
     # paired with the initial weights for good

@@ -149,3 +149,33 @@ def test_a_checkpoint_the_main_process_cannot_write_stops_both_with_its_one_line
     expected = ("monkeytrain: error: no space left on the device of runs/gone to write "
                 "best.safetensors (4.0 KiB needed); free some space or pick another --output-dir.")
     assert [log.strip().splitlines()[-1] for log in logs] == [expected] * 2
+
+
+def train_rank_noting_its_draws(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
+    """forked.train_rank, noting where the default generator (which dropout and drop_path draw from) stands
+    as the first batch trains."""
+    from monkeytrain import engine
+
+    trained_batch = engine.forward_backward
+
+    def noting(*args):
+        noted = folder / f"draws{rank}.pt"
+        if not noted.exists():
+            torch.save(torch.get_rng_state(), noted)
+        return trained_batch(*args)
+
+    engine.forward_backward = noting
+    train_rank(folder, flags, environment, rank)
+
+
+def test_each_rank_draws_dropout_masks_of_its_own(tmp_path, data):
+    """set_seed gave every rank the same default generator (the same initial weights, as it should), and nothing
+    seeded it apart afterwards: the i-th image of every rank got the same dropout and drop_path masks."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, "--epochs", "1"]
+    children = [start(train_rank_noting_its_draws, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
+                      rank) for rank in (0, 1)]
+    assert exit_codes(children) == [0, 0], "\n".join(printed(tmp_path / f"rank{rank}.log") for rank in (0, 1))
+    first, second = (torch.load(tmp_path / f"draws{rank}.pt") for rank in (0, 1))
+    assert not torch.equal(first, second)
