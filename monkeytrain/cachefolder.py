@@ -7,7 +7,8 @@ use (its modification time, `storage.mark_used`), so that `--unused-days` can sp
 runs still use. Only these known entries are ever listed or deleted: a --cache-dir pointed at a
 folder of other things loses none of them. A cache folder that can be read but not written (prepared once
 by an admin on a cluster's shared file system, mounted read-only) serves what it holds: runs only read
-from it, and make in memory, every time, whatever it lacks.
+from it, and make in memory, every time, whatever it lacks (the synthetic data set, which the data code reads
+as files, in a temporary folder that is removed at exit).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def usable_cache_folder(chosen: str | os.PathLike | None = None, warn: bool = Tr
         told_read_only(folder)  # on every process: the one warning stands for each write that fails
         if warn:
             to_stderr("warning", f"the cache folder {folder} is read-only: this run reads what it holds and "
-                                 "makes anything it lacks in memory, again each run (give a writable --cache-dir "
-                                 "to keep it).")
+                                 "makes anything it lacks in memory (the synthetic data set in a temporary folder), "
+                                 "again each run (give a writable --cache-dir to keep it).")
     return folder
 
 

@@ -65,8 +65,8 @@ class TrainConfig:
     strict_data: bool = _option(False, "Fail on a corrupt or non-image file instead of skipping it.")
     image_size: int = _option(224, "Side of the square training and evaluation crops, in pixels.")
     num_workers: Optional[int] = _option(
-        None, "DataLoader worker processes per rank. Default: the CPU cores this process may use, "
-        "shared among the processes of the run, at most 8.")
+        None, "DataLoader worker processes per rank. Default: the CPU cores this process may use (in a "
+        "Slurm job, at most those Slurm gave it), shared among the processes of the run, at most 8.")
     cache_dir: Optional[str] = _option(
         None, "Cache folder for what runs can make again: stored views (decoded images), scans of the "
         "split folders, channel statistics, the synthetic set and torch.compile kernels (monkeytrain cache "
@@ -166,8 +166,8 @@ class TrainConfig:
     cpu: bool = _option(False, "Train on the CPU even when a GPU is present.")
     cpu_threads: Optional[int] = _option(
         None, "Threads a CPU run trains with (this replaces OMP_NUM_THREADS, which accelerate launch "
-        "without a config sets to 1). Default: the cores this process may use, shared among the "
-        "run's processes.")
+        "without a config sets to 1). Default: the cores this process may use (in a Slurm job, at most "
+        "those Slurm gave it), shared among the run's processes.")
     debug: bool = _option(False, "Quick check: CPU, small images, a few batches, two epochs.")
     score_test: bool = _option(
         True, "At the end, reload the best checkpoint and score it on the test split. monkeytrain tune "

@@ -197,8 +197,31 @@ def processes_on_this_machine(accelerator) -> int:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, as under SLURM or taskset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU cores this process may run on (its affinity, as under taskset), and in a Slurm job at most
+    those Slurm gave it: a cluster that does not pin jobs to their cores (TaskPlugin=task/none) leaves
+    the affinity at the whole node, which the job shares with others."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allocated = slurm_cores()
+    return min(affinity, allocated) if allocated else affinity
+
+
+def slurm_cores() -> int | None:
+    """The CPUs Slurm gave this process on this node (None: not in a Slurm job). SLURM_CPUS_ON_NODE is
+    the job step's: the batch script's whole share of the node, or an `srun` step's. Within an srun
+    step each task has SLURM_CPUS_PER_TASK of them (where given); the batch script is no such task:
+    with `--ntasks=2 --cpus-per-task=2` it may use all 4. (Not SLURM_JOB_CPUS_PER_NODE: an salloc
+    shell on the login node has it too, which names other machines' CPUs.)"""
+    counts = [positive_int(os.environ.get("SLURM_CPUS_ON_NODE"))]
+    if os.environ.get("SLURM_STEP_ID"):  # unset in the batch script, set in an srun step's tasks
+        counts.append(positive_int(os.environ.get("SLURM_CPUS_PER_TASK")))
+    known = [count for count in counts if count]
+    return min(known) if known else None
+
+
+def positive_int(text: str | None) -> int | None:
+    """`text` as a whole number of at least 1, else None (unset, empty or odd: then not a limit)."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and int(text) >= 1 else None
 
 
 def said_once_per_launch(outcome: str, say: Callable[[], None], main_said: Callable[[str], bool]) -> None:

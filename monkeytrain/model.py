@@ -108,14 +108,52 @@ def check_weights_file(path: Path) -> None:
 
 def _create_from_hub(name: str, options: dict) -> torch.nn.Module:
     try:
-        with hub_warnings_held_back():
+        with hub_warnings_held_back(), offline_where_the_hub_does_not_answer() as silence:
             return timm.create_model(name, pretrained=True, **options)
     except Exception as error:  # hub, network and cache failures all end the same way for the user
+        if silence:
+            raise UserError(f"could not fetch pretrained weights for '{name}': the Hugging Face hub at {silence}, "
+                            "and they are not in its local cache; check the network (or its proxy: HTTPS_PROXY), "
+                            "or pass --pretrained PATH.safetensors.") from None
         raise UserError(
             f"could not fetch pretrained weights for '{name}' from the Hugging Face hub "
             f"({error.__class__.__name__}); check the network and HF_HUB_OFFLINE, or pass "
             "--pretrained PATH.safetensors."
         ) from None
+
+
+@contextlib.contextmanager
+def offline_where_the_hub_does_not_answer():
+    """huggingface_hub in offline mode (as HF_HUB_OFFLINE=1) while inside, where its endpoint does not
+    answer one request: it would otherwise retry each file for about 25 s (its backoff, which no setting
+    shortens) before failing, on a compute node without internet, say. Weights in its cache still load.
+    Yields why the hub is taken as offline ('https://huggingface.co did not answer (ConnectError)'), else
+    None (it answered, or HF_HUB_OFFLINE was set)."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    silence = None if offline else hub_silence()
+    constants.HF_HUB_OFFLINE = offline or silence is not None  # read on each request, not only at import
+    try:
+        yield silence
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def hub_silence() -> Optional[str]:
+    """Why the hub's endpoint (HF_ENDPOINT) does not answer one HEAD request, else None. Asked through
+    huggingface_hub's own HTTP session, so through the proxy it would use (HTTPS_PROXY), and given the
+    time it gives its own first request (HF_HUB_ETAG_TIMEOUT, 10 s), so that a slow network still passes.
+    Any answer, an error status too, says the hub is reachable: huggingface_hub then handles it."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:  # any transport error (no route, no name, refused, timed out, a proxy's)
+        kind = error.__class__.__name__
+        within = f" within HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s" if "Timeout" in kind else ""
+        return f"{constants.ENDPOINT} did not answer{within} ({kind})"
+    return None
 
 
 @contextlib.contextmanager

@@ -169,7 +169,8 @@ def read_only(folder: Path, monkeypatch) -> None:
 
 
 READ_ONLY_WARNING = ("monkeytrain: warning: the cache folder {} is read-only: this run reads what it holds and makes "
-                     "anything it lacks in memory, again each run (give a writable --cache-dir to keep it).")
+                     "anything it lacks in memory (the synthetic data set in a temporary folder), again each run "
+                     "(give a writable --cache-dir to keep it).")
 
 
 def test_a_read_only_cache_folder_is_read_from_after_one_warning(tmp_path, make_image_folder, monkeypatch, capsys):
@@ -231,3 +232,18 @@ def test_a_run_trains_from_a_read_only_cache_that_holds_what_it_needs(tmp_path, 
     said = [line for line in again.stderr.splitlines() if line.startswith("monkeytrain:")]  # not progress bars
     assert said == [READ_ONLY_WARNING.format(cache)]  # nothing to write: no other word
     assert "(cached)" in again.stdout and again.results["test_accuracy"] is not None
+
+
+def test_a_run_without_data_trains_on_the_synthetic_set_despite_a_read_only_cache(tmp_path, monkeypatch):
+    """The default command with a read-only --cache-dir that lacks the synthetic set: was refused ('cannot
+    write synthetic-v2 ...; pick another --cache-dir') right after the warning promised to make it."""
+    from conftest import train_here
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    read_only(cache, monkeypatch)
+    run = train_here(["--cpu", "--model", "resnet10t", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+                      "--num-workers", "0", "--report-to", "none", "--cache-dir", str(cache)], tmp_path)
+    said = [line for line in run.stderr.splitlines() if line.startswith("monkeytrain:")]
+    assert said[0] == READ_ONLY_WARNING.format(cache) and "SYNTHETIC dataset in" in said[1], said
+    assert run.results["test_accuracy"] is not None and os.listdir(cache) == []

@@ -204,11 +204,24 @@ class Processes:
         self.num_processes = count
 
 
+SLURM_CPU_VARIABLES = ("SLURM_CPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "SLURM_STEP_ID")
+
+
+def on_a_64_core_node(monkeypatch, **slurm_variables: str) -> None:
+    """This process may run on 64 cores, in a Slurm job with `slurm_variables` (none: in no job) which
+    does not pin the job to its cores (TaskPlugin=task/none: the affinity is the whole node)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for name in SLURM_CPU_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in slurm_variables.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("local_world_size, expected", [("8", 8), (None, 16), ("", 16), ("none", 16)])
 def test_the_cores_of_a_machine_are_shared_among_the_processes_on_that_machine(monkeypatch, local_world_size,
                                                                                 expected):
     """Two nodes of 8 GPUs and 64 cores each: 8 cores a process (stream workers, CPU threads), not 4."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    on_a_64_core_node(monkeypatch)
     if local_world_size is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
@@ -217,9 +230,31 @@ def test_the_cores_of_a_machine_are_shared_among_the_processes_on_that_machine(m
 
 
 def test_a_single_process_started_inside_a_launch_uses_all_its_cores(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    on_a_64_core_node(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # inherited from the launch around it
     assert distributed.cores_per_process(Processes(1)) == 64
+
+
+@pytest.mark.parametrize("variables, cores", [
+    ({}, 64),  # no Slurm job: the affinity
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "8"}, 8),  # sbatch --cpus-per-task=8
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}, 8),  # the batch script of --ntasks=2: all 8
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4", "SLURM_STEP_ID": "0"}, 4),  # a task of srun -n2 -c4
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_ID": "0"}, 8),  # srun without -c
+    ({"SLURM_CPUS_ON_NODE": "128"}, 64),  # pinned, or a node Slurm counts differently: never above the affinity
+    ({"SLURM_CPUS_ON_NODE": "", "SLURM_CPUS_PER_TASK": "x", "SLURM_STEP_ID": "0"}, 64),  # odd values: no limit
+])
+def test_a_slurm_job_uses_the_cores_slurm_gave_it_where_it_is_not_pinned_to_them(monkeypatch, variables, cores):
+    """A node shared by jobs (TaskPlugin=task/none): DataLoader workers and CPU threads for the job's
+    cores, not for the whole node's, which other jobs use."""
+    on_a_64_core_node(monkeypatch, **variables)
+    assert distributed.usable_cores() == cores
+
+
+def test_the_cores_slurm_gave_a_node_are_shared_among_its_processes(monkeypatch):
+    on_a_64_core_node(monkeypatch, SLURM_CPUS_ON_NODE="32", SLURM_CPUS_PER_TASK="32", SLURM_STEP_ID="0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # train_multinode.sbatch: one srun task per node, 4 GPUs
+    assert distributed.cores_per_process(Processes(8)) == 8
 
 
 def test_the_first_line_names_the_processes_and_their_device_type_alike_on_every_count():

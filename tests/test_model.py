@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -146,3 +150,102 @@ def test_hub_weights_offline_are_one_line_without_the_hubs_own_warnings(monkeypa
         create_model("resnet18", 3, pretrained="hub")
     assert warned == [False]
     assert logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING)  # as it was
+
+
+
+class NotFoundHub:
+    """A stand-in for the hub on a local port that answers every request 404, counting them."""
+
+    def __init__(self):
+        self.requests = 0
+        hub = self
+
+        class NotFound(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                hub.requests += 1
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+            def log_message(self, *args):  # not on the test's stderr
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def refusing_url() -> str:
+    """A local port nothing listens on: connections are refused at once, as a node with no route out fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture
+def hub_at(tmp_path, monkeypatch):
+    """`hub_at(url)`: huggingface_hub sent to `url` (what HF_ENDPOINT does, read at its import, which has
+    already happened here), HF_HUB_OFFLINE unset, with an empty cache of its own in tmp_path. Returns the
+    waits of its retries' backoff, recorded rather than waited."""
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils._http as hub_http
+
+    def at(url: str) -> list[float]:
+        monkeypatch.setattr(hub_constants, "ENDPOINT", url)
+        template = url + "/{repo_id}/resolve/{revision}/{filename}"  # the files' URLs, from HF_ENDPOINT too
+        monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        waits: list[float] = []
+        monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=waits.append))  # its only use of `time`
+        return waits
+
+    return at
+
+
+def test_hub_weights_with_a_hub_that_does_not_answer_fail_at_once_without_retries(hub_at):
+    """A compute node without internet, HF_HUB_OFFLINE unset: was about a minute of huggingface_hub's retries
+    (each file asked 6 times, 1+2+4+8+8 s apart) before the one line."""
+    url = refusing_url()
+    waits = hub_at(url)
+    with pytest.raises(UserError) as raised:
+        create_model(TINY, 3, pretrained="hub")
+    assert waits == []
+    assert str(raised.value) == (
+        f"could not fetch pretrained weights for '{TINY}': the Hugging Face hub at {url} did not answer "
+        "(ConnectError), and they are not in its local cache; check the network (or its proxy: HTTPS_PROXY), "
+        "or pass --pretrained PATH.safetensors.")
+
+
+def test_hub_weights_in_its_cache_load_where_the_hub_does_not_answer(hub_at, tmp_path):
+    """Offline as with HF_HUB_OFFLINE=1: what huggingface_hub cached on an earlier run still loads."""
+    hub_at(refusing_url())
+    torch.manual_seed(3)
+    cached = create_model(TINY, 3)
+    repo = tmp_path / "hf" / "hub" / f"models--timm--{cached.pretrained_cfg['hf_hub_id'].split('/')[1]}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_weights(cached, repo / "snapshots" / commit / "model.safetensors")
+    loaded = create_model(TINY, 3, pretrained="hub").state_dict()
+    body = [key for key in loaded if not key.startswith("fc.")]  # timm resets the head of another class count
+    assert states_equal(loaded, cached.state_dict(), body)
+
+
+def test_a_hub_that_answers_is_asked_for_the_weights(hub_at):
+    """Any answer, an error status too, means a network that works, however slow: not taken as offline."""
+    hub = NotFoundHub()
+    try:
+        hub_at(hub.url)
+        with pytest.raises(UserError, match=f"could not fetch pretrained weights for '{TINY}' from the Hugging"):
+            create_model(TINY, 3, pretrained="hub")
+    finally:
+        hub.close()
+    assert hub.requests > 1  # the first request, then huggingface_hub's own for the weights

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +101,28 @@ def test_a_full_disk_leaves_no_half_made_folder_and_names_the_cache_folder_and_t
     assert str(raised.value) == (f"no space left on the device of {cache} to write {VERSION} (at least "
                                  f"{human_size(SIZE_AT_LEAST)} needed); free some space or pick another --cache-dir.")
     assert list(cache.iterdir()) == []  # the half-made .synthetic-v2.<pid> folder is gone
+
+
+CHILD_WITH_A_READ_ONLY_CACHE = """
+import json, sys
+from pathlib import Path
+from monkeytrain.storage import told_read_only
+from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from test_synthetic import file_digests
+
+told_read_only(Path(sys.argv[1]))  # as usable_cache_folder does for a folder it cannot write
+root = ensure_synthetic_dataset(Path(sys.argv[1]))
+print(json.dumps([str(root), file_digests(root)]))
+"""
+
+
+def test_a_read_only_cache_folder_gets_the_set_in_a_temporary_folder_removed_at_exit(synthetic_root, tmp_path):
+    """What the read-only warning promises (made again each run, nothing written to the folder) rather than
+    'cannot write synthetic-v2 ...'. In a process of its own, to see the folder go when that exits."""
+    child = subprocess.run([sys.executable, "-c", CHILD_WITH_A_READ_ONLY_CACHE, str(tmp_path)], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, child.stderr
+    root, digests = json.loads(child.stdout)
+    assert digests == file_digests(synthetic_root)  # the same set, complete
+    assert not Path(root).is_relative_to(tmp_path) and os.listdir(tmp_path) == []  # nothing in the cache folder
+    assert not Path(root).exists()  # gone with the process

@@ -8,15 +8,18 @@ so the synthetic run goes through exactly the same data code as a real one.
 
 from __future__ import annotations
 
+import atexit
 import colorsys
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from monkeytrain.storage import folder_size, mark_used, write_failure
+from monkeytrain import storage
+from monkeytrain.storage import folder_size, is_within_folder, mark_used, write_failure
 
 VERSION = "synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes", "vstripes", "checker", "star")
@@ -35,6 +38,8 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
     if (root / ".complete").is_file():
         mark_used(root)
         return root
+    if told_read_only(cache_dir):
+        return generated_until_exit()
     staging = cache_dir / f".{VERSION}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -48,6 +53,27 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
         os.replace(staging, root)
     else:
         shutil.rmtree(staging)
+    return root
+
+
+def told_read_only(cache_dir: Path) -> bool:
+    """Whether the user was told `cache_dir` is read-only, and so that the run makes what it lacks anew."""
+    return any(is_within_folder(cache_dir, folder) for folder in storage.FOLDERS_TOLD_READ_ONLY)
+
+
+def generated_until_exit() -> Path:
+    """The data set made in a temporary folder of this process's, removed when it exits: for a read-only
+    cache folder that lacks it (each process of a launch makes its own: there is no shared place to leave
+    one). Made again each run, as the warning about the folder said."""
+    root = Path(tempfile.gettempdir()) / f"monkeytrain-{VERSION}"  # what an error names, before mkdtemp
+    try:
+        root = Path(tempfile.mkdtemp(prefix=f"{root.name}-", dir=root.parent))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        write_samples(root)
+    except OSError as error:  # a full or read-only temporary folder (TMPDIR)
+        needed = max(folder_size(root) if root.is_dir() else 0, SIZE_AT_LEAST)
+        shutil.rmtree(root, ignore_errors=True)
+        raise write_failure(root, error, needed, True, "--cache-dir") from error
     return root
 
 
