@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -122,7 +121,7 @@ def test_non_safetensors_weights_file_is_a_user_error(tmp_path):
         load_weights_file(create_model(TINY, 3), path)
 
 
-def test_hub_weights_offline_are_a_user_error_without_waiting(tmp_path, monkeypatch):
+def test_hub_weights_with_hf_hub_offline_are_a_user_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -130,10 +129,8 @@ def test_hub_weights_offline_are_a_user_error_without_waiting(tmp_path, monkeypa
     # huggingface_hub reads these variables once at import, which has already happened here
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    started = time.monotonic()
-    with pytest.raises(UserError, match="resnet18"):
+    with pytest.raises(UserError, match="resnet18"):  # the tests below check it costs no retry waits
         create_model("resnet18", 3, pretrained="hub")
-    assert time.monotonic() - started < 30
 
 
 def test_hub_weights_offline_are_one_line_without_the_hubs_own_warnings(monkeypatch):

@@ -281,6 +281,8 @@ def test_free_host_memory_is_shared_among_the_processes_on_this_machine_alone(mo
 
 
 def test_default_workers_fit_the_cores_this_process_may_use(cpu_accelerator, monkeypatch):
+    for name in ("SLURM_CPUS_ON_NODE", "SLURM_STEP_ID"):  # the suite run inside a Slurm job: its share counts too
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert pipeline.default_workers(cpu_accelerator) == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
