@@ -48,7 +48,7 @@ def prepare_run_dir(config, accelerator) -> Path:
         raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name, move it away, "
                         "or continue it with --resume auto.")
     if (run_dir / RESULTS_NAME).exists():
-        raise UserError(f"{run_dir} holds a finished run (results.json); pick another --run-name.")
+        raise UserError(finished_run(run_dir, config))
     problem = None
     if accelerator.is_main_process:
         try:
@@ -59,6 +59,15 @@ def prepare_run_dir(config, accelerator) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def finished_run(run_dir: Path, config) -> str:
+    """Why a finished run is not reopened, and what to do instead: a state given by its path names that run
+    itself, so "another --run-name" would only be refused next as a state of another run."""
+    if config.resume and config.resume != "auto":
+        return (f"{run_dir} holds a finished run (results.json), which its states cannot continue; start a new "
+                f"run without --resume (from its weights: --pretrained {run_dir / BEST_NAME}).")
+    return f"{run_dir} holds a finished run (results.json); pick another --run-name."
 
 
 def new_run_name(output_dir: Path) -> str:
@@ -116,9 +125,16 @@ def check_resumed_config(run_dir: Path, config, is_main_process: bool = True) ->
     began, now = with_absolute_paths(began), with_absolute_paths(recorded_config(config))
     if began.get("data") is None and not config.data:
         now["data"] = None  # began before config.yaml named the data; the state's data manifest is checked on loading
-    for name, value in now.items():
-        if name in began and began[name] != value and name not in MAY_CHANGE_ON_RESUME:
-            raise UserError(changed_on_resume(name, value, began[name], saved, config))
+    changed = [name for name, value in now.items()
+               if name in began and began[name] != value and name not in MAY_CHANGE_ON_RESUME]
+    if len(changed) == 1:
+        raise UserError(changed_on_resume(changed[0], now[changed[0]], began[changed[0]], saved, config))
+    if changed:  # all in one line: one at a time, a resume with the flags left out took a try for each
+        flags = ", ".join(f"--{flag_name(name)} {began[name]}" if began[name] is not None else
+                          f"no --{flag_name(name)}" for name in changed)
+        raise UserError(f"{saved.parent} began with other flags than this resume's ({saved}): {flags}; a resumed "
+                        f"run goes on with the flags it began with: give them again (--config {saved} gives them "
+                        "all), or start a new run.")
 
 
 def changed_on_resume(name: str, value, began, saved: Path, config) -> str:

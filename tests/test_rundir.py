@@ -8,7 +8,8 @@ import pytest
 
 from monkeytrain.config import config_yaml, parse_config
 from monkeytrain.errors import UserError
-from monkeytrain.rundir import CONFIG_NAME, check_resumed_config
+from monkeytrain.checkpoint import BEST_NAME
+from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_config, prepare_run_dir
 
 RESUME = ["--cpu", "--resume", "auto"]
 
@@ -82,3 +83,33 @@ def test_a_flag_added_or_dropped_on_resume_is_named_as_such(tmp_path):
     run = run_begun_with(tmp_path / "2", config_yaml(parse_config(["--cpu", *splits, "--test-dir", str(tmp_path)])))
     with pytest.raises(UserError, match=f"^{run} began with --test-dir {tmp_path} .*; give it again to resume"):
         check_resumed_config(run, parse_config([*RESUME, *splits]))
+
+
+def test_flags_left_out_on_resume_are_named_all_in_one_line(tmp_path):
+    """A run begun with --debug --epochs 6 --image-size 32, resumed with --resume auto alone, was refused once
+    for each flag, a try each."""
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--epochs", "6", "--image-size", "32"])))
+    with pytest.raises(UserError) as refused:
+        check_resumed_config(run, parse_config(RESUME))
+    assert str(refused.value) == (f"{run} began with other flags than this resume's ({run / CONFIG_NAME}): "
+                                  "--image-size 32, --epochs 6; a resumed run goes on with the flags it began with: "
+                                  f"give them again (--config {run / CONFIG_NAME} gives them all), or start a new "
+                                  "run.")
+    check_resumed_config(run, parse_config([*RESUME, "--config", str(run / CONFIG_NAME)]))  # as the line says
+
+
+@pytest.mark.parametrize("by_its_state", [False, True])
+def test_a_finished_run_is_not_reopened_and_its_state_says_what_to_do_instead(tmp_path, cpu_accelerator,
+                                                                             by_its_state):
+    """Given by its path, a finished run's state was told to pick another --run-name, which was then refused
+    as a state of another run: the two lines sent the user round in a circle."""
+    run = tmp_path / "runs" / "done"
+    state = run / "state" / "step-00000008"
+    state.mkdir(parents=True)
+    (run / RESULTS_NAME).write_text("{}")
+    flags = ["--resume", str(state)] if by_its_state else ["--run-name", "done"]
+    with pytest.raises(UserError) as refused:
+        prepare_run_dir(parse_config(["--cpu", *flags]), cpu_accelerator)
+    told = (f"which its states cannot continue; start a new run without --resume (from its weights: --pretrained "
+            f"{run / BEST_NAME})." if by_its_state else "pick another --run-name.")
+    assert str(refused.value).endswith(told)
