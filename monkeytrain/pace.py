@@ -34,9 +34,14 @@ class RemainingTime:
         """Seconds left after `epoch` when an estimate is due (after the first epoch, then every
         tenth of the run, never after the last); otherwise None."""
         done, left = epoch - self.first + 1, self.last - epoch
-        if left <= 0 or (done > 1 and done % self.every):
+        if done < 1 or left <= 0 or (done > 1 and done % self.every):
             return None
         return (self.clock() - self.started) / done * left
+
+    def start_after(self, epoch: int) -> None:
+        """Count from now, the end of `epoch`, one that a resume found partly or wholly trained: its time
+        says little of an epoch's ("about 0 s left" after one resumed at its very end)."""
+        self.first, self.started = epoch + 1, self.clock()
 
     def is_first(self, epoch: int) -> bool:
         return epoch == self.first

@@ -124,6 +124,7 @@ class Trainer:
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
+            resumed_within = self.progress.batch > 0  # this epoch, or its end: its time is not an epoch's
             with phases.timing("training"), self.saved_on_a_fixable_stop():
                 trained = self.train_epoch(epoch)
             if "first_epoch" not in phases.seconds:
@@ -137,6 +138,8 @@ class Trainer:
             self.on_epoch(epoch, validated.accuracy)  # first: a tune pruner may end a diverged trial as pruned
             if not math.isfinite(validated.loss):
                 raise self.diverged(epoch, trained.loss, validated.loss)
+            if resumed_within:
+                pace.start_after(epoch)
             report_time_left(pace, epoch, self.run.log, self.accelerator.device.type == "cpu", self.config.recipe)
             stopping, save_due = self.stop.check(self.accelerator)
             if stopping or save_due:

@@ -51,6 +51,16 @@ def test_estimate_uses_the_mean_of_the_epochs_run_by_this_process():
     assert pace.due(12) == pytest.approx(8 * 5.0) and not pace.is_first(12)
 
 
+def test_an_epoch_a_resume_found_trained_is_not_counted():
+    clock = FakeClock()
+    pace = RemainingTime(5, 20, clock)  # resumed at the end of epoch 5: only its validation runs
+    clock.now += 0.5
+    pace.start_after(5)
+    assert pace.due(5) is None
+    clock.now += 8.0
+    assert pace.due(6) == pytest.approx(14 * 8.0)
+
+
 def test_a_short_run_estimates_after_every_epoch():
     clock = FakeClock()
     pace = RemainingTime(1, 3, clock)

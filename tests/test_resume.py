@@ -8,6 +8,7 @@ the trainer once; the others are train.main in this one."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -107,6 +108,9 @@ def test_a_stop_at_an_epoch_end_resumes_identically_and_logs_that_epoch_as_not_t
     resumed = train_here([*common(data, tmp_path), *EVERY_STEP, "--run-name", "cut", "--resume", "auto"],
                          tmp_path)
     assert "train n/a (trained before the resume)" in resumed.stdout
+    # The time left is estimated from epoch 2, the first the resumed run trained: epoch 1's validation alone
+    # gave "about 0 s left (2 more epochs)"
+    assert re.findall(r"about .* left \((\d+) more epochs?\)", resumed.stdout) == ["1"]
     first, *later = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert first["epoch"] == 1 and first["val_accuracy"] is not None
     assert first["train_loss"] is first["train_accuracy"] is first["images_per_second"] is None
