@@ -380,7 +380,8 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
     except Diverged as diverged:  # these values break training: a failed trial, like any search's
         trial.set_user_attr("error", diverged.what[:300])
         return TrialEnd(TrialState.FAIL, None, f"failed: {trial.user_attrs['error']}")
-    except UserError:
+    except UserError as error:  # what to do, in tune's flags: it sets the trials' --output-dir itself
+        error.args = (str(error).replace("--output-dir", "--study-dir"),)
         raise
     except Exception as error:  # this trial's own failure (out of memory, say): the study goes on
         traceback.print_exc()  # into the trial's train.log

@@ -376,6 +376,22 @@ def test_a_journal_entry_the_disk_has_room_for_half_of_leaves_the_study_readable
     assert reread.user_attrs == {"first": "x" * 2900, "after": "z"}
 
 
+def test_a_trial_on_a_full_disk_says_what_to_do_in_tunes_own_flags(monkeypatch, tmp_path):
+    """The trial's best.safetensors found no room: "pick another --output-dir", which tune then refuses (it sets
+    the trials' folders itself, under --study-dir)."""
+    from types import SimpleNamespace
+
+    from monkeytrain import train
+
+    def full(argv, on_epoch):
+        raise DiskFull(tmp_path / "trial-0001" / "best.safetensors", 1234, False, "--output-dir")
+
+    monkeypatch.setattr(train, "main", SimpleNamespace(__wrapped__=full))
+    with pytest.raises(DiskFull) as refused:
+        tune.train_trial(SimpleNamespace(number=1, report=None, should_prune=None), [])
+    assert str(refused.value).endswith("free some space or pick another --study-dir.")
+
+
 def test_a_claim_the_disk_has_no_room_for_is_one_line_and_leaves_no_empty_claim(full_disk, tmp_path):
     """An empty finish.claim names no worker that could be found gone: every later run said " is finishing the
     study." and ended, leaving the study unfinished."""
