@@ -53,8 +53,8 @@ def exits_cleanly_on_user_error(main: F) -> F:
         except UserError as error:
             fail(str(error), USAGE_EXIT_CODE)
         except KeyboardInterrupt:
-            fail("interrupted (a training run continues from its last saved state with --resume auto and its "
-                 "--run-name).", INTERRUPTED_EXIT_CODE)
+            fail("interrupted (a training run continues from its last saved state, if it saved one, with --resume "
+                 "auto and its --run-name).", INTERRUPTED_EXIT_CODE)
         except Exception as error:
             fail_unless_a_bug(error)
             raise

@@ -124,7 +124,7 @@ def expanded(item: str) -> list[str]:
         return [item]
     if URL.match(item):
         raise UserError(f"{item} is a URL, and predict reads local files only; download the image and pass "
-                        "its path.")
+                        f"its path, or pipe it in: curl -s '{item}' | monkeytrain predict --checkpoint CKPT -")
     if PATTERN.search(item):
         matches = sorted(glob.glob(item, recursive=True))
         if not matches:

@@ -318,8 +318,8 @@ def test_an_interrupt_that_reaches_the_entry_point_is_one_line_and_status_130(ca
         interrupted()
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
-        "monkeytrain: error: interrupted (a training run continues from its last saved state with --resume auto "
-        "and its --run-name)."]
+        "monkeytrain: error: interrupted (a training run continues from its last saved state, if it saved one, "
+        "with --resume auto and its --run-name)."]
 
 
 def test_inspect_data_takes_the_dataset_as_train_py_spells_it(capsys, data):

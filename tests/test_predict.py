@@ -147,8 +147,9 @@ def test_a_pattern_the_shell_left_as_it_was_names_the_files_it_matches(checkpoin
 
 def test_a_url_is_one_line_that_says_what_to_do(checkpoint, capsys):
     flags = ["predict", "--checkpoint", str(checkpoint)]
-    assert ("https://example.com/monkey.jpg is a URL, and predict reads local files only; download the image"
-            in error_of([*flags, "https://example.com/monkey.jpg"], capsys))
+    assert error_of([*flags, "https://example.com/monkey.jpg"], capsys).endswith(
+        "https://example.com/monkey.jpg is a URL, and predict reads local files only; download the image and pass "
+        "its path, or pipe it in: curl -s 'https://example.com/monkey.jpg' | monkeytrain predict --checkpoint CKPT -")
 
 
 class StandardInput:
