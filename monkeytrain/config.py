@@ -277,8 +277,9 @@ HOME_PATH_FIELDS = (*GIVEN_PATH_FIELDS, "cache_dir", "resume")  # where a preset
 
 def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     """Flag values as runs and studies compare them: data/x given in the checkout and $PWD/data/x in a
-    job script (as the README's examples have it) are the same folder, from the same working directory."""
-    return {name: os.path.abspath(value) if name in PATH_FIELDS and value else value
+    job script (as the README's examples have it) are the same folder, from the same working directory;
+    so are a link to a folder and the folder (data/x linking to a shared copy, given by either path)."""
+    return {name: os.path.realpath(value) if name in PATH_FIELDS and value else value
             for name, value in values.items()}
 
 

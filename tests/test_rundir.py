@@ -113,3 +113,14 @@ def test_a_finished_run_is_not_reopened_and_its_state_says_what_to_do_instead(tm
     told = (f"which its states cannot continue; start a new run without --resume (from its weights: --pretrained "
             f"{run / BEST_NAME})." if by_its_state else "pick another --run-name.")
     assert str(refused.value).endswith(told)
+
+
+def test_a_run_begun_on_a_link_to_its_data_resumes_with_the_folder_it_links_to(tmp_path):
+    """data/10-monkey-species, a link to a shared copy, given at the start; the shared copy's own path on resume."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (tmp_path / "link").symlink_to(shared)
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--data", str(tmp_path / "link")])))
+    check_resumed_config(run, parse_config([*RESUME, "--data", str(shared)]))
+    with pytest.raises(UserError, match=f"began with --data {shared} "):
+        check_resumed_config(run, parse_config([*RESUME, "--data", str(tmp_path)]))
