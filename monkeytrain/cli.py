@@ -259,8 +259,9 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  leak: {a} = {b}")
     for a, b in splits.conflicts:
         print(f"  two classes ({splits.class_folders[a.label]}, {splits.class_folders[b.label]}): {a.path} = {b.path}")
-    if elongated_warning(splits):
-        print(f"  note: {elongated_warning(splits)}")
+    elongated = elongated_warning(splits)
+    if elongated:
+        print(f"  note: {elongated}")
     if splits.selection_on_test:
         print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
 
