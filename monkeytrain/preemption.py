@@ -63,11 +63,12 @@ class Preemption:
         self.heard: set[str] = set()  # every stop signal received, for wants_requeue
         self.schedule = SaveSchedule(save_every_minutes)
         self.clock, self.first_ctrl_c = clock, None
+        launched = launched_by_a_launcher(environ)
         # Only a launcher's process gets a Ctrl-C more than once (SAME_CTRL_C_SECONDS says why).
-        self.same_ctrl_c_seconds = SAME_CTRL_C_SECONDS if launched_by_a_launcher(environ) else 0.0
+        self.same_ctrl_c_seconds = SAME_CTRL_C_SECONDS if launched else 0.0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
-        if launched_by_a_launcher(environ):
+        if launched:
             sys.stdout, sys.stderr = ConsoleStream.around(sys.stdout), ConsoleStream.around(sys.stderr)
             if not stop_when_parent_dies():
                 self.received = "launcher gone"  # it died before we could ask to be told

@@ -283,10 +283,15 @@ def write_cache(path: Path, write: Payload) -> bool:
         write_atomically(path, write, durable=False, flag="--cache-dir")
         return True
     except (OSError, WriteFailed) as error:
-        if not any(is_within_folder(path, folder) for folder in FOLDERS_TOLD_READ_ONLY):
+        if not is_told_read_only(path):
             to_stderr("warning", f"cannot write the cache file {path} ({why_not_written(error)}); going on "
                                  "without it.")
         return False
+
+
+def is_told_read_only(path: Path) -> bool:
+    """Whether `path` lies under a folder the user was told is read-only (told_read_only)."""
+    return any(is_within_folder(path, folder) for folder in FOLDERS_TOLD_READ_ONLY)
 
 
 def is_within_folder(path: Path, folder: str) -> bool:

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from monkeytrain import storage
-from monkeytrain.storage import folder_size, is_within_folder, mark_used, write_failure
+from monkeytrain.storage import folder_size, is_told_read_only, mark_used, write_failure
 
 VERSION = "synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes", "vstripes", "checker", "star")
@@ -38,7 +37,7 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
     if (root / ".complete").is_file():
         mark_used(root)
         return root
-    if told_read_only(cache_dir):
+    if is_told_read_only(cache_dir):  # the user was told what it lacks is made anew each run
         return generated_until_exit()
     staging = cache_dir / f".{VERSION}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -54,11 +53,6 @@ def ensure_synthetic_dataset(cache_dir: Path) -> Path:
     else:
         shutil.rmtree(staging)
     return root
-
-
-def told_read_only(cache_dir: Path) -> bool:
-    """Whether the user was told `cache_dir` is read-only, and so that the run makes what it lacks anew."""
-    return any(is_within_folder(cache_dir, folder) for folder in storage.FOLDERS_TOLD_READ_ONLY)
 
 
 def generated_until_exit() -> Path:
