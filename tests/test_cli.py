@@ -497,8 +497,15 @@ def test_predict_and_evaluate_errors(capsys, tmp_path, data):
 
     shutil.copytree(data / "validation" / "validation" / "n0", tmp_path / "only-n0" / "n0")
     cli.main(["evaluate", "--checkpoint", checkpoint, str(tmp_path / "only-n0"), "--json"])
-    per_class = json.loads(capsys.readouterr().out)["per_class_accuracy"]
+    printed_json = capsys.readouterr().out
+    scored = json.loads(printed_json)
+    per_class = scored["per_class_accuracy"]
     assert per_class["common name 1"] is None and per_class["common name 2"] is None  # no images of theirs
+    # the confusion matrix one row a line, as it reads (indent=2 gave each number a line of its own)
+    lines = printed_json.splitlines()
+    start = lines.index('  "confusion_matrix": [')
+    assert [line.strip().rstrip(",") for line in lines[start + 1:start + 5]] == [
+        *(json.dumps(row) for row in scored["confusion_matrix"]), "]"]  # 3 classes
 
 
 def test_inspect_and_download_errors(capsys, tmp_path, monkeypatch):
