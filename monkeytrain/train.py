@@ -30,6 +30,7 @@ from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator, processes_on
 from monkeytrain.errors import exits_cleanly_on_user_error
+from monkeytrain.model import check_batch_norm_batches
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit, stopped_exit_status
 from monkeytrain.results import score
@@ -41,8 +42,7 @@ from monkeytrain.trainer import RunContext, Trainer
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None, on_epoch: Callable[[int, float], None] | None = None) -> dict:
-    """Parse flags, train, and return the results written to results.json. `on_epoch(epoch,
-    val_accuracy)` is called after each validation (see Trainer); monkeytrain tune prunes with it."""
+    """Parse flags, train, and return results.json's results; `on_epoch`: see Trainer (tune prunes with it)."""
     config = parse_config(argv)
     accelerator = make_accelerator(config)
     try:
@@ -76,11 +76,11 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     config, accelerator, log = run.config, run.accelerator, run.log
     with run.phases.timing("data"):
         data = prepare_data(config, accelerator, cache_dir, log)
-    log.info(f"{data.summary()}; {processes_on(accelerator)}; "
-             f"{config.recipe} recipe; run directory {run.run_dir}")
+    log.info(f"{data.summary()}; {processes_on(accelerator)}; {config.recipe} recipe; run directory {run.run_dir}")
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
-    # Once the model is built: a flag it refuses (--model, --tta-shift, --grad-accum-steps) leaves no run folder
+        check_batch_norm_batches(trainer.learner.averager.model, config, len(data.splits.train), accelerator)
+    # Once the model is built: a flag it refuses (--model, --batch-size, --tta-shift, ...) leaves no run folder
     log.write_file(CONFIG_NAME, config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
     log.start_tracking()  # and no W&B run either

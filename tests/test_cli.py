@@ -624,3 +624,17 @@ def test_the_training_scripts_help_and_version_that_cannot_be_written_say_so(fla
     assert (done.returncode, done.stderr) == (2, "monkeytrain: error: standard output could not be written (No "
                                                  "space left on device); free space where it goes, or send it "
                                                  "elsewhere.\n")
+
+
+def test_a_batch_of_one_image_that_batch_norm_cannot_train_on_leaves_no_run_folder(capsys, data, tmp_path):
+    """Refused at the first batch, the run folder kept a config.yaml and data_manifest.json of a run that never
+    trained; refused as the model is built, nothing this run made is left, and nothing already there goes."""
+    flags = ["--data", str(data), *SMALL, "--batch-size", "1"]  # 32 px: a ResNet's last features are 1x1
+    assert "with --batch-size 1, resnet18 cannot train on 32-pixel images" in error_of(
+        train.main, [*flags, "--run-name", "one"], capsys)
+    assert not (tmp_path / "runs" / "one").exists()
+    kept = tmp_path / "runs" / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert "--batch-size 2 or more" in error_of(train.main, [*flags, "--run-name", "kept"], capsys)
+    assert [path.name for path in kept.iterdir()] == ["notes.txt"]
