@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import timm
 import torch
@@ -23,6 +23,7 @@ HUB = "hub"
 OUTSIDE_REGISTRY = ("hf-hub:", "local-dir:")
 # Wrappers that prefix state-dict keys: DDP ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MIN_IMAGE_SIZE = 16  # the smallest --image-size and --min-train-size that config validation accepts
 
 
 def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
@@ -224,15 +225,52 @@ def converted_for(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> d
 @torch.no_grad()
 def check_input_sizes(model: torch.nn.Module, name: str, sizes: list[int], device: torch.device) -> None:
     """Fail before training, in one line, when the model cannot take square images of one of `sizes`
-    (a ViT with a fixed patch grid, say), instead of with a traceback at the first batch of that size."""
+    (a ViT with a fixed patch grid, say), instead of with a traceback at the first batch of that size;
+    or when it would leave out pixels of them (see patches_of_the_image)."""
     model.eval()
     for size in sizes:
-        try:
-            model(torch.zeros(1, 3, size, size, device=device))
-        except Exception as error:  # timm models refuse sizes in their own ways (assertions, shape errors)
-            raise UserError(f"--model {name} cannot take {size}-pixel images ({str(error).splitlines()[0]}); "
-                            f"{accepted_sizes(model, name, size, max(sizes))}.") from None
+        with patches_of_the_image(model, size) as uneven:
+            try:
+                model(torch.zeros(1, 3, size, size, device=device))
+            except Exception as error:  # timm models refuse sizes in their own ways (assertions, shape errors)
+                if not uneven:
+                    raise UserError(f"--model {name} cannot take {size}-pixel images ({str(error).splitlines()[0]}); "
+                                    f"{accepted_sizes(model, name, size, max(sizes))}.") from None
+        if uneven:
+            flag = "--image-size" if size == max(sizes) else "--min-train-size"
+            raise UserError(patches_leave_pixels_out(name, size, uneven[0], flag))
     model.train()
+
+
+@contextlib.contextmanager
+def patches_of_the_image(model: torch.nn.Module, size: int) -> Iterator[list[int]]:
+    """Yields the patch sides of the model's patch embeddings (timm's PatchEmbed: ViT, DeiT, BEiT, EVA, Swin, ...)
+    that a forward pass inside cuts `size`-pixel images with and that do not divide them. timm refuses such
+    an image where the model is built for any size, and where it is built for this one (`img_size`, see
+    size_options), its patch grid is size // patch: the convolution leaves out the last size % patch pixels of
+    every row and column, silently. timm pads instead only when built with dynamic_img_pad."""
+    uneven: list[int] = []
+
+    def record(module, inputs):
+        side, patch = inputs[0].shape[-1], module.patch_size[-1]
+        if inputs[0].shape[-2:] == (size, size) and side % patch and not module.dynamic_img_pad:
+            uneven.append(patch)
+
+    hooks = [module.register_forward_pre_hook(record) for module in model.modules()
+             if isinstance(module, timm.layers.PatchEmbed)]
+    try:
+        yield uneven
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def patches_leave_pixels_out(name: str, size: int, patch: int, flag: str) -> str:
+    """The line for `size`-pixel images that `patch`-pixel patches do not divide, naming the nearest sizes they do."""
+    below, above = size // patch * patch, (size // patch + 1) * patch
+    nearest = f"{below} or {above}" if below >= MIN_IMAGE_SIZE else str(above)
+    return (f"--model {name} cuts images into {patch}-pixel patches, which would leave out the last {size % patch} "
+            f"pixels of each row and column of a {size}-pixel image; give {flag} {nearest} (a multiple of {patch}).")
 
 
 def accepted_sizes(model: torch.nn.Module, name: str, refused: int, image_size: int) -> str:

@@ -117,6 +117,30 @@ def test_a_fixed_size_model_refusing_smaller_training_crops_says_to_leave_out_mi
         check_input_sizes(model, VIT, [16, 32], CPU)
 
 
+@pytest.mark.parametrize("strict, sizes, expected", [
+    # built for the run's size, as vit_tiny_patch16_224 is: its 2x2 patch grid left out 8 pixels, silently
+    (True, [40], "the last 8 pixels of each row and column of a 40-pixel image; give --image-size 32 or 48"),
+    # built for any size: timm refused it, and the line named the size of the model's weights (160)
+    (False, [40], "the last 8 pixels of each row and column of a 40-pixel image; give --image-size 32 or 48"),
+    (False, [40, 64], "the last 8 pixels of each row and column of a 40-pixel image; give --min-train-size 32 or 48"),
+    (False, [20], "the last 4 pixels of each row and column of a 20-pixel image; give --image-size 16 or 32"),
+])
+def test_an_image_size_its_patches_do_not_divide_is_refused_naming_the_nearest_sizes_they_do(strict, sizes,
+                                                                                            expected):
+    model = create_model(VIT, 3, image_size=max(sizes))
+    model.patch_embed.strict_img_size = strict
+    with pytest.raises(UserError) as refused:
+        check_input_sizes(model, VIT, sizes, CPU)
+    assert str(refused.value) == f"--model {VIT} cuts images into 16-pixel patches, which would leave out {expected} " \
+                                 "(a multiple of 16)."
+
+
+def test_sizes_its_patches_divide_are_taken_as_they_are():
+    model = create_model(VIT, 3, image_size=48)
+    check_input_sizes(model, VIT, [48], CPU)
+    assert model.training and model.patch_embed.grid_size == (3, 3)  # every pixel in a patch
+
+
 def test_a_vit_trains_at_the_runs_size_and_predict_and_timm_rebuild_it_at_that_size(tmp_path):
     # vit_tiny_patch16_224 at 32 px was refused ("cannot take 32-pixel images"); its checkpoint must then load
     # at 32 px in predict, and in timm's own loader (config.json), not be resampled back up to 224
