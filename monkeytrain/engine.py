@@ -48,6 +48,17 @@ class EvalResult:
         accuracies = (self.confusion.diag().double() / totals.clamp_min(1)).tolist()
         return [accuracy if total else None for accuracy, total in zip(accuracies, totals.tolist())]
 
+    def balanced_accuracy(self) -> float | None:
+        """From the confusion matrix summed over every rank, so every rank has the same figure."""
+        return balanced_accuracy(self.per_class_accuracy())
+
+
+def balanced_accuracy(per_class: list[float | None]) -> float | None:
+    """The mean of the per-class accuracies (recalls) over the classes with an image, as scikit-learn's
+    balanced_accuracy_score: a model that always answers the largest of k classes scores 1/k."""
+    measured = [accuracy for accuracy in per_class if accuracy is not None]
+    return sum(measured) / len(measured) if measured else None
+
 
 @dataclass
 class Learner:
