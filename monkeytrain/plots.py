@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from monkeytrain.selection import BALANCED, PLAIN
 from monkeytrain.storage import write_atomically
 
 if TYPE_CHECKING:
@@ -56,12 +57,12 @@ def number(value) -> float:
 
 
 def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None,
-                selected_on: str = "accuracy") -> Path:
+                selected_on: str = PLAIN) -> Path:
     return save(curves_figure(series, best_epoch, selected_on), path)
 
 
 def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None,
-                  selected_on: str = "accuracy") -> Figure:
+                  selected_on: str = PLAIN) -> Figure:
     """Two panels, loss and accuracy per epoch, train and validation, and the balanced validation accuracy
     where metrics.jsonl has it.
 
@@ -94,7 +95,7 @@ def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None,
 def starred_curve(series: dict[str, list[float]], best_epoch: int | None, selected_on: str) -> tuple[list, str]:
     """The curve whose figure chose the best epoch, and the star's word for it."""
     balanced = series.get("val_balanced_accuracy", [])
-    if selected_on == "balanced-accuracy" and best_epoch in series["epoch"]:
+    if selected_on == BALANCED and best_epoch in series["epoch"]:
         if not math.isnan(balanced[series["epoch"].index(best_epoch)]):
             return balanced, "best, balanced"
     return series["val_accuracy"], "best"
@@ -224,6 +225,6 @@ def write_run_plots(run_dir: Path, results: dict) -> list[Path]:
     """curves.png from RUN/metrics.jsonl and confusion_matrix.png from the results dict."""
     return [
         plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES_NAME, results.get("best_epoch"),
-                    results.get("selected_on", "accuracy")),
+                    results.get("selected_on", PLAIN)),  # results.json before --select-on: accuracy chose
         plot_confusion_matrix(results["confusion_matrix"], results["class_names"], run_dir / CONFUSION_NAME),
     ]
