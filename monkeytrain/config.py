@@ -30,6 +30,7 @@ RECIPE_CHOICES = ("auto", "gpu", "cpu")
 REPORT_TO_CHOICES = ("auto", "wandb", "none")
 PRECISION_CHOICES = ("no", "fp16", "bf16")
 OPTIMIZER_CHOICES = ("sgd", "adamw")
+SELECT_ON_CHOICES = ("balanced-accuracy", "accuracy")  # selection.BALANCED, selection.PLAIN
 MAX_EPOCHS = 1_000_000  # a bound far above any real run: start-up walks the epochs (progressive resizing)
 # Old names that still work, with one warning line: flags (field names) and values.
 RENAMED_FIELDS = {"max_steps_per_epoch": "max_batches_per_epoch"}
@@ -144,6 +145,11 @@ class TrainConfig:
     tta_shift: int = _option(
         0, "Also evaluate on crops this many pixels left, right, up and down of the centre crop (from the "
         "stored view's margin), averaging the logits; 0: the centre crop only.")
+    select_on: str = _option(
+        "balanced-accuracy", "What chooses the best epoch (best.safetensors) on the held-out images: "
+        "balanced-accuracy, the mean of the per-class accuracies, which a model that answers the largest "
+        "class does not win; or accuracy. Ties go to the lower validation loss.", choices=SELECT_ON_CHOICES,
+    )
     # --- resume ---
     resume: Optional[str] = _option(
         None, "auto: continue from the newest complete saved state of this run (start fresh if none); "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from monkeytrain.selection import BALANCED, PLAIN
 from monkeytrain.storage import write_atomically
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion_matrix.png"
-SERIES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+SERIES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_balanced_accuracy")
 MAX_FIGURE_INCHES = 30  # Agg refuses images over 2**16 pixels a side; 1000 classes must not end a run
 MAX_ANNOTATED_CLASSES = 40  # beyond this the count in each cell is too small to read
 MAX_LABELLED_CLASSES = 150  # more ticks than this on 30 inches would be under 7 pt apart: every k-th is named
@@ -55,15 +56,19 @@ def number(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None) -> Path:
-    return save(curves_figure(series, best_epoch), path)
+def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None,
+                selected_on: str = PLAIN) -> Path:
+    return save(curves_figure(series, best_epoch, selected_on), path)
 
 
-def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None) -> Figure:
-    """Two panels, loss and accuracy per epoch, train and validation.
+def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None,
+                  selected_on: str = PLAIN) -> Figure:
+    """Two panels, loss and accuracy per epoch, train and validation, and the balanced validation accuracy
+    where metrics.jsonl has it.
 
-    `best_epoch` (the selected one, from results.json) is starred; without it,
-    the epoch of highest validation accuracy.
+    `best_epoch` (the selected one, from results.json) is starred on the curve of the figure that chose it
+    (`selected_on`, results.json's: accuracy or balanced-accuracy); without it, the epoch of highest
+    validation accuracy.
     """
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
@@ -77,20 +82,32 @@ def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None)
         axes.set(title=kind, xlabel="epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
+    balanced = series.get("val_balanced_accuracy", [])
+    if any(not math.isnan(value) for value in balanced):  # runs before it was logged have none
+        accuracy_axes.plot(epochs, balanced, marker=marker, linestyle="--", label="validation, balanced")
     accuracy_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
-    mark_best(accuracy_axes, epochs, series["val_accuracy"], best_epoch)
+    mark_best(accuracy_axes, epochs, *starred_curve(series, best_epoch, selected_on), best_epoch)
     loss_axes.legend()
     accuracy_axes.legend()
     return figure
 
 
-def mark_best(axes, epochs: list[int], accuracies: list[float], best_epoch: int | None) -> None:
+def starred_curve(series: dict[str, list[float]], best_epoch: int | None, selected_on: str) -> tuple[list, str]:
+    """The curve whose figure chose the best epoch, and the star's word for it."""
+    balanced = series.get("val_balanced_accuracy", [])
+    if selected_on == BALANCED and best_epoch in series["epoch"]:
+        if not math.isnan(balanced[series["epoch"].index(best_epoch)]):
+            return balanced, "best, balanced"
+    return series["val_accuracy"], "best"
+
+
+def mark_best(axes, epochs: list[int], accuracies: list[float], what: str, best_epoch: int | None) -> None:
     if best_epoch not in epochs:
         best_epoch = highest_epoch(epochs, accuracies)
     if best_epoch is None:
         return
     accuracy = accuracies[epochs.index(best_epoch)]
-    axes.plot([best_epoch], [accuracy], "k*", markersize=12, label=f"best {accuracy:.1%} (epoch {best_epoch})")
+    axes.plot([best_epoch], [accuracy], "k*", markersize=12, label=f"{what} {accuracy:.1%} (epoch {best_epoch})")
 
 
 def highest_epoch(epochs: list[int], accuracies: list[float]) -> int | None:
@@ -207,6 +224,7 @@ def save(figure: Figure, path: Path) -> Path:
 def write_run_plots(run_dir: Path, results: dict) -> list[Path]:
     """curves.png from RUN/metrics.jsonl and confusion_matrix.png from the results dict."""
     return [
-        plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES_NAME, results.get("best_epoch")),
+        plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES_NAME, results.get("best_epoch"),
+                    results.get("selected_on", PLAIN)),  # results.json before --select-on: accuracy chose
         plot_confusion_matrix(results["confusion_matrix"], results["class_names"], run_dir / CONFUSION_NAME),
     ]

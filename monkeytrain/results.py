@@ -13,7 +13,7 @@ from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
 from monkeytrain.distributed import shard_indices
-from monkeytrain.engine import EvalResult, evaluate
+from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
 from monkeytrain.predict import inference, shown_class_names
 from monkeytrain.selection import BestEpoch
 
@@ -26,7 +26,7 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
     trainer's RunContext."""
     if not run.config.score_test:
         return (selection_summary(data.splits, best, run.run_dir),
-                f"best validation accuracy {best.accuracy:.2%}, not scored on the test split")
+                f"best validation {best.metric} {best.score:.2%}, not scored on the test split")
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
     run.log.final(results, wrong, run.run_dir / BEST_NAME)
     return results, scored_line(results)
@@ -76,9 +76,7 @@ def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplit
         "never_predicted": [name for name, column in zip(names, test.confusion.sum(dim=0).tolist()) if not column],
         "confusion_matrix": test.confusion.tolist(),
         "class_names": names,
-        "best_epoch": best.epoch,
-        "best_val_accuracy": best.accuracy,
-        "best_val_loss": best.loss,
+        **best_epoch_figures(best),
         "val_images": len(splits.val),
         "selection_biased": splits.selection_on_test,
         "synthetic_data": splits.synthetic,
@@ -91,19 +89,21 @@ def results_summary(test: EvalResult, info: CheckpointInfo, splits: DatasetSplit
     return summary
 
 
-def balanced_accuracy(per_class: list[float | None]) -> float | None:
-    """The mean of the per-class accuracies (recalls) over the classes with a test image, as scikit-learn's
-    balanced_accuracy_score: a model that always answers the largest of k classes scores 1/k."""
-    measured = [accuracy for accuracy in per_class if accuracy is not None]
-    return sum(measured) / len(measured) if measured else None
+def best_epoch_figures(best: BestEpoch) -> dict:
+    """The chosen epoch, what chose it (--select-on) and its validation figures."""
+    return {
+        "best_epoch": best.epoch,
+        "selected_on": best.select_on,
+        "best_val_accuracy": best.accuracy,
+        "best_val_balanced_accuracy": best.balanced_accuracy,
+        "best_val_loss": best.loss,
+    }
 
 
 def selection_summary(splits: DatasetSplits, best: BestEpoch, run_dir: Path) -> dict:
     """results.json of a run that never saw its test split (--no-score-test: a trial of monkeytrain tune)."""
     return {
-        "best_epoch": best.epoch,
-        "best_val_accuracy": best.accuracy,
-        "best_val_loss": best.loss,
+        **best_epoch_figures(best),
         "val_images": len(splits.val),
         "test_accuracy": None,
         "note": "not scored on the test split (--no-score-test)",

@@ -17,6 +17,7 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import flag_name, recorded_config, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError
+from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
 from monkeytrain.tracking import METRICS_NAME, RUN_ID_NAME
@@ -30,6 +31,9 @@ MAY_CHANGE_ON_RESUME = {"num_workers", "cache_dir", "data_pipeline", "recipe", "
                         "compile", "cuda_graphs", "tta_flip", "tta_shift", "resume", "save_every",
                         "save_every_minutes", "keep_states", "report_to", "log_checkpoint", "output_dir", "run_name",
                         "cpu", "cpu_threads", "debug", "score_test", "strict_data"}
+
+# Flags added since runs began: what a run whose config.yaml lacks one had, and goes on with when resumed
+BEFORE_THE_FLAG = {"select_on": BEFORE_SELECT_ON}
 
 
 def prepare_run_dir(config, accelerator) -> Path:
@@ -122,6 +126,7 @@ def check_resumed_config(run_dir: Path, config, is_main_process: bool = True) ->
             warn(f"{saved} is missing or unreadable, so the flags of this resume cannot be checked against those "
                  "the run began with: it goes on with the flags given, and records them there.")
         return
+    goes_on_as_it_began(began, config, saved, is_main_process)
     began, now = with_absolute_paths(began), with_absolute_paths(recorded_config(config))
     if began.get("data") is None and not config.data:
         now["data"] = None  # began before config.yaml named the data; the state's data manifest is checked on loading
@@ -135,6 +140,18 @@ def check_resumed_config(run_dir: Path, config, is_main_process: bool = True) ->
         raise UserError(f"{saved.parent} began with other flags than this resume's ({saved}): {flags}; a resumed "
                         f"run goes on with the flags it began with: give them again (--config {saved} gives them "
                         "all), or start a new run.")
+
+
+def goes_on_as_it_began(began: dict, config, saved: Path, is_main_process: bool) -> None:
+    """A run begun before a flag existed (its config.yaml has no such key) goes on as it began, not with the
+    flag's default: a run begun before --select-on chose its best epoch on accuracy, and its saved best is
+    one; balanced accuracy from here on would weigh one metric against the other."""
+    for name, value in BEFORE_THE_FLAG.items():
+        if name not in began and getattr(config, name) != value:
+            if is_main_process:
+                warn(f"{saved.parent} began before --{flag_name(name)} existed: it goes on with "
+                     f"--{flag_name(name)} {value}, as it began ({saved}).")
+            setattr(config, name, value)
 
 
 def changed_on_resume(name: str, value, began, saved: Path, config) -> str:

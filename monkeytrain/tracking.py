@@ -34,7 +34,8 @@ DEFAULT_PROJECT = "monkeytrain"
 # WANDB_MODE values with which wandb.init needs no account and never logs in.
 NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
-SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "best_val_accuracy", "best_val_loss")
+SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "selected_on", "best_val_accuracy",
+                "best_val_balanced_accuracy", "best_val_loss")
 THUMBNAIL_PIXELS = 128
 
 
@@ -249,7 +250,8 @@ def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, A
             name=run_dir.name, job_type="train", config=config,
             dir=os.environ.get("WANDB_DIR") or str(run_dir),  # the offline run sits beside its checkpoint
         )
-        run.define_metric("val_accuracy", summary="max")  # right even if the job dies before final()
+        for name in ("val_accuracy", "val_balanced_accuracy"):
+            run.define_metric(name, summary="max")  # right even if the job dies before final()
     except Exception as error:  # a tracker failure (network, bad key, server) must never stop training
         reason = " ".join(str(error).split())  # wandb's messages span lines; the warning is one
         raise TrackerUnavailable(f"--report-to {report_to}: W&B could not start a run "
@@ -366,9 +368,11 @@ def format_epoch(m: dict) -> str:
     trained = (f"train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.2%}" if m["train_loss"] is not None
                else "train n/a (trained before the resume)")
     speed = f"{m['images_per_second']:.0f} img/s" if m["images_per_second"] is not None else "- img/s"
+    balanced = m.get("val_balanced_accuracy")  # the mean of the per-class accuracies (--select-on)
+    validated = f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.2%}" + (
+        f" bal {balanced:.2%}" if balanced is not None else "")
     return (
-        f"epoch {m['epoch']:>3}/{m['epochs']}  {trained}  "
-        f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.2%}  "
+        f"epoch {m['epoch']:>3}/{m['epochs']}  {trained}  {validated}  "
         f"lr {m['lr']:.2e}  {speed}  {m['epoch_seconds']:.1f}s"
         + ("  *best*" if m.get("is_best") else "")
     )

@@ -66,7 +66,7 @@ class Progress:
         saved = dict(extras["progress"])
         if "global_step" in saved:  # an older state: the step named global_step, the best epoch beside
             saved["step"], saved["best"] = saved.pop("global_step"), extras["best"]
-        return cls(**{**saved, "best": BestEpoch(**saved["best"])})
+        return cls(**{**saved, "best": BestEpoch.from_saved(saved["best"])})
 
 
 @dataclass
@@ -83,15 +83,16 @@ class RunContext:
 class Trainer:
     """Trains the remaining epochs of a run, resuming it first when asked to.
 
-    `on_epoch(epoch, val_accuracy)`, when given, is called on every rank after each epoch's
-    validation. To end the run there it raises (`monkeytrain tune` raises optuna.TrialPruned), which
-    skips the saved state, the requeue and the test split; the run directory keeps what it has.
+    `on_epoch(epoch, val_score)`, when given, is called on every rank after each epoch's validation, with
+    the figure that chooses the best epoch (--select-on). To end the run there it raises (`monkeytrain
+    tune` raises optuna.TrialPruned), which skips the saved state, the requeue and the test split; the run
+    directory keeps what it has.
     """
 
     def __init__(self, run: RunContext, data: RunData, stop: Preemption,
                  on_epoch: Callable[[int, float], None] | None = None):
         self.run, self.data, self.stop = run, data, stop
-        self.on_epoch = on_epoch or (lambda epoch, val_accuracy: None)
+        self.on_epoch = on_epoch or (lambda epoch, val_score: None)
         self.config, self.accelerator = run.config, run.accelerator
         self.stop_check_interval = stop_check_interval(self.accelerator.device)
         self.generator = torch.Generator(self.accelerator.device).manual_seed(
@@ -112,7 +113,7 @@ class Trainer:
         self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
-        self.progress = Progress()
+        self.progress = Progress(best=BestEpoch(select_on=self.config.select_on))  # a resume's state replaces it
         self.unsaved_stop: str | None = None  # how a stop that saved no state ended, for the stop line
 
     def fit(self) -> bool:
@@ -135,7 +136,8 @@ class Trainer:
             self.progress.epoch, self.progress.batch = epoch + 1, 0
             with phases.timing("validation"):
                 validated = self.validate(epoch, trained)
-            self.on_epoch(epoch, validated.accuracy)  # first: a tune pruner may end a diverged trial as pruned
+            # first: a tune pruner may end a diverged trial as pruned
+            self.on_epoch(epoch, self.best.score_of(validated.accuracy, validated.balanced_accuracy()))
             if not math.isfinite(validated.loss):
                 raise self.diverged(epoch, trained.loss, validated.loss)
             if resumed_within:
@@ -222,7 +224,8 @@ class Trainer:
         validated = evaluate(self.evaluated, self.data.pipeline.eval_batches("val"),
                              self.eval_views.prepare, self.accelerator, self.data.num_classes)
         finite = math.isfinite(validated.loss)  # else a broken model, never to be chosen (see diverged)
-        improved = finite and self.progress.best.update(epoch, validated.accuracy, validated.loss)  # alike on all
+        balanced = validated.balanced_accuracy()  # from the confusion summed over the ranks: alike on all
+        improved = finite and self.best.update(epoch, validated.accuracy, validated.loss, balanced)  # alike too
         if improved:
             self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
         # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
@@ -232,7 +235,7 @@ class Trainer:
             "epoch": epoch, "epochs": self.config.epochs,
             "train_loss": trained.loss if measured else None,
             "train_accuracy": trained.accuracy if measured else None,
-            "val_loss": validated.loss, "val_accuracy": validated.accuracy,
+            "val_loss": validated.loss, "val_accuracy": validated.accuracy, "val_balanced_accuracy": balanced,
             "lr": float(self.learner.scheduler.get_last_lr()[0]),
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,

@@ -5,8 +5,9 @@
 
 Every trial is a real training run (train.main: the same Trainer, signals and tracking) in its own run
 directory DIR/trials/trial-NNNN, with the space's values as flags on top of the fixed train.py flags.
-It is scored on its best epoch's held-out validation accuracy and never sees the test split
-(--no-score-test); the pruner may end it after any epoch, from that epoch's validation accuracy.
+It is scored on its best epoch's held-out validation figure that chose that epoch (--select-on: balanced
+accuracy by default, or accuracy) and never sees the test split (--no-score-test); the pruner may end it after
+any epoch, from that epoch's same figure. A study begun before --select-on existed goes on scoring on accuracy.
 
 Workers share one study, DIR/study.journal: the processes of --workers K, the tasks of a SLURM array
 (slurm/tune.sbatch), and any later `monkeytrain tune` on the same DIR, which continues the study up to
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error
+from monkeytrain.selection import BALANCED, PLAIN
 
 STUDY_NAME = "monkeytrain"
 STORAGE_NAME = "study.journal"
@@ -74,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="worker processes on this machine: one GPU each, or the CPU cores shared")
     parser.add_argument("--pruner", type=pruner_rule, default="median", metavar="RULE",
-                        help=f"median (default): stop a trial whose best validation accuracy so far is below the "
-                             f"median of completed trials at that epoch, from epoch {MEDIAN_FROM_EPOCH}, once "
-                             f"{MEDIAN_AFTER_TRIALS} trials completed; below:ACC: as soon as it is below ACC "
+                        help="median (default): stop a trial whose best validation score (--select-on) so far is "
+                             f"below the median of completed trials at that epoch, from epoch {MEDIAN_FROM_EPOCH}, "
+                             f"once {MEDIAN_AFTER_TRIALS} trials completed; below:ACC: as soon as it is below ACC "
                              "(e.g. below:0.2); none")
     parser.add_argument("--finish", action="store_true",
                         help="end the study now: write its files and train the best config")
@@ -105,6 +107,16 @@ class Setup:
     trials: int
     deadline: float | None  # time.monotonic() after which no trial starts
     worker: str
+    select_on: str = BALANCED  # what scores its trials: --select-on, as the study began with it
+
+    @property
+    def objective(self) -> str:
+        return objective_words(self.select_on)
+
+
+def objective_words(select_on: str) -> str:
+    """What scores the trials of a study, in words: validation balanced accuracy, or validation accuracy."""
+    return f"validation {select_on.replace('-', ' ')}"
 
 
 @dataclass
@@ -157,9 +169,27 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
     check_data(config)
     check_writable_dir(args.study_dir, "--study-dir")
     study = open_study(args.study_dir, make_pruner(args.pruner))
+    select_on = study_select_on(study, config.select_on, args.study_dir)  # before check_same_search keeps the space
     check_same_search(study, space, fixed, args.study_dir)
+    if select_on != config.select_on:  # a study begun before --select-on: its trials go on as they began
+        train_flags = [*train_flags, "--select-on", select_on]
     deadline = None if args.timeout_minutes is None else time.monotonic() + args.timeout_minutes * 60
-    return study, Setup(args.study_dir, space, train_flags, args.trials, deadline, worker_name()), config
+    return study, Setup(args.study_dir, space, train_flags, args.trials, deadline, worker_name(), select_on), config
+
+
+def study_select_on(study, select_on: str, study_dir: Path) -> str:
+    """What scores the study's trials, kept in the study: one figure for all of them. A study that kept its
+    space but no such figure began before --select-on existed and scored its trials on accuracy; so do its
+    next ones, rather than rank balanced accuracies against plain ones. Kept before the space, so that a worker
+    that sees a space kept by another sees this too (the journal is read in order)."""
+    kept = study.user_attrs.get("select_on")
+    if kept is None:
+        kept = PLAIN if study.user_attrs.get("space") is not None else select_on
+        study.set_user_attr("select_on", kept)
+    if kept != select_on:
+        say(f"{study_dir} began before --select-on existed and scores its trials on validation accuracy; "
+            "its next trials are scored so too.")
+    return kept
 
 
 def fixed_flags(train_flags: list[str], space: dict) -> dict:
@@ -355,7 +385,7 @@ def run_trial(trial, setup: Setup) -> TrialEnd:
             "--run-name", run_dir.name, "--no-score-test"]
     started = time.monotonic()
     with open(run_dir / TRIAL_LOG, "a") as log, redirect_stdout(log), redirect_stderr(log):
-        ended = train_trial(trial, argv)
+        ended = train_trial(trial, argv, setup.objective)
     release_memory()
     ended.note += f" [{time.monotonic() - started:.1f} s]"
     write_atomically(run_dir / "trial.json", json.dumps(
@@ -364,7 +394,7 @@ def run_trial(trial, setup: Setup) -> TrialEnd:
     return ended
 
 
-def train_trial(trial, argv: list[str]) -> TrialEnd:
+def train_trial(trial, argv: list[str], objective: str = objective_words(BALANCED)) -> TrialEnd:
     import optuna
     from optuna.trial import TrialState
 
@@ -374,7 +404,7 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
     try:
         # The undecorated entry point: a UserError must reach tune (it stops the study, in one line)
         # instead of exiting this process from inside a trial.
-        results = train_main.__wrapped__(argv, on_epoch=pruning_hook(trial))
+        results = train_main.__wrapped__(argv, on_epoch=pruning_hook(trial, objective))
     except optuna.TrialPruned as pruned:
         return TrialEnd(TrialState.PRUNED, None, f"pruned: {pruned}")
     except Diverged as diverged:  # these values break training: a failed trial, like any search's
@@ -390,19 +420,26 @@ def train_trial(trial, argv: list[str]) -> TrialEnd:
     if results.get("stopped"):
         trial.set_user_attr("interrupted", "a stop signal")
         return TrialEnd(TrialState.FAIL, None, "interrupted by a stop signal; it does not count", interrupted=True)
-    return TrialEnd(TrialState.COMPLETE, results["best_val_accuracy"],
-                    f"validation accuracy {results['best_val_accuracy']:.2%} (best epoch {results['best_epoch']})")
+    value = best_val_score(results)
+    return TrialEnd(TrialState.COMPLETE, value, f"{objective} {value:.2%} (best epoch {results['best_epoch']})")
 
 
-def pruning_hook(trial) -> Callable[[int, float], None]:
-    """The Trainer's on_epoch: report each epoch's validation accuracy, and end the run when the pruner
-    says so (optuna.TrialPruned, which train.main lets through)."""
+def best_val_score(results: dict) -> float:
+    """The figure of a run's best epoch that chose it (results.json's selected_on)."""
+    chosen_on_balanced = results["selected_on"] == BALANCED
+    return results["best_val_balanced_accuracy" if chosen_on_balanced else "best_val_accuracy"]
+
+
+def pruning_hook(trial, objective: str) -> Callable[[int, float], None]:
+    """The Trainer's on_epoch: report each epoch's validation figure that chooses the best epoch (its
+    `objective`, in words), and end the run when the pruner says so (optuna.TrialPruned, which train.main
+    lets through)."""
     import optuna
 
-    def on_epoch(epoch: int, val_accuracy: float) -> None:
-        trial.report(val_accuracy, epoch)
+    def on_epoch(epoch: int, val_score: float) -> None:
+        trial.report(val_score, epoch)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"validation accuracy {val_accuracy:.2%} at epoch {epoch}")
+            raise optuna.TrialPruned(f"{objective} {val_score:.2%} at epoch {epoch}")
 
     return on_epoch
 
@@ -582,7 +619,7 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     best = study.best_trial
     files, importances = write_study_files(study, trials, best, setup)
     say(f"{len(trials)} trial{'s' * (len(trials) != 1)} ({state_counts(trials)}); best: trial {best.number}, "
-        f"validation accuracy {best.value:.2%} ({describe(best.params)})")
+        f"{setup.objective} {best.value:.2%} ({describe(best.params)})")
     say("wrote " + ", ".join(str(path) for path in files))
     if stops.received:
         return stopped_finishing("signal", stops.received, setup)
@@ -590,10 +627,10 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     stops.listen()
     if results.get("stopped"):
         return stopped_finishing("interrupted", stops.received, setup)
-    tune_report.write_json(tune_report.study_summary(trials, best, importances, results),
+    tune_report.write_json(tune_report.study_summary(trials, best, importances, results, setup.select_on),
                            setup.study_dir / tune_report.SUMMARY_NAME)
-    say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: validation accuracy "
-        f"{results['best_val_accuracy']:.2%} (epoch {results['best_epoch']}); test accuracy "
+    say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: {setup.objective} "
+        f"{best_val_score(results):.2%} (epoch {results['best_epoch']}); test accuracy "
         f"{results['test_accuracy']:.2%} on {results['test_images']} images, the study's one look at the "
         f"test split; {setup.study_dir / BEST_RUN_NAME}/results.json")
     return 0
@@ -606,9 +643,11 @@ def write_study_files(study, trials: list, best, setup: Setup) -> tuple[list[Pat
     directory = setup.study_dir
     tune_report.write_trials_csv(trials, directory / tune_report.TRIALS_NAME)
     importances, why_not = tune_report.param_importances(study)
-    picture = tune_report.draw_search(trials, importances, why_not, directory / tune_report.SEARCH_NAME)
+    picture = tune_report.draw_search(trials, importances, why_not, directory / tune_report.SEARCH_NAME,
+                                      setup.objective)
     best_config = tune_report.write_best_config(best, directory / TRIALS_DIR / f"trial-{best.number:04d}",
-                                                sorted(setup.space), directory / tune_report.BEST_CONFIG_NAME)
+                                                sorted(setup.space), directory / tune_report.BEST_CONFIG_NAME,
+                                                setup.objective)
     return [directory / tune_report.TRIALS_NAME, picture, best_config], importances
 
 

@@ -33,6 +33,7 @@ MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
 # Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
 RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", *MACHINE_FIELDS)
 FLAG = "--study-dir"  # where the files go: the way out of a full disk
+OBJECTIVE = "validation balanced accuracy"  # what scores trials by default (tune.objective_words)
 
 
 def trial_note(trial: FrozenTrial) -> str:
@@ -54,7 +55,7 @@ def seconds(trial: FrozenTrial) -> float | None:
 
 
 def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
-    """One row per trial: number, state, value (best-epoch validation accuracy; a pruned trial's last
+    """One row per trial: number, state, value (best-epoch validation score, --select-on; a pruned trial's last
     one; none for a failed or interrupted one, whose last epoch was no score), each parameter,
     seconds, the worker that ran it and a note."""
     names = sorted({name for trial in trials for name in trial.params})
@@ -82,9 +83,10 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
     return ({}, doubts[0]) if doubts else (importances, "")
 
 
-def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_not: str, path: Path) -> Path:
-    """search.png: each trial's validation accuracy (pruned ones at their last epoch) with the best so
-    far, and beside it the parameter importances (or why Optuna could not give them)."""
+def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_not: str, path: Path,
+                objective: str = OBJECTIVE) -> Path:
+    """search.png: each trial's `objective` (pruned ones at their last epoch) with the best so far, and beside
+    it the parameter importances (or why Optuna could not give them)."""
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     history, importance = figure.subplots(1, 2, width_ratios=[3, 2])
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -98,7 +100,7 @@ def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_no
         best.append((trial.number, running))
     if best:
         history.step(*zip(*best), where="post", color="tab:green", label="best so far")
-    history.set(xlabel="trial", ylabel="validation accuracy", title="objective per trial")
+    history.set(xlabel="trial", ylabel=objective, title="objective per trial")
     history.set_ylim(top=min(history.get_ylim()[1], 1.02))  # no room above 100% accuracy
     history.yaxis.set_major_formatter(PercentFormatter(1.0))
     history.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -106,7 +108,7 @@ def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_no
     if importances:
         names = list(importances)[::-1]
         importance.barh(names, [importances[n] for n in names])
-        importance.set(xlabel="share of the variation in accuracy", title="parameter importance (Optuna)")
+        importance.set(xlabel="share of the variation in the objective", title="parameter importance (Optuna)")
     else:
         importance.axis("off")
         importance.text(0.5, 0.5, f"no parameter importance yet:\n{why_not}", ha="center", va="center",
@@ -115,12 +117,13 @@ def draw_search(trials: list[FrozenTrial], importances: dict[str, float], why_no
     return path
 
 
-def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], path: Path) -> Path:
+def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], path: Path,
+                      objective: str = OBJECTIVE) -> Path:
     """The best trial's resolved config (its run's config.yaml) as a --config preset, without what only
     named that run, so `monkeytrain train --config best_config.yaml` trains the same recipe again."""
     config = yaml.safe_load((trial_dir / "config.yaml").read_text())
     preset = {key: value for key, value in config.items() if key not in RUN_ONLY_KEYS}
-    header = (f"# The best trial of a monkeytrain tune study: trial {best.number}, validation accuracy "
+    header = (f"# The best trial of a monkeytrain tune study: trial {best.number}, {objective} "
               f"{best.value:.2%} (best epoch), from {trial_dir}.\n# Searched: {', '.join(searched)}. "
               f"Train it again with: monkeytrain train --config {path}\n# The device and precision are left to "
               "the machine that trains it (add --cpu or --mixed-precision to choose them).\n")
@@ -128,16 +131,20 @@ def write_best_config(best: FrozenTrial, trial_dir: Path, searched: list[str], p
     return path
 
 
-def study_summary(trials: list[FrozenTrial], best: FrozenTrial, importances: dict, best_run: dict) -> dict:
-    """summary.json: the count per state, the best trial and the one test score of the study."""
+def study_summary(trials: list[FrozenTrial], best: FrozenTrial, importances: dict, best_run: dict,
+                  select_on: str = "balanced-accuracy") -> dict:
+    """summary.json: the count per state, the best trial and the one test score of the study. The best trial's
+    value is named after the figure that scores the trials (best_trial_val_balanced_accuracy by default)."""
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
     return {
         "trials": {name: count for name, count in states.items() if count},
         "best_trial": best.number,
         "best_params": best.params,
-        "best_trial_val_accuracy": best.value,
+        "selected_on": select_on,
+        f"best_trial_val_{select_on.replace('-', '_')}": best.value,
         "param_importances": importances,
-        "best_run": {key: best_run.get(key) for key in ("best_val_accuracy", "best_epoch", "test_accuracy",
+        "best_run": {key: best_run.get(key) for key in ("selected_on", "best_val_accuracy",
+                                                        "best_val_balanced_accuracy", "best_epoch", "test_accuracy",
                                                         "test_images", "checkpoint")},
         "note": "only best_run was scored on the test split, once; every trial was scored on validation",
     }

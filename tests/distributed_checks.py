@@ -53,7 +53,7 @@ def stats_and_test_evaluation(pipeline, splits, cache_dir: Path, accelerator) ->
     prepare = Augmenter(AugmentSettings(), IMAGE_SIZE, stats.mean, stats.std, generator=None).eval
     result = evaluate(model, pipeline.eval_batches("test"), prepare, accelerator, len(splits.class_names))
     return dict(mean=stats.mean, std=stats.std, cached=cached, count=result.count,
-                confusion=result.confusion.tolist(), loss=result.loss,
+                confusion=result.confusion.tolist(), loss=result.loss, balanced=result.balanced_accuracy(),
                 shard=sum(len(labels) for _, labels in pipeline.eval_batches("test")))
 
 
@@ -134,9 +134,9 @@ def record_writes(output_dir: Path, writes: list[str]) -> None:
 def record_decisions(decisions: list) -> None:
     real_update = selection.BestEpoch.update
 
-    def update(self, epoch, accuracy, loss):
-        improved = real_update(self, epoch, accuracy, loss)
-        decisions.append([epoch, accuracy, loss, improved])
+    def update(self, epoch, accuracy, loss, balanced_accuracy):
+        improved = real_update(self, epoch, accuracy, loss, balanced_accuracy)
+        decisions.append([epoch, accuracy, loss, balanced_accuracy, improved])
         return improved
 
     selection.BestEpoch.update = update

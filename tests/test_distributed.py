@@ -94,6 +94,7 @@ def test_stats_and_evaluation_match_one_process(two_ranks, odd_dataset, tmp_path
             assert seen["mean"] == reference["mean"] and seen["std"] == reference["std"]  # bit-identical
             assert seen["count"] == 27
             assert seen["confusion"] == reference["confusion"]
+            assert seen["balanced"] == reference["balanced"]  # from the summed matrix, as accuracy is
             assert seen["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     for mode in ("stream", "resident"):
         assert [r[mode]["shard"] for r in ranks] == [14, 13]  # disjoint shards, no padding
@@ -114,13 +115,17 @@ def test_training_ranks_agree_and_only_rank0_writes(two_ranks):
         assert name in written
     assert len(main["decisions"]) == 3 and main["decisions"] == other["decisions"]
     # the evaluated average follows training: its validation loss changes from epoch to epoch
-    assert len({loss for _, _, loss, _ in main["decisions"]}) == 3, main["decisions"]
+    assert len({loss for _, _, loss, _, _ in main["decisions"]}) == 3, main["decisions"]
     assert main["best_epoch"] == other["best_epoch"]
     assert main["test_images"] == other["test_images"] == 27
     output = two_ranks.folder / "train" / "runs"
     results = json.loads((output / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_accuracy"] == main["test_accuracy"]
-    assert len((output / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+    logged = [json.loads(line) for line in (output / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    # each epoch's balanced accuracy, reduced over both ranks, is the one both chose on and the one logged
+    chosen_on = [balanced for _, _, _, balanced, _ in main["decisions"]]
+    assert [line["val_balanced_accuracy"] for line in logged] == chosen_on
+    assert results["selected_on"] == "balanced-accuracy"
 
 
 def test_every_rank_validates_with_the_batch_norm_statistics_of_the_model_the_main_process_saves(two_ranks):

@@ -240,7 +240,29 @@ def test_evaluate_gives_loss_accuracy_confusion_and_each_prediction_in_order(cpu
     assert result.predicted.tolist() == EVAL_PREDICTED
     assert result.confidence.tolist() == pytest.approx([max(softmax(r)) for r in rows], rel=1e-6)
     assert result.per_class_accuracy() == pytest.approx([1.0, 0.5, 0.5])
+    assert result.balanced_accuracy() == pytest.approx(2 / 3)  # from the same one reduction
     assert len(calls) == 1
+
+
+def scored(confusion: list[list[int]], loss: float) -> engine.EvalResult:
+    matrix = torch.tensor(confusion)
+    return engine.EvalResult(loss, float(matrix.diag().sum() / matrix.sum()), int(matrix.sum()), matrix,
+                             torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+
+
+def test_equal_balanced_accuracies_are_equal_figures_so_the_tie_goes_to_the_lower_loss():
+    """26, 6 and 6 held-out images: 0, 0 and 5 right, or 0, 1 and 4, are both 5/18 balanced; as a float mean of
+    the per-class accuracies the first is a bit above the second, which would keep the epoch of higher loss."""
+    from monkeytrain.selection import BestEpoch
+
+    earlier = scored([[0, 26, 0], [6, 0, 0], [1, 0, 5]], loss=1.4)
+    later = scored([[0, 26, 0], [5, 1, 0], [2, 0, 4]], loss=1.3)
+    assert sum([0, 0, 5 / 6]) / 3 != sum([0, 1 / 6, 4 / 6]) / 3  # what a float mean would compare
+    assert earlier.balanced_accuracy() == later.balanced_accuracy() == 5 / 18
+    best = BestEpoch()
+    for epoch, result in enumerate((earlier, later), start=1):
+        best.update(epoch, result.accuracy, result.loss, result.balanced_accuracy())
+    assert best.epoch == 2
 
 
 def test_evaluate_on_no_batches_counts_zero(cpu_accelerator):
@@ -249,6 +271,7 @@ def test_evaluate_on_no_batches_counts_zero(cpu_accelerator):
     assert result.loss == 0.0 and result.accuracy == 0.0
     assert result.confusion.tolist() == [[0] * 3] * 3
     assert result.per_class_accuracy() == [None, None, None]  # no images: not 0%
+    assert result.balanced_accuracy() is None
     assert result.predicted.numel() == 0 and result.confidence.numel() == 0
 
 

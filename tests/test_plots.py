@@ -67,7 +67,8 @@ def test_read_metrics_gives_one_value_per_epoch_in_order(tmp_path):
 
 def test_read_metrics_of_a_missing_file_is_empty(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == {
-        "epoch": [], "train_loss": [], "val_loss": [], "train_accuracy": [], "val_accuracy": []}
+        "epoch": [], "train_loss": [], "val_loss": [], "train_accuracy": [], "val_accuracy": [],
+        "val_balanced_accuracy": []}
 
 
 def test_highest_epoch_is_the_first_of_the_best_and_ignores_nan():
@@ -191,3 +192,14 @@ def test_write_run_plots_writes_both_files_into_the_run_directory(tmp_path):
     assert write_run_plots(tmp_path, results) == [tmp_path / CURVES_NAME, tmp_path / CONFUSION_NAME]
     assert_png(tmp_path / CURVES_NAME, 800, 300)
     assert_png(tmp_path / CONFUSION_NAME, 400, 400)
+
+
+def test_a_run_chosen_on_balanced_accuracy_stars_its_epoch_on_the_balanced_curve(tmp_path):
+    lines = [epoch_line(1, 0.8, val_balanced_accuracy=0.5), epoch_line(2, 0.7, val_balanced_accuracy=0.65)]
+    series = read_metrics(write_metrics(tmp_path / "metrics.jsonl", lines))
+    accuracy_lines = {line.get_label(): list(line.get_ydata())
+                      for line in curves_figure(series, 2, "balanced-accuracy").axes[1].get_lines()}
+    assert accuracy_lines["validation, balanced"] == [0.5, 0.65]
+    assert accuracy_lines["best, balanced 65.0% (epoch 2)"] == [0.65]  # not the epoch of highest accuracy
+    chosen_on_accuracy = [line.get_label() for line in curves_figure(series, 1, "accuracy").axes[1].get_lines()]
+    assert "best 80.0% (epoch 1)" in chosen_on_accuracy

@@ -101,7 +101,8 @@ def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_pa
     run_dir = tmp_path / "runs" / "r1"
     test = eval_result([0] * 8, [0.5] * 8, loss=0.625, accuracy=0.75)
     summary = results_summary(test, checkpoint_info(), dataset_splits(selection_on_test),
-                              BestEpoch(epoch=4, accuracy=0.8, loss=0.375), run_dir, world_size=2)
+                              BestEpoch(epoch=4, accuracy=0.8, loss=0.375, balanced_accuracy=0.7), run_dir,
+                              world_size=2)
     note = summary.pop("note", None)
     assert summary == {
         "test_accuracy": 0.75,
@@ -114,7 +115,9 @@ def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_pa
         "confusion_matrix": CONFUSION,
         "class_names": CLASS_NAMES,
         "best_epoch": 4,
+        "selected_on": "balanced-accuracy",
         "best_val_accuracy": 0.8,
+        "best_val_balanced_accuracy": 0.7,
         "best_val_loss": 0.375,
         "val_images": 8 if selection_on_test else 3,
         "selection_biased": selection_on_test,
@@ -177,3 +180,14 @@ def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
     even = {"test_accuracy": 0.75, "balanced_accuracy": 0.75, "test_images": 8, "never_predicted": [],
             "class_names": CLASS_NAMES, "per_class_accuracy": {name: 0.75 for name in CLASS_NAMES}}
     assert scored_line(even) == "test accuracy 75.00% on 8 images"
+
+
+@pytest.mark.parametrize("select_on, line", [("balanced-accuracy", "best validation balanced accuracy 60.00%"),
+                                             ("accuracy", "best validation accuracy 90.00%")])
+def test_a_run_not_scored_on_test_names_the_figure_that_chose_its_best_epoch(tmp_path, select_on, line):
+    run = SimpleNamespace(config=SimpleNamespace(score_test=False), run_dir=tmp_path)
+    best = BestEpoch(epoch=3, accuracy=0.9, loss=0.4, balanced_accuracy=0.6, select_on=select_on)
+    summary, figure = results.score(run, SimpleNamespace(splits=dataset_splits(False)), best)
+    assert figure == f"{line}, not scored on the test split"
+    assert summary["selected_on"] == select_on and summary["best_epoch"] == 3
+    assert (summary["best_val_accuracy"], summary["best_val_balanced_accuracy"]) == (0.9, 0.6)

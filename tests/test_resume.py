@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -251,3 +252,32 @@ def test_a_sigkill_never_leaves_anything_unloadable_and_the_run_resumes_identica
     assert ("resumed from" in resumed.stdout) == bool(states)
     assert not list((run_dir / "state").glob(".tmp-*"))  # the unpublished state was swept away
     assert_same_run(whole, run_dir)
+
+
+def test_a_run_begun_before_select_on_existed_resumes_choosing_on_accuracy_as_it_began(tmp_path, data):
+    """Its config.yaml has no select_on, and its state's best epoch neither that nor a balanced accuracy, as an
+    older version wrote them: it goes on choosing on plain accuracy (its saved best is one), says so once, and
+    records it, rather than weigh a balanced accuracy against a plain one."""
+    with interrupted("term", 15):  # in epoch 2 (11 steps an epoch): the state holds epoch 1 as the best
+        train_here([*common(data, tmp_path), "--run-name", "old"], tmp_path)
+    run = tmp_path / "runs" / "old"
+    began = yaml.safe_load((run / "config.yaml").read_text())
+    del began["select_on"]
+    (run / "config.yaml").write_text(yaml.safe_dump(began, sort_keys=False))
+    [state] = state_dirs(run)
+    saved = torch.load(state / "progress-rank0.pt", weights_only=False)
+    older_best = {key: saved["progress"]["best"][key] for key in ("epoch", "accuracy", "loss")}
+    torch.save({**saved, "progress": {**saved["progress"], "best": older_best}}, state / "progress-rank0.pt")
+    sizes = {**recorded_sizes(state), "progress-rank0.pt": (state / "progress-rank0.pt").stat().st_size}
+    (state / COMPLETE).write_text(json.dumps({"files": sizes}))
+
+    resumed = train_here([*common(data, tmp_path), "--run-name", "old", "--resume", "auto"], tmp_path)
+    assert f"{Path('runs') / 'old'} began before --select-on existed: it goes on with --select-on accuracy" \
+           in resumed.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["select_on"] == "accuracy"
+    results = json.loads((run / "results.json").read_text())
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [epoch["epoch"] for epoch in epochs] == [1, 2, 3]
+    highest = max(epochs, key=lambda epoch: (epoch["val_accuracy"], -epoch["val_loss"]))  # ties: the earlier
+    assert (results["selected_on"], results["best_epoch"]) == ("accuracy", highest["epoch"])
+    assert results["best_val_accuracy"] == highest["val_accuracy"]

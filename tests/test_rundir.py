@@ -124,3 +124,15 @@ def test_a_run_begun_on_a_link_to_its_data_resumes_with_the_folder_it_links_to(t
     check_resumed_config(run, parse_config([*RESUME, "--data", str(shared)]))
     with pytest.raises(UserError, match=f"began with --data {shared} "):
         check_resumed_config(run, parse_config([*RESUME, "--data", str(tmp_path)]))
+
+
+def test_a_run_begun_choosing_on_one_metric_is_not_resumed_choosing_on_the_other(tmp_path, capsys):
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))  # balanced accuracy, the default
+    with pytest.raises(UserError, match=f"^{run} began with --select-on balanced-accuracy .*, not accuracy;"):
+        check_resumed_config(run, parse_config([*RESUME, "--select-on", "accuracy"]))
+    (run / CONFIG_NAME).write_text(config_yaml(parse_config(["--cpu"])).replace("select_on: balanced-accuracy\n", ""))
+    config = parse_config(RESUME)
+    check_resumed_config(run, config)  # begun before the flag: on accuracy, as it began, and said once
+    assert config.select_on == "accuracy"
+    assert capsys.readouterr().err == (f"monkeytrain: warning: {run} began before --select-on existed: it goes on "
+                                       f"with --select-on accuracy, as it began ({run / CONFIG_NAME}).\n")

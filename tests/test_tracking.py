@@ -19,7 +19,7 @@ from conftest import train_here
 from monkeytrain.errors import UserError
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
 from monkeytrain.tracking import (
-    RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, make_run_log, persistent_run_id,
+    RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, format_epoch, make_run_log, persistent_run_id,
     wandb_configured,
 )
 
@@ -34,7 +34,8 @@ CONFIG = {"model": "resnet18", "lr": 0.05, "epochs": 3}
 
 def epoch_metrics(epoch: int) -> dict:
     return dict(epoch=epoch, epochs=3, train_loss=2.0 / epoch, train_accuracy=0.25 * epoch,
-                val_loss=2.5 / epoch, val_accuracy=[0.5, 0.75, 0.7][epoch - 1], lr=0.05 / epoch,
+                val_loss=2.5 / epoch, val_accuracy=[0.5, 0.75, 0.7][epoch - 1],
+                val_balanced_accuracy=[0.4, 0.6, 0.65][epoch - 1], lr=0.05 / epoch,
                 images_per_second=100.0 * epoch, epoch_seconds=1.5, is_best=epoch < 3)
 
 
@@ -179,12 +180,13 @@ def test_offline_wandb_run_holds_the_metrics_summary_tables_and_checkpoint(wandb
     assert run["config"]["lr"] == 0.05 and run["config"]["model"] == "resnet18"
     for epoch in (1, 2, 3):  # the epoch is the step, every per-epoch figure is there
         row, expected = run["history"][epoch], epoch_metrics(epoch)
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr",
                     "images_per_second", "epoch_seconds"):
             assert row[key] == pytest.approx(expected[key]), (epoch, key)
     assert run["summary"]["test_accuracy"] == 0.8
     assert run["summary"]["best_val_accuracy"] == 0.75 and run["summary"]["best_epoch"] == 2
     assert run["summary"]["val_accuracy"] == {"max": 0.75}
+    assert run["summary"]["val_balanced_accuracy"] == {"max": 0.65}
 
     rows = table_artifact(run, "misclassified")["data"]
     assert [(r[1], r[2], r[3]) for r in rows] == [("patas", "uakari", 0.9), ("howler", "patas", 0.55)]
@@ -494,3 +496,8 @@ def test_a_run_ended_by_bad_input_starts_no_wandb_run(wandb_env, tmp_path, monke
     assert stopped.value.code == 2
     assert wandb_inits == []
     assert not (tmp_path / "runs" / "typo").exists()  # removed as empty, as without W&B
+
+
+def test_the_epoch_line_gives_the_balanced_validation_accuracy_beside_the_plain_one():
+    assert "  val loss 1.2500 acc 75.00% bal 60.00%  lr 2.50e-02  " in format_epoch(epoch_metrics(2))
+    assert "  val loss 1.2500 acc 75.00%  lr " in format_epoch({**epoch_metrics(2), "val_balanced_accuracy": None})

@@ -102,8 +102,8 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second",
-            "epoch_seconds", "train_size"} <= set(metrics[0])
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr",
+            "images_per_second", "epoch_seconds", "train_size"} <= set(metrics[0])
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["run_name"] == "a" and config["epochs"] == 2 and config["data"] == str(trained / "data")
 
@@ -117,8 +117,10 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
 
     results = json.loads((run_dir / "results.json").read_text())
-    best = max(metrics, key=lambda m: (m["val_accuracy"], -m["val_loss"]))
+    best = max(metrics, key=lambda m: (m["val_balanced_accuracy"], -m["val_loss"]))  # chosen on it by default
     assert results["best_epoch"] == best["epoch"] == int(header["epoch"])
+    assert (results["selected_on"], results["best_val_balanced_accuracy"]) == ("balanced-accuracy",
+                                                                               best["val_balanced_accuracy"])
     assert results["selection_biased"] is False
     assert sum(map(sum, results["confusion_matrix"])) == results["test_images"] == 30
     phases = results["phase_seconds"]

@@ -15,7 +15,7 @@ from monkeytrain.config import parse_config
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import UserError
-from monkeytrain.selection import BestEpoch
+from monkeytrain.selection import PLAIN, BestEpoch
 from monkeytrain.statestore import state_dirs
 from monkeytrain.tracking import SilentLog
 from monkeytrain.trainer import Progress, RunContext, Trainer, training_sizes, whole_accumulation_groups
@@ -34,14 +34,16 @@ class NoStop:
 
 
 def test_progress_round_trips_through_what_a_state_saves():
-    progress = Progress(epoch=3, batch=2, step=40, best=BestEpoch(epoch=2, accuracy=0.5, loss=1.25))
+    progress = Progress(epoch=3, batch=2, step=40, best=BestEpoch(epoch=2, accuracy=0.5, loss=1.25,
+                                                                  balanced_accuracy=0.25))
     assert Progress.from_saved({"progress": dataclasses.asdict(progress)}) == progress
 
 
 def test_a_state_saved_by_the_previous_version_still_resumes():
     extras = {"progress": {"epoch": 3, "batch": 2, "global_step": 40},
               "best": {"epoch": 2, "accuracy": 0.5, "loss": 1.25}}
-    assert Progress.from_saved(extras) == Progress(3, 2, 40, BestEpoch(2, 0.5, 1.25))
+    # its best epoch was chosen on accuracy, and the run goes on choosing so
+    assert Progress.from_saved(extras) == Progress(3, 2, 40, BestEpoch(2, 0.5, 1.25, select_on=PLAIN))
 
 
 @pytest.mark.parametrize("batches, accumulation, trained", [(8, 1, 8), (9, 2, 8), (11, 4, 8), (3, 2, 2), (2, 2, 2)])
@@ -124,15 +126,17 @@ def test_on_epoch_sees_each_validation_and_may_end_the_run_there(trainer_for, mo
     monkeypatch.chdir(tmp_path)
     seen = []
 
-    def prune_after_two(epoch: int, val_accuracy: float) -> None:  # what monkeytrain tune's pruner does
-        seen.append((epoch, val_accuracy))
+    def prune_after_two(epoch: int, val_score: float) -> None:  # what monkeytrain tune's pruner does
+        seen.append((epoch, val_score))
         if epoch == 2:
             raise Pruned
 
     trainer = trainer_for("--epochs", "3", "--max-batches-per-epoch", "2", on_epoch=prune_after_two)
     with pytest.raises(Pruned):
         trainer.fit()
-    assert [epoch for epoch, _ in seen] == [1, 2] and trainer.best.accuracy == max(a for _, a in seen)
+    # it sees the figure that chooses the best epoch: the balanced accuracy by default
+    assert [epoch for epoch, _ in seen] == [1, 2] and trainer.best.select_on == "balanced-accuracy"
+    assert trainer.best.score == trainer.best.balanced_accuracy == max(score for _, score in seen)
     assert state_dirs(trainer.run.run_dir) == []  # no state saved: a pruned run is not resumed
     assert (trainer.run.run_dir / "best.safetensors").is_file()
 

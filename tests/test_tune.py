@@ -4,8 +4,9 @@ The studies train resnet10t at 32 px for two or three epochs of three batches on
 set. Which trial is pruned is made certain, not left to chance: the test enqueues (Optuna's own
 enqueue_trial, on the study's storage, outside the space's range: Optuna warns and runs it) a trial with
 lr 1000, which diverges; its weights turn to NaN, every image is then predicted as class 0, which holds 2
-of the 18 validation images, and `--pruner below:0.3` prunes it after its first epoch (without a pruner,
-the divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% on this set.
+of the 18 validation images: a balanced accuracy (the trials' score, by default) of 1/3, all of class 0 and
+none of the others, and `--pruner below:0.4` prunes it after its first epoch (without a pruner, the
+divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% on this set.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ TINY = ["--cpu", "--model", "resnet10t", "--image-size", "32", "--batch-size", "
 
 
 def write_study_inputs(folder: Path) -> tuple[Path, list[str]]:
-    """(space file, train flags) of a tiny study: class n0 is rare, so a diverged model scores 2/18."""
+    """(space file, train flags) of a tiny study: class n0 is rare, so a diverged model, which answers n0 for
+    every image, scores 2/18 accuracy and 1/3 balanced accuracy."""
     data = write_image_folder(folder / "data", layout="train-val-test", classes=3,
                               per_class={"n0": 2, "n1": 8, "n2": 8}, size=32)
     space = folder / "space.yaml"
@@ -86,7 +88,7 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     study_dir = tmp_path / "study"
     enqueue(study_dir, {"lr": 1000.0, "weight_decay": 1e-4, "label_smoothing": 0.1},
             {"lr": 0.05, "weight_decay": 1e-4, "label_smoothing": 0.1})
-    done = run_tune(tune_command(space, study_dir, "--trials", "3", "--workers", "2", "--pruner", "below:0.3",
+    done = run_tune(tune_command(space, study_dir, "--trials", "3", "--workers", "2", "--pruner", "below:0.4",
                                  *train_flags, "--epochs", "2"))
 
     out = done.stdout
@@ -94,7 +96,7 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     trials = read_trials(study_dir)
     assert len(trials) == 3 and len({t["worker"] for t in trials}) == 2  # both workers ran trials
     assert trials[0]["state"] == "PRUNED" and trials[0]["note"] == "pruned at epoch 1"
-    assert float(trials[0]["value"]) == pytest.approx(2 / 18)
+    assert float(trials[0]["value"]) == pytest.approx(1 / 3)  # the balanced accuracy, not the plain 2/18
     assert trials[1]["state"] == "COMPLETE" and float(trials[1]["value"]) >= 0.8
     pruned_dir = study_dir / "trials" / "trial-0000"
     assert json.loads((pruned_dir / "trial.json").read_text())["state"] == "PRUNED"
@@ -104,6 +106,8 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
 
     summary = json.loads((study_dir / "summary.json").read_text())
     best = summary["best_trial"]
+    assert summary["selected_on"] == "balanced-accuracy" and "best_trial_val_balanced_accuracy" in summary
+    assert f"best: trial {best}, validation balanced accuracy " in out
     assert trials[best]["state"] == "COMPLETE" and float(trials[best]["value"]) == max(
         float(t["value"]) for t in trials if t["state"] == "COMPLETE")
     assert (study_dir / "search.png").read_bytes()[:4] == b"\x89PNG"
@@ -117,6 +121,36 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     # best_config.yaml leaves the machine out; the study's own best run keeps the study's (--cpu here)
     assert (best_run_config["cpu"], best_run_config["cpu_threads"]) == (True, 1)
     assert "the study's one look at the test split" in out
+
+
+def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(study_inputs, tmp_path, capsys):
+    """Its trials were scored on plain accuracy: its next ones are too, rather than rank balanced accuracies
+    against them; a new study keeps what scores its trials for every later worker."""
+    from monkeytrain.tune_space import load_space, space_json
+
+    space, train_flags = study_inputs
+
+    def opened(study_dir: Path) -> tune.Setup:
+        args, flags = tune.build_parser().parse_known_args(["--space", str(space), "--study-dir", str(study_dir),
+                                                           *train_flags])
+        return tune.open_search(args, flags)[1]
+
+    older = tmp_path / "older"
+    study = optuna.create_study(study_name=tune.STUDY_NAME, storage=tune.study_storage(older), direction="maximize")
+    study.set_user_attr("space", space_json(load_space(space)))  # as a version without --select-on kept it
+    setup = opened(older)
+    assert (setup.select_on, setup.train_flags[-2:]) == ("accuracy", ["--select-on", "accuracy"])
+    assert "began before --select-on existed and scores its trials on validation accuracy" in capsys.readouterr().out
+    new = opened(tmp_path / "new")
+    assert (new.select_on, new.train_flags, new.objective) == ("balanced-accuracy", train_flags,
+                                                               "validation balanced accuracy")
+    assert opened(tmp_path / "new").select_on == "balanced-accuracy"  # a later worker: the space is kept now
+
+
+def test_a_trial_is_scored_on_the_figure_that_chose_its_best_epoch():
+    results = {"selected_on": "balanced-accuracy", "best_val_accuracy": 0.9, "best_val_balanced_accuracy": 0.6}
+    assert tune.best_val_score(results) == 0.6
+    assert tune.best_val_score({**results, "selected_on": "accuracy"}) == 0.9
 
 
 def test_best_config_leaves_the_device_and_precision_to_the_machine_that_reuses_it(tmp_path, monkeypatch):
@@ -331,7 +365,8 @@ def test_a_trial_record_the_disk_has_no_room_for_is_one_line_naming_it_and_no_em
 
     from optuna.trial import TrialState
 
-    monkeypatch.setattr(tune, "train_trial", lambda trial, argv: tune.TrialEnd(TrialState.COMPLETE, 0.9, "fine"))
+    monkeypatch.setattr(tune, "train_trial",
+                        lambda trial, argv, objective: tune.TrialEnd(TrialState.COMPLETE, 0.9, "fine"))
     setup = tune.Setup(full_disk, {}, [], 1, None, "host:1")
     (full_disk / "trials" / "trial-0007").mkdir(parents=True)
     fill_to_the_brim(full_disk)
@@ -416,7 +451,7 @@ def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_fin
             *train_flags, "--epochs", "1"]
     real_write = tune_report.write_best_config
 
-    def full(best, trial_dir, searched, path):
+    def full(best, trial_dir, searched, path, objective):
         raise DiskFull(path, 1234, False, "--study-dir")
 
     monkeypatch.setattr(tune_report, "write_best_config", full)
