@@ -304,9 +304,13 @@ def inspected_config(args: argparse.Namespace):
 
 def inspected_folders(config) -> tuple:
     """(the dataset root or None for split folders given one by one, the split folders), as training finds them."""
+    from monkeytrain.cachefolder import cache_folder
     from monkeytrain.data.dataset import explicit_dirs, find_split_folders, user_data_root
+    from monkeytrain.data.synthetic import ensure_synthetic_dataset, names_synthetic_set
 
     root = user_data_root(config)
+    if names_synthetic_set(config.data):  # as a run's config.yaml names it
+        root = ensure_synthetic_dataset(cache_folder(config.cache_dir))
     if root is None and not explicit_dirs(config):
         raise UserError(f"no dataset given and none at {DEFAULT_DATA_ROOT}; pass a dataset root.")
     return root, find_split_folders(config, root)

@@ -285,7 +285,9 @@ def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     """Flag values as runs and studies compare them: data/x given in the checkout and $PWD/data/x in a
     job script (as the README's examples have it) are the same folder, from the same working directory;
     so are a link to a folder and the folder (data/x linking to a shared copy, given by either path)."""
-    return {name: os.path.realpath(value) if name in PATH_FIELDS and value else value
+    from monkeytrain.data.synthetic import BUILTIN  # here: the data code imports this module
+
+    return {name: os.path.realpath(value) if name in PATH_FIELDS and value and not value.startswith(BUILTIN) else value
             for name, value in values.items()}
 
 
@@ -547,17 +549,18 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     """The resolved config as a run records it (config.yaml) and a resume is checked against, so that
     `--config runs/NAME/config.yaml --run-name again` repeats the run, in another shell or on another machine:
     - the data root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag
-      named the data (null would train on that shell's default data, silently); null stays for the built-in
-      synthetic set and for split folders;
+      named the data (null would train on that shell's default data, silently), and the built-in synthetic
+      set by its name (synthetic.DATA_NAME); null stays for split folders;
     - --resume auto for a run resumed from a state folder (RUN/state/step-N), which continues that run only:
       another run given it is refused."""
     # Here, not at the top: the data code imports this module.
-    from monkeytrain.data.dataset import user_data_root
+    from monkeytrain.data.dataset import explicit_dirs, user_data_root
+    from monkeytrain.data.synthetic import DATA_NAME
 
     values = config.to_dict()
     if not config.data:
         root = user_data_root(config)
-        values["data"] = os.path.abspath(root) if root else None
+        values["data"] = os.path.abspath(root) if root else None if explicit_dirs(config) else DATA_NAME
     if config.resume:
         values["resume"] = "auto"
     return values

@@ -11,6 +11,7 @@ import yaml
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
 )
+from monkeytrain.data.synthetic import DATA_NAME as SYNTHETIC
 from monkeytrain.distributed import Hardware, choose_precision, launcher_precision, make_accelerator
 from monkeytrain.errors import UserError, exits_cleanly_on_user_error
 
@@ -77,7 +78,7 @@ def test_saved_config_says_which_recipe_applied_and_reproduces_it(tmp_path):
     config = parse_config(["--cpu"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
     assert "recipe: cpu" in (tmp_path / "config.yaml").read_text()
-    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == dataclasses.replace(config, data=SYNTHETIC)
 
 
 def test_old_flag_names_still_work_with_one_warning_line(tmp_path, capsys):
@@ -385,8 +386,9 @@ def test_saved_config_loads_back_identically(tmp_path):
     config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", str(tmp_path / "x.safetensors"),
                            "--cpu", "--val-fraction", "0"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
-    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
-    assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(config)
+    named = dataclasses.replace(config, data=SYNTHETIC)  # no data found: the synthetic set, by its name
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == named
+    assert load_yaml_preset(tmp_path / "config.yaml") == dataclasses.asdict(named)
 
 
 def test_the_saved_config_names_the_data_that_the_environment_or_the_default_folder_gave(tmp_path, monkeypatch):
@@ -408,9 +410,10 @@ def test_the_saved_config_of_a_run_resumed_from_a_state_folder_repeats_as_a_new_
     assert parse_config(["--config", saved, "--run-name", "again"]).resume == "auto"  # a new run; none to resume
 
 
-@pytest.mark.parametrize("flags", [[], ["--train-dir", "train", "--val-dir", "val"]])
-def test_the_saved_config_names_no_data_for_the_synthetic_set_or_split_folders(flags):
-    assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))["data"] is None
+def test_the_saved_config_names_the_synthetic_set_and_no_data_for_split_folders():
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu"])))["data"] == SYNTHETIC  # see test_synthetic
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu", "--train-dir", "train", "--val-dir", "val"])))["data"] \
+        is None
 
 
 def test_the_save_schedule_help_says_how_often_the_clock_is_looked_at():

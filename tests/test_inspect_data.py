@@ -34,3 +34,14 @@ def test_classes_are_listed_by_label_with_a_name_only_where_it_differs(capsys, t
     lines = capsys.readouterr().out.splitlines()
     start = lines.index("  classes by label (folder: name where it differs):")
     assert lines[start + 1:start + 4] == ["  0. 0", "  1. 10: common name 0", "  2. 2: common name 1"]
+
+
+def test_the_synthetic_set_named_as_a_runs_config_yaml_names_it_is_inspected(capsys, tmp_path, monkeypatch):
+    """--data builtin:synthetic-v2 trains on the built-in set: inspect-data said "no dataset given" of it."""
+    from monkeytrain.data.synthetic import DATA_NAME, VERSION
+
+    monkeypatch.chdir(tmp_path)
+    cli.main(["inspect-data", "--data", DATA_NAME])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tmp_path / 'cache' / VERSION}: layout train-val-test, 10 classes"
+    assert lines[1].startswith("  train   160 images")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from monkeytrain.config import config_yaml, parse_config
 from monkeytrain.errors import UserError
@@ -43,12 +44,33 @@ def test_a_run_on_data_from_the_environment_resumes_from_the_same_and_not_from_a
 def test_a_run_whose_config_names_no_data_resumes_as_before(tmp_path, monkeypatch):
     """config.yaml named no data before it recorded the default's: such a run still resumes (the data
     manifest of its state is checked when the state is loaded), but not with another --data given."""
-    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))  # no data found: null
+    from monkeytrain.data.synthetic import DATA_NAME
+
+    began = config_yaml(parse_config(["--cpu"])).replace(f"data: {DATA_NAME}\n", "data: null\n", 1)
+    assert yaml.safe_load(began)["data"] is None  # as a run on the synthetic set recorded it then
+    run = run_begun_with(tmp_path, began)
     monkeypatch.setenv("MONKEYTRAIN_DATA", str(tmp_path / "monkeys"))
     check_resumed_config(run, parse_config(RESUME))
+    monkeypatch.delenv("MONKEYTRAIN_DATA")
+    check_resumed_config(run, parse_config(RESUME))  # the synthetic set, now named builtin:synthetic-v2
     other = tmp_path / "other"
     with pytest.raises(UserError, match=f"began with the data found without --data .*, not with --data {other};"):
         check_resumed_config(run, parse_config([*RESUME, "--data", str(other)]))
+
+
+def test_a_run_on_the_synthetic_set_resumes_on_it_and_not_on_the_data_of_another_shell(tmp_path, monkeypatch):
+    from monkeytrain.data.synthetic import DATA_NAME
+
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu"])))
+    check_resumed_config(run, parse_config(RESUME))
+    check_resumed_config(run, parse_config([*RESUME, "--data", DATA_NAME]))
+    monkeys = tmp_path / "monkeys"
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(monkeys))
+    with pytest.raises(UserError) as refused:
+        check_resumed_config(run, parse_config(RESUME))
+    assert str(refused.value) == (f"the data found without --data ({monkeys}) is not the {DATA_NAME} that {run} "
+                                  f"began with ({run / CONFIG_NAME}); give --data {DATA_NAME} to resume it, or start "
+                                  "a new run.")
 
 
 @pytest.mark.parametrize("config_text", [None, "[not, a, mapping]\n", "epochs: [\n", ""])

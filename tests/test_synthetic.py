@@ -16,6 +16,7 @@ from PIL import Image
 from monkeytrain.data import layout
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.synthetic import SIZE_AT_LEAST, VERSION, ensure_synthetic_dataset
+from monkeytrain.errors import UserError
 from monkeytrain.storage import DiskFull, folder_size, human_size
 from test_storage import full_disk  # noqa: F401  (a real 2 MiB tmpfs: the data set takes more)
 
@@ -126,3 +127,35 @@ def test_a_read_only_cache_folder_gets_the_set_in_a_temporary_folder_removed_at_
     assert digests == file_digests(synthetic_root)  # the same set, complete
     assert not Path(root).is_relative_to(tmp_path) and os.listdir(tmp_path) == []  # nothing in the cache folder
     assert not Path(root).exists()  # gone with the process
+
+
+def test_a_run_on_the_synthetic_set_names_it_so_that_its_config_yaml_trains_on_it_again(
+        tmp_path, monkeypatch, make_image_folder, cpu_accelerator):
+    """config.yaml said `data: null`, which --config of it read as no --data: in a shell with $MONKEYTRAIN_DATA
+    set, or beside a data/10-monkey-species, the repeat trained on that data instead, without a word."""
+    from conftest import RecordedLog
+    from monkeytrain.config import config_yaml, parse_config
+    from monkeytrain.data.dataset import resolve_dataset
+    from monkeytrain.data.synthetic import DATA_NAME
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(parse_config(["--cpu", "--cache-dir", str(tmp_path / "cache")])))
+    assert saved.read_text().startswith(f"data: {DATA_NAME}\n")
+    monkeypatch.setenv("MONKEYTRAIN_DATA", str(make_image_folder(tmp_path / "monkeys", classes=2, per_class=4)))
+    repeated = parse_config(["--config", str(saved)])
+    log = RecordedLog()
+    splits = resolve_dataset(repeated, cpu_accelerator, log)
+    assert splits.synthetic and len(splits.class_names) == 10
+    assert log.warnings[0].startswith(f"--data {DATA_NAME}: training on a generated SYNTHETIC dataset in ")
+    assert config_yaml(repeated) == saved.read_text()  # and its own config.yaml says the same
+
+
+def test_a_built_in_data_set_this_version_does_not_make_is_one_line_naming_the_one_it_does():
+    from monkeytrain.data.synthetic import DATA_NAME, names_synthetic_set
+
+    assert names_synthetic_set(DATA_NAME) and not names_synthetic_set("data/builtin") and not names_synthetic_set(None)
+    with pytest.raises(UserError, match=f"^--data builtin:synthetic-v1 names no data set built into this version "
+                                        f"of monkeytrain; its synthetic set is --data {DATA_NAME} "):
+        names_synthetic_set("builtin:synthetic-v1")

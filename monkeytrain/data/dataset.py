@@ -15,7 +15,7 @@ from monkeytrain.data.imagefiles import (
     ImageFile, SkippedFile, candidate_files, oversized_warning, scan_labelled_files,
 )
 from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
-from monkeytrain.data.synthetic import ensure_synthetic_dataset
+from monkeytrain.data.synthetic import DATA_NAME, ensure_synthetic_dataset, names_synthetic_set
 from monkeytrain.errors import UserError
 
 DEFAULT_DATA_ROOT = layout.DEFAULT_DATA_ROOT
@@ -99,6 +99,8 @@ def usable_cache_dir(config: TrainConfig, warn: bool = True) -> Path:
 
 def user_data_root(config: TrainConfig) -> Optional[Path]:
     """The dataset root the user asked for, or found at the default place; None means synthetic."""
+    if names_synthetic_set(config.data):
+        return None
     if config.data:
         return Path(config.data)
     if explicit_dirs(config):
@@ -235,10 +237,9 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
     if synthetic:
         with local_main_first(accelerator, everywhere=True):  # one rank generates, the others then reuse it
             root = ensure_synthetic_dataset(cache_folder(config.cache_dir))
-        log.warn(
-            f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}: training on a generated SYNTHETIC "
-            f"dataset in {root}. Pass --data ROOT or set MONKEYTRAIN_DATA for real training."
-        )
+        given = f"--data {DATA_NAME}" if config.data else f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}"
+        log.warn(f"{given}: training on a generated SYNTHETIC dataset in {root}. Pass --data ROOT or set "
+                 "MONKEYTRAIN_DATA for real training.")
     with local_main_first(accelerator):  # one decode of every file per node; the others read its scans
         splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
                                  config.strict_data, config.test_fraction, cache_folder(config.cache_dir))

@@ -14,13 +14,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from monkeytrain.errors import UserError
 from monkeytrain.storage import folder_size, is_told_read_only, mark_used, write_failure
 
 VERSION = "synthetic-v2"
+# How a run names this set where a path would name a dataset (config.yaml's `data`, --data): `--config` of that
+# file then trains on this set again, not on whatever $MONKEYTRAIN_DATA or data/10-monkey-species gives there.
+BUILTIN = "builtin:"
+DATA_NAME = f"{BUILTIN}{VERSION}"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hstripes", "vstripes", "checker", "star")
 # Per class. Small on purpose: the default command on a 2-core CPU (the CPU
 # recipe) finishes in under a minute and still learns the shapes (v1 had 40/10/10).
@@ -29,6 +35,18 @@ SIDE = 64
 # What the 310 PNG files take (2.9 MiB with today's zlib), rounded down: a full disk is told at least this
 # much is needed, even when it refuses the very first file.
 SIZE_AT_LEAST = 2_500_000
+
+
+def names_synthetic_set(data: Optional[str]) -> bool:
+    """Whether a --data value names the built-in synthetic set rather than a folder; one naming another built-in
+    set (a later version's, or a typo) is a line naming the one this version makes."""
+    if not data or not data.startswith(BUILTIN):
+        return False
+    if data != DATA_NAME:
+        raise UserError(f"--data {data} names no data set built into this version of monkeytrain; its synthetic "
+                        f"set is --data {DATA_NAME} (what a run trains on without --data, $MONKEYTRAIN_DATA or "
+                        "data/10-monkey-species).")
+    return True
 
 
 def ensure_synthetic_dataset(cache_dir: Path) -> Path:
