@@ -25,7 +25,8 @@ from monkeytrain.errors import UserError
 # Fields a search must not vary: where runs read and write, how they are tracked, and the held-out
 # images that score every trial (scores on different validation images do not compare).
 UNSEARCHABLE = {"data", "train_dir", "val_dir", "test_dir", "cache_dir", "output_dir", "run_name", "resume",
-                "val_fraction", "score_test", "report_to", "log_checkpoint", "debug", "cpu"}
+                "val_fraction", "score_test", "report_to", "log_checkpoint", "debug", "cpu",
+                "select_on"}  # one study scores every trial on one figure
 RANGE_KEYS = ("low", "high", "log", "step")
 
 

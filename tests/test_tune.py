@@ -236,6 +236,7 @@ BAD_SPACES = {
     "not a timm model": ("{model: [resnet18, resnet9000]}",
                          "allows 'resnet9000', which train.py refuses (unknown timm model 'resnet9000')"),
     "unsearchable": ("{val_fraction: [0.1, 0.2]}", "cannot be searched"),
+    "the trials' own score": ("{select_on: [accuracy, balanced-accuracy]}", "'select_on' in"),
     "empty choices": ("{lr: []}", "lists no choices"),
     "not a mapping": ("[lr, 0.1]", "must map train.py flags"),
     "bad YAML": ("{lr: [0.1", "is not valid YAML"),
