@@ -26,6 +26,8 @@ MAIN_OUTCOME_SECONDS = 10.0
 A_BUG = "(a bug: its traceback follows)"  # the main process's outcome when it is no message of ours
 # What `accelerate launch` (its flags or config file) sets, which Accelerate would read by itself.
 GRADIENT_ACCUMULATION_VARIABLE = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+# Accelerate 1.16 sets it for DeepSpeed only; Accelerator() reads it whoever set it.
+WHO_SETS_IT = "set by `accelerate launch --gradient_accumulation_steps` with DeepSpeed, its config, or an export"
 DYNAMO_BACKEND_VARIABLE = "ACCELERATE_DYNAMO_BACKEND"
 
 
@@ -86,8 +88,8 @@ def take_launcher_settings(config, environ: Mapping[str, str] = os.environ) -> l
         config.grad_accum_steps = steps
     elif steps and steps != config.grad_accum_steps:
         raise UserError(f"--grad-accum-steps {config.grad_accum_steps} and the launcher's gradient accumulation "
-                        f"({GRADIENT_ACCUMULATION_VARIABLE}={steps}, from `accelerate launch "
-                        "--gradient_accumulation_steps` or its config) differ; give one of them, or both the same.")
+                        f"({GRADIENT_ACCUMULATION_VARIABLE}={steps}: {WHO_SETS_IT}) differ; give one of them, or both "
+                        "the same.")
     backend = environ.get(DYNAMO_BACKEND_VARIABLE, "").strip().lower()
     if backend == "inductor":
         config.compile = True
@@ -102,9 +104,8 @@ def launcher_accumulation_steps(environ: Mapping[str, str]) -> int | None:
     odd value in a traceback."""
     value = environ.get(GRADIENT_ACCUMULATION_VARIABLE, "").strip()
     if value and not positive_int(value):
-        raise UserError(f"{GRADIENT_ACCUMULATION_VARIABLE}={environ[GRADIENT_ACCUMULATION_VARIABLE]!r} (from "
-                        "`accelerate launch --gradient_accumulation_steps` or its config) is not a whole number of at "
-                        "least 1; fix it or unset it, and give --grad-accum-steps.")
+        raise UserError(f"{GRADIENT_ACCUMULATION_VARIABLE}={environ[GRADIENT_ACCUMULATION_VARIABLE]!r} ({WHO_SETS_IT}) "
+                        "is not a whole number of at least 1; fix it or unset it, and give --grad-accum-steps.")
     return positive_int(value)
 
 

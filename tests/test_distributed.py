@@ -295,7 +295,7 @@ def accelerator_for(*flags: str):
 
 
 def test_the_launchers_gradient_accumulation_is_the_runs_and_recorded(launched_with):
-    """`accelerate launch --gradient_accumulation_steps 2` (or a stray export): Accelerate accumulated over 2
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 (a DeepSpeed launch, or a stray export): Accelerate accumulated over 2
     batches while the schedule and config.yaml said 1, and the last epoch's lr was 8.33e-2 instead of 0."""
     launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="2")
     accelerator, config = accelerator_for()
