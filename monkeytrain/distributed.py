@@ -9,14 +9,14 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
+from accelerate.utils import GradientAccumulationPlugin, broadcast, broadcast_object_list, gather_object, reduce
 
 from monkeytrain.config import PRECISION_CHOICES
-from monkeytrain.errors import UserError, to_stderr
+from monkeytrain.errors import USAGE_EXIT_CODE, UserError, to_stderr
 
 T = TypeVar("T")
 # How long a process other than the main one waits to hear how the main process ended before it speaks for
@@ -24,30 +24,89 @@ T = TypeVar("T")
 # main process waiting in a collective fails as soon as this one's connections close.
 MAIN_OUTCOME_SECONDS = 10.0
 A_BUG = "(a bug: its traceback follows)"  # the main process's outcome when it is no message of ours
+# What `accelerate launch` (its flags or config file) sets, which Accelerate would read by itself.
+GRADIENT_ACCUMULATION_VARIABLE = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+# Accelerate 1.16 sets it for DeepSpeed only; Accelerator() reads it whoever set it.
+WHO_SETS_IT = "set by `accelerate launch --gradient_accumulation_steps` with DeepSpeed, its config, or an export"
+DYNAMO_BACKEND_VARIABLE = "ACCELERATE_DYNAMO_BACKEND"
 
 
 def make_accelerator(config) -> Accelerator:
-    """The one Accelerator of a run, in the precision `choose_precision` picks."""
+    """The one Accelerator of a run, in the precision `choose_precision` picks. What Accelerate would read
+    by itself from the launcher's environment, unknown to the config (gradient accumulation, a dynamo
+    backend), is the config's first (take_launcher_settings): the run uses and records what it trains with."""
+    check_one_run_per_slurm_step()
     on_gpu = torch.cuda.is_available() and not config.cpu
     if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
+    notes = take_launcher_settings(config)
     precision, note = choose_precision(config.mixed_precision, launcher_precision(),
                                        Hardware.of_this_process(on_gpu))
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=precision,
-        gradient_accumulation_steps=config.grad_accum_steps,
+        # Given, so that Accelerate reads neither from the environment itself (take_launcher_settings has):
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=config.grad_accum_steps),
+        dynamo_backend="no",  # the trainer compiles on --compile (model.compiled), its kernels in --cache-dir
         step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step itself
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if note and accelerator.is_main_process:  # the same on every rank: once, not once per GPU
-        to_stderr("warning", note)
+    if accelerator.is_main_process:  # the same on every rank: once, not once per GPU
+        for warning in [*notes, note] if note else notes:
+            to_stderr("warning", warning)
     config.mixed_precision = accelerator.mixed_precision  # record what the launcher chose
     if accelerator.device.type == "cpu":
         # Not OMP_NUM_THREADS: `accelerate launch` without a config sets it to 1,
         # which would make the main command train at half speed on two cores.
         torch.set_num_threads(config.cpu_threads or cores_per_process(accelerator))
     return accelerator
+
+
+def check_one_run_per_slurm_step(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a Slurm job step of several tasks that no launcher made one run of (no WORLD_SIZE above 1):
+    `srun -n 2 python monkeytrain/train.py` (timm's idiom) would train a separate run in each task, all on
+    the first GPU. The first task says so; the others exit with the same status, silently."""
+    tasks = positive_int(environ.get("SLURM_STEP_NUM_TASKS")) if environ.get("SLURM_STEP_ID") else None
+    if (tasks or 1) == 1 or (positive_int(environ.get("WORLD_SIZE")) or 1) > 1:
+        return
+    if environ.get("SLURM_PROCID", "0").strip() not in ("", "0"):
+        raise SystemExit(USAGE_EXIT_CODE)
+    raise UserError(f"this Slurm job step runs {tasks} tasks (srun -n {tasks}), each of which would train a run of "
+                    "its own; start one task per node, which starts a process per GPU: sbatch "
+                    "slurm/train.sbatch ... for one node, sbatch slurm/train_multinode.sbatch ... for several "
+                    "(one slurm/launch_node.sh per node), or srun -n 1.")
+
+
+def take_launcher_settings(config, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Make the config's what `accelerate launch` asked for in the environment, which Accelerate would apply
+    unknown to the config: the trainer would schedule the lr for steps that never come (gradient accumulation),
+    and compile where the cache folder and the --cuda-graphs checks do not know (a dynamo backend). Returns
+    warnings to show. The launcher's gradient accumulation replaces the default --grad-accum-steps 1; another
+    value given to both is refused. Its Inductor backend is --compile; another backend is not used."""
+    steps = launcher_accumulation_steps(environ)
+    if steps and config.grad_accum_steps == 1:
+        config.grad_accum_steps = steps
+    elif steps and steps != config.grad_accum_steps:
+        raise UserError(f"--grad-accum-steps {config.grad_accum_steps} and the launcher's gradient accumulation "
+                        f"({GRADIENT_ACCUMULATION_VARIABLE}={steps}: {WHO_SETS_IT}) differ; give one of them, or both "
+                        "the same.")
+    backend = environ.get(DYNAMO_BACKEND_VARIABLE, "").strip().lower()
+    if backend == "inductor":
+        config.compile = True
+    elif backend not in ("", "no"):
+        return [f"the dynamo backend {backend} from `accelerate launch` is not used: monkeytrain compiles with "
+                "Inductor on --compile; pass --compile, or leave the backend out."]
+    return []
+
+
+def launcher_accumulation_steps(environ: Mapping[str, str]) -> int | None:
+    """The gradient accumulation `accelerate launch` passes on (None: none), checked: Accelerate would end an
+    odd value in a traceback."""
+    value = environ.get(GRADIENT_ACCUMULATION_VARIABLE, "").strip()
+    if value and not positive_int(value):
+        raise UserError(f"{GRADIENT_ACCUMULATION_VARIABLE}={environ[GRADIENT_ACCUMULATION_VARIABLE]!r} ({WHO_SETS_IT}) "
+                        "is not a whole number of at least 1; fix it or unset it, and give --grad-accum-steps.")
+    return positive_int(value)
 
 
 @dataclass(frozen=True)
@@ -103,6 +162,9 @@ def choose_precision(asked: str | None, launcher: str | None, hardware: Hardware
     fast = "fp16" if hardware.capability is not None else "no"
     if asked:
         return asked, None
+    if launcher == "fp16" and hardware.capability is None:  # Accelerate has no fp16 autocast on the CPU
+        return "no", ("fp16 from the Accelerate config does not run on the CPU: training in fp32; "
+                      "pass --mixed-precision bf16 for mixed precision on the CPU.")
     if launcher == "bf16" and emulating:
         return fast, (f"bf16 from the Accelerate config is only emulated on this {emulating}, slower than "
                       f"fp32: training in {'fp32' if fast == 'no' else fast}; pass --mixed-precision bf16 to insist.")

@@ -52,14 +52,18 @@ LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
 # passes on what it gets), from slurm/launch_node.sh. Only a SIGINT this long after the first is a second
 # Ctrl-C, which stops at once, unsaved: sooner, the same one would lose the save it asked for.
 SAME_CTRL_C_SECONDS = 1.0
+REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/requeue.sh)
 
 
 class Preemption:
     """Remembers a stop signal, and when a save is due, until the ranks next agree."""
 
     def __init__(self, save_every_minutes: float = 0.0, environ: Mapping[str, str] = os.environ,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, rerun_continues: Optional[bool] = None) -> None:
         self.received: Optional[str] = None
+        # Whether a requeued job, which runs the same command again, goes on with this run (see
+        # rerun_continues); not told, only the SLURM scripts' runs are known to.
+        self.rerun_continues = bool(environ.get(REQUEUE_REQUEST)) if rerun_continues is None else rerun_continues
         self.heard: set[str] = set()  # every stop signal received, for wants_requeue
         self.schedule = SaveSchedule(save_every_minutes)
         self.clock, self.first_ctrl_c = clock, None
@@ -194,20 +198,18 @@ class SaveSchedule:
         self.last = self.clock()
 
 
-REQUEUE_REQUEST = "MONKEYTRAIN_REQUEUE_FILE"  # set by the SLURM scripts (slurm/requeue.sh)
-
-
 def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] = None) -> None:
-    """Under SLURM, after its warning signal, have this job put back in the queue (it resumes with
-    --resume auto); else just stop, saying how to continue the run (`log.run_dir`, the main process's
-    run directory). The main process alone asks: one requeue per job. `unsaved`: how a stop that saved
-    no state came (nothing_trained_since); None after a save."""
+    """Under SLURM, after its warning signal, have this job put back in the queue where the job's command,
+    run again, continues this run (Preemption.rerun_continues); else just stop, saying how to continue the
+    run (`log.run_dir`, the main process's run directory). The main process alone asks: one requeue per
+    job. `unsaved`: how a stop that saved no state came (nothing_trained_since); None after a save."""
     if not accelerator.is_main_process:
         return
     flags = resume_flags(log.run_dir)
     job = os.environ.get("SLURM_JOB_ID")
     if job and stop.wants_requeue():
-        log.info(f"stopped on SIGUSR1 {unsaved or 'after saving'}; {ask_for_requeue(job, flags)}")
+        done = ask_for_requeue(job, flags) if stop.rerun_continues else not_requeued(flags)
+        log.info(f"stopped on SIGUSR1 {unsaved or 'after saving'}; {done}")
         return
     if job and os.environ.get(REQUEUE_REQUEST):  # a job of our scripts, ended or requeued by Slurm (SIGTERM)
         log.info(f"stopped on a signal {unsaved or 'after saving the training state'}; a job that Slurm puts back "
@@ -215,6 +217,23 @@ def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] =
         return
     log.info(f"stopped on a signal {unsaved or 'after saving the training state'}; to continue, run the same "
              f"command with {flags}.")
+
+
+def rerun_continues(config: TrainConfig, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the same command, run again (as a requeued SLURM job runs it), goes on with this run; asked of
+    the flags as given, before the run is named. The SLURM scripts' runs do: they name the run, give --resume
+    auto, and continue a given state from its newest (slurm/requeue.sh). Elsewhere only --resume auto with
+    --run-name does: without --resume the run would start over, without a name a new run (named after the
+    time) would start, and --resume with a state's path would go back to that state, every time limit."""
+    if not config.resume:
+        return False
+    return bool(environ.get(REQUEUE_REQUEST)) or (config.resume == "auto" and bool(config.run_name))
+
+
+def not_requeued(flags: str) -> str:
+    """Why a job warned of its time limit is not requeued, and how to continue, in words (rerun_continues)."""
+    return (f"not requeued: a requeued job runs the same command, which continues this run only with --resume "
+            f"auto and --run-name (as the slurm/ scripts give them); {resubmit(flags)}")
 
 
 def nothing_trained_since(state: Optional[Path]) -> str:

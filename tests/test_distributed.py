@@ -271,3 +271,125 @@ def test_the_first_line_names_the_processes_and_their_device_type_alike_on_every
     one = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     two = SimpleNamespace(num_processes=2, device=torch.device("cpu", 0))
     assert (processes_on(one), processes_on(two)) == ("1 process on cpu", "2 processes on cpu")
+
+
+# --- what the launcher asks for in the environment -----------------------------------------------------------
+
+LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                      "ACCELERATE_DYNAMO_BACKEND")
+
+
+@pytest.fixture
+def launched_with(monkeypatch):
+    """Sets the variables `accelerate launch` would have set (none else), and makes Accelerators afresh."""
+    def launch(**variables: str) -> None:
+        for name in LAUNCHER_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    AcceleratorState._reset_state(True)
+    yield launch
+    AcceleratorState._reset_state(True)
+
+
+def accelerator_for(*flags: str):
+    """(the Accelerator, the config) of a one-process CPU run with `flags`."""
+    config = parse_config(["--cpu", "--cpu-threads", str(torch.get_num_threads()), *flags])
+    return distributed.make_accelerator(config), config
+
+
+def test_the_launchers_gradient_accumulation_is_the_runs_and_recorded(launched_with):
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 (a DeepSpeed launch, or a stray export): Accelerate accumulated over 2
+    batches while the schedule and config.yaml said 1, and the last epoch's lr was 8.33e-2 instead of 0."""
+    launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="2")
+    accelerator, config = accelerator_for()
+    assert accelerator.gradient_accumulation_steps == config.grad_accum_steps == 2
+
+
+@pytest.mark.parametrize("flag, variable", [("3", "2"), ("1", "x"), ("1", "0")])
+def test_a_gradient_accumulation_the_launcher_contradicts_or_garbles_is_one_line(launched_with, flag, variable):
+    launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS=variable)
+    with pytest.raises(UserError, match="ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        accelerator_for("--grad-accum-steps", flag)
+
+
+def test_the_flags_gradient_accumulation_is_kept_where_the_launcher_agrees_or_says_nothing(launched_with):
+    launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="3")
+    accelerator, config = accelerator_for("--grad-accum-steps", "3")
+    assert accelerator.gradient_accumulation_steps == config.grad_accum_steps == 3
+    launched_with()
+    AcceleratorState._reset_state(True)
+    accelerator, config = accelerator_for("--grad-accum-steps", "4")
+    assert accelerator.gradient_accumulation_steps == config.grad_accum_steps == 4
+
+
+def test_the_launchers_inductor_backend_is_compile_and_recorded(launched_with):
+    """`accelerate launch --dynamo_backend inductor`: Accelerate compiled in prepare() while config.yaml said
+    compile: false, its kernels outside --cache-dir, unknown to the --cuda-graphs checks."""
+    from accelerate.utils import DynamoBackend
+
+    launched_with(ACCELERATE_DYNAMO_BACKEND="INDUCTOR")
+    accelerator, config = accelerator_for()
+    assert config.compile is True  # the trainer compiles, as --compile does
+    assert accelerator.state.dynamo_plugin.backend == DynamoBackend.NO  # and Accelerate does not, again
+
+
+def test_another_dynamo_backend_of_the_launchers_is_not_used_and_said_so(launched_with, capsys):
+    from accelerate.utils import DynamoBackend
+
+    launched_with(ACCELERATE_DYNAMO_BACKEND="AOT_EAGER")
+    accelerator, config = accelerator_for()
+    assert config.compile is False and accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+    assert capsys.readouterr().err == ("monkeytrain: warning: the dynamo backend aot_eager from `accelerate launch` is "
+                                       "not used: monkeytrain compiles with Inductor on --compile; pass --compile, or "
+                                       "leave the backend out.\n")
+
+
+def test_the_launchers_fp16_on_the_cpu_trains_and_is_recorded_as_fp32_and_says_so(launched_with, capsys):
+    """`accelerate launch --mixed_precision fp16` on the CPU: Accelerate trains in fp32 (no native amp there)
+    but said fp16, which config.yaml recorded; our own --mixed-precision fp16 is refused on the CPU."""
+    launched_with(ACCELERATE_MIXED_PRECISION="fp16")
+    accelerator, config = accelerator_for()
+    assert accelerator.mixed_precision == config.mixed_precision == "no"
+    assert capsys.readouterr().err == ("monkeytrain: warning: fp16 from the Accelerate config does not run on the CPU: "
+                                       "training in fp32; pass --mixed-precision bf16 for mixed precision on the "
+                                       "CPU.\n")
+
+
+# --- a Slurm step of several tasks ----------------------------------------------------------------------------
+
+SRUN_TWO_TASKS = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}
+
+
+@pytest.mark.parametrize("variables", [
+    {},                                                        # no Slurm
+    {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"},       # the batch script of sbatch --ntasks=2: no step
+    {**SRUN_TWO_TASKS, "SLURM_STEP_NUM_TASKS": "1"},          # srun -n 1
+    {**SRUN_TWO_TASKS, "WORLD_SIZE": "2"},                    # one srun task per node, each running a launcher
+])
+def test_one_process_or_one_launch_per_slurm_step_trains(variables):
+    distributed.check_one_run_per_slurm_step(variables)
+
+
+def test_srun_of_several_tasks_without_a_launcher_is_one_line_from_the_first_task(tmp_path, monkeypatch, capsys):
+    """`srun -n 2 python monkeytrain/train.py` (timm's idiom) trained two runs, each saying '1 process on cpu',
+    both on the first GPU. The first task says what to do instead; the second exits as it does, silently."""
+    from monkeytrain import train
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in SRUN_TWO_TASKS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for task in ("0", "1"):
+        monkeypatch.setenv("SLURM_PROCID", task)
+        with pytest.raises(SystemExit) as ended:
+            train.main(["--debug"])
+        assert ended.value.code == 2
+        said = capsys.readouterr().err.splitlines()
+        assert said == ([] if task == "1" else [
+            "monkeytrain: error: this Slurm job step runs 2 tasks (srun -n 2), each of which would train a run of its "
+            "own; start one task per node, which starts a process per GPU: sbatch slurm/train.sbatch "
+            "... for one node, sbatch slurm/train_multinode.sbatch ... for several (one slurm/launch_node.sh per "
+            "node), or srun -n 1."])
+    assert not (tmp_path / "runs").exists()

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import RecordedLog, train_here
+from monkeytrain.config import parse_config
 from monkeytrain.preemption import (GPU_STOP_CHECK_INTERVAL, REQUEUE_REQUEST, STOP_SIGNALS, ConsoleStream, Preemption,
                                     SaveSchedule, launched_by_a_launcher, nothing_trained_since, requeue_or_exit,
-                                    stop_check_interval, stopped_exit_status)
+                                    rerun_continues, stop_check_interval, stopped_exit_status)
 from monkeytrain.statestore import state_dirs
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -148,9 +149,10 @@ def run_log(run_dir: Path) -> RecordedLog:
     return log
 
 
-def stop_after(*names: str) -> SimpleNamespace:
-    """What requeue_or_exit reads of a Preemption that received the signals `names`."""
-    return SimpleNamespace(received=names[-1] if names else None,
+def stop_after(*names: str, rerun_continues: bool = True) -> SimpleNamespace:
+    """What requeue_or_exit reads of a Preemption that received the signals `names`, in a job whose command,
+    run again, continues the run or not (`rerun_continues`)."""
+    return SimpleNamespace(received=names[-1] if names else None, rerun_continues=rerun_continues,
                            wants_requeue=lambda: Preemption.wants_requeue(SimpleNamespace(heard=set(names))))
 
 
@@ -204,6 +206,37 @@ def test_a_job_ended_by_slurm_says_a_requeue_goes_on_by_itself_else_to_resubmit(
               "continue, resubmit the job with" if scripts else "to continue, run the same command with")
     assert log.infos == [f"stopped on a signal after saving the training state; {ending} --resume auto --run-name "
                          "slurm-4242."]
+
+
+@pytest.mark.parametrize("flags, scripts, continues", [
+    ([], False, False),                                          # the same command starts the run over
+    (["--resume", "auto"], False, False),                        # a new run, named after the time
+    (["--run-name", "cut"], False, False),                       # refused: it holds a checkpoint, no --resume
+    (["--resume", "runs/cut/state/step-9"], False, False),       # back to step 9, every time limit
+    (["--resume", "auto", "--run-name", "cut"], False, True),
+    ([], True, False),                                           # the scripts with MONKEYTRAIN_RESUME_FLAG=""
+    (["--resume", "auto", "--run-name", "slurm-4242"], True, True),
+    (["--resume", "runs/cut/state/step-9"], True, True),         # the scripts continue it from its newest state
+])
+def test_a_requeue_is_only_for_a_command_that_continues_its_run(flags, scripts, continues):
+    environ = {REQUEUE_REQUEST: "/tmp/job.requeue"} if scripts else {}
+    assert rerun_continues(parse_config(["--debug", *flags]), environ) is continues
+
+
+def test_a_job_of_its_own_is_not_requeued_to_start_its_run_over(monkeypatch, preemption):
+    """A job script of the user's own (`#SBATCH --signal=B:USR1@120`, `python monkeytrain/train.py ...`),
+    not told that its command continues the run: requeued, it would start training from scratch at every
+    time limit. The line names the flags that continue it."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("scontrol ran"))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    log = run_log(Path("/scratch") / "20261203-150000")
+    requeue_or_exit(log, SimpleNamespace(is_main_process=True), preemption)
+    assert log.infos == ["stopped on SIGUSR1 after saving; not requeued: a requeued job runs the same command, which "
+                         "continues this run only with --resume auto and --run-name (as the slurm/ scripts give them); "
+                         "to continue, resubmit the job with --resume auto --run-name 20261203-150000 --output-dir "
+                         "/scratch."]
 
 
 def test_the_signals_a_preemption_heard_decide_the_requeue(preemption):
