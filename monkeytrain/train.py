@@ -30,9 +30,8 @@ from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator, processes_on
 from monkeytrain.errors import exits_cleanly_on_user_error
-from monkeytrain.model import check_batch_norm_batches
 from monkeytrain.pace import PhaseTimes, start_up_seconds
-from monkeytrain.preemption import Preemption, requeue_or_exit, stopped_exit_status
+from monkeytrain.preemption import Preemption, requeue_or_exit, rerun_continues, stopped_exit_status
 from monkeytrain.results import score
 from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir
 from monkeytrain.statestore import given_state
@@ -54,7 +53,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[int, float], None] |
 
 def run(config: TrainConfig, accelerator, on_epoch: Callable | None = None) -> dict:
     phases = PhaseTimes()
-    stop = Preemption(config.save_every_minutes)  # from the start: a SIGUSR1 would kill us unsaved
+    # From the start (a SIGUSR1 would kill us unsaved), and before the run is named (see rerun_continues)
+    stop = Preemption(config.save_every_minutes, rerun_continues=rerun_continues(config))
     set_seed(config.seed)
     cache_dir = usable_cache_dir(config, warn=accelerator.is_main_process)  # before the run directory is made
     if config.resume and config.resume != "auto":
@@ -79,7 +79,6 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     log.info(f"{data.summary()}; {processes_on(accelerator)}; {config.recipe} recipe; run directory {run.run_dir}")
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
-        check_batch_norm_batches(trainer.learner.averager.model, config, len(data.splits.train), accelerator)
     # Once the model is built: a flag it refuses (--model, --batch-size, --tta-shift, ...) leaves no run folder
     log.write_file(CONFIG_NAME, config_yaml(config))
     log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))

@@ -31,7 +31,7 @@ from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
-from monkeytrain.model import check_input_sizes, compiled, create_model
+from monkeytrain.model import check_batch_norm_batches, check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import Preemption, nothing_trained_since, resume_flags, stop_check_interval
@@ -105,6 +105,7 @@ class Trainer:
         self.graphs = self.cuda_graphs()
         with self.graphs.side_stream() if self.graphs else nullcontext():  # for DDP's backward to be captured
             self.learner = build_learner(run, data, self.augmenter.train, self.batches_per_epoch)
+        check_batch_norm_batches(self.learner.averager.model, self.config, len(data.splits.train), self.accelerator)
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
         self.step = (GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size, self.graphs,
                                  run.phases) if self.graphs else BatchStep(self.learner, self.accelerator))

@@ -6,6 +6,7 @@
 POINT is where, relative to optimizer step STEP:
     term        SIGTERM while step STEP ends, as a scheduler's signal would arrive: the
                 trainer must notice it at its next check, save its state and stop.
+    usr1        SIGUSR1 there instead, as SLURM's warning of a time limit (--signal=B:USR1@...).
     kill        SIGKILL just after step STEP (with its scheduled save, if any).
     kill-save   SIGKILL in the middle of saving the state of step STEP: its files are
                 written, it is not yet marked complete and moved into place.
@@ -36,8 +37,8 @@ def interrupted(point: str, step: int) -> Iterator[None]:
     after_step, publish = Trainer.after_optimizer_step, StateStore._publish
 
     def after_optimizer_step(trainer: Trainer) -> bool:
-        if point == "term" and trainer.progress.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if point in ("term", "usr1") and trainer.progress.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM if point == "term" else signal.SIGUSR1)
         stopping = after_step(trainer)
         if point == "kill" and trainer.progress.step == step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from safetensors.torch import load_file
 from conftest import train_here
 from forked import exit_codes, printed, start
 from resume_checks import OUTPUT, interrupted, killed_in
-from monkeytrain import train
+from monkeytrain import preemption, train
 from monkeytrain.checkpoint import read_checkpoint
+from monkeytrain.preemption import REQUEUE_REQUEST
 from monkeytrain.statestore import COMPLETE, recorded_sizes, state_dirs
 
 # --cpu-threads 1 everywhere: runs compared bit for bit use the same threads, and a second one only waits.
@@ -95,6 +97,21 @@ def test_sigterm_mid_epoch_then_resume_ends_with_identical_weights(tmp_path, dat
                          tmp_path)
     assert "resumed from" in resumed.stdout
     assert_same_run(whole, cut)
+
+
+@pytest.mark.parametrize("naming, requeued", [(["--run-name", "mine", "--resume", "auto"], True),
+                                              (["--resume", "auto"], False)])  # a new run's name each time
+def test_a_job_script_of_the_users_own_is_requeued_when_its_command_continues_its_run(tmp_path, data, monkeypatch,
+                                                                                     naming, requeued):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv(REQUEUE_REQUEST, raising=False)
+    asked = []
+    monkeypatch.setattr(preemption.subprocess, "run", lambda command, **_: asked.append(command) or
+                        subprocess.CompletedProcess(command, 0, "", ""))
+    with interrupted("usr1", 5):
+        stopped = train_here([*common(data, tmp_path), *naming], tmp_path)
+    assert stopped.results["stopped"] and asked == ([["scontrol", "requeue", "4242"]] if requeued else [])
+    assert ("scontrol requeue 4242: ok" if requeued else "not requeued") in stopped.stdout
 
 
 def test_a_stop_at_an_epoch_end_resumes_identically_and_logs_that_epoch_as_not_trained_again(tmp_path, data,
