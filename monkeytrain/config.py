@@ -104,6 +104,12 @@ class TrainConfig:
         ".safetensors file (a monkeytrain checkpoint too). Default: from scratch.",
         nargs="?", const="hub",
     )
+    drop_rate: float = _option(
+        0.0, "Dropout before the classifier: timm's drop_rate (its train.py's --drop); 0 disables.")
+    drop_path_rate: float = _option(
+        0.0, "Stochastic depth: the chance that the last residual block is skipped, less for earlier ones, in "
+        "training (timm's drop_path_rate, its train.py's --drop-path; for ViT, Swin or ConvNeXt from scratch, "
+        "say 0.1); 0 disables.")
     # --- optimisation ---
     # The field defaults are the GPU recipe: from scratch on the monkey set, chosen
     # on the held-out validation split (benchmarks/RESULTS.md): many short epochs
@@ -537,6 +543,8 @@ def validate(config: TrainConfig) -> None:
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
         (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
         (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+        (0.0 <= config.drop_rate < 1.0, "--drop-rate must be in [0, 1)"),
+        (0.0 <= config.drop_path_rate < 1.0, "--drop-path-rate must be in [0, 1)"),
     ]
     for f in FIELDS.values():
         choices, value = f.metadata.get("choices"), getattr(config, f.name)

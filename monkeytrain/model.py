@@ -26,18 +26,43 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MIN_IMAGE_SIZE = 16  # the smallest --image-size and --min-train-size that config validation accepts
 
 
-def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
-                 image_size: Optional[int] = None) -> torch.nn.Module:
+def create_model(name: str, num_classes: int, pretrained: Optional[str] = None, image_size: Optional[int] = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path. A model whose
-    input size is fixed when it is built (a ViT) is built for `image_size`-pixel images, when given."""
+    input size is fixed when it is built (a ViT) is built for `image_size`-pixel images, when given. `drop_rate`
+    and `drop_path_rate` are timm's: dropout before the classifier, and stochastic depth (the last block's rate)."""
     check_model_choice(name, pretrained)
-    options = {"num_classes": num_classes, **size_options(name, image_size)}
+    options = {"num_classes": num_classes, **size_options(name, image_size),
+               **regularisation_options(drop_rate, drop_path_rate)}
     if pretrained == HUB:
         return _create_from_hub(name, options)
-    model = timm.create_model(name, pretrained=False, **options)
+    model = built(name, options)
     if pretrained:
         load_weights_file(model, Path(pretrained))
     return model
+
+
+def regularisation_options(drop_rate: float, drop_path_rate: float) -> dict:
+    """timm's `drop_rate=` and `drop_path_rate=`, each only where not 0: a model built without them is built as
+    before they were flags, and an architecture without stochastic depth (VGG, Inception) takes no drop_path_rate."""
+    rates = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+    return {option: rate for option, rate in rates.items() if rate}
+
+
+def built(name: str, options: dict, pretrained: bool = False) -> torch.nn.Module:
+    """timm.create_model(name, pretrained, **options); an option the architecture does not take
+    (--drop-path-rate for VGG) is one line, not timm's TypeError."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **options)
+    except TypeError as error:
+        refused = [option for option in REGULARISATION_FLAGS if option in options and option in str(error)]
+        if not refused:
+            raise
+        raise UserError(f"--model {name} has no {REGULARISATION_FLAGS[refused[0]]} (timm's {refused[0]}); leave the "
+                        "flag out, or pick a model that has it.") from None
+
+
+REGULARISATION_FLAGS = {"drop_rate": "--drop-rate", "drop_path_rate": "--drop-path-rate"}
 
 
 def size_options(name: str, image_size: Optional[int]) -> dict:
@@ -111,7 +136,9 @@ def check_weights_file(path: Path) -> None:
 def _create_from_hub(name: str, options: dict) -> torch.nn.Module:
     try:
         with hub_warnings_held_back(), offline_where_the_hub_does_not_answer() as silence:
-            return timm.create_model(name, pretrained=True, **options)
+            return built(name, options, pretrained=True)
+    except UserError:
+        raise
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         if silence:
             raise UserError(f"could not fetch pretrained weights for '{name}': the Hugging Face hub at {silence}, "

@@ -595,3 +595,13 @@ def test_the_launcher_flags_named_are_the_launchers_own():
             assert f"--{name}" in accelerate_flags, name
         elif why == LAUNCHER_FLAG.format("torchrun"):
             assert f"--{name}" in torchrun_flags, name
+
+
+def test_drop_rates_are_flags_recorded_in_config_yaml_and_zero_by_default():
+    assert (parse_config([]).drop_rate, parse_config([]).drop_path_rate) == (0.0, 0.0)
+    config = parse_config(["--drop-rate", "0.2", "--drop-path-rate", "0.1"])
+    recorded = yaml.safe_load(config_yaml(config))
+    assert (recorded["drop_rate"], recorded["drop_path_rate"]) == (0.2, 0.1)
+    for flag in ("--drop-rate", "--drop-path-rate"):
+        with pytest.raises(UserError, match=f"^{flag} must be in \\[0, 1\\); "):
+            parse_config([flag, "1"])

@@ -296,3 +296,35 @@ def test_batches_of_one_image_that_batch_norm_cannot_train_on_are_refused_before
     """Refused at the first batch, the run folder kept the config.yaml and data_manifest.json of a run that never
     trained; refused as the model is built (train.py), nothing is written."""
     assert refusal(flags, processes, images) == expected
+
+
+def drop_path_rates(model: torch.nn.Module) -> list[float]:
+    return [module.drop_prob for module in model.modules() if isinstance(module, timm.layers.DropPath)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_vit"])
+def test_drop_rate_and_drop_path_rate_reach_the_models_modules(name):
+    model = create_model(name, 3, image_size=32, drop_rate=0.25, drop_path_rate=0.1)
+    dropouts = [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    assert 0.25 in [getattr(model, "drop_rate", None), *dropouts]  # ResNet drops in forward_head, ViT in head_drop
+    assert max(drop_path_rates(model)) == pytest.approx(0.1)  # stochastic depth rises to the rate at the last block
+    model.train()
+    images = torch.randn(4, 3, 32, 32)
+    assert not torch.equal(model(images), model(images))  # they drop in training
+    model.eval()
+    assert torch.equal(model(images), model(images))  # and not in evaluation
+
+
+def test_without_the_rates_a_model_is_built_as_before():
+    """0 passes nothing to timm: the recorded figures of runs before these flags stay valid."""
+    model = create_model("resnet18", 3)
+    assert model.drop_rate == 0 and drop_path_rates(model) == []
+    torch.manual_seed(0)
+    before = timm.create_model("resnet18", num_classes=3).state_dict()
+    torch.manual_seed(0)
+    assert all(torch.equal(before[k], v) for k, v in create_model("resnet18", 3).state_dict().items())
+
+
+def test_a_model_without_stochastic_depth_refuses_drop_path_rate_in_one_line():
+    with pytest.raises(UserError, match=r"^--model ghostnet_050 has no --drop-path-rate \(timm's drop_path_rate\); "):
+        create_model("ghostnet_050", 3, drop_path_rate=0.1)
