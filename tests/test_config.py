@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
@@ -335,8 +337,12 @@ def test_an_empty_path_in_a_config_file_is_refused_too(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--model", "resnet_nope"], "unknown timm model 'resnet_nope'"),
     (["--pretrained", "runs/nosuch.safetensors"], "runs/nosuch.safetensors does not exist"),
+    (["--pretrained", "notes.txt"], "notes.txt is neither a readable .safetensors file"),
+    (["--pretrained", "whole_model.pt"], "whole_model.pt is a torch.save file that could not be read as weights"),
 ])
-def test_model_and_weights_are_checked_with_the_flags_before_any_data_is_read(flags, message):
+def test_model_and_weights_are_checked_with_the_flags_before_any_data_is_read(flags, message, tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole_model.pt")
     with pytest.raises(UserError, match=message):
         parse_config(["--data", "/no/such/data", *flags])  # only read later, when the data is scanned
 
@@ -369,7 +375,7 @@ def test_no_debug_flag_cancels_a_debug_yaml(tmp_path):
 
 def test_pretrained_flag_alone_means_hub_and_takes_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "w.safetensors").write_bytes(b"only its existence is checked with the flags")
+    save_file({"weight": torch.zeros(1)}, tmp_path / "w.safetensors")  # its header is read with the flags
     assert parse_config([]).pretrained is None
     assert parse_config(["--pretrained"]).pretrained == "hub"
     assert parse_config(["--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
@@ -382,7 +388,7 @@ def test_pretrained_true_or_false_in_a_preset_means_what_the_flag_or_its_absence
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    (tmp_path / "x.safetensors").write_bytes(b"only its existence is checked with the flags")
+    save_file({"weight": torch.zeros(1)}, tmp_path / "x.safetensors")  # its header is read with the flags
     config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", str(tmp_path / "x.safetensors"),
                            "--cpu", "--val-fraction", "0"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
