@@ -251,6 +251,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     recipe = resolve_recipe(overrides.get("recipe", "auto"), {**debug, **overrides}.get("cpu", False))
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
     validate(config)
+    from monkeytrain.statestore import resumed_state  # here: importing config (inspect-data) needs no torch
+
+    config.resume = resumed_state(config.resume)  # a run's folder: its newest state, where the run continues
     return config
 
 
