@@ -96,8 +96,7 @@ def not_a_state(path: Path) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         return (f"{path} holds weights alone, not a saved training state; to train from them, start a new run with "
                 f"--pretrained {path}; to continue its run, give --resume its folder (or a RUN/state/step-* folder).")
-    return (f"{path} is not a complete saved state; pass a run's folder, a RUN/state/step-* folder, or --resume auto "
-            "with --run-name.")
+    return f"{path} is not a complete saved state; pass a RUN/state/step-* folder or --resume auto."
 
 
 def resumed_state(resume: Optional[str]) -> Optional[str]:
