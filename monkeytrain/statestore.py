@@ -100,8 +100,8 @@ def not_a_state(path: Path) -> str:
 
 
 def resumed_state(resume: Optional[str]) -> Optional[str]:
-    """--resume as the run continues from it: a run's folder (or its state/ folder) as its newest complete state,
-    whose run the run folder is then; anything else as it is, for the run to check (given_state)."""
+    """--resume as the run takes it: a run's folder (or its state/ folder) as its newest complete state, which the
+    run directory and the resume both follow from; anything else as it is, for the run to check (given_state)."""
     if not resume or resume == "auto" or run_of(Path(resume)) is None:
         return resume
     return str(given_state(resume))
