@@ -23,7 +23,7 @@ from monkeytrain import __version__
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.model import built_for_one_size, create_model, strip_wrapper_prefixes
+from monkeytrain.model import built_for_one_size, create_model, is_torch_save_file, strip_wrapper_prefixes
 from monkeytrain.storage import write_atomically
 
 BEST_NAME = "best.safetensors"
@@ -197,13 +197,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo
     """Weights and header of a monkeytrain checkpoint, or a UserError saying what is wrong."""
     weights, header = read_checkpoint_file(path)
     return weights, CheckpointInfo.from_metadata(header, path)
-
-
-def is_torch_save_file(path: Path) -> bool:
-    """Whether `path` starts as torch.save writes: a zip archive (since torch 1.6), or a bare pickle before."""
-    with open(path, "rb") as handle:
-        start = handle.read(4)
-    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

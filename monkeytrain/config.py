@@ -105,6 +105,12 @@ class TrainConfig:
         ".safetensors file (a monkeytrain checkpoint too). Default: from scratch.",
         nargs="?", const="hub",
     )
+    drop_rate: float = _option(
+        0.0, "Dropout before the classifier: timm's drop_rate (its train.py's --drop); 0 disables.")
+    drop_path_rate: float = _option(
+        0.0, "Stochastic depth: the chance that the last residual block is skipped, less for earlier ones, in "
+        "training (timm's drop_path_rate, its train.py's --drop-path; for ViT, Swin or ConvNeXt from scratch, "
+        "say 0.1); 0 disables.")
     # --- optimisation ---
     # The field defaults are the GPU recipe: from scratch on the monkey set, chosen
     # on the held-out validation split (benchmarks/RESULTS.md): many short epochs
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an image classifier on an image-folder dataset.",
         argument_default=argparse.SUPPRESS,
         other_names=OTHER_NAMES,
+        unmatched=UNMATCHED_FLAGS,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
     parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
@@ -220,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         if _base_type(f) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=_base_type(f), help=help_text, **extra)
+            parser.add_argument(flag, *SHORT_FLAGS.get(f.name, ()), type=_base_type(f), help=help_text, **extra)
     for old, new in RENAMED_FIELDS.items():
         parser.add_argument("--" + old.replace("_", "-"), type=_base_type(FIELDS[new]), help=argparse.SUPPRESS)
     return parser
@@ -250,6 +257,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     recipe = resolve_recipe(overrides.get("recipe", "auto"), {**debug, **overrides}.get("cpu", False))
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
     validate(config)
+    from monkeytrain.statestore import resumed_state  # here: importing config (inspect-data) needs no torch
+
+    config.resume = resumed_state(config.resume)  # a run's folder: its newest state, where the run continues
     return config
 
 
@@ -331,6 +341,41 @@ OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "
                "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
                "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
                "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
+# More names of timm's train.py, and of Hugging Face's Trainer, for what monkeytrain has under its own.
+OTHER_NAMES.update({"drop": "drop_rate", "drop_path": "drop_path_rate", "eval_metric": "select_on",
+                    "resume_from_checkpoint": "resume", "gradient_accumulation_steps": "grad_accum_steps"})
+SHORT_FLAGS = {"batch_size": ("-b",), "num_workers": ("-j",)}  # timm's train.py's short flags, the same here
+# Flags (and preset keys) of timm's train.py and of the launchers that monkeytrain has no equivalent for, each with
+# what it does instead: the spelling closest to them would be a wrong hint (--sched is not --seed).
+SCHEDULE = "the learning rate always warms up linearly for --warmup-epochs, then follows a cosine down to 0"
+BATCH_NORM = ("there is no SyncBatchNorm; each process normalises its own batches, and all take the main process's "
+              "BatchNorm statistics before each forward and at each epoch's end, as timm's --dist-bn broadcast does")
+AUGMENTATIONS = "the augmentations here are --rotation, --color-jitter, --mixup-alpha and --cutmix-alpha"
+LAUNCHER_FLAG = "a flag of {}: put it before monkeytrain/train.py"
+UNMATCHED_FLAGS = {
+    **dict.fromkeys(("sched", "min_lr", "warmup_lr", "cooldown_epochs", "decay_epochs", "decay_rate"), SCHEDULE),
+    "num_classes": "the classes are the class folders of the data",
+    "initial_checkpoint": "start from a weights file with --pretrained FILE",
+    "channels_last": "monkeytrain always trains in the channels-last memory format",
+    "sync_bn": BATCH_NORM, "dist_bn": BATCH_NORM,
+    **dict.fromkeys(("mean", "std"), "the normalisation is measured on the training split and saved in the checkpoint"),
+    "crop_pct": "evaluation always takes the centre 0.875 of each image, timm's default",
+    "interpolation": "images are always resized bilinearly",
+    "hflip": "training always mirrors half the images, and --tta-flip mirrors at evaluation",
+    **dict.fromkeys(("reprob", "remode", "recount"), f"no random erasing; {AUGMENTATIONS}"),
+    "aa": f"no AutoAugment or RandAugment; {AUGMENTATIONS}",
+    "device": "the launcher picks the device; --cpu trains on the CPU, CUDA_VISIBLE_DEVICES picks the GPUs",
+    "local_rank": "each process takes its rank from the environment its launcher sets: start processes with accelerate "
+                  "launch or torchrun; torch.distributed.launch passes --local-rank unless given --use-env",
+    "grad_checkpointing": "no gradient checkpointing; to save memory, give a smaller --batch-size with "
+                          "--grad-accum-steps",
+    **dict.fromkeys(("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                     "multi_gpu", "config_file", "gpu_ids", "num_cpu_threads_per_process", "dynamo_backend",
+                     "same_network", "rdzv_backend", "max_restarts", "use_deepspeed", "use_fsdp", "quiet"),
+                    LAUNCHER_FLAG.format("accelerate launch")),
+    **dict.fromkeys(("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint",
+                     "standalone"), LAUNCHER_FLAG.format("torchrun")),
+}
 ACCELERATE_KEYS = {"compute_environment", "distributed_type"}  # what every `accelerate config` file has
 MAX_LISTED_KEYS = 8  # a whole args.yaml of another trainer has a hundred: the first ones say enough
 
@@ -361,6 +406,8 @@ def meant_key(name: str) -> str:
         return f" (write it as {bare}, without the dashes)"
     if bare in OTHER_NAMES:
         return f" (monkeytrain calls it {OTHER_NAMES[bare]})"
+    if bare in UNMATCHED_FLAGS:
+        return f" ({UNMATCHED_FLAGS[bare]})"
     close = difflib.get_close_matches(bare.lower(), FIELDS, n=1, cutoff=0.8)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -507,6 +554,8 @@ def validate(config: TrainConfig) -> None:
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
         (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
         (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+        (0.0 <= config.drop_rate < 1.0, "--drop-rate must be in [0, 1)"),
+        (0.0 <= config.drop_path_rate < 1.0, "--drop-path-rate must be in [0, 1)"),
     ]
     for f in FIELDS.values():
         choices, value = f.metadata.get("choices"), getattr(config, f.name)

@@ -203,12 +203,15 @@ class FlagParser(argparse.ArgumentParser):
     A flag must be spelled out: argparse would take --epoch for --epochs, and --image for --image-size,
     and a flag added later could change what a shortened one in a job script means."""
 
-    def __init__(self, *args, other_names: dict[str, str] | None = None, **kwargs):
+    def __init__(self, *args, other_names: dict[str, str] | None = None, unmatched: dict[str, str] | None = None,
+                 **kwargs):
         """other_names: what other trainers call some flags (timm's --amp, --opt), by field name, so that
-        the hint names ours rather than whichever is spelled closest."""
+        the hint names ours rather than whichever is spelled closest. unmatched: flags of other trainers and
+        launchers that have no equivalent here (timm's --sched), by field name, each with what to do instead."""
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.other_names = other_names or {}
+        self.unmatched = unmatched or {}
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but flags a subcommand does not know are reported by that subcommand's
@@ -234,12 +237,26 @@ class FlagParser(argparse.ArgumentParser):
         this; our oldest supported Python (3.10) has nothing like it."""
         if not message.startswith("unrecognized arguments:"):
             return ""
-        near = [flag for flag in map(self.near_flag, re.findall(r"--[\w-]+", message)) if flag]
-        return f" (did you mean {', '.join(near)}?)" if near else ""
+        flags = re.findall(r"--[\w-]+", message)
+        explained = [f" ({flag}: {self.unmatched[key_of(flag)]})" for flag in flags if key_of(flag) in self.unmatched]
+        near = [flag for flag in map(self.near_flag, flags) if flag]
+        return (f" (did you mean {', '.join(near)}?)" if near else "") + "".join(explained)
 
     def near_flag(self, flag: str) -> str | None:
-        ours = self.other_names.get(flag[2:].replace("-", "_"))
+        """Ours for another trainer's name, the flag with dashes for underscores (Accelerate's spelling), or one
+        spelled much like it: at difflib's 0.8, as for a preset's keys, so that --sched is no hint for --seed."""
+        if key_of(flag) in self.unmatched:
+            return None
+        ours = self.other_names.get(key_of(flag))
         if ours:
             return "--" + ours.replace("_", "-")
-        match = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+        dashed = flag.lower().replace("_", "-")
+        if dashed in self._option_string_actions:
+            return dashed
+        match = difflib.get_close_matches(dashed, list(self._option_string_actions), n=1, cutoff=0.8)
         return match[0] if match else None
+
+
+def key_of(flag: str) -> str:
+    """A flag as a config field would name it: --drop-path and --drop_path are drop_path."""
+    return flag.lstrip("-").replace("-", "_").lower()

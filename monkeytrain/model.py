@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from monkeytrain.data.augment import train_resolution
-from monkeytrain.errors import UserError
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import mark_used
 
 HUB = "hub"
@@ -26,18 +29,43 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MIN_IMAGE_SIZE = 16  # the smallest --image-size and --min-train-size that config validation accepts
 
 
-def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
-                 image_size: Optional[int] = None) -> torch.nn.Module:
+def create_model(name: str, num_classes: int, pretrained: Optional[str] = None, image_size: Optional[int] = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A timm model with a `num_classes` head; `pretrained` is None, "hub" or a file path. A model whose
-    input size is fixed when it is built (a ViT) is built for `image_size`-pixel images, when given."""
+    input size is fixed when it is built (a ViT) is built for `image_size`-pixel images, when given. `drop_rate`
+    and `drop_path_rate` are timm's: dropout before the classifier, and stochastic depth (the last block's rate)."""
     check_model_choice(name, pretrained)
-    options = {"num_classes": num_classes, **size_options(name, image_size)}
+    options = {"num_classes": num_classes, **size_options(name, image_size),
+               **regularisation_options(drop_rate, drop_path_rate)}
     if pretrained == HUB:
         return _create_from_hub(name, options)
-    model = timm.create_model(name, pretrained=False, **options)
+    model = built(name, options)
     if pretrained:
         load_weights_file(model, Path(pretrained))
     return model
+
+
+def regularisation_options(drop_rate: float, drop_path_rate: float) -> dict:
+    """timm's `drop_rate=` and `drop_path_rate=`, each only where not 0: a model built without them is built as
+    before they were flags, and an architecture without stochastic depth (VGG, Inception) takes no drop_path_rate."""
+    rates = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+    return {option: rate for option, rate in rates.items() if rate}
+
+
+def built(name: str, options: dict, pretrained: bool = False) -> torch.nn.Module:
+    """timm.create_model(name, pretrained, **options); an option the architecture does not take
+    (--drop-path-rate for VGG) is one line, not timm's TypeError."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **options)
+    except TypeError as error:
+        refused = [option for option in REGULARISATION_FLAGS if option in options and option in str(error)]
+        if not refused:
+            raise
+        raise UserError(f"--model {name} has no {REGULARISATION_FLAGS[refused[0]]} (timm's {refused[0]}); leave the "
+                        "flag out, or pick a model that has it.") from None
+
+
+REGULARISATION_FLAGS = {"drop_rate": "--drop-rate", "drop_path_rate": "--drop-path-rate"}
 
 
 def size_options(name: str, image_size: Optional[int]) -> dict:
@@ -104,14 +132,86 @@ def check_pretrained_tag(name: str) -> None:
 
 
 def check_weights_file(path: Path) -> None:
+    """A --pretrained file that exists and reads as weights: checked with the flags, before the data is read.
+    Cheaply: a .safetensors file's header, a torch.save file mapped rather than read (where it is a zip)."""
     if not path.is_file():
         raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    if is_torch_save_file(path):
+        torch_save_weights(path)
+        return
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(not_safetensors(path, error)) from None
+
+
+def not_safetensors(path: Path, error: Exception) -> str:
+    return (f"{path} is neither a readable .safetensors file ({first_line(error)}) nor a torch.save file; pass "
+            "a .safetensors file, or weights saved with torch.save (timm's train.py's .pth.tar).")
+
+
+def is_torch_save_file(path: Path) -> bool:
+    """Whether `path` starts as torch.save writes: a zip archive (since torch 1.6), or a bare pickle before,
+    whose first byte a .safetensors file may start with too (its header's length)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80" and not reads_as_safetensors(path)
+
+
+def reads_as_safetensors(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception:  # safetensors raises its own error types for damaged files
+        return False
+    return True
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a .safetensors file or of a torch.save file (see torch_save_weights), without the
+    prefixes that wrappers give its keys."""
+    if is_torch_save_file(path):
+        return strip_wrapper_prefixes(torch_save_weights(path))
+    try:
+        return strip_wrapper_prefixes(load_file(str(path)))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(not_safetensors(path, error)) from None
+
+
+# Where a checkpoint of timm's train.py (and of DeiT, MAE, ...) keeps its weights, in the order timm's
+# load_checkpoint takes them: the EMA's first, as its --initial-checkpoint does.
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def torch_save_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a torch.save file: a state dict, or a training checkpoint holding one (see STATE_DICT_KEYS).
+    Unpickled with weights_only, which runs no code from the file; timm's train.py saves its flags with the
+    weights (an argparse.Namespace), which is allowed too. Memory-mapped where the file is a zip (torch 1.6 on)."""
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch 2.5 on
+    try:
+        with allowed([argparse.Namespace]) if allowed else contextlib.nullcontext():
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # pickle's, torch's and zipfile's own types, for any file they cannot read
+        raise UserError(f"{path} is a torch.save file that could not be read as weights ({first_line(error)}); "
+                        "save the model's state_dict() (a whole pickled model is not unpickled: it could run "
+                        "code), or pass a .safetensors file.") from None
+    holder = next((key for key in STATE_DICT_KEYS if isinstance(saved, dict) and isinstance(saved.get(key), dict)),
+                  None)
+    weights = saved[holder] if holder else saved
+    if not isinstance(weights, dict) or not weights or not all(isinstance(value, torch.Tensor)
+                                                                for value in weights.values()):
+        raise UserError(f"{path} holds no state dict of weights (as torch.save(model.state_dict()) or timm's train.py "
+                        "write); pass such a file, or a .safetensors file.")
+    return weights
 
 
 def _create_from_hub(name: str, options: dict) -> torch.nn.Module:
     try:
         with hub_warnings_held_back(), offline_where_the_hub_does_not_answer() as silence:
-            return timm.create_model(name, pretrained=True, **options)
+            return built(name, options, pretrained=True)
+    except UserError:
+        raise
     except Exception as error:  # hub, network and cache failures all end the same way for the user
         if silence:
             raise UserError(f"could not fetch pretrained weights for '{name}': the Hugging Face hub at {silence}, "
@@ -182,13 +282,10 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def load_weights_file(model: torch.nn.Module, path: Path) -> None:
-    """Load a local .safetensors file, replacing the head when its class count differs."""
-    check_weights_file(path)
-    try:
-        weights = strip_wrapper_prefixes(load_file(str(path)))
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{path} is not a readable .safetensors file ({error}); pass a valid weights file.")
-    weights, own = converted_for(model, weights), model.state_dict()
+    """Load a local .safetensors or torch.save file, replacing the head when its class count differs."""
+    if not path.is_file():  # checked with the flags already, when given as --pretrained; gone since?
+        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    weights, own = converted_for(model, read_weights(path)), model.state_dict()
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
     if body_missing:

@@ -64,11 +64,47 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 
 def given_state(resume: str) -> Path:
-    """The state that --resume names, checked complete."""
+    """The state that --resume names, checked complete: a RUN/state/step-* folder, or a run's folder (or its
+    state/ folder) for the newest complete state in it, the one --resume auto would take."""
     path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise UserError(f"{path} is not a complete saved state; pass a RUN/state/step-* folder or --resume auto.")
-    return path
+    if (path / COMPLETE).is_file():
+        return path
+    run_dir = run_of(path)
+    if run_dir is None:
+        raise UserError(not_a_state(path))
+    found = state_dirs(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} has no complete saved state to resume (stopped before its first save?); start it "
+                        f"over with --resume auto --output-dir {run_dir.parent} --run-name {run_dir.name}, or start "
+                        "a new run.")
+    return found[-1]
+
+
+def run_of(path: Path) -> Optional[Path]:
+    """The run whose folder, or state/ folder, `path` is; None for any other path."""
+    if path.name.startswith(STATE_PREFIX):  # a state left incomplete, or one that is not there
+        return None
+    if (path / "state").is_dir() or (path / "config.yaml").is_file():
+        return path
+    if path.name == "state" and path.is_dir():
+        return path.parent
+    return None
+
+
+def not_a_state(path: Path) -> str:
+    """Why --resume cannot take `path`, and what it takes: a run's best checkpoint is weights alone."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return (f"{path} holds weights alone, not a saved training state; to train from them, start a new run with "
+                f"--pretrained {path}; to continue its run, give --resume its folder (or a RUN/state/step-* folder).")
+    return f"{path} is not a complete saved state; pass a RUN/state/step-* folder or --resume auto."
+
+
+def resumed_state(resume: Optional[str]) -> Optional[str]:
+    """--resume as the run takes it: a run's folder (or its state/ folder) as its newest complete state, which the
+    run directory and the resume both follow from; anything else as it is, for the run to check (given_state)."""
+    if not resume or resume == "auto" or run_of(Path(resume)) is None:
+        return resume
+    return str(given_state(resume))
 
 
 class StateStore:

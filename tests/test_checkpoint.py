@@ -208,3 +208,17 @@ def test_safetensors_without_monkeytrain_metadata_is_a_user_error(tmp_path, tiny
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
     with pytest.raises(UserError, match="monkeytrain"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("architecture", [TINY, "test_vit"])
+def test_a_model_trained_with_dropout_and_stochastic_depth_predicts_alike_from_its_checkpoint(tmp_path, architecture):
+    """Neither rate holds a weight, and neither acts in evaluation: the checkpoint's model, built without
+    them (as timm's local-dir: loader builds it too), answers as the trained one does."""
+    torch.manual_seed(0)
+    trained = create_model(architecture, 3, image_size=32, drop_rate=0.3, drop_path_rate=0.2).eval()
+    config = {**TrainConfig(model=architecture, image_size=32, drop_rate=0.3, drop_path_rate=0.2).to_dict()}
+    path = save_checkpoint(tmp_path, trained, make_info(architecture, config=config))
+    loaded, info = load_model(path)
+    images = torch.randn(2, 3, 32, 32)
+    assert info.config["drop_path_rate"] == 0.2
+    assert torch.equal(loaded(images), trained(images))

@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from monkeytrain.config import (
     CPU_RECIPE, DEBUG_PRESET, TrainConfig, config_yaml, load_yaml_preset, parse_config, resolve_recipe,
@@ -142,7 +144,8 @@ def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
                                      "(monkeytrain calls it label_smoothing) in"),
     ("epoch: 3\n", "unknown key 'epoch' (did you mean epochs?) in"),
     ("--lr: 0.1\n", "unknown key '--lr' (write it as lr, without the dashes) in"),
-    ("sched: cosine\n", "unknown key 'sched' in"),
+    ("sched: cosine\n", "unknown key 'sched' (the learning rate always warms up linearly for --warmup-epochs, "
+                     "then follows a cosine down to 0) in"),
     ("LR: 0.1\n", "unknown key 'LR' (did you mean lr?) in"),
 ])
 def test_an_unknown_key_names_the_key_probably_meant(tmp_path, text, expected):
@@ -335,8 +338,12 @@ def test_an_empty_path_in_a_config_file_is_refused_too(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--model", "resnet_nope"], "unknown timm model 'resnet_nope'"),
     (["--pretrained", "runs/nosuch.safetensors"], "runs/nosuch.safetensors does not exist"),
+    (["--pretrained", "notes.txt"], "notes.txt is neither a readable .safetensors file"),
+    (["--pretrained", "whole_model.pt"], "whole_model.pt is a torch.save file that could not be read as weights"),
 ])
-def test_model_and_weights_are_checked_with_the_flags_before_any_data_is_read(flags, message):
+def test_model_and_weights_are_checked_with_the_flags_before_any_data_is_read(flags, message, tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole_model.pt")
     with pytest.raises(UserError, match=message):
         parse_config(["--data", "/no/such/data", *flags])  # only read later, when the data is scanned
 
@@ -369,7 +376,7 @@ def test_no_debug_flag_cancels_a_debug_yaml(tmp_path):
 
 def test_pretrained_flag_alone_means_hub_and_takes_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "w.safetensors").write_bytes(b"only its existence is checked with the flags")
+    save_file({"weight": torch.zeros(1)}, tmp_path / "w.safetensors")  # its header is read with the flags
     assert parse_config([]).pretrained is None
     assert parse_config(["--pretrained"]).pretrained == "hub"
     assert parse_config(["--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
@@ -382,7 +389,7 @@ def test_pretrained_true_or_false_in_a_preset_means_what_the_flag_or_its_absence
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    (tmp_path / "x.safetensors").write_bytes(b"only its existence is checked with the flags")
+    save_file({"weight": torch.zeros(1)}, tmp_path / "x.safetensors")  # its header is read with the flags
     config = parse_config(["--lr", "0.01", "--model", "resnet34", "--pretrained", str(tmp_path / "x.safetensors"),
                            "--cpu", "--val-fraction", "0"])
     (tmp_path / "config.yaml").write_text(config_yaml(config))
@@ -521,3 +528,89 @@ def test_a_launcher_precision_we_cannot_train_in_is_one_line_naming_the_variable
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
     with pytest.raises(UserError, match=f"ACCELERATE_MIXED_PRECISION='{value}' .* is not one of no, fp16, bf16"):
         make_accelerator(parse_config(["--cpu"]))
+
+
+def unknown_flag_line(argv: list[str]) -> str:
+    with pytest.raises(UserError) as error:
+        parse_config(argv)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("flag, hint", [
+    # timm's train.py, whose spelling was nearest to a flag of ours that means something else
+    ("--sched", "(--sched: the learning rate always warms up linearly for --warmup-epochs, then follows a cosine"),
+    ("--min-lr", "(--min-lr: the learning rate always warms up"),
+    ("--initial-checkpoint", "(--initial-checkpoint: start from a weights file with --pretrained FILE)"),
+    ("--num-classes", "(--num-classes: the classes are the class folders of the data)"),
+    ("--reprob", "(--reprob: no random erasing; the augmentations here are --rotation,"),
+    ("--aa", "(--aa: no AutoAugment or RandAugment;"),
+    ("--hflip", "(--hflip: training always mirrors half the images"),
+    ("--mean", "(--mean: the normalisation is measured on the training split"),
+    ("--std", "(--std: the normalisation is measured on the training split"),
+    ("--crop-pct", "(--crop-pct: evaluation always takes the centre 0.875"),
+    ("--interpolation", "(--interpolation: images are always resized bilinearly)"),
+    ("--device", "(--device: the launcher picks the device; --cpu trains on the CPU"),
+    ("--local-rank", "(--local-rank: each process takes its rank from the environment its launcher sets"),
+    ("--grad-checkpointing", "(--grad-checkpointing: no gradient checkpointing;"),
+    ("--channels-last", "(--channels-last: monkeytrain always trains in the channels-last memory format)"),
+    ("--sync-bn", "(--sync-bn: there is no SyncBatchNorm; each process normalises its own batches"),
+    ("--dist-bn", "(--dist-bn: there is no SyncBatchNorm;"),
+    ("--drop", "(did you mean --drop-rate?)"),
+    ("--drop-path", "(did you mean --drop-path-rate?)"),
+    ("--eval-metric", "(did you mean --select-on?)"),
+    ("--resume_from_checkpoint", "(did you mean --resume?)"),  # Hugging Face's Trainer
+    # Accelerate's and torchrun's flags given after the script instead of before it
+    ("--num_processes", "(--num_processes: a flag of accelerate launch: put it before monkeytrain/train.py)"),
+    ("--num-processes", "(--num-processes: a flag of accelerate launch: put it before monkeytrain/train.py)"),
+    ("--nproc_per_node", "(--nproc_per_node: a flag of torchrun: put it before monkeytrain/train.py)"),
+    # ours with underscores, and typos, still get theirs
+    ("--num_workers", "(did you mean --num-workers?)"),
+    ("--lrr", "(did you mean --lr?)"),
+])
+def test_another_trainers_flag_gets_what_to_do_here_not_the_nearest_spelling(flag, hint):
+    line = unknown_flag_line([flag, "1"])
+    assert line.startswith(f"unrecognized arguments: {flag} 1 {hint}") and line.count("did you mean") <= 1
+
+
+@pytest.mark.parametrize("flag", ["--sched", "--std", "--mean", "--drop", "--aa", "--device", "--interpolation"])
+def test_a_far_spelling_gets_no_hint_of_a_flag_that_means_something_else(flag):
+    """difflib at 0.8, as for a preset's keys: --sched is not --seed (0.77), --std not --seed."""
+    line = unknown_flag_line([flag + "x", "1"])
+    assert "did you mean" not in line, line
+
+
+def test_unknown_flags_of_both_kinds_are_told_together():
+    line = unknown_flag_line(["--sched", "cosine", "--opt", "sgd"])
+    assert line.startswith("unrecognized arguments: --sched cosine --opt sgd (did you mean --optimizer?) (--sched: ")
+
+
+def test_timms_short_flags_for_batch_size_and_workers_are_taken():
+    config = parse_config(["-b", "8", "-j", "0", "--cpu"])
+    assert (config.batch_size, config.num_workers) == (8, 0)
+    assert parse_config(["-b16", "--cpu"]).batch_size == 16
+
+
+def test_the_launcher_flags_named_are_the_launchers_own():
+    """So that the hint never tells someone to move a flag that the launcher would refuse too."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    from monkeytrain.config import LAUNCHER_FLAG, UNMATCHED_FLAGS
+
+    accelerate_flags = launch_command_parser()._option_string_actions
+    torchrun_flags = get_args_parser()._option_string_actions
+    for name, why in UNMATCHED_FLAGS.items():
+        if why == LAUNCHER_FLAG.format("accelerate launch"):
+            assert f"--{name}" in accelerate_flags, name
+        elif why == LAUNCHER_FLAG.format("torchrun"):
+            assert f"--{name}" in torchrun_flags, name
+
+
+def test_drop_rates_are_flags_recorded_in_config_yaml_and_zero_by_default():
+    assert (parse_config([]).drop_rate, parse_config([]).drop_path_rate) == (0.0, 0.0)
+    config = parse_config(["--drop-rate", "0.2", "--drop-path-rate", "0.1"])
+    recorded = yaml.safe_load(config_yaml(config))
+    assert (recorded["drop_rate"], recorded["drop_path_rate"]) == (0.2, 0.1)
+    for flag in ("--drop-rate", "--drop-path-rate"):
+        with pytest.raises(UserError, match=f"^{flag} must be in \\[0, 1\\); "):
+            parse_config([flag, "1"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import socket
 import threading
@@ -114,11 +115,51 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
         create_model(TINY, 3, pretrained=str(tmp_path / "absent.safetensors"))
 
 
-def test_non_safetensors_weights_file_is_a_user_error(tmp_path):
-    path = tmp_path / "weights.pth"
-    torch.save(create_model(TINY, 3).state_dict(), path)
-    with pytest.raises(UserError, match="safetensors"):
+def test_a_file_of_neither_kind_is_a_user_error_naming_both(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match=r"weights.bin is neither a readable .safetensors file \(.*\) nor a "
+                                        r"torch.save file; "):
         load_weights_file(create_model(TINY, 3), path)
+
+
+def equal_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor], but: str = "") -> bool:
+    return all(torch.equal(value, expected[key]) for key, value in model.state_dict().items()
+               if not (but and key.startswith(but)))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_plain_torch_save_state_dict_loads(tmp_path, zipped):
+    source = create_model(TINY, 4).state_dict()
+    torch.save(source, tmp_path / "w.pth", _use_new_zipfile_serialization=zipped)
+    assert equal_weights(create_model(TINY, 4, pretrained=str(tmp_path / "w.pth")), source)
+
+
+def test_a_timm_train_checkpoint_loads_its_ema_weights_and_gets_a_new_head(tmp_path):
+    """As timm's train.py writes model_best.pth.tar: its flags (an argparse Namespace) beside the weights,
+    the EMA's too, which timm's --initial-checkpoint takes."""
+    weights, ema = create_model(TINY, 10).state_dict(), create_model(TINY, 10).state_dict()
+    torch.save({"epoch": 3, "arch": TINY, "state_dict": weights, "state_dict_ema": {f"module.{k}": v for k, v in
+                                                                                   ema.items()},
+                "optimizer": torch.optim.SGD(create_model(TINY, 10).parameters(), lr=0.1).state_dict(),
+                "args": argparse.Namespace(model=TINY, lr=0.1, sched="cosine"), "version": 2, "metric": 71.5},
+               tmp_path / "model_best.pth.tar")
+    loaded = create_model(TINY, 3, pretrained=str(tmp_path / "model_best.pth.tar"))
+    assert equal_weights(loaded, ema, but=loaded.pretrained_cfg["classifier"])
+    assert loaded.get_classifier().out_features == 3
+
+
+def test_a_pickled_whole_model_is_refused_in_one_line_without_unpickling_it(tmp_path):
+    torch.save(create_model(TINY, 3), tmp_path / "model.pt")
+    with pytest.raises(UserError, match=r"model.pt is a torch.save file that could not be read as weights \(.*\); "
+                                        r"save the model's state_dict\(\)"):
+        create_model(TINY, 3, pretrained=str(tmp_path / "model.pt"))
+
+
+def test_a_torch_save_file_without_a_state_dict_is_refused_in_one_line(tmp_path):
+    torch.save({"epoch": 3, "metric": 71.5}, tmp_path / "info.pth")
+    with pytest.raises(UserError, match="info.pth holds no state dict of weights"):
+        create_model(TINY, 3, pretrained=str(tmp_path / "info.pth"))
 
 
 def test_hub_weights_with_hf_hub_offline_are_a_user_error(tmp_path, monkeypatch):
@@ -296,3 +337,35 @@ def test_batches_of_one_image_that_batch_norm_cannot_train_on_are_refused_before
     """Refused at the first batch, the run folder kept the config.yaml and data_manifest.json of a run that never
     trained; refused as the model is built (train.py), nothing is written."""
     assert refusal(flags, processes, images) == expected
+
+
+def drop_path_rates(model: torch.nn.Module) -> list[float]:
+    return [module.drop_prob for module in model.modules() if isinstance(module, timm.layers.DropPath)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_vit"])
+def test_drop_rate_and_drop_path_rate_reach_the_models_modules(name):
+    model = create_model(name, 3, image_size=32, drop_rate=0.25, drop_path_rate=0.1)
+    dropouts = [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    assert 0.25 in [getattr(model, "drop_rate", None), *dropouts]  # ResNet drops in forward_head, ViT in head_drop
+    assert max(drop_path_rates(model)) == pytest.approx(0.1)  # stochastic depth rises to the rate at the last block
+    model.train()
+    images = torch.randn(4, 3, 32, 32)
+    assert not torch.equal(model(images), model(images))  # they drop in training
+    model.eval()
+    assert torch.equal(model(images), model(images))  # and not in evaluation
+
+
+def test_without_the_rates_a_model_is_built_as_before():
+    """0 passes nothing to timm: the recorded figures of runs before these flags stay valid."""
+    model = create_model("resnet18", 3)
+    assert model.drop_rate == 0 and drop_path_rates(model) == []
+    torch.manual_seed(0)
+    before = timm.create_model("resnet18", num_classes=3).state_dict()
+    torch.manual_seed(0)
+    assert all(torch.equal(before[k], v) for k, v in create_model("resnet18", 3).state_dict().items())
+
+
+def test_a_model_without_stochastic_depth_refuses_drop_path_rate_in_one_line():
+    with pytest.raises(UserError, match=r"^--model ghostnet_050 has no --drop-path-rate \(timm's drop_path_rate\); "):
+        create_model("ghostnet_050", 3, drop_path_rate=0.1)

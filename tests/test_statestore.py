@@ -14,8 +14,10 @@ from safetensors import SafetensorError
 
 from monkeytrain import storage
 from monkeytrain.errors import UserError
+from conftest import train_here
+from resume_checks import interrupted
 from monkeytrain.statestore import (COMPLETE, STATE_PREFIX, StateStore, agree_on_state, recorded_sizes, resolve_resume,
-                                    state_dirs)
+                                    resumed_state, state_dirs)
 from monkeytrain.storage import DiskFull, WriteFailed, folder_size, human_size
 
 
@@ -357,3 +359,56 @@ def test_a_state_saved_after_the_run_folder_was_deleted_stops_and_makes_no_folde
                                  "with it the run's records; stopped rather than write an incomplete run there: "
                                  "start a new run.")
     assert names_in(tmp_path / "runs") == []
+
+
+def complete_state(run_dir: Path, step: int) -> Path:
+    """A state folder as --resume's choice sees it: marked complete (its files are the loader's business)."""
+    folder = run_dir / "state" / f"{STATE_PREFIX}{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / COMPLETE).write_text(json.dumps({"files": {}}))
+    return folder
+
+
+def test_a_run_folder_or_its_state_folder_resumes_from_its_newest_complete_state(tmp_path):
+    run = tmp_path / "runs" / "cut"
+    complete_state(run, 11)
+    newest = complete_state(run, 22)
+    incomplete_state(run, 33)  # never marked complete: --resume auto passes it over too
+    for given in (run, run / "state", f"{run}/"):
+        assert resolve_resume(str(given), tmp_path / "elsewhere") == newest
+    assert resumed_state(str(run)) == str(newest)
+    assert [resumed_state(flag) for flag in (None, "auto", str(newest))] == [None, "auto", str(newest)]
+
+
+def test_a_run_folder_without_a_complete_state_says_how_to_start_it_over(tmp_path):
+    run = tmp_path / "runs" / "early"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("epochs: 3\n")
+    incomplete_state(run, 5)
+    with pytest.raises(UserError) as raised:
+        resolve_resume(str(run), run)
+    assert str(raised.value) == (f"{run} has no complete saved state to resume (stopped before its first save?); "
+                                 f"start it over with --resume auto --output-dir {run.parent} --run-name early, or "
+                                 "start a new run.")
+
+
+def test_a_best_checkpoint_given_to_resume_says_to_start_a_new_run_from_it(tmp_path):
+    best = tmp_path / "runs" / "done" / "best.safetensors"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"weights")
+    with pytest.raises(UserError, match=f"^{best} holds weights alone, not a saved training state; to train from "
+                                        f"them, start a new run with --pretrained {best}; "):
+        resolve_resume(str(best), best.parent)
+
+
+def test_a_run_resumed_by_its_folder_continues_in_it(tmp_path, make_image_folder):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6)
+    flags = ["--data", str(data), "--cpu", "--model", "test_resnet", "--image-size", "32", "--batch-size", "4",
+             "--epochs", "2", "--num-workers", "0", "--report-to", "none", "--cpu-threads", "1"]
+    with interrupted("term", 3):
+        train_here([*flags, "--run-name", "cut"], tmp_path)
+    run = tmp_path / "runs" / "cut"
+    assert state_dirs(run) and not (run / "results.json").exists()
+    resumed = train_here([*flags, "--resume", "runs/cut"], tmp_path)
+    assert resumed.results["best_epoch"] >= 1 and (run / "results.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cut"]  # no new run beside it
