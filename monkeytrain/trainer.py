@@ -276,7 +276,8 @@ class Trainer:
 def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per_epoch: int) -> Learner:
     """The model (prepared by Accelerate, compiled if asked), its optimizer, schedule, loss and average."""
     config, accelerator = run.config, run.accelerator
-    plain = create_model(config.model, data.num_classes, config.pretrained, config.image_size)
+    plain = create_model(config.model, data.num_classes, config.pretrained, config.image_size, config.drop_rate,
+                         config.drop_path_rate)
     plain = plain.to(accelerator.device, memory_format=torch.channels_last)
     check_input_sizes(plain, config.model, training_sizes(config), accelerator.device)
     optimizer = build_optimizer(plain, config, accelerator.device)

@@ -102,6 +102,10 @@ continue_given_state() {
     local state run_dir
     state=$(given_state "$@")
     [ -n "$state" ] && [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || return 0
+    case $(basename "$state") in
+        step-*) ;;
+        *) return 0 ;;  # a run's folder (or its state/): given again, train.py takes its newest state
+    esac
     run_dir=$(dirname "$(dirname "$state")")  # RUN/state/step-N
     again=(--resume auto --output-dir "$(dirname "$run_dir")" --run-name "$(basename "$run_dir")")
 }

@@ -770,6 +770,16 @@ def test_a_requeued_job_that_began_from_a_given_state_goes_on_from_its_newest_on
     assert args[-6:] == ["--resume", "auto", "--output-dir", "my runs", "--run-name", "X"], args
 
 
+@pytest.mark.parametrize("given", ["my runs/X", "my runs/X/state/"])
+def test_a_requeued_job_that_began_from_a_run_folder_gives_it_again(tmp_path, given):
+    """train.py takes a run's folder as its newest state, at every start: read as RUN/state/step-N, the folder
+    would have made the requeued job train in `--output-dir . --run-name .` from scratch."""
+    _, args = launch_recorded(["bash", str(SLURM_DIR / "train.sbatch"), "--resume", given], tmp_path,
+                              SLURM_JOB_ID="7", SLURM_RESTART_COUNT="1", MONKEYTRAIN_ROOT=str(PROJECT),
+                              MONKEYTRAIN_CPU="1")
+    assert args[-2:] == ["--resume", given] and "--run-name" not in args, args
+
+
 FOUR_GPUS = '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done\n'
 NO_DRIVER = '#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."\nexit 9\n'
 

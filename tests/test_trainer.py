@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from accelerate.state import AcceleratorState
 
@@ -169,7 +170,7 @@ def test_mixup_and_cutmix_flags_mix_the_training_batches_with_the_run_generator(
     assert not torch.equal(mixing.generator.get_state(), state)  # drawn from the run's generator
 
 
-def fixed_size_vit(name: str, num_classes: int, pretrained=None, image_size=None):
+def fixed_size_vit(name: str, num_classes: int, pretrained=None, image_size=None, *_rates):
     """timm's test_vit with a fixed 32-pixel patch grid, as vit_base_patch16_224 has one of 224."""
     import timm
 
@@ -192,3 +193,10 @@ def test_the_sizes_checked_are_every_step_of_the_resizing_and_the_full_size():
     config = parse_config(["--epochs", "8", "--image-size", "64", "--min-train-size", "32", "--cpu"])
     assert training_sizes(config) == [32, 48, 64]
     assert training_sizes(parse_config(["--image-size", "64", "--cpu"])) == [64]
+
+
+def test_the_trainer_builds_its_model_with_the_drop_rates_given(trainer_for):
+    model = trainer_for("--drop-rate", "0.25", "--drop-path-rate", "0.1").learner.averager.model
+    assert model.drop_rate == 0.25
+    assert max(module.drop_prob for module in model.modules() if isinstance(module, timm.layers.DropPath)) == (
+        pytest.approx(0.1))
