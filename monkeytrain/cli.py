@@ -12,7 +12,7 @@ from pathlib import Path
 
 from monkeytrain import __version__
 from monkeytrain.data.layout import DEFAULT_DATA_ROOT
-from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error, to_stderr
+from monkeytrain.errors import USAGE_EXIT_CODE, FlagParser, UserError, exits_cleanly_on_user_error, to_stderr
 
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
@@ -155,16 +155,35 @@ def warn_about_files(skipped: list, images: list = ()) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from monkeytrain.data.imagefiles import ImageFile
     from monkeytrain.predict import collect_images, load_classifier, predict, scratch_for
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k}); it is how many classes to show.")
     device = device_for(args.cpu)
     classifier = load_classifier(args.checkpoint, device)  # a wrong checkpoint is told before images are read
+    unreadable = []  # the named files that held no image, each told in its turn
     with scratch_for(args.inputs) as scratch:  # where an image piped in (-) is kept while it is predicted
-        images, skipped = collect_images(args.inputs, scratch)
-        warn_about_files(skipped, images)
-        print_predictions(predict(classifier, images, args.top_k, device), args.json)
+        given, skipped = collect_images(args.inputs, scratch)
+        warn_about_files(skipped, [item for item in given if isinstance(item, ImageFile)])
+        results = predict(classifier, given, args.top_k, device)
+        print_predictions(answers_telling_the_unreadable(results, unreadable), args.json)
+    if unreadable:  # after every answer (none is lost), so that a script sees that not every file was answered
+        sys.exit(USAGE_EXIT_CODE)
+
+
+def answers_telling_the_unreadable(results, unreadable: list):
+    """The predictions among predict's `results`; each named file that is no image is told on stderr in its turn
+    and kept in `unreadable`. Not in --json's array: its elements stay all alike (`jq '.[].top[0]'` meets no
+    other kind), as for files skipped in a folder, and the exit status tells a script that one failed."""
+    from monkeytrain.predict import Unreadable
+
+    for result in results:
+        if isinstance(result, Unreadable):
+            to_stderr("error", result.message)
+            unreadable.append(result)
+        else:
+            yield result
 
 
 def print_predictions(predictions, as_json: bool) -> None:
