@@ -312,6 +312,10 @@ def known_subfolders(info: CheckpointInfo) -> str:
 def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     """Why a subfolder named `name` is no class of the checkpoint's, and what to do: often the split folder
     one level too high (Kaggle's validation/validation), or a name that differs only in letter case."""
+    test_split = test_split_of(folder)
+    if test_split is not None:
+        return (f"{folder} is a dataset root, not a folder of class subfolders; pass the folder of its test split, "
+                f"{test_split} (the split that a run on it is tested on).")
     known = list(subfolder_labels(info))
     below = layout.class_folders(folder / name)
     if below and all(n in known for n in below):
@@ -321,6 +325,17 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
         return f"{folder} has class folder '{name}' and the checkpoint '{alike[0]}': they {alike[1]}; rename it."
     return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
             f"named as its classes' folders or names: {known_subfolders(info)}.")
+
+
+def test_split_of(folder: Path) -> Path | None:
+    """The test split's folder where `folder` is a dataset root, as training finds its splits (Kaggle's
+    validation/validation), else None."""
+    if not any(name.lower() in layout.SPLIT_NAMES for name in layout.class_folders(folder)):
+        return None
+    try:
+        return layout.folders_from_root(folder).test
+    except UserError:  # split folders, but no layout training takes: the unknown folder is told as such
+        return None
 
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,

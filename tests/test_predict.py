@@ -90,6 +90,17 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
         assert message in error_of([*evaluate, str(folder)], capsys)
 
 
+def test_evaluate_given_a_dataset_root_names_its_test_split(checkpoint, split, capsys, tmp_path, make_image_folder):
+    """`evaluate data/10-monkey-species` said that the checkpoint did not know a class folder 'training'."""
+    kaggle = split.parent.parent
+    three_splits = make_image_folder(tmp_path / "three", layout="train-val-test", classes=3, per_class=1)
+    evaluate = ["evaluate", "--cpu", "--checkpoint", str(checkpoint)]
+    for root, test_split in ((kaggle, split), (three_splits, three_splits / "test")):
+        assert error_of([*evaluate, str(root)], capsys) == (
+            f"monkeytrain: error: {root} is a dataset root, not a folder of class subfolders; pass the folder of its "
+            f"test split, {test_split} (the split that a run on it is tested on).")
+
+
 def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_is_which(checkpoint, split,
                                                                                        capsys, tmp_path):
     """New photos sorted by species (`mantled howler/`) where training had Kaggle's n0 ... n9."""
