@@ -379,11 +379,12 @@ def run_download(args: argparse.Namespace) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from monkeytrain.cachefolder import KINDS, cache_entries, cache_folder, delete_entries, unused_for
+    from monkeytrain.cachefolder import KINDS, cache_entries, delete_entries, listed_cache_folder, unused_for
     from monkeytrain.storage import human_size
 
-    folder = cache_folder(args.cache_dir)
+    folder = listed_cache_folder(args.cache_dir)
     entries = cache_entries(folder)
+    missing = "" if folder.exists() else "; the folder does not exist yet (no run has cached anything in it)"
     which = "everything"
     if args.unused_days is not None:
         days = f"{args.unused_days:g} day{'' if args.unused_days == 1 else 's'}"
@@ -391,9 +392,9 @@ def run_cache(args: argparse.Namespace) -> None:
     total = human_size(sum(entry.size for entry in entries))
     if args.clear:
         delete_entries(entries)
-        print(f"{folder}: deleted {counted(entries)} ({which}), {total}")
+        print(f"{folder}: deleted {counted(entries)} ({which}), {total}{missing}")
         return
-    print(f"{folder}: {counted(entries)} ({which}), {total}")
+    print(f"{folder}: {counted(entries)} ({which}), {total}{missing}")
     for kind in KINDS:
         of_kind = [entry for entry in entries if entry.kind == kind]  # oldest use first
         if of_kind:
