@@ -373,8 +373,11 @@ def class_counts(per_class: list[int]) -> str:
 
 
 def run_download(args: argparse.Namespace) -> None:
-    from monkeytrain.data.download import download_monkey_species
+    from monkeytrain.data.download import download_monkey_species, holds_monkey_species
 
+    if holds_monkey_species(args.dest):  # not a folder in the way, to remove: what the command would make
+        print(f"{args.dest} already holds 10 Monkey Species in Kaggle's layout (classes n0 to n9); nothing to do.")
+        return
     print(f"downloaded to {download_monkey_species(args.dest)}")
 
 
