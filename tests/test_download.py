@@ -56,13 +56,15 @@ def test_a_destination_that_is_a_file_or_holds_something_else_is_one_line(kaggle
 
 def test_a_download_is_copied_whole_or_not_at_all(kaggle, tmp_path, capsys):
     """A copy cut short left half a data set at --dest, which training would take without a word."""
-    fresh, empty = tmp_path / "data" / "fresh", tmp_path / "data" / "empty"
+    fresh, empty, linked = tmp_path / "data" / "fresh", tmp_path / "data" / "empty", tmp_path / "data" / "linked"
     empty.mkdir(parents=True)
-    for destination in (fresh, empty):
+    (tmp_path / "scratch").mkdir()
+    linked.symlink_to(tmp_path / "scratch")  # big data kept elsewhere; a folder renamed onto the link fails
+    for destination in (fresh, empty, linked):
         cli.main(["download", "--dest", str(destination)])
         assert capsys.readouterr().out == f"downloaded to {destination}\n"
         assert files_under(destination) == files_under(kaggle)
     (kaggle / "training" / "training" / "n0" / "moved.jpg").symlink_to(tmp_path / "gone.jpg")  # a file that fails
     assert "could not copy the data set to" in command_error(["download", "--dest", str(tmp_path / "data" / "cut")],
                                                               capsys)
-    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["empty", "fresh"]  # nothing half-copied
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["empty", "fresh", "linked"]  # no half copy

@@ -37,7 +37,7 @@ def copy_whole(source: Path, destination: Path) -> None:
     copying = Path(tempfile.mkdtemp(prefix=f".{destination.name}.copying-", dir=destination.parent))
     try:
         shutil.copytree(source, copying, dirs_exist_ok=True)
-        copying.replace(destination)  # onto an empty folder too
+        put_in_place(copying, destination)
     except shutil.Error as error:  # copytree goes on past each file it cannot copy, then lists them all
         failed = error.args[0]  # (source, target, why) for each file
         raise UserError(f"could not copy the data set to {destination} ({len(failed)} file(s) failed, the first: "
@@ -69,3 +69,15 @@ def holds_monkey_species(destination: Path) -> bool:
         return False
     return (folders.layout in ("kaggle", "kaggle-flattened") and classes == CLASS_FOLDERS
             and all(any((split / name).iterdir()) for split in (folders.train, folders.test) for name in classes))
+
+
+def put_in_place(copied: Path, destination: Path) -> None:
+    """Rename the folder `copied` to `destination`, new or an empty folder; an empty folder that cannot be
+    replaced so (a link to a folder on another disk, a mount point) gets `copied`'s entries moved into it."""
+    try:
+        copied.replace(destination)
+    except OSError:
+        if not destination.is_dir():
+            raise
+        for entry in copied.iterdir():
+            shutil.move(entry, destination / entry.name)
