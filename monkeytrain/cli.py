@@ -217,14 +217,19 @@ def print_json_array(items) -> None:
     """One JSON document, an array, written one element a line as each comes (for a long list: the
     first answers at once, and `grep` works on it too); an element waits for the next, for its comma."""
     print("[")
-    previous = None
-    for item in items:
-        if previous is not None:
-            print(f"  {previous},", flush=True)
-        previous = json.dumps(item)
+    previous, stopped = None, None
+    try:
+        for item in items:
+            if previous is not None:
+                print(f"  {previous},", flush=True)
+            previous = json.dumps(item)
+    except UserError as error:  # predict's `none of the files given is an image`: told on stderr, after the array
+        stopped = error
     if previous is not None:
         print(f"  {previous}")
-    print("]")
+    print("]")  # so that stdout is always one JSON document
+    if stopped is not None:
+        raise stopped
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

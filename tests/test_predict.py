@@ -339,6 +339,8 @@ def test_a_folder_of_images_that_are_all_damaged_is_an_error_after_a_warning_for
     *warnings, error = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and [w.split(": ")[2] for w in warnings] == [f"skipping {path}" for path in cut]
     assert error.startswith("monkeytrain: error: none of the files given is an image that could be read")
+    status, answered, told = predicted_and_told(["--checkpoint", str(checkpoint), str(tmp_path)], capsys)
+    assert status == 2 and answered == [] and told[-1].startswith("monkeytrain: error: none of the files")  # was `[`
 
 
 def test_evaluate_decodes_each_image_once_and_skips_one_damaged_past_its_header(checkpoint, split, capsys,
