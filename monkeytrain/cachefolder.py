@@ -79,6 +79,17 @@ def usable_cache_folder(chosen: str | os.PathLike | None = None, warn: bool = Tr
     return folder
 
 
+def listed_cache_folder(chosen: str | None) -> Path:
+    """`cache_folder(chosen)` for `monkeytrain cache` to list or clear. A --cache-dir given that does not exist
+    is an error, as any path given that does not exist is: a mistyped one would read as an empty cache. The
+    default folder, or $MONKEYTRAIN_CACHE, is the one runs use, and only made when one first caches something."""
+    folder = cache_folder(chosen)
+    if chosen and not os.path.lexists(folder):
+        raise UserError(f"the cache folder {folder} does not exist; check --cache-dir (a run makes its cache folder "
+                        "when it first caches something).")
+    return folder
+
+
 def cache_entries(cache_dir: Path) -> list[Entry]:
     """Every known entry of the cache folder, oldest use first (none if the folder does not exist)."""
     if cache_dir.exists() and not cache_dir.is_dir():

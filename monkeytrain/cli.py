@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from monkeytrain import __version__
 from monkeytrain.data.layout import DEFAULT_DATA_ROOT
-from monkeytrain.errors import FlagParser, UserError, exits_cleanly_on_user_error, to_stderr
+from monkeytrain.errors import USAGE_EXIT_CODE, FlagParser, UserError, exits_cleanly_on_user_error, to_stderr
 
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
@@ -30,10 +32,25 @@ def given_path(text: str) -> Path:
     return Path(given(text))
 
 
+class CommandParser(FlagParser):
+    """FlagParser whose error for a mistyped command names the command meant, as it does for a flag: argparse
+    lists every command (Python 3.14's suggest_on_error would add the hint; 3.10 to 3.13 have none)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands = {}  # name -> its parser, filled by build_parser
+
+    def error(self, message: str):
+        typed = re.match(r"(argument COMMAND: invalid choice: '(.*?)')", message)
+        meant = difflib.get_close_matches(typed[2], list(self.commands), n=1) if typed else []
+        super().error(f"{typed[1]} (did you mean {meant[0]}?)" if meant else message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = FlagParser(prog="monkeytrain", description=__doc__)
+    parser = CommandParser(prog="monkeytrain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands.choices
 
     commands.add_parser("train", help="train (same flags as monkeytrain/train.py; --help there)",
                         add_help=False)
@@ -155,16 +172,35 @@ def warn_about_files(skipped: list, images: list = ()) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from monkeytrain.data.imagefiles import ImageFile
     from monkeytrain.predict import collect_images, load_classifier, predict, scratch_for
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k}); it is how many classes to show.")
     device = device_for(args.cpu)
     classifier = load_classifier(args.checkpoint, device)  # a wrong checkpoint is told before images are read
+    unreadable = []  # the named files that held no image, each told in its turn
     with scratch_for(args.inputs) as scratch:  # where an image piped in (-) is kept while it is predicted
-        images, skipped = collect_images(args.inputs, scratch)
-        warn_about_files(skipped, images)
-        print_predictions(predict(classifier, images, args.top_k, device), args.json)
+        given, skipped = collect_images(args.inputs, scratch)
+        warn_about_files(skipped, [item for item in given if isinstance(item, ImageFile)])
+        results = predict(classifier, given, args.top_k, device)
+        print_predictions(answers_telling_the_unreadable(results, unreadable), args.json)
+    if unreadable:  # after every answer (none is lost), so that a script sees that not every file was answered
+        sys.exit(USAGE_EXIT_CODE)
+
+
+def answers_telling_the_unreadable(results, unreadable: list):
+    """The predictions among predict's `results`; each named file that is no image is told on stderr in its turn
+    and kept in `unreadable`. Not in --json's array: its elements stay all alike (`jq '.[].top[0]'` meets no
+    other kind), as for files skipped in a folder, and the exit status tells a script that one failed."""
+    from monkeytrain.predict import Unreadable
+
+    for result in results:
+        if isinstance(result, Unreadable):
+            to_stderr("error", result.message)
+            unreadable.append(result)
+        else:
+            yield result
 
 
 def print_predictions(predictions, as_json: bool) -> None:
@@ -181,14 +217,19 @@ def print_json_array(items) -> None:
     """One JSON document, an array, written one element a line as each comes (for a long list: the
     first answers at once, and `grep` works on it too); an element waits for the next, for its comma."""
     print("[")
-    previous = None
-    for item in items:
-        if previous is not None:
-            print(f"  {previous},", flush=True)
-        previous = json.dumps(item)
+    previous, stopped = None, None
+    try:
+        for item in items:
+            if previous is not None:
+                print(f"  {previous},", flush=True)
+            previous = json.dumps(item)
+    except UserError as error:  # predict's `none of the files given is an image`: told on stderr, after the array
+        stopped = error
     if previous is not None:
         print(f"  {previous}")
-    print("]")
+    print("]")  # so that stdout is always one JSON document
+    if stopped is not None:
+        raise stopped
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -358,17 +399,21 @@ def class_counts(per_class: list[int]) -> str:
 
 
 def run_download(args: argparse.Namespace) -> None:
-    from monkeytrain.data.download import download_monkey_species
+    from monkeytrain.data.download import download_monkey_species, holds_monkey_species
 
+    if holds_monkey_species(args.dest):  # not a folder in the way, to remove: what the command would make
+        print(f"{args.dest} already holds 10 Monkey Species in Kaggle's layout (classes n0 to n9); nothing to do.")
+        return
     print(f"downloaded to {download_monkey_species(args.dest)}")
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from monkeytrain.cachefolder import KINDS, cache_entries, cache_folder, delete_entries, unused_for
+    from monkeytrain.cachefolder import KINDS, cache_entries, delete_entries, listed_cache_folder, unused_for
     from monkeytrain.storage import human_size
 
-    folder = cache_folder(args.cache_dir)
+    folder = listed_cache_folder(args.cache_dir)
     entries = cache_entries(folder)
+    missing = "" if folder.exists() else "; the folder does not exist yet (no run has cached anything in it)"
     which = "everything"
     if args.unused_days is not None:
         days = f"{args.unused_days:g} day{'' if args.unused_days == 1 else 's'}"
@@ -376,9 +421,9 @@ def run_cache(args: argparse.Namespace) -> None:
     total = human_size(sum(entry.size for entry in entries))
     if args.clear:
         delete_entries(entries)
-        print(f"{folder}: deleted {counted(entries)} ({which}), {total}")
+        print(f"{folder}: deleted {counted(entries)} ({which}), {total}{missing}")
         return
-    print(f"{folder}: {counted(entries)} ({which}), {total}")
+    print(f"{folder}: {counted(entries)} ({which}), {total}{missing}")
     for kind in KINDS:
         of_kind = [entry for entry in entries if entry.kind == kind]  # oldest use first
         if of_kind:

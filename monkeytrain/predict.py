@@ -34,26 +34,40 @@ class Prediction:
     top: list[tuple[str, float]]  # (class name, probability), most likely first
 
 
-def collect_images(inputs: list[str], scratch: Path | None = None) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Images among files and folders given, each once (a file named twice, or named and in a folder given
-    too, is one image: one answer); a named file that is not one is an error. A pattern the shell left as it
-    was ('*.jpg' in quotes) names the files it matches, as the shell would have. `-` is the image piped to
-    standard input, saved in `scratch` (see `scratch_for`) once the other inputs are found. Judged by their
-    headers alone: `predict` decodes each image once, and reports one damaged past its header then."""
+def collect_images(inputs: list[str], scratch: Path | None = None
+                   ) -> tuple[list[ImageFile | Unreadable], list[SkippedFile]]:
+    """Images among files, folders and patterns given, in the order given, each once (a file named twice, or
+    named and in a folder given too, is one image: one answer); in its place, a named file that is no image,
+    as an Unreadable for predict to tell in its turn. Files found in a folder, or by a pattern the shell left
+    as it was ('*.jpg' in quotes, as a folder's files), that are no images come apart, to warn of and skip.
+    `-` is the image piped to standard input, saved in `scratch` (see `scratch_for`) once the other inputs are
+    found. Judged by their headers alone: `predict` decodes each image once, and tells of one damaged past its
+    header then."""
     found = {item: expanded(item) for item in inputs if item != STANDARD_INPUT}  # a typo told before the read
     piped = saved_standard_input(scratch) if STANDARD_INPUT in inputs else None
     named = [name for item in inputs for name in (found[item] if item != STANDARD_INPUT else [str(piped)])]
+    named_files = {Path(item) for item, paths in found.items() if paths == [item]}  # a pattern's matches are not
+    named_files |= {piped} if piped else set()
     once = {}  # by absolute path, first spelling kept: `a.jpg ./a.jpg` is one file
-    for path in (path for item in map(Path, named) for path in files_of(item)):
+    for path in (path for item in map(Path, named) for path in files_of(item, item in named_files)):
         once.setdefault(os.path.abspath(path), path)
     images, skipped = glance_at_files([(p, -1) for p in once.values()])  # each is decoded once, by predict
-    named_files = {Path(name) for name in named if not Path(name).is_dir()}
-    for bad in skipped:
-        if bad.path in named_files:
-            raise UserError(not_an_image(bad, piped=bad.path == piped))
-    if not images:
-        raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders of images.")
-    return [as_given(image, named_files, piped) for image in images], skipped
+    unreadable = [Unreadable(bad.path, not_an_image(bad, piped=bad.path == piped))
+                  for bad in skipped if bad.path in named_files]
+    if not once:  # files that are all no images end in predict, after a line naming each
+        raise UserError(f"no files in {', '.join(inputs)}; pass image files or folders of images.")
+    position = {path: index for index, path in enumerate(once.values())}
+    given = sorted([*(as_given(image, named_files, piped) for image in images), *unreadable],
+                   key=lambda item: position[item.path])
+    return given, [bad for bad in skipped if bad.path not in named_files]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A file the user named (or `-`) that holds no image predict can read: told in its turn among the answers,
+    and the command ends with status 2, so that a script notices (the answers for the others are not lost)."""
+    path: Path
+    message: str
 
 
 class NamedImage(ImageFile):
@@ -134,12 +148,15 @@ def expanded(item: str) -> list[str]:
     raise UserError(f"{item} does not exist; pass image files or folders of images.")
 
 
-def files_of(item: Path) -> list[Path]:
-    """The files an input names: every file below a folder, or the file itself."""
+def files_of(item: Path, named: bool = True) -> list[Path]:
+    """The files an input names: every file below a folder, or the file itself. A pipe or a device that a
+    pattern matched is left out, as in a folder; one named is an error."""
     if item.is_dir():
         return candidate_files(item)
     if item.is_file() or item.is_symlink():  # a link to nothing too, for the scan to say where it points
         return [item]
+    if not named:
+        return []
     # reading a named pipe would wait for a writer forever; a pipe can be read only once
     raise UserError(f"{item} is not a regular file (a pipe or a device); pass an image file.")
 
@@ -176,46 +193,75 @@ def is_onnx_model(path: Path) -> bool:
 PREDICT_BATCH_SIZE = 32
 
 
+def predict(classifier: tuple[Callable, CheckpointInfo], given: list[ImageFile | Unreadable], top_k: int = 3,
+            device: str = "cpu") -> Iterator[Prediction | Unreadable]:
+    """Top-k class names and probabilities for each image of `collect_images`, from a `load_classifier`
+    checkpoint alone, in the order given, yielded batch by batch: a caller prints the first answers of 10,000
+    images at once, and a reader that stops reading (`| head`) stops the work. A named file that is no image
+    (found by its header, or now by its decoding) is an Unreadable in its place; one found in a folder is
+    skipped, with a warning."""
+    answers = answers_to(classifier, [item for item in given if isinstance(item, ImageFile)], top_k, device)
+    told = 0
+    for item in given:
+        result = item if isinstance(item, Unreadable) else next(answers)
+        if result is not None:
+            told += 1
+            yield result
+    if not told:
+        raise UserError("none of the files given is an image that could be read (each is named above); pass "
+                        "image files or folders of images.")
+
+
 @torch.no_grad()  # on a generator, torch turns gradients off for each step of it, not for its caller
-def predict(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile], top_k: int = 3,
-            device: str = "cpu") -> Iterator[Prediction]:
-    """Top-k class names and probabilities for each image, from a `load_classifier` checkpoint alone,
-    yielded batch by batch: a caller prints the first answers of 10,000 images at once, and a reader
-    that stops reading (`| head`) stops the work."""
+def answers_to(classifier: tuple[Callable, CheckpointInfo], images: list[ImageFile], top_k: int,
+               device: str) -> Iterator[Prediction | Unreadable | None]:
+    """For each of `images` in turn: its Prediction, an Unreadable for a named one that does not decode, or
+    None for one found in a folder that does not (after a warning); batch by batch, as they are asked for."""
     model, info = classifier
     prepare, forward = inference(model, info)
     loader = torch.utils.data.DataLoader(DecodedOrWhyNot(view_dataset(images, info.image_size)),
                                          batch_size=PREDICT_BATCH_SIZE, collate_fn=as_list)
-    k, names, answered = min(top_k, info.num_classes), shown_class_names(info), 0
-    for images_and_views in filter(None, map(decoded, loader)):
-        images, views = images_and_views
-        values, indices = forward(prepare(views.to(device))).float().softmax(dim=1).cpu().topk(k, dim=1)
-        for image, row_values, row_indices in zip(images, values.tolist(), indices.tolist()):
-            yield Prediction(shown_path(image), [(names[i], p) for i, p in zip(row_indices, row_values)])
-        answered += len(images)
-    if not answered:
-        raise UserError("none of the images given could be decoded (each is named above); pass image files or "
-                        "folders of images.")
+    k, names = min(top_k, info.num_classes), shown_class_names(info)
+    for batch in loader:
+        views = [view for view, _, why_not in batch if not why_not]
+        ranked = iter(top_classes(forward(prepare(torch.stack(views).to(device))), k) if views else [])
+        for _, image, why_not in batch:
+            if why_not:
+                yield undecoded(image, why_not)
+                continue
+            indices, probabilities = next(ranked)
+            yield Prediction(shown_path(image), [(names[i], p) for i, p in zip(indices, probabilities)])
+
+
+def top_classes(logits: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:
+    """For each row of `logits`, its k most likely classes and their probabilities, most likely first."""
+    probabilities, indices = logits.float().softmax(dim=1).cpu().topk(k, dim=1)
+    return list(zip(indices.tolist(), probabilities.tolist()))
+
+
+def undecoded(image: ImageFile, why_not: str) -> Unreadable | None:
+    """An image that did not decode (damaged past its header, which is all the first look read): an Unreadable
+    if the user named it, else (found in a folder) None, after one warning, as for the first look's findings."""
+    if isinstance(image, NamedImage):
+        return Unreadable(image.path, not_an_image(SkippedFile(image.path, why_not), isinstance(image, PipedImage)))
+    warn_skipping(image.path, why_not)
+    return None
+
+
+def warn_skipping(path: Path, why_not: str) -> None:
+    to_stderr("warning", f"skipping {path}: {why_not}.")
 
 
 def decoded(batch: list) -> tuple[list[ImageFile], torch.Tensor] | None:
-    """A DecodedOrWhyNot batch as the images that decoded and their stacked views (None if none did)."""
-    pairs = [(image, view) for view, image, why_not in batch if decodes(image, why_not)]
+    """A DecodedOrWhyNot batch of a folder's images as those that decoded and their stacked views (None if none
+    did); one that did not is skipped, with a warning."""
+    for _, image, why_not in batch:
+        if why_not:
+            warn_skipping(image.path, why_not)
+    pairs = [(image, view) for view, image, why_not in batch if not why_not]
     if not pairs:
         return None
     return [image for image, _ in pairs], torch.stack([view for _, view in pairs])
-
-
-def decodes(image: ImageFile, why_not: str) -> bool:
-    """Whether `image` decoded; one that did not (damaged past its header, which is all the first look read) is
-    an error if the user named it, and one warning if it was found in a folder, as the first look's findings."""
-    if not why_not:
-        return True
-    skipped = SkippedFile(image.path, why_not)
-    if isinstance(image, NamedImage):
-        raise UserError(not_an_image(skipped, piped=isinstance(image, PipedImage)))
-    to_stderr("warning", f"skipping {skipped.path}: {skipped.reason}.")
-    return False
 
 
 def shown_class_names(info: CheckpointInfo) -> list[str]:
@@ -266,6 +312,10 @@ def known_subfolders(info: CheckpointInfo) -> str:
 def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
     """Why a subfolder named `name` is no class of the checkpoint's, and what to do: often the split folder
     one level too high (Kaggle's validation/validation), or a name that differs only in letter case."""
+    test_split = test_split_of(folder)
+    if test_split is not None:
+        return (f"{folder} is a dataset root, not a folder of class subfolders; pass the folder of its test split, "
+                f"{test_split} (the split that a run on it is tested on).")
     known = list(subfolder_labels(info))
     below = layout.class_folders(folder / name)
     if below and all(n in known for n in below):
@@ -275,6 +325,17 @@ def unknown_class_folder(folder: Path, name: str, info: CheckpointInfo) -> str:
         return f"{folder} has class folder '{name}' and the checkpoint '{alike[0]}': they {alike[1]}; rename it."
     return (f"{folder} has class folder '{name}' that the checkpoint does not know; expected subfolders "
             f"named as its classes' folders or names: {known_subfolders(info)}.")
+
+
+def test_split_of(folder: Path) -> Path | None:
+    """The test split's folder where `folder` is a dataset root, as training finds its splits (Kaggle's
+    validation/validation), else None."""
+    if not any(name.lower() in layout.SPLIT_NAMES for name in layout.class_folders(folder)):
+        return None
+    try:
+        return layout.folders_from_root(folder).test
+    except UserError:  # split folders, but no layout training takes: the unknown folder is told as such
+        return None
 
 
 def evaluate_folder(checkpoint: Path, folder: Path, accelerator,

@@ -124,6 +124,7 @@ def test_the_command_lists_and_clears_what_it_was_asked_to(cache, capsys, monkey
         f"{cache}: deleted 7 entries (unused for 30 days), 2.7 KiB"]
     assert listed(cache_entries(cache)) == {"b.pt": ("views", 3000)}
     other = cache.parent / "elsewhere"
+    other.mkdir()
     assert run_cache_command(["--cache-dir", str(other)], capsys) == [f"{other}: 0 entries (everything), 0 B"]
     assert run_cache_command(["--clear"], capsys) == [f"{cache}: deleted 1 entry (everything), 2.9 KiB"]
     assert (cache / "notes.txt").is_file()
@@ -139,6 +140,23 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "cannot find the home folder of ~no-such-user-here/x; give --cache-dir" in error_of(
         cli.main, ["cache", "--cache-dir", "~no-such-user-here/x"], capsys)
     assert "--cache-dir is empty" in error_of(cli.main, ["cache", "--cache-dir", ""], capsys)  # not the cwd
+
+
+@pytest.mark.parametrize("clear", [[], ["--clear"]])
+def test_a_cache_dir_given_that_does_not_exist_is_told_not_listed_as_empty(tmp_path, capsys, monkeypatch, clear):
+    """A mistyped --cache-dir printed `0 entries (everything), 0 B`, as an empty cache; the folder that runs use
+    ($MONKEYTRAIN_CACHE or the default) is only made when a run first caches something, so it is listed, with a
+    note."""
+    from test_cli import error_of
+
+    typo = tmp_path / "cahce"
+    assert error_of(cli.main, ["cache", "--cache-dir", str(typo), *clear], capsys) == (
+        f"monkeytrain: error: the cache folder {typo} does not exist; check --cache-dir (a run makes its cache "
+        "folder when it first caches something).")
+    monkeypatch.setenv("MONKEYTRAIN_CACHE", str(typo))
+    done = "deleted 0 entries" if clear else "0 entries"
+    assert run_cache_command(clear, capsys) == [
+        f"{typo}: {done} (everything), 0 B; the folder does not exist yet (no run has cached anything in it)"]
 
 
 def test_an_entry_that_cannot_be_deleted_is_one_line_naming_it(cache, capsys, monkeypatch):

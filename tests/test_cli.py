@@ -80,7 +80,10 @@ def test_invalid_flag_values(capsys, data):
                                                "--mixed-precision, --optimizer?); see `monkeytrain train --help`."),
     (cli.main, ["predict", "--checkpoint", "m.onnx", "--top", "3", "a.jpg"],
      "unrecognized arguments: --top (did you mean --top-k?); see `monkeytrain predict --help`."),
-    (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (choose from 'train', 'tune', 'predict', "
+    (cli.main, ["trian"], "argument COMMAND: invalid choice: 'trian' (did you mean train?); see `monkeytrain --help`."),
+    (cli.main, ["predcit", "--checkpoint", "m.onnx", "a.jpg"], "argument COMMAND: invalid choice: 'predcit' (did you "
+                                                               "mean predict?); see `monkeytrain --help`."),
+    (cli.main, ["zebra"], "argument COMMAND: invalid choice: 'zebra' (choose from 'train', 'tune', 'predict', "
                           "'evaluate', 'export', 'inspect-data', 'download', 'cache'); see `monkeytrain --help`."),
 ])
 def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv, expected, capsys):

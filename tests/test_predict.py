@@ -90,6 +90,17 @@ def test_evaluate_says_which_folder_to_give_when_the_classes_are_not_where_it_lo
         assert message in error_of([*evaluate, str(folder)], capsys)
 
 
+def test_evaluate_given_a_dataset_root_names_its_test_split(checkpoint, split, capsys, tmp_path, make_image_folder):
+    """`evaluate data/10-monkey-species` said that the checkpoint did not know a class folder 'training'."""
+    kaggle = split.parent.parent
+    three_splits = make_image_folder(tmp_path / "three", layout="train-val-test", classes=3, per_class=1)
+    evaluate = ["evaluate", "--cpu", "--checkpoint", str(checkpoint)]
+    for root, test_split in ((kaggle, split), (three_splits, three_splits / "test")):
+        assert error_of([*evaluate, str(root)], capsys) == (
+            f"monkeytrain: error: {root} is a dataset root, not a folder of class subfolders; pass the folder of its "
+            f"test split, {test_split} (the split that a run on it is tested on).")
+
+
 def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_is_which(checkpoint, split,
                                                                                        capsys, tmp_path):
     """New photos sorted by species (`mantled howler/`) where training had Kaggle's n0 ... n9."""
@@ -275,6 +286,50 @@ def test_an_image_damaged_past_its_header_is_skipped_in_a_folder_and_an_error_wh
     assert f"{cut} is a damaged or truncated image" in error_of(["predict", "--cpu", *flags, str(cut)], capsys)
 
 
+def predicted_and_told(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    """(exit status, the paths answered in --json's array, the lines on stderr) of `monkeytrain predict ARGV`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["predict", "--cpu", "--json", *argv])
+        raise SystemExit(0)
+    printed, told = capsys.readouterr()
+    return stopped.value.code, [answer["path"] for answer in json.loads(printed)], told.splitlines()
+
+
+def test_named_files_that_are_no_images_are_each_told_in_turn_and_the_rest_answered(checkpoint, split, capsys,
+                                                                                    tmp_path):
+    """`predict ok.png cut.png notes.txt other.png` said only that notes.txt was no image (the header check ran
+    first, the decoding after) and answered none: every good one is answered, each bad one named in its turn,
+    and the status is 2 at the end, for a script to notice."""
+    good, other = split / "n0" / "n0_000.png", split / "n1" / "n1_000.png"
+    cut = truncated_copy(split / "n2" / "n2_000.png", tmp_path / "cut.png")  # found when decoded
+    notes = tmp_path / "notes.txt"  # found by its header
+    notes.write_text("not an image")
+    status, answered, told = predicted_and_told(["--checkpoint", str(checkpoint), str(good), str(cut), str(notes),
+                                                 str(other)], capsys)
+    assert status == 2 and answered == [str(good), str(other)]
+    assert told == [f"monkeytrain: error: {cut} is a damaged or truncated image (image file is truncated); pass an "
+                    "image file.",
+                    f"monkeytrain: error: {notes} is not an image in any format Pillow reads; pass an image file."]
+    status, answered, told = predicted_and_told(["--checkpoint", str(checkpoint), str(notes), str(cut)], capsys)
+    assert status == 2 and answered == [] and [line.split()[2] for line in told] == [str(notes), str(cut)]
+
+
+def test_a_pattern_skips_what_is_no_image_as_a_folder_does(checkpoint, split, capsys, tmp_path):
+    """`predict 'photos/*'` stopped at the first damaged file it matched, where `predict photos/` skips it."""
+    folder = tmp_path / "photos"
+    shutil.copytree(split / "n0", folder)
+    cut = truncated_copy(split / "n1" / "n1_000.png", folder / "cut.png")
+    (folder / "notes.txt").write_text("not an image")
+    for given in (folder / "*", folder):
+        status, answered, told = predicted_and_told(["--checkpoint", str(checkpoint), str(given)], capsys)
+        assert status == 0 and answered == [str(folder / "n0_000.png"), str(folder / "n0_001.png")]
+        assert told == [f"monkeytrain: warning: skipping {folder / 'notes.txt'}: not an image in any format Pillow "
+                        "reads.",
+                        f"monkeytrain: warning: skipping {cut}: a damaged or truncated image (image file is "
+                        "truncated)."]
+
+
 def test_a_folder_of_images_that_are_all_damaged_is_an_error_after_a_warning_for_each(checkpoint, split, capsys,
                                                                                        tmp_path):
     cut = [truncated_copy(split / "n0" / "n0_000.png", tmp_path / name) for name in ("a.png", "b.png")]
@@ -283,7 +338,9 @@ def test_a_folder_of_images_that_are_all_damaged_is_an_error_after_a_warning_for
         cli.main(["predict", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path)])
     *warnings, error = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and [w.split(": ")[2] for w in warnings] == [f"skipping {path}" for path in cut]
-    assert error.startswith("monkeytrain: error: none of the images given could be decoded")
+    assert error.startswith("monkeytrain: error: none of the files given is an image that could be read")
+    status, answered, told = predicted_and_told(["--checkpoint", str(checkpoint), str(tmp_path)], capsys)
+    assert status == 2 and answered == [] and told[-1].startswith("monkeytrain: error: none of the files")  # was `[`
 
 
 def test_evaluate_decodes_each_image_once_and_skips_one_damaged_past_its_header(checkpoint, split, capsys,
