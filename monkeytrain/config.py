@@ -600,6 +600,9 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     - the data root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag
       named the data (null would train on that shell's default data, silently), and the built-in synthetic
       set by its name (synthetic.DATA_NAME); null stays for split folders;
+    - the files and folders it read, --data, the split folders, --pretrained and --cache-dir, as absolute
+      paths: as given (data/x), the run's config.yaml given from another folder would read another data/x,
+      or none;
     - --resume auto for a run resumed from a state folder (RUN/state/step-N), which continues that run only:
       another run given it is refused."""
     # Here, not at the top: the data code imports this module.
@@ -610,9 +613,25 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     if not config.data:
         root = user_data_root(config)
         values["data"] = os.path.abspath(root) if root else None if explicit_dirs(config) else DATA_NAME
+    values.update({name: os.path.abspath(values[name]) for name in RECORDED_ABSOLUTE
+                   if names_a_path(name, values[name])})
     if config.resume:
         values["resume"] = "auto"
     return values
+
+
+# What a run reads, recorded as an absolute path (see recorded_config); where it writes (--output-dir) stays as
+# given, so that a run repeated elsewhere writes there.
+RECORDED_ABSOLUTE = ("data", "train_dir", "val_dir", "test_dir", "pretrained", "cache_dir")
+
+
+def names_a_path(name: str, value: Any) -> bool:
+    """Whether the value of a RECORDED_ABSOLUTE field is a path: not the built-in synthetic set's name, nor
+    the bare --pretrained (the hub's weights)."""
+    from monkeytrain.data.synthetic import BUILTIN  # here: the data code imports this module
+
+    return bool(value) and not str(value).startswith(BUILTIN) and not (
+        name == "pretrained" and value == FIELDS["pretrained"].metadata["const"])
 
 
 def config_yaml(config: TrainConfig) -> str:

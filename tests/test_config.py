@@ -614,3 +614,28 @@ def test_drop_rates_are_flags_recorded_in_config_yaml_and_zero_by_default():
     for flag in ("--drop-rate", "--drop-path-rate"):
         with pytest.raises(UserError, match=f"^{flag} must be in \\[0, 1\\); "):
             parse_config([flag, "1"])
+
+
+def test_the_saved_config_names_what_the_run_read_by_absolute_paths(tmp_path, monkeypatch):
+    """A relative --data was recorded as typed: the run's config.yaml given from another folder found no such
+    folder there, or silently trained on another folder of that name."""
+    begun = tmp_path / "project"
+    (begun / "data").mkdir(parents=True)
+    save_file({"weight": torch.zeros(1)}, begun / "w.safetensors")
+    monkeypatch.chdir(begun)
+    given = {"--data": "data", "--pretrained": "w.safetensors", "--cache-dir": "cache"}
+    recorded = yaml.safe_load(config_yaml(parse_config(["--cpu", *[part for item in given.items() for part in item]])))
+    assert {flag: recorded[flag[2:].replace("-", "_")] for flag in given} == {
+        flag: str(begun / path) for flag, path in given.items()}
+    splits = yaml.safe_load(config_yaml(parse_config(["--cpu", "--train-dir", "a", "--val-dir", "b", "--test-dir",
+                                                      "c"])))
+    assert [splits[name] for name in ("train_dir", "val_dir", "test_dir")] == [str(begun / n) for n in "abc"]
+    saved = write_yaml(begun / "config.yaml", config_yaml(parse_config(["--cpu", "--data", "data"])))
+    monkeypatch.chdir(tmp_path)  # another folder, where the run is repeated from its config.yaml
+    assert parse_config(["--config", saved]).data == str(begun / "data")
+
+
+@pytest.mark.parametrize("flags, name, kept", [(["--data", SYNTHETIC], "data", SYNTHETIC),
+                                               (["--pretrained"], "pretrained", "hub")])
+def test_a_value_that_names_no_path_is_recorded_as_given(flags, name, kept):
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))[name] == kept

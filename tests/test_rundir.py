@@ -207,3 +207,11 @@ def test_reusing_a_run_name_suggests_resume_auto_only_where_it_continues_the_run
             "stopped before its first state": f"{shown} already holds a checkpoint, and no saved state to continue "
                                               "the run from; pick another --run-name, or move it away."}
     assert str(refused.value) == told[how]
+
+
+def test_a_run_begun_on_a_relative_data_path_resumes_with_it(tmp_path):
+    """config.yaml records the absolute path; the resume, given the relative one again, is the same run."""
+    (tmp_path / "data").mkdir()
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--data", "data"])))
+    assert yaml.safe_load((run / CONFIG_NAME).read_text())["data"] == str(tmp_path / "data")
+    check_resumed_config(run, parse_config([*RESUME, "--data", "data"]))
