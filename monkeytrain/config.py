@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         other_names=OTHER_NAMES,
         unmatched=UNMATCHED_FLAGS,
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
+    parser.add_argument("--config", metavar="FILE.yaml", action=OnePreset, help="YAML preset; flags override it.")
     parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -231,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     for old, new in RENAMED_FIELDS.items():
         parser.add_argument("--" + old.replace("_", "-"), type=_base_type(FIELDS[new]), help=argparse.SUPPRESS)
     return parser
+
+
+class OnePreset(argparse.Action):
+    """--config, given once: argparse keeps the last of two silently, and a run given a model's preset and
+    then an experiment's trained without the first. timm's train.py reads one -c too."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            raise UserError(f"--config is given twice ({earlier}, then {values}), and a run reads one preset; "
+                            "put the keys of both in one file, or give the values of one as flags.")
+        setattr(namespace, self.dest, values)
 
 
 def shown_default(f: dataclasses.Field) -> str:

@@ -639,3 +639,13 @@ def test_the_saved_config_names_what_the_run_read_by_absolute_paths(tmp_path, mo
                                                (["--pretrained"], "pretrained", "hub")])
 def test_a_value_that_names_no_path_is_recorded_as_given(flags, name, kept):
     assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))[name] == kept
+
+
+def test_a_second_config_is_refused_rather_than_the_first_dropped(tmp_path):
+    """--config m99.yaml --config e1.yaml trained the default model: the first preset was silently dropped."""
+    model, experiment = write_yaml(tmp_path / "m99.yaml", "model: resnet50\n"), write_yaml(tmp_path / "e1.yaml",
+                                                                                          "epochs: 3\n")
+    with pytest.raises(UserError) as refused:
+        parse_config(["--config", model, "--cpu", "--config", experiment])
+    assert str(refused.value) == (f"--config is given twice ({model}, then {experiment}), and a run reads one "
+                                  "preset; put the keys of both in one file, or give the values of one as flags.")
