@@ -455,9 +455,24 @@ def read_yaml_file(path: Path, what: str, flag: str) -> Any:
         return yaml.load(path.read_text(), Loader=NoRepeatsLoader)
     except RepeatedKey as repeated:
         raise UserError(f"{what} {path} gives {repeated}; keep one of them.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
-                        "(and save it as UTF-8 text).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not valid YAML (UnicodeDecodeError); fix its syntax (and save it as "
+                        "UTF-8 text).") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: a tagged value that is not one (!!int x)
+        raise UserError(f"{what} {path} is not valid YAML ({where_yaml_failed(error)}); fix its syntax.") from None
+
+
+def where_yaml_failed(error: Exception) -> str:
+    """'line 3, column 2: what went wrong', as a YAML reader found it, for an editor to go to; what a line
+    before began (an unclosed [) too, as the line named may be where the reader only noticed it."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(error).split()) or error.__class__.__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    begun, context = getattr(error, "context_mark", None), getattr(error, "context", None)
+    if begun is not None and context and begun.line != mark.line:
+        where += f", {context} that began on line {begun.line + 1}"
+    return where
 
 
 def field_names(raw: dict, path: Path) -> dict[Any, str]:

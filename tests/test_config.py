@@ -649,3 +649,17 @@ def test_a_second_config_is_refused_rather_than_the_first_dropped(tmp_path):
         parse_config(["--config", model, "--cpu", "--config", experiment])
     assert str(refused.value) == (f"--config is given twice ({model}, then {experiment}), and a run reads one "
                                   "preset; put the keys of both in one file, or give the values of one as flags.")
+
+
+@pytest.mark.parametrize("text, where", [
+    ("epochs: 3\nlr: [0.1\nmodel: resnet18\n", "line 3, column 6: expected ',' or ']', but got ':', while parsing a "
+                                               "flow sequence that began on line 2"),
+    ("epochs: 3\n  lr: 0.1\n", "line 2, column 5: mapping values are not allowed here"),
+    ("epochs: !!int three\n", "invalid literal for int() with base 10: 'three'"),  # was a traceback
+])
+def test_invalid_yaml_names_the_line_and_column(tmp_path, text, where):
+    """'not valid YAML (ScannerError)' left the user to find the mistake in the file."""
+    preset = write_yaml(tmp_path / "bad.yaml", text)
+    with pytest.raises(UserError) as refused:
+        parse_config(["--config", preset])
+    assert str(refused.value) == f"config file {preset} is not valid YAML ({where}); fix its syntax."
