@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         other_names=OTHER_NAMES,
         unmatched=UNMATCHED_FLAGS,
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags override it.")
+    parser.add_argument("--config", metavar="FILE.yaml", action=OnePreset, help="YAML preset; flags override it.")
     parser.add_argument("--version", action="version", version=f"monkeytrain {__version__}")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -231,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     for old, new in RENAMED_FIELDS.items():
         parser.add_argument("--" + old.replace("_", "-"), type=_base_type(FIELDS[new]), help=argparse.SUPPRESS)
     return parser
+
+
+class OnePreset(argparse.Action):
+    """--config, given once: argparse keeps the last of two silently, and a run given a model's preset and
+    then an experiment's trained without the first. timm's train.py reads one -c too."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            raise UserError(f"--config is given twice ({earlier}, then {values}), and a run reads one preset; "
+                            "put the keys of both in one file, or give the values of one as flags.")
+        setattr(namespace, self.dest, values)
 
 
 def shown_default(f: dataclasses.Field) -> str:
@@ -443,9 +455,24 @@ def read_yaml_file(path: Path, what: str, flag: str) -> Any:
         return yaml.load(path.read_text(), Loader=NoRepeatsLoader)
     except RepeatedKey as repeated:
         raise UserError(f"{what} {path} gives {repeated}; keep one of them.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} {path} is not valid YAML ({error.__class__.__name__}); fix its syntax "
-                        "(and save it as UTF-8 text).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not valid YAML (UnicodeDecodeError); fix its syntax (and save it as "
+                        "UTF-8 text).") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: a tagged value that is not one (!!int x)
+        raise UserError(f"{what} {path} is not valid YAML ({where_yaml_failed(error)}); fix its syntax.") from None
+
+
+def where_yaml_failed(error: Exception) -> str:
+    """'line 3, column 2: what went wrong', as a YAML reader found it, for an editor to go to; what a line
+    before began (an unclosed [) too, as the line named may be where the reader only noticed it."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(error).split()) or error.__class__.__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    begun, context = getattr(error, "context_mark", None), getattr(error, "context", None)
+    if begun is not None and context and begun.line != mark.line:
+        where += f", {context} that began on line {begun.line + 1}"
+    return where
 
 
 def field_names(raw: dict, path: Path) -> dict[Any, str]:
@@ -600,6 +627,9 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     - the data root that $MONKEYTRAIN_DATA or the default folder gave, as an absolute path, where no flag
       named the data (null would train on that shell's default data, silently), and the built-in synthetic
       set by its name (synthetic.DATA_NAME); null stays for split folders;
+    - the files and folders it read, --data, the split folders, --pretrained and --cache-dir, as absolute
+      paths: as given (data/x), the run's config.yaml given from another folder would read another data/x,
+      or none;
     - --resume auto for a run resumed from a state folder (RUN/state/step-N), which continues that run only:
       another run given it is refused."""
     # Here, not at the top: the data code imports this module.
@@ -610,9 +640,25 @@ def recorded_config(config: TrainConfig) -> dict[str, Any]:
     if not config.data:
         root = user_data_root(config)
         values["data"] = os.path.abspath(root) if root else None if explicit_dirs(config) else DATA_NAME
+    values.update({name: os.path.abspath(values[name]) for name in RECORDED_ABSOLUTE
+                   if names_a_path(name, values[name])})
     if config.resume:
         values["resume"] = "auto"
     return values
+
+
+# What a run reads, recorded as an absolute path (see recorded_config); where it writes (--output-dir) stays as
+# given, so that a run repeated elsewhere writes there.
+RECORDED_ABSOLUTE = ("data", "train_dir", "val_dir", "test_dir", "pretrained", "cache_dir")
+
+
+def names_a_path(name: str, value: Any) -> bool:
+    """Whether the value of a RECORDED_ABSOLUTE field is a path: not the built-in synthetic set's name, nor
+    the bare --pretrained (the hub's weights)."""
+    from monkeytrain.data.synthetic import BUILTIN  # here: the data code imports this module
+
+    return bool(value) and not str(value).startswith(BUILTIN) and not (
+        name == "pretrained" and value == FIELDS["pretrained"].metadata["const"])
 
 
 def config_yaml(config: TrainConfig) -> str:

@@ -48,11 +48,14 @@ def prepare_run_dir(config, accelerator) -> Path:
             warn(f"--resume auto without --run-name has no run to continue: a new run {config.run_name} starts; "
                  "to continue a stopped run, give its name with --run-name (its stop line says both).")
     run_dir = Path(config.output_dir) / config.run_name
-    if (run_dir / BEST_NAME).exists() and not config.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint; pick another --run-name, move it away, "
-                        "or continue it with --resume auto.")
+    # First: a run still going in the folder is what the user must hear of, not advice to resume it
+    problem = broadcast_from_main(in_use(run_dir / LOCK_NAME) if accelerator.is_main_process else None)
+    if problem:
+        raise UserError(problem)
     if (run_dir / RESULTS_NAME).exists():
         raise UserError(finished_run(run_dir, config))
+    if (run_dir / BEST_NAME).exists() and not config.resume:
+        raise UserError(holds_a_checkpoint(run_dir))
     problem = None
     if accelerator.is_main_process:
         try:
@@ -72,6 +75,16 @@ def finished_run(run_dir: Path, config) -> str:
         return (f"{run_dir} holds a finished run (results.json), which its states cannot continue; start a new "
                 f"run without --resume (from its weights: --pretrained {run_dir / BEST_NAME}).")
     return f"{run_dir} holds a finished run (results.json); pick another --run-name."
+
+
+def holds_a_checkpoint(run_dir: Path) -> str:
+    """Why a new run is not begun in a stopped run's folder; --resume auto is offered only where it would
+    continue the run, from a saved state (without one it starts over, replacing the checkpoint)."""
+    if state_dirs(run_dir):
+        return (f"{run_dir} holds a stopped run (a checkpoint and a saved state); pick another --run-name, move "
+                "it away, or continue it with --resume auto.")
+    return (f"{run_dir} already holds a checkpoint, and no saved state to continue the run from; pick another "
+            "--run-name, or move it away.")
 
 
 def new_run_name(output_dir: Path) -> str:
@@ -218,10 +231,9 @@ def lock_file(path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            problem = held_by_another(path, fd)
             os.close(fd)
-            raise UserError(f"{path.parent} is in use by a run that is still going ({holder}); wait for it to "
-                            "end, or pick another --run-name.") from None
+            raise UserError(problem) from None
         except OSError:
             os.close(fd)
             return None
@@ -232,6 +244,31 @@ def lock_file(path: Path) -> int | None:
                     os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
                 return fd
         os.close(fd)
+
+
+def in_use(path: Path) -> str | None:
+    """Why the run folder of the lock file `path` cannot be used, if a running run holds it; the lock is only
+    tried, and let go at once (claimed() takes it for this run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no run in it now (or a file system without; claimed() says the rest)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return held_by_another(path, fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # lets go of the shared lock, if it was taken
+    return None
+
+
+def held_by_another(path: Path, fd: int) -> str:
+    """The line for a run folder whose lock file (open as `fd`) another run holds, naming that run's process."""
+    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    return (f"{path.parent} is in use by a run that is still going ({holder}); wait for it to end, or pick "
+            "another --run-name.")
 
 
 def remove_if_empty(run_dir: Path) -> None:

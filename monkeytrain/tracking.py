@@ -10,12 +10,15 @@ W&B run and leaves no wandb/ folder in the run directory.
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import importlib.util
 import json
 import math
 import netrc
 import os
 import secrets
+import shutil
 import string
 import weakref
 from pathlib import Path
@@ -34,6 +37,8 @@ DEFAULT_PROJECT = "monkeytrain"
 # WANDB_MODE values with which wandb.init needs no account and never logs in.
 NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+PROBE_SECONDS = 10  # for the W&B server to answer one request; unreachable, wandb.init retries for about 95 s
+OFFLINE_FIX = "set WANDB_MODE=offline to log the run offline at once, and upload it later with `wandb sync`"
 SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "selected_on", "best_val_accuracy",
                 "best_val_balanced_accuracy", "best_val_loss")
 THUMBNAIL_PIXELS = 128
@@ -175,7 +180,8 @@ class WandbRunLog(RunLog):
         try:
             self.wandb, self.run = start_wandb_run(self.run_dir, self.report_to, self.config)
         except TrackerUnavailable as problem:
-            self.warn(f"{problem}; logging to {self.run_dir} only.")
+            fix = f"; {problem.fix}" if problem.fix else ""
+            self.warn(f"{problem}; logging to {self.run_dir} only{fix}.")
 
     def epoch(self, metrics: dict) -> None:
         super().epoch(metrics)
@@ -205,7 +211,11 @@ class WandbRunLog(RunLog):
 
 
 class TrackerUnavailable(Exception):
-    """W&B was asked for (or chosen by auto) but cannot be used; the message says why."""
+    """W&B was asked for (or chosen by auto) but cannot be used; the message says why, `fix` what to do."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix
 
 
 def make_run_log(run_dir: Path, is_main_process: bool, report_to: str = "none", config: dict | None = None,
@@ -223,6 +233,8 @@ def make_run_log(run_dir: Path, is_main_process: bool, report_to: str = "none", 
         return SilentLog()
     if report_to == "none" or (report_to == "auto" and not wandb_set_up(os.environ)):
         return RunLog(run_dir)  # auto means "W&B when it is set up": nothing to warn about
+    if wandb_mode(os.environ) == "disabled":  # W&B turned off by its own switch: no run, no id file for none
+        return RunLog(run_dir)
     return WandbRunLog(run_dir, report_to, config or {}, log_checkpoint)
 
 
@@ -239,24 +251,99 @@ def start_wandb_run(run_dir: Path, report_to: str, config: dict) -> tuple[Any, A
         raise TrackerUnavailable(
             f"--report-to {report_to}: W&B is not configured (no WANDB_API_KEY, no ~/.netrc entry for "
             f"{wandb_hosts(os.environ)[0]}, no WANDB_MODE=offline)")
+    online = wandb_mode(os.environ) not in NO_ACCOUNT_MODES
+    silence = server_silence(wandb_server(wandb, os.environ)) if online else None
+    if silence:  # a compute node without internet, say: not the 95 s wandb.init would wait to fail
+        raise TrackerUnavailable(f"--report-to {report_to}: the W&B server {silence}", OFFLINE_FIX)
+    had_an_id = (run_dir / RUN_ID_NAME).is_file()
     try:
         run_id = persistent_run_id(run_dir, new_run_id)
     except WriteFailed as error:  # a W&B run that a resume could not find again: none, as for other failures
         raise TrackerUnavailable(f"--report-to {report_to}: cannot keep the W&B run id in {RUN_ID_NAME} "
                                  f"({error.reason}) for a resume to continue the run") from error
+    files = WandbFiles(Path(os.environ.get("WANDB_DIR") or run_dir) / "wandb")  # the offline run beside the weights
     try:
-        run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), id=run_id, resume="allow",
-            name=run_dir.name, job_type="train", config=config,
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),  # the offline run sits beside its checkpoint
-        )
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), id=run_id, resume="allow",
+                         name=run_dir.name, job_type="train", config=config, dir=str(files.folder.parent))
         for name in ("val_accuracy", "val_balanced_accuracy"):
             run.define_metric(name, summary="max")  # right even if the job dies before final()
     except Exception as error:  # a tracker failure (network, bad key, server) must never stop training
+        files.remove_those_of(run_id)  # a run that never started: no folder, no id for a resume to take up
+        if not had_an_id:
+            (run_dir / RUN_ID_NAME).unlink(missing_ok=True)
         reason = " ".join(str(error).split())  # wandb's messages span lines; the warning is one
         raise TrackerUnavailable(f"--report-to {report_to}: W&B could not start a run "
-                                 f"({type(error).__name__}: {reason})") from error
+                                 f"({type(error).__name__}: {reason})", OFFLINE_FIX if online else "") from error
     return wandb, run
+
+
+class WandbFiles:
+    """W&B's folder (WANDB_DIR/wandb, else RUN/wandb) as it was before wandb.init, to take away what a failed
+    start made there and nothing else: the folder may be shared with other runs (WANDB_DIR), and a resumed
+    run's holds the offline runs of its earlier jobs."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.existed = folder, folder.is_dir()
+        self.names = {entry.name for entry in self.entries()}  # a resumed run's earlier jobs have its id too
+        self.links = {entry.name: os.readlink(entry) for entry in self.entries() if entry.is_symlink()}
+
+    def entries(self) -> list[Path]:
+        return list(self.folder.iterdir()) if self.folder.is_dir() else []
+
+    def remove_those_of(self, run_id: str) -> None:
+        """The run's folders (wandb names them run-DATE_TIME-ID, offline-run-...), the links to them that wandb
+        makes (latest-run, debug.log) back as they were, and W&B's folder if this start made it."""
+        for entry in self.entries():
+            if entry.name.endswith(f"-{run_id}") and entry.name not in self.names and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.entries():
+            if entry.is_symlink() and not entry.exists():  # led to the run removed, or to nothing
+                entry.unlink()
+                if entry.name in self.links:
+                    os.symlink(self.links[entry.name], entry)
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def wandb_mode(environ: Mapping[str, str]) -> str:
+    """WANDB_MODE as wandb reads it: offline, disabled, ...; empty for the default (online)."""
+    return environ.get("WANDB_MODE", "").strip().lower()
+
+
+def wandb_server(wandb: Any, environ: Mapping[str, str]) -> str:
+    """The W&B server a run logs to: WANDB_BASE_URL, else the one `wandb login --host` saved in W&B's
+    settings file, else wandb's default (its cloud)."""
+    if environ.get("WANDB_BASE_URL", "").strip():
+        return environ["WANDB_BASE_URL"].strip()
+    settings = configparser.ConfigParser()
+    config_dir = Path(environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    with contextlib.suppress(configparser.Error, OSError, UnicodeDecodeError):
+        settings.read(config_dir / "settings")
+    try:
+        return settings.get("default", "base_url", fallback="") or str(wandb.Settings().base_url)
+    except Exception:  # a wandb that names its default elsewhere
+        return f"https://{CLOUD_HOSTS[0]}"
+
+
+def server_silence(url: str) -> str | None:
+    """'URL did not answer (ConnectionError)' where the server does not answer one HEAD request within
+    PROBE_SECONDS, else None. Through requests (which wandb depends on), so through the proxy the
+    environment names (HTTPS_PROXY), as wandb's own requests go; any answer, an error status too, is one,
+    and so is a certificate requests refuses (a private CA that wandb-core takes from SSL_CERT_FILE)."""
+    try:
+        import requests
+    except ImportError:  # no probe: wandb.init finds out itself
+        return None
+    try:
+        requests.head(url, timeout=PROBE_SECONDS, allow_redirects=False)
+    except requests.exceptions.SSLError:
+        return None
+    except Exception as error:  # no name, no route, refused, timed out, a proxy's refusal
+        kind = error.__class__.__name__
+        within = f" within {PROBE_SECONDS} s" if "Timeout" in kind else ""
+        return f"{url} did not answer{within} ({kind})"
+    return None
 
 
 def wandb_set_up(environ: Mapping[str, str]) -> bool:
@@ -267,7 +354,7 @@ def wandb_set_up(environ: Mapping[str, str]) -> bool:
 def wandb_configured(environ: Mapping[str, str], netrc_path: Path | None = None) -> bool:
     """True when wandb.init can start without asking anything: an explicit
     offline/disabled WANDB_MODE, WANDB_API_KEY, or a netrc login for the W&B host."""
-    if environ.get("WANDB_MODE", "").strip().lower() in NO_ACCOUNT_MODES:
+    if wandb_mode(environ) in NO_ACCOUNT_MODES:
         return True
     if environ.get("WANDB_API_KEY", "").strip():
         return True

@@ -614,3 +614,52 @@ def test_drop_rates_are_flags_recorded_in_config_yaml_and_zero_by_default():
     for flag in ("--drop-rate", "--drop-path-rate"):
         with pytest.raises(UserError, match=f"^{flag} must be in \\[0, 1\\); "):
             parse_config([flag, "1"])
+
+
+def test_the_saved_config_names_what_the_run_read_by_absolute_paths(tmp_path, monkeypatch):
+    """A relative --data was recorded as typed: the run's config.yaml given from another folder found no such
+    folder there, or silently trained on another folder of that name."""
+    begun = tmp_path / "project"
+    (begun / "data").mkdir(parents=True)
+    save_file({"weight": torch.zeros(1)}, begun / "w.safetensors")
+    monkeypatch.chdir(begun)
+    given = {"--data": "data", "--pretrained": "w.safetensors", "--cache-dir": "cache"}
+    recorded = yaml.safe_load(config_yaml(parse_config(["--cpu", *[part for item in given.items() for part in item]])))
+    assert {flag: recorded[flag[2:].replace("-", "_")] for flag in given} == {
+        flag: str(begun / path) for flag, path in given.items()}
+    splits = yaml.safe_load(config_yaml(parse_config(["--cpu", "--train-dir", "a", "--val-dir", "b", "--test-dir",
+                                                      "c"])))
+    assert [splits[name] for name in ("train_dir", "val_dir", "test_dir")] == [str(begun / n) for n in "abc"]
+    saved = write_yaml(begun / "config.yaml", config_yaml(parse_config(["--cpu", "--data", "data"])))
+    monkeypatch.chdir(tmp_path)  # another folder, where the run is repeated from its config.yaml
+    assert parse_config(["--config", saved]).data == str(begun / "data")
+
+
+@pytest.mark.parametrize("flags, name, kept", [(["--data", SYNTHETIC], "data", SYNTHETIC),
+                                               (["--pretrained"], "pretrained", "hub")])
+def test_a_value_that_names_no_path_is_recorded_as_given(flags, name, kept):
+    assert yaml.safe_load(config_yaml(parse_config(["--cpu", *flags])))[name] == kept
+
+
+def test_a_second_config_is_refused_rather_than_the_first_dropped(tmp_path):
+    """--config m99.yaml --config e1.yaml trained the default model: the first preset was silently dropped."""
+    model, experiment = write_yaml(tmp_path / "m99.yaml", "model: resnet50\n"), write_yaml(tmp_path / "e1.yaml",
+                                                                                          "epochs: 3\n")
+    with pytest.raises(UserError) as refused:
+        parse_config(["--config", model, "--cpu", "--config", experiment])
+    assert str(refused.value) == (f"--config is given twice ({model}, then {experiment}), and a run reads one "
+                                  "preset; put the keys of both in one file, or give the values of one as flags.")
+
+
+@pytest.mark.parametrize("text, where", [
+    ("epochs: 3\nlr: [0.1\nmodel: resnet18\n", "line 3, column 6: expected ',' or ']', but got ':', while parsing a "
+                                               "flow sequence that began on line 2"),
+    ("epochs: 3\n  lr: 0.1\n", "line 2, column 5: mapping values are not allowed here"),
+    ("epochs: !!int three\n", "invalid literal for int() with base 10: 'three'"),  # was a traceback
+])
+def test_invalid_yaml_names_the_line_and_column(tmp_path, text, where):
+    """'not valid YAML (ScannerError)' left the user to find the mistake in the file."""
+    preset = write_yaml(tmp_path / "bad.yaml", text)
+    with pytest.raises(UserError) as refused:
+        parse_config(["--config", preset])
+    assert str(refused.value) == f"config file {preset} is not valid YAML ({where}); fix its syntax."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import yaml
 from monkeytrain.config import config_yaml, parse_config
 from monkeytrain.errors import UserError
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_config, prepare_run_dir
+from monkeytrain.rundir import (
+    CONFIG_NAME, LOCK_NAME, RESULTS_NAME, check_resumed_config, lock_file, prepare_run_dir,
+)
 
 RESUME = ["--cpu", "--resume", "auto"]
 
@@ -158,3 +161,57 @@ def test_a_run_begun_choosing_on_one_metric_is_not_resumed_choosing_on_the_other
     assert config.select_on == "accuracy"
     assert capsys.readouterr().err == (f"monkeytrain: warning: {run} began before --select-on existed: it goes on "
                                        f"with --select-on accuracy, as it began ({run / CONFIG_NAME}).\n")
+
+
+def stopped_run(tmp_path: Path, name: str, with_state: bool = True) -> Path:
+    """A run's folder as a stop leaves it: its best checkpoint and, after its first save, a complete state."""
+    from monkeytrain.statestore import COMPLETE
+
+    run = tmp_path / "runs" / name
+    run.mkdir(parents=True)
+    (run / BEST_NAME).write_bytes(b"weights")
+    if with_state:
+        state = run / "state" / "step-00000008"
+        state.mkdir(parents=True)
+        (state / COMPLETE).write_text("")
+    return run
+
+
+def test_a_run_still_going_is_named_before_its_checkpoint_is(tmp_path, cpu_accelerator):
+    """The name of a running run that had saved its checkpoint was told to be continued with --resume auto,
+    which was then refused as in use: the first line must be the one that holds."""
+    run = stopped_run(tmp_path, "busy")
+    lock = lock_file(run / LOCK_NAME)  # the running run's, as claimed() holds it
+    try:
+        for flags in ([], ["--resume", "auto"]):
+            with pytest.raises(UserError, match="^runs/busy is in use by a run that is still going \\(process "):
+                prepare_run_dir(parse_config(["--cpu", "--run-name", "busy", *flags]), cpu_accelerator)
+    finally:
+        os.close(lock)
+    prepare_run_dir(parse_config(["--cpu", "--run-name", "busy", "--resume", "auto"]), cpu_accelerator)  # it ended
+
+
+@pytest.mark.parametrize("how", ["finished", "stopped", "stopped before its first state"])
+def test_reusing_a_run_name_suggests_resume_auto_only_where_it_continues_the_run(tmp_path, cpu_accelerator, how):
+    """A finished run (results.json) was told "continue it with --resume auto", which then refused it."""
+    run = stopped_run(tmp_path, "rep1", with_state=how != "stopped before its first state")
+    if how == "finished":
+        (run / RESULTS_NAME).write_text("{}")
+    (run / CONFIG_NAME).write_text(config_yaml(parse_config(["--cpu", "--run-name", "rep1"])))
+    with pytest.raises(UserError) as refused:
+        prepare_run_dir(parse_config(["--config", str(run / CONFIG_NAME)]), cpu_accelerator)  # names the run
+    shown = Path("runs", "rep1")  # as the user gave it, from the folder the test runs in
+    told = {"finished": f"{shown} holds a finished run (results.json); pick another --run-name.",
+            "stopped": f"{shown} holds a stopped run (a checkpoint and a saved state); pick another --run-name, move "
+                       "it away, or continue it with --resume auto.",
+            "stopped before its first state": f"{shown} already holds a checkpoint, and no saved state to continue "
+                                              "the run from; pick another --run-name, or move it away."}
+    assert str(refused.value) == told[how]
+
+
+def test_a_run_begun_on_a_relative_data_path_resumes_with_it(tmp_path):
+    """config.yaml records the absolute path; the resume, given the relative one again, is the same run."""
+    (tmp_path / "data").mkdir()
+    run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--data", "data"])))
+    assert yaml.safe_load((run / CONFIG_NAME).read_text())["data"] == str(tmp_path / "data")
+    check_resumed_config(run, parse_config([*RESUME, "--data", "data"]))

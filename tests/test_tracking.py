@@ -18,9 +18,10 @@ from PIL import Image
 from conftest import train_here
 from monkeytrain.errors import UserError
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME
+from monkeytrain import tracking
 from monkeytrain.tracking import (
-    RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, format_epoch, make_run_log, persistent_run_id,
-    wandb_configured,
+    OFFLINE_FIX, RUN_ID_NAME, RunLog, SilentLog, WandbRunLog, expand_confusion, format_epoch, make_run_log,
+    persistent_run_id, wandb_configured, wandb_server,
 )
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
@@ -309,7 +310,13 @@ def test_missing_wandb_package_falls_back_and_training_logs_still_go_to_metrics_
     assert (run_dir / CURVES_NAME).exists() and (run_dir / CONFUSION_NAME).exists()
 
 
-def test_a_wandb_init_failure_falls_back_with_one_warning(wandb_env, run_dir, monkeypatch, capsys):
+@pytest.fixture
+def server_answers(monkeypatch) -> None:
+    """The W&B server answers the probe, without a request leaving the machine."""
+    monkeypatch.setattr(tracking, "server_silence", lambda url: None)
+
+
+def test_a_wandb_init_failure_falls_back_with_one_warning(wandb_env, run_dir, monkeypatch, capsys, server_answers):
     def init(**kwargs):
         raise RuntimeError("api.wandb.ai\nunreachable")
 
@@ -318,6 +325,81 @@ def test_a_wandb_init_failure_falls_back_with_one_warning(wandb_env, run_dir, mo
     assert started(make_run_log(run_dir, True, "wandb")).run is None
     (line,) = warning_lines(capsys.readouterr())
     assert "could not start a run (RuntimeError: api.wandb.ai unreachable)" in line
+    assert line.endswith(f"; logging to {run_dir} only; {OFFLINE_FIX}.")
+
+
+def a_port_nobody_listens_on() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free once closed: a request there is refused at once
+
+
+def test_an_unreachable_wandb_server_is_found_at_once_not_after_wandb_inits_wait(wandb_env, run_dir, monkeypatch,
+                                                                                   capsys):
+    """With WANDB_API_KEY set on a machine without internet, wandb.init waited about 95 s to fail, then left
+    a wandb/run-* folder and wandb_run_id.txt for a run that never started."""
+    inits = []
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    server = f"http://127.0.0.1:{a_port_nobody_listens_on()}"
+    monkeypatch.setenv("WANDB_BASE_URL", server)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: inits.append(kwargs)))
+    assert started(make_run_log(run_dir, True, "wandb")).run is None
+    assert inits == [] and list(run_dir.iterdir()) == []
+    assert warning_lines(capsys.readouterr()) == [
+        f"monkeytrain: warning: --report-to wandb: the W&B server {server} did not answer (ConnectionError); "
+        f"logging to {run_dir} only; {OFFLINE_FIX}."]
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_failed_wandb_start_takes_away_what_it_made_and_only_that(wandb_env, run_dir, monkeypatch, capsys,
+                                                                    server_answers, resumed):
+    """A resumed run keeps its W&B run id and the offline runs of its earlier jobs; a new one is left as it was."""
+    monkeypatch.delenv("WANDB_DIR")  # W&B's files in the run folder
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    folder = run_dir / "wandb"
+    if resumed:
+        (folder / "offline-run-20260101_000000-earlier1").mkdir(parents=True)
+        (folder / "latest-run").symlink_to("offline-run-20260101_000000-earlier1")
+        (run_dir / RUN_ID_NAME).write_text("earlier1\n")
+    before = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*"))
+
+    def init(id, dir, **kwargs):  # as wandb 0.31 fails without a network, after making its folders
+        made = Path(dir) / "wandb" / f"run-20261203_154227-{id}"
+        (made / "logs").mkdir(parents=True)
+        (made / "logs" / "debug.log").write_text("...")
+        for link, target in (("latest-run", made.name), ("debug.log", f"{made.name}/logs/debug.log")):
+            (Path(dir) / "wandb" / link).unlink(missing_ok=True)
+            (Path(dir) / "wandb" / link).symlink_to(target)
+        raise RuntimeError("CommError: ... no such host")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert started(make_run_log(run_dir, True, "wandb")).run is None
+    assert sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*")) == before
+    if resumed:
+        assert os.readlink(folder / "latest-run") == "offline-run-20260101_000000-earlier1"
+    assert len(warning_lines(capsys.readouterr())) == 1
+
+
+@pytest.mark.parametrize("report_to", ["wandb", "auto"])
+def test_wandb_disabled_by_its_own_switch_keeps_no_run_id(wandb_env, run_dir, monkeypatch, report_to):
+    """WANDB_MODE=disabled wrote wandb_run_id.txt for a W&B run that does not exist."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    log = started(make_run_log(run_dir, True, report_to))
+    log.epoch(epoch_metrics(1))
+    log.close()
+    assert [path.name for path in run_dir.iterdir()] == ["metrics.jsonl"]
+
+
+def test_the_wandb_server_is_the_one_wandb_login_saved_where_no_variable_names_one(wandb_env, monkeypatch):
+    import wandb
+
+    settings = Path(os.environ["WANDB_CONFIG_DIR"]) / "settings"
+    settings.write_text("[default]\nbase_url = http://wandb.example.org:8080\n")  # wandb login --host
+    assert wandb_server(wandb, os.environ) == "http://wandb.example.org:8080"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")
+    assert wandb_server(wandb, os.environ) == "http://localhost:8080"
 
 
 def test_report_to_none_is_local_and_quiet(wandb_env, run_dir, monkeypatch, capsys):
