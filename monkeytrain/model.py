@@ -289,11 +289,26 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
     if body_missing:
+        trained_as = checkpoint_architecture(path)
+        if trained_as:
+            raise UserError(f"{path} is a monkeytrain checkpoint of {trained_as}, which does not fit this --model "
+                            f"(no matching '{body_missing[0]}'); give --model {trained_as} to train from it.")
         raise UserError(
             f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "
             "pass weights saved for the same --model."
         )
     model.load_state_dict(compatible, strict=False)
+
+
+def checkpoint_architecture(path: Path) -> Optional[str]:
+    """The model a monkeytrain checkpoint was trained as (its header's architecture); None for other weights."""
+    from monkeytrain.checkpoint import FORMAT  # here: checkpoint imports this module
+
+    if is_torch_save_file(path):
+        return None
+    with safe_open(str(path), framework="pt") as handle:  # read whole already: a readable .safetensors file
+        header = handle.metadata() or {}
+    return header.get("architecture") if header.get("format") == FORMAT else None
 
 
 def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:

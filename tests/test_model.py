@@ -369,3 +369,15 @@ def test_without_the_rates_a_model_is_built_as_before():
 def test_a_model_without_stochastic_depth_refuses_drop_path_rate_in_one_line():
     with pytest.raises(UserError, match=r"^--model ghostnet_050 has no --drop-path-rate \(timm's drop_path_rate\); "):
         create_model("ghostnet_050", 3, drop_path_rate=0.1)
+
+
+def test_a_monkeytrain_checkpoint_of_another_model_says_which_model_to_give(tmp_path):
+    from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
+
+    info = CheckpointInfo(architecture=TINY, class_names=["a", "b"], class_folders=["a", "b"], mean=[0.5] * 3,
+                          std=[0.25] * 3, image_size=32, epoch=1, val_accuracy=0.5, config={})
+    path = save_checkpoint(tmp_path, create_model(TINY, 2), info)
+    with pytest.raises(UserError, match=rf"{path} is a monkeytrain checkpoint of {TINY}, which does not fit this "
+                                        rf"--model \(no matching '.*'\); give --model {TINY} to train from it\.$"):
+        create_model("resnet10t", 3, pretrained=str(path))
+
