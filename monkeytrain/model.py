@@ -477,7 +477,26 @@ def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn
     if not enabled:
         return model
     mark_used(cache_dir / "inductor")  # kept by `monkeytrain cache --clear --unused-days N`
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    use_inductor_cache_dir(cache_dir / "inductor")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return torch.compile(model)
+
+
+def use_inductor_cache_dir(folder: Path) -> None:
+    """Have Inductor keep its kernels in `folder`, unless the user chose a folder (TORCHINDUCTOR_CACHE_DIR).
+    Inductor reads the variable at each compile; but importing torchvision (through timm) already sets it to
+    Inductor's default, /tmp/torchinductor_<user>, which is therefore taken as unset (a user who sets it to that
+    very folder gets the run's, where the kernels are kept as well)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen or os.path.abspath(chosen) == inductor_default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+
+
+def inductor_default_cache_dir() -> Optional[str]:
+    """Where Inductor keeps its kernels unless told (None where this torch does not say)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch's own, private
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from monkeytrain.errors import UserError
-from monkeytrain.model import create_model, load_weights_file, strip_wrapper_prefixes
+from monkeytrain.model import compiled, create_model, load_weights_file, strip_wrapper_prefixes
 
 # timm's tiny test networks keep these tests fast; resnet18 only where it matters.
 TINY = "test_resnet"
@@ -381,3 +381,32 @@ def test_a_monkeytrain_checkpoint_of_another_model_says_which_model_to_give(tmp_
                                         rf"--model \(no matching '.*'\); give --model {TINY} to train from it\.$"):
         create_model("resnet10t", 3, pretrained=str(path))
 
+
+@pytest.fixture
+def inductor_cache_dir(monkeypatch):
+    """Inductor's cache folder as its own code reads it at compile time; the variables compiled() sets are put
+    back after the test."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    return cache_dir
+
+
+@pytest.mark.parametrize("before", ["unset", "torch's default"])
+def test_compiled_kernels_go_to_the_runs_cache_dir_unless_the_user_chose_another(inductor_cache_dir, tmp_path,
+                                                                                   monkeypatch, before):
+    """Importing torchvision (timm does) sets TORCHINDUCTOR_CACHE_DIR to torch's default, /tmp/torchinductor_<user>:
+    that is no choice of the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if before != "unset":
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiled(torch.nn.Linear(2, 2), True, tmp_path / "cache")
+    assert inductor_cache_dir() == str(tmp_path / "cache" / "inductor")
+
+
+def test_compiled_kernels_go_where_the_user_set_torchinductor_cache_dir(inductor_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiled(torch.nn.Linear(2, 2), True, tmp_path / "cache")
+    assert inductor_cache_dir() == str(tmp_path / "mine")
