@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from monkeytrain.averaging import weight_averager
-from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
+from monkeytrain.checkpoint import BEST_NAME, BestCheckpoint, CheckpointInfo
 from monkeytrain.config import TrainConfig, recorded_config
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
 from monkeytrain.data.loaders import ImageGone
@@ -40,7 +40,7 @@ from monkeytrain.preemption import (REQUEUE_REQUEST, Preemption, nothing_trained
 from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume, state_dirs
-from monkeytrain.storage import with_way_out
+from monkeytrain.storage import folder_size, free_bytes, human_size, with_way_out
 from monkeytrain.tracking import RunLog
 
 
@@ -131,6 +131,7 @@ class Trainer:
         if self.stop.check(self.accelerator)[0]:  # while the data was read or the model built: nothing trained
             self.unsaved_stop = nothing_trained_since(resumed_from)  # since that state, so nothing to save
             return True
+        self.warn_if_space_runs_short()
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
@@ -172,6 +173,20 @@ class Trainer:
             if message:
                 error.args = (message,)  # the same error (DiskFull on the main process), its line changed
             raise
+
+    def warn_if_space_runs_short(self) -> None:
+        """One warning, before training, where the run folder's disk has less free space than the run's files
+        will take: an estimate (and other processes free space), so not an error."""
+        config, run_dir = self.config, self.run.run_dir
+        best, state = best_checkpoint_bytes(self.learner), state_bytes(self.learner, config, run_dir)
+        already = folder_size(run_dir / "state") + file_size(run_dir / BEST_NAME)  # a resumed run's
+        needed = best + (config.keep_states + 1) * state - already  # a save writes a state, then retires the oldest
+        free = free_bytes(run_dir)
+        if free < needed:
+            self.run.log.warn(f"the run will write about {human_size(needed)} into {run_dir} (best.safetensors, and "
+                              f"training states of about {human_size(state)}: --keep-states {config.keep_states}, "
+                              f"one more while a save replaces the oldest), and its disk has {human_size(free)} "
+                              "free; free some space, or the run stops when the disk is full.")
 
     def resume(self) -> Path | None:
         """Restore the state --resume asks for, if any; which one."""
@@ -333,6 +348,37 @@ def continue_after_freeing_space(state: Path, run_dir: Path, environ: Mapping[st
     how = (resubmit(flags, environ) if environ.get("SLURM_JOB_ID") and environ.get(REQUEUE_REQUEST)
            else f"to continue, run the same command with {flags}.")
     return f"free some space; the training state {state} is saved: {how}"
+
+
+def best_checkpoint_bytes(learner: Learner) -> int:
+    """About the size of best.safetensors: the weights it saves."""
+    return tensor_bytes(learner.averager.model.state_dict())
+
+
+def state_bytes(learner: Learner, config: TrainConfig, run_dir: Path) -> int:
+    """About the size of one saved training state: the model, the optimizer's moments (one a parameter for SGD
+    with momentum, two for AdamW; made at the first step, so counted from the config), the weight average and
+    the copies of the run's files."""
+    parameters = tensor_bytes([group["params"] for group in learner.optimizer.param_groups])
+    moments = 2 if config.optimizer == "adamw" else int(config.momentum > 0)
+    return (best_checkpoint_bytes(learner) + moments * parameters + tensor_bytes(learner.averager.state_dict())
+            + sum(map(file_size, kept_with_a_state(run_dir))))
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of the tensors in `value`, however nested in dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(map(tensor_bytes, value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(map(tensor_bytes, value))
+    return 0
+
+
+def file_size(path: Path) -> int:
+    """A file's size, 0 where there is none."""
+    return path.stat().st_size if path.is_file() else 0
 
 
 def whole_accumulation_groups(batches: int, accumulation: int) -> int:

@@ -4,6 +4,7 @@ apart; the best epoch checkpointed; a stop saves the very step it happened at.""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from monkeytrain.errors import UserError
 from monkeytrain.preemption import REQUEUE_REQUEST
 from monkeytrain.selection import PLAIN, BestEpoch
 from monkeytrain.statestore import state_dirs
-from monkeytrain.storage import DiskFull
+from monkeytrain.storage import DiskFull, folder_size
 from monkeytrain.tracking import SilentLog
 from monkeytrain.trainer import (Progress, RunContext, Trainer, continue_after_freeing_space, training_sizes,
                                  whole_accumulation_groups)
@@ -257,3 +258,28 @@ def test_a_full_disk_in_a_job_of_the_slurm_scripts_says_to_resubmit_it():
                                         environ) == (
         "free some space; the training state runs/slurm-7_2/state/step-00000040 is saved: to continue, resubmit this "
         "task alone (sbatch --array=2 ...) with --resume auto --run-name slurm-7_2.")
+
+
+def test_a_disk_with_less_free_space_than_the_run_needs_is_warned_of_once_before_training(trainer_for, monkeypatch,
+                                                                                           tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "1", "--max-batches-per-epoch", "2", "--save-every", "1", "--keep-states", "1")
+    trainer.run.log = RecordingLog()
+    monkeypatch.setattr(trainer_module, "free_bytes", lambda folder: 1000)
+    trainer.fit()
+    [warning] = trainer.run.log.warnings
+    assert re.fullmatch(r"the run will write about [\d.]+ MiB into runs/r \(best.safetensors, and training states of "
+                        r"about [\d.]+ MiB: --keep-states 1, one more while a save replaces the oldest\), and its disk "
+                        r"has 1000 B free; free some space, or the run stops when the disk is full\.", warning)
+    # the estimate of a state is near what one takes on disk
+    [state] = state_dirs(trainer.run.run_dir)
+    estimate = trainer_module.state_bytes(trainer.learner, trainer.config, trainer.run.run_dir)
+    assert 0.8 < estimate / folder_size(state) < 1.2
+
+
+def test_a_disk_with_room_for_the_run_gets_no_warning(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "1", "--max-batches-per-epoch", "2")
+    trainer.run.log = RecordingLog()
+    trainer.fit()
+    assert trainer.run.log.warnings == []
