@@ -291,7 +291,8 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     if body_missing:
         trained_as = checkpoint_architecture(path)
         if trained_as:
-            raise UserError(f"{path} is a monkeytrain checkpoint of {trained_as}, which does not fit this --model "
+            given = getattr(model, "pretrained_cfg", {}).get("architecture") or "this model"
+            raise UserError(f"{path} is a monkeytrain checkpoint of {trained_as}, which does not fit --model {given} "
                             f"(no matching '{body_missing[0]}'); give --model {trained_as} to train from it.")
         raise UserError(
             f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "

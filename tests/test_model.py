@@ -377,8 +377,8 @@ def test_a_monkeytrain_checkpoint_of_another_model_says_which_model_to_give(tmp_
     info = CheckpointInfo(architecture=TINY, class_names=["a", "b"], class_folders=["a", "b"], mean=[0.5] * 3,
                           std=[0.25] * 3, image_size=32, epoch=1, val_accuracy=0.5, config={})
     path = save_checkpoint(tmp_path, create_model(TINY, 2), info)
-    with pytest.raises(UserError, match=rf"{path} is a monkeytrain checkpoint of {TINY}, which does not fit this "
-                                        rf"--model \(no matching '.*'\); give --model {TINY} to train from it\.$"):
+    with pytest.raises(UserError, match=rf"{path} is a monkeytrain checkpoint of {TINY}, which does not fit --model "
+                                        rf"resnet10t \(no matching '.*'\); give --model {TINY} to train from it\.$"):
         create_model("resnet10t", 3, pretrained=str(path))
 
 
