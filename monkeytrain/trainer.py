@@ -168,10 +168,10 @@ class Trainer:
             yield
         except UserError as error:
             saved = state_dirs(self.run.run_dir)  # what --resume auto takes, alike on every rank
-            message = saved and with_way_out(str(error), "--output-dir",
-                                             continue_after_freeing_space(saved[-1], self.run.run_dir))
-            if message:
-                error.args = (message,)  # the same error (DiskFull on the main process), its line changed
+            if saved:
+                message = with_way_out(str(error), "--output-dir",
+                                       continue_after_freeing_space(saved[-1], self.run.run_dir))
+                error.args = (message,) if message else error.args  # the same error (a DiskFull), its line changed
             raise
 
     def warn_if_space_runs_short(self) -> None:
