@@ -289,11 +289,27 @@ def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
     if body_missing:
+        trained_as = checkpoint_architecture(path)
+        if trained_as:
+            given = getattr(model, "pretrained_cfg", {}).get("architecture") or "this model"
+            raise UserError(f"{path} is a monkeytrain checkpoint of {trained_as}, which does not fit --model {given} "
+                            f"(no matching '{body_missing[0]}'); give --model {trained_as} to train from it.")
         raise UserError(
             f"weights in {path} do not fit the model (no matching '{body_missing[0]}'); "
             "pass weights saved for the same --model."
         )
     model.load_state_dict(compatible, strict=False)
+
+
+def checkpoint_architecture(path: Path) -> Optional[str]:
+    """The model a monkeytrain checkpoint was trained as (its header's architecture); None for other weights."""
+    from monkeytrain.checkpoint import FORMAT  # here: checkpoint imports this module
+
+    if is_torch_save_file(path):
+        return None
+    with safe_open(str(path), framework="pt") as handle:  # read whole already: a readable .safetensors file
+        header = handle.metadata() or {}
+    return header.get("architecture") if header.get("format") == FORMAT else None
 
 
 def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
@@ -462,7 +478,26 @@ def compiled(model: torch.nn.Module, enabled: bool, cache_dir: Path) -> torch.nn
     if not enabled:
         return model
     mark_used(cache_dir / "inductor")  # kept by `monkeytrain cache --clear --unused-days N`
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    use_inductor_cache_dir(cache_dir / "inductor")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return torch.compile(model)
+
+
+def use_inductor_cache_dir(folder: Path) -> None:
+    """Have Inductor keep its kernels in `folder`, unless the user chose a folder (TORCHINDUCTOR_CACHE_DIR).
+    Inductor reads the variable at each compile; but importing torchvision (through timm) already sets it to
+    Inductor's default, /tmp/torchinductor_<user>, which is therefore taken as unset (a user who sets it to that
+    very folder gets the run's, where the kernels are kept as well)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen or os.path.abspath(chosen) == inductor_default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+
+
+def inductor_default_cache_dir() -> Optional[str]:
+    """Where Inductor keeps its kernels unless told (None where this torch does not say)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch's own, private
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())

@@ -51,7 +51,19 @@ class DiskFull(WriteFailed):
         what = "your disk quota is used up" if quota else "no space left"
         self.reason = f"{what} on the device" + (f", {amount}" if amount else "")
         UserError.__init__(self, f"{what} on the device of {path.parent} to write {path.name}"
-                           + (f" ({amount})" if amount else "") + f"; free some space or pick another {flag}.")
+                           + (f" ({amount})" if amount else "") + f"; {disk_full_way_out(flag)}")
+
+
+def disk_full_way_out(flag: str) -> str:
+    """How a DiskFull's line ends: what to do."""
+    return f"free some space or pick another {flag}."
+
+
+def with_way_out(message: str, flag: str, way_out: str) -> str | None:
+    """A DiskFull's line `message` ending in `way_out` instead of its own (another `flag`), None for any other line.
+    Read from the text, as every rank of a run has the line (the main process alone has the DiskFull itself)."""
+    ending = disk_full_way_out(flag)
+    return message[:-len(ending)] + way_out if message.endswith(f"; {ending}") else None
 
 
 def human_size(n: int) -> str:

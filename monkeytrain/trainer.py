@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 
 from monkeytrain.averaging import weight_averager
-from monkeytrain.checkpoint import BestCheckpoint, CheckpointInfo
+from monkeytrain.checkpoint import BEST_NAME, BestCheckpoint, CheckpointInfo
 from monkeytrain.config import TrainConfig, recorded_config
 from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, train_resolution
 from monkeytrain.data.loaders import ImageGone
@@ -34,10 +35,12 @@ from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_u
 from monkeytrain.model import check_batch_norm_batches, check_input_sizes, compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
-from monkeytrain.preemption import Preemption, nothing_trained_since, resume_flags, stop_check_interval
+from monkeytrain.preemption import (REQUEUE_REQUEST, Preemption, nothing_trained_since, resubmit, resume_flags,
+                                    stop_check_interval)
 from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
 from monkeytrain.selection import BestEpoch
-from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume
+from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume, state_dirs
+from monkeytrain.storage import folder_size, free_bytes, human_size, with_way_out
 from monkeytrain.tracking import RunLog
 
 
@@ -118,11 +121,17 @@ class Trainer:
         self.unsaved_stop: str | None = None  # how a stop that saved no state ended, for the stop line
 
     def fit(self) -> bool:
-        """Train the remaining epochs; True when a stop signal ended training (its state saved)."""
+        """Train the remaining epochs; True when a stop signal ended training (its state saved). A disk that
+        fills up on the way ends the run in one line, which says how to continue from its newest saved state."""
+        with self.resumable_when_space_runs_out():
+            return self.train_remaining_epochs()
+
+    def train_remaining_epochs(self) -> bool:
         resumed_from = self.resume()
         if self.stop.check(self.accelerator)[0]:  # while the data was read or the model built: nothing trained
             self.unsaved_stop = nothing_trained_since(resumed_from)  # since that state, so nothing to save
             return True
+        self.warn_if_space_runs_short()
         pace = RemainingTime(self.progress.epoch, self.config.epochs)
         phases = self.run.phases
         for epoch in range(self.progress.epoch, self.config.epochs + 1):
@@ -150,6 +159,34 @@ class Trainer:
             if stopping:
                 return True
         return False
+
+    @contextmanager
+    def resumable_when_space_runs_out(self) -> Iterator[None]:
+        """A full disk (or quota) under the run folder, hours into a run that has a saved training state, says to
+        free space and continue from that state, rather than to start over in another --output-dir."""
+        try:
+            yield
+        except UserError as error:
+            saved = state_dirs(self.run.run_dir)  # what --resume auto takes, alike on every rank
+            if saved:
+                message = with_way_out(str(error), "--output-dir",
+                                       continue_after_freeing_space(saved[-1], self.run.run_dir))
+                error.args = (message,) if message else error.args  # the same error (a DiskFull), its line changed
+            raise
+
+    def warn_if_space_runs_short(self) -> None:
+        """One warning, before training, where the run folder's disk has less free space than the run's files
+        will take: an estimate (and other processes free space), so not an error."""
+        config, run_dir = self.config, self.run.run_dir
+        best, state = best_checkpoint_bytes(self.learner), state_bytes(self.learner, config, run_dir)
+        already = folder_size(run_dir / "state") + file_size(run_dir / BEST_NAME)  # a resumed run's
+        needed = best + (config.keep_states + 1) * state - already  # a save writes a state, then retires the oldest
+        free = free_bytes(run_dir)
+        if free < needed:
+            self.run.log.warn(f"the run will write about {human_size(needed)} into {run_dir} (best.safetensors, and "
+                              f"training states of about {human_size(state)}: --keep-states {config.keep_states}, "
+                              f"one more while a save replaces the oldest), and its disk has {human_size(free)} "
+                              "free; free some space, or the run stops when the disk is full.")
 
     def resume(self) -> Path | None:
         """Restore the state --resume asks for, if any; which one."""
@@ -227,8 +264,14 @@ class Trainer:
         finite = math.isfinite(validated.loss)  # else a broken model, never to be chosen (see diverged)
         balanced = validated.balanced_accuracy()  # from the confusion summed over the ranks: alike on all
         improved = finite and self.best.update(epoch, validated.accuracy, validated.loss, balanced)  # alike too
+        # The epoch's line first, so that a full disk leaves its figures (a resume logs it again, see resume)
+        self.log_epoch(epoch, trained, validated, improved)
         if improved:
             self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
+        return validated
+
+    def log_epoch(self, epoch: int, trained: TrainStats, validated: EvalResult, improved: bool) -> None:
+        """The epoch's figures: the console line, metrics.jsonl and the tracker."""
         # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
         # figures are unknown here (None, null in metrics.jsonl), not a loss of 0 at 0 images/s
         measured = trained.images > 0
@@ -236,12 +279,12 @@ class Trainer:
             "epoch": epoch, "epochs": self.config.epochs,
             "train_loss": trained.loss if measured else None,
             "train_accuracy": trained.accuracy if measured else None,
-            "val_loss": validated.loss, "val_accuracy": validated.accuracy, "val_balanced_accuracy": balanced,
+            "val_loss": validated.loss, "val_accuracy": validated.accuracy,
+            "val_balanced_accuracy": validated.balanced_accuracy(),
             "lr": float(self.learner.scheduler.get_last_lr()[0]),
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
         })
-        return validated
 
     def diverged(self, epoch: int, train_loss: float, val_loss: float) -> Diverged:
         """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)
@@ -296,6 +339,46 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), averager=averager,
         augment=augment, clip_grad_norm=config.clip_grad_norm,
     )
+
+
+def continue_after_freeing_space(state: Path, run_dir: Path, environ: Mapping[str, str] = os.environ) -> str:
+    """What to do about a full disk when the run has `state` saved: free space, then continue the run as the
+    stop line on a signal says (requeue_or_exit: a job of the SLURM scripts is resubmitted)."""
+    flags = resume_flags(run_dir)
+    how = (resubmit(flags, environ) if environ.get("SLURM_JOB_ID") and environ.get(REQUEUE_REQUEST)
+           else f"to continue, run the same command with {flags}.")
+    return f"free some space; the training state {state} is saved: {how}"
+
+
+def best_checkpoint_bytes(learner: Learner) -> int:
+    """About the size of best.safetensors: the weights it saves."""
+    return tensor_bytes(learner.averager.model.state_dict())
+
+
+def state_bytes(learner: Learner, config: TrainConfig, run_dir: Path) -> int:
+    """About the size of one saved training state: the model, the optimizer's moments (one a parameter for SGD
+    with momentum, two for AdamW; made at the first step, so counted from the config), the weight average and
+    the copies of the run's files."""
+    parameters = tensor_bytes([group["params"] for group in learner.optimizer.param_groups])
+    moments = 2 if config.optimizer == "adamw" else int(config.momentum > 0)
+    return (best_checkpoint_bytes(learner) + moments * parameters + tensor_bytes(learner.averager.state_dict())
+            + sum(map(file_size, kept_with_a_state(run_dir))))
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of the tensors in `value`, however nested in dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(map(tensor_bytes, value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(map(tensor_bytes, value))
+    return 0
+
+
+def file_size(path: Path) -> int:
+    """A file's size, 0 where there is none."""
+    return path.stat().st_size if path.is_file() else 0
 
 
 def whole_accumulation_groups(batches: int, accumulation: int) -> int:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from monkeytrain.errors import UserError
-from monkeytrain.model import create_model, load_weights_file, strip_wrapper_prefixes
+from monkeytrain.model import compiled, create_model, load_weights_file, strip_wrapper_prefixes
 
 # timm's tiny test networks keep these tests fast; resnet18 only where it matters.
 TINY = "test_resnet"
@@ -369,3 +369,44 @@ def test_without_the_rates_a_model_is_built_as_before():
 def test_a_model_without_stochastic_depth_refuses_drop_path_rate_in_one_line():
     with pytest.raises(UserError, match=r"^--model ghostnet_050 has no --drop-path-rate \(timm's drop_path_rate\); "):
         create_model("ghostnet_050", 3, drop_path_rate=0.1)
+
+
+def test_a_monkeytrain_checkpoint_of_another_model_says_which_model_to_give(tmp_path):
+    from monkeytrain.checkpoint import CheckpointInfo, save_checkpoint
+
+    info = CheckpointInfo(architecture=TINY, class_names=["a", "b"], class_folders=["a", "b"], mean=[0.5] * 3,
+                          std=[0.25] * 3, image_size=32, epoch=1, val_accuracy=0.5, config={})
+    path = save_checkpoint(tmp_path, create_model(TINY, 2), info)
+    with pytest.raises(UserError, match=rf"{path} is a monkeytrain checkpoint of {TINY}, which does not fit --model "
+                                        rf"resnet10t \(no matching '.*'\); give --model {TINY} to train from it\.$"):
+        create_model("resnet10t", 3, pretrained=str(path))
+
+
+@pytest.fixture
+def inductor_cache_dir(monkeypatch):
+    """Inductor's cache folder as its own code reads it at compile time; the variables compiled() sets are put
+    back after the test."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    return cache_dir
+
+
+@pytest.mark.parametrize("before", ["unset", "torch's default"])
+def test_compiled_kernels_go_to_the_runs_cache_dir_unless_the_user_chose_another(inductor_cache_dir, tmp_path,
+                                                                                   monkeypatch, before):
+    """Importing torchvision (timm does) sets TORCHINDUCTOR_CACHE_DIR to torch's default, /tmp/torchinductor_<user>:
+    that is no choice of the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if before != "unset":
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiled(torch.nn.Linear(2, 2), True, tmp_path / "cache")
+    assert inductor_cache_dir() == str(tmp_path / "cache" / "inductor")
+
+
+def test_compiled_kernels_go_where_the_user_set_torchinductor_cache_dir(inductor_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiled(torch.nn.Linear(2, 2), True, tmp_path / "cache")
+    assert inductor_cache_dir() == str(tmp_path / "mine")

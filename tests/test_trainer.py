@@ -4,6 +4,7 @@ apart; the best epoch checkpointed; a stop saves the very step it happened at.""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,19 @@ import timm
 import torch
 from accelerate.state import AcceleratorState
 
+from monkeytrain import checkpoint
 from monkeytrain import trainer as trainer_module
 from monkeytrain.config import parse_config
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
 from monkeytrain.errors import UserError
+from monkeytrain.preemption import REQUEUE_REQUEST
 from monkeytrain.selection import PLAIN, BestEpoch
 from monkeytrain.statestore import state_dirs
+from monkeytrain.storage import DiskFull, folder_size
 from monkeytrain.tracking import SilentLog
-from monkeytrain.trainer import Progress, RunContext, Trainer, training_sizes, whole_accumulation_groups
+from monkeytrain.trainer import (Progress, RunContext, Trainer, continue_after_freeing_space, training_sizes,
+                                 whole_accumulation_groups)
 
 
 class NoStop:
@@ -200,3 +205,81 @@ def test_the_trainer_builds_its_model_with_the_drop_rates_given(trainer_for):
     assert model.drop_rate == 0.25
     assert max(module.drop_prob for module in model.modules() if isinstance(module, timm.layers.DropPath)) == (
         pytest.approx(0.1))
+
+
+class RecordingLog(SilentLog):
+    """The log of the main process, as far as these tests look: the epochs' lines and the warnings."""
+
+    def __init__(self):
+        self.epochs, self.warnings = [], []
+
+    def epoch(self, metrics: dict) -> None:
+        self.epochs.append(metrics["epoch"])
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def best_checkpoint_on_a_full_disk(monkeypatch) -> None:
+    def save_checkpoint(run_dir: Path, *args) -> Path:
+        raise DiskFull(run_dir / checkpoint.BEST_NAME, 4096, False, "--output-dir")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+
+
+def test_a_full_disk_after_a_saved_state_says_to_free_space_and_continue_from_it(trainer_for, monkeypatch, tmp_path):
+    """Not to pick another --output-dir, which would start over a run that may have trained for hours."""
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", "--save-every", "1")
+    best_checkpoint_on_a_full_disk(monkeypatch)
+    with pytest.raises(DiskFull) as failed:
+        trainer.fit()
+    assert str(failed.value) == (
+        "no space left on the device of runs/r to write best.safetensors (4.0 KiB needed); free some space; the "
+        "training state runs/r/state/step-00000002 is saved: to continue, run the same command with --resume auto "
+        "--run-name r.")
+
+
+def test_a_full_disk_before_any_saved_state_still_says_to_free_space_or_write_elsewhere(trainer_for, monkeypatch,
+                                                                                         tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2")
+    trainer.run.log = RecordingLog()
+    best_checkpoint_on_a_full_disk(monkeypatch)
+    with pytest.raises(DiskFull, match=r"to write best.safetensors \(4.0 KiB needed\); free some space or pick "
+                                       r"another --output-dir\.$"):
+        trainer.fit()
+    assert trainer.run.log.epochs == [1]  # the epoch's figures are written before its checkpoint
+
+
+def test_a_full_disk_in_a_job_of_the_slurm_scripts_says_to_resubmit_it():
+    environ = {"SLURM_JOB_ID": "7", REQUEUE_REQUEST: "/tmp/requeue", "SLURM_ARRAY_TASK_ID": "2"}
+    assert continue_after_freeing_space(Path("runs/slurm-7_2/state/step-00000040"), Path("runs/slurm-7_2"),
+                                        environ) == (
+        "free some space; the training state runs/slurm-7_2/state/step-00000040 is saved: to continue, resubmit this "
+        "task alone (sbatch --array=2 ...) with --resume auto --run-name slurm-7_2.")
+
+
+def test_a_disk_with_less_free_space_than_the_run_needs_is_warned_of_once_before_training(trainer_for, monkeypatch,
+                                                                                           tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "1", "--max-batches-per-epoch", "2", "--save-every", "1", "--keep-states", "1")
+    trainer.run.log = RecordingLog()
+    monkeypatch.setattr(trainer_module, "free_bytes", lambda folder: 1000)
+    trainer.fit()
+    [warning] = trainer.run.log.warnings
+    assert re.fullmatch(r"the run will write about [\d.]+ MiB into runs/r \(best.safetensors, and training states of "
+                        r"about [\d.]+ MiB: --keep-states 1, one more while a save replaces the oldest\), and its disk "
+                        r"has 1000 B free; free some space, or the run stops when the disk is full\.", warning)
+    # the estimate of a state is near what one takes on disk
+    [state] = state_dirs(trainer.run.run_dir)
+    estimate = trainer_module.state_bytes(trainer.learner, trainer.config, trainer.run.run_dir)
+    assert 0.8 < estimate / folder_size(state) < 1.2
+
+
+def test_a_disk_with_room_for_the_run_gets_no_warning(trainer_for, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "1", "--max-batches-per-epoch", "2")
+    trainer.run.log = RecordingLog()
+    trainer.fit()
+    assert trainer.run.log.warnings == []

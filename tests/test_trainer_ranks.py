@@ -136,19 +136,26 @@ def train_rank_on_a_full_disk(folder: Path, flags: list[str], environment: dict[
     train_rank(folder, flags, environment, rank)
 
 
-def test_a_checkpoint_the_main_process_cannot_write_stops_both_with_its_one_line(tmp_path, data):
+FULL_DISK = "monkeytrain: error: no space left on the device of runs/gone to write best.safetensors (4.0 KiB needed); "
+
+
+@pytest.mark.parametrize("more_flags, way_out", [
+    ([], "free some space or pick another --output-dir."),
+    # a run with a saved state (of the epoch's last step, the 5th): both ranks say how to continue from it
+    (["--save-every", "1"], "free some space; the training state runs/gone/state/step-00000005 is saved: to continue, "
+                            "run the same command with --resume auto --run-name gone."),
+])
+def test_a_checkpoint_the_main_process_cannot_write_stops_both_with_its_one_line(tmp_path, data, more_flags, way_out):
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
-    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, "--epochs", "1"]
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, "--epochs", "1", *more_flags]
     children = [start(train_rank_on_a_full_disk, tmp_path, flags, {**environment, **rank_variables(rank, 2, port)},
                       rank) for rank in (0, 1)]
     ended = exit_codes(children)
     logs = [printed(tmp_path / f"rank{rank}.log") for rank in (0, 1)]
     assert ended == [2, 2], f"exit codes {ended}\n" + "\n".join(logs)
     assert not any("Traceback" in log for log in logs), "\n".join(logs)  # was rank 1's gloo "Connection closed"
-    expected = ("monkeytrain: error: no space left on the device of runs/gone to write "
-                "best.safetensors (4.0 KiB needed); free some space or pick another --output-dir.")
-    assert [log.strip().splitlines()[-1] for log in logs] == [expected] * 2
+    assert [log.strip().splitlines()[-1] for log in logs] == [FULL_DISK + way_out] * 2
 
 
 def train_rank_noting_its_draws(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
