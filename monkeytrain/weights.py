@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from monkeytrain.errors import UserError, first_line
+from monkeytrain.reachable import why_no_answer
 
 # Wrappers that prefix state-dict keys: DDP ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -207,13 +208,11 @@ def hub_silence() -> Optional[str]:
     Any answer, an error status too, says the hub is reachable: huggingface_hub then handles it."""
     from huggingface_hub import constants, get_session
 
-    try:
-        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as error:  # any transport error (no route, no name, refused, timed out, a proxy's)
-        kind = error.__class__.__name__
-        within = f" within HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s" if "Timeout" in kind else ""
-        return f"{constants.ENDPOINT} did not answer{within} ({kind})"
-    return None
+    # No error counts as an answer (W&B's probe takes a refused certificate as one): this session is the one
+    # huggingface_hub fetches with, so a certificate it refuses fails the fetch too, and offline the cache serves.
+    return why_no_answer(constants.ENDPOINT,
+                         lambda: get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT),
+                         f"HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s")
 
 
 @contextlib.contextmanager
