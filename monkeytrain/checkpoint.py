@@ -23,8 +23,9 @@ from monkeytrain import __version__
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
-from monkeytrain.model import built_for_one_size, create_model, is_torch_save_file, strip_wrapper_prefixes
+from monkeytrain.model import built_for_one_size, create_model
 from monkeytrain.storage import write_atomically
+from monkeytrain.weights import is_torch_save_file, strip_wrapper_prefixes
 
 BEST_NAME = "best.safetensors"
 FORMAT = "monkeytrain-1"

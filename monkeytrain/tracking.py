@@ -29,6 +29,7 @@ from monkeytrain.errors import UserError, to_stderr
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
+from monkeytrain.reachable import why_no_answer
 from monkeytrain.storage import WriteFailed, append_line, why_not_written, write_atomically
 
 RUN_ID_NAME = "wandb_run_id.txt"
@@ -335,15 +336,8 @@ def server_silence(url: str) -> str | None:
         import requests
     except ImportError:  # no probe: wandb.init finds out itself
         return None
-    try:
-        requests.head(url, timeout=PROBE_SECONDS, allow_redirects=False)
-    except requests.exceptions.SSLError:
-        return None
-    except Exception as error:  # no name, no route, refused, timed out, a proxy's refusal
-        kind = error.__class__.__name__
-        within = f" within {PROBE_SECONDS} s" if "Timeout" in kind else ""
-        return f"{url} did not answer{within} ({kind})"
-    return None
+    return why_no_answer(url, lambda: requests.head(url, timeout=PROBE_SECONDS, allow_redirects=False),
+                         f"{PROBE_SECONDS} s", answers=(requests.exceptions.SSLError,))
 
 
 def wandb_set_up(environ: Mapping[str, str]) -> bool:

@@ -32,7 +32,7 @@ from monkeytrain.data.prepare import RunData
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
-from monkeytrain.model import check_batch_norm_batches, check_input_sizes, compiled, create_model
+from monkeytrain.model import compiled, create_model
 from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tensors
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import (REQUEUE_REQUEST, Preemption, nothing_trained_since, resubmit, resume_flags,
@@ -42,6 +42,7 @@ from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume, state_dirs
 from monkeytrain.storage import folder_size, free_bytes, human_size, with_way_out
 from monkeytrain.tracking import RunLog
+from monkeytrain.trainability import check_batch_norm_batches, check_input_sizes
 
 
 class Diverged(UserError):

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from monkeytrain.checkpoint import load_model
 from monkeytrain.errors import UserError
-from monkeytrain.model import check_input_sizes, check_model_choice, create_model
+from monkeytrain.model import check_model_choice, create_model
+from monkeytrain.trainability import check_input_sizes
 
 VIT = "test_vit"
 CPU = torch.device("cpu")
