@@ -31,6 +31,7 @@ REPORT_TO_CHOICES = ("auto", "wandb", "none")
 PRECISION_CHOICES = ("no", "fp16", "bf16")
 OPTIMIZER_CHOICES = ("sgd", "adamw")
 SELECT_ON_CHOICES = ("balanced-accuracy", "accuracy")  # selection.BALANCED, selection.PLAIN
+MIN_IMAGE_SIZE = 16  # the smallest --image-size and --min-train-size
 MAX_EPOCHS = 1_000_000  # a bound far above any real run: start-up walks the epochs (progressive resizing)
 # Old names that still work, with one warning line: flags (field names) and values.
 RENAMED_FIELDS = {"max_steps_per_epoch": "max_batches_per_epoch"}
@@ -553,7 +554,7 @@ def validate(config: TrainConfig) -> None:
         (config.epochs >= 1, "--epochs must be at least 1"),
         (config.epochs <= MAX_EPOCHS, f"--epochs must be at most {MAX_EPOCHS:,}"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.image_size >= 16, "--image-size must be at least 16 pixels"),
+        (config.image_size >= MIN_IMAGE_SIZE, f"--image-size must be at least {MIN_IMAGE_SIZE} pixels"),
         (0.0 <= config.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
         (0.0 < config.test_fraction < 1.0, "--test-fraction must be in (0, 1)"),
         (config.lr > 0, "--lr must be positive"),
@@ -574,8 +575,8 @@ def validate(config: TrainConfig) -> None:
         (config.save_every_minutes >= 0, "--save-every-minutes must not be negative"),
         (config.keep_states >= 1, "--keep-states must be at least 1"),
         (config.tta_shift >= 0, "--tta-shift must not be negative"),
-        (config.min_train_size == 0 or 16 <= config.min_train_size <= config.image_size,
-         "--min-train-size must be 0 or between 16 and --image-size"),
+        (config.min_train_size == 0 or MIN_IMAGE_SIZE <= config.min_train_size <= config.image_size,
+         f"--min-train-size must be 0 or between {MIN_IMAGE_SIZE} and --image-size"),
         (0.0 <= config.full_size_fraction <= 1.0, "--full-size-fraction must be in [0, 1]"),
         (config.mixup_alpha >= 0, "--mixup-alpha must not be negative"),
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),

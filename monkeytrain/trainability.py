@@ -11,11 +11,10 @@ from typing import Iterator, Optional
 import timm
 import torch
 
+from monkeytrain.config import MIN_IMAGE_SIZE
 from monkeytrain.data.augment import train_resolution
 from monkeytrain.errors import UserError
 from monkeytrain.model import built_for_one_size
-
-MIN_IMAGE_SIZE = 16  # the smallest --image-size and --min-train-size that config validation accepts
 
 
 @torch.no_grad()
