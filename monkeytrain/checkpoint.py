@@ -1,8 +1,8 @@
 """The deployable checkpoint: weights plus everything needed to use them.
 
 `best.safetensors` holds plain state-dict keys and, in its header, the
-architecture, class names, normalisation, image size, the epoch and its
-validation accuracy, the resolved config and library versions. A `config.json`
+architecture, class names, normalisation, image size, the epoch, what chose it
+(--select-on) and its validation accuracies, the resolved config and library versions. A `config.json`
 beside it follows timm's pretrained-config format, so
 `timm.create_model("local-dir:RUN", pretrained=True)` loads the run too.
 """
@@ -20,10 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from monkeytrain import __version__
+from monkeytrain.config import SELECT_ON_CHOICES
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.model import built_for_one_size, create_model, is_torch_save_file, strip_wrapper_prefixes
+from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.storage import write_atomically
 
 BEST_NAME = "best.safetensors"
@@ -44,6 +46,10 @@ class CheckpointInfo:
     val_accuracy: float
     config: dict
     synthetic_data: bool = False
+    # What chose the epoch (--select-on) and its balanced figure; a header written before they were recorded
+    # gives its config's select_on (accuracy before the flag existed) and no balanced figure (None).
+    selected_on: str = BEFORE_SELECT_ON
+    val_balanced_accuracy: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +69,8 @@ class CheckpointInfo:
             "crop_pct": str(CROP_PCT),
             "epoch": str(self.epoch),
             "val_accuracy": repr(self.val_accuracy),
+            "selected_on": self.selected_on,
+            "val_balanced_accuracy": json.dumps(self.val_balanced_accuracy),  # repr's digits; null if unknown
             "config": json.dumps(self.config, sort_keys=True),
             "synthetic_data": json.dumps(self.synthetic_data),
             "versions": json.dumps(library_versions()),
@@ -90,6 +98,7 @@ class CheckpointInfo:
             val_accuracy=float(metadata["val_accuracy"]),
             config=json.loads(metadata["config"]),
             synthetic_data=json.loads(metadata.get("synthetic_data", "false")),
+            **selection_of(metadata),
         )
         for field, fits in info._ranges().items():
             if not fits:
@@ -106,9 +115,19 @@ class CheckpointInfo:
             "class_names": is_text_list(self.class_names) and len(self.class_names) > 1,
             "class_folders": (is_text_list(self.class_folders) and len(self.class_folders) == len(self.class_names)
                               and len(set(self.class_folders)) == len(self.class_folders)),
+            "selected_on": self.selected_on in SELECT_ON_CHOICES,
             "mean": is_rgb(self.mean),
             "std": is_rgb(self.std) and min(self.std) > 0,  # images are divided by it
         }
+
+
+def selection_of(metadata: dict[str, str]) -> dict:
+    """selected_on and val_balanced_accuracy as the header gives them, or as an older one implies."""
+    config = json.loads(metadata["config"])
+    implied = config.get("select_on", BEFORE_SELECT_ON) if isinstance(config, dict) else BEFORE_SELECT_ON
+    balanced = json.loads(metadata.get("val_balanced_accuracy", "null"))
+    return {"selected_on": metadata.get("selected_on", implied),
+            "val_balanced_accuracy": None if balanced is None else float(balanced)}
 
 
 def is_number(value) -> bool:

@@ -32,6 +32,8 @@ def make_info(architecture: str = TINY, classes: int = 3, **changes) -> Checkpoi
         val_accuracy=0.1 + 0.7,  # not exactly representable: must survive the round trip bit for bit
         config={**TrainConfig(model=architecture, image_size=32).to_dict(), "nested": {"a": [1, 2.5, None]}},
         synthetic_data=True,
+        selected_on="balanced-accuracy",
+        val_balanced_accuracy=0.1 + 0.6,  # exact too
     )
     values.update(changes)
     return CheckpointInfo(**values)
@@ -58,7 +60,7 @@ def test_metadata_round_trips_every_field(tmp_path, tiny_model):
     weights, read_back = read_checkpoint(path)
     assert read_back == info
     assert read_back.num_classes == 3
-    for field in ("val_accuracy", "mean", "std"):
+    for field in ("val_accuracy", "val_balanced_accuracy", "mean", "std"):
         assert getattr(read_back, field) == getattr(info, field)  # exact, not approximate
 
 
@@ -72,6 +74,28 @@ def test_header_records_format_versions_and_crop(tmp_path, tiny_model):
     versions = json.loads(metadata["versions"])
     assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
     assert {"monkeytrain", "accelerate", "safetensors", "python"} <= set(versions)
+
+
+def test_header_names_what_chose_the_epoch_and_its_balanced_accuracy(tmp_path, tiny_model):
+    """A user reading the header sees why this epoch was kept: its accuracy alone may not be the best one."""
+    path = save_checkpoint(tmp_path, tiny_model, make_info(val_accuracy=0.9, val_balanced_accuracy=0.75))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["selected_on"], metadata["val_balanced_accuracy"], metadata["val_accuracy"]) == (
+        "balanced-accuracy", "0.75", "0.9")
+
+
+@pytest.mark.parametrize("select_on, chosen", [(None, "accuracy"), ("balanced-accuracy", "balanced-accuracy")],
+                         ids=["before --select-on", "before the header named it"])
+def test_an_older_header_without_the_selection_still_loads(tmp_path, tiny_model, select_on, chosen):
+    """A checkpoint written before the header named what chose it: its config's --select-on, or accuracy
+    before that flag existed, and no balanced figure."""
+    config = {key: value for key, value in make_info().config.items() if key != "select_on"}
+    metadata = make_info(config={**config, **({"select_on": select_on} if select_on else {})}).to_metadata()
+    del metadata["selected_on"], metadata["val_balanced_accuracy"]
+    save_file(tiny_model.state_dict(), str(tmp_path / BEST_NAME), metadata=metadata)
+    _, info = read_checkpoint(tmp_path / BEST_NAME)
+    assert (info.selected_on, info.val_balanced_accuracy) == (chosen, None)
 
 
 def test_saved_weights_equal_the_model(tmp_path, tiny_model):
@@ -164,6 +188,8 @@ DAMAGED_HEADERS = {
     "a class folder twice": ({"class_folders": '["n0", "n1", "n1"]'}, "class_folders out of range"),
     "a mean of one channel": ({"mean": "[0.5]"}, "mean out of range"),
     "a std of 0": ({"std": "[0.2, 0, 0.2]"}, "std out of range"),
+    "chosen on no known figure": ({"selected_on": "loss"}, "selected_on out of range"),
+    "a balanced accuracy of text": ({"val_balanced_accuracy": '"high"'}, "ValueError"),
 }
 
 
