@@ -1,8 +1,10 @@
 """The final report of a run: the reloaded best checkpoint on the test split, results.json's
-content and the misclassified test images (or, for a search's trial, the best epoch's figures alone)."""
+content and the misclassified test images (or, for a search's trial, the best epoch's figures alone);
+and its JSON, a confusion matrix one row a line (results.json and `monkeytrain evaluate --json`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -126,3 +128,26 @@ def misclassified(test: EvalResult, files: list[ImageFile], class_names: list[st
     ]
     everyone = gather_object(wrong) if accelerator.num_processes > 1 else wrong
     return sorted(everyone, key=lambda item: -item["confidence"])[:MAX_MISCLASSIFIED]
+
+
+def json_with_matrix_rows(document: dict) -> str:
+    """`document` as json.dumps(indent=2) writes it, but for its matrices (lists of lists of numbers),
+    written one row a line: indent=2 puts every number of a 10-class confusion matrix on a line of its own,
+    120 lines that no one can read as a matrix."""
+    fields = [f"  {json.dumps(key)}: {matrix_rows(value) if is_matrix(value) else indented(value)}"
+              for key, value in document.items()]
+    return "{\n" + ",\n".join(fields) + "\n}" if fields else "{}"
+
+
+def is_matrix(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(row, list) and all(isinstance(x, (int, float)) for x in row) for row in value))
+
+
+def matrix_rows(matrix: list[list]) -> str:
+    return "[\n" + ",\n".join(f"    {json.dumps(row)}" for row in matrix) + "\n  ]"
+
+
+def indented(value) -> str:
+    """`value` as indent=2 writes it, one level in (the document's own fields are)."""
+    return json.dumps(value, indent=2).replace("\n", "\n  ")

@@ -6,6 +6,7 @@ Both work on an EvalResult and file lists alone, so the tests build them by hand
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from monkeytrain.checkpoint import CheckpointInfo
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.engine import EvalResult
-from monkeytrain.results import misclassified, results_summary, scored_line
+from monkeytrain.results import json_with_matrix_rows, misclassified, results_summary, scored_line
 from monkeytrain.selection import BestEpoch
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
@@ -191,3 +192,16 @@ def test_a_run_not_scored_on_test_names_the_figure_that_chose_its_best_epoch(tmp
     assert figure == f"{line}, not scored on the test split"
     assert summary["selected_on"] == select_on and summary["best_epoch"] == 3
     assert (summary["best_val_accuracy"], summary["best_val_balanced_accuracy"]) == (0.9, 0.6)
+
+
+def test_results_json_holds_the_summary_with_one_confusion_matrix_row_a_line(tmp_path):
+    """As the matrix reads, where indent=2 gave each of its numbers a line of its own; still one JSON document."""
+    summary = results_summary(eval_result(PREDICTED, CONFIDENCE), checkpoint_info(), dataset_splits(False),
+                              BestEpoch(), tmp_path, 1)
+    text = json_with_matrix_rows({**summary, "phase_seconds": {"data": 1.5, "test": 0.25}})
+    assert json.loads(text) == {**summary, "phase_seconds": {"data": 1.5, "test": 0.25}}
+    lines = text.splitlines()
+    start = lines.index('  "confusion_matrix": [') + 1
+    rows = summary["confusion_matrix"]
+    assert [json.loads(line.rstrip(",")) for line in lines[start:start + len(rows)]] == rows
+    assert lines[start + len(rows)].strip() in ("]", "],")

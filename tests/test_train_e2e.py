@@ -116,9 +116,13 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     assert len(json.loads(header["mean"])) == 3 and header["image_size"] == "32"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
 
-    results = json.loads((run_dir / "results.json").read_text())
+    results_text = (run_dir / "results.json").read_text()
+    results = json.loads(results_text)
+    assert "    [" + ", ".join(map(str, results["confusion_matrix"][0])) + "]," in results_text.splitlines()  # a row
     best = max(metrics, key=lambda m: (m["val_balanced_accuracy"], -m["val_loss"]))  # chosen on it by default
     assert results["best_epoch"] == best["epoch"] == int(header["epoch"])
+    assert (header["selected_on"], float(header["val_balanced_accuracy"])) == ("balanced-accuracy",
+                                                                               best["val_balanced_accuracy"])
     assert (results["selected_on"], results["best_val_balanced_accuracy"]) == ("balanced-accuracy",
                                                                                best["val_balanced_accuracy"])
     assert results["selection_biased"] is False
