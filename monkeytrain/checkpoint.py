@@ -4,7 +4,9 @@
 architecture, class names, normalisation, image size, the epoch, what chose it
 (--select-on) and its validation accuracies, the resolved config and library versions. A `config.json`
 beside it follows timm's pretrained-config format, so
-`timm.create_model("local-dir:RUN", pretrained=True)` loads the run too.
+`timm.create_model("local-dir:RUN", pretrained=True)` loads the run too, and
+`class_map.txt` names the class folders in the model's order, for timm's
+`validate.py --class-map` (timm orders folders naturally, 2 before 10; we as text).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.storage import write_atomically
 
 BEST_NAME = "best.safetensors"
+CLASS_MAP_NAME = "class_map.txt"
 FORMAT = "monkeytrain-1"
 
 
@@ -162,13 +165,28 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo) -> Path:
-    """Write best.safetensors and timm's config.json into `run_dir` (main process only).
+    """Write best.safetensors, and timm's config.json and class_map.txt, into `run_dir` (main process only).
 
     On a full disk this raises `DiskFull` and the previous best.safetensors stays as it was."""
     path = run_dir / BEST_NAME
     write_atomically(path, save(plain_state_dict(model), metadata=info.to_metadata()))
     write_atomically(run_dir / "config.json", json.dumps(timm_config(info), indent=2).encode())
+    class_map = timm_class_map(info.class_folders)
+    if class_map is not None:
+        write_atomically(run_dir / CLASS_MAP_NAME, class_map)
     return path
+
+
+def timm_class_map(class_folders: list[str]) -> bytes | None:
+    """timm's --class-map text file: the class folders one a line, in label order, which timm's folder reader
+    then follows instead of its natural sort. None where a name would not read back as written (timm reads
+    UTF-8 and strips each line): timm's reader could not match such a folder anyway."""
+    if any(name != name.strip() or "\n" in name or "\r" in name for name in class_folders):
+        return None
+    try:
+        return "".join(f"{name}\n" for name in class_folders).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 on disk (a zip made on Windows)
+        return None
 
 
 class BestCheckpoint:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -122,7 +123,7 @@ def test_saved_keys_carry_no_wrapper_prefix(tmp_path, tiny_model, wrap):
 
 def test_write_leaves_no_temporary_file(tmp_path, tiny_model):
     save_checkpoint(tmp_path, tiny_model, make_info())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "class_map.txt", "config.json"]
 
 
 def test_existing_checkpoint_is_replaced_whole(tmp_path, tiny_model):
@@ -145,6 +146,31 @@ def test_timm_config_json_describes_the_model(tmp_path, tiny_model):
     assert config["label_names"] == info.class_names
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["mean"] == info.mean and config["pretrained_cfg"]["std"] == info.std
+
+
+def test_timm_reads_the_class_folders_in_the_models_order_from_class_map_txt(tmp_path, tiny_model):
+    """timm's folder reader sorts naturally (2 before 10), where the run sorted as text (10 before 2): given
+    class_map.txt (validate.py --class-map), it labels each folder as the model does."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+    folders = ["1", "10", "2"]  # label order: sorted as text
+    data = tmp_path / "data"
+    for folder in folders:
+        (data / folder).mkdir(parents=True)
+        (data / folder / "a.jpg").touch()  # timm lists files here; it reads none
+    save_checkpoint(tmp_path, tiny_model, make_info(class_folders=folders))
+    assert (tmp_path / "class_map.txt").read_text() == "1\n10\n2\n"
+    labels = {Path(path).parent.name: label for path, label in
+              ReaderImageFolder(str(data), class_map=str(tmp_path / "class_map.txt")).samples}
+    assert labels == {"1": 0, "10": 1, "2": 2}
+    assert {Path(path).parent.name: label for path, label in ReaderImageFolder(str(data)).samples}["10"] == 2
+
+
+@pytest.mark.parametrize("folder", ["caf\udcff", " n0"], ids=["not UTF-8", "a space timm strips"])
+def test_a_class_folder_that_timm_cannot_read_back_leaves_out_class_map_txt_only(tmp_path, tiny_model, folder):
+    save_checkpoint(tmp_path, tiny_model, make_info(class_folders=[folder, "n1", "n2"]))
+    assert not (tmp_path / "class_map.txt").exists()
+    assert read_checkpoint(tmp_path / BEST_NAME)[1].class_folders == [folder, "n1", "n2"]
 
 
 def test_timm_local_dir_loads_the_run_with_identical_outputs(tmp_path):
