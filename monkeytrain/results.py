@@ -41,8 +41,8 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
 
 @contextmanager
 def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch) -> Iterator[None]:
-    """Once training has ended, a full disk (while the test split is scored, the plots, W&B's files or
-    results.json are written) names the best.safetensors it left and how to score it, rather than another
+    """Once training has ended, a full disk (while the test split is scored, W&B's final files or
+    results.json are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
     --output-dir or a --resume: no training state is saved at the end, so either would train it again. A
     trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags."""
     try:
