@@ -41,8 +41,8 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
 
 @contextmanager
 def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch) -> Iterator[None]:
-    """Once training has ended, a full disk (while the test split is scored, W&B's final files or
-    results.json are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
+    """Once training has ended, a full disk (while the test split is scored, W&B's final files or results.json
+    are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
     --output-dir or a --resume: no training state is saved at the end, so either would train it again. A
     trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags."""
     try:
@@ -60,7 +60,7 @@ def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch)
 def score_the_checkpoint(checkpoint: Path, epoch: int, splits: DatasetSplits) -> str:
     """What to do about a full disk once training has ended and `checkpoint` holds its best `epoch`."""
     saved = f"training had ended, and {checkpoint} (epoch {epoch}) is saved: free some space and score it"
-    folder = test_folder(splits)
+    folder = own_test_folder(splits)
     if folder is not None:
         return (f"{saved} on the test split with `monkeytrain evaluate --checkpoint {checkpoint} {folder}` "
                 "rather than train again.")
@@ -69,7 +69,7 @@ def score_the_checkpoint(checkpoint: Path, epoch: int, splits: DatasetSplits) ->
             "its files).")
 
 
-def test_folder(splits: DatasetSplits) -> Path | None:
+def own_test_folder(splits: DatasetSplits) -> Path | None:
     """The test split's own folder (Kaggle's validation/validation, --test-dir), which `monkeytrain evaluate`
     scores as the run did; None for a test split held out of the training folder, whose other images the
     model trained on. Its images lie in class subfolders of it, so it is the folder they have in common."""
