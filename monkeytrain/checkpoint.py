@@ -1,10 +1,12 @@
 """The deployable checkpoint: weights plus everything needed to use them.
 
 `best.safetensors` holds plain state-dict keys and, in its header, the
-architecture, class names, normalisation, image size, the epoch and its
-validation accuracy, the resolved config and library versions. A `config.json`
+architecture, class names, normalisation, image size, the epoch, what chose it
+(--select-on) and its validation accuracies, the resolved config and library versions. A `config.json`
 beside it follows timm's pretrained-config format, so
-`timm.create_model("local-dir:RUN", pretrained=True)` loads the run too.
+`timm.create_model("local-dir:RUN", pretrained=True)` loads the run too, and
+`class_map.txt` names the class folders in the model's order, for timm's
+`validate.py --class-map` (timm orders folders naturally, 2 before 10; we as text).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from monkeytrain import __version__
+from monkeytrain.config import SELECT_ON_CHOICES
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.model import built_for_one_size, create_model
+from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.storage import write_atomically
 from monkeytrain.weights import is_torch_save_file, strip_wrapper_prefixes
 
 BEST_NAME = "best.safetensors"
+CLASS_MAP_NAME = "class_map.txt"
 FORMAT = "monkeytrain-1"
 
 
@@ -45,6 +50,10 @@ class CheckpointInfo:
     val_accuracy: float
     config: dict
     synthetic_data: bool = False
+    # What chose the epoch (--select-on) and its balanced figure; a header written before they were recorded
+    # gives its config's select_on (accuracy before the flag existed) and no balanced figure (None).
+    selected_on: str = BEFORE_SELECT_ON
+    val_balanced_accuracy: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +73,8 @@ class CheckpointInfo:
             "crop_pct": str(CROP_PCT),
             "epoch": str(self.epoch),
             "val_accuracy": repr(self.val_accuracy),
+            "selected_on": self.selected_on,
+            "val_balanced_accuracy": json.dumps(self.val_balanced_accuracy),  # repr's digits; null if unknown
             "config": json.dumps(self.config, sort_keys=True),
             "synthetic_data": json.dumps(self.synthetic_data),
             "versions": json.dumps(library_versions()),
@@ -91,6 +102,7 @@ class CheckpointInfo:
             val_accuracy=float(metadata["val_accuracy"]),
             config=json.loads(metadata["config"]),
             synthetic_data=json.loads(metadata.get("synthetic_data", "false")),
+            **selection_of(metadata),
         )
         for field, fits in info._ranges().items():
             if not fits:
@@ -107,9 +119,19 @@ class CheckpointInfo:
             "class_names": is_text_list(self.class_names) and len(self.class_names) > 1,
             "class_folders": (is_text_list(self.class_folders) and len(self.class_folders) == len(self.class_names)
                               and len(set(self.class_folders)) == len(self.class_folders)),
+            "selected_on": self.selected_on in SELECT_ON_CHOICES,
             "mean": is_rgb(self.mean),
             "std": is_rgb(self.std) and min(self.std) > 0,  # images are divided by it
         }
+
+
+def selection_of(metadata: dict[str, str]) -> dict:
+    """selected_on and val_balanced_accuracy as the header gives them, or as an older one implies."""
+    config = json.loads(metadata["config"])
+    implied = config.get("select_on", BEFORE_SELECT_ON) if isinstance(config, dict) else BEFORE_SELECT_ON
+    balanced = json.loads(metadata.get("val_balanced_accuracy", "null"))
+    return {"selected_on": metadata.get("selected_on", implied),
+            "val_balanced_accuracy": None if balanced is None else float(balanced)}
 
 
 def is_number(value) -> bool:
@@ -144,13 +166,28 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo) -> Path:
-    """Write best.safetensors and timm's config.json into `run_dir` (main process only).
+    """Write best.safetensors, and timm's config.json and class_map.txt, into `run_dir` (main process only).
 
     On a full disk this raises `DiskFull` and the previous best.safetensors stays as it was."""
     path = run_dir / BEST_NAME
     write_atomically(path, save(plain_state_dict(model), metadata=info.to_metadata()))
     write_atomically(run_dir / "config.json", json.dumps(timm_config(info), indent=2).encode())
+    class_map = timm_class_map(info.class_folders)
+    if class_map is not None:
+        write_atomically(run_dir / CLASS_MAP_NAME, class_map)
     return path
+
+
+def timm_class_map(class_folders: list[str]) -> bytes | None:
+    """timm's --class-map text file: the class folders one a line, in label order, which timm's folder reader
+    then follows instead of its natural sort. None where a name would not read back as written (timm reads
+    UTF-8 and strips each line): timm's reader could not match such a folder anyway."""
+    if any(name != name.strip() or "\n" in name or "\r" in name for name in class_folders):
+        return None
+    try:
+        return "".join(f"{name}\n" for name in class_folders).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 on disk (a zip made on Windows)
+        return None
 
 
 class BestCheckpoint:

@@ -236,7 +236,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from monkeytrain.predict import evaluate_folder, shown_class_names
-    from monkeytrain.results import balanced_accuracy
+    from monkeytrain.results import balanced_accuracy, json_with_matrix_rows
 
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
@@ -254,29 +254,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
           f"balanced accuracy {balanced:.2%}")
     for name, accuracy, count in zip(names, accuracies, counts):
         print(f"  {name:<28} {'n/a (no images)' if accuracy is None else f'{accuracy:6.1%} of {count}'}")
-
-
-def json_with_matrix_rows(document: dict) -> str:
-    """`document` as json.dumps(indent=2) writes it, but for its matrices (lists of lists of numbers),
-    written one row a line: indent=2 puts every number of a 10-class confusion matrix on a line of its own,
-    120 lines that no one can read as a matrix."""
-    fields = [f"  {json.dumps(key)}: {matrix_rows(value) if is_matrix(value) else indented(value)}"
-              for key, value in document.items()]
-    return "{\n" + ",\n".join(fields) + "\n}" if fields else "{}"
-
-
-def is_matrix(value) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(row, list) and all(isinstance(x, (int, float)) for x in row) for row in value))
-
-
-def matrix_rows(matrix: list[list]) -> str:
-    return "[\n" + ",\n".join(f"    {json.dumps(row)}" for row in matrix) + "\n  ]"
-
-
-def indented(value) -> str:
-    """`value` as indent=2 writes it, one level in (the document's own fields are)."""
-    return json.dumps(value, indent=2).replace("\n", "\n  ")
 
 
 def run_export(args: argparse.Namespace) -> None:

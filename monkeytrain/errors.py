@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import difflib
 import errno
@@ -222,7 +223,7 @@ class FlagParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message: str):
-        raise UserError(f"{message}{self.near_flags(message)}; see `{self.prog} --help`.")
+        raise UserError(f"{self.near_choice(message)}{self.near_flags(message)}; see `{self.prog} --help`.")
 
     def exit(self, status=0, message=None):
         """--help and --version print, then exit here: their text, still buffered, must fail now (one line,
@@ -242,6 +243,21 @@ class FlagParser(argparse.ArgumentParser):
         near = [flag for flag in map(self.near_flag, flags) if flag]
         return (f" (did you mean {', '.join(near)}?)" if near else "") + "".join(explained)
 
+    def near_choice(self, message: str) -> str:
+        """argparse's invalid choice of a flag's value with the choice meant in place of the list, as for a
+        mistyped flag: --select-on balanced_accuracy (did you mean balanced-accuracy?). Only a hint: the value
+        given is still refused, so that config.yaml, presets and tune spaces spell each choice one way."""
+        typed = re.match(r"(argument (.+?): invalid choice: (.+?)) \(choose from .*\)$", message)
+        action = self._option_string_actions.get(typed[2].split("/")[0]) if typed else None
+        if action is None:  # another error, or a positional argument's (a command: see cli's CommandParser)
+            return message
+        try:
+            value = ast.literal_eval(typed[3])  # argparse quotes it as repr() does
+        except (ValueError, SyntaxError):
+            return message
+        meant = nearest_choice(str(value), [str(choice) for choice in action.choices])
+        return f"{typed[1]} (did you mean {meant}?)" if meant else message
+
     def near_flag(self, flag: str) -> str | None:
         """Ours for another trainer's name, the flag with dashes for underscores (Accelerate's spelling), or one
         spelled much like it: at difflib's 0.8, as for a preset's keys, so that --sched is no hint for --seed."""
@@ -255,6 +271,16 @@ class FlagParser(argparse.ArgumentParser):
             return dashed
         match = difflib.get_close_matches(dashed, list(self._option_string_actions), n=1, cutoff=0.8)
         return match[0] if match else None
+
+
+def nearest_choice(value: str, choices: list[str]) -> str | None:
+    """The choice `value` was meant as: the same in other letters' case or with _ for - (balanced_accuracy), or one
+    spelled much like it, at difflib's 0.8 as for flags (adam: adamw; lion: none)."""
+    spelled = value.lower().replace("_", "-")
+    if spelled in choices:
+        return spelled
+    match = difflib.get_close_matches(spelled, choices, n=1, cutoff=0.8)
+    return match[0] if match else None
 
 
 def key_of(flag: str) -> str:

@@ -1,9 +1,14 @@
 """The final report of a run: the reloaded best checkpoint on the test split, results.json's
-content and the misclassified test images (or, for a search's trial, the best epoch's figures alone)."""
+content and the misclassified test images (or, for a search's trial, the best epoch's figures alone);
+and its JSON, a confusion matrix one row a line (results.json and `monkeytrain evaluate --json`)."""
 
 from __future__ import annotations
 
+import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate.utils import gather_object
@@ -14,8 +19,10 @@ from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
 from monkeytrain.distributed import shard_indices
 from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
+from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
 from monkeytrain.selection import BestEpoch
+from monkeytrain.storage import DiskFull, is_disk_full, with_way_out
 
 MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
 
@@ -30,6 +37,46 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
     run.log.final(results, wrong, run.run_dir / BEST_NAME)
     return results, scored_line(results)
+
+
+@contextmanager
+def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch) -> Iterator[None]:
+    """Once training has ended, a full disk (while the test split is scored, W&B's final files or results.json
+    are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
+    --output-dir or a --resume: no training state is saved at the end, so either would train it again. A
+    trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags."""
+    try:
+        yield
+    except Exception as error:
+        if not (run.config.score_test and (isinstance(error, DiskFull) or is_disk_full(error))):
+            raise
+        way_out = score_the_checkpoint(run.run_dir / BEST_NAME, best.epoch, splits)
+        if isinstance(error, DiskFull):
+            error.args = (with_way_out(str(error), "--output-dir", way_out) or error.args[0],)
+            raise  # the same error, its line changed (as Trainer.resumable_when_space_runs_out does)
+        raise UserError(f"the disk filled up after training ({first_line(error)}); {way_out}") from error
+
+
+def score_the_checkpoint(checkpoint: Path, epoch: int, splits: DatasetSplits) -> str:
+    """What to do about a full disk once training has ended and `checkpoint` holds its best `epoch`."""
+    saved = f"training had ended, and {checkpoint} (epoch {epoch}) is saved: free some space and score it"
+    folder = own_test_folder(splits)
+    if folder is not None:
+        return (f"{saved} on the test split with `monkeytrain evaluate --checkpoint {checkpoint} {folder}` "
+                "rather than train again.")
+    return (f"{saved} with `monkeytrain evaluate --checkpoint {checkpoint} FOLDER` on images it did not train on "
+            f"rather than train again (its test split was held out of {splits.root}; data_manifest.json lists "
+            "its files).")
+
+
+def own_test_folder(splits: DatasetSplits) -> Path | None:
+    """The test split's own folder (Kaggle's validation/validation, --test-dir), which `monkeytrain evaluate`
+    scores as the run did; None for a test split held out of the training folder, whose other images the
+    model trained on. Its images lie in class subfolders of it, so it is the folder they have in common."""
+    if not splits.test:
+        return None
+    folder = Path(os.path.commonpath([image.path for image in splits.test]))
+    return None if folder.is_relative_to(splits.root) else folder
 
 
 def scored_line(results: dict) -> str:
@@ -126,3 +173,26 @@ def misclassified(test: EvalResult, files: list[ImageFile], class_names: list[st
     ]
     everyone = gather_object(wrong) if accelerator.num_processes > 1 else wrong
     return sorted(everyone, key=lambda item: -item["confidence"])[:MAX_MISCLASSIFIED]
+
+
+def json_with_matrix_rows(document: dict) -> str:
+    """`document` as json.dumps(indent=2) writes it, but for its matrices (lists of lists of numbers),
+    written one row a line: indent=2 puts every number of a 10-class confusion matrix on a line of its own,
+    120 lines that no one can read as a matrix."""
+    fields = [f"  {json.dumps(key)}: {matrix_rows(value) if is_matrix(value) else indented(value)}"
+              for key, value in document.items()]
+    return "{\n" + ",\n".join(fields) + "\n}" if fields else "{}"
+
+
+def is_matrix(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(row, list) and all(isinstance(x, (int, float)) for x in row) for row in value))
+
+
+def matrix_rows(matrix: list[list]) -> str:
+    return "[\n" + ",\n".join(f"    {json.dumps(row)}" for row in matrix) + "\n  ]"
+
+
+def indented(value) -> str:
+    """`value` as indent=2 writes it, one level in (the document's own fields are)."""
+    return json.dumps(value, indent=2).replace("\n", "\n  ")

@@ -268,7 +268,7 @@ class Trainer:
         # The epoch's line first, so that a full disk leaves its figures (a resume logs it again, see resume)
         self.log_epoch(epoch, trained, validated, improved)
         if improved:
-            self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch, validated.accuracy))
+            self.checkpoint.save(self.learner.averager.model, self.checkpoint_info(epoch))
         return validated
 
     def log_epoch(self, epoch: int, trained: TrainStats, validated: EvalResult, improved: bool) -> None:
@@ -304,12 +304,14 @@ class Trainer:
         self.stop.schedule.saved()
         return saved
 
-    def checkpoint_info(self, epoch: int, accuracy: float) -> CheckpointInfo:
-        config, splits, stats = self.config, self.data.splits, self.data.stats
+    def checkpoint_info(self, epoch: int) -> CheckpointInfo:
+        """The header of best.safetensors for `epoch`, just chosen: the best epoch's figures are its own."""
+        config, splits, stats, best = self.config, self.data.splits, self.data.stats, self.best
         return CheckpointInfo(
             architecture=config.model, class_names=splits.class_names, class_folders=splits.class_folders,
             mean=stats.mean, std=stats.std, image_size=config.image_size, epoch=epoch,
-            val_accuracy=accuracy, config=recorded_config(config), synthetic_data=splits.synthetic,
+            val_accuracy=best.accuracy, config=recorded_config(config), synthetic_data=splits.synthetic,
+            selected_on=best.select_on, val_balanced_accuracy=best.balanced_accuracy,
         )
 
     @property

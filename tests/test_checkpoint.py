@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -32,6 +33,8 @@ def make_info(architecture: str = TINY, classes: int = 3, **changes) -> Checkpoi
         val_accuracy=0.1 + 0.7,  # not exactly representable: must survive the round trip bit for bit
         config={**TrainConfig(model=architecture, image_size=32).to_dict(), "nested": {"a": [1, 2.5, None]}},
         synthetic_data=True,
+        selected_on="balanced-accuracy",
+        val_balanced_accuracy=0.1 + 0.6,  # exact too
     )
     values.update(changes)
     return CheckpointInfo(**values)
@@ -58,7 +61,7 @@ def test_metadata_round_trips_every_field(tmp_path, tiny_model):
     weights, read_back = read_checkpoint(path)
     assert read_back == info
     assert read_back.num_classes == 3
-    for field in ("val_accuracy", "mean", "std"):
+    for field in ("val_accuracy", "val_balanced_accuracy", "mean", "std"):
         assert getattr(read_back, field) == getattr(info, field)  # exact, not approximate
 
 
@@ -72,6 +75,28 @@ def test_header_records_format_versions_and_crop(tmp_path, tiny_model):
     versions = json.loads(metadata["versions"])
     assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
     assert {"monkeytrain", "accelerate", "safetensors", "python"} <= set(versions)
+
+
+def test_header_names_what_chose_the_epoch_and_its_balanced_accuracy(tmp_path, tiny_model):
+    """A user reading the header sees why this epoch was kept: its accuracy alone may not be the best one."""
+    path = save_checkpoint(tmp_path, tiny_model, make_info(val_accuracy=0.9, val_balanced_accuracy=0.75))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["selected_on"], metadata["val_balanced_accuracy"], metadata["val_accuracy"]) == (
+        "balanced-accuracy", "0.75", "0.9")
+
+
+@pytest.mark.parametrize("select_on, chosen", [(None, "accuracy"), ("balanced-accuracy", "balanced-accuracy")],
+                         ids=["before --select-on", "before the header named it"])
+def test_an_older_header_without_the_selection_still_loads(tmp_path, tiny_model, select_on, chosen):
+    """A checkpoint written before the header named what chose it: its config's --select-on, or accuracy
+    before that flag existed, and no balanced figure."""
+    config = {key: value for key, value in make_info().config.items() if key != "select_on"}
+    metadata = make_info(config={**config, **({"select_on": select_on} if select_on else {})}).to_metadata()
+    del metadata["selected_on"], metadata["val_balanced_accuracy"]
+    save_file(tiny_model.state_dict(), str(tmp_path / BEST_NAME), metadata=metadata)
+    _, info = read_checkpoint(tmp_path / BEST_NAME)
+    assert (info.selected_on, info.val_balanced_accuracy) == (chosen, None)
 
 
 def test_saved_weights_equal_the_model(tmp_path, tiny_model):
@@ -98,7 +123,7 @@ def test_saved_keys_carry_no_wrapper_prefix(tmp_path, tiny_model, wrap):
 
 def test_write_leaves_no_temporary_file(tmp_path, tiny_model):
     save_checkpoint(tmp_path, tiny_model, make_info())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "class_map.txt", "config.json"]
 
 
 def test_existing_checkpoint_is_replaced_whole(tmp_path, tiny_model):
@@ -121,6 +146,31 @@ def test_timm_config_json_describes_the_model(tmp_path, tiny_model):
     assert config["label_names"] == info.class_names
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["mean"] == info.mean and config["pretrained_cfg"]["std"] == info.std
+
+
+def test_timm_reads_the_class_folders_in_the_models_order_from_class_map_txt(tmp_path, tiny_model):
+    """timm's folder reader sorts naturally (2 before 10), where the run sorted as text (10 before 2): given
+    class_map.txt (validate.py --class-map), it labels each folder as the model does."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+    folders = ["1", "10", "2"]  # label order: sorted as text
+    data = tmp_path / "data"
+    for folder in folders:
+        (data / folder).mkdir(parents=True)
+        (data / folder / "a.jpg").touch()  # timm lists files here; it reads none
+    save_checkpoint(tmp_path, tiny_model, make_info(class_folders=folders))
+    assert (tmp_path / "class_map.txt").read_text() == "1\n10\n2\n"
+    labels = {Path(path).parent.name: label for path, label in
+              ReaderImageFolder(str(data), class_map=str(tmp_path / "class_map.txt")).samples}
+    assert labels == {"1": 0, "10": 1, "2": 2}
+    assert {Path(path).parent.name: label for path, label in ReaderImageFolder(str(data)).samples}["10"] == 2
+
+
+@pytest.mark.parametrize("folder", ["caf\udcff", " n0"], ids=["not UTF-8", "a space timm strips"])
+def test_a_class_folder_that_timm_cannot_read_back_leaves_out_class_map_txt_only(tmp_path, tiny_model, folder):
+    save_checkpoint(tmp_path, tiny_model, make_info(class_folders=[folder, "n1", "n2"]))
+    assert not (tmp_path / "class_map.txt").exists()
+    assert read_checkpoint(tmp_path / BEST_NAME)[1].class_folders == [folder, "n1", "n2"]
 
 
 def test_timm_local_dir_loads_the_run_with_identical_outputs(tmp_path):
@@ -164,6 +214,8 @@ DAMAGED_HEADERS = {
     "a class folder twice": ({"class_folders": '["n0", "n1", "n1"]'}, "class_folders out of range"),
     "a mean of one channel": ({"mean": "[0.5]"}, "mean out of range"),
     "a std of 0": ({"std": "[0.2, 0, 0.2]"}, "std out of range"),
+    "chosen on no known figure": ({"selected_on": "loss"}, "selected_on out of range"),
+    "a balanced accuracy of text": ({"val_balanced_accuracy": '"high"'}, "ValueError"),
 }
 
 

@@ -85,6 +85,16 @@ def test_invalid_flag_values(capsys, data):
                                                                "mean predict?); see `monkeytrain --help`."),
     (cli.main, ["zebra"], "argument COMMAND: invalid choice: 'zebra' (choose from 'train', 'tune', 'predict', "
                           "'evaluate', 'export', 'inspect-data', 'download', 'cache'); see `monkeytrain --help`."),
+    # a flag's value names the choice meant as a flag does (still refused: each choice is spelled one way)
+    (train.main, ["--select-on", "balanced_accuracy"], "argument --select-on: invalid choice: 'balanced_accuracy' "
+                                                       "(did you mean balanced-accuracy?); see `monkeytrain train "
+                                                       "--help`."),
+    (train.main, ["--recipe", "GPU"], "argument --recipe: invalid choice: 'GPU' (did you mean gpu?); see "
+                                      "`monkeytrain train --help`."),
+    (train.main, ["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam' (did you mean adamw?); see "
+                                          "`monkeytrain train --help`."),
+    (train.main, ["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion' (choose from 'sgd', "
+                                          "'adamw'); see `monkeytrain train --help`."),  # nothing near: the list
 ])
 def test_a_bad_flag_is_one_line_naming_it_not_the_whole_usage(entry_point, argv, expected, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -6,6 +6,9 @@ Both work on an EvalResult and file lists alone, so the tests build them by hand
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +20,10 @@ from monkeytrain.checkpoint import CheckpointInfo
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.engine import EvalResult
-from monkeytrain.results import misclassified, results_summary, scored_line
+from monkeytrain.errors import UserError
+from monkeytrain.results import (checkpoint_named_on_a_full_disk, json_with_matrix_rows, misclassified,
+                                 results_summary, scored_line)
+from monkeytrain.storage import DiskFull
 from monkeytrain.selection import BestEpoch
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
@@ -191,3 +197,66 @@ def test_a_run_not_scored_on_test_names_the_figure_that_chose_its_best_epoch(tmp
     assert figure == f"{line}, not scored on the test split"
     assert summary["selected_on"] == select_on and summary["best_epoch"] == 3
     assert (summary["best_val_accuracy"], summary["best_val_balanced_accuracy"]) == (0.9, 0.6)
+
+
+def test_results_json_holds_the_summary_with_one_confusion_matrix_row_a_line(tmp_path):
+    """As the matrix reads, where indent=2 gave each of its numbers a line of its own; still one JSON document."""
+    summary = results_summary(eval_result(PREDICTED, CONFIDENCE), checkpoint_info(), dataset_splits(False),
+                              BestEpoch(), tmp_path, 1)
+    text = json_with_matrix_rows({**summary, "phase_seconds": {"data": 1.5, "test": 0.25}})
+    assert json.loads(text) == {**summary, "phase_seconds": {"data": 1.5, "test": 0.25}}
+    lines = text.splitlines()
+    start = lines.index('  "confusion_matrix": [') + 1
+    rows = summary["confusion_matrix"]
+    assert [json.loads(line.rstrip(",")) for line in lines[start:start + len(rows)]] == rows
+    assert lines[start + len(rows)].strip() in ("]", "],")
+
+
+def after_training(splits: DatasetSplits, score_test: bool = True):
+    """checkpoint_named_on_a_full_disk of a run in runs/r whose best epoch was the 4th."""
+    run = SimpleNamespace(config=SimpleNamespace(score_test=score_test), run_dir=Path("runs/r"))
+    return checkpoint_named_on_a_full_disk(run, splits, BestEpoch(epoch=4))
+
+
+def results_json_on_a_full_disk() -> DiskFull:
+    return DiskFull(Path("runs/r/results.json"), 2048, False, "--output-dir")
+
+
+def test_a_full_disk_once_training_has_ended_names_the_checkpoint_and_the_test_folder_to_score_it_on():
+    """Not another --output-dir, nor a --resume: either would train the run again (no state is saved at its end)."""
+    with pytest.raises(DiskFull) as failed, after_training(dataclasses.replace(dataset_splits(False),
+                                                                               root="/data/train")):
+        raise results_json_on_a_full_disk()
+    assert str(failed.value) == (
+        "no space left on the device of runs/r to write results.json (2.0 KiB needed); training had ended, and "
+        "runs/r/best.safetensors (epoch 4) is saved: free some space and score it on the test split with "
+        "`monkeytrain evaluate --checkpoint runs/r/best.safetensors /data/test` rather than train again.")
+
+
+def test_a_test_split_held_out_of_the_training_folder_is_not_offered_to_evaluate():
+    """evaluate would score the whole folder, the images the model trained on among them."""
+    with pytest.raises(DiskFull) as failed, after_training(dataclasses.replace(dataset_splits(False),
+                                                                               root="/data/test")):
+        raise results_json_on_a_full_disk()
+    assert str(failed.value).endswith(
+        "score it with `monkeytrain evaluate --checkpoint runs/r/best.safetensors FOLDER` on images it did not train "
+        "on rather than train again (its test split was held out of /data/test; data_manifest.json lists its files).")
+
+
+def test_a_full_disk_under_another_writer_after_training_is_told_the_same_way():
+    """W&B's own files (the checkpoint artifact) fail with the system's error, not ours."""
+    with pytest.raises(UserError) as failed, after_training(dataclasses.replace(dataset_splits(False),
+                                                                                root="/data/train")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(failed.value).startswith("the disk filled up after training (No space left on device); training "
+                                        "had ended, and runs/r/best.safetensors (epoch 4) is saved")
+
+
+@pytest.mark.parametrize("error, score_test", [(results_json_on_a_full_disk(), False),
+                                               (OSError(errno.EACCES, "Permission denied"), True)],
+                         ids=["a trial of tune, worded by tune", "not a full disk"])
+def test_other_failures_after_training_keep_their_own_line(error, score_test):
+    line = str(error)
+    with pytest.raises(type(error)) as failed, after_training(dataset_splits(False), score_test):
+        raise error
+    assert str(failed.value) == line

@@ -9,6 +9,7 @@ thread, and the tests that only read a finished run share one (`trained`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -116,9 +117,13 @@ def test_run_directory_records_config_metrics_and_checkpoint(trained):
     assert len(json.loads(header["mean"])) == 3 and header["image_size"] == "32"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
 
-    results = json.loads((run_dir / "results.json").read_text())
+    results_text = (run_dir / "results.json").read_text()
+    results = json.loads(results_text)
+    assert "    [" + ", ".join(map(str, results["confusion_matrix"][0])) + "]," in results_text.splitlines()  # a row
     best = max(metrics, key=lambda m: (m["val_balanced_accuracy"], -m["val_loss"]))  # chosen on it by default
     assert results["best_epoch"] == best["epoch"] == int(header["epoch"])
+    assert (header["selected_on"], float(header["val_balanced_accuracy"])) == ("balanced-accuracy",
+                                                                               best["val_balanced_accuracy"])
     assert (results["selected_on"], results["best_val_balanced_accuracy"]) == ("balanced-accuracy",
                                                                                best["val_balanced_accuracy"])
     assert results["selection_biased"] is False
@@ -173,3 +178,29 @@ def test_accelerate_launch_runs_the_script_as_written(tmp_path, synthetic_cache)
     assert results["test_images"] == 100
     config = yaml.safe_load((tmp_path / "runs" / "launched" / "config.yaml").read_text())
     assert config["mixed_precision"] == "bf16" and config["grad_accum_steps"] == 2
+
+
+def test_a_full_disk_once_training_has_ended_says_to_score_the_checkpoint_it_left(tmp_path, monkeypatch):
+    """results.json is the last file a run writes: a disk full by then leaves best.safetensors, which
+    evaluate scores, where a resume (no state is saved at the end) or another --output-dir trains again."""
+    from conftest import run_here, write_image_folder
+    from monkeytrain import storage, train
+
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=10)  # Kaggle's layout: its own test folder
+    write_file = storage._write_file
+
+    def results_json_on_a_full_disk(path: Path, *args) -> None:
+        if path.name.startswith(".results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_file(path, *args)
+
+    monkeypatch.setattr(storage, "_write_file", results_json_on_a_full_disk)
+    with pytest.raises(storage.DiskFull) as failed:
+        run_here(train.main.__wrapped__, ["--data", str(data), *SMALL, "--epochs", "1", "--run-name", "full",
+                                          "--cache-dir", str(tmp_path / "cache")], tmp_path)
+    checkpoint = Path("runs") / "full" / "best.safetensors"
+    assert str(failed.value).endswith(
+        f"; training had ended, and {checkpoint} (epoch 1) is saved: free some space and score it on the test split "
+        f"with `monkeytrain evaluate --checkpoint {checkpoint} {data / 'validation' / 'validation'}` rather than "
+        "train again.")
+    assert (tmp_path / checkpoint).is_file() and not (tmp_path / "runs" / "full" / "results.json").exists()

@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState
 
 from monkeytrain import checkpoint
 from monkeytrain import trainer as trainer_module
+from monkeytrain.checkpoint import read_checkpoint
 from monkeytrain.config import parse_config
 from monkeytrain.data.prepare import prepare_data
 from monkeytrain.distributed import make_accelerator
@@ -144,7 +145,9 @@ def test_on_epoch_sees_each_validation_and_may_end_the_run_there(trainer_for, mo
     assert [epoch for epoch, _ in seen] == [1, 2] and trainer.best.select_on == "balanced-accuracy"
     assert trainer.best.score == trainer.best.balanced_accuracy == max(score for _, score in seen)
     assert state_dirs(trainer.run.run_dir) == []  # no state saved: a pruned run is not resumed
-    assert (trainer.run.run_dir / "best.safetensors").is_file()
+    _, info = read_checkpoint(trainer.run.run_dir / "best.safetensors")  # its header says what chose it
+    assert (info.epoch, info.selected_on, info.val_balanced_accuracy, info.val_accuracy) == (
+        trainer.best.epoch, "balanced-accuracy", trainer.best.balanced_accuracy, trainer.best.accuracy)
 
 
 def test_progressive_resizing_trains_small_crops_first_and_validates_at_full_size(trainer_for, monkeypatch,
