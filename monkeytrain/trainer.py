@@ -29,6 +29,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
+from monkeytrain.distributed import failing_alike_on_every_rank
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
@@ -276,7 +277,7 @@ class Trainer:
         # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
         # figures are unknown here (None, null in metrics.jsonl), not a loss of 0 at 0 images/s
         measured = trained.images > 0
-        self.run.log.epoch({
+        failing_alike_on_every_rank(lambda: self.run.log.epoch({
             "epoch": epoch, "epochs": self.config.epochs,
             "train_loss": trained.loss if measured else None,
             "train_accuracy": trained.accuracy if measured else None,
@@ -285,7 +286,7 @@ class Trainer:
             "lr": float(self.learner.scheduler.get_last_lr()[0]),
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
-        })
+        }))  # the main process alone writes metrics.jsonl: should that fail, every rank ends with its line
 
     def diverged(self, epoch: int, train_loss: float, val_loss: float) -> Diverged:
         """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)
