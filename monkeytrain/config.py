@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from monkeytrain import __version__
-from monkeytrain.errors import FlagParser, UserError, to_stderr
+from monkeytrain.errors import FlagParser, UserError, nearest_choice, to_stderr
 
 # The one list of accepted values of each choice flag: argparse, YAML presets and
 # validation all read them from the field's metadata.
@@ -588,7 +588,8 @@ def validate(config: TrainConfig) -> None:
     for f in FIELDS.values():
         choices, value = f.metadata.get("choices"), getattr(config, f.name)
         if choices and value is not None:
-            checks.append((value in choices, f"--{flag_name(f.name)} must be {' or '.join(one_of(choices))}"))
+            checks.append((value in choices, f"--{flag_name(f.name)} must be {' or '.join(one_of(choices))}"
+                                             + meant_choice(value, choices)))
     for ok, message in checks:
         if not ok:
             raise UserError(f"{message}; fix the flag or the config file.")
@@ -615,6 +616,12 @@ def check_no_empty_path(config: TrainConfig) -> None:
             what = "a name" if name == "run_name" else "a path"
             raise UserError(f"--{flag_name(name)} is empty (an unset shell variable?); give {what}, or leave "
                             "the flag (or config key) out for its default.")
+
+
+def meant_choice(value: Any, choices: Sequence[str]) -> str:
+    """' (did you mean gpu?)' for a preset's `recipe: GPU`, as the command line says for --recipe GPU."""
+    meant = nearest_choice(str(value), list(choices))
+    return f" (did you mean {meant}?)" if meant else ""
 
 
 def one_of(choices: Sequence[str]) -> tuple[str, str]:

@@ -217,6 +217,22 @@ def first_problem_of_any_rank(problem: str | None) -> str | None:
     return problems[0] if problems else None
 
 
+def failing_alike_on_every_rank(work: Callable[[], None]) -> None:
+    """`work` on every rank, where it may fail on one alone (the main process's write of metrics.jsonl): its
+    UserError's line then ends every rank, at the cost of one small gather, rather than leave the others waiting
+    for it at their next collective (until a timeout under NCCL; gloo's closed connection, a line of its own)."""
+    failure = None
+    try:
+        work()
+    except UserError as error:  # DiskFull, WriteFailed, the run folder gone
+        failure = error
+    problem = first_problem_of_any_rank(str(failure) if failure else None)
+    if failure:
+        raise failure
+    if problem:
+        raise UserError(problem)
+
+
 def processes_on(accelerator) -> str:
     """'2 processes on cuda', for the run's first line: the device type, as every rank has its own index."""
     count = accelerator.num_processes

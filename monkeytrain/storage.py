@@ -36,7 +36,7 @@ class WriteFailed(UserError):
 
     def __init__(self, path: Path, reason: str, flag: str):
         self.path, self.reason = path, reason
-        super().__init__(f"cannot write {path.name} in {path.parent} ({reason}); make that folder writable or "
+        super().__init__(f"cannot write {path.name} in {path.parent} ({reason}); {MAKE_WRITABLE} or "
                          f"pick another {flag}.")
 
 
@@ -54,16 +54,29 @@ class DiskFull(WriteFailed):
                            + (f" ({amount})" if amount else "") + f"; {disk_full_way_out(flag)}")
 
 
+FREE_SPACE, MAKE_WRITABLE = "free some space", "make that folder writable"  # the first fix a line names
+
+
 def disk_full_way_out(flag: str) -> str:
     """How a DiskFull's line ends: what to do."""
-    return f"free some space or pick another {flag}."
+    return f"{FREE_SPACE} or pick another {flag}."
 
 
-def with_way_out(message: str, flag: str, way_out: str) -> str | None:
-    """A DiskFull's line `message` ending in `way_out` instead of its own (another `flag`), None for any other line.
-    Read from the text, as every rank of a run has the line (the main process alone has the DiskFull itself)."""
-    ending = disk_full_way_out(flag)
-    return message[:-len(ending)] + way_out if message.endswith(f"; {ending}") else None
+def first_fix(message: str, flag: str) -> str | None:
+    """What a DiskFull's (FREE_SPACE) or WriteFailed's (MAKE_WRITABLE) line `message` says to do before "or pick
+    another `flag`"; None for any other line."""
+    return next((fix for fix in (FREE_SPACE, MAKE_WRITABLE) if message.endswith(f"; {fix} or pick another {flag}.")),
+                None)
+
+
+def with_way_out(message: str, flag: str, way_out: str | Callable[[str], str]) -> str | None:
+    """A DiskFull's or WriteFailed's line `message` ending in `way_out` (or `way_out(its first fix)`) instead of
+    its own (another `flag`), None for any other line. Read from the text, as every rank of a run has the line
+    (the rank that failed alone has the error itself)."""
+    fix = first_fix(message, flag)
+    if fix is None:
+        return None
+    return message[:-len(f"{fix} or pick another {flag}.")] + (way_out(fix) if callable(way_out) else way_out)
 
 
 def human_size(n: int) -> str:

@@ -29,6 +29,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
+from monkeytrain.distributed import failing_alike_on_every_rank
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
@@ -40,7 +41,7 @@ from monkeytrain.preemption import (REQUEUE_REQUEST, Preemption, nothing_trained
 from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume, state_dirs
-from monkeytrain.storage import folder_size, free_bytes, human_size, with_way_out
+from monkeytrain.storage import FREE_SPACE, folder_size, free_bytes, human_size, with_way_out
 from monkeytrain.tracking import RunLog
 from monkeytrain.trainability import check_batch_norm_batches, check_input_sizes
 
@@ -163,16 +164,16 @@ class Trainer:
 
     @contextmanager
     def resumable_when_space_runs_out(self) -> Iterator[None]:
-        """A full disk (or quota) under the run folder, hours into a run that has a saved training state, says to
-        free space and continue from that state, rather than to start over in another --output-dir."""
+        """A full disk (or quota) or a run folder made read-only, hours into a run that has a saved training state,
+        says to free space (or make it writable) and continue from that state, not to start over elsewhere."""
         try:
             yield
         except UserError as error:
             saved = state_dirs(self.run.run_dir)  # what --resume auto takes, alike on every rank
             if saved:
                 message = with_way_out(str(error), "--output-dir",
-                                       continue_after_freeing_space(saved[-1], self.run.run_dir))
-                error.args = (message,) if message else error.args  # the same error (a DiskFull), its line changed
+                                       lambda fix: continue_after_freeing_space(saved[-1], self.run.run_dir, fix=fix))
+                error.args = (message,) if message else error.args  # the same error (DiskFull, WriteFailed), new line
             raise
 
     def warn_if_space_runs_short(self) -> None:
@@ -276,7 +277,7 @@ class Trainer:
         # A run resumed from a state saved at the very end of an epoch trains none of it again: its training
         # figures are unknown here (None, null in metrics.jsonl), not a loss of 0 at 0 images/s
         measured = trained.images > 0
-        self.run.log.epoch({
+        failing_alike_on_every_rank(lambda: self.run.log.epoch({
             "epoch": epoch, "epochs": self.config.epochs,
             "train_loss": trained.loss if measured else None,
             "train_accuracy": trained.accuracy if measured else None,
@@ -285,7 +286,7 @@ class Trainer:
             "lr": float(self.learner.scheduler.get_last_lr()[0]),
             "images_per_second": trained.images_per_second if measured else None,
             "epoch_seconds": trained.seconds, "train_size": self.augmenter.train_size, "is_best": improved,
-        })
+        }))  # the main process alone writes metrics.jsonl: should that fail, every rank ends with its line
 
     def diverged(self, epoch: int, train_loss: float, val_loss: float) -> Diverged:
         """Why the run ends once the validated model gives NaN or infinite losses: its weights (or its inputs)
@@ -344,13 +345,14 @@ def build_learner(run: RunContext, data: RunData, augment: Callable, batches_per
     )
 
 
-def continue_after_freeing_space(state: Path, run_dir: Path, environ: Mapping[str, str] = os.environ) -> str:
-    """What to do about a full disk when the run has `state` saved: free space, then continue the run as the
-    stop line on a signal says (requeue_or_exit: a job of the SLURM scripts is resubmitted)."""
+def continue_after_freeing_space(state: Path, run_dir: Path, environ: Mapping[str, str] = os.environ, *,
+                                 fix: str = FREE_SPACE) -> str:
+    """What to do about a full disk (or a read-only run folder: `fix`) when the run has `state` saved: `fix`, then
+    continue the run as the stop line on a signal says (requeue_or_exit: a job of the SLURM scripts is resubmitted)."""
     flags = resume_flags(run_dir)
     how = (resubmit(flags, environ) if environ.get("SLURM_JOB_ID") and environ.get(REQUEUE_REQUEST)
            else f"to continue, run the same command with {flags}.")
-    return f"free some space; the training state {state} is saved: {how}"
+    return f"{fix}; the training state {state} is saved: {how}"
 
 
 def best_checkpoint_bytes(learner: Learner) -> int:

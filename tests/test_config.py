@@ -109,6 +109,21 @@ def test_a_wrong_choice_in_a_yaml_preset_names_the_choices(tmp_path, flag, value
         parse_config(["--config", preset])
 
 
+@pytest.mark.parametrize("key, value, meant", [
+    ("recipe", "GPU", "gpu"), ("select_on", "balanced_accuracy", "balanced-accuracy"), ("optimizer", "adam", "adamw"),
+])
+def test_a_wrong_choice_in_a_yaml_preset_names_the_one_meant_as_the_flag_does(tmp_path, key, value, meant):
+    preset = write_yaml(tmp_path / "p.yaml", f"{key}: {value}\n")
+    with pytest.raises(UserError, match=rf"must be .* \(did you mean {meant}\?\); fix the flag or the config file"):
+        parse_config(["--config", preset])
+
+
+def test_a_wrong_choice_far_from_every_choice_gets_no_hint(tmp_path):
+    with pytest.raises(UserError) as raised:
+        parse_config(["--config", write_yaml(tmp_path / "p.yaml", "optimizer: lion\n")])
+    assert "did you mean" not in str(raised.value)
+
+
 def test_old_gpu_pipeline_name_still_works(capsys):
     assert parse_config(["--data-pipeline", "gpu"]).data_pipeline == "resident"
     assert "now called resident" in capsys.readouterr().err

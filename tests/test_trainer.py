@@ -22,7 +22,7 @@ from monkeytrain.errors import UserError
 from monkeytrain.preemption import REQUEUE_REQUEST
 from monkeytrain.selection import PLAIN, BestEpoch
 from monkeytrain.statestore import state_dirs
-from monkeytrain.storage import DiskFull, folder_size
+from monkeytrain.storage import DiskFull, WriteFailed, folder_size
 from monkeytrain.tracking import SilentLog
 from monkeytrain.trainer import (Progress, RunContext, Trainer, continue_after_freeing_space, training_sizes,
                                  whole_accumulation_groups)
@@ -241,6 +241,24 @@ def test_a_full_disk_after_a_saved_state_says_to_free_space_and_continue_from_it
         "no space left on the device of runs/r to write best.safetensors (4.0 KiB needed); free some space; the "
         "training state runs/r/state/step-00000002 is saved: to continue, run the same command with --resume auto "
         "--run-name r.")
+
+
+def test_a_run_folder_made_read_only_after_a_saved_state_says_to_make_it_writable_and_continue(trainer_for,
+                                                                                                monkeypatch, tmp_path):
+    """A scratch folder remounted read-only, or its permissions changed, mid-run: as a full disk, not a new run."""
+    monkeypatch.chdir(tmp_path)
+    trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", "--save-every", "1")
+
+    def save_checkpoint(run_dir: Path, *args) -> Path:
+        raise WriteFailed(run_dir / checkpoint.BEST_NAME, "read-only file system", "--output-dir")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+    with pytest.raises(WriteFailed) as failed:
+        trainer.fit()
+    assert str(failed.value) == (
+        "cannot write best.safetensors in runs/r (read-only file system); make that folder writable; the training "
+        "state runs/r/state/step-00000002 is saved: to continue, run the same command with --resume auto --run-name "
+        "r.")
 
 
 def test_a_full_disk_before_any_saved_state_still_says_to_free_space_or_write_elsewhere(trainer_for, monkeypatch,

@@ -186,3 +186,39 @@ def test_each_rank_draws_dropout_masks_of_its_own(tmp_path, data):
     assert exit_codes(children) == [0, 0], "\n".join(printed(tmp_path / f"rank{rank}.log") for rank in (0, 1))
     first, second = (torch.load(tmp_path / f"draws{rank}.pt") for rank in (0, 1))
     assert not torch.equal(first, second)
+
+
+def train_rank_with_metrics_on_a_full_disk(folder: Path, flags: list[str], environment: dict[str, str],
+                                           rank: int) -> None:
+    """forked.train_rank, the main process finding the disk full as it appends epoch 2's line to metrics.jsonl."""
+    if rank == 0:
+        from monkeytrain import tracking
+        from monkeytrain.storage import DiskFull
+
+        real_append_line = tracking.append_line
+
+        def append_line(path: Path, line: str, **kwargs) -> None:
+            if '"epoch": 2' in line:
+                raise DiskFull(path, 4096, False, "--output-dir")
+            real_append_line(path, line, **kwargs)
+
+        tracking.append_line = append_line
+    train_rank(folder, flags, environment, rank)
+
+
+def test_metrics_the_main_process_cannot_write_stop_both_with_its_one_line(tmp_path, data):
+    """The main process alone writes metrics.jsonl: the other rank ends with its line, not waiting for it at its next
+    collective (gloo: "Connection closed by peer", exit status 1; NCCL: until a timeout)."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MONKEYTRAIN_"))}
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *FLAGS, "--save-every", "1"]
+    children = [start(train_rank_with_metrics_on_a_full_disk, tmp_path, flags,
+                      {**environment, **rank_variables(rank, 2, port)}, rank) for rank in (0, 1)]
+    ended = exit_codes(children, seconds=240)
+    logs = [printed(tmp_path / f"rank{rank}.log") for rank in (0, 1)]
+    assert ended == [2, 2], f"exit codes {ended}\n" + "\n".join(logs)
+    assert not any("Traceback" in log for log in logs), "\n".join(logs)
+    assert [log.strip().splitlines()[-1] for log in logs] == [  # was rank 1's exit 1: "Connection closed by peer"
+        "monkeytrain: error: no space left on the device of runs/gone to write metrics.jsonl (4.0 KiB needed); free "
+        "some space; the training state runs/gone/state/step-00000010 is saved: to continue, run the same command "
+        "with --resume auto --run-name gone."] * 2
