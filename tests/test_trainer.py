@@ -230,35 +230,29 @@ def best_checkpoint_on_a_full_disk(monkeypatch) -> None:
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
 
 
-def test_a_full_disk_after_a_saved_state_says_to_free_space_and_continue_from_it(trainer_for, monkeypatch, tmp_path):
+@pytest.mark.parametrize("problem, fix", [
+    # a full disk (or quota) hours into a run
+    (lambda path: DiskFull(path, 4096, False, "--output-dir"),
+     "no space left on the device of runs/r to write best.safetensors (4.0 KiB needed); free some space"),
+    # a scratch folder remounted read-only, or its permissions changed, mid-run
+    (lambda path: WriteFailed(path, "read-only file system", "--output-dir"),
+     "cannot write best.safetensors in runs/r (read-only file system); make that folder writable"),
+], ids=["full disk", "read-only folder"])
+def test_a_failed_write_after_a_saved_state_says_to_fix_it_and_continue_from_it(trainer_for, monkeypatch, tmp_path,
+                                                                                problem, fix):
     """Not to pick another --output-dir, which would start over a run that may have trained for hours."""
-    monkeypatch.chdir(tmp_path)
-    trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", "--save-every", "1")
-    best_checkpoint_on_a_full_disk(monkeypatch)
-    with pytest.raises(DiskFull) as failed:
-        trainer.fit()
-    assert str(failed.value) == (
-        "no space left on the device of runs/r to write best.safetensors (4.0 KiB needed); free some space; the "
-        "training state runs/r/state/step-00000002 is saved: to continue, run the same command with --resume auto "
-        "--run-name r.")
-
-
-def test_a_run_folder_made_read_only_after_a_saved_state_says_to_make_it_writable_and_continue(trainer_for,
-                                                                                                monkeypatch, tmp_path):
-    """A scratch folder remounted read-only, or its permissions changed, mid-run: as a full disk, not a new run."""
     monkeypatch.chdir(tmp_path)
     trainer = trainer_for("--epochs", "2", "--max-batches-per-epoch", "2", "--save-every", "1")
 
     def save_checkpoint(run_dir: Path, *args) -> Path:
-        raise WriteFailed(run_dir / checkpoint.BEST_NAME, "read-only file system", "--output-dir")
+        raise problem(run_dir / checkpoint.BEST_NAME)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
-    with pytest.raises(WriteFailed) as failed:
+    with pytest.raises(WriteFailed) as failed:  # a DiskFull is one too
         trainer.fit()
-    assert str(failed.value) == (
-        "cannot write best.safetensors in runs/r (read-only file system); make that folder writable; the training "
-        "state runs/r/state/step-00000002 is saved: to continue, run the same command with --resume auto --run-name "
-        "r.")
+    assert type(failed.value) is type(problem(Path("x")))  # the same error, its line changed
+    assert str(failed.value) == (f"{fix}; the training state runs/r/state/step-00000002 is saved: to continue, run "
+                                 "the same command with --resume auto --run-name r.")
 
 
 def test_a_full_disk_before_any_saved_state_still_says_to_free_space_or_write_elsewhere(trainer_for, monkeypatch,
