@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 
 def why_no_answer(url: str, ask: Callable[[], object], timeout_named: str,
-            answers: tuple[type[BaseException], ...] = ()) -> Optional[str]:
+                  answers: tuple[type[BaseException], ...] = ()) -> Optional[str]:
     """Why `url` gave no answer to `ask()` (one HEAD request, through the caller's library, so its proxy):
     '{url} did not answer (ConnectError)', 'did not answer within {timeout_named} (ReadTimeout)' when it
     timed out; None when it answered. Any answer, an error status too, is one, and so is an error in `answers`

@@ -36,8 +36,7 @@ class WriteFailed(UserError):
 
     def __init__(self, path: Path, reason: str, flag: str):
         self.path, self.reason = path, reason
-        super().__init__(f"cannot write {path.name} in {path.parent} ({reason}); {MAKE_WRITABLE} or "
-                         f"pick another {flag}.")
+        super().__init__(f"cannot write {path.name} in {path.parent} ({reason}); {or_elsewhere(MAKE_WRITABLE, flag)}")
 
 
 class DiskFull(WriteFailed):
@@ -51,22 +50,21 @@ class DiskFull(WriteFailed):
         what = "your disk quota is used up" if quota else "no space left"
         self.reason = f"{what} on the device" + (f", {amount}" if amount else "")
         UserError.__init__(self, f"{what} on the device of {path.parent} to write {path.name}"
-                           + (f" ({amount})" if amount else "") + f"; {disk_full_way_out(flag)}")
+                           + (f" ({amount})" if amount else "") + f"; {or_elsewhere(FREE_SPACE, flag)}")
 
 
 FREE_SPACE, MAKE_WRITABLE = "free some space", "make that folder writable"  # the first fix a line names
 
 
-def disk_full_way_out(flag: str) -> str:
-    """How a DiskFull's line ends: what to do."""
-    return f"{FREE_SPACE} or pick another {flag}."
+def or_elsewhere(fix: str, flag: str) -> str:
+    """How a WriteFailed's (or DiskFull's) line ends: its first fix, or another folder (`flag`)."""
+    return f"{fix} or pick another {flag}."
 
 
 def first_fix(message: str, flag: str) -> str | None:
     """What a DiskFull's (FREE_SPACE) or WriteFailed's (MAKE_WRITABLE) line `message` says to do before "or pick
     another `flag`"; None for any other line."""
-    return next((fix for fix in (FREE_SPACE, MAKE_WRITABLE) if message.endswith(f"; {fix} or pick another {flag}.")),
-                None)
+    return next((fix for fix in (FREE_SPACE, MAKE_WRITABLE) if message.endswith(f"; {or_elsewhere(fix, flag)}")), None)
 
 
 def with_way_out(message: str, flag: str, way_out: str | Callable[[str], str]) -> str | None:
@@ -76,7 +74,7 @@ def with_way_out(message: str, flag: str, way_out: str | Callable[[str], str]) -
     fix = first_fix(message, flag)
     if fix is None:
         return None
-    return message[:-len(f"{fix} or pick another {flag}.")] + (way_out(fix) if callable(way_out) else way_out)
+    return message[:-len(or_elsewhere(fix, flag))] + (way_out(fix) if callable(way_out) else way_out)
 
 
 def human_size(n: int) -> str:

@@ -27,16 +27,18 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def check_weights_file(path: Path) -> None:
     """A --pretrained file that exists and reads as weights: checked with the flags, before the data is read.
     Cheaply: a .safetensors file's header, a torch.save file mapped rather than read (where it is a zip)."""
-    if not path.is_file():
-        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    check_exists(path)
     if is_torch_save_file(path):
         torch_save_weights(path)
         return
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UserError(not_safetensors(path, error)) from None
+    problem = safetensors_header_problem(path)
+    if problem:
+        raise UserError(not_safetensors(path, problem))
+
+
+def check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
 
 
 def not_safetensors(path: Path, error: Exception) -> str:
@@ -49,16 +51,17 @@ def is_torch_save_file(path: Path) -> bool:
     whose first byte a .safetensors file may start with too (its header's length)."""
     with open(path, "rb") as handle:
         start = handle.read(4)
-    return start == b"PK\x03\x04" or start[:1] == b"\x80" and not reads_as_safetensors(path)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80" and safetensors_header_problem(path) is not None
 
 
-def reads_as_safetensors(path: Path) -> bool:
+def safetensors_header_problem(path: Path) -> Optional[Exception]:
+    """Why `path`'s header does not read as a .safetensors file's; None where it does."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
-    except Exception:  # safetensors raises its own error types for damaged files
-        return False
-    return True
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        return error
+    return None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -111,8 +114,7 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_weights_file(model: torch.nn.Module, path: Path) -> None:
     """Load a local .safetensors or torch.save file, replacing the head when its class count differs."""
-    if not path.is_file():  # checked with the flags already, when given as --pretrained; gone since?
-        raise UserError(f"pretrained weights file {path} does not exist; check --pretrained.")
+    check_exists(path)  # checked with the flags already, when given as --pretrained; gone since?
     weights, own = converted_for(model, read_weights(path)), model.state_dict()
     compatible = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body_missing = [k for k in own if k not in compatible and not k.startswith(head_prefixes(model))]
