@@ -28,12 +28,12 @@ BEST_CONFIG_NAME = "best_config.yaml"
 SUMMARY_NAME = "summary.json"
 # The machine's own keys: a preset found with --cpu, or in fp32 on a CPU (the precision is recorded as
 # resolved), would otherwise keep a GPU machine that reuses it on the CPU, or in fp32. The study's own best
-# run is given them back, as the study was (tune.machine_flags).
+# run is given them back, as the study was (tune_flags.machine_flags).
 MACHINE_FIELDS = ("cpu", "mixed_precision", "cpu_threads")
 # Keys of a trial's resolved config that belong to that one run, not to the recipe it found.
 RUN_ONLY_KEYS = ("output_dir", "run_name", "resume", "score_test", *MACHINE_FIELDS)
 FLAG = "--study-dir"  # where the files go: the way out of a full disk
-OBJECTIVE = "validation balanced accuracy"  # what scores trials by default (tune.objective_words)
+OBJECTIVE = "validation balanced accuracy"  # what scores trials by default (tune_study.objective_words)
 
 
 def trial_note(trial: FrozenTrial) -> str:

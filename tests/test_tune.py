@@ -12,7 +12,6 @@ divergence fails it). lr 0.02-0.05, the space's own range, reaches 89-100% on th
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import os
 import signal
@@ -29,7 +28,9 @@ from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
 from monkeytrain.storage import DiskFull
-from test_storage import fill_to_the_brim, full_disk  # noqa: F401  (a real 2 MiB tmpfs)
+from monkeytrain.tune_flags import machine_flags
+from monkeytrain.tune_study import STORAGE_NAME, STUDY_NAME, study_storage
+from monkeytrain.tune_workers import CLAIM_NAME
 from test_slurm import (RECORDING_SCONTROL, job_environment, job_state, read_log, slurm_cluster,  # noqa: F401
                         stand_in_commands, submit, wait_for_job)
 
@@ -69,7 +70,7 @@ def run_tune(command: list[str], timeout: float = 240) -> subprocess.CompletedPr
 
 
 def enqueue(study_dir: Path, *params: dict) -> None:
-    """Trials to run first, through Optuna's own API on the study's storage."""
+    """Trials to run first, through Optuna's own API on the study's storage, imported as the README's recipe does."""
     from monkeytrain.tune import STUDY_NAME, study_storage
 
     study_dir.mkdir(parents=True)
@@ -136,7 +137,7 @@ def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(s
         return tune.open_search(args, flags)[1]
 
     older = tmp_path / "older"
-    study = optuna.create_study(study_name=tune.STUDY_NAME, storage=tune.study_storage(older), direction="maximize")
+    study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(older), direction="maximize")
     study.set_user_attr("space", space_json(load_space(space)))  # as a version without --select-on kept it
     setup = opened(older)
     assert (setup.select_on, setup.train_flags[-2:]) == ("accuracy", ["--select-on", "accuracy"])
@@ -145,45 +146,6 @@ def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(s
     assert (new.select_on, new.train_flags, new.objective) == ("balanced-accuracy", train_flags,
                                                                "validation balanced accuracy")
     assert opened(tmp_path / "new").select_on == "balanced-accuracy"  # a later worker: the space is kept now
-
-
-def test_a_trial_is_scored_on_the_figure_that_chose_its_best_epoch():
-    results = {"selected_on": "balanced-accuracy", "best_val_accuracy": 0.9, "best_val_balanced_accuracy": 0.6}
-    assert tune.best_val_score(results) == 0.6
-    assert tune.best_val_score({**results, "selected_on": "accuracy"}) == 0.9
-
-
-def test_best_config_leaves_the_device_and_precision_to_the_machine_that_reuses_it(tmp_path, monkeypatch):
-    """A study on the CPU (--cpu, its precision resolved to fp32) gives a preset that trains on a GPU machine
-    on its GPU, in its precision, with the recipe the study found."""
-    import torch
-    from types import SimpleNamespace
-
-    from monkeytrain.config import config_yaml
-    from monkeytrain.tune_report import write_best_config
-
-    monkeypatch.delenv("MONKEYTRAIN_DATA", raising=False)
-    monkeypatch.chdir(tmp_path)
-    trial = tmp_path / "trial-0003"
-    trial.mkdir()
-    found = parse_config(["--cpu", "--lr", "0.03"])
-    found.mixed_precision = "no"  # as the run records what it trained in on the CPU
-    (trial / "config.yaml").write_text(config_yaml(found))
-    best = write_best_config(SimpleNamespace(number=3, value=0.9), trial, ["lr"], tmp_path / "best_config.yaml")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reused on a GPU machine
-    reused = parse_config(["--config", str(best)])
-    assert (reused.cpu, reused.mixed_precision) == (False, None)  # the GPU, in its own precision (bf16)
-    assert (reused.lr, reused.image_size, reused.epochs) == (0.03, found.image_size, found.epochs)
-
-
-def test_the_best_run_is_given_the_machine_flags_the_study_was_given_or_its_preset(tmp_path):
-    from monkeytrain.tune import machine_flags
-
-    preset = tmp_path / "preset.yaml"
-    preset.write_text("cpu: true\nmixed-precision: bf16\nlr: 0.02\n")
-    flags = machine_flags(["--config", str(preset), "--mixed-precision", "no", "--cpu-threads", "2", "--epochs", "3"])
-    assert flags == ["--cpu", "--mixed-precision", "no", "--cpu-threads", "2"]  # flags override the preset
-    assert machine_flags(["--epochs", "3"]) == []
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
@@ -306,140 +268,6 @@ def test_the_space_is_checked_with_the_fixed_flags_before_any_trial(tmp_path, ca
     assert not (tmp_path / "study").exists()
 
 
-def finished_trials(count: int) -> list:
-    """`count` complete trials of a study held in memory, each with a long note (a few KiB in all)."""
-    study = optuna.create_study(direction="maximize")
-    for number in range(count):
-        study.add_trial(optuna.trial.create_trial(params={"lr": 0.01 + number / 1000}, value=0.5,
-                                                  distributions={"lr": optuna.distributions.FloatDistribution(0, 1)},
-                                                  user_attrs={"worker": f"host:{number}", "error": "x" * 40}))
-    return study.get_trials()
-
-
-def write_trials(folder: Path, count: int) -> Path:
-    from monkeytrain.tune_report import write_trials_csv
-
-    write_trials_csv(finished_trials(count), folder / "trials.csv")
-    return folder / "trials.csv"
-
-
-def write_best(folder: Path, count: int) -> Path:
-    """best_config.yaml of a trial whose config holds `count` long values."""
-    from types import SimpleNamespace
-
-    from monkeytrain.tune_report import write_best_config
-
-    trial = folder.parent / f"trial-{count}"
-    trial.mkdir(exist_ok=True)
-    (trial / "config.yaml").write_text(yaml.safe_dump({f"key{n}": "x" * 40 for n in range(count)}))
-    return write_best_config(SimpleNamespace(number=3, value=0.9), trial, ["lr"], folder / "best_config.yaml")
-
-
-def write_summary(folder: Path, count: int) -> Path:
-    from monkeytrain.tune_report import write_json
-
-    return write_json({f"key{n}": "x" * 40 for n in range(count)}, folder / "summary.json")
-
-
-def draw(folder: Path, count: int) -> Path:
-    from monkeytrain.tune_report import draw_search
-
-    return draw_search(finished_trials(count), {}, "too few trials", folder / "search.png")
-
-
-@pytest.mark.parametrize("write", [write_trials, write_best, write_summary, draw])
-def test_a_study_file_the_disk_has_no_room_for_leaves_the_one_before_whole(full_disk, write):
-    """Each was written in place (trials.csv opened with "w", the others with write_text): a full disk emptied
-    the file before, then left half of the new one, and the error named no file."""
-    path = write(full_disk, 2)
-    before = path.read_bytes()
-    fill_to_the_brim(full_disk)
-    with pytest.raises(DiskFull, match=f"^no space left on the device of {full_disk} to write {path.name}"
-                                       r"( \(.* needed\))?; free some space or pick another --study-dir\.$"):
-        write(full_disk, 200)  # more than the page the old file frees
-    assert path.read_bytes() == before
-    assert not [p for p in full_disk.iterdir() if p.name.startswith(".")]  # no temporary file
-
-
-def test_a_trial_record_the_disk_has_no_room_for_is_one_line_naming_it_and_no_empty_file(full_disk, monkeypatch):
-    from types import SimpleNamespace
-
-    from optuna.trial import TrialState
-
-    monkeypatch.setattr(tune, "train_trial",
-                        lambda trial, argv, objective: tune.TrialEnd(TrialState.COMPLETE, 0.9, "fine"))
-    setup = tune.Setup(full_disk, {}, [], 1, None, "host:1")
-    (full_disk / "trials" / "trial-0007").mkdir(parents=True)
-    fill_to_the_brim(full_disk)
-    with pytest.raises(DiskFull, match=f"of {full_disk / 'trials' / 'trial-0007'} to write trial.json "):
-        tune.run_trial(SimpleNamespace(number=7, params={"lr": 0.1}), setup)
-    assert not (full_disk / "trials" / "trial-0007" / "trial.json").exists()
-
-
-@pytest.mark.parametrize("journal_error", [OSError(errno.ENOSPC, "No space left on device"),
-                                           DiskFull(Path("study") / tune.STORAGE_NAME, 120, False, "--study-dir")])
-def test_a_full_disk_that_refuses_the_journal_too_is_told_as_the_file_it_refused_first(tmp_path, monkeypatch,
-                                                                                        journal_error):
-    """Failing the trial in the study's journal fails as well on that disk: its error (an OSError from the
-    journal's lock, our DiskFull from its append) took the place of the DiskFull line naming the trial's file."""
-    from types import SimpleNamespace
-
-    def trial_fills_the_disk(trial, setup):
-        raise DiskFull(tmp_path / "trial.json", 300, False, "--study-dir")
-
-    def journal_on_a_full_disk(*args, **kwargs):
-        raise journal_error
-
-    study = tune.open_study(tmp_path, optuna.pruners.NopPruner())
-    monkeypatch.setattr(tune, "run_trial", trial_fills_the_disk)
-    monkeypatch.setattr(study, "tell", journal_on_a_full_disk)
-    setup = tune.Setup(tmp_path, {}, [], 1, None, "host:1")
-    with pytest.raises(DiskFull, match="to write trial.json"):
-        tune.run_trials(study, setup, SimpleNamespace(received=None, listen=lambda: None))
-
-
-def test_a_journal_entry_the_disk_has_room_for_half_of_leaves_the_study_readable(full_disk):
-    """Optuna appends to its journal with a buffered write: a full disk kept half a line, the next entry, once
-    there was room, was joined onto it, and the study could no longer be read (all its trials lost)."""
-    study = optuna.create_study(study_name="s", storage=tune.study_storage(full_disk))
-    study.set_user_attr("first", "x" * 2900)  # most of a 4 KiB page: the next entry fits only in part
-    fill_to_the_brim(full_disk)
-    with pytest.raises(DiskFull, match=f"of {full_disk} to write {tune.STORAGE_NAME} "):
-        study.set_user_attr("refused", "y" * 1500)
-    (full_disk / "brim").unlink()
-    study.set_user_attr("after", "z")
-    reread = optuna.load_study(study_name="s", storage=tune.study_storage(full_disk))
-    assert reread.user_attrs == {"first": "x" * 2900, "after": "z"}
-
-
-def test_a_trial_on_a_full_disk_says_what_to_do_in_tunes_own_flags(monkeypatch, tmp_path):
-    """The trial's best.safetensors found no room: "pick another --output-dir", which tune then refuses (it sets
-    the trials' folders itself, under --study-dir)."""
-    from types import SimpleNamespace
-
-    from monkeytrain import train
-
-    def full(argv, on_epoch):
-        raise DiskFull(tmp_path / "trial-0001" / "best.safetensors", 1234, False, "--output-dir")
-
-    monkeypatch.setattr(train, "main", SimpleNamespace(__wrapped__=full))
-    with pytest.raises(DiskFull) as refused:
-        tune.train_trial(SimpleNamespace(number=1, report=None, should_prune=None), [])
-    assert str(refused.value).endswith("free some space or pick another --study-dir.")
-
-
-def test_a_claim_the_disk_has_no_room_for_is_one_line_and_leaves_no_empty_claim(full_disk, tmp_path):
-    """An empty finish.claim names no worker that could be found gone: every later run said " is finishing the
-    study." and ended, leaving the study unfinished."""
-    from monkeytrain.tune import CLAIM_NAME, Setup, finish_is_mine, open_study
-
-    fill_to_the_brim(full_disk)
-    setup = Setup(full_disk, {}, [], 1, None, "host:5")
-    with pytest.raises(DiskFull, match=f"of {full_disk} to write {CLAIM_NAME} "):
-        finish_is_mine(open_study(tmp_path, optuna.pruners.NopPruner()), setup, "trials")
-    assert not (full_disk / CLAIM_NAME).exists()
-
-
 def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_finishes_it(study_inputs, tmp_path,
                                                                                           monkeypatch):
     """The worker that ends the study lets go of it when a file fails: a rerun, here by the same process
@@ -459,37 +287,12 @@ def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_fin
     with pytest.raises(SystemExit) as raised:
         run_here(tune.main, argv, PROJECT)
     assert raised.value.code == 2
-    assert not (study_dir / tune.CLAIM_NAME).exists()
+    assert not (study_dir / CLAIM_NAME).exists()
     monkeypatch.setattr(tune_report, "write_best_config", real_write)
     done = run_here(tune.main, argv, PROJECT)
     assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 trial (1 complete)" in done.stdout and len(read_trials(study_dir)) == 1
     assert (study_dir / "best_run" / "results.json").is_file() and (study_dir / "best_config.yaml").is_file()
-
-
-def test_the_end_of_a_study_is_taken_over_only_from_a_worker_that_is_gone(tmp_path, monkeypatch):
-    """A stopped finish lets go of the claim, for any host's next worker; a claim left behind is taken over
-    from a dead process here, from this SLURM task's earlier life, or with --finish from another host, but
-    never from a live process here."""
-    from monkeytrain.tune import CLAIM_NAME, Setup, finish_is_mine, open_study, stopped_finishing
-
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # no requeue asked by the stop below
-    study, here = open_study(tmp_path, optuna.pruners.NopPruner()), os.uname().nodename
-    setup = Setup(tmp_path, {}, [], 1, None, f"{here}:5:slurm-7")  # this worker: SLURM job 7, on this host
-
-    def claimed_by(owner: str, reason: str) -> bool:
-        (tmp_path / CLAIM_NAME).write_text(owner)
-        return finish_is_mine(study, setup, reason)
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    assert claimed_by(f"{here}:{dead}", "trials") and claimed_by("elsewhere:1:slurm-7", "trials")
-    assert not claimed_by("elsewhere:1", "trials") and claimed_by("elsewhere:1", "finish")
-    live = f"{here}:{os.getpid()}:slurm-7"  # another worker of the same job, on this host
-    assert not claimed_by(live, "trials") and not claimed_by(live, "finish")
-
-    stopped_finishing("signal", "SIGTERM", setup)
-    assert not (tmp_path / CLAIM_NAME).exists()
 
 
 def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
@@ -509,7 +312,7 @@ def test_an_old_flag_name_given_to_a_study_is_warned_about_once(tmp_path, capsys
     space.write_text("{lr: [0.1, 0.2]}")
     ended_with = []  # the flags the study's best run is given, worked out as at the study's end
     monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: ended_with.append(
-        tune.machine_flags(setup.train_flags)) or 0)
+        machine_flags(setup.train_flags)) or 0)
     argv = ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu", "--max-steps-per-epoch", "2"]
     assert tune.main(argv) == 0 and ended_with == [["--cpu"]]
     assert capsys.readouterr().err.count("--max-steps-per-epoch is now called") == 1
@@ -550,7 +353,7 @@ def test_a_study_continues_only_with_the_preset_values_it_began_with(tmp_path, c
 
 @pytest.mark.parametrize("damage", ["a line that is not JSON", "a folder"])
 def test_a_damaged_study_file_is_one_line(tmp_path, capsys, damage):
-    space, journal = tmp_path / "space.yaml", tmp_path / "study" / tune.STORAGE_NAME
+    space, journal = tmp_path / "space.yaml", tmp_path / "study" / STORAGE_NAME
     space.write_text("{lr: [0.1, 0.2]}")
     journal.parent.mkdir()
     journal.mkdir() if damage == "a folder" else journal.write_text('{"op_code": 0, garbage\n')
@@ -611,7 +414,7 @@ def test_a_slurm_array_of_two_workers_runs_one_study_and_finishes_it_once(slurm_
 WORKER_STAND_IN = """#!{python}
 import json, os, signal, sys, time
 from pathlib import Path
-from monkeytrain.tune import stopped
+from monkeytrain.tune_stops import stopped
 
 out = Path(os.environ["STUB_OUTPUT"])
 signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("signal", "SIGUSR1")))
@@ -649,35 +452,3 @@ def test_tune_sbatch_passes_the_warning_to_its_worker_and_requeues_once_it_has_e
     assert "tune.sbatch: scontrol requeue 77: ok" in stderr.splitlines()[-1], stderr
 
 
-def test_trials_left_running_by_a_lost_worker_stop_counting(tmp_path):
-    """SIGKILL leaves a trial running: a later worker on the same host (the dead pid) or the same SLURM
-    task after a requeue to another host fails it; another host's or a live process's trial is left alone,
-    a live one of the same SLURM job too (two workers of one job on one host)."""
-    from optuna.trial import TrialState
-
-    from monkeytrain.tune import STUDY_NAME, counted, fail_abandoned, is_surplus, study_storage
-
-    study = optuna.create_study(study_name=STUDY_NAME, storage=study_storage(tmp_path), direction="maximize")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    owners = [f"vm:{dead}", "elsewhere:1:slurm-7_1", f"vm:{os.getpid()}:slurm-7_1", "elsewhere:1",
-              f"vm:{os.getpid()}"]
-    for owner in owners:
-        study.ask().set_user_attr("worker", owner)
-    fail_abandoned(study, "vm:5:slurm-7_1")  # this SLURM task's next life, on host vm
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING,
-                                                     TrialState.RUNNING, TrialState.RUNNING]
-    assert len(counted(study.get_trials())) == 3  # failed by a lost worker: not counted
-    assert is_surplus(study, study.ask(), wanted=2) and not is_surplus(study, study.get_trials()[2], wanted=1)
-
-
-@pytest.mark.parametrize("received, requested", [("SIGUSR1", True), ("SIGTERM", False), ("SIGINT", False)])
-def test_a_worker_stopped_between_trials_asks_for_a_requeue_only_after_slurms_warning(tmp_path, monkeypatch,
-                                                                                    received, requested):
-    from monkeytrain.tune import stopped
-
-    request = tmp_path / "job.requeue"
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("MONKEYTRAIN_REQUEUE_FILE", str(request))
-    assert stopped("signal", received) == 128 + signal.Signals[received]  # not finished, to a shell
-    assert request.is_file() == requested  # scancel's SIGTERM ends the task for good
