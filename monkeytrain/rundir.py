@@ -1,10 +1,12 @@
-"""The run directory: one per run, named alike on every rank, checked before anything is written."""
+"""The run directory: one per run, named alike on every rank, checked before anything is written; the
+records of what it trains on, written before training."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import itertools
+import json
 import os
 import socket
 import time
@@ -14,9 +16,10 @@ from typing import Iterator
 import yaml
 
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.config import flag_name, recorded_config, warn, with_absolute_paths
-from monkeytrain.distributed import broadcast_from_main
+from monkeytrain.config import config_yaml, flag_name, recorded_config, warn, with_absolute_paths
+from monkeytrain.distributed import broadcast_from_main, failing_alike_on_every_rank
 from monkeytrain.errors import UserError
+from monkeytrain.runrecords import DATA_RECORD
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
@@ -66,6 +69,18 @@ def prepare_run_dir(config, accelerator) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def write_run_records(log, config, manifest: dict) -> None:
+    """config.yaml and data_manifest.json, before training, by the main process (the others' logs write
+    nothing). Should that fail (a full disk, a folder made read-only), every rank ends with its one line:
+    the others would meet the main one's end at their next collective, as a lost connection (gloo, exit
+    status 1) or only at NCCL's timeout."""
+    def write() -> None:
+        log.write_file(CONFIG_NAME, config_yaml(config))
+        log.write_file(DATA_RECORD, json.dumps(manifest, indent=2))
+
+    failing_alike_on_every_rank(write)
 
 
 def finished_run(run_dir: Path, config) -> str:
