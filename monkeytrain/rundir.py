@@ -19,7 +19,7 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import config_yaml, flag_name, recorded_config, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main, failing_alike_on_every_rank
 from monkeytrain.errors import UserError
-from monkeytrain.runrecords import DATA_RECORD
+from monkeytrain.runrecords import DATA_RECORD, own_test_folder, trained_every_epoch
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
@@ -94,12 +94,30 @@ def finished_run(run_dir: Path, config) -> str:
 
 def holds_a_checkpoint(run_dir: Path) -> str:
     """Why a new run is not begun in a stopped run's folder; --resume auto is offered only where it would
-    continue the run, from a saved state (without one it starts over, replacing the checkpoint)."""
+    continue the run, from a saved state (without one it starts over, replacing the checkpoint). A run whose
+    training ended is scored from its best checkpoint first: its newest state is most often from before the
+    end (none is saved for it), so a resume trains its last epochs again."""
+    if trained_every_epoch(run_dir):
+        resume = ", or train its last epochs again from its newest saved state with --resume auto" \
+            if state_dirs(run_dir) else ""
+        return (f"{run_dir} holds a run whose training ended but that was never scored (no results.json); "
+                f"{score_its_checkpoint(run_dir)}{resume}; or pick another --run-name.")
     if state_dirs(run_dir):
         return (f"{run_dir} holds a stopped run (a checkpoint and a saved state); pick another --run-name, move "
                 "it away, or continue it with --resume auto.")
     return (f"{run_dir} already holds a checkpoint, and no saved state to continue the run from; pick another "
             "--run-name, or move it away.")
+
+
+def score_its_checkpoint(run_dir: Path) -> str:
+    """How to score the best checkpoint of a run whose training ended: on its test split's own folder, or on
+    images it did not train on, where its test split was held out of the training folder."""
+    command = f"monkeytrain evaluate --checkpoint {run_dir / BEST_NAME}"
+    folder = own_test_folder(run_dir)
+    if folder is not None:
+        return f"score its best checkpoint on its test split with `{command} {folder}`"
+    listed = f" (its {DATA_RECORD} lists its test split's files)" if (run_dir / DATA_RECORD).is_file() else ""
+    return f"score its best checkpoint with `{command} FOLDER` on images it did not train on{listed}"
 
 
 def new_run_name(output_dir: Path) -> str:
