@@ -1,10 +1,12 @@
-"""The run directory: one per run, named alike on every rank, checked before anything is written."""
+"""The run directory: one per run, named alike on every rank, checked before anything is written; the
+records of what it trains on, written before training."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import itertools
+import json
 import os
 import socket
 import time
@@ -14,9 +16,10 @@ from typing import Iterator
 import yaml
 
 from monkeytrain.checkpoint import BEST_NAME
-from monkeytrain.config import flag_name, recorded_config, warn, with_absolute_paths
-from monkeytrain.distributed import broadcast_from_main
+from monkeytrain.config import config_yaml, flag_name, recorded_config, warn, with_absolute_paths
+from monkeytrain.distributed import broadcast_from_main, failing_alike_on_every_rank
 from monkeytrain.errors import UserError
+from monkeytrain.runrecords import DATA_RECORD, own_test_folder, trained_every_epoch
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
 from monkeytrain.storage import check_writable_dir
@@ -68,6 +71,18 @@ def prepare_run_dir(config, accelerator) -> Path:
     return run_dir
 
 
+def write_run_records(log, config, manifest: dict) -> None:
+    """config.yaml and data_manifest.json, before training, by the main process (the others' logs write
+    nothing). Should that fail (a full disk, a folder made read-only), every rank ends with its one line:
+    the others would meet the main one's end at their next collective, as a lost connection (gloo, exit
+    status 1) or only at NCCL's timeout."""
+    def write() -> None:
+        log.write_file(CONFIG_NAME, config_yaml(config))
+        log.write_file(DATA_RECORD, json.dumps(manifest, indent=2))
+
+    failing_alike_on_every_rank(write)
+
+
 def finished_run(run_dir: Path, config) -> str:
     """Why a finished run is not reopened, and what to do instead: a state given by its path names that run
     itself, so "another --run-name" would only be refused next as a state of another run."""
@@ -79,12 +94,30 @@ def finished_run(run_dir: Path, config) -> str:
 
 def holds_a_checkpoint(run_dir: Path) -> str:
     """Why a new run is not begun in a stopped run's folder; --resume auto is offered only where it would
-    continue the run, from a saved state (without one it starts over, replacing the checkpoint)."""
+    continue the run, from a saved state (without one it starts over, replacing the checkpoint). A run whose
+    training ended is scored from its best checkpoint first: its newest state is most often from before the
+    end (none is saved for it), so a resume trains its last epochs again."""
+    if trained_every_epoch(run_dir):
+        resume = ", or train its last epochs again from its newest saved state with --resume auto" \
+            if state_dirs(run_dir) else ""
+        return (f"{run_dir} holds a run whose training ended but that was never scored (no results.json); "
+                f"{score_its_checkpoint(run_dir)}{resume}; or pick another --run-name.")
     if state_dirs(run_dir):
         return (f"{run_dir} holds a stopped run (a checkpoint and a saved state); pick another --run-name, move "
                 "it away, or continue it with --resume auto.")
     return (f"{run_dir} already holds a checkpoint, and no saved state to continue the run from; pick another "
             "--run-name, or move it away.")
+
+
+def score_its_checkpoint(run_dir: Path) -> str:
+    """How to score the best checkpoint of a run whose training ended: on its test split's own folder, or on
+    images it did not train on, where its test split was held out of the training folder."""
+    command = f"monkeytrain evaluate --checkpoint {run_dir / BEST_NAME}"
+    folder = own_test_folder(run_dir)
+    if folder is not None:
+        return f"score its best checkpoint on its test split with `{command} {folder}`"
+    listed = f" (its {DATA_RECORD} lists its test split's files)" if (run_dir / DATA_RECORD).is_file() else ""
+    return f"score its best checkpoint with `{command} FOLDER` on images it did not train on{listed}"
 
 
 def new_run_name(output_dir: Path) -> str:

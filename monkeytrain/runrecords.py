@@ -7,7 +7,8 @@ resume whose data folder gained or lost an image since is refused
 normalisation. `metrics.jsonl`: a resume from a state older than the newest
 epochs logged trains and logs those epochs again, so their lines go first
 (`forget_epochs_from`). The trainer calls these around `StateStore`, which only
-saves and loads states.
+saves and loads states. Both records also tell what a run left unfinished holds
+(`trained_every_epoch`, `own_test_folder`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,34 @@ def forget_epochs_from(run_dir: Path, epoch: int) -> None:
     kept = [line for line in lines if logged_epoch(line) < epoch]
     if kept != lines:
         write_atomically(metrics, "".join(kept).encode())
+
+
+def trained_every_epoch(run_dir: Path) -> bool:
+    """Whether RUN/metrics.jsonl ends with the run's last epoch, validated to a finite loss: training ended (a
+    run that then failed, while its test split was scored or results.json written, has its best checkpoint)."""
+    try:
+        lines = (run_dir / METRICS_NAME).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    whole = [line for line in lines if logged_epoch(line) < math.inf]
+    if not whole:
+        return False
+    last = json.loads(whole[-1])
+    return (isinstance(last.get("epochs"), int) and last["epoch"] >= last["epochs"]
+            and "val_loss" not in (last.get("not_finite") or {}))  # a diverged last epoch ended the run unscored
+
+
+def own_test_folder(run_dir: Path) -> Optional[Path]:
+    """The test split's own folder from RUN/data_manifest.json (Kaggle's validation/validation, --test-dir), as
+    results.own_test_folder finds it from the data; None where the test split was held out of the training folder
+    (other images of which the model trained on), or the record names none."""
+    try:
+        record = json.loads((run_dir / DATA_RECORD).read_text())
+        files, root = record["files"]["test"], record["root"]
+        folder = Path(os.path.commonpath(files))
+    except (OSError, ValueError, KeyError, TypeError):  # no record, a damaged one, no test split
+        return None
+    return None if not root or folder.is_relative_to(root) else folder
 
 
 def logged_epoch(line: str) -> float:

@@ -19,12 +19,11 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _package_dir]
     sys.path.insert(0, str(_package_dir.parent))
 
-import json
 from typing import Callable
 
 from accelerate.utils import set_seed
 
-from monkeytrain.config import TrainConfig, config_yaml, parse_config, recorded_config
+from monkeytrain.config import TrainConfig, parse_config, recorded_config
 from monkeytrain.data.dataset import usable_cache_dir
 from monkeytrain.data.loaders import end_live_workers
 from monkeytrain.data.prepare import prepare_data
@@ -33,7 +32,7 @@ from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit, rerun_continues, stopped_exit_status
 from monkeytrain.results import checkpoint_named_on_a_full_disk, json_with_matrix_rows, score
-from monkeytrain.rundir import CONFIG_NAME, RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir
+from monkeytrain.rundir import RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir, write_run_records
 from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -80,8 +79,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
     with run.phases.timing("model"):
         trainer = Trainer(run, data, stop, on_epoch)
     # Once the model is built: a flag it refuses (--model, --batch-size, --tta-shift, ...) leaves no run folder
-    log.write_file(CONFIG_NAME, config_yaml(config))
-    log.write_file("data_manifest.json", json.dumps(data.splits.manifest(), indent=2))
+    write_run_records(log, config, data.splits.manifest())  # config.yaml, data_manifest.json: every rank ends alike
     log.start_tracking()  # and no W&B run either
     if trainer.fit():  # a stop signal ended it, its state saved if it trained
         log.close()  # before a requeue, which ends this job at once

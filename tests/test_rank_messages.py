@@ -7,6 +7,7 @@ The store that torchrun's agent keeps for a launch (and `accelerate launch`, whi
 
 from __future__ import annotations
 
+import errno
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -145,3 +146,34 @@ def test_a_bug_of_the_main_rank_leaves_no_gloo_traceback_under_its_own(tmp_path,
     assert ended == [1, 1], logs
     assert "Traceback" in logs[0] and logs[0].strip().endswith("RuntimeError: a bug in writing best.safetensors")
     assert "Traceback" not in logs[1] and "gloo" not in logs[1], logs[1]
+
+
+def train_rank_in_a_read_only_folder(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
+    """forked.train_rank, the run folder refusing the main process's config.yaml (made read-only once checked:
+    a scratch folder remounted; chmod would not stop the root user that tests may run as)."""
+    if rank == 0:
+        from monkeytrain import storage
+
+        real_write_file = storage._write_file
+
+        def write_file(path: Path, *args) -> None:
+            if path.name.startswith(".config.yaml.tmp"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            real_write_file(path, *args)
+
+        storage._write_file = write_file
+    train_rank(folder, flags, environment, rank)
+
+
+def test_a_record_the_main_rank_cannot_write_before_training_ends_both_ranks_alike(tmp_path, agent_store):
+    """The main process alone writes config.yaml and data_manifest.json: the other rank ended at its next collective,
+    on the lost connection (exit status 1), rather than with the main process's line (status 2)."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)], train_rank_in_a_read_only_folder)
+    assert ended == [2, 2], logs
+    assert logs[0].strip().splitlines()[-1] == (
+        f"monkeytrain: error: cannot write config.yaml in runs/ranks ({os.strerror(errno.EROFS)}); make that folder "
+        "writable or pick another --output-dir.")
+    assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one

@@ -215,3 +215,32 @@ def test_a_run_begun_on_a_relative_data_path_resumes_with_it(tmp_path):
     run = run_begun_with(tmp_path, config_yaml(parse_config(["--cpu", "--data", "data"])))
     assert yaml.safe_load((run / CONFIG_NAME).read_text())["data"] == str(tmp_path / "data")
     check_resumed_config(run, parse_config([*RESUME, "--data", "data"]))
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["with a saved state", "without"])
+def test_reusing_the_name_of_a_run_that_ended_after_training_offers_to_score_its_checkpoint(tmp_path, cpu_accelerator,
+                                                                                             with_state):
+    """Its test split was never scored (a full disk, a kill): --resume auto was offered, which trains again from
+    the newest state (none is saved at the end), where scoring best.safetensors is what was left to do."""
+    import json
+
+    from monkeytrain.runrecords import DATA_RECORD
+    from monkeytrain.tracking import METRICS_NAME
+
+    run = stopped_run(tmp_path, "trained", with_state=with_state)
+    (run / METRICS_NAME).write_text("".join(json.dumps({"epoch": epoch, "epochs": 2, "val_loss": 0.4}) + "\n"
+                                            for epoch in (1, 2)))
+    (run / DATA_RECORD).write_text(json.dumps({"root": "data/training/training", "files": {
+        "test": ["data/validation/validation/n0/a.png", "data/validation/validation/n1/b.png"]}}))
+    with pytest.raises(UserError) as refused:
+        prepare_run_dir(parse_config(["--cpu", "--run-name", "trained"]), cpu_accelerator)
+    shown = Path("runs", "trained")
+    again = ", or train its last epochs again from its newest saved state with --resume auto" if with_state else ""
+    assert str(refused.value) == (
+        f"{shown} holds a run whose training ended but that was never scored (no results.json); score its best "
+        f"checkpoint on its test split with `monkeytrain evaluate --checkpoint {shown / BEST_NAME} "
+        f"data/validation/validation`{again}; or pick another --run-name.")
+    (run / DATA_RECORD).unlink()  # its test split held out of the training folder says as much; here, no record
+    with pytest.raises(UserError, match=f"score its best checkpoint with `monkeytrain evaluate --checkpoint "
+                                        f"{shown / BEST_NAME} FOLDER` on images it did not train on{again};"):
+        prepare_run_dir(parse_config(["--cpu", "--run-name", "trained"]), cpu_accelerator)
