@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from monkeytrain.distributed import failing_alike_on_every_rank
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import write_atomically
 from monkeytrain.tracking import METRICS_NAME
@@ -95,6 +96,12 @@ def forget_epochs_from(run_dir: Path, epoch: int) -> None:
     kept = [line for line in lines if logged_epoch(line) < epoch]
     if kept != lines:
         write_atomically(metrics, "".join(kept).encode())
+
+
+def forget_epochs_alike(run_dir: Path, epoch: int, is_main_process: bool) -> None:
+    """forget_epochs_from by the main process, called on every rank: should its rewrite fail (a disk that filled
+    up since config.yaml was written), every rank ends with its line, not the others at their next collective."""
+    failing_alike_on_every_rank(lambda: forget_epochs_from(run_dir, epoch) if is_main_process else None)
 
 
 def trained_every_epoch(run_dir: Path) -> bool:

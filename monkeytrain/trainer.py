@@ -38,7 +38,7 @@ from monkeytrain.optim import build_optimizer, build_scheduler, hold_lr_in_tenso
 from monkeytrain.pace import PhaseTimes, RemainingTime, report_time_left
 from monkeytrain.preemption import (REQUEUE_REQUEST, Preemption, nothing_trained_since, resubmit, resume_flags,
                                     stop_check_interval)
-from monkeytrain.runrecords import check_same_data, forget_epochs_from, kept_with_a_state
+from monkeytrain.runrecords import check_same_data, forget_epochs_alike, kept_with_a_state
 from monkeytrain.selection import BestEpoch
 from monkeytrain.statestore import StateStore, agree_on_state, resolve_resume, state_dirs
 from monkeytrain.storage import FREE_SPACE, folder_size, free_bytes, human_size, with_way_out
@@ -197,8 +197,8 @@ class Trainer:
             return None
         check_same_data(found, self.run.run_dir, self.accelerator.is_main_process)  # before anything is loaded
         self.store.load(found, restore=self.restore)
-        if self.accelerator.is_main_process:  # the epochs from here on are logged again
-            forget_epochs_from(self.run.run_dir, self.progress.epoch)
+        # The epochs from here on are logged again
+        forget_epochs_alike(self.run.run_dir, self.progress.epoch, self.accelerator.is_main_process)
         hold_lr_in_tensors(self.learner.optimizer, self.accelerator.device)  # loaded ones come back on the CPU
         self.run.log.info(f"resumed from {found}: epoch {self.progress.epoch}, batch {self.progress.batch}")
         return found

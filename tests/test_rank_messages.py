@@ -28,7 +28,11 @@ GLOO_LOST = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connect
 
 @pytest.fixture
 def agent_store() -> dist.TCPStore:
-    """The launcher's store, as torchrun's agent serves it."""
+    return launchers_store()
+
+
+def launchers_store() -> dist.TCPStore:
+    """The launcher's store, as torchrun's agent serves it: one a launch (the ranks meet in it)."""
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
 
 
@@ -177,3 +181,39 @@ def test_a_record_the_main_rank_cannot_write_before_training_ends_both_ranks_ali
         f"monkeytrain: error: cannot write config.yaml in runs/ranks ({os.strerror(errno.EROFS)}); make that folder "
         "writable or pick another --output-dir.")
     assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one
+
+
+def train_rank_trimming_metrics_on_a_full_disk(folder: Path, flags: list[str], environment: dict[str, str],
+                                               rank: int) -> None:
+    """forked.train_rank, the main process finding the disk full as a resume rewrites metrics.jsonl without the
+    epochs it trains again."""
+    if rank == 0:
+        from monkeytrain import storage
+
+        real_write_file = storage._write_file
+
+        def write_file(path: Path, *args) -> None:
+            if path.name.startswith(".metrics.jsonl.tmp"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            real_write_file(path, *args)
+
+        storage._write_file = write_file
+    train_rank(folder, flags, environment, rank)
+
+
+def test_metrics_the_main_rank_cannot_trim_on_resuming_end_both_ranks_alike(tmp_path, agent_store):
+    """A resume from a state older than the newest epochs logged rewrites metrics.jsonl without them (the main
+    process alone): the other rank ended at its next collective, on the lost connection (exit status 1)."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    flags = ["--data", str(data), "--epochs", "2", "--save-every", "1"]
+    assert two_ranks(tmp_path, agent_store, flags)[0] == [0, 0]
+    run = tmp_path / "runs" / "ranks"
+    (run / "results.json").unlink()  # as if killed after its last epoch's line: its newest state is older
+    ended, logs = two_ranks(tmp_path, launchers_store(), [*flags, "--resume", "auto"],  # a new launch's
+                            train_rank_trimming_metrics_on_a_full_disk)
+    assert ended == [2, 2], logs
+    assert logs[0].strip().splitlines()[-1].startswith(
+        "monkeytrain: error: no space left on the device of runs/ranks to write metrics.jsonl ("), logs[0]
+    assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]
