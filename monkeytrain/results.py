@@ -5,7 +5,6 @@ and its JSON, a confusion matrix one row a line (results.json and `monkeytrain e
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +20,7 @@ from monkeytrain.distributed import shard_indices
 from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
+from monkeytrain.runrecords import folder_apart_from
 from monkeytrain.selection import BestEpoch
 from monkeytrain.storage import DiskFull, is_disk_full, with_way_out
 
@@ -73,10 +73,7 @@ def own_test_folder(splits: DatasetSplits) -> Path | None:
     """The test split's own folder (Kaggle's validation/validation, --test-dir), which `monkeytrain evaluate`
     scores as the run did; None for a test split held out of the training folder, whose other images the
     model trained on. Its images lie in class subfolders of it, so it is the folder they have in common."""
-    if not splits.test:
-        return None
-    folder = Path(os.path.commonpath([image.path for image in splits.test]))
-    return None if folder.is_relative_to(splits.root) else folder
+    return folder_apart_from([image.path for image in splits.test], splits.root) if splits.test else None
 
 
 def scored_line(results: dict) -> str:

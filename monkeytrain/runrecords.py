@@ -125,11 +125,16 @@ def own_test_folder(run_dir: Path) -> Optional[Path]:
     (other images of which the model trained on), or the record names none."""
     try:
         record = json.loads((run_dir / DATA_RECORD).read_text())
-        files, root = record["files"]["test"], record["root"]
-        folder = Path(os.path.commonpath(files))
+        return folder_apart_from(record["files"]["test"], record["root"]) if record["root"] else None
     except (OSError, ValueError, KeyError, TypeError):  # no record, a damaged one, no test split
         return None
-    return None if not root or folder.is_relative_to(root) else folder
+
+
+def folder_apart_from(files: list, root: Path | str) -> Optional[Path]:
+    """The folder the files have in common (their class subfolders' parent), or None where it lies inside
+    `root`, the training folder: the test split is then held out of it."""
+    folder = Path(os.path.commonpath(files))
+    return None if folder.is_relative_to(root) else folder
 
 
 def logged_epoch(line: str) -> float:
