@@ -284,6 +284,12 @@ def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_let
     assert [path.name for path in candidate_files(tmp_path)] == ["Icon", "photo.jpg"]  # plain Icon: a user's file
 
 
+def test_candidate_files_skip_the_zone_identifier_marks_windows_leaves_beside_downloads_copied_into_wsl(tmp_path):
+    for name in ("photo.jpg", "photo.jpg:Zone.Identifier", "scan.png:zone.identifier", "shot.jpg\uf03aZone.Identifier"):
+        (tmp_path / name).write_text("[ZoneTransfer]\r\nZoneId=3\r\n")
+    assert [path.name for path in candidate_files(tmp_path)] == ["photo.jpg"]
+
+
 def test_candidate_files_skip_the_thumbnails_a_synology_nas_keeps_beside_the_images(tmp_path):
     (tmp_path / "@eaDir" / "photo.jpg").mkdir(parents=True)
     for relative in ("photo.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_XL.jpg", "@eaDir/photo.jpg/SYNOPHOTO_THUMB_S.jpg"):

@@ -48,6 +48,10 @@ HEIF_BRANDS = {**dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"h
 # custom-icon file "Icon\r" of a Mac folder. Passed over like dot files, as torchvision's ImageFolder passes
 # over them by their extensions, never reported as bad images (nor fatal under --strict-data).
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
+# The ends of the names of Windows' "downloaded from the internet" marks, kept in an NTFS stream beside each file
+# (photo.jpg:Zone.Identifier): copied into WSL's own file system, or off a drive that WSL shows with its ":" as
+# U+F03A, each becomes a file of its own, one beside every downloaded image. Passed over as SYSTEM_FILES are.
+ZONE_IDENTIFIER_ENDS = (":zone.identifier", "\uf03azone.identifier")
 SCAN_THREADS = min(8, (os.cpu_count() or 1) * 2)  # more than the cores: a thread waits on the disk too
 
 
@@ -223,8 +227,10 @@ def candidate_files(folder: Path) -> list[Path]:
 
 
 def is_hidden_file(name: str) -> bool:
-    """A dot file (a Mac's ._ AppleDouble files and .DS_Store too) or one of the SYSTEM_FILES, in any case."""
-    return name.startswith(".") or name.casefold() in SYSTEM_FILES
+    """A dot file (a Mac's ._ AppleDouble files and .DS_Store too), one of the SYSTEM_FILES or a Windows
+    Zone.Identifier mark (ZONE_IDENTIFIER_ENDS), in any case."""
+    folded = name.casefold()
+    return name.startswith(".") or folded in SYSTEM_FILES or folded.endswith(ZONE_IDENTIFIER_ENDS)
 
 
 def is_within(path: str, folder: str) -> bool:
