@@ -195,7 +195,8 @@ def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_im
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 
-@pytest.mark.parametrize("extra", ["@eaDir", "System Volume Information", "$RECYCLE.BIN", "__macosx"])
+@pytest.mark.parametrize("extra", ["@eaDir", "System Volume Information", "$RECYCLE.BIN", "__macosx", "lost+found",
+                                   "#recycle", "@Recycle"])
 def test_folders_a_nas_or_windows_makes_beside_the_classes_are_not_classes(tmp_path, make_image_folder, extra):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
     (root / extra / "n0_000.png").mkdir(parents=True)  # a Synology NAS: a folder of thumbnails per image

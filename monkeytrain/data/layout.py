@@ -39,8 +39,11 @@ SPLIT_NAMES = {name for names in ROLE_NAMES.values() for name in names}
 # Folders that tools make beside a user's own, in any letter case: the __MACOSX folder of metadata a zip made
 # on a Mac unpacks beside its contents; the @eaDir a Synology NAS puts in every folder of images, holding
 # JPEG thumbnails of them (taken for images, they would train on and test with copies of the same pictures);
-# and what Windows puts at the top of every drive, a USB stick's too.
-SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}
+# what Windows puts at the top of every drive, a USB stick's too; the lost+found of a Linux file system's top
+# folder (a data set on a disk of its own); and the recycle bins a Synology (#recycle) or QNAP (@Recycle) NAS
+# keeps at the top of a shared folder, holding deleted files in the folders they were deleted from.
+SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", "#recycle",
+                  "@recycle"}
 
 
 @dataclass(frozen=True)
