@@ -157,6 +157,17 @@ def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, mak
         layout.folders_from_root(root)
 
 
+@pytest.mark.parametrize("split", ["test", "Val"])
+def test_class_folders_beside_a_split_folder_are_told_to_move_into_a_training_folder(tmp_path, make_image_folder,
+                                                                                    split):
+    """cat/, dog/ and test/ (a test set of one's own, put beside the classes): one sentence that says what to do."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    make_image_folder(root / split, layout="image-folder", classes=2, per_class=1)
+    with pytest.raises(UserError, match=f"has class folders of images \\('n0', 'n1'\\) beside the split folder\\(s\\) "
+                                        f"{split}/ but no training folder; move the class folders into a train/"):
+        layout.folders_from_root(root)
+
+
 @pytest.mark.parametrize("renamed", [{"train": "Train", "val": "VAL"}, {"train": "TRAIN", "test": "Test"}])
 def test_split_folders_are_found_in_any_letter_case(tmp_path, make_image_folder, renamed):
     """Train/ and Test/ were trained as two classes, Train and Test."""

@@ -117,7 +117,7 @@ def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]
             f"validation or test folder; give --data {train} to hold the validation and test splits out of it "
             "(--val-fraction, --test-fraction), or add a val/ or test/ folder beside it.")
     if train is None:
-        raise no_layout_error(root, list(splits.values()))
+        raise no_training_folder_error(root, list(splits.values()))
     if val and test:
         return SplitFolders(train, val, test, labels, "train-val-test")
     if test:
@@ -133,6 +133,17 @@ def unnested(split: Path) -> Path:
     zips unpack so (training/training/<class>/), for every split they hold."""
     inside = class_folders(split)
     return split / inside[0] if len(inside) == 1 and inside[0].lower() == split.name.lower() else split
+
+
+def no_training_folder_error(root: Path, splits: list[Path]) -> UserError:
+    """Split folders without a training one. Class folders of images beside them are the training images: a test/
+    folder of classes put into a folder of classes, as a user with a test set of their own does."""
+    classes = [name for name in class_folders(root) if name.lower() not in SPLIT_NAMES and holds_images(root / name)]
+    if not classes:
+        return no_layout_error(root, splits)
+    return UserError(f"{root} has class folders of images ({quoted(classes)}) beside the split folder(s) "
+                     f"{listed(splits)} but no training folder; move the class folders into a train/ folder beside "
+                     f"{listed(splits)}, so that each split is a folder of the same class folders.")
 
 
 def no_layout_error(root: Path, splits: list[Path]) -> UserError:
