@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import PIL.ImageFile
 import pytest
 from PIL import Image
 
@@ -487,6 +488,24 @@ def test_a_large_jpeg_decodes_at_reduced_scale_when_a_small_side_is_wanted(tmp_p
     # draft mode: a power-of-two scale that keeps both sides at least twice the wanted side
     assert reduced.size == (256, 192) and min(reduced.size) >= 2 * 64
     assert load_rgb(path, min_side=400).size == (1024, 768)  # no smaller scale would keep 800 px
+
+
+def test_the_scan_checks_a_large_jpeg_at_reduced_scale_and_keeps_its_stored_size(tmp_path, monkeypatch):
+    """A folder of phone photos: each decoded whole at 24 megapixels took three times as long, and 72 MiB a thread."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encoded(noise_image((60, 40)).resize((1200, 800)), "JPEG"))
+    decoded_sizes, load = [], PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda image: decoded_sizes.append(image.size) or load(image))
+    (image,), _ = scan_labelled_files([(path, 0)])
+    assert decoded_sizes == [(150, 100)]  # 1/8 scale
+    assert image.pixels == 1200 * 800 and image.elongation == 1.5
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_truncated_large_jpeg_is_still_found_damaged_at_reduced_scale(progressive):
+    whole = encoded(noise_image((60, 40)).resize((1200, 800)), "JPEG", progressive=progressive)
+    assert check_image_bytes(whole) is None
+    assert "truncated" in check_image_bytes(whole[: len(whole) * 2 // 3])
 
 
 def test_reduced_scale_decoding_gives_nearly_the_same_stored_view(tmp_path):
