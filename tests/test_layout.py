@@ -168,6 +168,27 @@ def test_class_folders_beside_a_split_folder_are_told_to_move_into_a_training_fo
         layout.folders_from_root(root)
 
 
+def test_split_folders_inside_every_class_folder_are_refused_rather_than_pooled(tmp_path, make_image_folder):
+    """cat/train/, cat/test/, dog/train/, dog/test/: read as two classes, the test images went into the pool that
+    training and a random test split are drawn from."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=4)
+    for name in ("n0", "n1"):
+        images = sorted((root / name).iterdir())
+        for split, part in (("train", images[:3]), ("Test", images[3:])):
+            (root / name / split).mkdir()
+            for image in part:
+                image.rename(root / name / split / image.name)
+    with pytest.raises(UserError, match="the class folders of .* hold split folders \\(Test/, train/ in n0/\\); "
+                                        "make the splits the outer folders \\(Test/n0/ and train/n0/, each split"):
+        layout.folders_from_root(root)
+
+
+def test_a_split_folder_inside_some_class_folders_only_is_a_subfolder_of_images(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=2)
+    make_image_folder(root / "n0" / "test", layout="image-folder", classes=1, per_class=1)
+    assert layout.folders_from_root(root).layout == "image-folder"
+
+
 @pytest.mark.parametrize("renamed", [{"train": "Train", "val": "VAL"}, {"train": "TRAIN", "test": "Test"}])
 def test_split_folders_are_found_in_any_letter_case(tmp_path, make_image_folder, renamed):
     """Train/ and Test/ were trained as two classes, Train and Test."""

@@ -75,6 +75,7 @@ def folders_from_root(root: Path) -> SplitFolders:
     if splits:
         return layout_of_splits(root, splits, labels)
     if class_folders(root):
+        check_no_splits_inside_classes(root)
         return SplitFolders(root, None, None, labels, "image-folder")
     if holds_images(root):  # a class folder given as the root, or images not yet sorted into classes
         raise UserError(f"{root} holds images but no class subfolders; put each class's images in a subfolder "
@@ -104,6 +105,21 @@ def split_folders(root: Path) -> dict[str, Path]:
         if found:
             by_role[role] = found[0]
     return by_role
+
+
+def check_no_splits_inside_classes(root: Path) -> None:
+    """Refuse class folders that each hold split folders (cat/train/, cat/test/): read as one folder of classes,
+    the user's own test images would be pooled with the rest and a test split drawn at random from them all."""
+    classes = class_folders(root)
+    inside = [[name for name in class_folders(root / c) if name.lower() in SPLIT_NAMES] for c in classes]
+    if len(classes) > 1 and all(inside):
+        first = root / classes[0]
+        outer = " and ".join(f"{split}/{first.name}/" for split in inside[0])
+        raise UserError(
+            f"the class folders of {root} hold split folders ({listed([first / name for name in inside[0]])} in "
+            f"{first.name}/); make the splits the outer folders ({outer}, "
+            "each split folder holding every class folder), or move each class's images out of its split folders "
+            "to pool them.")
 
 
 def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]) -> SplitFolders:
