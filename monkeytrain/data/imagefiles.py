@@ -234,9 +234,29 @@ def candidate_files(folder: Path) -> list[Path]:
 
 def is_hidden_file(name: str) -> bool:
     """A dot file (a Mac's ._ AppleDouble files and .DS_Store too), one of the SYSTEM_FILES or a Windows
-    Zone.Identifier mark (ZONE_IDENTIFIER_ENDS), in any case."""
+    Zone.Identifier mark (ZONE_IDENTIFIER_ENDS), in any case; not an iCloud placeholder (icloud_original)."""
     folded = name.casefold()
-    return name.startswith(".") or folded in SYSTEM_FILES or folded.endswith(ZONE_IDENTIFIER_ENDS)
+    hidden = name.startswith(".") and not icloud_original(name)
+    return hidden or folded in SYSTEM_FILES or folded.endswith(ZONE_IDENTIFIER_ENDS)
+
+
+def icloud_original(name: str) -> Optional[str]:
+    """The name of the file that `name` stands in for, where it is an iCloud Drive placeholder: a Mac that
+    optimises its storage (Desktop and Documents are in iCloud by default) replaces a file it has not kept
+    with a hidden .photo.jpg.icloud. Passed over as a dot file, a class would train on what is left of it."""
+    if not (name.startswith(".") and name.endswith(".icloud") and len(name) > len("..icloud")):
+        return None
+    original = name[1:-len(".icloud")]
+    return None if is_hidden_file(original) else original  # a placeholder of a .DS_Store is passed over as it
+
+
+def placeholder_problem(path: Path) -> Optional[str]:
+    """Why `path` holds no image, where its name says it is a placeholder (icloud_original), else None."""
+    original = icloud_original(path.name)
+    if original is None:
+        return None
+    return (f"an iCloud Drive placeholder of {original}, which this Mac has not downloaded; download the folder "
+            "(Finder: Download Now), or turn off Optimise Mac Storage")
 
 
 def is_within(path: str, folder: str) -> bool:
@@ -246,6 +266,8 @@ def is_within(path: str, folder: str) -> bool:
 
 def inspect(path: Path, label: int) -> ImageFile | SkippedFile:
     quiet_pillow_size_warning()
+    if placeholder := placeholder_problem(path):
+        return SkippedFile(path, placeholder)
     try:
         data = path.read_bytes()
     except OSError as error:  # no permission, a vanished file, an I/O error of the disk
@@ -269,6 +291,8 @@ def glance(path: Path, label: int) -> ImageFile | SkippedFile:
     """As `inspect`, from the file's header alone: no decode and no digest (an empty one), so a damaged image
     passes; for a caller that decodes each image once anyway and reports a damaged one then."""
     quiet_pillow_size_warning()
+    if placeholder := placeholder_problem(path):
+        return SkippedFile(path, placeholder)
     try:
         with open(path, "rb") as handle:
             head = handle.read(HEAD_BYTES)
