@@ -236,6 +236,29 @@ def test_folders_a_nas_or_windows_makes_beside_the_classes_are_not_classes(tmp_p
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 
+def test_the_runs_of_monkeytrain_beside_the_classes_are_not_a_class(tmp_path, make_image_folder):
+    """`monkeytrain train --data .` in a folder of classes: runs/ (the default --output-dir) beside them holds the
+    run's own folder before the data is read, and later runs' plots, which are images."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "runs" / "20261203-174800").mkdir(parents=True)
+    (root / "runs" / "20261203-174800" / ".in-use").write_text("1234\n")  # training now: the data is read
+    (root / "runs" / "20261202-090000").mkdir()
+    shutil.copy(root / "n0" / "n0_000.png", root / "runs" / "20261202-090000" / "curves.png")
+    (root / "runs" / "20261202-090000" / "best.safetensors").write_bytes(b"")
+    (root / "tune" / "study").mkdir(parents=True)
+    (root / "tune" / "study" / "study.journal").write_text("")
+    assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
+
+
+def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
+    from monkeytrain.checkpoint import BEST_NAME
+    from monkeytrain.rundir import LOCK_NAME
+    from monkeytrain.runrecords import DATA_RECORD
+    from monkeytrain.tune import STORAGE_NAME
+
+    assert {LOCK_NAME, BEST_NAME, STORAGE_NAME, DATA_RECORD} == set(layout.RUN_FILES)
+
+
 def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=1, per_class=2)
     with pytest.raises(UserError, match=r"one class subfolder \(n0\); a classifier needs at least two"):

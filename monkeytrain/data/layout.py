@@ -22,6 +22,7 @@ split is left unused.
 from __future__ import annotations
 
 import csv
+import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,11 @@ SPLIT_NAMES = {name for names in ROLE_NAMES.values() for name in names}
 # keeps at the top of a shared folder, holding deleted files in the folders they were deleted from.
 SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", "#recycle",
                   "@recycle"}
+
+# Files that only monkeytrain's own folders hold: a run's while it trains (rundir.LOCK_NAME) and after (its
+# manifest, runrecords.DATA_RECORD, and its checkpoint), and a tune study's journal (tune.STORAGE_NAME). A folder
+# with them in a subfolder holds runs, not a class (holds_runs).
+RUN_FILES = (".in-use", "data_manifest.json", "best.safetensors", "study.journal")
 
 
 @dataclass(frozen=True)
@@ -209,8 +215,22 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 
 
 def class_folders(split: Path) -> list[str]:
-    """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder)."""
-    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name))
+    """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder) and monkeytrain's
+    own (holds_runs)."""
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name)
+                  and not holds_runs(p))
+
+
+def holds_runs(folder: Path) -> bool:
+    """Whether `folder` holds monkeytrain's runs (RUN_FILES in a subfolder): `--data .` in a folder of classes
+    puts runs/ (the default --output-dir) beside them, the run's own folder made before the data is read. As a
+    class, it stopped that run as one with no images, and a later one trained on its plots (PNG images)."""
+    try:
+        with os.scandir(folder) as entries:  # the type of each entry comes with the listing: no stat per image
+            subfolders = [entry.path for entry in entries if entry.is_dir()]
+    except OSError:  # one that cannot be listed is a class that the scan reports
+        return False
+    return any(os.path.lexists(os.path.join(sub, name)) for sub in subfolders for name in RUN_FILES)
 
 
 def is_hidden_folder(name: str) -> bool:
