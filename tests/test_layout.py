@@ -77,6 +77,16 @@ def test_a_folder_named_like_a_split_holding_images_beside_split_folders_is_refu
         layout.folders_from_root(root)
 
 
+def test_an_unlabelled_test_folder_beside_the_splits_is_told_to_move_out_and_be_predicted(tmp_path, make_image_folder):
+    """A Kaggle competition's data: train/ and val/ of class folders, test/ of images without labels."""
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    make_image_folder(tmp_path / "loose", layout="image-folder", classes=1, per_class=2)
+    (tmp_path / "loose" / "n0").rename(root / "test")
+    with pytest.raises(UserError, match=r"data/test is named like a split .* move it out of .*data if it is an "
+                                        r"unlabelled test set, as Kaggle competitions give \(`monkeytrain predict`"):
+        layout.folders_from_root(root)
+
+
 def test_a_split_folder_with_a_stray_file_that_is_no_image_is_still_a_split(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
     (root / "train" / "README.txt").write_text("class folders below")

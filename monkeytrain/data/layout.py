@@ -100,8 +100,9 @@ def split_folders(root: Path) -> dict[str, Path]:
     if classes and splits:
         raise UserError(
             f"{classes[0]} is named like a split but holds images of its own, beside the split folders "
-            f"{listed(splits)}; move its images into class subfolders if it is a split, or rename it if it is "
-            "a class (or name the splits with --train-dir, --val-dir and --test-dir).")
+            f"{listed(splits)}; move its images into class subfolders if it is a split, move it out of {root} if "
+            "it is an unlabelled test set, as Kaggle competitions give (`monkeytrain predict` labels its images), "
+            "or rename it if it is a class (or name the splits with --train-dir, --val-dir and --test-dir).")
     by_role = {}
     for role, names in ROLE_NAMES.items():
         found = [folder for folder in splits if folder.name.lower() in names]
