@@ -269,6 +269,15 @@ def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
     assert {LOCK_NAME, BEST_NAME, STORAGE_NAME, DATA_RECORD} == set(layout.RUN_FILES)
 
 
+def test_a_class_folder_linked_from_a_drive_not_mounted_is_named_not_left_out(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "n2").symlink_to(tmp_path / "unmounted" / "n2")
+    (root / ".stale").symlink_to(tmp_path / "gone")  # hidden: passed over
+    with pytest.raises(UserError, match=r"data/n2 is a link to .*unmounted/n2, which does not exist \(a class folder "
+                                        r"on a drive not mounted here\?\); mount it, fix the link, or remove it"):
+        layout.folders_from_root(root)
+
+
 def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=1, per_class=2)
     with pytest.raises(UserError, match=r"one class subfolder \(n0\); a classifier needs at least two"):

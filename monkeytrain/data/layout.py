@@ -218,8 +218,12 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 def class_folders(split: Path) -> list[str]:
     """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder) and monkeytrain's
     own (holds_runs)."""
-    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name)
-                  and not holds_runs(p))
+    entries = [p for p in split.iterdir() if not is_hidden_folder(p.name)]
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
+    if broken:  # a class folder linked from a drive that is not mounted here would be left out without a word
+        raise UserError(f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist (a class folder "
+                        "on a drive not mounted here?); mount it, fix the link, or remove it.")
+    return sorted(p.name for p in entries if p.is_dir() and not holds_runs(p))
 
 
 def holds_runs(folder: Path) -> bool:
