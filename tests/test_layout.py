@@ -257,6 +257,8 @@ def test_the_runs_of_monkeytrain_beside_the_classes_are_not_a_class(tmp_path, ma
     (root / "runs" / "20261202-090000" / "best.safetensors").write_bytes(b"")
     (root / "tune" / "study").mkdir(parents=True)
     (root / "tune" / "study" / "study.journal").write_text("")
+    (root / "20261203-180000").mkdir()  # --output-dir .
+    (root / "20261203-180000" / ".in-use").write_text("1234\n")
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 

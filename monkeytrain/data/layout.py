@@ -227,15 +227,16 @@ def class_folders(split: Path) -> list[str]:
 
 
 def holds_runs(folder: Path) -> bool:
-    """Whether `folder` holds monkeytrain's runs (RUN_FILES in a subfolder): `--data .` in a folder of classes
-    puts runs/ (the default --output-dir) beside them, the run's own folder made before the data is read. As a
-    class, it stopped that run as one with no images, and a later one trained on its plots (PNG images)."""
+    """Whether `folder` is or holds monkeytrain's runs (RUN_FILES in it or a subfolder): `--data .` in a folder of
+    classes puts runs/ (the default --output-dir) beside them, the run's own folder made before the data is read
+    (with --output-dir ., that folder itself). As a class, it stopped that run as one with no images, and a later
+    one trained on its plots (PNG images)."""
     try:
         with os.scandir(folder) as entries:  # the type of each entry comes with the listing: no stat per image
             subfolders = [entry.path for entry in entries if entry.is_dir()]
     except OSError:  # one that cannot be listed is a class that the scan reports
         return False
-    return any(os.path.lexists(os.path.join(sub, name)) for sub in subfolders for name in RUN_FILES)
+    return any(os.path.lexists(os.path.join(inside, name)) for inside in (folder, *subfolders) for name in RUN_FILES)
 
 
 def is_hidden_folder(name: str) -> bool:
