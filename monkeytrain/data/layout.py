@@ -218,12 +218,18 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 def class_folders(split: Path) -> list[str]:
     """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder) and monkeytrain's
     own (holds_runs)."""
-    entries = [p for p in split.iterdir() if not is_hidden_folder(p.name)]
-    broken = [p for p in entries if p.is_symlink() and not p.exists()]
-    if broken:  # a class folder linked from a drive that is not mounted here would be left out without a word
-        raise UserError(f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist (a class folder "
-                        "on a drive not mounted here?); mount it, fix the link, or remove it.")
-    return sorted(p.name for p in entries if p.is_dir() and not holds_runs(p))
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name)
+                  and not holds_runs(p))
+
+
+def check_no_broken_links(split: Path) -> None:
+    """A link to nothing among the class folders of a split: a class folder linked from a drive that is not
+    mounted here, which class_folders would leave out without a word (one below a class is the scan's to
+    report, as a skipped file)."""
+    for entry in split.iterdir():
+        if not is_hidden_folder(entry.name) and entry.is_symlink() and not entry.exists():
+            raise UserError(f"{entry} is a link to {os.readlink(entry)}, which does not exist (a class folder on a "
+                            "drive not mounted here?); mount it, fix the link, or remove it.")
 
 
 def holds_runs(folder: Path) -> bool:
@@ -246,6 +252,9 @@ def is_hidden_folder(name: str) -> bool:
 
 def check_same_classes(folders: SplitFolders) -> list[str]:
     """The class folder names, after checking that every split has the same ones."""
+    for split in (folders.train, folders.selection, folders.test):
+        if split is not None:
+            check_no_broken_links(split)
     train_classes = class_folders(folders.train)
     if not train_classes:
         raise UserError(f"{folders.train} has no class subfolders; put each class's images in its own folder.")
