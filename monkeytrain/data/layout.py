@@ -118,15 +118,25 @@ def check_no_splits_inside_classes(root: Path) -> None:
     """Refuse class folders that each hold split folders (cat/train/, cat/test/): read as one folder of classes,
     the user's own test images would be pooled with the rest and a test split drawn at random from them all."""
     classes = class_folders(root)
-    inside = [[name for name in class_folders(root / c) if name.lower() in SPLIT_NAMES] for c in classes]
-    if len(classes) > 1 and all(inside):
-        first = root / classes[0]
-        outer = " and ".join(f"{split}/{first.name}/" for split in inside[0])
-        raise UserError(
-            f"the class folders of {root} hold split folders ({listed([first / name for name in inside[0]])} in "
-            f"{first.name}/); make the splits the outer folders ({outer}, "
-            "each split folder holding every class folder), or move each class's images out of its split folders "
-            "to pool them.")
+    if len(classes) < 2 or not all(split_named_subfolders(root / name) for name in classes):
+        return
+    first = root / classes[0]
+    inside = split_named_subfolders(first)
+    raise UserError(
+        f"the class folders of {root} hold split folders ({listed([first / name for name in inside])} in "
+        f"{first.name}/); make the splits the outer folders ({' and '.join(f'{n}/{first.name}/' for n in inside)}, "
+        "each split folder holding every class folder), or move each class's images out of its split folders "
+        "to pool them.")
+
+
+def split_named_subfolders(folder: Path) -> list[str]:
+    """The subfolders of `folder` named like a split, sorted; from the listing's names, so that a class folder of
+    thousands of images costs no stat of each (an image is not named like a split)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entry.name for entry in entries if entry.name.lower() in SPLIT_NAMES and entry.is_dir())
+    except OSError:  # one that cannot be listed: the scan reports it
+        return []
 
 
 def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]) -> SplitFolders:
@@ -233,16 +243,24 @@ def check_no_broken_links(split: Path) -> None:
 
 
 def holds_runs(folder: Path) -> bool:
-    """Whether `folder` is or holds monkeytrain's runs (RUN_FILES in it or a subfolder): `--data .` in a folder of
-    classes puts runs/ (the default --output-dir) beside them, the run's own folder made before the data is read
-    (with --output-dir ., that folder itself). As a class, it stopped that run as one with no images, and a later
-    one trained on its plots (PNG images)."""
+    """Whether `folder` is or holds monkeytrain's runs (RUN_FILES in it, or in its subfolders where it holds
+    nothing else): `--data .` in a folder of classes puts runs/ (the default --output-dir) beside them, the run's
+    own folder made before the data is read (with --output-dir ., that folder itself). As a class, it stopped that
+    run as one with no images, and a later one trained on its plots (PNG images)."""
+    if any(os.path.lexists(folder / name) for name in RUN_FILES):
+        return True
+    runs = False
     try:
-        with os.scandir(folder) as entries:  # the type of each entry comes with the listing: no stat per image
-            subfolders = [entry.path for entry in entries if entry.is_dir()]
+        with os.scandir(folder) as entries:  # a class folder ends at its first image: no listing of all of them
+            for entry in entries:
+                if not entry.is_dir():
+                    if not entry.name.startswith("."):  # .DS_Store: a Mac writes it into any folder it shows
+                        return False
+                elif not runs:
+                    runs = any(os.path.lexists(os.path.join(entry.path, name)) for name in RUN_FILES)
     except OSError:  # one that cannot be listed is a class that the scan reports
         return False
-    return any(os.path.lexists(os.path.join(inside, name)) for inside in (folder, *subfolders) for name in RUN_FILES)
+    return runs
 
 
 def is_hidden_folder(name: str) -> bool:
