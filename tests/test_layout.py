@@ -262,6 +262,13 @@ def test_the_runs_of_monkeytrain_beside_the_classes_are_not_a_class(tmp_path, ma
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 
+def test_a_class_folder_with_images_of_its_own_is_a_class_whatever_its_subfolders_hold(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "n1" / "weights").mkdir()
+    (root / "n1" / "weights" / "best.safetensors").write_bytes(b"")
+    assert layout.class_folders(root) == ["n0", "n1"]
+
+
 def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
     from monkeytrain.checkpoint import BEST_NAME
     from monkeytrain.rundir import LOCK_NAME

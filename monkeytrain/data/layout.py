@@ -48,7 +48,7 @@ SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume informati
 
 # Files that only monkeytrain's own folders hold: a run's while it trains (rundir.LOCK_NAME) and after (its
 # manifest, runrecords.DATA_RECORD, and its checkpoint), and a tune study's journal (tune.STORAGE_NAME). A folder
-# with them in a subfolder holds runs, not a class (holds_runs).
+# with them, or with folders of them and no file, is or holds runs, not a class (holds_runs).
 RUN_FILES = (".in-use", "data_manifest.json", "best.safetensors", "study.journal")
 
 
