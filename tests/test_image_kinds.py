@@ -65,12 +65,13 @@ PICTURES = {"cmyk.jpg", "grey.png", "grey16.png", "onebit.png", "palette.png", "
 
 
 def write_system_files(folder: Path) -> None:
-    """What macOS, Windows, Google Drive and a NAS leave in a class folder and beside it."""
+    """What macOS, Windows (WSL too), Google Drive and a NAS leave in a class folder and beside it."""
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(100))
     (folder / "._portrait.jpg").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X        " + bytes(60))
     (folder / "Thumbs.db").write_bytes(bytes.fromhex("d0cf11e0a1b11ae1") + bytes(500))
     (folder / "desktop.ini").write_text("[.ShellClassInfo]\nIconResource=C:\\icon.ico,0\n")
     (folder / "Icon\r").write_bytes(b"")
+    (folder / "portrait.jpg:Zone.Identifier").write_text("[ZoneTransfer]\r\nZoneId=3\r\n")  # copied into WSL
     (folder / "@eaDir" / "portrait.jpg").mkdir(parents=True)  # a Synology NAS's thumbnails of each image
     noise().save(folder / "@eaDir" / "portrait.jpg" / "SYNOPHOTO_THUMB_M.jpg")
     for top_of_a_drive in ("System Volume Information", "$RECYCLE.BIN"):

@@ -77,6 +77,16 @@ def test_a_folder_named_like_a_split_holding_images_beside_split_folders_is_refu
         layout.folders_from_root(root)
 
 
+def test_an_unlabelled_test_folder_beside_the_splits_is_told_to_move_out_and_be_predicted(tmp_path, make_image_folder):
+    """A Kaggle competition's data: train/ and val/ of class folders, test/ of images without labels."""
+    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
+    make_image_folder(tmp_path / "loose", layout="image-folder", classes=1, per_class=2)
+    (tmp_path / "loose" / "n0").rename(root / "test")
+    with pytest.raises(UserError, match=r"data/test is named like a split .* move it out of .*data if it is an "
+                                        r"unlabelled test set, as Kaggle competitions give \(`monkeytrain predict`"):
+        layout.folders_from_root(root)
+
+
 def test_a_split_folder_with_a_stray_file_that_is_no_image_is_still_a_split(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="train-val-test", classes=2, per_class=1)
     (root / "train" / "README.txt").write_text("class folders below")
@@ -157,6 +167,38 @@ def test_a_root_of_split_folders_is_never_taken_for_one_of_classes(tmp_path, mak
         layout.folders_from_root(root)
 
 
+@pytest.mark.parametrize("split", ["test", "Val"])
+def test_class_folders_beside_a_split_folder_are_told_to_move_into_a_training_folder(tmp_path, make_image_folder,
+                                                                                    split):
+    """cat/, dog/ and test/ (a test set of one's own, put beside the classes): one sentence that says what to do."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    make_image_folder(root / split, layout="image-folder", classes=2, per_class=1)
+    with pytest.raises(UserError, match=f"has class folders of images \\('n0', 'n1'\\) beside the split folder\\(s\\) "
+                                        f"{split}/ but no training folder; move the class folders into a train/"):
+        layout.folders_from_root(root)
+
+
+def test_split_folders_inside_every_class_folder_are_refused_rather_than_pooled(tmp_path, make_image_folder):
+    """cat/train/, cat/test/, dog/train/, dog/test/: read as two classes, the test images went into the pool that
+    training and a random test split are drawn from."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=4)
+    for name in ("n0", "n1"):
+        images = sorted((root / name).iterdir())
+        for split, part in (("train", images[:3]), ("Test", images[3:])):
+            (root / name / split).mkdir()
+            for image in part:
+                image.rename(root / name / split / image.name)
+    with pytest.raises(UserError, match="the class folders of .* hold split folders \\(Test/, train/ in n0/\\); "
+                                        "make the splits the outer folders \\(Test/n0/ and train/n0/, each split"):
+        layout.folders_from_root(root)
+
+
+def test_a_split_folder_inside_some_class_folders_only_is_a_subfolder_of_images(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=2)
+    make_image_folder(root / "n0" / "test", layout="image-folder", classes=1, per_class=1)
+    assert layout.folders_from_root(root).layout == "image-folder"
+
+
 @pytest.mark.parametrize("renamed", [{"train": "Train", "val": "VAL"}, {"train": "TRAIN", "test": "Test"}])
 def test_split_folders_are_found_in_any_letter_case(tmp_path, make_image_folder, renamed):
     """Train/ and Test/ were trained as two classes, Train and Test."""
@@ -195,12 +237,54 @@ def test_a_macos_zip_folder_and_hidden_folders_are_not_classes(tmp_path, make_im
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
 
 
-@pytest.mark.parametrize("extra", ["@eaDir", "System Volume Information", "$RECYCLE.BIN", "__macosx"])
+@pytest.mark.parametrize("extra", ["@eaDir", "System Volume Information", "$RECYCLE.BIN", "__macosx", "lost+found",
+                                   "#recycle", "@Recycle"])
 def test_folders_a_nas_or_windows_makes_beside_the_classes_are_not_classes(tmp_path, make_image_folder, extra):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
     (root / extra / "n0_000.png").mkdir(parents=True)  # a Synology NAS: a folder of thumbnails per image
     shutil.copy(root / "n0" / "n0_000.png", root / extra / "n0_000.png" / "SYNOPHOTO_THUMB_M.png")
     assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
+
+
+def test_the_runs_of_monkeytrain_beside_the_classes_are_not_a_class(tmp_path, make_image_folder):
+    """`monkeytrain train --data .` in a folder of classes: runs/ (the default --output-dir) beside them holds the
+    run's own folder before the data is read, and later runs' plots, which are images."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "runs" / "20261203-174800").mkdir(parents=True)
+    (root / "runs" / "20261203-174800" / ".in-use").write_text("1234\n")  # training now: the data is read
+    (root / "runs" / "20261202-090000").mkdir()
+    shutil.copy(root / "n0" / "n0_000.png", root / "runs" / "20261202-090000" / "curves.png")
+    (root / "runs" / "20261202-090000" / "best.safetensors").write_bytes(b"")
+    (root / "tune" / "study").mkdir(parents=True)
+    (root / "tune" / "study" / "study.journal").write_text("")
+    (root / "20261203-180000").mkdir()  # --output-dir .
+    (root / "20261203-180000" / ".in-use").write_text("1234\n")
+    assert layout.class_folders(layout.folders_from_root(root).train) == ["n0", "n1"]
+
+
+def test_a_class_folder_with_images_of_its_own_is_a_class_whatever_its_subfolders_hold(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "n1" / "weights").mkdir()
+    (root / "n1" / "weights" / "best.safetensors").write_bytes(b"")
+    assert layout.class_folders(root) == ["n0", "n1"]
+
+
+def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
+    from monkeytrain.checkpoint import BEST_NAME
+    from monkeytrain.rundir import LOCK_NAME
+    from monkeytrain.runrecords import DATA_RECORD
+    from monkeytrain.tune import STORAGE_NAME
+
+    assert {LOCK_NAME, BEST_NAME, STORAGE_NAME, DATA_RECORD} == set(layout.RUN_FILES)
+
+
+def test_a_class_folder_linked_from_a_drive_not_mounted_is_named_not_left_out(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "n2").symlink_to(tmp_path / "unmounted" / "n2")
+    (root / ".stale").symlink_to(tmp_path / "gone")  # hidden: passed over
+    with pytest.raises(UserError, match=r"data/n2 is a link to .*unmounted/n2, which does not exist \(a class folder "
+                                        r"on a drive not mounted here\?\); mount it, fix the link, or remove it"):
+        layout.check_same_classes(layout.folders_from_root(root))
 
 
 def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):

@@ -22,6 +22,7 @@ split is left unused.
 from __future__ import annotations
 
 import csv
+import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,16 @@ SPLIT_NAMES = {name for names in ROLE_NAMES.values() for name in names}
 # Folders that tools make beside a user's own, in any letter case: the __MACOSX folder of metadata a zip made
 # on a Mac unpacks beside its contents; the @eaDir a Synology NAS puts in every folder of images, holding
 # JPEG thumbnails of them (taken for images, they would train on and test with copies of the same pictures);
-# and what Windows puts at the top of every drive, a USB stick's too.
-SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}
+# what Windows puts at the top of every drive, a USB stick's too; the lost+found of a Linux file system's top
+# folder (a data set on a disk of its own); and the recycle bins a Synology (#recycle) or QNAP (@Recycle) NAS
+# keeps at the top of a shared folder, holding deleted files in the folders they were deleted from.
+SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", "#recycle",
+                  "@recycle"}
+
+# Files that only monkeytrain's own folders hold: a run's while it trains (rundir.LOCK_NAME) and after (its
+# manifest, runrecords.DATA_RECORD, and its checkpoint), and a tune study's journal (tune.STORAGE_NAME). A folder
+# with them, or with folders of them and no file, is or holds runs, not a class (holds_runs).
+RUN_FILES = (".in-use", "data_manifest.json", "best.safetensors", "study.journal")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ def folders_from_root(root: Path) -> SplitFolders:
     if splits:
         return layout_of_splits(root, splits, labels)
     if class_folders(root):
+        check_no_splits_inside_classes(root)
         return SplitFolders(root, None, None, labels, "image-folder")
     if holds_images(root):  # a class folder given as the root, or images not yet sorted into classes
         raise UserError(f"{root} holds images but no class subfolders; put each class's images in a subfolder "
@@ -90,8 +100,9 @@ def split_folders(root: Path) -> dict[str, Path]:
     if classes and splits:
         raise UserError(
             f"{classes[0]} is named like a split but holds images of its own, beside the split folders "
-            f"{listed(splits)}; move its images into class subfolders if it is a split, or rename it if it is "
-            "a class (or name the splits with --train-dir, --val-dir and --test-dir).")
+            f"{listed(splits)}; move its images into class subfolders if it is a split, move it out of {root} if "
+            "it is an unlabelled test set, as Kaggle competitions give (`monkeytrain predict` labels its images), "
+            "or rename it if it is a class (or name the splits with --train-dir, --val-dir and --test-dir).")
     by_role = {}
     for role, names in ROLE_NAMES.items():
         found = [folder for folder in splits if folder.name.lower() in names]
@@ -101,6 +112,31 @@ def split_folders(root: Path) -> dict[str, Path]:
         if found:
             by_role[role] = found[0]
     return by_role
+
+
+def check_no_splits_inside_classes(root: Path) -> None:
+    """Refuse class folders that each hold split folders (cat/train/, cat/test/): read as one folder of classes,
+    the user's own test images would be pooled with the rest and a test split drawn at random from them all."""
+    classes = class_folders(root)
+    if len(classes) < 2 or not all(split_named_subfolders(root / name) for name in classes):
+        return
+    first = root / classes[0]
+    inside = split_named_subfolders(first)
+    raise UserError(
+        f"the class folders of {root} hold split folders ({listed([first / name for name in inside])} in "
+        f"{first.name}/); make the splits the outer folders ({' and '.join(f'{n}/{first.name}/' for n in inside)}, "
+        "each split folder holding every class folder), or move each class's images out of its split folders "
+        "to pool them.")
+
+
+def split_named_subfolders(folder: Path) -> list[str]:
+    """The subfolders of `folder` named like a split, sorted; from the listing's names, so that a class folder of
+    thousands of images costs no stat of each (an image is not named like a split)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entry.name for entry in entries if entry.name.lower() in SPLIT_NAMES and entry.is_dir())
+    except OSError:  # one that cannot be listed: the scan reports it
+        return []
 
 
 def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]) -> SplitFolders:
@@ -114,7 +150,7 @@ def layout_of_splits(root: Path, splits: dict[str, Path], labels: Optional[Path]
             f"validation or test folder; give --data {train} to hold the validation and test splits out of it "
             "(--val-fraction, --test-fraction), or add a val/ or test/ folder beside it.")
     if train is None:
-        raise no_layout_error(root, list(splits.values()))
+        raise no_training_folder_error(root, list(splits.values()))
     if val and test:
         return SplitFolders(train, val, test, labels, "train-val-test")
     if test:
@@ -130,6 +166,17 @@ def unnested(split: Path) -> Path:
     zips unpack so (training/training/<class>/), for every split they hold."""
     inside = class_folders(split)
     return split / inside[0] if len(inside) == 1 and inside[0].lower() == split.name.lower() else split
+
+
+def no_training_folder_error(root: Path, splits: list[Path]) -> UserError:
+    """Split folders without a training one. Class folders of images beside them are the training images: a test/
+    folder of classes put into a folder of classes, as a user with a test set of their own does."""
+    classes = [name for name in class_folders(root) if name.lower() not in SPLIT_NAMES and holds_images(root / name)]
+    if not classes:
+        return no_layout_error(root, splits)
+    return UserError(f"{root} has class folders of images ({quoted(classes)}) beside the split folder(s) "
+                     f"{listed(splits)} but no training folder; move the class folders into a train/ folder beside "
+                     f"{listed(splits)}, so that each split is a folder of the same class folders.")
 
 
 def no_layout_error(root: Path, splits: list[Path]) -> UserError:
@@ -179,8 +226,41 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 
 
 def class_folders(split: Path) -> list[str]:
-    """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder)."""
-    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name))
+    """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder) and monkeytrain's
+    own (holds_runs)."""
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden_folder(p.name)
+                  and not holds_runs(p))
+
+
+def check_no_broken_links(split: Path) -> None:
+    """A link to nothing among the class folders of a split: a class folder linked from a drive that is not
+    mounted here, which class_folders would leave out without a word (one below a class is the scan's to
+    report, as a skipped file)."""
+    for entry in split.iterdir():
+        if not is_hidden_folder(entry.name) and entry.is_symlink() and not entry.exists():
+            raise UserError(f"{entry} is a link to {os.readlink(entry)}, which does not exist (a class folder on a "
+                            "drive not mounted here?); mount it, fix the link, or remove it.")
+
+
+def holds_runs(folder: Path) -> bool:
+    """Whether `folder` is or holds monkeytrain's runs (RUN_FILES in it, or in its subfolders where it holds
+    nothing else): `--data .` in a folder of classes puts runs/ (the default --output-dir) beside them, the run's
+    own folder made before the data is read (with --output-dir ., that folder itself). As a class, it stopped that
+    run as one with no images, and a later one trained on its plots (PNG images)."""
+    if any(os.path.lexists(folder / name) for name in RUN_FILES):
+        return True
+    runs = False
+    try:
+        with os.scandir(folder) as entries:  # a class folder ends at its first image: no listing of all of them
+            for entry in entries:
+                if not entry.is_dir():
+                    if not entry.name.startswith("."):  # .DS_Store: a Mac writes it into any folder it shows
+                        return False
+                elif not runs:
+                    runs = any(os.path.lexists(os.path.join(entry.path, name)) for name in RUN_FILES)
+    except OSError:  # one that cannot be listed is a class that the scan reports
+        return False
+    return runs
 
 
 def is_hidden_folder(name: str) -> bool:
@@ -190,6 +270,9 @@ def is_hidden_folder(name: str) -> bool:
 
 def check_same_classes(folders: SplitFolders) -> list[str]:
     """The class folder names, after checking that every split has the same ones."""
+    for split in (folders.train, folders.selection, folders.test):
+        if split is not None:
+            check_no_broken_links(split)
     train_classes = class_folders(folders.train)
     if not train_classes:
         raise UserError(f"{folders.train} has no class subfolders; put each class's images in its own folder.")
