@@ -273,7 +273,7 @@ def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
     from monkeytrain.checkpoint import BEST_NAME
     from monkeytrain.rundir import LOCK_NAME
     from monkeytrain.runrecords import DATA_RECORD
-    from monkeytrain.tune import STORAGE_NAME
+    from monkeytrain.tune_study import STORAGE_NAME
 
     assert {LOCK_NAME, BEST_NAME, STORAGE_NAME, DATA_RECORD} == set(layout.RUN_FILES)
 
