@@ -89,6 +89,17 @@ def test_onnx_metadata_is_the_checkpoint_header_word_for_word(run):
     assert {"class_names", "mean", "std", "image_size", "crop_pct", "architecture"} <= set(metadata)
 
 
+def test_the_onnx_model_says_in_words_how_to_make_its_input(run):
+    """The metadata's numbers alone leave a deployer to guess the channel order, the scale and the two crops."""
+    forward, info = load_onnx(run["onnx"])
+    description = forward.session.get_modelmeta().description
+    assert f"A {OTHER_FAMILY} image classifier trained by monkeytrain" in description
+    for words in ("[batch, 3, 32, 32], RGB channels first", "laid over white", "shorter side is 37 pixels",
+                  "centre 37-pixel square, that square's centre 32 pixels", "pixel values / 255",
+                  "'logits': [batch, 3] logits", "the image and its mirror image."):
+        assert words in description
+
+
 def test_predict_gives_the_same_top_k_from_both_files(run, capsys):
     answers = [json.loads(output_of(["predict", "--checkpoint", str(run[kind]), "--json", "--top-k", "3", "--cpu",
                                      str(run["test"])], capsys)) for kind in ("checkpoint", "onnx")]
