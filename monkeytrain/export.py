@@ -4,7 +4,8 @@ The .onnx file takes what the PyTorch model takes (normalised float32 NCHW image
 at the checkpoint's image size, any batch size) and gives logits. Its
 metadata_props are the checkpoint's header word for word, so `predict` and
 `evaluate` prepare images for it exactly as for best.safetensors, and any other
-ONNX consumer finds the class names, mean, std, image size and crop_pct there.
+ONNX consumer finds the class names, mean, std, image size and crop_pct there; its
+description says in words how predict makes an input from an image file.
 
 Nothing is written unchecked: the exported bytes run in ONNX Runtime (through
 `load_onnx`, the loader that `predict` uses) beside PyTorch on a batch of images,
@@ -156,7 +157,26 @@ def onnx_model(model: torch.nn.Module, info: CheckpointInfo, header: dict[str, s
                         "onnxscript, or train another --model.") from None
     proto = program.model_proto
     onnx.helper.set_model_props(proto, header)
+    proto.doc_string = preprocessing_in_words(info)
     return proto
+
+
+def preprocessing_in_words(info: CheckpointInfo) -> str:
+    """The model's description (ONNX Runtime's `get_modelmeta().description`, Netron's): how to make its input
+    from an image file, which the metadata's numbers alone do not say (channel order, scale, the two crops)."""
+    side, size = stored_size(info.image_size), info.image_size
+    views = "the image and its mirror image" if info.config.get("tta_flip") else "the image"
+    shift = info.config.get("tta_shift", 0)
+    views += f", each also with its crop moved {shift} pixels each way" if shift else ""
+    return (f"A {info.architecture} image classifier trained by monkeytrain. Input '{INPUT_NAME}': float32 "
+            f"[batch, 3, {size}, {size}], RGB channels first, made from each image as monkeytrain predict makes "
+            "it: turned by its EXIF orientation, laid over white if transparent, a JPEG decoded at a reduced "
+            f"scale of at least {2 * side} pixels a side (Pillow's draft), resized bilinearly (antialiased) so "
+            f"that its shorter side is {side} pixels (the longer rounded down), its centre {side}-pixel square, "
+            f"that square's centre {size} pixels (offsets rounded as torchvision's CenterCrop), pixel values "
+            "/ 255, minus the metadata's mean and divided by its std, per channel. Output "
+            f"'{OUTPUT_NAME}': [batch, {info.num_classes}] logits in the order of the metadata's class_names; "
+            f"softmax them for probabilities. predict averages the logits of {views}.")
 
 
 def deepest_cause(error: BaseException) -> BaseException:

@@ -89,6 +89,17 @@ def test_onnx_metadata_is_the_checkpoint_header_word_for_word(run):
     assert {"class_names", "mean", "std", "image_size", "crop_pct", "architecture"} <= set(metadata)
 
 
+def test_the_onnx_model_says_in_words_how_to_make_its_input(run):
+    """The metadata's numbers alone leave a deployer to guess the channel order, the scale and the two crops."""
+    forward, info = load_onnx(run["onnx"])
+    description = forward.session.get_modelmeta().description
+    assert f"A {OTHER_FAMILY} image classifier trained by monkeytrain" in description
+    for words in ("[batch, 3, 32, 32], RGB channels first", "laid over white", "shorter side is 37 pixels",
+                  "centre 37-pixel square, that square's centre 32 pixels", "pixel values / 255",
+                  "'logits': [batch, 3] logits", "the image and its mirror image."):
+        assert words in description
+
+
 def test_predict_gives_the_same_top_k_from_both_files(run, capsys):
     answers = [json.loads(output_of(["predict", "--checkpoint", str(run[kind]), "--json", "--top-k", "3", "--cpu",
                                      str(run["test"])], capsys)) for kind in ("checkpoint", "onnx")]
@@ -110,7 +121,8 @@ def readme_deploy_snippet() -> str:
 
 def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys, tmp_path):
     """A deployer copies it: its preprocessing, names and test-time views must be predict's, also for a
-    transparent PNG (over white) and a JPEG large enough to be decoded at a reduced scale."""
+    transparent PNG (over white), a JPEG large enough to be decoded at a reduced scale and a 2:1 panorama
+    (570 x 285: resized to 37 px, its longer side is 74 px; side / 285 * 570 in floats is 73.99999)."""
     from PIL import Image
 
     photos = sorted(run["test"].rglob("*.png"))
@@ -118,11 +130,12 @@ def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys, tm
     half_clear.putalpha(Image.linear_gradient("L").resize((300, 200)))
     half_clear.save(tmp_path / "clear.png")
     Image.open(photos[1]).convert("RGB").resize((900, 700)).save(tmp_path / "large.jpg", quality=90)
+    Image.open(photos[2]).convert("RGB").resize((570, 285)).save(tmp_path / "wide.png")
+    extra = [str(tmp_path / name) for name in ("clear.png", "large.jpg", "wide.png")]
     answers = json.loads(output_of(["predict", "--checkpoint", str(run["onnx"]), "--json", "--top-k", "1",
-                                    str(run["test"]), str(tmp_path / "clear.png"), str(tmp_path / "large.jpg")],
-                                   capsys))
+                                    str(run["test"]), *extra], capsys))
     snippet = readme_deploy_snippet().replace("runs/demo/best.onnx", str(run["onnx"]))
-    assert len(answers) == 14
+    assert len(answers) == 15
     for answer in answers:
         scope: dict = {}
         exec(snippet.replace("photo.jpg", answer["path"]), scope)

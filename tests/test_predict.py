@@ -362,3 +362,36 @@ def test_evaluate_decodes_each_image_once_and_skips_one_damaged_past_its_header(
     *_, error = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and error == (f"monkeytrain: error: {folder} has no readable images (each is "
                                                  "named above); add images to its class subfolders.")
+
+
+def readme_timm_snippet() -> str:
+    """The README's Python block that runs a run's folder with timm alone (local-dir:, no monkeytrain)."""
+    blocks = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("```python\n")[1:]
+    [snippet] = [code for code in (block.split("```")[0] for block in blocks) if '"local-dir:runs/NAME"' in code]
+    return snippet
+
+
+def test_the_readmes_timm_snippet_gives_predicts_answers(checkpoint, split, capsys, tmp_path):
+    """timm's own loading and transform differ from predict's (alpha dropped, a large JPEG decoded whole, one
+    centre crop instead of two, 36 px where predict resizes a 32 px run to 37): the README's block must not."""
+    from PIL import Image
+
+    source = Image.open(sorted(split.rglob("*.png"))[0]).convert("RGB")
+    half_clear = source.convert("RGBA").resize((300, 200))
+    half_clear.putalpha(Image.linear_gradient("L").resize((300, 200)))
+    half_clear.save(tmp_path / "clear.png")
+    source.resize((900, 700)).save(tmp_path / "large.jpg", quality=90)
+    source.resize((570, 285)).save(tmp_path / "wide.png")
+    source.resize((73, 99)).save(tmp_path / "tall.png")
+    capsys.readouterr()
+    cli.main(["predict", "--cpu", "--json", "--top-k", "1", "--checkpoint", str(checkpoint), str(split),
+              *(str(tmp_path / name) for name in ("clear.png", "large.jpg", "wide.png", "tall.png"))])
+    answers = json.loads(capsys.readouterr().out)
+    snippet = readme_timm_snippet().replace("runs/NAME", str(checkpoint.parent))
+    assert len(answers) == 10
+    for answer in answers:
+        scope: dict = {}
+        exec(snippet.replace("photo.jpg", answer["path"]), scope)
+        [top] = answer["top"]
+        assert capsys.readouterr().out == f"{top['class']} {top['probability']:.1%}\n"
+        assert scope["probabilities"].max().item() == pytest.approx(top["probability"], abs=1e-6)
