@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -152,17 +153,19 @@ def test_a_bug_of_the_main_rank_leaves_no_gloo_traceback_under_its_own(tmp_path,
     assert "Traceback" not in logs[1] and "gloo" not in logs[1], logs[1]
 
 
-def train_rank_in_a_read_only_folder(folder: Path, flags: list[str], environment: dict[str, str], rank: int) -> None:
-    """forked.train_rank, the run folder refusing the main process's config.yaml (made read-only once checked:
-    a scratch folder remounted; chmod would not stop the root user that tests may run as)."""
+def train_rank_whose_main_write_fails(file_name: str, error_number: int, folder: Path, flags: list[str],
+                                      environment: dict[str, str], rank: int) -> None:
+    """forked.train_rank, the main process's write of `file_name` failing with `error_number`: EROFS as a
+    folder remounted read-only once checked (chmod would not stop the root user that tests may run as), ENOSPC
+    as a disk that filled up."""
     if rank == 0:
         from monkeytrain import storage
 
         real_write_file = storage._write_file
 
         def write_file(path: Path, *args) -> None:
-            if path.name.startswith(".config.yaml.tmp"):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            if path.name.startswith(f".{file_name}.tmp"):
+                raise OSError(error_number, os.strerror(error_number), str(path))
             real_write_file(path, *args)
 
         storage._write_file = write_file
@@ -175,30 +178,13 @@ def test_a_record_the_main_rank_cannot_write_before_training_ends_both_ranks_ali
     from conftest import write_image_folder
 
     data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
-    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)], train_rank_in_a_read_only_folder)
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)],
+                             partial(train_rank_whose_main_write_fails, "config.yaml", errno.EROFS))
     assert ended == [2, 2], logs
     assert logs[0].strip().splitlines()[-1] == (
         f"monkeytrain: error: cannot write config.yaml in runs/ranks ({os.strerror(errno.EROFS)}); make that folder "
         "writable or pick another --output-dir.")
     assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one
-
-
-def train_rank_trimming_metrics_on_a_full_disk(folder: Path, flags: list[str], environment: dict[str, str],
-                                               rank: int) -> None:
-    """forked.train_rank, the main process finding the disk full as a resume rewrites metrics.jsonl without the
-    epochs it trains again."""
-    if rank == 0:
-        from monkeytrain import storage
-
-        real_write_file = storage._write_file
-
-        def write_file(path: Path, *args) -> None:
-            if path.name.startswith(".metrics.jsonl.tmp"):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            real_write_file(path, *args)
-
-        storage._write_file = write_file
-    train_rank(folder, flags, environment, rank)
 
 
 def test_metrics_the_main_rank_cannot_trim_on_resuming_end_both_ranks_alike(tmp_path, agent_store):
@@ -212,7 +198,7 @@ def test_metrics_the_main_rank_cannot_trim_on_resuming_end_both_ranks_alike(tmp_
     run = tmp_path / "runs" / "ranks"
     (run / "results.json").unlink()  # as if killed after its last epoch's line: its newest state is older
     ended, logs = two_ranks(tmp_path, launchers_store(), [*flags, "--resume", "auto"],  # a new launch's
-                            train_rank_trimming_metrics_on_a_full_disk)
+                            partial(train_rank_whose_main_write_fails, "metrics.jsonl", errno.ENOSPC))
     assert ended == [2, 2], logs
     assert logs[0].strip().splitlines()[-1].startswith(
         "monkeytrain: error: no space left on the device of runs/ranks to write metrics.jsonl ("), logs[0]
