@@ -113,7 +113,7 @@ def score_its_checkpoint(run_dir: Path) -> str:
     """How to score the best checkpoint of a run whose training ended: on its test split's own folder, or on
     images it did not train on, where its test split was held out of the training folder."""
     command = f"monkeytrain evaluate --checkpoint {run_dir / BEST_NAME}"
-    folder = own_test_folder(run_dir)
+    folder = own_test_folder(run_dir, began_config(run_dir / CONFIG_NAME))  # from any working directory
     if folder is not None:
         return f"score its best checkpoint on its test split with `{command} {folder}`"
     listed = f" (its {DATA_RECORD} lists its test split's files)" if (run_dir / DATA_RECORD).is_file() else ""
