@@ -240,8 +240,8 @@ def trained_run(tmp_path: Path, with_state: bool = True, saved_epoch: int = 2) -
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["with a saved state", "without"])
-def test_reusing_the_name_of_a_run_that_ended_after_training_offers_to_score_its_checkpoint(tmp_path, monkeypatch,
-                                                                                             cpu_accelerator, with_state):
+def test_reusing_the_name_of_a_run_that_ended_after_training_offers_to_score_its_checkpoint(
+        tmp_path, monkeypatch, cpu_accelerator, with_state):
     """Its test split was never scored (a full disk, a kill): --resume auto was offered, which trains again from
     the newest state (none is saved at the end), where scoring best.safetensors is what was left to do."""
     from monkeytrain.runrecords import DATA_RECORD

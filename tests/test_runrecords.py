@@ -66,7 +66,8 @@ def saved_best(run_dir: Path, epoch: int) -> None:
     ([epoch_line(1), epoch_line(2), epoch_line(3), '{"epoch": 3, "ep'], 3, True),  # a line a kill cut short after it
     ([epoch_line(1), epoch_line(2), epoch_line(3, best=False)], 2, True),  # its best epoch before the last
     ([epoch_line(1), epoch_line(2)], 2, False),  # stopped, or killed, before its last epoch
-    ([epoch_line(1), epoch_line(2), epoch_line(3, val_loss=None, not_finite={"val_loss": "nan"})], 2, False),  # diverged
+    ([epoch_line(1), epoch_line(2), epoch_line(3, val_loss=None, not_finite={"val_loss": "nan"})], 2,
+     False),  # diverged
     ([epoch_line(1), epoch_line(2), epoch_line(3)], 2, False),  # the last best epoch's checkpoint never written
     ([epoch_line(1), epoch_line(2), epoch_line(3)], None, False),  # no checkpoint, or none readable
     ([], 1, False),
