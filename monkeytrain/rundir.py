@@ -19,6 +19,7 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import config_yaml, flag_name, recorded_config, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main, failing_alike_on_every_rank
 from monkeytrain.errors import UserError
+from monkeytrain.results import json_with_matrix_rows
 from monkeytrain.runrecords import DATA_RECORD, own_test_folder, trained_every_epoch
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
@@ -81,6 +82,12 @@ def write_run_records(log, config, manifest: dict) -> None:
         log.write_file(DATA_RECORD, json.dumps(manifest, indent=2))
 
     failing_alike_on_every_rank(write)
+
+
+def write_results(log, results: dict) -> None:
+    """results.json, last (it marks the run finished), by the main process: should that fail (a full disk), every
+    rank ends with its line, as in write_run_records; the others would end with status 0, as if the run had."""
+    failing_alike_on_every_rank(lambda: log.write_file(RESULTS_NAME, json_with_matrix_rows(results)))
 
 
 def finished_run(run_dir: Path, config) -> str:
