@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.distributed import failing_alike_on_every_rank
@@ -130,7 +130,7 @@ def saved_best_epoch(run_dir: Path) -> Optional[int]:
     try:
         with safe_open(str(run_dir / BEST_NAME), framework="pt") as handle:
             return int((handle.metadata() or {})["epoch"])
-    except Exception:  # no file, a damaged one (safetensors' own error types), a header without the epoch
+    except (OSError, SafetensorError, KeyError, ValueError):  # none, a damaged one, a header without the epoch
         return None
 
 
