@@ -22,7 +22,7 @@ from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
 from monkeytrain.runrecords import folder_apart_from
 from monkeytrain.selection import BestEpoch
-from monkeytrain.storage import DiskFull, is_disk_full, with_way_out
+from monkeytrain.storage import FREE_SPACE, DiskFull, first_fix, is_disk_full, with_way_out
 
 MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
 
@@ -44,22 +44,27 @@ def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch)
     """Once training has ended, a full disk (while the test split is scored, W&B's final files or results.json
     are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
     --output-dir or a --resume: no training state is saved at the end, so either would train it again. A
-    trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags."""
+    trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags. A DiskFull is
+    known by its line: the other ranks of a run have it as a plain UserError (failing_alike_on_every_rank), and
+    end with the same line as the main process, which says it for them all."""
     try:
         yield
     except Exception as error:
-        if not (run.config.score_test and (isinstance(error, DiskFull) or is_disk_full(error))):
+        if not run.config.score_test:
             raise
-        way_out = score_the_checkpoint(run.run_dir / BEST_NAME, best.epoch, splits)
-        if isinstance(error, DiskFull):
-            error.args = (with_way_out(str(error), "--output-dir", way_out) or error.args[0],)
+        if isinstance(error, UserError) and first_fix(str(error), "--output-dir") == FREE_SPACE:
+            error.args = (with_way_out(str(error), "--output-dir", score_the_checkpoint(run, best, splits)),)
             raise  # the same error, its line changed (as Trainer.resumable_when_space_runs_out does)
-        raise UserError(f"the disk filled up after training ({first_line(error)}); {way_out}") from error
+        if isinstance(error, DiskFull) or not is_disk_full(error):  # a DiskFull of another folder keeps its line
+            raise
+        raise UserError(f"the disk filled up after training ({first_line(error)}); "
+                        f"{score_the_checkpoint(run, best, splits)}") from error
 
 
-def score_the_checkpoint(checkpoint: Path, epoch: int, splits: DatasetSplits) -> str:
-    """What to do about a full disk once training has ended and `checkpoint` holds its best `epoch`."""
-    saved = f"training had ended, and {checkpoint} (epoch {epoch}) is saved: free some space and score it"
+def score_the_checkpoint(run, best: BestEpoch, splits: DatasetSplits) -> str:
+    """What to do about a full disk once training has ended and RUN/best.safetensors holds the `best` epoch."""
+    checkpoint = run.run_dir / BEST_NAME
+    saved = f"training had ended, and {checkpoint} (epoch {best.epoch}) is saved: free some space and score it"
     folder = own_test_folder(splits)
     if folder is not None:
         return (f"{saved} on the test split with `monkeytrain evaluate --checkpoint {checkpoint} {folder}` "

@@ -19,6 +19,7 @@ from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.config import config_yaml, flag_name, recorded_config, warn, with_absolute_paths
 from monkeytrain.distributed import broadcast_from_main, failing_alike_on_every_rank
 from monkeytrain.errors import UserError
+from monkeytrain.results import json_with_matrix_rows
 from monkeytrain.runrecords import DATA_RECORD, own_test_folder, trained_every_epoch
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.statestore import state_dirs
@@ -83,6 +84,12 @@ def write_run_records(log, config, manifest: dict) -> None:
     failing_alike_on_every_rank(write)
 
 
+def write_results(log, results: dict) -> None:
+    """results.json, last (it marks the run finished), by the main process: should that fail (a full disk), every
+    rank ends with its line, as in write_run_records; the others would end with status 0, as if the run had."""
+    failing_alike_on_every_rank(lambda: log.write_file(RESULTS_NAME, json_with_matrix_rows(results)))
+
+
 def finished_run(run_dir: Path, config) -> str:
     """Why a finished run is not reopened, and what to do instead: a state given by its path names that run
     itself, so "another --run-name" would only be refused next as a state of another run."""
@@ -113,7 +120,7 @@ def score_its_checkpoint(run_dir: Path) -> str:
     """How to score the best checkpoint of a run whose training ended: on its test split's own folder, or on
     images it did not train on, where its test split was held out of the training folder."""
     command = f"monkeytrain evaluate --checkpoint {run_dir / BEST_NAME}"
-    folder = own_test_folder(run_dir)
+    folder = own_test_folder(run_dir, began_config(run_dir / CONFIG_NAME))  # from any working directory
     if folder is not None:
         return f"score its best checkpoint on its test split with `{command} {folder}`"
     listed = f" (its {DATA_RECORD} lists its test split's files)" if (run_dir / DATA_RECORD).is_file() else ""

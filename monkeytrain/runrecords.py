@@ -19,6 +19,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from safetensors import SafetensorError, safe_open
+
+from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.distributed import failing_alike_on_every_rank
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import write_atomically
@@ -105,29 +108,63 @@ def forget_epochs_alike(run_dir: Path, epoch: int, is_main_process: bool) -> Non
 
 
 def trained_every_epoch(run_dir: Path) -> bool:
-    """Whether RUN/metrics.jsonl ends with the run's last epoch, validated to a finite loss: training ended (a
-    run that then failed, while its test split was scored or results.json written, has its best checkpoint)."""
+    """Whether RUN/metrics.jsonl ends with the run's last epoch, validated to a finite loss, and best.safetensors
+    holds the last epoch logged as best: training ended (a run that then failed, while its test split was scored
+    or results.json written, has its best checkpoint). An epoch's line is logged before its checkpoint is saved,
+    so a disk that filled up saving the last epoch's leaves an older best.safetensors behind a whole log."""
     try:
         lines = (run_dir / METRICS_NAME).read_text().splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    whole = [line for line in lines if logged_epoch(line) < math.inf]
-    if not whole:
+    epochs = [json.loads(line) for line in lines if logged_epoch(line) < math.inf]
+    if not epochs:
         return False
-    last = json.loads(whole[-1])
+    last, best = epochs[-1], [epoch["epoch"] for epoch in epochs if epoch.get("is_best")]
     return (isinstance(last.get("epochs"), int) and last["epoch"] >= last["epochs"]
-            and "val_loss" not in (last.get("not_finite") or {}))  # a diverged last epoch ended the run unscored
+            and "val_loss" not in (last.get("not_finite") or {})  # a diverged last epoch ended the run unscored
+            and bool(best) and saved_best_epoch(run_dir) == best[-1])
 
 
-def own_test_folder(run_dir: Path) -> Optional[Path]:
+def saved_best_epoch(run_dir: Path) -> Optional[int]:
+    """The epoch in RUN/best.safetensors's header (read alone, not the weights); None without a readable one."""
+    try:
+        with safe_open(str(run_dir / BEST_NAME), framework="pt") as handle:
+            return int((handle.metadata() or {})["epoch"])
+    except (OSError, SafetensorError, KeyError, ValueError):  # none, a damaged one, a header without the epoch
+        return None
+
+
+def own_test_folder(run_dir: Path, began: Optional[dict]) -> Optional[Path]:
     """The test split's own folder from RUN/data_manifest.json (Kaggle's validation/validation, --test-dir), as
     results.own_test_folder finds it from the data; None where the test split was held out of the training folder
-    (other images of which the model trained on), or the record names none."""
+    (other images of which the model trained on), or the record names none. The record has its paths as the run was
+    given them, from the folder it began in: a relative one is told from RUN/config.yaml's absolute paths, `began`,
+    for a user in another folder (None where that cannot be told)."""
     try:
         record = json.loads((run_dir / DATA_RECORD).read_text())
-        return folder_apart_from(record["files"]["test"], record["root"]) if record["root"] else None
+        folder = folder_apart_from(record["files"]["test"], record["root"]) if record["root"] else None
     except (OSError, ValueError, KeyError, TypeError):  # no record, a damaged one, no test split
         return None
+    if folder is None or folder.is_absolute():
+        return folder
+    anchors = [Path(path) for path in ((began or {}).get(name) for name in ("test_dir", "data"))
+               if isinstance(path, str) and os.path.isabs(path)]  # not the built-in synthetic set's name
+    return next((found for anchor in anchors if (found := found_below(anchor, folder))), None)
+
+
+def found_below(anchor: Path, given: Path) -> Optional[Path]:
+    """`given`, a relative path to a folder at or below `anchor`, as absolute: config.yaml records `anchor`
+    from / (data/x given as data/x in /home/me is /home/me/data/x there), so the first parts of `given`
+    past any ../ are the last of `anchor` (none for a run given . or ..). The longest such overlap that names a
+    folder wins; None where none does (the data moved)."""
+    parts = given.parts
+    tail = parts[next((i for i, part in enumerate(parts) if part != ".."), len(parts)):]
+    for overlap in range(min(len(tail), len(anchor.parts) - 1), -1, -1):  # never the root / itself
+        if anchor.parts[len(anchor.parts) - overlap:] == tail[:overlap]:
+            found = anchor.joinpath(*tail[overlap:])
+            if found.is_dir():
+                return found
+    return None
 
 
 def folder_apart_from(files: list, root: Path | str) -> Optional[Path]:

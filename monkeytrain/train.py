@@ -31,8 +31,9 @@ from monkeytrain.distributed import make_accelerator, processes_on
 from monkeytrain.errors import exits_cleanly_on_user_error
 from monkeytrain.pace import PhaseTimes, start_up_seconds
 from monkeytrain.preemption import Preemption, requeue_or_exit, rerun_continues, stopped_exit_status
-from monkeytrain.results import checkpoint_named_on_a_full_disk, json_with_matrix_rows, score
-from monkeytrain.rundir import RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir, write_run_records
+from monkeytrain.results import checkpoint_named_on_a_full_disk, score
+from monkeytrain.rundir import (RESULTS_NAME, check_resumed_run, claimed, prepare_run_dir, write_results,
+                               write_run_records)
 from monkeytrain.statestore import given_state
 from monkeytrain.tracking import make_run_log
 from monkeytrain.trainer import RunContext, Trainer
@@ -89,7 +90,7 @@ def train_and_report(run: RunContext, cache_dir: Path, stop: Preemption, on_epoc
         with run.phases.timing("test"), trainer.saved_on_a_fixable_stop():  # an image gone: resume scores
             results, figure = score(run, data, trainer.best)
         results.update(wall_seconds=round(run.phases.elapsed(), 2), phase_seconds=run.phases.summary())
-        log.write_file(RESULTS_NAME, json_with_matrix_rows(results))  # last: it marks the run finished
+        write_results(log, results)  # last: it marks the run finished (every rank ends alike)
     log.info(f"{figure} (best epoch {trainer.best.epoch}); results in {run.run_dir / RESULTS_NAME}")
     return results
 

@@ -233,6 +233,17 @@ def test_a_full_disk_once_training_has_ended_names_the_checkpoint_and_the_test_f
         "`monkeytrain evaluate --checkpoint runs/r/best.safetensors /data/test` rather than train again.")
 
 
+def test_another_rank_ends_a_full_disk_after_training_with_the_main_process_line():
+    """The other ranks have the main process's DiskFull as a plain UserError with its line
+    (failing_alike_on_every_rank): each must end with the same line for the main process to say it once for all."""
+    splits = dataclasses.replace(dataset_splits(False), root="/data/train")
+    with pytest.raises(DiskFull) as main_process, after_training(splits):
+        raise results_json_on_a_full_disk()
+    with pytest.raises(UserError) as other_rank, after_training(splits):
+        raise UserError(str(results_json_on_a_full_disk()))
+    assert str(other_rank.value) == str(main_process.value)
+
+
 def test_a_test_split_held_out_of_the_training_folder_is_not_offered_to_evaluate():
     """evaluate would score the whole folder, the images the model trained on among them."""
     with pytest.raises(DiskFull) as failed, after_training(dataclasses.replace(dataset_splits(False),

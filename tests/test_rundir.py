@@ -217,30 +217,68 @@ def test_a_run_begun_on_a_relative_data_path_resumes_with_it(tmp_path):
     check_resumed_config(run, parse_config([*RESUME, "--data", "data"]))
 
 
-@pytest.mark.parametrize("with_state", [True, False], ids=["with a saved state", "without"])
-def test_reusing_the_name_of_a_run_that_ended_after_training_offers_to_score_its_checkpoint(tmp_path, cpu_accelerator,
-                                                                                             with_state):
-    """Its test split was never scored (a full disk, a kill): --resume auto was offered, which trains again from
-    the newest state (none is saved at the end), where scoring best.safetensors is what was left to do."""
+def trained_run(tmp_path: Path, with_state: bool = True, saved_epoch: int = 2) -> Path:
+    """A run in tmp_path/project/runs/trained, begun there on --data data (Kaggle's layout), whose training ended
+    (its two epochs logged, the second its best), its best.safetensors holding `saved_epoch`, and never scored."""
     import json
+
+    import torch
+    from safetensors.torch import save_file
 
     from monkeytrain.runrecords import DATA_RECORD
     from monkeytrain.tracking import METRICS_NAME
 
-    run = stopped_run(tmp_path, "trained", with_state=with_state)
-    (run / METRICS_NAME).write_text("".join(json.dumps({"epoch": epoch, "epochs": 2, "val_loss": 0.4}) + "\n"
-                                            for epoch in (1, 2)))
-    (run / DATA_RECORD).write_text(json.dumps({"root": "data/training/training", "files": {
+    (tmp_path / "project" / "data" / "validation" / "validation").mkdir(parents=True)
+    run = stopped_run(tmp_path / "project", "trained", with_state=with_state)
+    save_file({"weight": torch.zeros(1)}, str(run / BEST_NAME), metadata={"epoch": str(saved_epoch)})
+    (run / METRICS_NAME).write_text("".join(json.dumps({"epoch": epoch, "epochs": 2, "val_loss": 0.4, "is_best": True})
+                                            + "\n" for epoch in (1, 2)))
+    (run / DATA_RECORD).write_text(json.dumps({"root": "data/training/training", "files": {  # paths as given
         "test": ["data/validation/validation/n0/a.png", "data/validation/validation/n1/b.png"]}}))
+    (run / CONFIG_NAME).write_text(f"data: {tmp_path / 'project' / 'data'}\n")  # absolute, as recorded
+    return run
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["with a saved state", "without"])
+def test_reusing_the_name_of_a_run_that_ended_after_training_offers_to_score_its_checkpoint(
+        tmp_path, monkeypatch, cpu_accelerator, with_state):
+    """Its test split was never scored (a full disk, a kill): --resume auto was offered, which trains again from
+    the newest state (none is saved at the end), where scoring best.safetensors is what was left to do."""
+    from monkeytrain.runrecords import DATA_RECORD
+
+    run = trained_run(tmp_path, with_state)
+    monkeypatch.chdir(tmp_path / "project")  # where it began
     with pytest.raises(UserError) as refused:
         prepare_run_dir(parse_config(["--cpu", "--run-name", "trained"]), cpu_accelerator)
-    shown = Path("runs", "trained")
+    shown, folder = Path("runs", "trained"), tmp_path / "project" / "data" / "validation" / "validation"
     again = ", or train its last epochs again from its newest saved state with --resume auto" if with_state else ""
     assert str(refused.value) == (
         f"{shown} holds a run whose training ended but that was never scored (no results.json); score its best "
-        f"checkpoint on its test split with `monkeytrain evaluate --checkpoint {shown / BEST_NAME} "
-        f"data/validation/validation`{again}; or pick another --run-name.")
+        f"checkpoint on its test split with `monkeytrain evaluate --checkpoint {shown / BEST_NAME} {folder}`{again}; "
+        "or pick another --run-name.")
     (run / DATA_RECORD).unlink()  # its test split held out of the training folder says as much; here, no record
     with pytest.raises(UserError, match=f"score its best checkpoint with `monkeytrain evaluate --checkpoint "
                                         f"{shown / BEST_NAME} FOLDER` on images it did not train on{again};"):
         prepare_run_dir(parse_config(["--cpu", "--run-name", "trained"]), cpu_accelerator)
+
+
+def test_the_test_folder_offered_is_one_from_any_working_directory(tmp_path, cpu_accelerator):
+    """data_manifest.json has the paths as the run was given them (data/validation/validation, from project/):
+    from another folder, that one names a folder that does not exist."""
+    trained_run(tmp_path)  # the test runs in tmp_path, not in project/
+    with pytest.raises(UserError) as refused:
+        prepare_run_dir(parse_config(["--cpu", "--output-dir", "project/runs", "--run-name", "trained"]),
+                        cpu_accelerator)
+    folder = tmp_path / "project" / "data" / "validation" / "validation"
+    assert f"--checkpoint {Path('project', 'runs', 'trained', BEST_NAME)} {folder}`" in str(refused.value)
+
+
+def test_a_run_whose_last_best_checkpoint_was_never_written_is_not_offered_to_score_it(tmp_path, cpu_accelerator):
+    """The disk filled up saving the last epoch's best.safetensors, logged as best before: the file holds an older
+    epoch, which evaluate would score as if it were the run's; the run stopped, its last epoch to train again."""
+    trained_run(tmp_path, with_state=True, saved_epoch=1)
+    with pytest.raises(UserError) as refused:
+        prepare_run_dir(parse_config(["--cpu", "--output-dir", "project/runs", "--run-name", "trained"]),
+                        cpu_accelerator)
+    assert str(refused.value) == (f"{Path('project', 'runs', 'trained')} holds a stopped run (a checkpoint and a saved "
+                                  "state); pick another --run-name, move it away, or continue it with --resume auto.")

@@ -4,10 +4,14 @@ records of a run left unfinished say of it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from monkeytrain.checkpoint import BEST_NAME
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.layout import folders_from_root
 from monkeytrain.errors import UserError
@@ -48,19 +52,34 @@ def test_a_state_whose_copy_of_the_data_record_is_damaged_cannot_be_loaded_in_on
         check_same_data(state, run_dir, is_main_process=True)
 
 
-def epoch_line(epoch: int, epochs: int = 3, **figures) -> str:
-    return json.dumps({"epoch": epoch, "epochs": epochs, "val_loss": 0.5, **figures}) + "\n"
+def epoch_line(epoch: int, epochs: int = 3, best: bool = True, **figures) -> str:
+    return json.dumps({"epoch": epoch, "epochs": epochs, "val_loss": 0.5, "is_best": best, **figures}) + "\n"
 
 
-@pytest.mark.parametrize("lines, ended", [
-    ([epoch_line(1), epoch_line(2), epoch_line(3)], True),
-    ([epoch_line(1), epoch_line(2), epoch_line(3), '{"epoch": 3, "ep'], True),  # a line a kill cut short after it
-    ([epoch_line(1), epoch_line(2)], False),  # stopped, or killed, before its last epoch
-    ([epoch_line(1), epoch_line(2), epoch_line(3, val_loss=None, not_finite={"val_loss": "nan"})], False),  # diverged
-    ([], False),
-], ids=["every epoch", "a cut line after", "stopped before the last", "diverged in the last", "no epoch"])
-def test_a_run_trained_every_epoch_when_its_metrics_end_with_its_last_validated(tmp_path, lines, ended):
+def saved_best(run_dir: Path, epoch: int) -> None:
+    """A best.safetensors whose header holds `epoch`, as the checkpoint of that epoch has."""
+    save_file({"weight": torch.zeros(1)}, str(run_dir / BEST_NAME), metadata={"epoch": str(epoch)})
+
+
+@pytest.mark.parametrize("lines, saved, ended", [
+    ([epoch_line(1), epoch_line(2), epoch_line(3)], 3, True),
+    ([epoch_line(1), epoch_line(2), epoch_line(3), '{"epoch": 3, "ep'], 3, True),  # a line a kill cut short after it
+    ([epoch_line(1), epoch_line(2), epoch_line(3, best=False)], 2, True),  # its best epoch before the last
+    ([epoch_line(1), epoch_line(2)], 2, False),  # stopped, or killed, before its last epoch
+    ([epoch_line(1), epoch_line(2), epoch_line(3, val_loss=None, not_finite={"val_loss": "nan"})], 2,
+     False),  # diverged
+    ([epoch_line(1), epoch_line(2), epoch_line(3)], 2, False),  # the last best epoch's checkpoint never written
+    ([epoch_line(1), epoch_line(2), epoch_line(3)], None, False),  # no checkpoint, or none readable
+    ([], 1, False),
+], ids=["every epoch", "a cut line after", "best before the last", "stopped before the last", "diverged in the last",
+        "its last best unsaved", "no checkpoint", "no epoch"])
+def test_a_run_trained_every_epoch_when_its_metrics_end_with_its_last_validated_and_its_best_saved(tmp_path, lines,
+                                                                                                 saved, ended):
     (tmp_path / METRICS_NAME).write_text("".join(lines))
+    if saved is not None:
+        saved_best(tmp_path, saved)
+    else:
+        (tmp_path / BEST_NAME).write_bytes(b"cut sh")
     assert trained_every_epoch(tmp_path) is ended
 
 
@@ -75,8 +94,45 @@ def test_a_run_names_its_test_folder_only_where_the_model_trained_on_none_of_its
     make_image_folder(tmp_path / "project" / "other", layout=layout, classes=3, per_class=6)
     run = tmp_path / "run"
     run.mkdir()
-    record = manifest("data" if layout == "kaggle" else "other")
-    (run / DATA_RECORD).write_text(json.dumps(record))
-    assert own_test_folder(run) == (Path(folder) if folder else None)
+    given = "data" if layout == "kaggle" else "other"
+    (run / DATA_RECORD).write_text(json.dumps(manifest(given)))
+    began = {"data": str(tmp_path / "project" / given)}  # as config.yaml records it
+    assert own_test_folder(run, began) == (tmp_path / "project" / folder if folder else None)
     (run / DATA_RECORD).write_text('{"files": {"test": ["data/a.p')  # cut short: nothing to name
-    assert own_test_folder(run) is None
+    assert own_test_folder(run, began) is None
+
+
+@pytest.mark.parametrize("given", ["data", "./data/", "../project/data", "."],
+                         ids=["data", "./data/", "../project/data", "the data folder itself"])
+def test_a_test_folder_given_relative_is_named_from_any_working_directory(tmp_path, monkeypatch, make_image_folder,
+                                                                         given):
+    """data_manifest.json has the paths as given, from where the run began; its config.yaml, the absolute ones."""
+    data = make_image_folder(tmp_path / "project" / "data", classes=3, per_class=6)
+    run = tmp_path / "project" / "runs" / "r"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(data if given == "." else tmp_path / "project")
+    (run / DATA_RECORD).write_text(json.dumps(manifest(given)))
+    began = {"data": os.path.abspath(given), "test_dir": None}
+    monkeypatch.chdir(tmp_path)  # the run's name reused from another folder
+    assert own_test_folder(run, began) == data / "validation" / "validation"
+
+
+def test_a_test_folder_given_by_test_dir_is_named_by_its_absolute_path(tmp_path, monkeypatch, make_image_folder):
+    test = make_image_folder(tmp_path / "project" / "test", layout="image-folder", classes=3, per_class=6)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    record = {"root": "data/train", "files": {"test": [f"test/n{label}/a.png" for label in range(3)]}}
+    (run / DATA_RECORD).write_text(json.dumps(record))
+    assert own_test_folder(run, {"data": None, "test_dir": str(test)}) == test
+    monkeypatch.chdir(tmp_path)
+    assert own_test_folder(run, {"data": None, "test_dir": str(test)}) == test
+
+
+def test_a_relative_test_folder_is_not_named_where_config_yaml_cannot_tell_where_it_is(data, tmp_path):
+    """No config.yaml (deleted by hand), the built-in synthetic set's name, or the data moved since."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / DATA_RECORD).write_text(json.dumps(manifest("data")))
+    for began in (None, {"data": "builtin:synthetic-v2"}, {"data": str(tmp_path / "moved")}):
+        assert own_test_folder(run, began) is None

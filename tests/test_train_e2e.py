@@ -204,3 +204,30 @@ def test_a_full_disk_once_training_has_ended_says_to_score_the_checkpoint_it_lef
         f"with `monkeytrain evaluate --checkpoint {checkpoint} {data / 'validation' / 'validation'}` rather than "
         "train again.")
     assert (tmp_path / checkpoint).is_file() and not (tmp_path / "runs" / "full" / "results.json").exists()
+
+
+def test_a_run_left_unscored_names_its_test_folder_from_any_working_directory(tmp_path, monkeypatch):
+    """A run given --data data in project/, results.json never written (a full disk): its name reused from another
+    folder offers `monkeytrain evaluate` of its test folder, by a path that names that folder from there too."""
+    from conftest import run_here, write_image_folder
+    from monkeytrain import storage, train
+    from monkeytrain.errors import UserError
+
+    write_image_folder(tmp_path / "project" / "data", classes=3, per_class=10)  # Kaggle's layout
+    write_file = storage._write_file
+
+    def results_json_on_a_full_disk(path: Path, *args) -> None:
+        if path.name.startswith(".results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_file(path, *args)
+
+    monkeypatch.setattr(storage, "_write_file", results_json_on_a_full_disk)
+    flags = [*SMALL, "--epochs", "1", "--run-name", "full", "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(storage.DiskFull):
+        run_here(train.main.__wrapped__, ["--data", "data", *flags], tmp_path / "project")
+    monkeypatch.undo()
+    with pytest.raises(UserError) as refused:
+        run_here(train.main.__wrapped__, ["--data", "project/data", "--output-dir", "project/runs", *flags], tmp_path)
+    folder = tmp_path / "project" / "data" / "validation" / "validation"
+    assert f"`monkeytrain evaluate --checkpoint {Path('project', 'runs', 'full', 'best.safetensors')} {folder}`" \
+        in str(refused.value)
