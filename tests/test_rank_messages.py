@@ -205,30 +205,14 @@ def test_metrics_the_main_rank_cannot_trim_on_resuming_end_both_ranks_alike(tmp_
     assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]
 
 
-def train_rank_on_a_disk_full_at_results_json(folder: Path, flags: list[str], environment: dict[str, str],
-                                              rank: int) -> None:
-    """forked.train_rank, the main process finding the disk full as it writes results.json, once trained."""
-    if rank == 0:
-        from monkeytrain import storage
-
-        real_write_file = storage._write_file
-
-        def write_file(path: Path, *args) -> None:
-            if path.name.startswith(".results.json.tmp"):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            real_write_file(path, *args)
-
-        storage._write_file = write_file
-    train_rank(folder, flags, environment, rank)
-
-
 def test_results_json_the_main_rank_cannot_write_ends_both_ranks_alike(tmp_path, agent_store):
     """The main process alone writes results.json, after the last collective: the other rank ended with status 0,
     as if the run had finished, and a launcher that waits for every rank's status took it for one that half did."""
     from conftest import write_image_folder
 
     data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
-    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)], train_rank_on_a_disk_full_at_results_json)
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data)],
+                             partial(train_rank_whose_main_write_fails, "results.json", errno.ENOSPC))
     assert ended == [2, 2], logs
     checkpoint = Path("runs", "ranks", "best.safetensors")
     last = logs[0].strip().splitlines()[-1]

@@ -180,13 +180,10 @@ def test_accelerate_launch_runs_the_script_as_written(tmp_path, synthetic_cache)
     assert config["mixed_precision"] == "bf16" and config["grad_accum_steps"] == 2
 
 
-def test_a_full_disk_once_training_has_ended_says_to_score_the_checkpoint_it_left(tmp_path, monkeypatch):
-    """results.json is the last file a run writes: a disk full by then leaves best.safetensors, which
-    evaluate scores, where a resume (no state is saved at the end) or another --output-dir trains again."""
-    from conftest import run_here, write_image_folder
-    from monkeytrain import storage, train
+def fill_the_disk_at_results_json(monkeypatch) -> None:
+    """Writes go on as usual, but results.json finds the disk full."""
+    from monkeytrain import storage
 
-    data = write_image_folder(tmp_path / "data", classes=3, per_class=10)  # Kaggle's layout: its own test folder
     write_file = storage._write_file
 
     def results_json_on_a_full_disk(path: Path, *args) -> None:
@@ -195,6 +192,16 @@ def test_a_full_disk_once_training_has_ended_says_to_score_the_checkpoint_it_lef
         write_file(path, *args)
 
     monkeypatch.setattr(storage, "_write_file", results_json_on_a_full_disk)
+
+
+def test_a_full_disk_once_training_has_ended_says_to_score_the_checkpoint_it_left(tmp_path, monkeypatch):
+    """results.json is the last file a run writes: a disk full by then leaves best.safetensors, which
+    evaluate scores, where a resume (no state is saved at the end) or another --output-dir trains again."""
+    from conftest import run_here, write_image_folder
+    from monkeytrain import storage, train
+
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=10)  # Kaggle's layout: its own test folder
+    fill_the_disk_at_results_json(monkeypatch)
     with pytest.raises(storage.DiskFull) as failed:
         run_here(train.main.__wrapped__, ["--data", str(data), *SMALL, "--epochs", "1", "--run-name", "full",
                                           "--cache-dir", str(tmp_path / "cache")], tmp_path)
@@ -214,14 +221,7 @@ def test_a_run_left_unscored_names_its_test_folder_from_any_working_directory(tm
     from monkeytrain.errors import UserError
 
     write_image_folder(tmp_path / "project" / "data", classes=3, per_class=10)  # Kaggle's layout
-    write_file = storage._write_file
-
-    def results_json_on_a_full_disk(path: Path, *args) -> None:
-        if path.name.startswith(".results.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        write_file(path, *args)
-
-    monkeypatch.setattr(storage, "_write_file", results_json_on_a_full_disk)
+    fill_the_disk_at_results_json(monkeypatch)
     flags = [*SMALL, "--epochs", "1", "--run-name", "full", "--cache-dir", str(tmp_path / "cache")]
     with pytest.raises(storage.DiskFull):
         run_here(train.main.__wrapped__, ["--data", "data", *flags], tmp_path / "project")
