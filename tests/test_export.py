@@ -94,8 +94,8 @@ def test_the_onnx_model_says_in_words_how_to_make_its_input(run):
     forward, info = load_onnx(run["onnx"])
     description = forward.session.get_modelmeta().description
     assert f"A {OTHER_FAMILY} image classifier trained by monkeytrain" in description
-    for words in ("[batch, 3, 32, 32], RGB channels first", "laid over white", "shorter side is 37 pixels",
-                  "centre 37-pixel square, that square's centre 32 pixels", "pixel values / 255",
+    for words in ("[batch, 3, 32, 32], RGB channels first", "laid over white", "shorter side is 36 pixels",
+                  "centre 36-pixel square, that square's centre 32 pixels", "pixel values / 255",
                   "'logits': [batch, 3] logits", "the image and its mirror image."):
         assert words in description
 
@@ -121,8 +121,8 @@ def readme_deploy_snippet() -> str:
 
 def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys, tmp_path):
     """A deployer copies it: its preprocessing, names and test-time views must be predict's, also for a
-    transparent PNG (over white), a JPEG large enough to be decoded at a reduced scale and a 2:1 panorama
-    (570 x 285: resized to 37 px, its longer side is 74 px; side / 285 * 570 in floats is 73.99999)."""
+    transparent PNG (over white), a JPEG large enough to be decoded at a reduced scale and a 3:1 panorama
+    (714 x 238: resized to 36 px, its longer side is 108 px; side / 238 * 714 in floats is 107.99999)."""
     from PIL import Image
 
     photos = sorted(run["test"].rglob("*.png"))
@@ -130,7 +130,7 @@ def test_the_readmes_onnx_runtime_snippet_gives_predicts_answers(run, capsys, tm
     half_clear.putalpha(Image.linear_gradient("L").resize((300, 200)))
     half_clear.save(tmp_path / "clear.png")
     Image.open(photos[1]).convert("RGB").resize((900, 700)).save(tmp_path / "large.jpg", quality=90)
-    Image.open(photos[2]).convert("RGB").resize((570, 285)).save(tmp_path / "wide.png")
+    Image.open(photos[2]).convert("RGB").resize((714, 238)).save(tmp_path / "wide.png")
     extra = [str(tmp_path / name) for name in ("clear.png", "large.jpg", "wide.png")]
     answers = json.loads(output_of(["predict", "--checkpoint", str(run["onnx"]), "--json", "--top-k", "1",
                                     str(run["test"]), *extra], capsys))

@@ -15,12 +15,12 @@ from monkeytrain.data import layout, views
 from monkeytrain.data.dataset import discover_splits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.views import (
-    cached_views, centre_crop, decode_views, stored_size, stored_view_transform, view_bytes, view_dataset,
+    CROP_PCT, cached_views, centre_crop, decode_views, stored_size, stored_view_transform, view_bytes, view_dataset,
     views_cache_key,
 )
 
-IMAGE, SIDE = 16, 18  # round(16 / 0.875)
-FRAMED, FRAMED_SIDE = 24, 27  # round(24 / 0.875)
+IMAGE, SIDE = 16, 18  # 16 / 0.875, rounded down
+FRAMED, FRAMED_SIDE = 24, 27  # 24 / 0.875, rounded down
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_another_image_size_or_file_list_gets_its_own_cache_file(files, tmp_path
     bigger, _ = cached_views(files, 32, cache)
     fewer, fewer_labels = cached_views(files[:-1], IMAGE, cache)
     reordered, reordered_labels = cached_views(list(reversed(files)), IMAGE, cache)
-    assert bigger.shape[-1] == 37 and fewer.shape[0] == 8
+    assert bigger.shape[-1] == stored_size(32) == 36 and fewer.shape[0] == 8
     assert torch.equal(reordered, decode_views(files, IMAGE)[0].flip(0))
     assert reordered_labels.tolist() == [f.label for f in reversed(files)]
     assert len(cache_files(cache)) == 4
@@ -161,6 +161,26 @@ def test_view_bytes_is_the_size_of_the_decoded_views(files, image_size):
 
 def test_stored_size_is_the_image_size_over_crop_pct():
     assert stored_size(24) == 27 and stored_size(224) == 256 and stored_size(64) == 73
+
+
+def test_the_stored_view_side_is_the_side_timms_eval_transform_resizes_to():
+    """timm's validate.py and inference.py, given a run's config.json (crop_pct CROP_PCT), resize the shorter
+    side to image_size / crop_pct rounded down: rounded to the nearest, 432 of these sizes (32, 96, 160...)
+    were framed a pixel larger by predict than by timm."""
+    from timm.data import create_transform
+
+    for image_size in range(16, 1025):
+        timm_side = create_transform(image_size, crop_pct=CROP_PCT, interpolation="bilinear").transforms[0].size
+        assert stored_size(image_size) == timm_side, image_size
+
+
+@pytest.mark.parametrize("image_size", [32, 96])
+def test_a_square_images_centre_crop_is_the_pixels_timms_eval_transform_gives(image_size):
+    from timm.data import create_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8))
+    timm_view = create_transform(image_size, crop_pct=CROP_PCT, interpolation="bilinear", use_prefetcher=True)
+    assert torch.equal(centre_crop(stored_view_transform(image_size)(image), image_size), timm_view(image))
 
 
 @pytest.mark.parametrize("height, width, size", [(9, 14, 4), (10, 7, 5), (27, 27, 24), (8, 13, 8), (6, 6, 3)])

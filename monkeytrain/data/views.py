@@ -12,6 +12,7 @@ metadata all take the centre `image_size` crop of a stored view.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,14 +24,16 @@ from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.loaders import ImageListDataset
 from monkeytrain.storage import mark_used, write_cache
 
-# Stored views are image_size / CROP_PCT pixels square; evaluation takes their
+# Stored views are image_size / CROP_PCT pixels square, rounded down; evaluation takes their
 # centre image_size crop: the usual ImageNet framing (timm's crop_pct 0.875).
 CROP_PCT = 0.875
 VIEWS_VERSION = 2  # 2: large JPEGs decoded in draft mode
 
 
 def stored_size(image_size: int) -> int:
-    return int(round(image_size / CROP_PCT))
+    # timm's eval transform's own expression (transforms_imagenet_eval's scale_size), so that timm's
+    # validate.py and inference.py, given the run's config.json, resize an image to the side predict does
+    return math.floor(image_size / CROP_PCT)
 
 
 def stored_view_transform(image_size: int) -> v2.Compose:
