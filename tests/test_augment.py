@@ -14,7 +14,7 @@ from monkeytrain.errors import UserError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 IMAGE = 24
-SIDE = 27  # round(24 / 0.875)
+SIDE = 27  # floor(24 / 0.875), as timm frames it
 CPU = torch.device("cpu")
 STILL = AugmentSettings(min_crop_scale=1.0, rotation=0.0, color_jitter=0.0, flip=False)
 
@@ -277,7 +277,7 @@ def test_without_views_evaluation_is_the_centre_crop_alone():
 
 
 def test_shifted_views_are_crops_moved_by_the_shift_in_four_directions():
-    side, size, shift = 55, 48, 2  # round(48 / 0.875) = 55: a margin of at least 3 on every side
+    side, size, shift = 55, 48, 2  # views of 55, not stored_size(48) = 54: a margin of at least 3 on every side
     views = noise_views(batch=2, side=side, seed=5)
     tta = EvalViews(size, [0.0] * 3, [1.0] * 3, flip=True, shift=shift)
     assert tta.count == 10  # 5 crops, each also mirrored
@@ -333,3 +333,14 @@ def test_train_crops_take_the_train_size_and_evaluation_the_image_size():
     resizing.train_size = 16
     assert resizing.train(noise_views()).shape == (4, 3, 16, 16)
     assert resizing.eval(noise_views()).shape == (4, 3, IMAGE, IMAGE)
+
+
+def test_a_checkpoint_with_the_largest_shift_of_the_views_before_timms_framing_gets_todays_margin(capsys):
+    """Stored views were once rounded to the nearest pixel (110 at 96 px, a 7-pixel margin), now down as timm
+    rounds them (109, 6 pixels): a checkpoint saved with --tta-shift 7 has no flag to lower it, so it moves its
+    views 6 pixels, with a warning; a shift that was beyond the margin then too is still refused."""
+    views = EvalViews.of_config({"tta_shift": 7}, 96, [0.5] * 3, [0.25] * 3)
+    assert max(abs(offset) for pair in views.offsets for offset in pair) == 6
+    assert "--tta-shift 7, the largest for 96-pixel crops when this run began" in capsys.readouterr().err
+    with pytest.raises(UserError, match="use at most 6"):
+        EvalViews.of_config({"tta_shift": 8}, 96, [0.5] * 3, [0.25] * 3)

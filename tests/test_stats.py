@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def numpy_reference(files, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and population std in 0..1 units, in float64, of the evaluation framing, done here
     with PIL and numpy alone: shorter side resized to S = size / 0.875 with PIL's (antialiased)
     bilinear filter, a centre S x S crop (the stored view), then its centre size x size crop."""
-    side = int(round(image_size / 0.875))
+    side = math.floor(image_size / 0.875)  # as timm frames it
     pixels = []
     for f in files:
         with Image.open(f.path) as image:

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from monkeytrain.data.views import centre_crop, stored_size
+from monkeytrain.data.views import CROP_PCT, centre_crop, stored_size
+from monkeytrain.config import warn
 from monkeytrain.errors import UserError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -160,7 +161,8 @@ class EvalViews:
     @classmethod
     def of_config(cls, config: dict, image_size: int, mean: list[float], std: list[float]) -> "EvalViews":
         """The views a run's config asks for (a checkpoint's config from before --tta-shift: no shifts)."""
-        return cls(image_size, mean, std, flip=bool(config.get("tta_flip")), shift=config.get("tta_shift", 0))
+        shift = shift_within_todays_margin(config.get("tta_shift", 0), image_size)
+        return cls(image_size, mean, std, flip=bool(config.get("tta_flip")), shift=shift)
 
     def prepare(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 stored views [B, 3, S, S] -> normalised views [count * B, 3, size, size], view-major."""
@@ -170,3 +172,17 @@ class EvalViews:
 
     def averaged(self, model: Callable) -> Callable:
         return lambda images: model(images).unflatten(0, (self.count, -1)).mean(dim=0)
+
+
+def shift_within_todays_margin(shift: int, image_size: int) -> int:
+    """A run or checkpoint made while stored views were rounded to the nearest pixel, not down as timm rounds
+    them, may have the largest shift of its day, one pixel beyond today's margin (7 at 96 px, now 6): it gets
+    today's margin, with a warning, rather than a refusal it has no flag to act on."""
+    margin = (stored_size(image_size) - image_size) // 2
+    margin_of_its_day = (int(round(image_size / CROP_PCT)) - image_size) // 2
+    if margin < shift <= margin_of_its_day:
+        warn(f"--tta-shift {shift}, the largest for {image_size}-pixel crops when this run began, is beyond the "
+             f"{margin}-pixel margin their stored views now leave (framed as timm frames them): its test-time views "
+             f"move {margin} pixels instead.")
+        return margin
+    return shift
