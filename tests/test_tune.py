@@ -148,6 +148,22 @@ def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(s
     assert opened(tmp_path / "new").select_on == "balanced-accuracy"  # a later worker: the space is kept now
 
 
+def test_a_worker_whose_select_on_differs_is_refused_without_a_word_on_studies_before_select_on(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """A study begun with --select-on accuracy, and a worker given the default: the study did not begin before
+    --select-on existed, and the worker is refused for its other flags, which is all it is told."""
+    space = tmp_path / "space.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
+    argv = ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"]
+    assert tune.main([*argv, "--select-on", "accuracy"]) == 0
+    with pytest.raises(SystemExit) as exited:
+        tune.main(argv)
+    said = capsys.readouterr()
+    assert exited.value.code == 2 and "holds a study begun with other fixed train.py flags" in said.err, said.err
+    assert "before --select-on existed" not in said.out + said.err
+
+
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
 def test_a_trial_whose_training_diverges_fails_and_the_study_goes_on(study_inputs, tmp_path):
     space, train_flags = study_inputs
