@@ -43,7 +43,8 @@ from monkeytrain.tune_study import (MEDIAN_AFTER_TRIALS, MEDIAN_FROM_EPOCH, Setu
                                     open_study, pruner_rule, say, say_scored_as_before_select_on, study_select_on)
 from monkeytrain.tune_study import STUDY_NAME, study_storage  # noqa: F401  (the README's enqueueing imports them here)
 from monkeytrain.tune_trial import TRIAL_LOG, run_trials
-from monkeytrain.tune_workers import WORKER_INDEX_ENV, fail_abandoned, finish_is_mine, progress, worker_name
+from monkeytrain.tune_workers import (WORKER_INDEX_ENV, fail_abandoned, finish_is_mine, progress, runs_of_this_worker,
+                                      worker_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> int:
     study, setup, config = open_search(args, train_flags)
     if args.workers > 1 and not args.finish:
         return run_workers(args.workers, argv, config)
-    return work(study, setup, args.finish)
+    with runs_of_this_worker(args.study_dir):
+        return work(study, setup, args.finish)
 
 
 def require_optuna():

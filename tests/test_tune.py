@@ -164,6 +164,17 @@ def test_a_worker_whose_select_on_differs_is_refused_without_a_word_on_studies_b
     assert "before --select-on existed" not in said.out + said.err
 
 
+def test_srun_of_several_tune_workers_runs_one_worker_in_each_task(study_inputs, tmp_path):
+    """`srun -n 2 monkeytrain tune ...` (the README's N workers of one study): each task is a worker whose trials
+    and best run are one process each, unlike `srun -n 2 python monkeytrain/train.py` (refused: one run each)."""
+    space, train_flags = study_inputs
+    srun_task_1 = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    done = run_here(tune.main, ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--trials", "1",
+                                *train_flags, "--epochs", "1"], PROJECT, **srun_task_1)
+    assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "study" / "best_run" / "results.json").is_file()
+
+
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
 def test_a_trial_whose_training_diverges_fails_and_the_study_goes_on(study_inputs, tmp_path):
     space, train_flags = study_inputs
