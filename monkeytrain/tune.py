@@ -136,7 +136,7 @@ def work(study, setup: Setup, finish_now: bool) -> int:
     try:
         reason = "finish" if finish_now else run_trials(study, setup, stops)
         if reason in ("signal", "interrupted"):
-            return stopped(reason, stops.received)
+            return stopped(stops.received)
         if not finish_is_mine(study, setup, reason):
             return 0
         return finish_or_let_go(study, setup, stops)

@@ -49,11 +49,11 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
         f"{setup.objective} {best.value:.2%} ({describe(best.params)})")
     say("wrote " + ", ".join(str(path) for path in files))
     if stops.received:
-        return stopped_finishing("signal", stops.received, setup)
+        return stopped_finishing(stops.received, setup)
     results = train_best(setup, files[-1])
     stops.listen()
     if results.get("stopped"):
-        return stopped_finishing("interrupted", stops.received, setup)
+        return stopped_finishing(stops.received, setup)
     tune_report.write_json(tune_report.study_summary(trials, best, importances, results, setup.select_on),
                            setup.study_dir / tune_report.SUMMARY_NAME)
     say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: {setup.objective} "
@@ -63,11 +63,11 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     return 0
 
 
-def stopped_finishing(reason: str, received: str | None, setup: Setup) -> int:
+def stopped_finishing(received: str | None, setup: Setup) -> int:
     """Stop, and let go of the study's end: whichever worker runs next takes it up (the best run resumes
     from its saved state), on any host, where a claim left behind could only be taken over here."""
     (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)
-    return stopped(reason, received)
+    return stopped(received)
 
 
 def write_study_files(study, trials: list, best, setup: Setup) -> tuple[list[Path], dict]:

@@ -164,6 +164,29 @@ def test_a_worker_whose_select_on_differs_is_refused_without_a_word_on_studies_b
     assert "before --select-on existed" not in said.out + said.err
 
 
+def test_a_worker_warned_by_slurm_during_a_trial_asks_for_the_requeue(study_inputs, tmp_path, monkeypatch):
+    """SIGUSR1 inside a trial (tune.sbatch's warning before a time limit): the worker asks for the requeue that
+    brings the task back to the study. The trial leaves it to tune, and its log names no flags of its own (the
+    same tune command continues the study, not --resume auto --run-name trial-0000)."""
+    from monkeytrain import tune_trial
+
+    space, train_flags = study_inputs
+    study_dir, request = tmp_path / "study", tmp_path / "job.requeue"
+
+    def warned_at_each_epochs_end(trial, objective):  # the trial's on_epoch: SLURM's warning comes in epoch 1
+        return lambda epoch, score: os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(tune_trial, "pruning_hook", warned_at_each_epochs_end)
+    done = run_here(tune.main, ["--space", str(space), "--study-dir", str(study_dir), "--trials", "1", *train_flags,
+                                "--epochs", "2"], PROJECT, SLURM_JOB_ID="55", MONKEYTRAIN_REQUEUE_FILE=str(request))
+    assert done.results == 128 + signal.SIGUSR1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tune: asked the job script to requeue the job once its processes have ended." in done.stdout
+    assert request.read_text() == "55\n\n"
+    log = (study_dir / "trials" / "trial-0000" / "train.log").read_text()
+    assert "stopped on SIGUSR1 after saving the training state; monkeytrain tune stops too, and says how its " \
+           "study goes on." in log and "--run-name" not in log, log
+
+
 def test_srun_of_several_tune_workers_runs_one_worker_in_each_task(study_inputs, tmp_path):
     """`srun -n 2 monkeytrain tune ...` (the README's N workers of one study): each task is a worker whose trials
     and best run are one process each, unlike `srun -n 2 python monkeytrain/train.py` (refused: one run each)."""
@@ -444,7 +467,7 @@ from pathlib import Path
 from monkeytrain.tune_stops import stopped
 
 out = Path(os.environ["STUB_OUTPUT"])
-signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("signal", "SIGUSR1")))
+signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("SIGUSR1")))
 (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
 (out / "ready").touch()
 time.sleep(60)
