@@ -12,7 +12,7 @@ from monkeytrain.errors import UserError
 from monkeytrain.tune_flags import machine_flags
 from monkeytrain.tune_stops import StopSignals, stopped
 from monkeytrain.tune_study import Setup, say
-from monkeytrain.tune_trial import TRIAL_LOG, TRIALS_DIR, best_val_score, describe
+from monkeytrain.tune_trial import TRIAL_LOG, TRIALS_DIR, best_val_score, describe, in_tunes_words
 from monkeytrain.tune_workers import CLAIM_NAME, progress
 
 BEST_RUN_NAME = "best_run"
@@ -95,7 +95,10 @@ def train_best(setup: Setup, best_config: Path) -> dict:
     argv = ["--config", str(best_config), *machine_flags(setup.train_flags), "--output-dir", str(setup.study_dir),
             "--run-name", BEST_RUN_NAME, "--resume", "auto"]
     with open(run_dir / TRIAL_LOG, "a") as log, redirect_stdout(log), redirect_stderr(log):
-        return train_main.__wrapped__(argv)
+        try:
+            return train_main.__wrapped__(argv)
+        except UserError as error:  # what to do, in tune's flags (its same command resumes this run)
+            raise in_tunes_words(error)
 
 
 def state_counts(trials: list) -> str:

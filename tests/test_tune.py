@@ -27,6 +27,7 @@ import yaml
 from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
+from monkeytrain.errors import UserError
 from monkeytrain.storage import DiskFull
 from monkeytrain.tune_flags import machine_flags
 from monkeytrain.tune_study import STORAGE_NAME, STUDY_NAME, study_storage
@@ -343,6 +344,47 @@ def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_fin
     assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 trial (1 complete)" in done.stdout and len(read_trials(study_dir)) == 1
     assert (study_dir / "best_run" / "results.json").is_file() and (study_dir / "best_config.yaml").is_file()
+
+
+def test_a_trial_that_fills_the_disk_says_to_free_space_and_run_tune_again(study_inputs, tmp_path, monkeypatch):
+    """Its saved state is no reason to give it train.py's --resume auto --run-name trial-0000 (flags tune refuses):
+    the same tune command continues the study once there is space (the trial is run anew)."""
+    from monkeytrain import tracking
+
+    space, train_flags = study_inputs
+    study_dir, real_append = tmp_path / "study", tracking.append_line
+
+    def full_at_epoch_2(path, line, **kwargs):  # after epoch 1 saved its state (--save-every 1)
+        if '"epoch": 2' in line:
+            raise DiskFull(Path(path), 4096, False, "--output-dir")
+        return real_append(path, line, **kwargs)
+
+    monkeypatch.setattr(tracking, "append_line", full_at_epoch_2)
+    with pytest.raises(DiskFull) as failed:  # the undecorated command: its error, not the exit it makes of it
+        run_here(tune.main.__wrapped__, ["--space", str(space), "--study-dir", str(study_dir), "--trials", "1",
+                                         *train_flags, "--epochs", "2", "--save-every", "1"], PROJECT)
+    assert (study_dir / "trials" / "trial-0000" / "state").is_dir()  # saved, yet of no use to tune
+    assert str(failed.value) == (f"no space left on the device of {study_dir / 'trials' / 'trial-0000'} to write "
+                                 "metrics.jsonl (4.0 KiB needed); free some space or pick another --study-dir; "
+                                 "rerunning tune continues the study.")
+
+
+def test_an_image_gone_in_a_trial_says_to_run_tune_again(study_inputs, tmp_path, monkeypatch):
+    """Not train.py's --resume auto --run-name trial-0000, which tune refuses."""
+    from monkeytrain import tune_trial
+
+    space, train_flags = study_inputs
+    folder = Path(train_flags[1]) / "train" / "n1"
+
+    def images_gone_after_epoch_1(trial, objective):  # scanned, and streamed again in epoch 2
+        return lambda epoch, score: [image.unlink() for image in folder.iterdir()]
+
+    monkeypatch.setattr(tune_trial, "pruning_hook", images_gone_after_epoch_1)
+    with pytest.raises(UserError) as failed:
+        run_here(tune.main.__wrapped__, ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--trials",
+                                         "1", *train_flags, "--epochs", "2", "--data-pipeline", "stream"], PROJECT)
+    assert str(failed.value).startswith(f"{folder}/") and str(failed.value).endswith(
+        "put it back, or run again to scan the data anew. The same monkeytrain tune command continues the study.")
 
 
 def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
