@@ -29,13 +29,18 @@ GRADIENT_ACCUMULATION_VARIABLE = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
 # Accelerate 1.16 sets it for DeepSpeed only; Accelerator() reads it whoever set it.
 WHO_SETS_IT = "set by `accelerate launch --gradient_accumulation_steps` with DeepSpeed, its config, or an export"
 DYNAMO_BACKEND_VARIABLE = "ACCELERATE_DYNAMO_BACKEND"
+# Set by `monkeytrain tune` (to its --study-dir) in its own process, whose runs are its trials and its best run:
+# tune, not such a run, says how a stopped study goes on, and `srun -n N monkeytrain tune` is N workers of one
+# study, each training its runs one process each, not N tasks of one run.
+TUNE_STUDY_VARIABLE = "MONKEYTRAIN_TUNE_STUDY"
 
 
 def make_accelerator(config) -> Accelerator:
     """The one Accelerator of a run, in the precision `choose_precision` picks. What Accelerate would read
     by itself from the launcher's environment, unknown to the config (gradient accumulation, a dynamo
     backend), is the config's first (take_launcher_settings): the run uses and records what it trains with."""
-    check_one_run_per_slurm_step()
+    if not a_run_of_tune():  # a tune worker's runs are one process each, whatever its srun step holds
+        check_one_run_per_slurm_step()
     on_gpu = torch.cuda.is_available() and not config.cpu
     if config.mixed_precision == "fp16" and not on_gpu:
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU.")
@@ -60,6 +65,11 @@ def make_accelerator(config) -> Accelerator:
         # which would make the main command train at half speed on two cores.
         torch.set_num_threads(config.cpu_threads or cores_per_process(accelerator))
     return accelerator
+
+
+def a_run_of_tune(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process trains the runs of a `monkeytrain tune` worker (TUNE_STUDY_VARIABLE)."""
+    return bool(environ.get(TUNE_STUDY_VARIABLE))
 
 
 def check_one_run_per_slurm_step(environ: Mapping[str, str] = os.environ) -> None:

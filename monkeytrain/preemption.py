@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from monkeytrain.config import TrainConfig
-from monkeytrain.distributed import sum_across_ranks
+from monkeytrain.distributed import a_run_of_tune, sum_across_ranks
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # On a GPU, ranks compare their stop flags every this many optimizer steps (a collective: checking
@@ -205,6 +205,10 @@ def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] =
     job. `unsaved`: how a stop that saved no state came (nothing_trained_since); None after a save."""
     if not accelerator.is_main_process:
         return
+    if a_run_of_tune():  # its worker stops next, and asks for any requeue itself (tune_stops.stopped): once a job
+        log.info(f"stopped on {stop.received or 'a signal'} {unsaved or 'after saving the training state'}; "
+                 "monkeytrain tune stops too, and says how its study goes on.")
+        return
     flags = resume_flags(log.run_dir)
     job = os.environ.get("SLURM_JOB_ID")
     if job and stop.wants_requeue():
@@ -224,7 +228,10 @@ def rerun_continues(config: TrainConfig, environ: Mapping[str, str] = os.environ
     the flags as given, before the run is named. The SLURM scripts' runs do: they name the run, give --resume
     auto, and continue a given state from its newest (slurm/requeue.sh). Elsewhere only --resume auto with
     --run-name does: without --resume the run would start over, without a name a new run (named after the
-    time) would start, and --resume with a state's path would go back to that state, every time limit."""
+    time) would start, and --resume with a state's path would go back to that state, every time limit.
+    A run of monkeytrain tune does: its worker's command, run again, continues the study."""
+    if a_run_of_tune(environ):
+        return True
     if not config.resume:
         return False
     return bool(environ.get(REQUEUE_REQUEST)) or (config.resume == "auto" and bool(config.run_name))

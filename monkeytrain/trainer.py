@@ -29,7 +29,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import failing_alike_on_every_rank
+from monkeytrain.distributed import a_run_of_tune, failing_alike_on_every_rank
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
@@ -165,12 +165,13 @@ class Trainer:
     @contextmanager
     def resumable_when_space_runs_out(self) -> Iterator[None]:
         """A full disk (or quota) or a run folder made read-only, hours into a run that has a saved training state,
-        says to free space (or make it writable) and continue from that state, not to start over elsewhere."""
+        says to free space (or make it writable) and continue from that state, not to start over elsewhere. A run
+        of monkeytrain tune keeps its line, which tune words in its own flags (its command continues the study)."""
         try:
             yield
         except UserError as error:
             saved = state_dirs(self.run.run_dir)  # what --resume auto takes, alike on every rank
-            if saved:
+            if saved and not a_run_of_tune():
                 message = with_way_out(str(error), "--output-dir",
                                        lambda fix: continue_after_freeing_space(saved[-1], self.run.run_dir, fix=fix))
                 error.args = (message,) if message else error.args  # the same error (DiskFull, WriteFailed), new line
@@ -234,8 +235,13 @@ class Trainer:
             raise
         except ImageGone as gone:
             self.save_state()  # the loader fails between steps: the last step's state is whole
-            raise UserError(f"{gone} The training state is saved: the same command with "
-                            f"{resume_flags(self.run.run_dir)} continues the run.") from None
+            raise UserError(f"{gone} {self.how_to_continue()}") from None
+
+    def how_to_continue(self) -> str:
+        """How a run stopped by a problem the user can fix, its state saved, goes on, in words."""
+        if a_run_of_tune():  # its flags are tune's to give: train.py's would be refused
+            return "The same monkeytrain tune command continues the study."
+        return f"The training state is saved: the same command with {resume_flags(self.run.run_dir)} continues the run."
 
     def cuda_graphs(self) -> CudaGraphs | None:
         """What captures the training step with --cuda-graphs, where graphs apply (None: the eager step)."""

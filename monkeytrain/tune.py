@@ -40,10 +40,11 @@ from monkeytrain.tune_finish import BEST_RUN_NAME, finish_or_let_go, study_finis
 from monkeytrain.tune_flags import check_data, fixed_flags
 from monkeytrain.tune_stops import STOP_SIGNALS, StopSignals, stopped
 from monkeytrain.tune_study import (MEDIAN_AFTER_TRIALS, MEDIAN_FROM_EPOCH, Setup, check_same_search, make_pruner,
-                                    open_study, pruner_rule, say, study_select_on)
+                                    open_study, pruner_rule, say, say_scored_as_before_select_on, study_select_on)
 from monkeytrain.tune_study import STUDY_NAME, study_storage  # noqa: F401  (the README's enqueueing imports them here)
 from monkeytrain.tune_trial import TRIAL_LOG, run_trials
-from monkeytrain.tune_workers import WORKER_INDEX_ENV, fail_abandoned, finish_is_mine, progress, worker_name
+from monkeytrain.tune_workers import (WORKER_INDEX_ENV, fail_abandoned, finish_is_mine, progress, runs_of_this_worker,
+                                      worker_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> int:
     study, setup, config = open_search(args, train_flags)
     if args.workers > 1 and not args.finish:
         return run_workers(args.workers, argv, config)
-    return work(study, setup, args.finish)
+    with runs_of_this_worker(args.study_dir):
+        return work(study, setup, args.finish)
 
 
 def require_optuna():
@@ -113,9 +115,10 @@ def open_search(args: argparse.Namespace, train_flags: list[str]):
     check_data(config)
     check_writable_dir(args.study_dir, "--study-dir")
     study = open_study(args.study_dir, make_pruner(args.pruner))
-    select_on = study_select_on(study, config.select_on, args.study_dir)  # before check_same_search keeps the space
+    select_on = study_select_on(study, config.select_on)  # before check_same_search keeps the space
     check_same_search(study, space, fixed, args.study_dir)
     if select_on != config.select_on:  # a study begun before --select-on: its trials go on as they began
+        say_scored_as_before_select_on(args.study_dir)
         train_flags = [*train_flags, "--select-on", select_on]
     deadline = None if args.timeout_minutes is None else time.monotonic() + args.timeout_minutes * 60
     return study, Setup(args.study_dir, space, train_flags, args.trials, deadline, worker_name(), select_on), config
@@ -133,7 +136,7 @@ def work(study, setup: Setup, finish_now: bool) -> int:
     try:
         reason = "finish" if finish_now else run_trials(study, setup, stops)
         if reason in ("signal", "interrupted"):
-            return stopped(reason, stops.received)
+            return stopped(stops.received)
         if not finish_is_mine(study, setup, reason):
             return 0
         return finish_or_let_go(study, setup, stops)

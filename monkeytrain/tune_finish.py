@@ -12,7 +12,7 @@ from monkeytrain.errors import UserError
 from monkeytrain.tune_flags import machine_flags
 from monkeytrain.tune_stops import StopSignals, stopped
 from monkeytrain.tune_study import Setup, say
-from monkeytrain.tune_trial import TRIAL_LOG, TRIALS_DIR, best_val_score, describe
+from monkeytrain.tune_trial import TRIAL_LOG, TRIALS_DIR, best_val_score, describe, in_tunes_words
 from monkeytrain.tune_workers import CLAIM_NAME, progress
 
 BEST_RUN_NAME = "best_run"
@@ -49,11 +49,11 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
         f"{setup.objective} {best.value:.2%} ({describe(best.params)})")
     say("wrote " + ", ".join(str(path) for path in files))
     if stops.received:
-        return stopped_finishing("signal", stops.received, setup)
+        return stopped_finishing(stops.received, setup)
     results = train_best(setup, files[-1])
     stops.listen()
     if results.get("stopped"):
-        return stopped_finishing("interrupted", stops.received, setup)
+        return stopped_finishing(stops.received, setup)
     tune_report.write_json(tune_report.study_summary(trials, best, importances, results, setup.select_on),
                            setup.study_dir / tune_report.SUMMARY_NAME)
     say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: {setup.objective} "
@@ -63,11 +63,11 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
     return 0
 
 
-def stopped_finishing(reason: str, received: str | None, setup: Setup) -> int:
+def stopped_finishing(received: str | None, setup: Setup) -> int:
     """Stop, and let go of the study's end: whichever worker runs next takes it up (the best run resumes
     from its saved state), on any host, where a claim left behind could only be taken over here."""
     (setup.study_dir / CLAIM_NAME).unlink(missing_ok=True)
-    return stopped(reason, received)
+    return stopped(received)
 
 
 def write_study_files(study, trials: list, best, setup: Setup) -> tuple[list[Path], dict]:
@@ -95,7 +95,10 @@ def train_best(setup: Setup, best_config: Path) -> dict:
     argv = ["--config", str(best_config), *machine_flags(setup.train_flags), "--output-dir", str(setup.study_dir),
             "--run-name", BEST_RUN_NAME, "--resume", "auto"]
     with open(run_dir / TRIAL_LOG, "a") as log, redirect_stdout(log), redirect_stderr(log):
-        return train_main.__wrapped__(argv)
+        try:
+            return train_main.__wrapped__(argv)
+        except UserError as error:  # what to do, in tune's flags (its same command resumes this run)
+            raise in_tunes_words(error)
 
 
 def state_counts(trials: list) -> str:

@@ -30,13 +30,13 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def stopped(reason: str, received: str | None) -> int:
+def stopped(received: str | None) -> int:
     from monkeytrain.preemption import ask_for_requeue, signal_exit_status
 
-    if reason == "signal" and received == "SIGUSR1" and os.environ.get("SLURM_JOB_ID"):
-        # SLURM's warning before a time limit, as for a training run (preemption.requeue_or_exit); a stop
-        # inside a trial asks for a requeue from train.py, between trials tune does, so that the task
-        # comes back and goes on with the study. A SIGTERM (scancel) ends it.
+    if received == "SIGUSR1" and os.environ.get("SLURM_JOB_ID"):
+        # SLURM's warning before a time limit, as for a training run (preemption.requeue_or_exit): between
+        # trials or inside one (whose run leaves the requeue to tune: its flags are no command's), tune asks,
+        # so that the task comes back and goes on with the study. A SIGTERM (scancel) ends it.
         say(ask_for_requeue(os.environ["SLURM_JOB_ID"]))
     say(f"stopped on {received or 'a signal'}; the same command continues the study.")
     # as train.py outside a launcher: a stopped study is not a finished one to `&&`

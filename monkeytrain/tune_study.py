@@ -96,7 +96,7 @@ def open_study(study_dir: Path, pruner):
                         f"{error}); move it away to start the study anew, or give another --study-dir.") from None
 
 
-def study_select_on(study, select_on: str, study_dir: Path) -> str:
+def study_select_on(study, select_on: str) -> str:
     """What scores the study's trials, kept in the study: one figure for all of them. A study that kept its
     space but no such figure began before --select-on existed and scored its trials on accuracy; so do its
     next ones, rather than rank balanced accuracies against plain ones. Kept before the space, so that a worker
@@ -105,10 +105,14 @@ def study_select_on(study, select_on: str, study_dir: Path) -> str:
     if kept is None:
         kept = PLAIN if study.user_attrs.get("space") is not None else select_on
         study.set_user_attr("select_on", kept)
-    if kept != select_on:
-        say(f"{study_dir} began before --select-on existed and scores its trials on validation accuracy; "
-            "its next trials are scored so too.")
     return kept
+
+
+def say_scored_as_before_select_on(study_dir: Path) -> None:
+    """Said of a study begun before --select-on existed (study_select_on), once check_same_search has let the
+    worker in: with the same fixed flags, only such a study scores on another figure than the worker's."""
+    say(f"{study_dir} began before --select-on existed and scores its trials on validation accuracy; "
+        "its next trials are scored so too.")
 
 
 def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:

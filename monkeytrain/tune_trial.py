@@ -105,9 +105,8 @@ def train_trial(trial, argv: list[str], objective: str = objective_words(BALANCE
     except Diverged as diverged:  # these values break training: a failed trial, like any search's
         trial.set_user_attr("error", diverged.what[:300])
         return TrialEnd(TrialState.FAIL, None, f"failed: {trial.user_attrs['error']}")
-    except UserError as error:  # what to do, in tune's flags: it sets the trials' --output-dir itself
-        error.args = (str(error).replace("--output-dir", "--study-dir"),)
-        raise
+    except UserError as error:  # what to do, in tune's flags (in_tunes_words)
+        raise in_tunes_words(error)
     except Exception as error:  # this trial's own failure (out of memory, say): the study goes on
         traceback.print_exc()  # into the trial's train.log
         trial.set_user_attr("error", f"{error.__class__.__name__}: {error}"[:300])
@@ -117,6 +116,18 @@ def train_trial(trial, argv: list[str], objective: str = objective_words(BALANCE
         return TrialEnd(TrialState.FAIL, None, "interrupted by a stop signal; it does not count", interrupted=True)
     value = best_val_score(results)
     return TrialEnd(TrialState.COMPLETE, value, f"{objective} {value:.2%} (best epoch {results['best_epoch']})")
+
+
+def in_tunes_words(error: UserError) -> UserError:
+    """The error of a run of tune's (a trial, the best run), with what to do in tune's flags: it sets the runs'
+    --output-dir itself, and after a full disk (or a folder made read-only) tune's command continues the study,
+    whatever the run had saved (a trial's state is of no use: an interrupted trial is run anew)."""
+    from monkeytrain.storage import with_way_out
+
+    message = with_way_out(str(error), "--output-dir", lambda fix: f"{fix} or pick another --study-dir; rerunning "
+                                                                   "tune continues the study.")
+    error.args = (message or str(error).replace("--output-dir", "--study-dir"),)
+    return error
 
 
 def best_val_score(results: dict) -> float:

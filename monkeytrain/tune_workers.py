@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from monkeytrain.tune_study import Setup, say
 
 CLAIM_NAME = "finish.claim"
 WORKER_INDEX_ENV = "MONKEYTRAIN_TUNE_WORKER"  # set in the processes of --workers K
+
+
+@contextmanager
+def runs_of_this_worker(study_dir: Path) -> Iterator[None]:
+    """While it lasts, the runs that this process trains (its trials, the best run) know they are this worker's
+    (distributed.TUNE_STUDY_VARIABLE); put back after, for a caller that goes on (a test)."""
+    from monkeytrain.distributed import TUNE_STUDY_VARIABLE
+
+    before = os.environ.get(TUNE_STUDY_VARIABLE)
+    os.environ[TUNE_STUDY_VARIABLE] = str(study_dir)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TUNE_STUDY_VARIABLE, None)
+        else:
+            os.environ[TUNE_STUDY_VARIABLE] = before
 
 
 def counted(trials: list) -> list:

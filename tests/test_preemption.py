@@ -14,6 +14,7 @@ import pytest
 
 from conftest import RecordedLog, train_here
 from monkeytrain.config import parse_config
+from monkeytrain.distributed import TUNE_STUDY_VARIABLE
 from monkeytrain.preemption import (GPU_STOP_CHECK_INTERVAL, REQUEUE_REQUEST, STOP_SIGNALS, ConsoleStream, Preemption,
                                     SaveSchedule, launched_by_a_launcher, nothing_trained_since, requeue_or_exit,
                                     rerun_continues, stop_check_interval, stopped_exit_status)
@@ -221,6 +222,11 @@ def test_a_job_ended_by_slurm_says_a_requeue_goes_on_by_itself_else_to_resubmit(
 def test_a_requeue_is_only_for_a_command_that_continues_its_run(flags, scripts, continues):
     environ = {REQUEUE_REQUEST: "/tmp/job.requeue"} if scripts else {}
     assert rerun_continues(parse_config(["--debug", *flags]), environ) is continues
+
+
+def test_a_run_of_tune_is_one_that_its_command_continues():
+    """A trial gets no --resume: tune's command, run again, continues the study (it asks for the requeue)."""
+    assert rerun_continues(parse_config(["--debug"]), {TUNE_STUDY_VARIABLE: "runs/tune"}) is True
 
 
 def test_a_job_of_its_own_is_not_requeued_to_start_its_run_over(monkeypatch, preemption):

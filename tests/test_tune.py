@@ -27,6 +27,7 @@ import yaml
 from conftest import run_here, write_image_folder
 from monkeytrain import cli, tune
 from monkeytrain.config import parse_config
+from monkeytrain.errors import UserError
 from monkeytrain.storage import DiskFull
 from monkeytrain.tune_flags import machine_flags
 from monkeytrain.tune_study import STORAGE_NAME, STUDY_NAME, study_storage
@@ -146,6 +147,56 @@ def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(s
     assert (new.select_on, new.train_flags, new.objective) == ("balanced-accuracy", train_flags,
                                                                "validation balanced accuracy")
     assert opened(tmp_path / "new").select_on == "balanced-accuracy"  # a later worker: the space is kept now
+
+
+def test_a_worker_whose_select_on_differs_is_refused_without_a_word_on_studies_before_select_on(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """A study begun with --select-on accuracy, and a worker given the default: the study did not begin before
+    --select-on existed, and the worker is refused for its other flags, which is all it is told."""
+    space = tmp_path / "space.yaml"
+    space.write_text("{lr: [0.1, 0.2]}")
+    monkeypatch.setattr(tune, "work", lambda study, setup, finish_now: 0)  # open the study, train nothing
+    argv = ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--cpu"]
+    assert tune.main([*argv, "--select-on", "accuracy"]) == 0
+    with pytest.raises(SystemExit) as exited:
+        tune.main(argv)
+    said = capsys.readouterr()
+    assert exited.value.code == 2 and "holds a study begun with other fixed train.py flags" in said.err, said.err
+    assert "before --select-on existed" not in said.out + said.err
+
+
+def test_a_worker_warned_by_slurm_during_a_trial_asks_for_the_requeue(study_inputs, tmp_path, monkeypatch):
+    """SIGUSR1 inside a trial (tune.sbatch's warning before a time limit): the worker asks for the requeue that
+    brings the task back to the study. The trial leaves it to tune, and its log names no flags of its own (the
+    same tune command continues the study, not --resume auto --run-name trial-0000)."""
+    from monkeytrain import tune_trial
+
+    space, train_flags = study_inputs
+    study_dir, request = tmp_path / "study", tmp_path / "job.requeue"
+
+    def warned_at_each_epochs_end(trial, objective):  # the trial's on_epoch: SLURM's warning comes in epoch 1
+        return lambda epoch, score: os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(tune_trial, "pruning_hook", warned_at_each_epochs_end)
+    done = run_here(tune.main, ["--space", str(space), "--study-dir", str(study_dir), "--trials", "1", *train_flags,
+                                "--epochs", "2"], PROJECT, SLURM_JOB_ID="55", MONKEYTRAIN_REQUEUE_FILE=str(request))
+    assert done.results == 128 + signal.SIGUSR1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tune: asked the job script to requeue the job once its processes have ended." in done.stdout
+    assert request.read_text() == "55\n\n"
+    log = (study_dir / "trials" / "trial-0000" / "train.log").read_text()
+    assert "stopped on SIGUSR1 after saving the training state; monkeytrain tune stops too, and says how its " \
+           "study goes on." in log and "--run-name" not in log, log
+
+
+def test_srun_of_several_tune_workers_runs_one_worker_in_each_task(study_inputs, tmp_path):
+    """`srun -n 2 monkeytrain tune ...` (the README's N workers of one study): each task is a worker whose trials
+    and best run are one process each, unlike `srun -n 2 python monkeytrain/train.py` (refused: one run each)."""
+    space, train_flags = study_inputs
+    srun_task_1 = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    done = run_here(tune.main, ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--trials", "1",
+                                *train_flags, "--epochs", "1"], PROJECT, **srun_task_1)
+    assert done.results == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "study" / "best_run" / "results.json").is_file()
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1000")  # enqueued out of range
@@ -295,6 +346,47 @@ def test_a_study_whose_files_cannot_be_written_stops_in_one_line_and_a_rerun_fin
     assert (study_dir / "best_run" / "results.json").is_file() and (study_dir / "best_config.yaml").is_file()
 
 
+def test_a_trial_that_fills_the_disk_says_to_free_space_and_run_tune_again(study_inputs, tmp_path, monkeypatch):
+    """Its saved state is no reason to give it train.py's --resume auto --run-name trial-0000 (flags tune refuses):
+    the same tune command continues the study once there is space (the trial is run anew)."""
+    from monkeytrain import tracking
+
+    space, train_flags = study_inputs
+    study_dir, real_append = tmp_path / "study", tracking.append_line
+
+    def full_at_epoch_2(path, line, **kwargs):  # after epoch 1 saved its state (--save-every 1)
+        if '"epoch": 2' in line:
+            raise DiskFull(Path(path), 4096, False, "--output-dir")
+        return real_append(path, line, **kwargs)
+
+    monkeypatch.setattr(tracking, "append_line", full_at_epoch_2)
+    with pytest.raises(DiskFull) as failed:  # the undecorated command: its error, not the exit it makes of it
+        run_here(tune.main.__wrapped__, ["--space", str(space), "--study-dir", str(study_dir), "--trials", "1",
+                                         *train_flags, "--epochs", "2", "--save-every", "1"], PROJECT)
+    assert (study_dir / "trials" / "trial-0000" / "state").is_dir()  # saved, yet of no use to tune
+    assert str(failed.value) == (f"no space left on the device of {study_dir / 'trials' / 'trial-0000'} to write "
+                                 "metrics.jsonl (4.0 KiB needed); free some space or pick another --study-dir; "
+                                 "rerunning tune continues the study.")
+
+
+def test_an_image_gone_in_a_trial_says_to_run_tune_again(study_inputs, tmp_path, monkeypatch):
+    """Not train.py's --resume auto --run-name trial-0000, which tune refuses."""
+    from monkeytrain import tune_trial
+
+    space, train_flags = study_inputs
+    folder = Path(train_flags[1]) / "train" / "n1"
+
+    def images_gone_after_epoch_1(trial, objective):  # scanned, and streamed again in epoch 2
+        return lambda epoch, score: [image.unlink() for image in folder.iterdir()]
+
+    monkeypatch.setattr(tune_trial, "pruning_hook", images_gone_after_epoch_1)
+    with pytest.raises(UserError) as failed:
+        run_here(tune.main.__wrapped__, ["--space", str(space), "--study-dir", str(tmp_path / "study"), "--trials",
+                                         "1", *train_flags, "--epochs", "2", "--data-pipeline", "stream"], PROJECT)
+    assert str(failed.value).startswith(f"{folder}/") and str(failed.value).endswith(
+        "put it back, or run again to scan the data anew. The same monkeytrain tune command continues the study.")
+
+
 def test_a_study_continues_only_with_the_space_it_began_with(tmp_path, capsys, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text("{lr: [0.1, 0.2]}")
@@ -417,7 +509,7 @@ from pathlib import Path
 from monkeytrain.tune_stops import stopped
 
 out = Path(os.environ["STUB_OUTPUT"])
-signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("signal", "SIGUSR1")))
+signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(stopped("SIGUSR1")))
 (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
 (out / "ready").touch()
 time.sleep(60)

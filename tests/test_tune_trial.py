@@ -65,4 +65,5 @@ def test_a_trial_on_a_full_disk_says_what_to_do_in_tunes_own_flags(monkeypatch, 
     monkeypatch.setattr(train, "main", SimpleNamespace(__wrapped__=full))
     with pytest.raises(DiskFull) as refused:
         tune_trial.train_trial(SimpleNamespace(number=1, report=None, should_prune=None), [])
-    assert str(refused.value).endswith("free some space or pick another --study-dir.")
+    assert str(refused.value).endswith("free some space or pick another --study-dir; rerunning tune continues the "
+                                       "study.")

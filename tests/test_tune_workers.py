@@ -36,7 +36,7 @@ def test_the_end_of_a_study_is_taken_over_only_from_a_worker_that_is_gone(tmp_pa
     live = f"{here}:{os.getpid()}:slurm-7"  # another worker of the same job, on this host
     assert not claimed_by(live, "trials") and not claimed_by(live, "finish")
 
-    stopped_finishing("signal", "SIGTERM", setup)
+    stopped_finishing("SIGTERM", setup)
     assert not (tmp_path / CLAIM_NAME).exists()
 
 
