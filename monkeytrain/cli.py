@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from monkeytrain.errors import USAGE_EXIT_CODE, FlagParser, UserError, exits_cle
 
 CHECKPOINT_HELP = "a run's best.safetensors, or its .onnx from monkeytrain export"
 MAX_LISTED_CLASSES = 20  # inspect-data lists each class's image count up to this many classes
+MIN_NAME_COLUMN = 28  # evaluate's class names column, wider where a name is (the longest monkey name is 25)
 
 
 def given(text: str) -> str:
@@ -252,8 +254,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
         return
     print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f}), "
           f"balanced accuracy {balanced:.2%}")
-    for name, accuracy, count in zip(names, accuracies, counts):
-        print(f"  {name:<28} {'n/a (no images)' if accuracy is None else f'{accuracy:6.1%} of {count}'}")
+    for line in per_class_lines(names, accuracies, counts):
+        print(line)
+
+
+def per_class_lines(names: list[str], accuracies: list, counts: list[int]) -> list[str]:
+    """evaluate's table: each class's name, padded to the widest as a terminal shows it, then its accuracy."""
+    width = max([MIN_NAME_COLUMN, *map(display_width, names)])
+    return [f"  {padded(name, width)} {'n/a (no images)' if accuracy is None else f'{accuracy:6.1%} of {count}'}"
+            for name, accuracy, count in zip(names, accuracies, counts)]
+
+
+def display_width(text: str) -> int:
+    """The columns a terminal gives `text`: wide and fullwidth characters (CJK: 猫, ニホンザル) take two,
+    combining marks none; len() counts each as one, so a table of Chinese or Japanese class names went askew."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
+
+
+def padded(text: str, width: int) -> str:
+    return text + " " * max(0, width - display_width(text))
 
 
 def run_export(args: argparse.Namespace) -> None:

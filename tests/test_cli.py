@@ -521,6 +521,20 @@ def test_predict_and_evaluate_errors(capsys, tmp_path, data):
         *(json.dumps(row) for row in scored["confusion_matrix"]), "]"]  # 3 classes
 
 
+def test_evaluates_table_lines_up_chinese_and_japanese_class_names_as_a_terminal_shows_them(capsys, tmp_path,
+                                                                                           make_image_folder):
+    """A wide character (猫) takes two columns: padded by its length, each such name pushed its figures right."""
+    from test_predict import tiny_checkpoint
+
+    long_name = "black headed night monkey (n7)"  # 30 columns, wider than the table's usual 28
+    checkpoint = tiny_checkpoint(tmp_path, ["猫", "ニホンザル", long_name])
+    split = make_image_folder(tmp_path / "d", classes=3, per_class=2, size=8) / "validation" / "validation"
+    cli.main(["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(split)])
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert [line[:line.index("%") - 5] for line in table] == [  # each figure is 6 wide: " 50.0%", "100.0%"
+        "  猫" + " " * 28 + " ", "  ニホンザル" + " " * 20 + " ", f"  {long_name} "]
+
+
 def test_inspect_and_download_errors(capsys, tmp_path, monkeypatch):
     assert "does not exist" in error_of(cli.main, ["inspect-data", str(tmp_path / "nothing")], capsys)
     occupied = tmp_path / "occupied"
