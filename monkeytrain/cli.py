@@ -311,15 +311,16 @@ def run_inspect(args: argparse.Namespace) -> None:
     for split in splits.named_splits():  # the counts above do not say which, past MAX_LISTED_CLASSES
         missing = splits.classes_missing_from(split)
         if missing:
-            print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(missing)}")
+            print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(map(shown_folder, missing))}")
     for line in class_lines(splits.class_folders, splits.class_names):
         print(line)
     for bad in splits.skipped:
         print(f"  skipped {bad.path}: {bad.reason}")
     for a, b in splits.leaks:
         print(f"  leak: {a} = {b}")
+    folders_of = [shown_folder(folder) for folder in splits.class_folders]
     for a, b in splits.conflicts:
-        print(f"  two classes ({splits.class_folders[a.label]}, {splits.class_folders[b.label]}): {a.path} = {b.path}")
+        print(f"  two classes ({folders_of[a.label]}, {folders_of[b.label]}): {a.path} = {b.path}")
     elongated = elongated_warning(splits)
     if elongated:
         print(f"  note: {elongated}")
@@ -383,8 +384,15 @@ def class_lines(folders: list[str], names: list[str]) -> list[str]:
     torchvision's ImageFolder. The display name follows where it is not the folder's own."""
     width = len(str(len(folders) - 1))
     return ["  classes by label (folder: name where it differs):"] + [
-        f"  {index:>{width}}. {folder}" + (f": {name}" if name != folder else "")
+        f"  {index:>{width}}. {shown_folder(folder)}" + (f": {name}" if name != folder else "")
         for index, (folder, name) in enumerate(zip(folders, names))]
+
+
+def shown_folder(folder: str) -> str:
+    """A class folder's name with its bytes that are not UTF-8 (a zip made on Windows) as escapes, b\\xe9bird:
+    printed as they are, a UTF-8 terminal shows each as �, so the folder looked the same as its display name
+    (b�bird: b�bird), and a strict console printed Python's \\udce9."""
+    return folder.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def class_counts(per_class: list[int]) -> str:

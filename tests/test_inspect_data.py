@@ -3,6 +3,8 @@ give each split an image, folders named by numbers."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import write_labels_file
@@ -45,3 +47,15 @@ def test_the_synthetic_set_named_as_a_runs_config_yaml_names_it_is_inspected(cap
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{tmp_path / 'cache' / VERSION}: layout train-val-test, 10 classes"
     assert lines[1].startswith("  train   160 images")
+
+
+def test_a_class_folder_whose_name_is_not_utf8_shows_its_bytes_beside_its_display_name(capsys, tmp_path,
+                                                                                     make_image_folder):
+    """Printed as they were, the odd bytes showed as � on a UTF-8 terminal: `b�bird: b�bird`, one name twice."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class={"n0": 1}, size=8)
+    os.rename(root / "n0", os.fsencode(root) + b"/b\xe9bird")  # as a zip made on Windows names it
+    cli.main(["inspect-data", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  classes by label (folder: name where it differs):")
+    assert lines[start + 1:start + 3] == ["  0. b\\xe9bird: b\ufffdbird", "  1. n1"]
+    assert "  test  has no image of 1 class(es): b\\xe9bird" in lines  # its one image stays in training
