@@ -292,7 +292,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.cachefolder import cache_folder
-    from monkeytrain.data.dataset import discover_splits, elongated_warning
+    from monkeytrain.data.dataset import discover_splits
 
     config = inspected_config(args)
     root, folders = inspected_folders(config)
@@ -321,11 +321,21 @@ def run_inspect(args: argparse.Namespace) -> None:
     folders_of = [shown_folder(folder) for folder in splits.class_folders]
     for a, b in splits.conflicts:
         print(f"  two classes ({folders_of[a.label]}, {folders_of[b.label]}): {a.path} = {b.path}")
-    elongated = elongated_warning(splits)
-    if elongated:
-        print(f"  note: {elongated}")
+    for note in data_notes(splits):
+        print(f"  note: {note}")
+
+
+def data_notes(splits) -> list[str]:
+    """What training warns about the images it will use, beside the problems listed above."""
+    from monkeytrain.data.dataset import elongated_warning
+    from monkeytrain.data.imagefiles import oversized_warning
+
+    # found as training's report_data_problems finds them, so that each note here is a warning there
+    notes = [oversized_warning(f) for files in splits.distinct_splits().values() for f in files if f.oversized]
+    notes.append(elongated_warning(splits))
     if splits.selection_on_test:
-        print("  note: --val-fraction 0 selects on the test split (selection-biased test figure)")
+        notes.append("--val-fraction 0 selects on the test split (selection-biased test figure)")
+    return [note for note in notes if note]
 
 
 def inspected_config(args: argparse.Namespace):

@@ -1,11 +1,12 @@
 """`monkeytrain inspect-data` on data sets unlike the monkey set: many classes, a class too small to
-give each split an image, folders named by numbers."""
+give each split an image, folders named by numbers or not in UTF-8, images too large for Pillow's limit."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from PIL import Image
 
 from conftest import write_labels_file
 from monkeytrain import cli
@@ -59,3 +60,13 @@ def test_a_class_folder_whose_name_is_not_utf8_shows_its_bytes_beside_its_displa
     start = lines.index("  classes by label (folder: name where it differs):")
     assert lines[start + 1:start + 3] == ["  0. b\\xe9bird: b\ufffdbird", "  1. n1"]
     assert "  test  has no image of 1 class(es): b\\xe9bird" in lines  # its one image stays in training
+
+
+def test_an_image_over_pillows_decompression_bomb_limit_is_noted_as_training_warns(capsys, tmp_path, monkeypatch,
+                                                                                   make_image_folder):
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
+    Image.new("RGB", (12, 12), (200, 30, 30)).save(root / "n0" / "huge.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12 x 12 is over it (a 90-megapixel photo), 8 x 8 is not
+    cli.main(["inspect-data", str(root)])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  note:")]
+    assert len(notes) == 1 and notes[0].startswith(f"  note: {root / 'n0' / 'huge.jpg'} is a very large image")
