@@ -186,6 +186,12 @@ class TrainConfig:
         True, "At the end, reload the best checkpoint and score it on the test split. monkeytrain tune "
         "turns this off for its trials, so that a search never sees the test split.")
 
+    # Not a field (no annotation), so neither a flag nor recorded: the fields the user gave, by flag or --config
+    # preset, with their values as given (parse_config sets it). A default cannot be told from the same value
+    # given: the launcher's gradient accumulation replaces a default --grad-accum-steps only, and a --resume
+    # given as a run's folder continues that run in a rerun, unlike the state it names now (rerun_continues).
+    given = {}  # read, never written: parse_config gives each config a dict of its own
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -269,6 +275,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     debug = DEBUG_PRESET if overrides.get("debug") else {}
     recipe = resolve_recipe(overrides.get("recipe", "auto"), {**debug, **overrides}.get("cpu", False))
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
+    config.given = overrides
     validate(config)
     from monkeytrain.statestore import resumed_state  # here: importing config (inspect-data) needs no torch
 

@@ -91,10 +91,11 @@ def take_launcher_settings(config, environ: Mapping[str, str] = os.environ) -> l
     """Make the config's what `accelerate launch` asked for in the environment, which Accelerate would apply
     unknown to the config: the trainer would schedule the lr for steps that never come (gradient accumulation),
     and compile where the cache folder and the --cuda-graphs checks do not know (a dynamo backend). Returns
-    warnings to show. The launcher's gradient accumulation replaces the default --grad-accum-steps 1; another
-    value given to both is refused. Its Inductor backend is --compile; another backend is not used."""
+    warnings to show. The launcher's gradient accumulation replaces the default --grad-accum-steps; a value given
+    to both that differs (--grad-accum-steps 1 included) is refused. Its Inductor backend is --compile; another
+    backend is not used."""
     steps = launcher_accumulation_steps(environ)
-    if steps and config.grad_accum_steps == 1:
+    if steps and "grad_accum_steps" not in config.given:
         config.grad_accum_steps = steps
     elif steps and steps != config.grad_accum_steps:
         raise UserError(f"--grad-accum-steps {config.grad_accum_steps} and the launcher's gradient accumulation "
@@ -107,6 +108,14 @@ def take_launcher_settings(config, environ: Mapping[str, str] = os.environ) -> l
         return [f"the dynamo backend {backend} from `accelerate launch` is not used: monkeytrain compiles with "
                 "Inductor on --compile; pass --compile, or leave the backend out."]
     return []
+
+
+def launcher_accumulation(config, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The launcher's setting in words where the run's gradient accumulation is the launcher's, not a given
+    --grad-accum-steps (take_launcher_settings), for a message to name what the user set; else None."""
+    if "grad_accum_steps" in config.given or not launcher_accumulation_steps(environ):
+        return None
+    return f"{GRADIENT_ACCUMULATION_VARIABLE}={config.grad_accum_steps} ({WHO_SETS_IT})"
 
 
 def launcher_accumulation_steps(environ: Mapping[str, str]) -> int | None:

@@ -39,6 +39,7 @@ import torch
 
 from monkeytrain.config import TrainConfig
 from monkeytrain.distributed import a_run_of_tune, sum_across_ranks
+from monkeytrain.statestore import run_of
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # On a GPU, ranks compare their stop flags every this many optimizer steps (a collective: checking
@@ -226,21 +227,27 @@ def requeue_or_exit(log, accelerator, stop: Preemption, unsaved: Optional[str] =
 def rerun_continues(config: TrainConfig, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the same command, run again (as a requeued SLURM job runs it), goes on with this run; asked of
     the flags as given, before the run is named. The SLURM scripts' runs do: they name the run, give --resume
-    auto, and continue a given state from its newest (slurm/requeue.sh). Elsewhere only --resume auto with
-    --run-name does: without --resume the run would start over, without a name a new run (named after the
-    time) would start, and --resume with a state's path would go back to that state, every time limit.
-    A run of monkeytrain tune does: its worker's command, run again, continues the study."""
+    auto, and continue a given state from its newest (slurm/requeue.sh). Elsewhere --resume auto with
+    --run-name does, and --resume with the run's folder (its newest state, each time): without --resume the run
+    would start over, without a name a new run (named after the time) would start, and --resume with a state's
+    path would go back to that state, every time limit. So --resume is read as given (TrainConfig.given), not as
+    the state parse_config made of a run's folder. A run of monkeytrain tune does: its worker's command, run
+    again, continues the study."""
     if a_run_of_tune(environ):
         return True
-    if not config.resume:
+    resume = config.given.get("resume", config.resume)
+    if not resume:
         return False
-    return bool(environ.get(REQUEUE_REQUEST)) or (config.resume == "auto" and bool(config.run_name))
+    if environ.get(REQUEUE_REQUEST):
+        return True
+    return bool(config.run_name) if resume == "auto" else run_of(Path(resume)) is not None
 
 
 def not_requeued(flags: str) -> str:
     """Why a job warned of its time limit is not requeued, and how to continue, in words (rerun_continues)."""
     return (f"not requeued: a requeued job runs the same command, which continues this run only with --resume "
-            f"auto and --run-name (as the slurm/ scripts give them); {resubmit(flags)}")
+            f"auto and --run-name (as the slurm/ scripts give them) or --resume with the run's folder; "
+            f"{resubmit(flags)}")
 
 
 def nothing_trained_since(state: Optional[Path]) -> str:

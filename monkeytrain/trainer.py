@@ -29,7 +29,7 @@ from monkeytrain.data.augment import Augmenter, AugmentSettings, EvalViews, trai
 from monkeytrain.data.loaders import ImageGone
 from monkeytrain.data.mixing import MixSettings, batch_mixer
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import a_run_of_tune, failing_alike_on_every_rank
+from monkeytrain.distributed import a_run_of_tune, failing_alike_on_every_rank, launcher_accumulation
 from monkeytrain.engine import BatchStep, EvalResult, Learner, TrainStats, evaluate, train_one_epoch
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import CaptureFailed, CudaGraphs, GraphedStep, graphs_unavailable
@@ -104,7 +104,7 @@ class Trainer:
             self.config.seed * 1000 + self.accelerator.process_index)
         self.batches_per_epoch = whole_accumulation_groups(
             min(data.pipeline.batches_per_epoch, self.config.max_batches_per_epoch or data.pipeline.batches_per_epoch),
-            self.config.grad_accum_steps)
+            self.config.grad_accum_steps, launcher_accumulation(self.config))
         self.augmenter = Augmenter(augment_settings(self.config), self.config.image_size, data.stats.mean,
                                    data.stats.std, self.generator)
         self.graphs = self.cuda_graphs()
@@ -392,14 +392,17 @@ def file_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def whole_accumulation_groups(batches: int, accumulation: int) -> int:
+def whole_accumulation_groups(batches: int, accumulation: int, launchers: str | None = None) -> int:
     """The batches an epoch trains: whole groups of `--grad-accum-steps` when there is one. Accelerate
     cannot see where an epoch of the resident pipeline ends, so a partial group would carry its
     gradients into the next epoch (and out of a saved state); and the schedule counts whole steps. Fewer
-    batches than one group would train without a single optimizer step: a UserError."""
+    batches than one group would train without a single optimizer step: a UserError, which names what set the
+    accumulation: the flag, or `launchers`, the launcher's setting in words where it is its (launcher_accumulation)."""
     if batches < accumulation:
-        raise UserError(f"--grad-accum-steps {accumulation} needs at least {accumulation} batches an epoch, and an "
-                        f"epoch here has {batches} (--batch-size, --max-batches-per-epoch); lower --grad-accum-steps.")
+        asked, lower = ((launchers, "lower it where it is set") if launchers else
+                        (f"--grad-accum-steps {accumulation}", "lower --grad-accum-steps"))
+        raise UserError(f"{asked} needs at least {accumulation} batches an epoch, and an epoch here has {batches} "
+                        f"(--batch-size, --max-batches-per-epoch); {lower}.")
     return batches - batches % accumulation
 
 

@@ -307,11 +307,20 @@ def test_the_launchers_gradient_accumulation_is_the_runs_and_recorded(launched_w
     assert accelerator.gradient_accumulation_steps == config.grad_accum_steps == 2
 
 
-@pytest.mark.parametrize("flag, variable", [("3", "2"), ("1", "x"), ("1", "0")])
+@pytest.mark.parametrize("flag, variable", [("3", "2"), ("1", "2"), ("1", "x"), ("1", "0")])
 def test_a_gradient_accumulation_the_launcher_contradicts_or_garbles_is_one_line(launched_with, flag, variable):
+    """--grad-accum-steps 1 given is the user's as much as 3 is: the launcher's 2 replaced it silently, the
+    default it equals, and the run trained and recorded 2."""
     launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS=variable)
     with pytest.raises(UserError, match="ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
         accelerator_for("--grad-accum-steps", flag)
+
+
+def test_a_gradient_accumulation_a_preset_gives_is_the_users_too(launched_with, tmp_path):
+    (tmp_path / "preset.yaml").write_text("grad_accum_steps: 1\n")
+    launched_with(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="2")
+    with pytest.raises(UserError, match="--grad-accum-steps 1 and the launcher's gradient accumulation"):
+        accelerator_for("--config", str(tmp_path / "preset.yaml"))
 
 
 def test_the_flags_gradient_accumulation_is_kept_where_the_launcher_agrees_or_says_nothing(launched_with):

@@ -224,6 +224,18 @@ def test_a_requeue_is_only_for_a_command_that_continues_its_run(flags, scripts, 
     assert rerun_continues(parse_config(["--debug", *flags]), environ) is continues
 
 
+def test_a_run_resumed_from_its_folder_is_one_that_its_command_continues(tmp_path):
+    """`--resume runs/cut` resumes the run's newest state, every time the command runs, as --resume auto
+    --run-name does; SIGUSR1 in a job of its own said "not requeued", deciding on the state parse_config had made
+    of the folder, which is what an explicit step-N path gives: back to that state, every time limit."""
+    state = tmp_path / "runs" / "cut" / "state" / "step-00000009"
+    state.mkdir(parents=True)
+    (state / "COMPLETE").write_text("")
+    continues = {given: rerun_continues(parse_config(["--debug", "--resume", str(given)]), {})
+                 for given in (state.parent.parent, state.parent, state)}
+    assert continues == {state.parent.parent: True, state.parent: True, state: False}
+
+
 def test_a_run_of_tune_is_one_that_its_command_continues():
     """A trial gets no --resume: tune's command, run again, continues the study (it asks for the requeue)."""
     assert rerun_continues(parse_config(["--debug"]), {TUNE_STUDY_VARIABLE: "runs/tune"}) is True
@@ -240,7 +252,8 @@ def test_a_job_of_its_own_is_not_requeued_to_start_its_run_over(monkeypatch, pre
     log = run_log(Path("/scratch") / "20261203-150000")
     requeue_or_exit(log, SimpleNamespace(is_main_process=True), preemption)
     assert log.infos == ["stopped on SIGUSR1 after saving; not requeued: a requeued job runs the same command, which "
-                         "continues this run only with --resume auto and --run-name (as the slurm/ scripts give them); "
+                         "continues this run only with --resume auto and --run-name (as the slurm/ scripts give them) "
+                         "or --resume with the run's folder; "
                          "to continue, resubmit the job with --resume auto --run-name 20261203-150000 --output-dir "
                          "/scratch."]
 

@@ -125,6 +125,17 @@ def test_a_resumed_run_stopped_before_its_first_step_names_the_state_it_keeps(tr
     assert again.unsaved_stop == f"before its first training step, nothing trained since {saved}"
 
 
+def test_an_epoch_shorter_than_the_launchers_accumulation_names_the_launchers_setting(trainer_for, monkeypatch,
+                                                                                       tmp_path):
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS=8 with --max-batches-per-epoch 2: the line named --grad-accum-steps 8,
+    a flag the user had not given, and said to lower it (which the launcher's 8 would then refuse)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    with pytest.raises(UserError, match=r"^ACCELERATE_GRADIENT_ACCUMULATION_STEPS=8 \(set by .*\) needs at least 8 "
+                                        r"batches an epoch, and an epoch here has 2 .*; lower it where it is set\.$"):
+        trainer_for("--epochs", "1", "--max-batches-per-epoch", "2")
+
+
 class Pruned(Exception):
     pass
 
