@@ -16,7 +16,7 @@ from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import shard_indices
+from monkeytrain.distributed import failing_alike_on_every_rank, shard_indices
 from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
@@ -35,7 +35,9 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
         return (selection_summary(data.splits, best, run.run_dir),
                 f"best validation {best.metric} {best.score:.2%}, not scored on the test split")
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
-    run.log.final(results, wrong, run.run_dir / BEST_NAME)
+    # The main process's alone (plots, W&B): where its disk is full, every rank ends with its line, none left
+    # waiting for it at results.json's agreement (rundir.write_results)
+    failing_alike_on_every_rank(lambda: run.log.final(results, wrong, run.run_dir / BEST_NAME))
     return results, scored_line(results)
 
 
