@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from monkeytrain.distributed import a_run_of_tune
 from monkeytrain.engine import BatchStep, Learner, forward_backward, update_weights
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.optim import make_capturable
@@ -97,6 +98,19 @@ class CudaGraphs:
 
 class CaptureFailed(UserError):
     """A capture failed; the trainer saves the training state before the run ends with it."""
+
+
+def without_graphs() -> str:
+    """How to train on without graphs once a capture failed, the training state saved. A run of monkeytrain tune
+    has its flags from tune, and a study goes on only with the train.py flags and the space it began with
+    (tune_study.check_same_search: --cuda-graphs is no runtime flag, which may change): only a study begun anew
+    trains without graphs."""
+    if a_run_of_tune():
+        return ("a study keeps the flags and the space it began with, so begin it anew without --cuda-graphs (in "
+                "its flags or its space) and with a new --study-dir, and please report it with the run's "
+                "config.yaml (in its folder under --study-dir).")
+    return ("the training state is saved: run again with --resume auto and without --cuda-graphs, and please "
+            "report it with the run's config.yaml.")
 
 
 @dataclass
@@ -184,9 +198,8 @@ class GraphedStep:
             with self.phases.timing("capture"):
                 return Captured(self.graphs.capture(device_work), tuple(outputs))
         except RuntimeError as error:  # new with this option; say how to train on without it
-            raise CaptureFailed(f"capturing the training step in a CUDA graph failed ({first_line(error)}); the "
-                                "training state is saved: run again with --resume auto and without --cuda-graphs, "
-                                "and please report it with the run's config.yaml.") from error
+            raise CaptureFailed(f"capturing the training step in a CUDA graph failed ({first_line(error)}); "
+                                f"{without_graphs()}") from error
 
     def prepare_memory(self, views: torch.Tensor, labels: torch.Tensor) -> None:
         """The inputs every graph of this shape reads, and the gradients they write."""

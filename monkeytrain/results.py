@@ -16,26 +16,29 @@ from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import shard_indices
+from monkeytrain.distributed import a_run_of_tune, failing_alike_on_every_rank, shard_indices
 from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
 from monkeytrain.runrecords import folder_apart_from
 from monkeytrain.selection import BestEpoch
 from monkeytrain.storage import FREE_SPACE, DiskFull, first_fix, is_disk_full, with_way_out
+from monkeytrain.tracking import METRICS_NAME
 
 MAX_MISCLASSIFIED = 200  # the most confident mistakes first, in results and in W&B
 
 
 def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
     """results.json's figures and the one that ends the log: the test split's, or with --no-score-test
-    (a trial of monkeytrain tune) the best epoch's alone, the test split unseen. `run` is the
-    trainer's RunContext."""
+    (a trial of monkeytrain tune, or a user's choice) the best epoch's alone, the test split unseen. `run` is
+    the trainer's RunContext."""
     if not run.config.score_test:
         return (selection_summary(data.splits, best, run.run_dir),
                 f"best validation {best.metric} {best.score:.2%}, not scored on the test split")
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
-    run.log.final(results, wrong, run.run_dir / BEST_NAME)
+    # The main process's alone (plots, W&B): where its disk is full, every rank ends with its line, none left
+    # waiting for it at results.json's agreement (rundir.write_results)
+    failing_alike_on_every_rank(lambda: run.log.final(results, wrong, run.run_dir / BEST_NAME))
     return results, scored_line(results)
 
 
@@ -43,14 +46,14 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
 def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch) -> Iterator[None]:
     """Once training has ended, a full disk (while the test split is scored, W&B's final files or results.json
     are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
-    --output-dir or a --resume: no training state is saved at the end, so either would train it again. A
-    trial of monkeytrain tune (--no-score-test) keeps its line, which tune words in its own flags. A DiskFull is
+    --output-dir or a --resume: no training state is saved at the end, so either would train it again. A run
+    of monkeytrain tune (a trial, the best run) keeps its line, which tune words in its own flags. A DiskFull is
     known by its line: the other ranks of a run have it as a plain UserError (failing_alike_on_every_rank), and
     end with the same line as the main process, which says it for them all."""
     try:
         yield
     except Exception as error:
-        if not run.config.score_test:
+        if a_run_of_tune():
             raise
         if isinstance(error, UserError) and first_fix(str(error), "--output-dir") == FREE_SPACE:
             error.args = (with_way_out(str(error), "--output-dir", score_the_checkpoint(run, best, splits)),)
@@ -64,7 +67,11 @@ def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch)
 def score_the_checkpoint(run, best: BestEpoch, splits: DatasetSplits) -> str:
     """What to do about a full disk once training has ended and RUN/best.safetensors holds the `best` epoch."""
     checkpoint = run.run_dir / BEST_NAME
-    saved = f"training had ended, and {checkpoint} (epoch {best.epoch}) is saved: free some space and score it"
+    saved = f"training had ended, and {checkpoint} (epoch {best.epoch}) is saved"
+    if not run.config.score_test:  # the user chose not to score it: its figures are all there already
+        return (f"{saved}, each epoch's validation figures in {run.run_dir / METRICS_NAME}: free some space; they "
+                "are the run's results (--no-score-test), so do not train it again.")
+    saved += ": free some space and score it"
     folder = own_test_folder(splits)
     if folder is not None:
         return (f"{saved} on the test split with `monkeytrain evaluate --checkpoint {checkpoint} {folder}` "

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from monkeytrain.errors import UserError, to_stderr
+from monkeytrain.errors import UserError, first_line, to_stderr
 from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
 from monkeytrain.reachable import why_no_answer
-from monkeytrain.storage import WriteFailed, append_line, why_not_written, write_atomically
+from monkeytrain.storage import (FREE_SPACE, WriteFailed, append_line, is_disk_full, or_elsewhere, over_quota,
+                                 why_not_written, write_atomically)
 
 RUN_ID_NAME = "wandb_run_id.txt"
 METRICS_NAME = "metrics.jsonl"
@@ -197,6 +198,15 @@ class WandbRunLog(RunLog):
         super().final(results, misclassified, checkpoint_path)
         if self.run is None:
             return
+        try:
+            self.upload_final(results, misclassified, checkpoint_path)
+        except Exception as error:  # W&B copies the plots, tables and checkpoint into its folders first
+            if not is_disk_full(error):
+                raise
+            raise final_files_not_written(error) from error
+
+    def upload_final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
+        """The test figures in the W&B run's summary, its final media and, with --log-checkpoint, the model."""
         self.run.summary.update({key: results[key] for key in SUMMARY_KEYS if key in results})
         # The last epoch's step: W&B drops data logged to a step below the latest one.
         self.run.log(final_media(self.wandb, self.run_dir, results, misclassified), step=self.last_epoch)
@@ -209,6 +219,15 @@ class WandbRunLog(RunLog):
         run, self.run = self.run, None
         if run is not None:  # a second close finds nothing left to finish
             run.finish()
+
+
+def final_files_not_written(error: BaseException) -> UserError:
+    """A full disk (or quota) met by W&B's end-of-run files: its copies of the plots and misclassified images, its
+    tables, the checkpoint artifact. The line ends as a DiskFull's does, for the run's own way out (the trainer's
+    results.checkpoint_named_on_a_full_disk names the checkpoint saved): results.json is not written yet."""
+    what = "your disk quota is used up" if over_quota(error) else "no space left"
+    return UserError(f"{what} on the device to write the W&B run's final files ({first_line(error)}); "
+                     f"{or_elsewhere(FREE_SPACE, '--output-dir')}")
 
 
 class TrackerUnavailable(Exception):

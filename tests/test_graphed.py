@@ -22,6 +22,7 @@ from graphed_runs import StopAt, as_on_a_gpu, different_weights, train_run
 from monkeytrain import averaging, graphed
 from monkeytrain import trainer as trainer_module
 from monkeytrain.averaging import LiveWeights
+from monkeytrain.distributed import TUNE_STUDY_VARIABLE
 from monkeytrain.engine import BatchStep, Learner
 from monkeytrain.errors import UserError
 from monkeytrain.graphed import WARMUP_BATCHES, CaptureFailed, GraphedStep, graphs_unavailable
@@ -250,19 +251,39 @@ class FailingCapture(EmulatedGraphs):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
 
-def test_a_failed_capture_is_one_line_that_says_to_train_without_graphs(cpu_accelerator):
+def failed_capture_line(accelerator) -> str:
+    """The line of a step whose first capture (after the warm-up batches) fails."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     learner = Learner(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
                       torch.nn.CrossEntropyLoss(), LiveWeights(model), augment=lambda views: views)
-    step = GraphedStep(learner, cpu_accelerator, lambda: 3, FailingCapture())
+    step = GraphedStep(learner, accelerator, lambda: 3, FailingCapture())
     batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
     for _ in range(WARMUP_BATCHES):
         step(*batch)
-    with pytest.raises(UserError, match=r"^capturing the training step in a CUDA graph failed \(CUDA error: "
-                                        r"operation not permitted when stream is capturing\); the training state "
-                                        r"is saved: run again with --resume auto and without --cuda-graphs"):
+    with pytest.raises(UserError) as failed:
         step(*batch)
+    return str(failed.value)
+
+
+def test_a_failed_capture_is_one_line_that_says_to_train_without_graphs(cpu_accelerator, monkeypatch):
+    monkeypatch.delenv(TUNE_STUDY_VARIABLE, raising=False)
+    assert failed_capture_line(cpu_accelerator) == (
+        "capturing the training step in a CUDA graph failed (CUDA error: operation not permitted when stream is "
+        "capturing); the training state is saved: run again with --resume auto and without --cuda-graphs, and "
+        "please report it with the run's config.yaml.")
+
+
+def test_a_failed_capture_in_a_run_of_tune_says_what_a_study_can_do(cpu_accelerator, monkeypatch):
+    """tune gives its runs their flags (--resume is refused), and a study continues only with the train.py
+    flags and the space it began with (tune_study.check_same_search): tune again without --cuda-graphs is
+    refused on the same --study-dir."""
+    monkeypatch.setenv(TUNE_STUDY_VARIABLE, "studies/s")  # as a tune worker sets it for the runs it trains
+    assert failed_capture_line(cpu_accelerator) == (
+        "capturing the training step in a CUDA graph failed (CUDA error: operation not permitted when stream is "
+        "capturing); a study keeps the flags and the space it began with, so begin it anew without --cuda-graphs "
+        "(in its flags or its space) and with a new --study-dir, and please report it with the run's config.yaml "
+        "(in its folder under --study-dir).")
 
 
 class FailingSecondCapture(EmulatedGraphs):

@@ -222,3 +222,42 @@ def test_results_json_the_main_rank_cannot_write_ends_both_ranks_alike(tmp_path,
                          f"the test split with `monkeytrain evaluate --checkpoint {checkpoint} "
                          f"{data / 'validation' / 'validation'}` rather than train again."), last
     assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one
+
+
+def train_rank_whose_wandb_finds_the_disk_full(folder: Path, flags: list[str], environment: dict[str, str],
+                                                rank: int) -> None:
+    """forked.train_rank, the main process's W&B run finding no space as it copies the plots into its folder."""
+    if rank == 0:
+        import shutil
+
+        real_copy = shutil.copy
+
+        def copy(source, destination, *args, **kwargs):
+            if f"{os.sep}wandb{os.sep}" in str(destination):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_copy(source, destination, *args, **kwargs)
+
+        shutil.copy = copy
+    train_rank(folder, flags, environment, rank)
+
+
+def test_wandbs_final_files_the_main_rank_cannot_write_end_both_ranks_alike(tmp_path, agent_store, monkeypatch):
+    """W&B's end-of-run files are the main process's alone, written after the test split is scored: the other
+    rank waited for it at results.json's agreement, and ended on the lost connection (exit status 1)."""
+    from conftest import write_image_folder
+
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # its files in the run's folder, no account asked for
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data), "--report-to", "wandb"],
+                            train_rank_whose_wandb_finds_the_disk_full)
+    assert ended == [2, 2], logs
+    checkpoint = Path("runs", "ranks", "best.safetensors")
+    assert logs[0].strip().splitlines()[-1] == (
+        "monkeytrain: error: no space left on the device to write the W&B run's final files (No space left on "
+        f"device); training had ended, and {checkpoint} (epoch 1) is saved: free some space and score it on the "
+        f"test split with `monkeytrain evaluate --checkpoint {checkpoint} {data / 'validation' / 'validation'}` "
+        "rather than train again."), logs[0]
+    assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one

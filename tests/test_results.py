@@ -19,6 +19,7 @@ from monkeytrain import results
 from monkeytrain.checkpoint import CheckpointInfo
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
+from monkeytrain.distributed import TUNE_STUDY_VARIABLE
 from monkeytrain.engine import EvalResult
 from monkeytrain.errors import UserError
 from monkeytrain.results import (checkpoint_named_on_a_full_disk, json_with_matrix_rows, misclassified,
@@ -263,10 +264,28 @@ def test_a_full_disk_under_another_writer_after_training_is_told_the_same_way():
                                         "had ended, and runs/r/best.safetensors (epoch 4) is saved")
 
 
-@pytest.mark.parametrize("error, score_test", [(results_json_on_a_full_disk(), False),
-                                               (OSError(errno.EACCES, "Permission denied"), True)],
-                         ids=["a trial of tune, worded by tune", "not a full disk"])
-def test_other_failures_after_training_keep_their_own_line(error, score_test):
+def test_a_users_own_run_without_test_scoring_on_a_full_disk_names_its_checkpoint_and_not_the_test_split(
+        monkeypatch):
+    """`train --no-score-test` was taken for a trial of tune: its line said to pick another --output-dir, which
+    trains the run again, and a run's line may not tell its user to score the test split they chose to leave."""
+    monkeypatch.delenv(TUNE_STUDY_VARIABLE, raising=False)
+    with pytest.raises(DiskFull) as failed, after_training(dataset_splits(False), score_test=False):
+        raise results_json_on_a_full_disk()
+    assert str(failed.value) == (
+        "no space left on the device of runs/r to write results.json (2.0 KiB needed); training had ended, and "
+        "runs/r/best.safetensors (epoch 4) is saved, each epoch's validation figures in runs/r/metrics.jsonl: free "
+        "some space; they are the run's results (--no-score-test), so do not train it again.")
+
+
+@pytest.mark.parametrize("error, tune, score_test", [
+    (results_json_on_a_full_disk(), True, False), (results_json_on_a_full_disk(), True, True),
+    (OSError(errno.EACCES, "Permission denied"), False, True)],
+    ids=["a trial of tune, worded by tune", "tune's best run, worded by tune", "not a full disk"])
+def test_other_failures_after_training_keep_their_own_line(error, tune, score_test, monkeypatch):
+    if tune:  # as a tune worker sets it for the runs it trains (tune_workers.runs_of_this_worker)
+        monkeypatch.setenv(TUNE_STUDY_VARIABLE, "studies/s")
+    else:
+        monkeypatch.delenv(TUNE_STUDY_VARIABLE, raising=False)
     line = str(error)
     with pytest.raises(type(error)) as failed, after_training(dataset_splits(False), score_test):
         raise error

@@ -270,6 +270,32 @@ def test_wandb_files_default_to_the_run_directory(wandb_env, run_dir, monkeypatc
     assert len(offline_run_folders(run_dir)) == 1
 
 
+def test_a_full_disk_under_wandbs_final_files_is_a_users_line_that_the_trainer_can_end_alike(
+        wandb_env, run_dir, tmp_path, monkeypatch):
+    """W&B copies the plots, tables and checkpoint into its folders at the end: a full disk there was a raw
+    OSError, a traceback, which the other ranks of a run never heard of (results.score)."""
+    import errno
+    from monkeytrain.storage import FREE_SPACE, first_fix
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = started(make_run_log(run_dir, True, "wandb", config=CONFIG, log_checkpoint=True))
+    log.epoch(epoch_metrics(1))
+    copy = shutil.copy
+
+    def copy_into_wandbs_folder(source, destination, *args, **kwargs):
+        if str(wandb_env) in str(destination):  # the plots W&B takes into its run folder
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return copy(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copy", copy_into_wandbs_folder)
+    with pytest.raises(UserError) as ended:
+        log.final(RESULTS, misclassified_items(tmp_path), run_dir / "best.safetensors")
+    log.close()
+    assert str(ended.value) == ("no space left on the device to write the W&B run's final files (No space left on "
+                                "device); free some space or pick another --output-dir.")
+    assert first_fix(str(ended.value), "--output-dir") == FREE_SPACE  # which the trainer's line replaces
+
+
 # --- falling back to local logs ----------------------------------------------------------------
 
 def warning_lines(captured) -> list[str]:
