@@ -29,6 +29,7 @@ import torch
 
 from monkeytrain.checkpoint import (FORMAT, CheckpointInfo, model_with_weights, not_a_checkpoint_file,
                                     read_checkpoint_file)
+from monkeytrain.data.augment import shift_within_todays_margin
 from monkeytrain.data.imagefiles import SkippedFile
 from monkeytrain.data.views import stored_size, view_dataset
 from monkeytrain.errors import UserError, first_line
@@ -166,7 +167,7 @@ def preprocessing_in_words(info: CheckpointInfo) -> str:
     from an image file, which the metadata's numbers alone do not say (channel order, scale, the two crops)."""
     side, size = stored_size(info.image_size), info.image_size
     views = "the image and its mirror image" if info.config.get("tta_flip") else "the image"
-    shift = info.config.get("tta_shift", 0)
+    shift = shift_within_todays_margin(info.config.get("tta_shift", 0), info.image_size)  # as predict moves them
     views += f", each also with its crop moved {shift} pixels each way" if shift else ""
     return (f"A {info.architecture} image classifier trained by monkeytrain. Input '{INPUT_NAME}': float32 "
             f"[batch, 3, {size}, {size}], RGB channels first, made from each image as monkeytrain predict makes "

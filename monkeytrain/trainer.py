@@ -114,13 +114,20 @@ class Trainer:
         self.learner.mix = batch_mixer(mix_settings(self.config), data.num_classes, self.generator)
         self.step = (GraphedStep(self.learner, self.accelerator, lambda: self.augmenter.train_size, self.graphs,
                                  run.phases) if self.graphs else BatchStep(self.learner, self.accelerator))
-        self.eval_views = EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean,
-                                              data.stats.std)
+        self.eval_views = self.validation_views(data)
         self.evaluated = self.eval_views.averaged(self.learner.averager.model)  # what validation runs
         self.store = StateStore(run.run_dir, self.accelerator, self.config.keep_states)
         self.checkpoint = BestCheckpoint(run.run_dir, self.accelerator)
         self.progress = Progress(best=BestEpoch(select_on=self.config.select_on))  # a resume's state replaces it
         self.unsaved_stop: str | None = None  # how a stop that saved no state ended, for the stop line
+
+    def validation_views(self, data: RunData) -> EvalViews:
+        """The test-time views that validation averages: as --tta-flip and --tta-shift ask; a resumed run that
+        began with a shift its stored views no longer leave room for gets the room there is (EvalViews.of_config)."""
+        if self.config.resume:
+            return EvalViews.of_config(self.config.to_dict(), self.config.image_size, data.stats.mean, data.stats.std)
+        return EvalViews(self.config.image_size, data.stats.mean, data.stats.std, self.config.tta_flip,
+                         self.config.tta_shift)
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when a stop signal ended training (its state saved). A disk that

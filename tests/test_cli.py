@@ -388,6 +388,8 @@ def test_an_empty_path_is_refused_by_every_command_not_taken_for_the_current_fol
 @pytest.mark.parametrize("flags, message", [
     (["--model", "resnet9000"], "unknown timm model 'resnet9000'"),
     (["--tta-shift", "5", "--model", "resnet10t"], "--tta-shift 5 reaches beyond"),
+    # the largest shift at 96 px while stored views were rounded to the nearest pixel: a new run is refused it
+    (["--tta-shift", "7", "--image-size", "96", "--model", "resnet10t"], "--tta-shift 7 reaches beyond the 6-pixel"),
     (["--grad-accum-steps", "50", "--model", "resnet10t"], "--grad-accum-steps 50 needs at least 50 batches"),
 ])
 def test_a_flag_the_model_or_the_data_refuses_leaves_no_run_folder(capsys, data, flags, message):

@@ -273,3 +273,11 @@ def test_a_model_the_exporter_cannot_take_is_one_line_that_names_the_reason(run,
 def test_exporting_an_onnx_file_again_says_it_is_one(run, capsys):
     message = error_of(["export", "--checkpoint", str(run["onnx"])], capsys)
     assert f"--checkpoint {run['onnx']} is already an ONNX model; export takes the best.safetensors" in message
+
+
+def test_the_onnx_description_names_the_shift_predict_moves_its_views_by():
+    """A checkpoint saved with the largest --tta-shift of views rounded to the nearest pixel (7 at 96 px) is
+    predicted with today's 6-pixel margin: the description says 6, as predict does."""
+    config = {**TrainConfig(model="test_resnet", image_size=96).to_dict(), "tta_shift": 7}
+    info = CheckpointInfo("test_resnet", ["a", "b"], ["a", "b"], [0.5] * 3, [0.25] * 3, 96, 1, 0.5, config)
+    assert "with its crop moved 6 pixels each way" in export.preprocessing_in_words(info)
