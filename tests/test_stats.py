@@ -202,3 +202,14 @@ def test_cache_key_changes_with_image_size_and_file_list(files, tmp_path, cpu_ac
     assert channel_stats(files, view_batches(files, 32), 32, cache, cpu_accelerator)[1] is False
     assert channel_stats(files[:-1], view_batches(files[:-1], 16), 16, cache, cpu_accelerator)[1] is False
     assert len(list((cache / "stats").glob("*.json"))) == 3
+
+
+def test_cache_key_changes_with_the_stored_views_side(files, monkeypatch):
+    """The figures are of the centre crop of each stored view: a view framed otherwise (37 px at 32 px before views
+    were rounded down as timm rounds them, 36 now) holds other pixels, so a cached figure of the other must not
+    be read."""
+    from monkeytrain.data import stats
+
+    key = cache_key(files, 16)
+    monkeypatch.setattr(stats, "stored_size", lambda image_size: 19)
+    assert cache_key(files, 16) != key

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from monkeytrain.data.imagefiles import ImageFile, content_key
-from monkeytrain.data.views import centre_crop
+from monkeytrain.data.views import centre_crop, stored_size
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
 from monkeytrain.storage import mark_used, write_cache
 
@@ -55,8 +55,10 @@ def stats_from_sums(totals: torch.Tensor) -> ChannelStats:
 
 
 def cache_key(files: list[ImageFile], image_size: int) -> str:
-    """Keyed by every file's path and content, and the resolution."""
-    return content_key(f"v{STATS_VERSION} {image_size}", sorted(files, key=lambda f: os.path.abspath(f.path)))
+    """Keyed by every file's path and content, the resolution and the stored views' side it is cropped from (one
+    pixel less at 32 or 96 px since views are framed as timm frames them: other pixels, other figures)."""
+    framing = f"v{STATS_VERSION} {image_size} of {stored_size(image_size)}"
+    return content_key(framing, sorted(files, key=lambda f: os.path.abspath(f.path)))
 
 
 def read_cached(path: Path) -> Optional[ChannelStats]:
