@@ -66,8 +66,15 @@ def data_change(saved: dict, now: dict) -> Optional[str]:
             return f"its {split} split has {len(files_now)} images, {len(files)} when the state was saved"
         if files_now != files:
             return f"its {split} split holds other files than when the state was saved"
-    different = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    compared = (saved.keys() | now.keys()) - NOT_TRAINED_ON
+    different = [key for key in sorted(compared) if saved.get(key) != now.get(key)]
     return f"its {different[0]} differs" if different else None
+
+
+# Files passed over never reach training, and which are passed over silently and which are reported as skipped
+# changes between versions (Zone.Identifier marks: skipped, now passed over; iCloud placeholders: the other way):
+# a resume is not refused for it. A file that stops decoding changes the splits' files, which are compared.
+NOT_TRAINED_ON = {"skipped", "skipped_count"}
 
 
 def from_its_root(manifest: dict) -> dict:

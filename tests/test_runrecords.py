@@ -43,6 +43,17 @@ def test_an_image_gone_since_is_a_change_whatever_the_spelling(data):
     assert data_change(saved, manifest(str(data))) == "its train split has 14 images, 15 when the state was saved"
 
 
+def test_files_skipped_then_and_passed_over_now_are_no_change_to_refuse_a_resume_for(data):
+    """Zone.Identifier marks were skipped files (one warning each) in runs begun before they were passed over
+    silently: the images trained on are the same, and the user has nothing to put back."""
+    mark = data / "training" / "training" / "n0" / "n0_000.png:Zone.Identifier"
+    mark.write_text("[ZoneTransfer]\nZoneId=3\n")
+    saved = manifest("data")
+    saved["skipped"] = [{"path": str(mark), "reason": "not an image"}]
+    saved["skipped_count"] = 1
+    assert data_change(saved, manifest("data")) is None
+
+
 def test_a_state_whose_copy_of_the_data_record_is_damaged_cannot_be_loaded_in_one_line(tmp_path):
     state, run_dir = tmp_path / "run" / "state" / "step-00000004", tmp_path / "run"
     state.mkdir(parents=True)
