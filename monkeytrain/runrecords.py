@@ -178,7 +178,8 @@ def folder_apart_from(files: list, root: Path | str) -> Optional[Path]:
     """The folder the files have in common (their class subfolders' parent), or None where it lies inside
     `root`, the training folder: the test split is then held out of it."""
     folder = Path(os.path.commonpath(files))
-    return None if folder.is_relative_to(root) else folder
+    # by its path from the root, not by its spelling: ../test is not inside a root given as `.`
+    return folder if os.path.relpath(folder, root).split(os.sep)[0] == os.pardir else None
 
 
 def logged_epoch(line: str) -> float:

@@ -147,3 +147,15 @@ def test_a_relative_test_folder_is_not_named_where_config_yaml_cannot_tell_where
     (run / DATA_RECORD).write_text(json.dumps(manifest("data")))
     for began in (None, {"data": "builtin:synthetic-v2"}, {"data": str(tmp_path / "moved")}):
         assert own_test_folder(run, began) is None
+
+
+@pytest.mark.parametrize("root, files, apart", [
+    (".", ["../test/cat/1.png", "../test/dog/2.png"], "../test"),  # --train-dir . --test-dir ../test
+    ("data/train", ["data/test/cat/1.png", "data/test/dog/2.png"], "data/test"),
+    ("data", ["data/test/cat/1.png", "data/test/dog/2.png"], None),  # held out of the root, or a split folder in it
+    (".", ["cat/1.png", "dog/2.png"], None),
+])
+def test_a_test_split_apart_from_the_training_folder_is_told_by_its_path_from_it(root, files, apart):
+    from monkeytrain.runrecords import folder_apart_from
+
+    assert folder_apart_from(files, root) == (Path(apart) if apart else None)
