@@ -287,6 +287,22 @@ def test_a_class_folder_linked_from_a_drive_not_mounted_is_named_not_left_out(tm
         layout.check_same_classes(layout.folders_from_root(root))
 
 
+@pytest.mark.parametrize("name", ["notes.txt", "x.jpg", "run.ipynb"])
+def test_a_link_to_a_file_gone_beside_the_classes_is_no_class_and_does_not_stop_the_run(tmp_path,
+                                                                                     make_image_folder, name):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / name).symlink_to(tmp_path / "unmounted" / name)
+    assert layout.check_same_classes(layout.folders_from_root(root)) == ["n0", "n1"]
+
+
+@pytest.mark.parametrize("name", ["001.Black_footed_Albatross", "n0.10", "Dr. Who"])
+def test_a_link_to_nothing_named_like_a_class_with_a_dot_still_stops_the_run(tmp_path, make_image_folder, name):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / name).symlink_to(tmp_path / "unmounted" / name)
+    with pytest.raises(UserError, match="which does not exist"):
+        layout.check_same_classes(layout.folders_from_root(root))
+
+
 def test_one_class_is_a_user_error_asking_for_two(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=1, per_class=2)
     with pytest.raises(UserError, match=r"one class subfolder \(n0\); a classifier needs at least two"):

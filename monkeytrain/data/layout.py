@@ -235,11 +235,20 @@ def class_folders(split: Path) -> list[str]:
 def check_no_broken_links(split: Path) -> None:
     """A link to nothing among the class folders of a split: a class folder linked from a drive that is not
     mounted here, which class_folders would leave out without a word (one below a class is the scan's to
-    report, as a skipped file)."""
+    report, as a skipped file). A link named like a file (notes.txt, x.jpg) is no class, linked or not."""
     for entry in split.iterdir():
-        if not is_hidden_folder(entry.name) and entry.is_symlink() and not entry.exists():
+        if is_hidden_folder(entry.name) or named_like_a_file(entry.name):
+            continue
+        if entry.is_symlink() and not entry.exists():
             raise UserError(f"{entry} is a link to {os.readlink(entry)}, which does not exist (a class folder on a "
                             "drive not mounted here?); mount it, fix the link, or remove it.")
+
+
+def named_like_a_file(name: str) -> bool:
+    """Whether `name` ends in a file extension: 2 to 5 letters and digits, at least one a letter (.txt, .jpeg,
+    .ipynb). Class folders may hold dots too, but not so: CUB-200's 001.Black_footed_Albatross, n0.10."""
+    suffix = Path(name).suffix[1:]
+    return 2 <= len(suffix) <= 5 and suffix.isascii() and suffix.isalnum() and not suffix.isdigit()
 
 
 def holds_runs(folder: Path) -> bool:
