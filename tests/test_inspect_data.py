@@ -70,3 +70,19 @@ def test_an_image_over_pillows_decompression_bomb_limit_is_noted_as_training_war
     cli.main(["inspect-data", str(root)])
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  note:")]
     assert len(notes) == 1 and notes[0].startswith(f"  note: {root / 'n0' / 'huge.jpg'} is a very large image")
+
+
+def test_a_folder_of_classes_with_runs_and_a_job_log_beside_them_is_inspected_naming_the_runs(capsys, tmp_path,
+                                                                                              make_image_folder):
+    """`monkeytrain inspect-data .` where a SLURM job wrote runs/monkeytrain-1234.out beside its run: runs/ was a
+    class again (one with no images); a link to a notes file on a drive not mounted stopped it too."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
+    (root / "runs" / "20261203-174800").mkdir(parents=True)
+    for name in ("config.yaml", "data_manifest.json", "best.safetensors"):
+        (root / "runs" / "20261203-174800" / name).write_text("")
+    (root / "runs" / "monkeytrain-1234.out").write_text("epoch 1/3\n")
+    (root / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")
+    cli.main(["inspect-data", str(root)])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{root}: layout image-folder, 2 classes"
+    assert f"monkeytrain: warning: {root / 'runs'} is passed over: it holds monkeytrain's runs" in captured.err
