@@ -289,7 +289,7 @@ def rename_old_names(values: dict[str, Any], say_so: bool = True) -> dict[str, A
     renamed = dict(values)
     # Flags are read before the Accelerator exists, so the launcher's RANK is what says which process is
     # the run's first: the others rename silently, rather than print the same line once per GPU.
-    say = warn if say_so and os.environ.get("RANK", "0") == "0" else lambda message: None
+    say = warn_from_the_first_process if say_so else lambda message: None
     for old, new in RENAMED_FIELDS.items():
         if old in renamed:
             say(f"--{flag_name(old)} is now called --{flag_name(new)}; using it.")
@@ -323,6 +323,13 @@ def with_absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 def warn(message: str) -> None:
     to_stderr("warning", message)
+
+
+def warn_from_the_first_process(message: str) -> None:
+    """A warning every process of a run would give alike (of the data or the flags), given once: by the
+    launcher's first process (RANK 0, or no launcher)."""
+    if os.environ.get("RANK", "0") == "0":
+        warn(message)
 
 
 def resolve_recipe(requested: str, cpu_flag: bool) -> str:

@@ -344,3 +344,9 @@ def test_a_checkpoint_with_the_largest_shift_of_the_views_before_timms_framing_g
     assert "--tta-shift 7, the largest for 96-pixel crops when this run began" in capsys.readouterr().err
     with pytest.raises(UserError, match="use at most 6"):
         EvalViews.of_config({"tta_shift": 8}, 96, [0.5] * 3, [0.25] * 3)
+
+
+def test_the_shift_of_an_old_checkpoint_is_said_by_the_first_process_of_a_run_only(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert augment.shift_within_todays_margin(7, 96) == 6
+    assert capsys.readouterr().err == ""

@@ -480,3 +480,13 @@ def test_real_kaggle_labels_file_format_is_read(tmp_path):
         "n1   , erythrocebus_patas\t , patas_monkey                  , 139          , 28\n"
     )
     assert layout.read_common_names(labels) == {"n0": "mantled howler", "n1": "patas monkey"}
+
+
+def test_runs_passed_over_are_named_by_the_first_process_of_a_run_only(tmp_path, make_image_folder, capsys,
+                                                                        monkeypatch):
+    """Every rank reads the layout: the second of a two-GPU run says nothing, rather than the same line again."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    a_finished_run(root / "runs" / "20261203-174800")
+    monkeypatch.setenv("RANK", "1")
+    assert layout.class_folders(root) == ["n0", "n1"]
+    assert "passed over" not in capsys.readouterr().err

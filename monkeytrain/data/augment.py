@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from monkeytrain.data.views import CROP_PCT, centre_crop, stored_size
-from monkeytrain.config import warn
+from monkeytrain.config import warn_from_the_first_process
 from monkeytrain.errors import UserError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -181,8 +181,9 @@ def shift_within_todays_margin(shift: int, image_size: int) -> int:
     margin = (stored_size(image_size) - image_size) // 2
     margin_of_its_day = (int(round(image_size / CROP_PCT)) - image_size) // 2
     if margin < shift <= margin_of_its_day:
-        warn(f"--tta-shift {shift}, the largest for {image_size}-pixel crops when this run began, is beyond the "
-             f"{margin}-pixel margin their stored views now leave (framed as timm frames them): its test-time views "
-             f"move {margin} pixels instead.")
+        warn_from_the_first_process(
+            f"--tta-shift {shift}, the largest for {image_size}-pixel crops when this run began, is beyond the "
+            f"{margin}-pixel margin their stored views now leave (framed as timm frames them): its test-time views "
+            f"move {margin} pixels instead.")
         return margin
     return shift

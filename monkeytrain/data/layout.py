@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from monkeytrain.errors import UserError, to_stderr
+from monkeytrain.config import warn_from_the_first_process
+from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
 DEFAULT_DATA_ROOT = Path("data/10-monkey-species")  # where training looks without --data, and download puts it
@@ -254,8 +255,8 @@ def warn_passed_over(folder: Path) -> None:
     if str(folder) in _PASSED_OVER:
         return
     _PASSED_OVER.add(str(folder))
-    to_stderr("warning", f"{folder} is passed over: it holds monkeytrain's runs (or is one), not a class's images; "
-                         "if it is a class, move the run files out of it.")
+    warn_from_the_first_process(f"{folder} is passed over: it holds monkeytrain's runs (or is one), not a class's "
+                                "images; if it is a class, move the run files out of it.")
 
 
 def check_no_broken_links(split: Path) -> None:
