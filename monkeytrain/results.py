@@ -16,7 +16,7 @@ from monkeytrain.checkpoint import BEST_NAME, CheckpointInfo, load_model
 from monkeytrain.data.dataset import DatasetSplits
 from monkeytrain.data.imagefiles import ImageFile
 from monkeytrain.data.prepare import RunData
-from monkeytrain.distributed import a_run_of_tune, failing_alike_on_every_rank, shard_indices
+from monkeytrain.distributed import a_run_of_tune, shard_indices
 from monkeytrain.engine import EvalResult, balanced_accuracy, evaluate
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.predict import inference, shown_class_names
@@ -36,17 +36,17 @@ def score(run, data: RunData, best: BestEpoch) -> tuple[dict, str]:
         return (selection_summary(data.splits, best, run.run_dir),
                 f"best validation {best.metric} {best.score:.2%}, not scored on the test split")
     results, wrong = final_evaluation(run.accelerator, data, run.run_dir, best)
-    # The main process's alone (plots, W&B): where its disk is full, every rank ends with its line, none left
-    # waiting for it at results.json's agreement (rundir.write_results)
-    failing_alike_on_every_rank(lambda: run.log.final(results, wrong, run.run_dir / BEST_NAME))
+    # No failing_alike_on_every_rank: the plots and W&B's copies (the main process's alone) only warn on a full
+    # disk, so no rank has a line to end with here
+    run.log.final(results, wrong, run.run_dir / BEST_NAME)
     return results, scored_line(results)
 
 
 @contextmanager
 def checkpoint_named_on_a_full_disk(run, splits: DatasetSplits, best: BestEpoch) -> Iterator[None]:
-    """Once training has ended, a full disk (while the test split is scored, W&B's final files or results.json
-    are written; plots only warn) names the best.safetensors it left and how to score it, rather than another
-    --output-dir or a --resume: no training state is saved at the end, so either would train it again. A run
+    """Once training has ended, a full disk (while the test split is scored or results.json is written; the
+    plots and W&B's final files only warn) names the best.safetensors it left and how to score it, rather than
+    another --output-dir or a --resume: no training state is saved at the end, so either would train it again. A run
     of monkeytrain tune (a trial, the best run) keeps its line, which tune words in its own flags. A DiskFull is
     known by its line: the other ranks of a run have it as a plain UserError (failing_alike_on_every_rank), and
     end with the same line as the main process, which says it for them all."""

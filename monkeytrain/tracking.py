@@ -30,8 +30,8 @@ from monkeytrain.config import REPORT_TO_CHOICES
 from monkeytrain.data.imagefiles import load_rgb
 from monkeytrain.plots import CONFUSION_NAME, CURVES_NAME, write_run_plots
 from monkeytrain.reachable import why_no_answer
-from monkeytrain.storage import (FREE_SPACE, WriteFailed, append_line, is_disk_full, or_elsewhere, over_quota,
-                                 why_not_written, write_atomically)
+from monkeytrain.storage import (WriteFailed, append_line, is_disk_full, over_quota, why_not_written,
+                                 write_atomically)
 
 RUN_ID_NAME = "wandb_run_id.txt"
 METRICS_NAME = "metrics.jsonl"
@@ -203,7 +203,9 @@ class WandbRunLog(RunLog):
         except Exception as error:  # W&B copies the plots, tables and checkpoint into its folders first
             if not is_disk_full(error):
                 raise
-            raise final_files_not_written(error) from error
+            # W&B's folder may be full alone (WANDB_DIR elsewhere, /tmp, a large checkpoint staged): its copies
+            # only mirror the run's own files, so a warning, as for the plots, and results.json is still written
+            self.warn(final_files_not_written(error, self.run_dir, self.offline_folder(), self.log_checkpoint))
 
     def upload_final(self, results: dict, misclassified: list[dict], checkpoint_path: Path) -> None:
         """The test figures in the W&B run's summary, its final media and, with --log-checkpoint, the model."""
@@ -214,6 +216,10 @@ class WandbRunLog(RunLog):
             self.run.log_artifact(checkpoint_artifact(self.wandb, self.run.id, checkpoint_path, results),
                                   aliases=["best"])
 
+    def offline_folder(self) -> Path | None:
+        """The offline run's folder (WANDB_DIR/wandb/offline-run-...), which `wandb sync` uploads; None online."""
+        return Path(self.run.dir).parent if self.run.offline else None
+
     def close(self) -> None:
         super().close()
         run, self.run = self.run, None
@@ -221,13 +227,16 @@ class WandbRunLog(RunLog):
             run.finish()
 
 
-def final_files_not_written(error: BaseException) -> UserError:
-    """A full disk (or quota) met by W&B's end-of-run files: its copies of the plots and misclassified images, its
-    tables, the checkpoint artifact. The line ends as a DiskFull's does, for the run's own way out (the trainer's
-    results.checkpoint_named_on_a_full_disk names the checkpoint saved): results.json is not written yet."""
+def final_files_not_written(error: BaseException, run_dir: Path, offline_folder: Path | None,
+                            log_checkpoint: bool) -> str:
+    """The warning of a full disk (or quota) met by W&B's end-of-run files: the test figures of its summary, its
+    copies of the plots and misclassified images, its tables, the checkpoint artifact (which fails may vary)."""
     what = "your disk quota is used up" if over_quota(error) else "no space left"
-    return UserError(f"{what} on the device to write the W&B run's final files ({first_line(error)}); "
-                     f"{or_elsewhere(FREE_SPACE, '--output-dir')}")
+    files = "the test figures of its summary, the plots and misclassified images" + (
+        ", the best checkpoint" if log_checkpoint else "")
+    sync = f", then upload the offline run with `wandb sync {offline_folder}`" if offline_folder else ""
+    return (f"{what} on the device for the W&B run's final files ({first_line(error)}): it may lack {files}, "
+            f"which results.json and {run_dir} hold; free some space{sync}.")
 
 
 class TrackerUnavailable(Exception):

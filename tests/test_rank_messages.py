@@ -8,6 +8,7 @@ The store that torchrun's agent keeps for a launch (and `accelerate launch`, whi
 from __future__ import annotations
 
 import errno
+import json
 import os
 from datetime import timedelta
 from functools import partial
@@ -241,9 +242,11 @@ def train_rank_whose_wandb_finds_the_disk_full(folder: Path, flags: list[str], e
     train_rank(folder, flags, environment, rank)
 
 
-def test_wandbs_final_files_the_main_rank_cannot_write_end_both_ranks_alike(tmp_path, agent_store, monkeypatch):
-    """W&B's end-of-run files are the main process's alone, written after the test split is scored: the other
-    rank waited for it at results.json's agreement, and ended on the lost connection (exit status 1)."""
+def test_wandbs_final_files_the_main_rank_cannot_write_cost_one_warning_and_the_run_ends_well(tmp_path, agent_store,
+                                                                                            monkeypatch):
+    """W&B's end-of-run files are the main process's alone, and its folder may be full alone (WANDB_DIR elsewhere):
+    that ended every rank before results.json was written (before that, the other rank waited for the main one at
+    results.json's agreement, and ended on the lost connection). Now a warning, as for the plots."""
     from conftest import write_image_folder
 
     for name in [name for name in os.environ if name.startswith("WANDB_")]:
@@ -253,11 +256,8 @@ def test_wandbs_final_files_the_main_rank_cannot_write_end_both_ranks_alike(tmp_
     data = write_image_folder(tmp_path / "data", classes=3, per_class=6)
     ended, logs = two_ranks(tmp_path, agent_store, ["--data", str(data), "--report-to", "wandb"],
                             train_rank_whose_wandb_finds_the_disk_full)
-    assert ended == [2, 2], logs
-    checkpoint = Path("runs", "ranks", "best.safetensors")
-    assert logs[0].strip().splitlines()[-1] == (
-        "monkeytrain: error: no space left on the device to write the W&B run's final files (No space left on "
-        f"device); training had ended, and {checkpoint} (epoch 1) is saved: free some space and score it on the "
-        f"test split with `monkeytrain evaluate --checkpoint {checkpoint} {data / 'validation' / 'validation'}` "
-        "rather than train again."), logs[0]
-    assert "monkeytrain: error:" not in logs[1] and "Traceback" not in logs[1], logs[1]  # said once, by the main one
+    assert ended == [0, 0], logs
+    assert json.loads((tmp_path / "runs" / "ranks" / "results.json").read_text())["test_accuracy"] is not None
+    warned = [line for log in logs for line in log.splitlines() if "the W&B run's final files" in line]
+    assert len(warned) == 1 and warned[0].startswith("monkeytrain: warning: no space left on the device for"), logs
+    assert "`wandb sync " in warned[0] and warned[0] in logs[0], warned  # by the main process, the offline run's

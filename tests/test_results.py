@@ -256,7 +256,8 @@ def test_a_test_split_held_out_of_the_training_folder_is_not_offered_to_evaluate
 
 
 def test_a_full_disk_under_another_writer_after_training_is_told_the_same_way():
-    """W&B's own files (the checkpoint artifact) fail with the system's error, not ours."""
+    """A library's own files while the test split is scored fail with the system's error, not ours (W&B's final
+    files only warn: tracking.WandbRunLog.final)."""
     with pytest.raises(UserError) as failed, after_training(dataclasses.replace(dataset_splits(False),
                                                                                 root="/data/train")):
         raise OSError(errno.ENOSPC, "No space left on device")
