@@ -18,7 +18,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from monkeytrain.data.layout import is_hidden_folder
+from monkeytrain.data.passedover import is_hidden_folder
 from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
