@@ -98,3 +98,21 @@ def test_runs_passed_over_are_named_by_the_first_process_of_a_run_only(tmp_path,
     monkeypatch.setenv("RANK", "1")
     assert layout.class_folders(root) == ["n0", "n1"]
     assert "passed over" not in capsys.readouterr().err
+
+
+def test_runs_nested_two_folders_deep_beside_the_classes_are_not_a_class(tmp_path, make_image_folder, capsys):
+    """`--data . --output-dir runs/exp1` puts each run at runs/exp1/<run>/: runs/ became a class of one run's plots."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    ended = a_finished_run(root / "runs" / "exp1" / "20261203-174800")
+    shutil.copy(root / "n0" / "n0_000.png", ended / "curves.png")
+    (root / "runs" / "exp2" / "20261203-180000").mkdir(parents=True)
+    (root / "runs" / "exp2" / "20261203-180000" / ".in-use").write_text("1234\n")
+    assert layout.class_folders(root) == ["n0", "n1"]
+    assert capsys.readouterr().err.count(f"warning: {root / 'runs'} is passed over") == 1
+
+
+def test_a_class_whose_subfolder_holds_a_run_and_images_is_a_class(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    a_finished_run(root / "n1" / "older" / "20261203-174800")
+    shutil.move(root / "n1" / "n1_000.png", root / "n1" / "older" / "n1_000.png")
+    assert layout.class_folders(root) == ["n0", "n1"]

@@ -31,6 +31,9 @@ RUN_MARKS = ((".in-use",), ("data_manifest.json", "config.yaml"), ("study.journa
 # The images monkeytrain writes into its folders (plots.CURVES_NAME, plots.CONFUSION_NAME, tune_report.SEARCH_NAME):
 # a folder with any other image of its own is a class, whatever else it holds.
 RUN_PLOTS = ("curves.png", "confusion_matrix.png", "search.png")
+# How many folders deep runs may lie below a folder of runs: --output-dir runs/exp1 puts each at runs/exp1/<run>/.
+# A bound, too, on the walk through linked folders that lead back round to each other.
+RUN_NESTING = 3
 # Names that say a file is an image without reading it; other files are judged by their content (is_an_image).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
@@ -40,15 +43,17 @@ def is_hidden_folder(name: str) -> bool:
     return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
-def holds_runs(folder: Path) -> bool:
-    """Whether `folder` is one of monkeytrain's own (is_run_folder), or holds them and no image: `--data .` in a
-    folder of classes puts runs/ (the default --output-dir) beside them, the run's own folder made before the data
-    is read (with --output-dir ., that folder itself). As a class, it stopped that run as one with no images, and a
-    later one trained on its plots (PNG images). Every subfolder must be a run (but empty ones), so that one stray
-    run file in a class does not take a split of classes for runs; files other than images (a SLURM job's log,
-    a README) may sit beside them."""
+def holds_runs(folder: Path, depth: int = RUN_NESTING) -> bool:
+    """Whether `folder` is one of monkeytrain's own (is_run_folder), or holds them and no image, up to `depth`
+    folders deep: `--data .` in a folder of classes puts runs/ (the default --output-dir) beside them, the run's own
+    folder made before the data is read (with --output-dir ., that folder itself; with runs/exp1, two deep). As a
+    class, it stopped that run as one with no images, and a later one trained on its plots (PNG images). Every
+    subfolder must hold runs (but empty ones), so that one stray run file in a class does not take a split of
+    classes for runs; files other than images (a SLURM job's log, a README) may sit beside them."""
     if is_run_folder(folder):
         return True
+    if depth == 0:
+        return False
     runs = False
     try:
         with os.scandir(folder) as entries:  # a class folder ends at its first image: no listing of all of them
@@ -56,7 +61,7 @@ def holds_runs(folder: Path) -> bool:
                 if entry.is_dir():
                     if is_hidden_folder(entry.name):
                         continue
-                    if is_run_folder(Path(entry.path)):
+                    if holds_runs(Path(entry.path), depth - 1):
                         runs = True
                     elif not looks_empty(entry.path):
                         return False
