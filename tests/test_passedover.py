@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -116,3 +117,21 @@ def test_a_class_whose_subfolder_holds_a_run_and_images_is_a_class(tmp_path, mak
     a_finished_run(root / "n1" / "older" / "20261203-174800")
     shutil.move(root / "n1" / "n1_000.png", root / "n1" / "older" / "n1_000.png")
     assert layout.class_folders(root) == ["n0", "n1"]
+
+
+def test_a_second_run_in_a_data_set_with_a_class_named_runs_trains_on_the_classes_images_only(tmp_path,
+                                                                                            make_image_folder):
+    """Its first run's plots (curves.png, confusion_matrix.png) were images of class runs in the next run."""
+    from conftest import train_here
+
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=8)
+    (root / "n1").rename(root / "runs")
+    flags = ["--data", ".", "--cpu", "--model", "resnet10t", "--image-size", "32", "--epochs", "1",
+             "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--cache-dir", str(tmp_path / "cache")]
+    train_here([*flags, "--run-name", "first"], root)
+    assert (root / "runs" / "first" / "curves.png").is_file()  # what the next run must not train on
+    again = train_here([*flags, "--run-name", "again"], root)
+    record = json.loads((root / "runs" / "again" / "data_manifest.json").read_text())
+    used = [path for files in record["files"].values() for path in files]
+    assert len(used) == 16 and not any("first" in path for path in used), used
+    assert "runs/again is passed over: it holds monkeytrain's runs" in again.stderr  # its own, made before the scan

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from monkeytrain.data.passedover import holds_runs, is_hidden_folder, warn_passed_over
+from monkeytrain.data.passedover import is_hidden_folder, passed_over_as_runs
 from monkeytrain.errors import UserError
 
 LABELS_FILE = "monkey_labels.txt"
@@ -215,14 +215,10 @@ def find_labels_file(train_folder: Path) -> Optional[Path]:
 
 def class_folders(split: Path) -> list[str]:
     """Sorted names of the subfolders of a split folder, but hidden ones (is_hidden_folder) and monkeytrain's
-    own (passedover.holds_runs), which are named in a warning: no folder is left out without a word."""
+    own (passed_over_as_runs), which are named in a warning: no folder is left out without a word."""
     names = []
     for path in split.iterdir():
-        if not path.is_dir() or is_hidden_folder(path.name):
-            continue
-        if holds_runs(path):
-            warn_passed_over(path)
-        else:
+        if path.is_dir() and not is_hidden_folder(path.name) and not passed_over_as_runs(path):
             names.append(path.name)
     return sorted(names)
 

@@ -106,11 +106,22 @@ def is_an_image(entry: os.DirEntry) -> bool:
     return Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS or is_image_file(Path(entry.path))
 
 
-_PASSED_OVER: set[str] = set()  # the folders warn_passed_over named: class_folders runs many times a run
+def passed_over_as_runs(folder: Path) -> bool:
+    """Whether `folder`, among the class folders or below one, holds monkeytrain's runs (holds_runs), said in one
+    warning: a class really named runs, with `--data .` and the default --output-dir, holds the run's folder, whose
+    plots the next run's scan took for images of that class."""
+    if not holds_runs(folder):
+        return False
+    warn_passed_over(folder)
+    return True
+
+
+_PASSED_OVER: set[str] = set()  # the folders warn_passed_over named: the layout is read many times a run
 
 
 def warn_passed_over(folder: Path) -> None:
-    """Say once that `folder`, beside the class folders, is taken for monkeytrain's runs, not for a class."""
+    """Say once that `folder`, among the class folders or below one, is taken for monkeytrain's runs, not for a
+    class's images."""
     if str(folder) in _PASSED_OVER:
         return
     _PASSED_OVER.add(str(folder))
