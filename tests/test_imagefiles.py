@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -277,6 +278,22 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
         (tmp_path / relative).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in candidate_files(tmp_path)]
     assert found == ["a.jpg", "b.png", "sub/c"]
+
+
+def test_a_run_inside_a_class_named_runs_is_passed_over_by_the_scan(tmp_path, make_image_folder, capsys):
+    """A class really named runs, trained with `--data .` and the default --output-dir, holds the run's folder."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=2)
+    ended = root / "n1" / "20261203-174800"  # a run that ended
+    ended.mkdir()
+    for name in ("config.yaml", "data_manifest.json", "best.safetensors", "metrics.jsonl"):
+        (ended / name).write_text("")
+    shutil.copy(root / "n0" / "n0_000.png", ended / "curves.png")
+    (root / "n1" / "runs" / "exp1" / "20261203-180000").mkdir(parents=True)  # --output-dir n1/runs/exp1
+    (root / "n1" / "runs" / "exp1" / "20261203-180000" / ".in-use").write_text("1234\n")
+    assert [path.name for path in candidate_files(root / "n1")] == ["n1_000.png", "n1_001.png"]
+    warned = capsys.readouterr().err
+    assert warned.count(f"warning: {ended} is passed over") == 1
+    assert warned.count(f"warning: {root / 'n1' / 'runs'} is passed over") == 1
 
 
 def test_candidate_files_skip_what_operating_systems_leave_in_folders_in_any_letter_case(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from monkeytrain.data.layout import is_hidden_folder
+from monkeytrain.data.passedover import is_hidden_folder, passed_over_as_runs
 from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
@@ -210,8 +210,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def candidate_files(folder: Path) -> list[Path]:
-    """Every regular file below `folder` but hidden ones (is_hidden_file, is_hidden_folder), sorted for a
-    stable order.
+    """Every regular file below `folder` but hidden ones (is_hidden_file, is_hidden_folder) and those in
+    monkeytrain's own folders (passed_over_as_runs), sorted for a stable order.
 
     Linked folders are followed, as a class folder of links to images elsewhere is (each real folder
     once, so two folders linking to each other are no loop), but not one that holds `folder` itself:
@@ -226,7 +226,8 @@ def candidate_files(folder: Path) -> list[Path]:
             continue
         walked.add((here.st_dev, here.st_ino))
         folders[:] = [name for name in folders if not is_hidden_folder(name)
-                      and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))]
+                      and not is_within(real_folder, os.path.realpath(os.path.join(top, name)))
+                      and not passed_over_as_runs(Path(top) / name)]
         paths = (Path(top) / name for name in names if not is_hidden_file(name))
         found += [path for path in paths if path.is_file() or not path.exists()]  # not exists(): a broken link
     return sorted(found + [Path(error.filename) for error in unlisted])
