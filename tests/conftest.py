@@ -65,6 +65,16 @@ def write_labels_file(path: Path, names: list[str], counts: list[int]) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
+def a_finished_run(folder: Path) -> Path:
+    """The files a run that ended leaves in `folder` (no plots): what tells monkeytrain's own folders from a
+    class's (data.passedover), its data manifest as monkeytrain writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "best.safetensors", "metrics.jsonl"):
+        (folder / name).write_text("")
+    (folder / "data_manifest.json").write_text('{"class_folders": ["n0", "n1"]}')
+    return folder
+
+
 def write_image_folder(
     root: Path,
     layout: str = "kaggle",

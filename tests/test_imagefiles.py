@@ -14,6 +14,7 @@ import PIL.ImageFile
 import pytest
 from PIL import Image
 
+from conftest import a_finished_run
 from monkeytrain.data import imagefiles
 from monkeytrain.data.imagefiles import (
     ImageFile, SkippedFile, candidate_files, check_image_bytes, load_rgb, oversized_warning,
@@ -283,10 +284,7 @@ def test_candidate_files_skip_hidden_files_and_folders(tmp_path):
 def test_a_run_inside_a_class_named_runs_is_passed_over_by_the_scan(tmp_path, make_image_folder, capsys):
     """A class really named runs, trained with `--data .` and the default --output-dir, holds the run's folder."""
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=2)
-    ended = root / "n1" / "20261203-174800"  # a run that ended
-    ended.mkdir()
-    for name in ("config.yaml", "data_manifest.json", "best.safetensors", "metrics.jsonl"):
-        (ended / name).write_text("")
+    ended = a_finished_run(root / "n1" / "20261203-174800")
     shutil.copy(root / "n0" / "n0_000.png", ended / "curves.png")
     (root / "n1" / "runs" / "exp1" / "20261203-180000").mkdir(parents=True)  # --output-dir n1/runs/exp1
     (root / "n1" / "runs" / "exp1" / "20261203-180000" / ".in-use").write_text("1234\n")

@@ -8,7 +8,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import write_labels_file
+from conftest import a_finished_run, write_labels_file
 from monkeytrain import cli
 
 
@@ -77,9 +77,7 @@ def test_a_folder_of_classes_with_runs_and_a_job_log_beside_them_is_inspected_na
     """`monkeytrain inspect-data .` where a SLURM job wrote runs/monkeytrain-1234.out beside its run: runs/ was a
     class again (one with no images); a link to a notes file on a drive not mounted stopped it too."""
     root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class=5, size=8)
-    (root / "runs" / "20261203-174800").mkdir(parents=True)
-    for name in ("config.yaml", "data_manifest.json", "best.safetensors"):
-        (root / "runs" / "20261203-174800" / name).write_text("")
+    a_finished_run(root / "runs" / "20261203-174800")
     (root / "runs" / "monkeytrain-1234.out").write_text("epoch 1/3\n")
     (root / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")
     cli.main(["inspect-data", str(root)])

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import a_finished_run
 from monkeytrain.data import layout, passedover
 
 
@@ -16,10 +17,8 @@ def test_the_runs_of_monkeytrain_beside_the_classes_are_not_a_class(tmp_path, ma
     root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
     (root / "runs" / "20261203-174800").mkdir(parents=True)
     (root / "runs" / "20261203-174800" / ".in-use").write_text("1234\n")  # training now: the data is read
-    (root / "runs" / "20261202-090000").mkdir()
+    a_finished_run(root / "runs" / "20261202-090000")
     shutil.copy(root / "n0" / "n0_000.png", root / "runs" / "20261202-090000" / "curves.png")
-    for name in ("best.safetensors", "config.yaml", "data_manifest.json"):  # a run that ended
-        (root / "runs" / "20261202-090000" / name).write_bytes(b"")
     (root / "tune" / "study").mkdir(parents=True)
     (root / "tune" / "study" / "study.journal").write_text("")
     (root / "20261203-180000").mkdir()  # --output-dir .
@@ -47,13 +46,6 @@ def test_the_files_that_mark_monkeytrains_own_folders_are_those_it_writes():
 
     assert set(passedover.RUN_MARKS) == {(LOCK_NAME,), (DATA_RECORD, CONFIG_NAME), (STORAGE_NAME,)}
     assert set(passedover.RUN_PLOTS) == {CURVES_NAME, CONFUSION_NAME, SEARCH_NAME}
-
-
-def a_finished_run(folder):
-    folder.mkdir(parents=True)
-    for name in ("config.yaml", "data_manifest.json", "best.safetensors", "metrics.jsonl"):
-        (folder / name).write_text("")
-    return folder
 
 
 @pytest.mark.parametrize("beside", ["monkeytrain-1234.out", "Thumbs.db", "README", "desktop.ini", "notes.txt"])
@@ -135,3 +127,46 @@ def test_a_second_run_in_a_data_set_with_a_class_named_runs_trains_on_the_classe
     used = [path for files in record["files"].values() for path in files]
     assert len(used) == 16 and not any("first" in path for path in used), used
     assert "runs/again is passed over: it holds monkeytrain's runs" in again.stderr  # its own, made before the scan
+
+
+def test_a_users_own_config_and_manifest_beside_a_class_images_leave_them_a_class(tmp_path, make_image_folder):
+    """A class's batch1/ holding the user's own config.yaml and data_manifest.json, its images a folder below:
+    taken for a run, its images were dropped from training with only a warning (a whole class, one level up)."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    for folder in (root / "n0", root / "n1" / "batch1"):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.yaml").write_text("lens: 35mm\n")
+        (folder / "data_manifest.json").write_text("{}")
+    shutil.copytree(root / "n0", root / "n1" / "batch1" / "day1", ignore=shutil.ignore_patterns("*.yaml", "*.json"))
+    assert layout.class_folders(root) == ["n0", "n1"]
+    assert not passedover.holds_runs(root / "n1" / "batch1")
+
+
+def test_a_class_folder_of_annotations_beside_its_images_is_told_from_runs_without_reading_them(
+        tmp_path, make_image_folder, monkeypatch):
+    """annotations/ of thousands of .xml files beside a class's images/: each was read by Pillow at every run."""
+    from monkeytrain.data import imagefiles
+
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "n0" / "annotations").mkdir()
+    for number in range(50):
+        (root / "n0" / "annotations" / f"{number}.xml").write_text("<annotation/>")
+    reads = []
+    monkeypatch.setattr(imagefiles, "is_image_file", lambda path: reads.append(path) or False)
+    assert not passedover.holds_runs(root / "n0" / "annotations")
+    assert reads == []
+
+
+def test_runs_as_deep_as_an_output_dir_goes_beside_the_classes_are_not_a_class(tmp_path, make_image_folder):
+    """--output-dir runs/x/y/z: the check of runs/ stopped three folders down, so runs/ was a class, while the
+    scan, checking runs/x afresh, passed its run over: the class had no images and the run stopped."""
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    a_finished_run(root / "runs" / "x" / "y" / "z" / "20261203-174800")
+    assert layout.class_folders(root) == ["n0", "n1"]
+
+
+def test_linked_folders_that_lead_back_round_end_the_walk(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", layout="image-folder", classes=2, per_class=1)
+    (root / "runs" / "a").mkdir(parents=True)
+    (root / "runs" / "a" / "back").symlink_to(root / "runs")
+    assert not passedover.holds_runs(root / "runs")

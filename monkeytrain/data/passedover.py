@@ -8,6 +8,7 @@ Imports nothing of Pillow at import time: every CLI command reads the layout, fe
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,14 +27,13 @@ SYSTEM_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume informati
 # while it trains (rundir.LOCK_NAME), its config and manifest, both written before it trains (rundir.CONFIG_NAME,
 # runrecords.DATA_RECORD; a run stopped before them leaves no folder), and a tune study's journal
 # (tune_study.STORAGE_NAME). Not one of a run's files alone: a data_manifest.json or best.safetensors copied
-# into a class folder made the class vanish.
-RUN_MARKS = ((".in-use",), ("data_manifest.json", "config.yaml"), ("study.journal",))
+# into a class folder made the class vanish; nor a user's own config.yaml and data_manifest.json (is_run_folder
+# reads the manifest).
+MANIFEST_MARK = ("data_manifest.json", "config.yaml")
+RUN_MARKS = ((".in-use",), MANIFEST_MARK, ("study.journal",))
 # The images monkeytrain writes into its folders (plots.CURVES_NAME, plots.CONFUSION_NAME, tune_report.SEARCH_NAME):
 # a folder with any other image of its own is a class, whatever else it holds.
 RUN_PLOTS = ("curves.png", "confusion_matrix.png", "search.png")
-# How many folders deep runs may lie below a folder of runs: --output-dir runs/exp1 puts each at runs/exp1/<run>/.
-# A bound, too, on the walk through linked folders that lead back round to each other.
-RUN_NESTING = 3
 # Names that say a file is an image without reading it; other files are judged by their content (is_an_image).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
@@ -43,45 +43,65 @@ def is_hidden_folder(name: str) -> bool:
     return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
-def holds_runs(folder: Path, depth: int = RUN_NESTING) -> bool:
-    """Whether `folder` is one of monkeytrain's own (is_run_folder), or holds them and no image, up to `depth`
-    folders deep: `--data .` in a folder of classes puts runs/ (the default --output-dir) beside them, the run's own
-    folder made before the data is read (with --output-dir ., that folder itself; with runs/exp1, two deep). As a
-    class, it stopped that run as one with no images, and a later one trained on its plots (PNG images). Every
-    subfolder must hold runs (but empty ones), so that one stray run file in a class does not take a split of
-    classes for runs; files other than images (a SLURM job's log, a README) may sit beside them."""
+def holds_runs(folder: Path, seen: frozenset = frozenset()) -> bool:
+    """Whether `folder` is one of monkeytrain's own (is_run_folder), or holds them, at any depth, and no image:
+    `--data .` in a folder of classes puts runs/ (the default --output-dir) beside them, the run's own folder made
+    before the data is read (with --output-dir ., that folder itself; with runs/exp1, two deep). As a class, it
+    stopped that run as one with no images, and a later one trained on its plots (PNG images). Every subfolder must
+    hold runs (but empty ones), so that one stray run file in a class does not take a split of classes for runs;
+    files other than images (a SLURM job's log, a README) may sit beside them. `seen`: the folders on the way
+    here, as (device, inode), so that linked folders leading back round end the walk."""
     if is_run_folder(folder):
         return True
-    if depth == 0:
+    try:
+        here = os.stat(folder)
+    except OSError:  # one that cannot be read is a class that the scan reports
         return False
-    runs = False
+    if (here.st_dev, here.st_ino) in seen:
+        return False
+    seen |= {(here.st_dev, here.st_ino)}
+    runs, others = False, []
     try:
         with os.scandir(folder) as entries:  # a class folder ends at its first image: no listing of all of them
             for entry in entries:
                 if entry.is_dir():
                     if is_hidden_folder(entry.name):
                         continue
-                    if holds_runs(Path(entry.path), depth - 1):
+                    if holds_runs(Path(entry.path), seen):
                         runs = True
                     elif not looks_empty(entry.path):
                         return False
-                elif is_an_image(entry):
+                elif named_as_an_image(entry.name):
                     return False
+                else:
+                    others.append(entry)
     except OSError:  # one that cannot be listed is a class that the scan reports
         return False
-    return runs
+    # Other files are read only beside runs: a class's subfolder of 20,000 annotation files (.xml) is no run's,
+    # and reading each of them at every run cost seconds.
+    return runs and not any(is_an_image(entry) for entry in others)
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` holds all the files of one of the RUN_MARKS, and no image but RUN_PLOTS (a class folder
-    of images is a class, whatever file was copied into it)."""
-    if not any(all(os.path.lexists(folder / name) for name in mark) for mark in RUN_MARKS):
+    """Whether `folder` holds all the files of one of the RUN_MARKS, a data_manifest.json being monkeytrain's, and
+    no image but RUN_PLOTS (a class folder of images is a class, whatever file was copied into it)."""
+    marks = [mark for mark in RUN_MARKS if all(os.path.lexists(folder / name) for name in mark)]
+    if not marks or marks == [MANIFEST_MARK] and not monkeytrains_manifest(folder / MANIFEST_MARK[0]):
         return False
     try:
         with os.scandir(folder) as entries:
             return not any(entry.name not in RUN_PLOTS and not entry.is_dir() and is_an_image(entry)
                            for entry in entries)
     except OSError:  # one that cannot be listed is a class that the scan reports
+        return False
+
+
+def monkeytrains_manifest(path: Path) -> bool:
+    """Whether `path` is a data manifest that monkeytrain wrote (dataset.DatasetSplits.manifest), not a user's
+    own file of that name beside a config.yaml of theirs: one small read, of folders that hold both names only."""
+    try:
+        return "class_folders" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
         return False
 
 
@@ -97,13 +117,18 @@ def looks_empty(folder: str) -> bool:
 
 
 def is_an_image(entry: os.DirEntry) -> bool:
-    """Whether the file `entry` is an image, by its extension (no read: a class folder of images ends its
-    holds_runs at the first) or else by its content; hidden and system files are none."""
+    """Whether the file `entry` is an image, by its name (named_as_an_image) or else by its content."""
     from monkeytrain.data.imagefiles import is_hidden_file, is_image_file  # here: see the module's docstring
 
-    if is_hidden_file(entry.name):  # .DS_Store, Thumbs.db, desktop.ini: what a system writes into any folder
-        return False
-    return Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS or is_image_file(Path(entry.path))
+    return named_as_an_image(entry.name) or not is_hidden_file(entry.name) and is_image_file(Path(entry.path))
+
+
+def named_as_an_image(name: str) -> bool:
+    """Whether a file's name says it is an image, without reading it; hidden and system files (.DS_Store,
+    Thumbs.db, desktop.ini: what a system writes into any folder) are none."""
+    from monkeytrain.data.imagefiles import is_hidden_file  # here: see the module's docstring
+
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden_file(name)
 
 
 def passed_over_as_runs(folder: Path) -> bool:
