@@ -150,5 +150,5 @@ def warn_passed_over(folder: Path) -> None:
     if str(folder) in _PASSED_OVER:
         return
     _PASSED_OVER.add(str(folder))
-    warn_from_the_first_process(f"{folder} is passed over: it holds monkeytrain's runs (or is one), not a class's "
-                                "images; if it is a class, move the run files out of it.")
+    warn_from_the_first_process(f"{folder} is passed over: it holds monkeytrain's runs (or is one), whose plots are "
+                                "no images of the data; if it holds images you meant, move the run files out of it.")
