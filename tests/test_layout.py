@@ -67,23 +67,20 @@ def test_two_folders_for_one_split_are_refused_naming_both(tmp_path, make_image_
         layout.folders_from_root(root)
 
 
-def test_a_folder_named_like_a_split_holding_images_beside_split_folders_is_refused(tmp_path, make_image_folder):
-    """val/ of loose images beside train/ and test/ of class folders: neither a class nor a split for sure."""
-    root = make_image_folder(tmp_path / "data", layout="train-test", classes=2, per_class=1)
+@pytest.mark.parametrize("layout_name, loose, message", [
+    # val/ of loose images beside train/ and test/ of class folders: neither a class nor a split for sure
+    ("train-test", "val", r"data/val is named like a split but holds images of its own, beside the split folders "
+                          r"test/, train/; move its images into class subfolders"),
+    # a Kaggle competition's data: train/ and val/ of class folders, test/ of images without labels
+    ("train-val", "test", r"data/test is named like a split .* move it out of .*data if it is an unlabelled test "
+                          r"set, as Kaggle competitions give \(`monkeytrain predict`"),
+], ids=["a split name holding images", "an unlabelled test set"])
+def test_a_folder_named_like_a_split_holding_images_beside_split_folders_is_refused_with_what_to_do(
+        tmp_path, make_image_folder, layout_name, loose, message):
+    root = make_image_folder(tmp_path / "data", layout=layout_name, classes=2, per_class=1)
     make_image_folder(tmp_path / "loose", layout="image-folder", classes=1, per_class=2)
-    (tmp_path / "loose" / "n0").rename(root / "val")
-    with pytest.raises(UserError, match=r"data/val is named like a split but holds images of its own, beside the "
-                                        r"split folders test/, train/; move its images into class subfolders"):
-        layout.folders_from_root(root)
-
-
-def test_an_unlabelled_test_folder_beside_the_splits_is_told_to_move_out_and_be_predicted(tmp_path, make_image_folder):
-    """A Kaggle competition's data: train/ and val/ of class folders, test/ of images without labels."""
-    root = make_image_folder(tmp_path / "data", layout="train-val", classes=2, per_class=1)
-    make_image_folder(tmp_path / "loose", layout="image-folder", classes=1, per_class=2)
-    (tmp_path / "loose" / "n0").rename(root / "test")
-    with pytest.raises(UserError, match=r"data/test is named like a split .* move it out of .*data if it is an "
-                                        r"unlabelled test set, as Kaggle competitions give \(`monkeytrain predict`"):
+    (tmp_path / "loose" / "n0").rename(root / loose)
+    with pytest.raises(UserError, match=message):
         layout.folders_from_root(root)
 
 
