@@ -104,12 +104,12 @@ def holds_a_checkpoint(run_dir: Path) -> str:
     continue the run, from a saved state (without one it starts over, replacing the checkpoint). A run whose
     training ended is scored from its best checkpoint first: its newest state is most often from before the
     end (none is saved for it), so a resume trains its last epochs again."""
+    saved = bool(state_dirs(run_dir))
     if trained_every_epoch(run_dir):
-        resume = ", or train its last epochs again from its newest saved state with --resume auto" \
-            if state_dirs(run_dir) else ""
+        resume = ", or train its last epochs again from its newest saved state with --resume auto" if saved else ""
         return (f"{run_dir} holds a run whose training ended but that was never scored (no results.json); "
                 f"{score_its_checkpoint(run_dir)}{resume}; or pick another --run-name.")
-    if state_dirs(run_dir):
+    if saved:
         return (f"{run_dir} holds a stopped run (a checkpoint and a saved state); pick another --run-name, move "
                 "it away, or continue it with --resume auto.")
     return (f"{run_dir} already holds a checkpoint, and no saved state to continue the run from; pick another "
