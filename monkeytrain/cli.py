@@ -238,22 +238,23 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from monkeytrain.predict import evaluate_folder, shown_class_names
-    from monkeytrain.results import balanced_accuracy, json_with_matrix_rows
+    from monkeytrain.results import accuracy_interval, balanced_accuracy, interval_words, json_with_matrix_rows
 
     accelerator = Accelerator(cpu=args.cpu)
     result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
     warn_about_files(skipped)
     names = shown_class_names(info)
     accuracies, counts = result.per_class_accuracy(), result.confusion.sum(dim=1).tolist()
-    balanced = balanced_accuracy(accuracies)
+    balanced, interval = balanced_accuracy(accuracies), accuracy_interval(result)  # as results.json's
     if args.json:  # the matrix's rows are the true classes, its columns the predicted, both in class_names order
         print(json_with_matrix_rows({
-            "accuracy": result.accuracy, "balanced_accuracy": balanced, "loss": result.loss, "images": result.count,
+            "accuracy": result.accuracy, "accuracy_ci95": interval, "balanced_accuracy": balanced,
+            "loss": result.loss, "images": result.count,
             "per_class_accuracy": dict(zip(names, accuracies)), "per_class_images": dict(zip(names, counts)),
             "class_names": names, "confusion_matrix": result.confusion.tolist()}))
         return
-    print(f"accuracy {result.accuracy:.2%} on {result.count} images (loss {result.loss:.4f}), "
-          f"balanced accuracy {balanced:.2%}")
+    print(f"accuracy {result.accuracy:.2%} ({interval_words(interval)}) on {result.count} images "
+          f"(loss {result.loss:.4f}), balanced accuracy {balanced:.2%}")
     for line in per_class_lines(names, accuracies, counts):
         print(line)
 

@@ -125,6 +125,23 @@ def test_evaluate_takes_class_folders_named_by_class_name_and_says_which_folder_
         ["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(tmp_path / "by-name")], capsys)
 
 
+def test_evaluate_gives_its_accuracy_with_a_95_percent_interval_as_results_json_does(checkpoint, split, capsys):
+    """Six images leave the figure uncertain by tens of points: the interval says how much (Wilson's)."""
+    from test_results import wilson_by_quadratic
+
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", str(checkpoint), str(split)])
+    printed = capsys.readouterr().out
+    scored = json.loads(printed)
+    right = round(scored["accuracy"] * scored["images"])
+    assert scored["accuracy_ci95"] == pytest.approx(wilson_by_quadratic(right, 6))
+    low, high = scored["accuracy_ci95"]
+    assert f'  "accuracy_ci95": [{low}, {high}],' in printed.splitlines()
+    cli.main(["evaluate", "--cpu", "--checkpoint", str(checkpoint), str(split)])
+    assert capsys.readouterr().out.startswith(
+        f"accuracy {scored['accuracy']:.2%} (95% CI {100 * low:.1f}-{100 * high:.1f}%) on 6 images (loss ")
+
+
 def test_evaluate_names_a_class_folder_spelled_with_other_unicode_code_points(split, capsys, tmp_path):
     """A folder unzipped on a Mac may spell café decomposed (NFD) where the checkpoint has it composed."""
     cafe = unicodedata.normalize("NFC", "café")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from monkeytrain.distributed import TUNE_STUDY_VARIABLE
 from monkeytrain.engine import EvalResult
 from monkeytrain.errors import UserError
 from monkeytrain.results import (checkpoint_named_on_a_full_disk, json_with_matrix_rows, misclassified,
-                                 results_summary, scored_line)
+                                 results_summary, scored_line, wilson_interval)
 from monkeytrain.storage import DiskFull
 from monkeytrain.selection import BestEpoch
 
@@ -113,6 +114,7 @@ def test_the_summary_reports_the_test_figures_the_best_epoch_and_the_data(tmp_pa
     note = summary.pop("note", None)
     assert summary == {
         "test_accuracy": 0.75,
+        "test_accuracy_ci95": pytest.approx(wilson_by_quadratic(6, 8)),  # CONFUSION's diagonal: 6 of 8 right
         "balanced_accuracy": 0.75,
         "test_loss": 0.625,
         "test_images": 8,
@@ -170,8 +172,8 @@ def test_the_balanced_accuracy_leaves_out_a_class_without_test_images(tmp_path):
     assert summary["per_class_accuracy"]["uakari"] is None
     assert summary["balanced_accuracy"] == 0.5 and summary["never_predicted"] == ["patas", "uakari"]
     assert summary["per_class_test_images"] == {"howler": 3, "patas": 1, "uakari": 0}
-    assert scored_line(summary) == ("test accuracy 75.00% (balanced 50.00%, 2 of 3 classes never predicted, "
-                                    "1 of 3 classes without a test image) on 4 images")
+    assert scored_line(summary) == ("test accuracy 75.00% (95% CI 30.1-95.4%; balanced 50.00%, 2 of 3 classes never "
+                                    "predicted, 1 of 3 classes without a test image) on 4 images")
 
 
 def test_classes_that_share_a_display_name_keep_one_entry_each(tmp_path):
@@ -183,10 +185,38 @@ def test_classes_that_share_a_display_name_keep_one_entry_each(tmp_path):
 
 def test_the_last_line_gives_the_balanced_accuracy_where_it_differs(tmp_path):
     assert scored_line(skewed_summary(tmp_path)) == (
-        "test accuracy 96.23% (balanced 66.67%, 1 of 3 classes never predicted) on 53 images")
-    even = {"test_accuracy": 0.75, "balanced_accuracy": 0.75, "test_images": 8, "never_predicted": [],
-            "class_names": CLASS_NAMES, "per_class_accuracy": {name: 0.75 for name in CLASS_NAMES}}
-    assert scored_line(even) == "test accuracy 75.00% on 8 images"
+        "test accuracy 96.23% (95% CI 87.2-99.0%; balanced 66.67%, 1 of 3 classes never predicted) on 53 images")
+    even = {"test_accuracy": 0.75, "test_accuracy_ci95": [0.409275, 0.928521], "balanced_accuracy": 0.75,
+            "test_images": 8, "never_predicted": [], "class_names": CLASS_NAMES,
+            "per_class_accuracy": {name: 0.75 for name in CLASS_NAMES}}
+    assert scored_line(even) == "test accuracy 75.00% (95% CI 40.9-92.9%) on 8 images"
+
+
+def wilson_by_quadratic(correct: int, total: int) -> list[float]:
+    """The textbook Wilson interval, worked out another way than results.py's: the proportions p whose normal
+    test does not reject the observed one, (p_hat - p)^2 = z^2 p (1 - p) / n, the roots of a quadratic in p."""
+    z, n, p_hat = 1.959963984540054, total, correct / total  # z: the 97.5% quantile of the standard normal
+    a, b, c = 1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat
+    root = math.sqrt(b * b - 4 * a * c)
+    return [(-b - root) / (2 * a), (-b + root) / (2 * a)]
+
+
+@pytest.mark.parametrize("correct, total, low, high", [
+    (0, 10, 0.0, 3.8415 / 13.8415),  # by hand: at 0 of n the upper end is z^2 / (n + z^2), z^2 = 1.96^2 = 3.8415
+    (10, 10, 10 / 13.8415, 1.0),     # and at n of n the lower end is n / (n + z^2)
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (the Wilson score interval)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+    (215, 272, 0.7382, 0.8346),  # the monkey set's 79.04%: from wilson_by_quadratic, to 4 places
+])
+def test_the_accuracy_interval_is_the_wilson_score_interval(correct, total, low, high):
+    assert wilson_interval(correct, total) == pytest.approx([low, high], abs=5e-5)
+    assert wilson_interval(correct, total) == pytest.approx(wilson_by_quadratic(correct, total), abs=1e-12)
+
+
+def test_the_interval_ends_exactly_at_0_and_100_percent_and_is_none_for_no_image():
+    """Not 2.8e-17 below 0 of 10's 0%, which a reader would take for a figure; nothing for nothing measured."""
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) is None
 
 
 @pytest.mark.parametrize("select_on, line", [("balanced-accuracy", "best validation balanced accuracy 60.00%"),
@@ -196,6 +226,7 @@ def test_a_run_not_scored_on_test_names_the_figure_that_chose_its_best_epoch(tmp
     best = BestEpoch(epoch=3, accuracy=0.9, loss=0.4, balanced_accuracy=0.6, select_on=select_on)
     summary, figure = results.score(run, SimpleNamespace(splits=dataset_splits(False)), best)
     assert figure == f"{line}, not scored on the test split"
+    assert "test_accuracy_ci95" not in summary and summary["test_accuracy"] is None  # no test figure, no interval
     assert summary["selected_on"] == select_on and summary["best_epoch"] == 3
     assert (summary["best_val_accuracy"], summary["best_val_balanced_accuracy"]) == (0.9, 0.6)
 
@@ -211,6 +242,8 @@ def test_results_json_holds_the_summary_with_one_confusion_matrix_row_a_line(tmp
     rows = summary["confusion_matrix"]
     assert [json.loads(line.rstrip(",")) for line in lines[start:start + len(rows)]] == rows
     assert lines[start + len(rows)].strip() in ("]", "],")
+    low, high = summary["test_accuracy_ci95"]
+    assert f'  "test_accuracy_ci95": [{low}, {high}],' in lines  # one line, not four
 
 
 def after_training(splits: DatasetSplits, score_test: bool = True):

@@ -96,6 +96,10 @@ def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthe
     assert scored["confusion_matrix"] == results["confusion_matrix"]
     assert scored["balanced_accuracy"] == results["balanced_accuracy"]
     assert scored["per_class_images"] == results["per_class_test_images"]
+    # and the same 95% interval, which the log's last line gives too
+    assert scored["accuracy_ci95"] == results["test_accuracy_ci95"] and results["test_accuracy_ci95"][1] <= 1
+    low, high = results["test_accuracy_ci95"]
+    assert f"test accuracy {results['test_accuracy']:.2%} (95% CI {100 * low:.1f}-{100 * high:.1f}%" in done.stdout
 
 
 def test_run_directory_records_config_metrics_and_checkpoint(trained):
