@@ -41,7 +41,7 @@ NO_ACCOUNT_MODES = ("offline", "dryrun", "disabled")
 CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 PROBE_SECONDS = 10  # for the W&B server to answer one request; unreachable, wandb.init retries for about 95 s
 OFFLINE_FIX = "set WANDB_MODE=offline to log the run offline at once, and upload it later with `wandb sync`"
-SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_epoch", "selected_on", "best_val_accuracy",
+SUMMARY_KEYS = ("test_accuracy", "test_accuracy_ci95", "test_loss", "best_epoch", "selected_on", "best_val_accuracy",
                 "best_val_balanced_accuracy", "best_val_loss")
 THUMBNAIL_PIXELS = 128
 

@@ -56,9 +56,12 @@ def finish(study, setup: Setup, stops: StopSignals) -> int:
         return stopped_finishing(stops.received, setup)
     tune_report.write_json(tune_report.study_summary(trials, best, importances, results, setup.select_on),
                            setup.study_dir / tune_report.SUMMARY_NAME)
+    from monkeytrain.results import interval_words  # here: the best run, trained in this process, loaded torch
+
     say(f"best config trained again in {setup.study_dir / BEST_RUN_NAME}: {setup.objective} "
         f"{best_val_score(results):.2%} (epoch {results['best_epoch']}); test accuracy "
-        f"{results['test_accuracy']:.2%} on {results['test_images']} images, the study's one look at the "
+        f"{results['test_accuracy']:.2%} ({interval_words(results.get('test_accuracy_ci95'))}) on "
+        f"{results['test_images']} images, the study's one look at the "
         f"test split; {setup.study_dir / BEST_RUN_NAME}/results.json")
     return 0
 

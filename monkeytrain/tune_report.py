@@ -145,7 +145,7 @@ def study_summary(trials: list[FrozenTrial], best: FrozenTrial, importances: dic
         "param_importances": importances,
         "best_run": {key: best_run.get(key) for key in ("selected_on", "best_val_accuracy",
                                                         "best_val_balanced_accuracy", "best_epoch", "test_accuracy",
-                                                        "test_images", "checkpoint")},
+                                                        "test_accuracy_ci95", "test_images", "checkpoint")},
         "note": "only best_run was scored on the test split, once; every trial was scored on validation",
     }
 

@@ -26,7 +26,7 @@ from monkeytrain.tracking import (
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
 RESULTS = {
-    "test_accuracy": 0.8, "test_loss": 0.61, "confusion_matrix": [[5, 1, 0], [0, 4, 2], [1, 0, 7]],
+    "test_accuracy": 0.8, "test_accuracy_ci95": [0.58, 0.92], "test_loss": 0.61, "confusion_matrix": [[5, 1, 0], [0, 4, 2], [1, 0, 7]],
     "class_names": CLASS_NAMES, "per_class_accuracy": {"howler": 5 / 6, "patas": 4 / 6, "uakari": 7 / 8},
     "best_epoch": 2, "best_val_accuracy": 0.75, "best_val_loss": 0.7,
 }
@@ -184,7 +184,7 @@ def test_offline_wandb_run_holds_the_metrics_summary_tables_and_checkpoint(wandb
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr",
                     "images_per_second", "epoch_seconds"):
             assert row[key] == pytest.approx(expected[key]), (epoch, key)
-    assert run["summary"]["test_accuracy"] == 0.8
+    assert run["summary"]["test_accuracy"] == 0.8 and run["summary"]["test_accuracy_ci95"] == [0.58, 0.92]
     assert run["summary"]["best_val_accuracy"] == 0.75 and run["summary"]["best_epoch"] == 2
     assert run["summary"]["val_accuracy"] == {"max": 0.75}
     assert run["summary"]["val_balanced_accuracy"] == {"max": 0.65}

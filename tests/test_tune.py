@@ -123,6 +123,9 @@ def test_two_workers_share_a_study_prune_a_trial_and_finish_it_once(study_inputs
     # best_config.yaml leaves the machine out; the study's own best run keeps the study's (--cpu here)
     assert (best_run_config["cpu"], best_run_config["cpu_threads"]) == (True, 1)
     assert "the study's one look at the test split" in out
+    low, high = best_run["test_accuracy_ci95"]  # how sure its one look is, as every run's last line says
+    assert f"test accuracy {best_run['test_accuracy']:.2%} (95% CI {100 * low:.1f}-{high:.1%}) on 18 images" in out
+    assert summary["best_run"]["test_accuracy_ci95"] == [low, high]
 
 
 def test_a_study_begun_before_select_on_goes_on_scoring_its_trials_on_accuracy(study_inputs, tmp_path, capsys):
