@@ -26,7 +26,8 @@ from monkeytrain.tracking import (
 
 CLASS_NAMES = ["howler", "patas", "uakari"]
 RESULTS = {
-    "test_accuracy": 0.8, "test_accuracy_ci95": [0.58, 0.92], "test_loss": 0.61, "confusion_matrix": [[5, 1, 0], [0, 4, 2], [1, 0, 7]],
+    "test_accuracy": 0.8, "test_accuracy_ci95": [0.58, 0.92], "test_loss": 0.61,
+    "confusion_matrix": [[5, 1, 0], [0, 4, 2], [1, 0, 7]],
     "class_names": CLASS_NAMES, "per_class_accuracy": {"howler": 5 / 6, "patas": 4 / 6, "uakari": 7 / 8},
     "best_epoch": 2, "best_val_accuracy": 0.75, "best_val_loss": 0.7,
 }
