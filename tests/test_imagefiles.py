@@ -153,11 +153,32 @@ def test_sixteen_bit_png_file_loads_scaled(tmp_path):
     assert abs(pixel(rgb)[0] - 20000 / 65535 * 255) <= 1  # clipping would give 255
 
 
-def test_dark_sixteen_bit_png_stays_dark(tmp_path):
-    """Values that would fit 8 bits are still 16-bit data in a 16-bit file (mode I;16): no brightening."""
-    path = tmp_path / "dark.png"
-    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(path)
-    assert pixel(load_rgb(path)) == (0, 0, 0)
+@pytest.mark.parametrize("suffix, dtype", [(".png", np.uint16), (".tif", np.uint16), (".tif", ">u2")])
+def test_a_16_bit_file_of_8_bit_values_decodes_as_its_8_bit_twin(tmp_path, suffix, dtype):
+    """A uint16 array of 0..251 saved as it is (MNIST-like, microscopy data): divided by 65535 it was all black."""
+    values = np.arange(252).reshape(12, 21)
+    sixteen, eight = tmp_path / f"sixteen{suffix}", tmp_path / "eight.png"
+    Image.fromarray(values.astype(dtype)).save(sixteen)
+    Image.fromarray(values.astype(np.uint8)).save(eight)
+    with Image.open(sixteen) as image:
+        assert image.mode in ("I;16", "I;16B")
+    assert np.array_equal(np.asarray(load_rgb(sixteen)), np.asarray(load_rgb(eight)))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_every_16_bit_mode_is_read_by_its_value_range(mode):
+    image = Image.new(mode, (3, 1))
+    for x, value in enumerate((0, 128, 255)):
+        image.putpixel((x, 0), value)
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_12_bit_data_keeps_its_levels_scaled_to_8_bits(tmp_path):
+    path = tmp_path / "twelve.png"
+    values = np.arange(4096).reshape(64, 64)
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    grey = np.asarray(load_rgb(path))[..., 0]
+    assert np.array_equal(grey, values * 255 // 4095)  # all 256 levels (16 when divided by 65535)
 
 
 def grey_tiff(tmp_path, values, mode: str) -> Path:
@@ -183,10 +204,31 @@ def test_float_tiff_is_read_by_its_value_range(tmp_path, values, expected):
     assert np.all(rgb[..., 0] == rgb[..., 2])
 
 
-@pytest.mark.parametrize("values, expected", [
+# One rule for 16-bit (I;16, a PNG) and 32-bit (I, a TIFF) integer images: the smallest white that holds them all.
+INTEGER_RANGES = [
     ([1, 128, 255], [1, 128, 255]),  # 0..255: 8-bit data
+    ([4, 512, 1023], [0, 127, 255]),  # 10-bit
+    ([16, 2048, 4095], [0, 127, 255]),  # 12-bit
+    ([64, 8192, 16383], [0, 127, 255]),  # 14-bit
     ([257, 30840, 65535], [1, 120, 255]),  # 0..65535: 16-bit data
-    ([1 << 20, 1 << 23, 1 << 24], [15, 127, 255]),  # beyond: by its maximum
+    ([257, 4096, 16384], [1, 15, 63]),  # past 14 bits: a dark 16-bit image stays dark
+]
+
+
+@pytest.mark.parametrize("values, expected", INTEGER_RANGES)
+def test_16_bit_integer_png_is_read_by_its_value_range(tmp_path, values, expected):
+    path = tmp_path / "grey.png"
+    pixels = np.zeros((40, 48), dtype=np.uint16)
+    pixels[0, :len(values)] = values
+    Image.fromarray(pixels).save(path)
+    assert np.asarray(load_rgb(path))[0, :len(values), 0].tolist() == expected
+
+
+@pytest.mark.parametrize("values, expected", [
+    *INTEGER_RANGES,
+    ([1 << 20, 1 << 23, (1 << 24) - 1], [15, 127, 255]),  # beyond 16 bits: the next even depth (24)
+    ([1 << 20, 1 << 23, 1 << 24], [3, 31, 63]),  # 2 ** 24 needs 25 bits: read at 26
+    ([0, 1 << 30, (1 << 31) - 1], [0, 127, 255]),  # the mode's largest: 31 bits
 ])
 def test_32_bit_integer_tiff_is_read_by_its_value_range(tmp_path, values, expected):
     rgb = np.asarray(load_rgb(grey_tiff(tmp_path, values, "I")))

@@ -213,3 +213,43 @@ def test_cache_key_changes_with_the_stored_views_side(files, monkeypatch):
     key = cache_key(files, 16)
     monkeypatch.setattr(stats, "stored_size", lambda image_size: 19)
     assert cache_key(files, 16) != key
+
+
+FLAT = "every training image decodes to one flat colour"
+
+
+def flat_files(tmp_path, colour=(0, 0, 0)) -> list[ImageFile]:
+    """Training images that all decode to one colour, each a file of its own."""
+    files = []
+    for i in range(3):
+        path = tmp_path / f"flat-{i}.png"
+        Image.new("RGB", (20, 20 + i), colour).save(path)
+        files.append(ImageFile(path, i, f"flat-{i}"))
+    return files
+
+
+def test_a_training_set_of_one_flat_colour_gets_one_warning_cached_or_not(tmp_path, cpu_accelerator, capsys):
+    """Black frames, or 16-bit files misread as black, trained a model on nothing with no word."""
+    files, cache = flat_files(tmp_path, (0, 0, 0)), tmp_path / "cache"
+    for expect_cached in (False, True):
+        stats, cached = channel_stats(files, view_batches(files, 16), 16, cache, cpu_accelerator)
+        assert cached is expect_cached and stats.one_flat_colour
+        warnings = [line for line in capsys.readouterr().err.splitlines() if FLAT in line]
+        assert warnings == [f"monkeytrain: warning: {FLAT} (RGB 0, 0, 0), so the model can learn nothing from them; "
+                            "check the image files' content and bit depth, and what `monkeytrain inspect-data` "
+                            "finds in them."]
+
+
+def test_a_flat_colour_is_named_by_its_value(tmp_path, cpu_accelerator, capsys):
+    files = flat_files(tmp_path, (200, 10, 30))
+    channel_stats(files, view_batches(files, 16), 16, tmp_path / "cache", cpu_accelerator)
+    assert f"{FLAT} (RGB 200, 10, 30)" in capsys.readouterr().err
+
+
+def test_varied_images_or_one_flat_channel_get_no_flat_colour_warning(files, tmp_path, cpu_accelerator, capsys):
+    stats, _ = channel_stats(files, view_batches(files, 16), 16, tmp_path / "cache", cpu_accelerator)
+    views = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    views[1, 0] = 255  # red varies, green and blue never do
+    one_flat_channel, _ = channel_stats([], [(views, torch.zeros(2))], 16, tmp_path / "c", cpu_accelerator)
+    assert not stats.one_flat_colour and not one_flat_channel.one_flat_colour
+    assert FLAT not in capsys.readouterr().err

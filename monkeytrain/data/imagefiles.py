@@ -23,19 +23,24 @@ from monkeytrain.storage import mark_used, write_cache
 
 # PIL raises these for files that are not images or are damaged; all mean "skip".
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# The white level of each mode that Pillow does not scale to 8 bits itself (its own conversions clip),
-# smallest first. The files do not say which they use, so an image is read at the smallest that holds
-# all its values: a 32-bit integer TIFF of 0..255 holds 8-bit data and one of 0..65535 16-bit data, a
-# float TIFF of 0..1 is normalised and one of 0..255 holds 8-bit values.
-WHITE_LEVELS = {"I;16": (65535,), "I;16B": (65535,), "I;16L": (65535,), "I;16N": (65535,),
-                "I": (255, 65535), "F": (1.0, 255)}
-# Formats whose I images always hold 16-bit data: Pillow reads a PGM of more than 8 bits as I, scaled to
+# The white levels of an integer grey image (16-bit I;16*, 32-bit I), smallest first. The files do not say
+# how many bits their values use, so an image is read at the smallest level that holds all its values: a
+# 16-bit PNG of 0..255 (a uint16 array saved as it is, common for MNIST-like, microscopy and medical data)
+# decodes exactly as its 8-bit twin, 10-, 12- and 14-bit data keep their levels, a 16-bit photograph is read
+# at 65535, and a 32-bit image beyond 16 bits at the next even depth (up to 31, the mode's largest). The
+# level is chosen per image, so a folder mixing depths (rare) could read a dark 12-bit frame as 10-bit.
+INTEGER_WHITE_LEVELS = tuple(2 ** bits - 1 for bits in (*range(8, 31, 2), 31))
+# Modes that Pillow does not scale to 8 bits itself (its own conversions clip) and the white levels of each. A
+# float image of 0..1 is normalised and one of 0..255 holds 8-bit values.
+WHITE_LEVELS = {**dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I"), INTEGER_WHITE_LEVELS), "F": (1.0, 255)}
+# Formats whose integer images always hold 16-bit data: Pillow reads a PGM of more than 8 bits as I, scaled to
 # 0..65535 by the maxval its header gives, so a dark one must not be taken for 8-bit data.
 SIXTEEN_BIT_FORMATS = ("PPM",)
 # What the pixels of a file decode to, as to_rgb makes them. Part of every key made from files (views,
 # statistics), so a change to it rebuilds what was stored: 2 reads 32-bit and float images by their
-# values (1 made them black); 3 reads a dark 16-bit PGM as 16-bit.
-DECODING_VERSION = 3
+# values (1 made them black); 3 reads a dark 16-bit PGM as 16-bit; 4 reads 16-bit images by their values
+# too (3 divided all by 65535: 0..255 black) and 32-bit ones beyond 16 bits by bit depth, not stretched.
+DECODING_VERSION = 4
 # Like Pillow's thumbnail(): a JPEG is decoded at reduced scale (draft mode) only
 # down to twice the wanted size, so the antialiased resize after it keeps its quality.
 DRAFT_REDUCING_GAP = 2
@@ -93,7 +98,7 @@ def to_rgb(image: Image.Image, file_format: Optional[str] = None) -> Image.Image
     """Any PIL mode (L, P, RGBA, CMYK, 16-bit, 32-bit, float, ...) as 8-bit RGB; alpha over white. The
     format of the file it came from (Pillow's name: "PPM") tells 16-bit data where the mode cannot."""
     if image.mode in WHITE_LEVELS:
-        sixteen_bit = image.mode == "I" and file_format in SIXTEEN_BIT_FORMATS
+        sixteen_bit = image.mode != "F" and file_format in SIXTEEN_BIT_FORMATS
         image = eight_bit_grey(image, (65535,) if sixteen_bit else WHITE_LEVELS[image.mode])
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -21,6 +21,7 @@ import torch
 from monkeytrain.data.imagefiles import ImageFile, content_key
 from monkeytrain.data.views import centre_crop, stored_size
 from monkeytrain.distributed import all_ranks_agree, sum_across_ranks
+from monkeytrain.errors import to_stderr
 from monkeytrain.storage import mark_used, write_cache
 
 STATS_VERSION = 3  # 3: a constant channel gets std 1, not 0
@@ -30,6 +31,12 @@ STATS_VERSION = 3  # 3: a constant channel gets std 1, not 0
 class ChannelStats:
     mean: list[float]
     std: list[float]
+
+    @property
+    def one_flat_colour(self) -> bool:
+        """Whether every training pixel is (within a grey level) one colour: each channel left unscaled. No
+        channel that varies can have a std of 1 (255 grey levels; 0.5 at most), so cached figures tell it too."""
+        return all(std == 1.0 for std in self.std)
 
 
 def pixel_sums(batches: Iterable, image_size: int, device: torch.device) -> torch.Tensor:
@@ -84,9 +91,20 @@ def channel_stats(
     cache_file = cache_dir / "stats" / f"{cache_key(files, image_size)}.json"
     cached = read_cached(cache_file)
     if all_ranks_agree(cached is not None, accelerator.device):
-        return cached, True
-    totals = sum_across_ranks(pixel_sums(train_views, image_size, accelerator.device))
-    stats = stats_from_sums(totals)
-    if accelerator.is_main_process:
-        write_cached(cache_file, stats)
-    return stats, False
+        stats, from_cache = cached, True
+    else:
+        totals = sum_across_ranks(pixel_sums(train_views, image_size, accelerator.device))
+        stats, from_cache = stats_from_sums(totals), False
+        if accelerator.is_main_process:
+            write_cached(cache_file, stats)
+    if stats.one_flat_colour and accelerator.is_main_process:  # from the cache too: the files are as they were
+        to_stderr("warning", flat_colour_warning(stats))
+    return stats, from_cache
+
+
+def flat_colour_warning(stats: ChannelStats) -> str:
+    """Images that all decode to one colour (black frames, or a bit depth misread) train a model on nothing, and
+    the run would end at chance with no other sign."""
+    colour = ", ".join(str(round(mean * 255)) for mean in stats.mean)
+    return (f"every training image decodes to one flat colour (RGB {colour}), so the model can learn nothing from "
+            "them; check the image files' content and bit depth, and what `monkeytrain inspect-data` finds in them.")
