@@ -87,14 +87,15 @@ def with_its_order(manifest: dict) -> dict:
 
 
 def held_out_by_of(state: Optional[Path], run_dir: Path) -> str:
-    """The order the run that saved `state` took its held-out files from (no state: a new run's, by content
-    hash), as its data manifest names it: the state's copy, or the run's own for states older than such copies
-    (which are older than content hashes too). A damaged copy is left for check_same_data to refuse."""
-    if state is None:
+    """The order the run that saved `state` took its held-out files from, as its data manifest names it: the
+    state's copy, or the run's own for states older than such copies (which are older than content hashes too).
+    No state (a new run), or no record (every version writes one before training; check_same_data then checks
+    nothing either): by content hash. A damaged copy is left for check_same_data to refuse."""
+    found = [record for record in (state / DATA_RECORD, run_dir / DATA_RECORD) if record.is_file()] if state else []
+    if not found:
         return CONTENT_HASH
-    record = next((found for found in (state / DATA_RECORD, run_dir / DATA_RECORD) if found.is_file()), None)
     try:
-        order = with_its_order(json.loads(record.read_text()))[HELD_OUT_BY] if record else SEEDED_SHUFFLE
+        order = with_its_order(json.loads(found[0].read_text()))[HELD_OUT_BY]
     except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
         return CONTENT_HASH
     if not isinstance(order, str) or order not in ORDERS:
