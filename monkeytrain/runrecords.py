@@ -4,9 +4,11 @@
 before training. Each saved state keeps a copy (`kept_with_a_state`), so that a
 resume whose data folder gained or lost an image since is refused
 (`check_same_data`) instead of going on with other data, batches and
-normalisation. `metrics.jsonl`: a resume from a state older than the newest
-epochs logged trains and logs those epochs again, so their lines go first
-(`forget_epochs_from`). The trainer calls these around `StateStore`, which only
+normalisation; the copy also names the order its held-out files were taken
+from, which a resume takes them from again (`held_out_by_of`: states saved
+before content hashes name none). `metrics.jsonl`: a resume from a state older
+than the newest epochs logged trains and logs those epochs again, so their lines
+go first (`forget_epochs_from`). The trainer calls these around `StateStore`, which only
 saves and loads states. Both records also tell what a run left unfinished holds
 (`trained_every_epoch`, `own_test_folder`).
 """
@@ -22,6 +24,7 @@ from typing import Optional
 from safetensors import SafetensorError, safe_open
 
 from monkeytrain.checkpoint import BEST_NAME
+from monkeytrain.data.splits import CONTENT_HASH, HELD_OUT_BY, ORDERS, SEEDED_SHUFFLE
 from monkeytrain.distributed import failing_alike_on_every_rank
 from monkeytrain.errors import UserError, first_line
 from monkeytrain.storage import write_atomically
@@ -59,7 +62,7 @@ def check_same_data(state: Path, run_dir: Path, is_main_process: bool) -> None:
 
 def data_change(saved: dict, now: dict) -> Optional[str]:
     """How the data of a data manifest differs from the one saved, in words; None when it does not."""
-    saved, now = from_its_root(saved), from_its_root(now)
+    saved, now = from_its_root(with_its_order(saved)), from_its_root(with_its_order(now))
     for split, files in saved.get("files", {}).items():
         files_now = now.get("files", {}).get(split, [])
         if len(files_now) != len(files):
@@ -75,6 +78,30 @@ def data_change(saved: dict, now: dict) -> Optional[str]:
 # changes between versions (Zone.Identifier marks: skipped, now passed over; iCloud placeholders: the other way):
 # a resume is not refused for it. A file that stops decoding changes the splits' files, which are compared.
 NOT_TRAINED_ON = {"skipped", "skipped_count"}
+
+
+def with_its_order(manifest: dict) -> dict:
+    """A data manifest naming the order its held-out files were taken from: one that names none was written
+    before the order was recorded, by the seeded shuffle (a resume of its state holds out by that again)."""
+    return {HELD_OUT_BY: SEEDED_SHUFFLE, **manifest}
+
+
+def held_out_by_of(state: Optional[Path], run_dir: Path) -> str:
+    """The order the run that saved `state` took its held-out files from, as its data manifest names it: the
+    state's copy, or the run's own for states older than such copies (which are older than content hashes too).
+    No state (a new run), or no record (every version writes one before training; check_same_data then checks
+    nothing either): by content hash. A damaged copy is left for check_same_data to refuse."""
+    found = [record for record in (state / DATA_RECORD, run_dir / DATA_RECORD) if record.is_file()] if state else []
+    if not found:
+        return CONTENT_HASH
+    try:
+        order = with_its_order(json.loads(found[0].read_text()))[HELD_OUT_BY]
+    except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
+        return CONTENT_HASH
+    if not isinstance(order, str) or order not in ORDERS:
+        raise UserError(f"the saved state {state} holds its images out by {order!r}, which this version of "
+                        "monkeytrain does not know; resume it with the version that saved it, or start a new run.")
+    return order
 
 
 def from_its_root(manifest: dict) -> dict:

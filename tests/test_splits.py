@@ -1,4 +1,5 @@
-"""monkeytrain.data.splits: the seeded stratified holdout, leak and conflicting-label detection.
+"""monkeytrain.data.splits: the stratified holdout (by content hash; by seeded shuffle for old runs' resume),
+leak and conflicting-label detection.
 
 These work on ImageFile records alone, so the tests build them directly: the
 digest stands for the file's content.
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from monkeytrain.data.imagefiles import ImageFile
-from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
+from monkeytrain.data.splits import CONTENT_HASH, SEEDED_SHUFFLE, find_conflicts, find_leaks, stratified_holdout
 
 
 def files_for(counts: dict[int, int], duplicates: int = 0) -> list[ImageFile]:
@@ -93,15 +94,64 @@ def test_a_class_keeps_its_own_image_for_training_next_to_copies_of_another_clas
         assert own in kept, seed
 
 
-def test_a_split_without_copies_across_classes_is_as_before():
-    """The split of every data set measured so far: 3 classes, one pair of copies within a class."""
-    kept, held = stratified_holdout(files_for({0: 8, 1: 6, 2: 5}, duplicates=1), 0.3, seed=1)
+def test_the_seeded_shuffle_holds_out_what_runs_begun_before_content_hashes_did():
+    """The split of every data set measured before content hashes: 3 classes, one pair of copies within a class.
+    A resume of such a run's state must hold out these very files, or it is refused."""
+    kept, held = stratified_holdout(files_for({0: 8, 1: 6, 2: 5}, duplicates=1), 0.3, seed=1,
+                                    held_out_by=SEEDED_SHUFFLE)
     assert [str(f.path) for f in held] == HELD_BEFORE
 
 
-# what the holdout gave before copies across classes were kept together (591a224)
+# what the holdout gave before copies across classes were kept together (591a224), and until content hashes
 HELD_BEFORE = ["/data/c0/004.png", "/data/c0/007.png", "/data/c1/000.png", "/data/c1/001.png", "/data/c2/003.png",
                "/data/c2/004.png"]
+
+
+def added(files: list[ImageFile], label: int, name: str) -> list[ImageFile]:
+    return files + [ImageFile(Path(f"/data/c{label}/{name}.png"), label, f"{label}-new-{name}")]
+
+
+@pytest.mark.parametrize("fraction, seed", [(0.2, 0), (0.1, 0), (0.1, 1), (0.25, 7)])  # the test split's, then val's
+def test_an_image_added_to_a_class_moves_at_most_one_held_out_image_to_training(fraction, seed):
+    """A data set's v2 with one more image in a class holds out what v1 did, but for at most one image that the
+    new one displaces (or none, where the class's share grows by one): runs on the two are scored alike."""
+    for n in range(3, 41):
+        files = files_for({0: n, 1: 9})
+        _, held = stratified_holdout(files, fraction, seed)
+        _, held_now = stratified_holdout(added(files, 0, "new"), fraction, seed)
+        moved = set(paths(held)) - set(paths(held_now))
+        assert len(moved) <= 1, (n, sorted(moved))
+        assert [f for f in held if f.label == 1] == [f for f in held_now if f.label == 1]  # other classes stay put
+
+
+def test_images_added_move_about_as_many_held_out_images():
+    files = files_for({0: 100})
+    more = files + [ImageFile(Path(f"/data/c0/new-{i}.png"), 0, f"new-{i}") for i in range(10)]
+    for seed in range(5):  # the seeded shuffle moved 8 to 13 of the 20
+        _, held = stratified_holdout(files, 0.2, seed)
+        _, held_now = stratified_holdout(more, 0.2, seed)
+        assert len(set(paths(held)) - set(paths(held_now))) <= 10, seed
+
+
+def test_a_renamed_or_moved_file_keeps_its_side():
+    """The order goes by content, not by name: a file renamed (here to sort last in its class), or a class's
+    files moved into a subfolder, holds out the same images."""
+    files = files_for({0: 30, 1: 30}, duplicates=4)
+    renamed = [ImageFile(Path("/data/c0/zz-renamed.png"), 0, files[8].digest), *files[:8], *files[9:]]
+    moved = [ImageFile(Path(f"/data/c{f.label}/sub/{f.path.name}"), f.label, f.digest) for f in files]
+    for seed in range(5):
+        digests = [{f.digest for f in side} for side in stratified_holdout(files, 0.3, seed)]
+        assert digests == [{f.digest for f in side} for side in stratified_holdout(renamed, 0.3, seed)], seed
+        assert digests == [{f.digest for f in side} for side in stratified_holdout(moved, 0.3, seed)], seed
+
+
+@pytest.mark.parametrize("held_out_by", [CONTENT_HASH, SEEDED_SHUFFLE])
+def test_each_class_holds_out_its_exact_share(held_out_by):
+    counts = {0: 20, 1: 40, 2: 10, 3: 7, 4: 2, 5: 1}
+    for fraction in (0.1, 0.2, 0.5):
+        _, held = stratified_holdout(files_for(counts), fraction, seed=5, held_out_by=held_out_by)
+        expected = {label: min(max(1, round(fraction * n)), n - 1) for label, n in counts.items()}
+        assert Counter(f.label for f in held) == Counter({label: k for label, k in expected.items() if k})
 
 
 def test_every_class_keeps_training_images_even_at_high_fractions():

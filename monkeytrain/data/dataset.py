@@ -14,7 +14,7 @@ from monkeytrain.data import layout
 from monkeytrain.data.imagefiles import (
     ImageFile, SkippedFile, candidate_files, oversized_warning, scan_labelled_files,
 )
-from monkeytrain.data.splits import find_conflicts, find_leaks, stratified_holdout
+from monkeytrain.data.splits import CONTENT_HASH, HELD_OUT_BY, find_conflicts, find_leaks, stratified_holdout
 from monkeytrain.data.synthetic import DATA_NAME, ensure_synthetic_dataset, names_synthetic_set
 from monkeytrain.errors import UserError
 
@@ -48,6 +48,7 @@ class DatasetSplits:
     skipped: list[SkippedFile] = field(default_factory=list)
     leaks: list[tuple[Path, Path]] = field(default_factory=list)
     conflicts: list[tuple[ImageFile, ImageFile]] = field(default_factory=list)  # one image under two classes
+    held_out_by: str = CONTENT_HASH  # the order the held-out splits are taken from (splits.stratified_holdout)
 
     def manifest(self) -> dict:
         """A JSON-ready account of the data a run used."""
@@ -56,6 +57,7 @@ class DatasetSplits:
             "layout": self.layout,
             "synthetic": self.synthetic,
             "selection_on_test": self.selection_on_test,
+            HELD_OUT_BY: self.held_out_by,
             "class_folders": self.class_folders,
             "class_names": self.class_names,
             "counts": {name: len(files) for name, files in self.named_splits().items()},
@@ -131,7 +133,21 @@ def discover_splits(
     test_fraction: float = TrainConfig.test_fraction, cache_dir: Optional[Path] = None,
 ) -> DatasetSplits:
     """Scan every split (reusing what earlier scans kept in `cache_dir`), hold out test and validation
-    splits where needed, and check the result."""
+    splits where needed, by content hash, and check the result."""
+    return splits_held_out(scan_splits(folders, strict, cache_dir), val_fraction, seed, test_fraction)
+
+
+@dataclass
+class ScannedSplits:
+    """The readable images of each split folder, before any is held out, and the files skipped."""
+
+    folders: layout.SplitFolders
+    class_folders: list[str]
+    files: dict[str, list[ImageFile]]  # "train", and "selection" and "test" where a folder holds them
+    skipped: list[SkippedFile]
+
+
+def scan_splits(folders: layout.SplitFolders, strict: bool, cache_dir: Optional[Path]) -> ScannedSplits:
     class_folders = layout.check_same_classes(folders)
     scanned = {}
     skipped: list[SkippedFile] = []
@@ -139,21 +155,30 @@ def discover_splits(
         if folder is not None:
             scanned[name], split_skipped = scan_split(folder, class_folders, cache_dir)
             skipped += split_skipped
-    if folders.test is None:
-        scanned["train"], scanned["test"] = stratified_holdout(scanned["train"], test_fraction, TEST_HOLDOUT_SEED)
     if skipped and strict:
         first = skipped[0]
         raise UserError(
             f"{first.path} is {first.reason} ({len(skipped)} bad file(s) in all); "
             "remove or replace it, or drop --strict-data to skip such files."
         )
-    train, val, selection_on_test = choose_validation(scanned, val_fraction, seed)
+    return ScannedSplits(folders, class_folders, scanned, skipped)
+
+
+def splits_held_out(scan: ScannedSplits, val_fraction: float, seed: int, test_fraction: float,
+                    held_out_by: str = CONTENT_HASH) -> DatasetSplits:
+    """The checked splits of `scan`, test and validation held out where no folder holds them, in the order
+    `held_out_by`: by content hash, but where a run begun before it resumes (see `held_out_by_for`)."""
+    folders, scanned = scan.folders, dict(scan.files)
+    if folders.test is None:
+        scanned["train"], scanned["test"] = stratified_holdout(scanned["train"], test_fraction, TEST_HOLDOUT_SEED,
+                                                               held_out_by)
+    train, val, selection_on_test = choose_validation(scanned, val_fraction, seed, held_out_by)
     splits = DatasetSplits(
-        class_folders=class_folders,
-        class_names=layout.display_names(class_folders, folders.labels_file),
+        class_folders=scan.class_folders,
+        class_names=layout.display_names(scan.class_folders, folders.labels_file),
         train=train, val=val, test=scanned["test"],
         selection_on_test=selection_on_test, layout=folders.layout,
-        root=str(folders.train), skipped=skipped,
+        root=str(folders.train), skipped=scan.skipped, held_out_by=held_out_by,
     )
     check_no_empty_class(splits, folders)
     check_held_out_splits(splits)
@@ -178,14 +203,14 @@ def scans_file(folder: Path, cache_dir: Path) -> Path:
 
 
 def choose_validation(
-    scanned: dict[str, list[ImageFile]], val_fraction: float, seed: int
+    scanned: dict[str, list[ImageFile]], val_fraction: float, seed: int, held_out_by: str = CONTENT_HASH,
 ) -> tuple[list[ImageFile], list[ImageFile], bool]:
     """(train, validation, selection_on_test) for the layout at hand."""
     if "selection" in scanned:
         return scanned["train"], scanned["selection"], False
     if val_fraction == 0:
         return scanned["train"], scanned["test"], True
-    train, held_out = stratified_holdout(scanned["train"], val_fraction, seed)
+    train, held_out = stratified_holdout(scanned["train"], val_fraction, seed, held_out_by)
     return train, held_out, False
 
 
@@ -240,12 +265,27 @@ def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
         given = f"--data {DATA_NAME}" if config.data else f"NO DATASET GIVEN and none at {DEFAULT_DATA_ROOT}"
         log.warn(f"{given}: training on a generated SYNTHETIC dataset in {root}. Pass --data ROOT or set "
                  "MONKEYTRAIN_DATA for real training.")
+    held_out_by = held_out_by_for(config)
     with local_main_first(accelerator):  # one decode of every file per node; the others read its scans
-        splits = discover_splits(find_split_folders(config, root), config.val_fraction, config.seed,
-                                 config.strict_data, config.test_fraction, cache_folder(config.cache_dir))
+        scan = scan_splits(find_split_folders(config, root), config.strict_data, cache_folder(config.cache_dir))
+        splits = splits_held_out(scan, config.val_fraction, config.seed, config.test_fraction, held_out_by)
     splits.synthetic = synthetic
     report_data_problems(splits, log)
     return splits
+
+
+def held_out_by_for(config: TrainConfig) -> str:
+    """The order a run takes its held-out files from: a new run's, by content hash; a resumed one's, that of the
+    state it resumes from (`runrecords.held_out_by_of`), so that a state saved before content hashes resumes on
+    the very files it trained on (a resume on other files is refused). Called once the run folder is named."""
+    from monkeytrain.distributed import broadcast_from_main  # here: they import torch, which inspect-data needs not
+    from monkeytrain.runrecords import held_out_by_of
+    from monkeytrain.statestore import resolve_resume
+
+    if not (config.resume and config.run_name):
+        return CONTENT_HASH
+    run_dir = Path(config.output_dir) / config.run_name
+    return broadcast_from_main(held_out_by_of(resolve_resume(config.resume, run_dir), run_dir))  # as Trainer.resume
 
 
 def report_data_problems(splits: DatasetSplits, log) -> None:
