@@ -93,6 +93,10 @@ class TrainConfig:
     mix_prob: float = _option(1.0, "With MixUp or CutMix: the chance that a training image is mixed.")
     mix_switch_prob: float = _option(
         0.5, "With both MixUp and CutMix: the chance that a mixed image uses CutMix rather than MixUp.")
+    random_erasing: float = _option(
+        0.0, "Random erasing (timm's --reprob, --remode pixel): the chance that a training image gets one "
+        "rectangle (0.02 to 1/3 of its area, height/width 0.3 to 3.3) filled with normal noise (per sample, on "
+        "the device); 0 disables.")
     min_train_size: int = _option(
         0, "Progressive resizing: train the first epochs on crops this many pixels square, growing in "
         "steps of 16 to --image-size (which evaluation always uses); 0 trains at --image-size throughout.")
@@ -364,7 +368,8 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
 OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "image_size",
                "input_size": "image_size", "workers": "num_workers", "data_dir": "data", "clip_grad": "clip_grad_norm",
                "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "mixup_prob": "mix_prob",
-               "mixup_switch_prob": "mix_switch_prob", "model_ema": "ema_decay", "model_ema_decay": "ema_decay",
+               "mixup_switch_prob": "mix_switch_prob", "reprob": "random_erasing", "model_ema": "ema_decay",
+               "model_ema_decay": "ema_decay",
                "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
                "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
                "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
@@ -377,7 +382,9 @@ SHORT_FLAGS = {"batch_size": ("-b",), "num_workers": ("-j",)}  # timm's train.py
 SCHEDULE = "the learning rate always warms up linearly for --warmup-epochs, then follows a cosine down to 0"
 BATCH_NORM = ("there is no SyncBatchNorm; each process normalises its own batches, and all take the main process's "
               "BatchNorm statistics before each forward and at each epoch's end, as timm's --dist-bn broadcast does")
-AUGMENTATIONS = "the augmentations here are --rotation, --color-jitter, --mixup-alpha and --cutmix-alpha"
+AUGMENTATIONS = ("the augmentations here are --rotation, --color-jitter, --mixup-alpha, --cutmix-alpha and "
+                 "--random-erasing")
+ERASING = "--random-erasing always fills one rectangle an image with per-pixel noise, as timm's --remode pixel"
 LAUNCHER_FLAG = "a flag of {}: put it before monkeytrain/train.py"
 UNMATCHED_FLAGS = {
     **dict.fromkeys(("sched", "min_lr", "warmup_lr", "cooldown_epochs", "decay_epochs", "decay_rate"), SCHEDULE),
@@ -389,7 +396,7 @@ UNMATCHED_FLAGS = {
     "crop_pct": "evaluation always takes the centre 0.875 of each image, timm's default",
     "interpolation": "images are always resized bilinearly",
     "hflip": "training always mirrors half the images, and --tta-flip mirrors at evaluation",
-    **dict.fromkeys(("reprob", "remode", "recount"), f"no random erasing; {AUGMENTATIONS}"),
+    **dict.fromkeys(("remode", "recount"), ERASING),
     "aa": f"no AutoAugment or RandAugment; {AUGMENTATIONS}",
     "device": "the launcher picks the device; --cpu trains on the CPU, CUDA_VISIBLE_DEVICES picks the GPUs",
     "local_rank": "each process takes its rank from the environment its launcher sets: start processes with accelerate "
@@ -596,6 +603,7 @@ def validate(config: TrainConfig) -> None:
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
         (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
         (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+        (0.0 <= config.random_erasing <= 1.0, "--random-erasing must be in [0, 1]"),
         (0.0 <= config.drop_rate < 1.0, "--drop-rate must be in [0, 1)"),
         (0.0 <= config.drop_path_rate < 1.0, "--drop-path-rate must be in [0, 1)"),
     ]
