@@ -52,7 +52,10 @@ class TrainConfig:
         "$MONKEYTRAIN_DATA, else data/10-monkey-species, else a generated synthetic set.",
     )
     train_dir: Optional[str] = _option(None, "Explicit training folder of class subfolders.")
-    val_dir: Optional[str] = _option(None, "Explicit validation folder of class subfolders.")
+    val_dir: Optional[str] = _option(
+        None, "Explicit validation folder of class subfolders: with --test-dir it chooses the best epoch; without, "
+        "it is scored as the test split (as Kaggle's validation/) and the best epoch is chosen on --val-fraction "
+        "of the --train-dir images.")
     test_dir: Optional[str] = _option(None, "Explicit test folder of class subfolders.")
     val_fraction: float = _option(
         0.1,
