@@ -87,6 +87,10 @@ class TrainConfig:
     min_crop_scale: float = _option(0.35, "Smallest area fraction kept by the random resized crop.")
     rotation: float = _option(15.0, "Largest random rotation, in degrees either way.")
     color_jitter: float = _option(0.3, "Strength of random brightness, contrast and saturation changes.")
+    hflip: float = _option(
+        0.5, "Horizontal flip (timm's --hflip): the chance that a training image is mirrored left to right (per "
+        "sample, on the device); 0 never mirrors, for data whose left and right differ (digits, text, arrows), "
+        "and then evaluation leaves out the mirror image too unless --tta-flip is given.")
     mixup_alpha: float = _option(
         0.0, "MixUp: blend each training image with another by a ratio drawn from Beta(alpha, alpha), "
         "and their labels alike (per sample, on the device); 0 disables.")
@@ -155,7 +159,8 @@ class TrainConfig:
     ema_decay: float = _option(
         0.998, "Evaluate and save an EMA of the weights; its decay per optimizer step warms up to "
         "this value (1 - (1 + step)^-0.75, as timm's ModelEmaV3 does); 0 disables.")
-    tta_flip: bool = _option(True, "Evaluate on each image and its mirror image, averaging the logits.")
+    tta_flip: bool = _option(
+        True, "Evaluate on each image and its mirror image, averaging the logits (off unless given with --hflip 0).")
     tta_shift: int = _option(
         0, "Also evaluate on crops this many pixels left, right, up and down of the centre crop (from the "
         "stored view's margin), averaging the logits; 0: the centre crop only.")
@@ -284,10 +289,27 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
     config.given = overrides
     validate(config)
+    mirror_follows_hflip(config)
     from monkeytrain.statestore import resumed_state  # here: importing config (inspect-data) needs no torch
 
     config.resume = resumed_state(config.resume)  # a run's folder: its newest state, where the run continues
     return config
+
+
+def mirror_follows_hflip(config: TrainConfig) -> None:
+    """A run that never mirrors its training images (--hflip 0: left and right differ in its data) evaluates
+    without the mirror image too, unless --tta-flip is given: averaging each image's logits with its mirror's
+    scores a mirror pair alike, so it could not tell left from right. config.yaml and the checkpoint record
+    tta_flip, so predict, evaluate and export of the run's checkpoint leave the mirror out as well."""
+    if config.hflip > 0:
+        return
+    if "tta_flip" not in config.given:
+        config.tta_flip = False
+    elif config.tta_flip:
+        warn_from_the_first_process(
+            "--hflip 0 with --tta-flip: evaluation averages each image with its mirror image, so an image and its "
+            "mirror score alike and classes that differ by left and right cannot be told apart; leave --tta-flip "
+            "out for such data.")
 
 
 def rename_old_names(values: dict[str, Any], say_so: bool = True) -> dict[str, Any]:
@@ -385,7 +407,7 @@ SHORT_FLAGS = {"batch_size": ("-b",), "num_workers": ("-j",)}  # timm's train.py
 SCHEDULE = "the learning rate always warms up linearly for --warmup-epochs, then follows a cosine down to 0"
 BATCH_NORM = ("there is no SyncBatchNorm; each process normalises its own batches, and all take the main process's "
               "BatchNorm statistics before each forward and at each epoch's end, as timm's --dist-bn broadcast does")
-AUGMENTATIONS = ("the augmentations here are --rotation, --color-jitter, --mixup-alpha, --cutmix-alpha and "
+AUGMENTATIONS = ("the augmentations here are --hflip, --rotation, --color-jitter, --mixup-alpha, --cutmix-alpha and "
                  "--random-erasing")
 ERASING = "--random-erasing always fills one rectangle an image with per-pixel noise, as timm's --remode pixel"
 LAUNCHER_FLAG = "a flag of {}: put it before monkeytrain/train.py"
@@ -398,7 +420,7 @@ UNMATCHED_FLAGS = {
     **dict.fromkeys(("mean", "std"), "the normalisation is measured on the training split and saved in the checkpoint"),
     "crop_pct": "evaluation always takes the centre 0.875 of each image, timm's default",
     "interpolation": "images are always resized bilinearly",
-    "hflip": "training always mirrors half the images, and --tta-flip mirrors at evaluation",
+    "vflip": "no vertical flip; --hflip mirrors left and right",
     **dict.fromkeys(("remode", "recount"), ERASING),
     "aa": f"no AutoAugment or RandAugment; {AUGMENTATIONS}",
     "device": "the launcher picks the device; --cpu trains on the CPU, CUDA_VISIBLE_DEVICES picks the GPUs",
@@ -606,6 +628,7 @@ def validate(config: TrainConfig) -> None:
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
         (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
         (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+        (0.0 <= config.hflip <= 1.0, "--hflip must be in [0, 1]"),
         (0.0 <= config.random_erasing <= 1.0, "--random-erasing must be in [0, 1]"),
         (0.0 <= config.drop_rate < 1.0, "--drop-rate must be in [0, 1)"),
         (0.0 <= config.drop_path_rate < 1.0, "--drop-path-rate must be in [0, 1)"),

@@ -576,7 +576,7 @@ def unknown_flag_line(argv: list[str]) -> str:
     ("--reprob", "(did you mean --random-erasing?)"),
     ("--remode", "(--remode: --random-erasing always fills one rectangle an image with per-pixel noise"),
     ("--aa", "(--aa: no AutoAugment or RandAugment;"),
-    ("--hflip", "(--hflip: training always mirrors half the images"),
+    ("--vflip", "(--vflip: no vertical flip; --hflip mirrors left and right)"),
     ("--mean", "(--mean: the normalisation is measured on the training split"),
     ("--std", "(--std: the normalisation is measured on the training split"),
     ("--crop-pct", "(--crop-pct: evaluation always takes the centre 0.875"),

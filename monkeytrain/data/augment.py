@@ -4,8 +4,8 @@ Both data pipelines hand the training loop *stored views*: each image resized
 (shorter side) and centre-cropped to a square of `stored_size(image_size)`
 pixels, as uint8. Everything random happens here, batched, on the device:
 
-- training: one affine warp per sample (random resized crop, rotation and
-  horizontal flip composed into a single `affine_grid` + `grid_sample`), then
+- training: one affine warp per sample (random resized crop, rotation and a
+  horizontal flip with chance `hflip`, composed into a single `affine_grid` + `grid_sample`), then
   brightness, contrast and saturation jitter, then normalisation, then (with
   `random_erasing`) timm's random erasing in its per-pixel noise mode;
 - evaluation: the centre `image_size` crop, normalised; with test-time views
@@ -44,7 +44,7 @@ class AugmentSettings:
     min_crop_scale: float = 0.35  # smallest crop area, as a fraction of the stored view
     rotation: float = 15.0        # degrees, either way
     color_jitter: float = 0.3     # brightness, contrast and saturation factors in 1 +- this
-    flip: bool = True
+    hflip: float = 0.5            # the chance that an image is mirrored left to right; 0: none drawn
     random_erasing: float = 0.0   # the chance that an image gets one rectangle of noise; 0: none drawn
 
 
@@ -54,8 +54,8 @@ def random_affine(batch: int, settings: AugmentSettings, generator: torch.Genera
 
     Crop: area fraction uniform in [min_crop_scale, 1], aspect ratio log-uniform in
     [3/4, 4/3] (narrowed where a side would leave the view), position uniform where
-    it fits. Rotation: uniform in +-rotation
-    degrees, positive is counter-clockwise. Flip: with probability 1/2.
+    it fits. Rotation: uniform in +-rotation degrees, positive is counter-clockwise.
+    Flip: with probability hflip (at 0 no number is drawn for it).
     """
     def uniform(low, high):
         return torch.rand(batch, generator=generator, device=device) * (high - low) + low
@@ -66,7 +66,8 @@ def random_affine(batch: int, settings: AugmentSettings, generator: torch.Genera
     aspect = torch.minimum(torch.maximum(aspect, area), 1 / area)
     width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
     centre_x, centre_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if settings.flip else torch.ones_like(area)
+    # The same draw and comparison at 0.5 as before --hflip existed: a run's crops are bit for bit as they were.
+    flip = torch.where(uniform(0, 1) < settings.hflip, -1.0, 1.0) if settings.hflip > 0 else torch.ones_like(area)
     angle = uniform(-1, 1) * math.radians(settings.rotation)
     cos, sin = angle.cos(), angle.sin()
     # theta = R @ [[f*w, 0, cx], [0, h, cy]]: crop (and flip) the output square, then
