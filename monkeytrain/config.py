@@ -52,7 +52,10 @@ class TrainConfig:
         "$MONKEYTRAIN_DATA, else data/10-monkey-species, else a generated synthetic set.",
     )
     train_dir: Optional[str] = _option(None, "Explicit training folder of class subfolders.")
-    val_dir: Optional[str] = _option(None, "Explicit validation folder of class subfolders.")
+    val_dir: Optional[str] = _option(
+        None, "Explicit validation folder of class subfolders: with --test-dir it chooses the best epoch; without, "
+        "it is scored as the test split (as Kaggle's validation/) and the best epoch is chosen on --val-fraction "
+        "of the --train-dir images.")
     test_dir: Optional[str] = _option(None, "Explicit test folder of class subfolders.")
     val_fraction: float = _option(
         0.1,
@@ -84,6 +87,10 @@ class TrainConfig:
     min_crop_scale: float = _option(0.35, "Smallest area fraction kept by the random resized crop.")
     rotation: float = _option(15.0, "Largest random rotation, in degrees either way.")
     color_jitter: float = _option(0.3, "Strength of random brightness, contrast and saturation changes.")
+    hflip: float = _option(
+        0.5, "Horizontal flip (timm's --hflip): the chance that a training image is mirrored left to right (per "
+        "sample, on the device); 0 never mirrors, for data whose left and right differ (digits, text, arrows), "
+        "and then evaluation leaves out the mirror image too unless --tta-flip is given.")
     mixup_alpha: float = _option(
         0.0, "MixUp: blend each training image with another by a ratio drawn from Beta(alpha, alpha), "
         "and their labels alike (per sample, on the device); 0 disables.")
@@ -93,6 +100,10 @@ class TrainConfig:
     mix_prob: float = _option(1.0, "With MixUp or CutMix: the chance that a training image is mixed.")
     mix_switch_prob: float = _option(
         0.5, "With both MixUp and CutMix: the chance that a mixed image uses CutMix rather than MixUp.")
+    random_erasing: float = _option(
+        0.0, "Random erasing (timm's --reprob, --remode pixel): the chance that a training image gets one "
+        "rectangle (0.02 to 1/3 of its area, height/width 0.3 to 3.3) filled with normal noise (per sample, on "
+        "the device); 0 disables.")
     min_train_size: int = _option(
         0, "Progressive resizing: train the first epochs on crops this many pixels square, growing in "
         "steps of 16 to --image-size (which evaluation always uses); 0 trains at --image-size throughout.")
@@ -148,7 +159,8 @@ class TrainConfig:
     ema_decay: float = _option(
         0.998, "Evaluate and save an EMA of the weights; its decay per optimizer step warms up to "
         "this value (1 - (1 + step)^-0.75, as timm's ModelEmaV3 does); 0 disables.")
-    tta_flip: bool = _option(True, "Evaluate on each image and its mirror image, averaging the logits.")
+    tta_flip: bool = _option(
+        True, "Evaluate on each image and its mirror image, averaging the logits (off unless given with --hflip 0).")
     tta_shift: int = _option(
         0, "Also evaluate on crops this many pixels left, right, up and down of the centre crop (from the "
         "stored view's margin), averaging the logits; 0: the centre crop only.")
@@ -277,10 +289,27 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     config = TrainConfig(**{**RECIPES.get(recipe, {}), **debug, **overrides, "recipe": recipe})
     config.given = overrides
     validate(config)
+    mirror_follows_hflip(config)
     from monkeytrain.statestore import resumed_state  # here: importing config (inspect-data) needs no torch
 
     config.resume = resumed_state(config.resume)  # a run's folder: its newest state, where the run continues
     return config
+
+
+def mirror_follows_hflip(config: TrainConfig) -> None:
+    """A run that never mirrors its training images (--hflip 0: left and right differ in its data) evaluates
+    without the mirror image too, unless --tta-flip is given: averaging each image's logits with its mirror's
+    scores a mirror pair alike, so it could not tell left from right. config.yaml and the checkpoint record
+    tta_flip, so predict, evaluate and export of the run's checkpoint leave the mirror out as well."""
+    if config.hflip > 0:
+        return
+    if "tta_flip" not in config.given:
+        config.tta_flip = False
+    elif config.tta_flip:
+        warn_from_the_first_process(
+            "--hflip 0 with --tta-flip: evaluation averages each image with its mirror image, so an image and its "
+            "mirror score alike and classes that differ by left and right cannot be told apart; leave --tta-flip "
+            "out for such data.")
 
 
 def rename_old_names(values: dict[str, Any], say_so: bool = True) -> dict[str, Any]:
@@ -364,7 +393,8 @@ def load_yaml_preset(path: Path) -> dict[str, Any]:
 OTHER_NAMES = {"opt": "optimizer", "smoothing": "label_smoothing", "img_size": "image_size",
                "input_size": "image_size", "workers": "num_workers", "data_dir": "data", "clip_grad": "clip_grad_norm",
                "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "mixup_prob": "mix_prob",
-               "mixup_switch_prob": "mix_switch_prob", "model_ema": "ema_decay", "model_ema_decay": "ema_decay",
+               "mixup_switch_prob": "mix_switch_prob", "reprob": "random_erasing", "model_ema": "ema_decay",
+               "model_ema_decay": "ema_decay",
                "torchcompile": "compile", "amp": "mixed_precision", "amp_dtype": "mixed_precision",
                "scale": "min_crop_scale", "output": "output_dir", "experiment": "run_name",
                "checkpoint_hist": "keep_states", "log_wandb": "report_to", "lr_base": "lr", "learning_rate": "lr"}
@@ -377,7 +407,9 @@ SHORT_FLAGS = {"batch_size": ("-b",), "num_workers": ("-j",)}  # timm's train.py
 SCHEDULE = "the learning rate always warms up linearly for --warmup-epochs, then follows a cosine down to 0"
 BATCH_NORM = ("there is no SyncBatchNorm; each process normalises its own batches, and all take the main process's "
               "BatchNorm statistics before each forward and at each epoch's end, as timm's --dist-bn broadcast does")
-AUGMENTATIONS = "the augmentations here are --rotation, --color-jitter, --mixup-alpha and --cutmix-alpha"
+AUGMENTATIONS = ("the augmentations here are --hflip, --rotation, --color-jitter, --mixup-alpha, --cutmix-alpha and "
+                 "--random-erasing")
+ERASING = "--random-erasing always fills one rectangle an image with per-pixel noise, as timm's --remode pixel"
 LAUNCHER_FLAG = "a flag of {}: put it before monkeytrain/train.py"
 UNMATCHED_FLAGS = {
     **dict.fromkeys(("sched", "min_lr", "warmup_lr", "cooldown_epochs", "decay_epochs", "decay_rate"), SCHEDULE),
@@ -388,8 +420,8 @@ UNMATCHED_FLAGS = {
     **dict.fromkeys(("mean", "std"), "the normalisation is measured on the training split and saved in the checkpoint"),
     "crop_pct": "evaluation always takes the centre 0.875 of each image, timm's default",
     "interpolation": "images are always resized bilinearly",
-    "hflip": "training always mirrors half the images, and --tta-flip mirrors at evaluation",
-    **dict.fromkeys(("reprob", "remode", "recount"), f"no random erasing; {AUGMENTATIONS}"),
+    "vflip": "no vertical flip; --hflip mirrors left and right",
+    **dict.fromkeys(("remode", "recount"), ERASING),
     "aa": f"no AutoAugment or RandAugment; {AUGMENTATIONS}",
     "device": "the launcher picks the device; --cpu trains on the CPU, CUDA_VISIBLE_DEVICES picks the GPUs",
     "local_rank": "each process takes its rank from the environment its launcher sets: start processes with accelerate "
@@ -596,6 +628,8 @@ def validate(config: TrainConfig) -> None:
         (config.cutmix_alpha >= 0, "--cutmix-alpha must not be negative"),
         (0.0 <= config.mix_prob <= 1.0, "--mix-prob must be in [0, 1]"),
         (0.0 <= config.mix_switch_prob <= 1.0, "--mix-switch-prob must be in [0, 1]"),
+        (0.0 <= config.hflip <= 1.0, "--hflip must be in [0, 1]"),
+        (0.0 <= config.random_erasing <= 1.0, "--random-erasing must be in [0, 1]"),
         (0.0 <= config.drop_rate < 1.0, "--drop-rate must be in [0, 1)"),
         (0.0 <= config.drop_path_rate < 1.0, "--drop-path-rate must be in [0, 1)"),
     ]

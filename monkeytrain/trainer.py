@@ -431,4 +431,4 @@ def mix_settings(config: TrainConfig) -> MixSettings:
 
 def augment_settings(config: TrainConfig) -> AugmentSettings:
     return AugmentSettings(min_crop_scale=config.min_crop_scale, rotation=config.rotation,
-                           color_jitter=config.color_jitter)
+                           color_jitter=config.color_jitter, hflip=config.hflip, random_erasing=config.random_erasing)

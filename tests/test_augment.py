@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from graph_emulator import EmulatedGraphs
 from monkeytrain.data import augment
 from monkeytrain.data.augment import (Augmenter, AugmentSettings, EvalViews, color_jitter, normalize,
                                       random_affine, warp)
@@ -16,7 +19,7 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 IMAGE = 24
 SIDE = 27  # floor(24 / 0.875), as timm frames it
 CPU = torch.device("cpu")
-STILL = AugmentSettings(min_crop_scale=1.0, rotation=0.0, color_jitter=0.0, flip=False)
+STILL = AugmentSettings(min_crop_scale=1.0, rotation=0.0, color_jitter=0.0, hflip=0.0)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -112,7 +115,7 @@ def test_full_crop_without_rotation_flip_or_jitter_reproduces_the_input():
 
 def test_sampled_flip_mirrors_the_image():
     # full crop, square aspect (draw 0.5), flip drawn (< 0.5), no rotation (draw 0.5)
-    settings = AugmentSettings(min_crop_scale=1.0, rotation=15.0, color_jitter=0.0, flip=True)
+    settings = AugmentSettings(min_crop_scale=1.0, rotation=15.0, color_jitter=0.0, hflip=0.5)
     theta = scripted_affine(settings, [1.0, 0.5, 0.5, 0.5, 0.2, 0.5])
     image = noise_views(batch=1, side=IMAGE).float() / 255
     np.testing.assert_allclose(warp(image, theta, IMAGE).numpy(), torch.flip(image, dims=[3]).numpy(), atol=1e-4)
@@ -120,7 +123,7 @@ def test_sampled_flip_mirrors_the_image():
 
 def test_a_sampled_90_degree_rotation_matches_torchvision_rotate():
     # full crop, square aspect, angle draw 1.0 -> +rotation = +90 degrees (anticlockwise)
-    settings = AugmentSettings(min_crop_scale=1.0, rotation=90.0, color_jitter=0.0, flip=False)
+    settings = AugmentSettings(min_crop_scale=1.0, rotation=90.0, color_jitter=0.0, hflip=0.0)
     theta = scripted_affine(settings, [1.0, 0.5, 0.5, 0.5, 1.0])
     image = torch.zeros(1, 3, 8, 8)
     image[0, 0, 1, 5] = 1.0  # a red dot up and to the right
@@ -134,7 +137,7 @@ def test_a_sampled_90_degree_rotation_matches_torchvision_rotate():
 
 
 def test_rotation_crop_and_flip_are_sampled_within_the_configured_ranges():
-    settings = AugmentSettings(min_crop_scale=0.35, rotation=15.0, color_jitter=0.0, flip=True)
+    settings = AugmentSettings(min_crop_scale=0.35, rotation=15.0, color_jitter=0.0, hflip=0.5)
     parts = angle_and_crop(random_affine(4000, settings, generator(5), CPU))
     area = parts["signed_area"].abs()
     assert area.min() >= 0.35 - 1e-5 and area.max() <= 1 + 1e-5
@@ -152,7 +155,7 @@ def test_rotation_crop_and_flip_are_sampled_within_the_configured_ranges():
 
 
 def test_no_flip_and_no_rotation_when_disabled():
-    settings = AugmentSettings(min_crop_scale=0.5, rotation=0.0, color_jitter=0.0, flip=False)
+    settings = AugmentSettings(min_crop_scale=0.5, rotation=0.0, color_jitter=0.0, hflip=0.0)
     theta = random_affine(500, settings, generator(1), CPU)
     parts = angle_and_crop(theta)
     assert (parts["signed_area"] > 0).all()
@@ -160,9 +163,73 @@ def test_no_flip_and_no_rotation_when_disabled():
 
 
 def test_crop_area_never_falls_below_a_large_min_crop_scale():
-    settings = AugmentSettings(min_crop_scale=0.9, rotation=0.0, color_jitter=0.0, flip=False)
+    settings = AugmentSettings(min_crop_scale=0.9, rotation=0.0, color_jitter=0.0, hflip=0.0)
     area = angle_and_crop(random_affine(2000, settings, generator(2), CPU))["signed_area"]
     assert area.min() >= 0.9 - 1e-5
+
+
+# --- horizontal flip (--hflip) ----------------------------------------------------------------
+
+def random_affine_before_hflip(batch: int, settings: AugmentSettings, generator: torch.Generator,
+                               device: torch.device) -> torch.Tensor:
+    """random_affine as it was before --hflip, flipping with chance 1/2 (copied as it was): the default
+    --hflip 0.5 must give a run the same crops, bit for bit, and leave its generator where it did."""
+    def uniform(low, high):
+        return torch.rand(batch, generator=generator, device=device) * (high - low) + low
+
+    area = uniform(settings.min_crop_scale, 1.0)
+    aspect = torch.exp(uniform(math.log(augment.ASPECT_RANGE[0]), math.log(augment.ASPECT_RANGE[1])))
+    aspect = torch.minimum(torch.maximum(aspect, area), 1 / area)
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
+    centre_x, centre_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    angle = uniform(-1, 1) * math.radians(settings.rotation)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([
+        torch.stack([cos * flip * width, -sin * height, cos * centre_x - sin * centre_y], dim=1),
+        torch.stack([sin * flip * width, cos * height, sin * centre_x + cos * centre_y], dim=1),
+    ], dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_default_flip_chance_draws_exactly_what_the_flip_drew_before(seed):
+    now, before = generator(seed), generator(seed)
+    assert AugmentSettings().hflip == 0.5
+    assert torch.equal(random_affine(257, AugmentSettings(), now, CPU),
+                       random_affine_before_hflip(257, AugmentSettings(), before, CPU))
+    assert torch.equal(now.get_state(), before.get_state())
+
+
+@pytest.mark.parametrize("chance, low, high", [(0.0, 0.0, 0.0), (0.2, 0.17, 0.23), (1.0, 1.0, 1.0)])
+def test_the_flip_chance_is_the_share_of_mirrored_crops(chance, low, high):
+    settings = AugmentSettings(hflip=chance)
+    mirrored = (angle_and_crop(random_affine(4000, settings, generator(4), CPU))["signed_area"] < 0).double().mean()
+    assert low <= mirrored <= high
+
+
+def test_hflip_0_warps_unmirrored_and_hflip_1_mirrors_even_at_the_highest_draw():
+    crop, angle = [0.8, 0.3, 0.7, 0.2], 0.6  # area, aspect, centre x, centre y; a 3-degree rotation
+    image = noise_views(batch=1).float() / 255
+    unflipped = warp(image, scripted_affine(AugmentSettings(hflip=0.0), [*crop, angle]), IMAGE)  # draws no flip
+    mirrored = warp(image, scripted_affine(AugmentSettings(hflip=1.0), [*crop, 0.9999, angle]), IMAGE)
+    np.testing.assert_allclose(mirrored.numpy(), unflipped.flip(dims=[3]).numpy(), atol=1e-5)
+    assert not torch.allclose(mirrored, unflipped, atol=1e-2)
+    half = AugmentSettings(hflip=0.5)  # the comparison as before: a draw below 0.5 flips
+    assert torch.equal(warp(image, scripted_affine(half, [*crop, 0.4999, angle]), IMAGE), mirrored)
+    assert torch.equal(warp(image, scripted_affine(half, [*crop, 0.5, angle]), IMAGE), unflipped)
+
+
+def test_a_flip_chance_replayed_from_a_graph_draws_as_the_eager_step_does():
+    """As --cuda-graphs captures it: the chance is a number on the host, the draw a tensor op; no host sync."""
+    views = noise_views(batch=16)
+    eager, graphed = augmenter(seed=3, hflip=0.3), augmenter(seed=3, hflip=0.3)
+    expected = [eager.train(views) for _ in range(3)]
+    outputs: list[torch.Tensor] = []
+    replay = EmulatedGraphs().capture(lambda: outputs.append(graphed.train(views)))
+    for eager_batch in expected:
+        replay()
+        assert torch.equal(outputs[0], eager_batch)
+    assert torch.equal(graphed.generator.get_state(), eager.generator.get_state())
 
 
 # --- randomness -------------------------------------------------------------------------------

@@ -460,6 +460,22 @@ def test_the_cache_dir_help_names_everything_runs_keep_there():
     assert [kind for kind, word in words.items() if word not in help_text] == []
 
 
+def test_the_val_dir_help_says_which_split_the_folder_becomes(tmp_path):
+    """Given alone with --train-dir, --val-dir is the test split (as Kaggle's validation/), not the selection one."""
+    from monkeytrain.config import FIELDS
+    from monkeytrain.data.layout import folders_from_explicit
+
+    train, val, test = (tmp_path / name for name in ("train", "val", "test"))
+    for folder in (train, val, test):
+        folder.mkdir()
+    without_test, with_test = folders_from_explicit(str(train), str(val), None), folders_from_explicit(
+        str(train), str(val), str(test))
+    assert (without_test.selection, without_test.test) == (None, val) and with_test.selection == val
+    help_text = " ".join(FIELDS["val_dir"].metadata["help"].split())
+    assert "with --test-dir it chooses the best epoch" in help_text
+    assert "without, it is scored as the test split" in help_text and "--val-fraction of the --train-dir" in help_text
+
+
 def test_every_field_has_help_text_and_a_flag():
     from monkeytrain.config import build_parser
 
@@ -557,9 +573,10 @@ def unknown_flag_line(argv: list[str]) -> str:
     ("--min-lr", "(--min-lr: the learning rate always warms up"),
     ("--initial-checkpoint", "(--initial-checkpoint: start from a weights file with --pretrained FILE)"),
     ("--num-classes", "(--num-classes: the classes are the class folders of the data)"),
-    ("--reprob", "(--reprob: no random erasing; the augmentations here are --rotation,"),
+    ("--reprob", "(did you mean --random-erasing?)"),
+    ("--remode", "(--remode: --random-erasing always fills one rectangle an image with per-pixel noise"),
     ("--aa", "(--aa: no AutoAugment or RandAugment;"),
-    ("--hflip", "(--hflip: training always mirrors half the images"),
+    ("--vflip", "(--vflip: no vertical flip; --hflip mirrors left and right)"),
     ("--mean", "(--mean: the normalisation is measured on the training split"),
     ("--std", "(--std: the normalisation is measured on the training split"),
     ("--crop-pct", "(--crop-pct: evaluation always takes the centre 0.875"),

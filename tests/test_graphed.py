@@ -99,6 +99,17 @@ def test_a_graphed_adamw_run_trains_exactly_as_the_eager_one(train):
     assert_same_weights(graphs, eager)
 
 
+def test_a_graphed_run_with_random_erasing_trains_exactly_as_the_eager_one(eager, train):
+    """The rectangles and their noise are drawn on the device from the run's generator: each replay, at
+    16 px and then at 32 px, erases what the eager step erases."""
+    erasing = ("--random-erasing", "0.5")
+    graphs, erased = train("graphed", *erasing, "--cuda-graphs"), train("erased", *erasing)
+    assert graphs.step.graphs.captures == 2
+    assert different_weights(erased, eager)  # the erasing changed what was trained
+    assert_same_weights(graphs, erased)
+    assert torch.equal(graphs.generator.get_state(), erased.generator.get_state())
+
+
 def with_dropout(patch: pytest.MonkeyPatch) -> None:
     """Models built with dropout before the head and drop_path in the blocks: both draw from the
     default generator (given none), which a CUDA graph replays as it does the run's own (PyTorch

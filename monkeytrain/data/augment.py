@@ -4,9 +4,10 @@ Both data pipelines hand the training loop *stored views*: each image resized
 (shorter side) and centre-cropped to a square of `stored_size(image_size)`
 pixels, as uint8. Everything random happens here, batched, on the device:
 
-- training: one affine warp per sample (random resized crop, rotation and
-  horizontal flip composed into a single `affine_grid` + `grid_sample`), then
-  brightness, contrast and saturation jitter, then normalisation;
+- training: one affine warp per sample (random resized crop, rotation and a
+  horizontal flip with chance `hflip`, composed into a single `affine_grid` + `grid_sample`), then
+  brightness, contrast and saturation jitter, then normalisation, then (with
+  `random_erasing`) timm's random erasing in its per-pixel noise mode;
 - evaluation: the centre `image_size` crop, normalised; with test-time views
   (`EvalViews`), its mirror image and crops shifted a few pixels too.
 
@@ -31,6 +32,11 @@ from monkeytrain.errors import UserError
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 SIZE_STEP = 16  # progressive resizing moves in steps of this many pixels: few distinct shapes
 ASPECT_RANGE = (3 / 4, 4 / 3)
+# timm's RandomErasing defaults: a rectangle's area as a fraction of the image, its height / width (log-uniform),
+# and how many (area, aspect) draws it tries, taking the first that fits inside the image, before erasing nothing.
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+ERASE_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class AugmentSettings:
     min_crop_scale: float = 0.35  # smallest crop area, as a fraction of the stored view
     rotation: float = 15.0        # degrees, either way
     color_jitter: float = 0.3     # brightness, contrast and saturation factors in 1 +- this
-    flip: bool = True
+    hflip: float = 0.5            # the chance that an image is mirrored left to right; 0: none drawn
+    random_erasing: float = 0.0   # the chance that an image gets one rectangle of noise; 0: none drawn
 
 
 def random_affine(batch: int, settings: AugmentSettings, generator: torch.Generator,
@@ -47,8 +54,8 @@ def random_affine(batch: int, settings: AugmentSettings, generator: torch.Genera
 
     Crop: area fraction uniform in [min_crop_scale, 1], aspect ratio log-uniform in
     [3/4, 4/3] (narrowed where a side would leave the view), position uniform where
-    it fits. Rotation: uniform in +-rotation
-    degrees, positive is counter-clockwise. Flip: with probability 1/2.
+    it fits. Rotation: uniform in +-rotation degrees, positive is counter-clockwise.
+    Flip: with probability hflip (at 0 no number is drawn for it).
     """
     def uniform(low, high):
         return torch.rand(batch, generator=generator, device=device) * (high - low) + low
@@ -59,7 +66,8 @@ def random_affine(batch: int, settings: AugmentSettings, generator: torch.Genera
     aspect = torch.minimum(torch.maximum(aspect, area), 1 / area)
     width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
     centre_x, centre_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if settings.flip else torch.ones_like(area)
+    # The same draw and comparison at 0.5 as before --hflip existed: a run's crops are bit for bit as they were.
+    flip = torch.where(uniform(0, 1) < settings.hflip, -1.0, 1.0) if settings.hflip > 0 else torch.ones_like(area)
     angle = uniform(-1, 1) * math.radians(settings.rotation)
     cos, sin = angle.cos(), angle.sin()
     # theta = R @ [[f*w, 0, cx], [0, h, cy]]: crop (and flip) the output square, then
@@ -105,6 +113,46 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
+def erasing_mask(batch: int, height: int, width: int, probability: float, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """[batch, 1, height, width], True inside each image's rectangle: timm's RandomErasing draws, batched.
+
+    timm tries (area, aspect) pairs one by one, on the host, until one fits (sides shorter than the image's),
+    at most ERASE_ATTEMPTS times. Here every image draws all its attempts at once and takes the first that fits
+    (argmax returns the first of equal maxima); an image with none that fits, or not chosen (1 - probability),
+    gets no rectangle, as in timm. So the distribution is timm's, with static shapes, no host sync and no loop
+    over samples: what a CUDA graph can capture."""
+    def uniform(low, high, *size):
+        return torch.rand(*size, generator=generator, device=device) * (high - low) + low
+
+    area = uniform(*ERASE_AREA, batch, ERASE_ATTEMPTS) * (height * width)
+    aspect = torch.exp(uniform(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]), batch, ERASE_ATTEMPTS))
+    heights, widths = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # pixels, as timm rounds
+    fits = (heights < height) & (widths < width)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    box_height, box_width = heights.gather(1, first), widths.gather(1, first)  # [batch, 1]
+    chosen = (uniform(0, 1, batch, 1) < probability) & fits.any(dim=1, keepdim=True)
+    # Top and left uniform over the positions that keep the rectangle inside (randint's inclusive range);
+    # the clamp guards the float product's rounding up to the excluded end.
+    top = torch.minimum((uniform(0, 1, batch, 1) * (height - box_height + 1)).floor(), height - box_height)
+    left = torch.minimum((uniform(0, 1, batch, 1) * (width - box_width + 1)).floor(), width - box_width)
+    rows = torch.arange(height, device=device, dtype=area.dtype).view(1, height, 1)
+    columns = torch.arange(width, device=device, dtype=area.dtype).view(1, 1, width)
+    inside = ((rows >= top.unsqueeze(2)) & (rows < (top + box_height).unsqueeze(2))
+              & (columns >= left.unsqueeze(2)) & (columns < (left + box_width).unsqueeze(2)))
+    return (inside & chosen.unsqueeze(2)).unsqueeze(1)
+
+
+def random_erasing(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """timm's RandomErasing(probability, mode="pixel") of normalised images [B, C, H, W]: each image, with
+    `probability`, gets one rectangle (see erasing_mask) of per-pixel standard normal noise. The noise is
+    drawn for the whole batch (static shapes) and kept where the mask is set."""
+    batch, _, height, width = images.shape
+    mask = erasing_mask(batch, height, width, probability, generator, images.device)
+    noise = torch.empty_like(images).normal_(generator=generator)  # empty_like keeps channels_last
+    return torch.where(mask, noise, images)
+
+
 def train_resolution(epoch: int, epochs: int, low: int, high: int, full_size_fraction: float) -> int:
     """The side of epoch `epoch`'s training crops (of `epochs`) under progressive resizing, as in
     MosaicML's and FFCV's ResNet recipes: `low` pixels at the start, growing linearly in steps of
@@ -136,7 +184,10 @@ class Augmenter:
         theta = random_affine(images.shape[0], self.settings, self.generator, images.device)
         images = warp(images, theta, self.train_size)
         images = color_jitter(images, self.settings.color_jitter, self.generator)
-        return normalize(images, self.mean, self.std)
+        images = normalize(images, self.mean, self.std)
+        if self.settings.random_erasing > 0:  # off draws nothing: a run without it keeps its random numbers
+            images = random_erasing(images, self.settings.random_erasing, self.generator)
+        return images
 
     def eval(self, views: torch.Tensor) -> torch.Tensor:
         return normalize(centre_crop(views, self.image_size).float() / 255, self.mean, self.std)
