@@ -25,7 +25,7 @@ from monkeytrain import __version__
 from monkeytrain.config import SELECT_ON_CHOICES
 from monkeytrain.data.views import CROP_PCT
 from monkeytrain.distributed import broadcast_from_main
-from monkeytrain.errors import UserError, first_line
+from monkeytrain.errors import UserError, first_line, to_stderr
 from monkeytrain.model import built_for_one_size, create_model
 from monkeytrain.selection import BEFORE_SELECT_ON
 from monkeytrain.storage import write_atomically
@@ -175,19 +175,44 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, info: CheckpointInfo)
     class_map = timm_class_map(info.class_folders)
     if class_map is not None:
         write_atomically(run_dir / CLASS_MAP_NAME, class_map)
+    else:
+        warn_no_class_map(run_dir, info.class_folders)
     return path
 
 
 def timm_class_map(class_folders: list[str]) -> bytes | None:
     """timm's --class-map text file: the class folders one a line, in label order, which timm's folder reader
-    then follows instead of its natural sort. None where a name would not read back as written (timm reads
-    UTF-8 and strips each line): timm's reader could not match such a folder anyway."""
-    if any(name != name.strip() or "\n" in name or "\r" in name for name in class_folders):
+    then follows instead of its natural sort. None where a name would not read back as written (unmappable)."""
+    if unmappable(class_folders):
         return None
-    try:
-        return "".join(f"{name}\n" for name in class_folders).encode("utf-8")
-    except UnicodeEncodeError:  # a name that is not UTF-8 on disk (a zip made on Windows)
-        return None
+    return "".join(f"{name}\n" for name in class_folders).encode("utf-8")
+
+
+def unmappable(class_folders: list[str]) -> str | None:
+    """Why timm's class map cannot hold one of the class folders, naming it (timm reads it as UTF-8 and strips
+    each line: its folder reader could not match such a folder anyway); None where it holds them all."""
+    for name in class_folders:
+        if "\n" in name or "\r" in name:
+            return f"class folder {name!r} holds a line break"
+        if name != name.strip():
+            return f"class folder '{name}' begins or ends with white space, which timm strips from each line"
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not UTF-8 on disk (a zip made on Windows)
+            return f"class folder {name!r} is not UTF-8, which timm reads it as"
+    return None
+
+
+_WARNED_NO_CLASS_MAP: set[str] = set()  # run folders told of: a run saves its best checkpoint many times
+
+
+def warn_no_class_map(run_dir: Path, class_folders: list[str]) -> None:
+    """Say once for a run (by its main process, which saves) that class_map.txt is left out, and why."""
+    if str(run_dir) in _WARNED_NO_CLASS_MAP:
+        return
+    _WARNED_NO_CLASS_MAP.add(str(run_dir))
+    to_stderr("warning", f"{CLASS_MAP_NAME} (for timm's validate.py --class-map) is left out of {run_dir}: "
+                         f"{unmappable(class_folders)}; config.json's label_names hold the class names.")
 
 
 class BestCheckpoint:

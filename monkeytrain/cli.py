@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", required=True, type=given_path, help=CHECKPOINT_HELP)
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    score.add_argument("--allow-training-images", action="store_true",
+                       help="score the folder the checkpoint's run trained on anyway (refused by default: most of "
+                            "its images trained the model), a figure of how well it fits them, not a test figure")
 
     export = commands.add_parser("export", help="an ONNX model of a checkpoint, checked in ONNX Runtime")
     export.add_argument("--checkpoint", required=True, type=given_path, help="a run's best.safetensors")
@@ -241,8 +244,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from monkeytrain.results import accuracy_interval, balanced_accuracy, interval_words, json_with_matrix_rows
 
     accelerator = Accelerator(cpu=args.cpu)
-    result, info, skipped = evaluate_folder(args.checkpoint, args.folder, accelerator)
+    result, info, skipped, trained = evaluate_folder(args.checkpoint, args.folder, accelerator,
+                                                     allow_training_images=args.allow_training_images)
     warn_about_files(skipped)
+    if trained:
+        to_stderr("warning", trained.warning())
     names = shown_class_names(info)
     accuracies, counts = result.per_class_accuracy(), result.confusion.sum(dim=1).tolist()
     balanced, interval = balanced_accuracy(accuracies), accuracy_interval(result)  # as results.json's
@@ -250,13 +256,22 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(json_with_matrix_rows({
             "accuracy": result.accuracy, "accuracy_ci95": interval, "balanced_accuracy": balanced,
             "loss": result.loss, "images": result.count,
+            **({"training_images": trained.count} if trained else {}),  # null: most, uncounted
             "per_class_accuracy": dict(zip(names, accuracies)), "per_class_images": dict(zip(names, counts)),
             "class_names": names, "confusion_matrix": result.confusion.tolist()}))
         return
     print(f"accuracy {result.accuracy:.2%} ({interval_words(interval)}) on {result.count} images "
-          f"(loss {result.loss:.4f}), balanced accuracy {balanced:.2%}")
+          f"(loss {result.loss:.4f}), balanced accuracy {balanced:.2%}{not_a_test_figure(trained)}")
     for line in per_class_lines(names, accuracies, counts):
         print(line)
+
+
+def not_a_test_figure(trained) -> str:
+    """What evaluate's accuracy line adds where the images include those the checkpoint trained on."""
+    if not trained:
+        return ""
+    which = "most of these images" if trained.count is None else f"{trained.count} of these {trained.total} images"
+    return f"; not a test figure: {which} trained the checkpoint"
 
 
 def per_class_lines(names: list[str], accuracies: list, counts: list[int]) -> list[str]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from monkeytrain.errors import to_stderr
 from monkeytrain.selection import BALANCED, PLAIN
 from monkeytrain.storage import write_atomically
 
@@ -27,6 +29,12 @@ MAX_FIGURE_INCHES = 30  # Agg refuses images over 2**16 pixels a side; 1000 clas
 MAX_ANNOTATED_CLASSES = 40  # beyond this the count in each cell is too small to read
 MAX_LABELLED_CLASSES = 150  # more ticks than this on 30 inches would be under 7 pt apart: every k-th is named
 MAX_LABEL_CHARACTERS = 32  # a longer class name is cut in its middle; the matrix keeps its room
+# Fonts that draw what matplotlib's own DejaVu Sans lacks, CJK above all, each used where installed: matplotlib
+# (>= 3.6) draws a character in the first font of a family list that has it.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Arial Unicode MS",
+                  "Microsoft YaHei", "Hiragino Sans", "PingFang SC", "Malgun Gothic", "Noto Sans")
+MISSING_GLYPH = re.compile(r"^Glyph (\d+) .*missing from font")  # matplotlib's warning, as it draws a box
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:
@@ -58,7 +66,8 @@ def number(value) -> float:
 
 def plot_curves(series: dict[str, list[float]], path: Path, best_epoch: int | None = None,
                 selected_on: str = PLAIN) -> Path:
-    return save(curves_figure(series, best_epoch, selected_on), path)
+    save(curves_figure(series, best_epoch, selected_on), path)
+    return path
 
 
 def curves_figure(series: dict[str, list[float]], best_epoch: int | None = None,
@@ -117,7 +126,15 @@ def highest_epoch(epochs: list[int], accuracies: list[float]) -> int | None:
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[float]], class_names: Sequence[str], path: Path) -> Path:
-    return save(confusion_figure(matrix, class_names), path)
+    """confusion_matrix.png, and one warning where some class names are drawn as empty boxes."""
+    missing = save(confusion_figure(matrix, class_names), path)
+    undrawn = [name for name in class_names if missing & set(name)]
+    if undrawn:
+        to_stderr("warning", f"{path.name} shows {len(undrawn)} of the {len(class_names)} class names ('{undrawn[0]}' "
+                             "among them) as empty boxes: no installed font draws their characters; results.json "
+                             "and its confusion matrix hold the names (installed, a font such as Noto Sans CJK draws "
+                             "them).")
+    return path
 
 
 def confusion_figure(matrix: Sequence[Sequence[float]], class_names: Sequence[str]) -> Figure:
@@ -149,10 +166,20 @@ def label_classes(axes, class_names: Sequence[str]) -> None:
     size = min(10, max(5, 1000 / len(ticks)))
     # Slanted names read well when few; many would overlap their neighbours unless upright.
     slant = dict(rotation=45, ha="right", rotation_mode="anchor") if n <= MAX_ANNOTATED_CLASSES else dict(rotation=90)
-    axes.set_xticks(ticks, labels=labels, fontsize=size, **slant)
-    axes.set_yticks(ticks, labels=labels, fontsize=size)
+    fonts = class_name_fonts()
+    axes.set_xticks(ticks, labels=labels, fontsize=size, fontfamily=fonts, **slant)
+    axes.set_yticks(ticks, labels=labels, fontsize=size, fontfamily=fonts)
     named = "" if len(ticks) == n else f" (one class in {ticks[1]} named)"
     axes.set(xlabel=f"predicted{named}", ylabel=f"true{named}")
+
+
+def class_name_fonts() -> list[str]:
+    """The font families of the class names: matplotlib's default, then each of FALLBACK_FONTS installed (one
+    that is not would cost a findfont warning of its own). Set on the labels, not in rcParams: no global state."""
+    from matplotlib import font_manager, rcParams
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return [*rcParams["font.family"], *(name for name in FALLBACK_FONTS if name in installed)]
 
 
 def class_ticks(class_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -211,14 +238,21 @@ def new_figure(**options) -> Figure:
     return figure
 
 
-def save(figure: Figure, path: Path) -> Path:
-    with warnings.catch_warnings():
-        # Class names in a script the bundled font lacks (CJK, say) are drawn as boxes; matplotlib's
-        # warning, once per character and pointing into this file, would tell a user nothing more.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+def save(figure: Figure, path: Path) -> set[str]:
+    """Write `figure` to `path` as a PNG; the characters no font of their text could draw (as empty boxes).
+    matplotlib warns of each, pointing into this file, which would tell a user nothing: the caller says it once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         # atomically: a disk that fills up while drawing leaves no half a picture
         write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=110), durable=False)
-    return path
+    missing = set()
+    for warning in caught:
+        glyph = MISSING_GLYPH.match(str(warning.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:  # any other, as it was
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return missing
 
 
 def write_run_plots(run_dir: Path, results: dict) -> list[Path]:

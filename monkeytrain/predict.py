@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from monkeytrain.data.loaders import DecodedOrWhyNot, as_list, sharded_loader
 from monkeytrain.data.views import view_dataset
 from monkeytrain.engine import EvalResult, evaluate
 from monkeytrain.errors import UserError, to_stderr
+from monkeytrain.runrecords import DATA_RECORD
 
 
 @dataclass(frozen=True)
@@ -338,12 +340,18 @@ def test_split_of(folder: Path) -> Path | None:
         return None
 
 
-def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
-                    batch_size: int = 32) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile]]:
+def evaluate_folder(checkpoint: Path, folder: Path, accelerator, batch_size: int = 32,
+                    allow_training_images: bool = False
+                    ) -> tuple[EvalResult, CheckpointInfo, list[SkippedFile], TrainingImages | None]:
     """Score a checkpoint on a folder of class subfolders (any split, any rank count). Each image is decoded
-    once, in the evaluation: one damaged past its header is skipped then, with a warning."""
+    once, in the evaluation: one damaged past its header is skipped then, with a warning. The folder its run
+    trained on is refused (its figure would be no test figure), unless `allow_training_images`: then the last
+    item says how many of the images trained it, for the caller to say so."""
     classifier, info = load_classifier(checkpoint, accelerator.device)
     images, skipped = labelled_folder(folder, info, scan=glance_at_files)
+    trained = training_images_among(checkpoint, info, folder, images)
+    if trained and not allow_training_images:
+        raise UserError(trained.refusal())
     loader = sharded_loader(DecodedOrWhyNot(view_dataset(images, info.image_size)), batch_size, 0,
                             accelerator.process_index, accelerator.num_processes, collate_fn=as_list)
     batches = (views_and_labels(images_and_views, accelerator.device)
@@ -353,7 +361,98 @@ def evaluate_folder(checkpoint: Path, folder: Path, accelerator,
     if not result.count:  # the same on every rank: a sum over all of them
         raise UserError(f"{folder} has no readable images (each is named above); add images to its class "
                         "subfolders.")
-    return result, info, skipped
+    return result, info, skipped, trained
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """Images given to evaluate that trained the checkpoint: `count` of the `total` in `folder`, or None
+    where no data manifest of its run lies beside it to count them (the folder is the one it trained on)."""
+    folder: Path
+    count: int | None
+    total: int
+    honest_figure: str  # where the run's figure on its test split is, with that figure where known
+
+    def how_many(self) -> str:
+        if self.count is None:
+            return f"most of the {self.total} images in {self.folder} trained this checkpoint (its run trained on it)"
+        return f"{self.count} of the {self.total} images in {self.folder} trained this checkpoint"
+
+    def refusal(self) -> str:
+        return (f"{self.how_many()}, so their accuracy would be no test figure; {self.honest_figure}, and a folder "
+                "of images the checkpoint never saw gives a new one (--allow-training-images scores these anyway, "
+                "as a check of how well it fits them).")
+
+    def warning(self) -> str:
+        return f"{self.how_many()}: the accuracy below is how well it fits them, not a test figure."
+
+
+def training_images_among(checkpoint: Path, info: CheckpointInfo, folder: Path,
+                          images: list[ImageFile]) -> TrainingImages | None:
+    """Which of a folder's `images` trained the checkpoint, where the folder is the one its run trained on
+    (by resolved path: a link or another spelling is the same folder): counted from the run's data manifest
+    beside the checkpoint, else (a checkpoint copied away) all taken for training images. None where none did."""
+    trained_on = training_folder(info, folder)
+    if trained_on is None or not is_same_folder(folder, trained_on):
+        return None
+    count = counted_in_manifest(checkpoint.parent / DATA_RECORD, info, folder, images)
+    if count == 0:  # the folder holds other images now than those the run listed
+        return None
+    return TrainingImages(folder, count, len(images), honest_figure(checkpoint.parent))
+
+
+def honest_figure(run_dir: Path) -> str:
+    """Where the run's accuracy on the test split it held out is to be read, in words, with that figure where
+    the run's results.json lies beside the checkpoint."""
+    from monkeytrain.rundir import RESULTS_NAME  # here: rundir imports this module, through results
+
+    results = run_dir / RESULTS_NAME
+    try:
+        scored = json.loads(results.read_text())
+        accuracy, images = scored["test_accuracy"], scored["test_images"]
+        return f"its run's figure is {accuracy:.2%} on its {images} test images ({results})"
+    except (OSError, ValueError, KeyError, TypeError):  # none there, or a tune trial's, never tested (null)
+        return "its run's results.json holds its figure on its test split, which it never trained on"
+
+
+def training_folder(info: CheckpointInfo, folder: Path) -> Path | None:
+    """The folder of class subfolders the checkpoint's run trained on, as its header records it: --train-dir,
+    or the training split of --data (--data itself where it holds no split folders); None for the built-in
+    synthetic set. The layout of --data is read only where `folder` lies in it: reading it may warn of folders."""
+    config = info.config
+    if config.get("train_dir"):
+        return Path(config["train_dir"])
+    data = config.get("data")
+    if info.synthetic_data or not isinstance(data, str) or not is_within(folder, Path(data)):
+        return None
+    try:
+        return layout.folders_from_root(Path(data)).train
+    except UserError:  # no layout that training takes now: the data changed since, so the folder itself
+        return Path(data)
+
+
+def is_within(folder: Path, root: Path) -> bool:
+    resolved, root = folder.resolve(), root.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def is_same_folder(folder: Path, other: Path) -> bool:
+    return folder.resolve() == other.resolve()
+
+
+def counted_in_manifest(record: Path, info: CheckpointInfo, folder: Path, images: list[ImageFile]) -> int | None:
+    """How many of `images` (in `folder`, the run's training folder) the run's data manifest lists among its
+    training files; None without a readable manifest of this checkpoint's classes at `record`. Its paths are
+    as training was given them, so each is taken relative to its training folder (its `root`)."""
+    try:
+        manifest = json.loads(record.read_text())
+        root, trained = manifest["root"], manifest["files"]["train"]
+        listed = {os.path.normpath(os.path.relpath(path, root)) for path in trained}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if manifest.get("class_folders") != info.class_folders:  # another run's
+        return None
+    return sum(os.path.normpath(os.path.relpath(image.path, folder)) in listed for image in images)
 
 
 def views_and_labels(images_and_views: tuple[list[ImageFile], torch.Tensor], device) -> tuple[torch.Tensor, ...]:

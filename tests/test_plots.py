@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from monkeytrain import plots
 from monkeytrain.plots import (
     CONFUSION_NAME,
     CURVES_NAME,
@@ -136,10 +137,27 @@ def test_plot_confusion_matrix_writes_a_png(tmp_path):
     assert_png(path, min_width=700, min_height=700)
 
 
-def test_class_names_the_font_cannot_draw_give_no_matplotlib_warning(tmp_path, recwarn):
-    path = plot_confusion_matrix([[3, 1], [0, 4]], ["狗", "猫"], tmp_path / CONFUSION_NAME)
+def test_class_names_no_font_can_draw_are_one_warning_line_not_matplotlibs(tmp_path, recwarn, capsys, monkeypatch):
+    """Boxes in place of '東京' said nothing: two CJK classes looked alike, and nothing told that the picture lost
+    its names. No fallback font here (none installed on the test machine draws CJK either)."""
+    monkeypatch.setattr(plots, "FALLBACK_FONTS", (), raising=False)
+    path = plot_confusion_matrix([[3, 1, 0], [0, 4, 0], [0, 0, 1]], ["狗", "cat", "猫猫"], tmp_path / CONFUSION_NAME)
     assert_png(path, min_width=300, min_height=300)
     assert [str(w.message) for w in recwarn] == []
+    assert capsys.readouterr().err == (
+        "monkeytrain: warning: confusion_matrix.png shows 2 of the 3 class names ('狗' among them) as empty boxes: no "
+        "installed font draws their characters; results.json and its confusion matrix hold the names (installed, a "
+        "font such as Noto Sans CJK draws them).\n")
+
+
+def test_class_names_are_drawn_in_an_installed_fallback_font_where_the_default_lacks_them(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """DejaVu Sans lacks the arc (U+2312) that DejaVu Sans Mono has, as it lacks CJK that Noto Sans CJK has."""
+    monkeypatch.setattr(plots, "FALLBACK_FONTS", ("Not Installed Anywhere", "DejaVu Sans Mono"), raising=False)
+    axes = confusion_figure([[1, 0], [0, 1]], ["⌒ arc", "line"]).axes[0]
+    assert axes.get_xticklabels()[0].get_fontfamily() == ["sans-serif", "DejaVu Sans Mono"]
+    plot_confusion_matrix([[1, 0], [0, 1]], ["⌒ arc", "line"], tmp_path / CONFUSION_NAME)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("matrix, names", [

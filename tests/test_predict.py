@@ -418,3 +418,85 @@ def test_the_readmes_timm_snippet_gives_predicts_answers(split, capsys, tmp_path
         [top] = answer["top"]
         assert capsys.readouterr().out == f"{top['class']} {top['probability']:.1%}\n"
         assert scope["probabilities"].max().item() == pytest.approx(top["probability"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_folder_run(tmp_path_factory) -> dict:
+    """A tiny run on one folder of class subfolders, its test split held out of it (--test-fraction)."""
+    from conftest import train_here
+
+    root = tmp_path_factory.mktemp("one-folder")
+    data = write_image_folder(root / "pets", layout="image-folder", classes=3, per_class=10)
+    train_here(["--data", str(data), "--model", TINY, "--cpu", "--epochs", "1", "--max-batches-per-epoch", "2",
+                "--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--report-to", "none",
+                "--run-name", "pets"], root, MONKEYTRAIN_CACHE=str(root / "cache"))
+    run_dir = root / "runs" / "pets"
+    return {"data": data, "checkpoint": run_dir / "best.safetensors", "run_dir": run_dir,
+            "manifest": json.loads((run_dir / "data_manifest.json").read_text()),
+            "results": json.loads((run_dir / "results.json").read_text())}
+
+
+def test_evaluate_refuses_the_one_folder_a_run_trained_on_and_counts_its_training_images(one_folder_run, capsys):
+    """`evaluate runs/x/best.safetensors data` of a run whose test split was held out of data scored 354 images,
+    80% of them the training images, as if it were a test figure (86% where the run's honest figure was 84%)."""
+    data, run_dir, results = one_folder_run["data"], one_folder_run["run_dir"], one_folder_run["results"]
+    trained = len(one_folder_run["manifest"]["files"]["train"])
+    assert 0 < trained < 30
+    for spelled in (data, Path(f"{data}/"), data / "." / "n0" / ".."):
+        assert error_of(["evaluate", "--cpu", "--checkpoint", str(one_folder_run["checkpoint"]), str(spelled)],
+                        capsys) == (
+            f"monkeytrain: error: {trained} of the 30 images in {spelled} trained this checkpoint, so their accuracy "
+            f"would be no test figure; its run's figure is {results['test_accuracy']:.2%} on its "
+            f"{results['test_images']} test images ({run_dir / 'results.json'}), and a folder of images the "
+            "checkpoint never saw gives a new one (--allow-training-images scores these anyway, as a check of how "
+            "well it fits them).")
+
+
+def test_evaluate_scores_a_runs_training_images_when_allowed_and_says_it_is_no_test_figure(one_folder_run,
+                                                                                          capsys):
+    data, checkpoint = one_folder_run["data"], str(one_folder_run["checkpoint"])
+    trained = len(one_folder_run["manifest"]["files"]["train"])
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--allow-training-images", "--checkpoint", checkpoint, str(data)])
+    printed, warned = capsys.readouterr()
+    scored = json.loads(printed)
+    assert scored["images"] == 30 and scored["training_images"] == trained
+    assert warned == (f"monkeytrain: warning: {trained} of the 30 images in {data} trained this checkpoint: the "
+                      "accuracy below is how well it fits them, not a test figure.\n")
+    cli.main(["evaluate", "--cpu", "--allow-training-images", "--checkpoint", checkpoint, str(data)])
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        f"; not a test figure: {trained} of these 30 images trained the checkpoint")
+
+
+def test_evaluate_scores_a_runs_data_moved_elsewhere_or_images_it_never_saw(one_folder_run, capsys, tmp_path):
+    """Only the folder the run trained on is refused: a copy of it elsewhere (the data moved, the header's path
+    no longer there) is scored, and so is a folder of other images."""
+    moved = shutil.copytree(one_folder_run["data"], tmp_path / "moved")
+    fresh = write_image_folder(tmp_path / "fresh", layout="image-folder", classes=3, per_class=2, seed=7)
+    checkpoint = str(one_folder_run["checkpoint"])
+    for folder, images in ((moved, 30), (fresh, 6)):
+        capsys.readouterr()
+        cli.main(["evaluate", "--cpu", "--json", "--checkpoint", checkpoint, str(folder)])
+        printed, warned = capsys.readouterr()
+        assert json.loads(printed)["images"] == images and "training_images" not in json.loads(printed)
+        assert warned == ""
+
+
+def test_evaluate_refuses_a_runs_training_split_folder_without_its_run_folder(split, capsys, tmp_path,
+                                                                             make_image_folder):
+    """A checkpoint copied away from its run (no data manifest to count from) still records the data it trained
+    on: the training split of a train/ + test/ root, here through a link, is refused; its test/ is scored."""
+    root = make_image_folder(tmp_path / "data", layout="train-test", classes=3, per_class=2)
+    (tmp_path / "alone").mkdir()
+    info = CheckpointInfo(TINY, ["a", "b", "c"], ["n0", "n1", "n2"], [0.5] * 3, [0.25] * 3, 32, 1, 0.5,
+                          {**TrainConfig(model=TINY, image_size=32).to_dict(), "data": str(root)})
+    checkpoint = str(save_checkpoint(tmp_path / "alone", create_model(TINY, 3).eval(), info))
+    (tmp_path / "linked").symlink_to(root / "train")
+    assert error_of(["evaluate", "--cpu", "--checkpoint", checkpoint, str(tmp_path / "linked")], capsys) == (
+        f"monkeytrain: error: most of the 6 images in {tmp_path / 'linked'} trained this checkpoint (its run trained "
+        "on it), so their accuracy would be no test figure; its run's results.json holds its figure on its test "
+        "split, which it never trained on, and a folder of images the checkpoint never saw gives a new one "
+        "(--allow-training-images scores these anyway, as a check of how well it fits them).")
+    capsys.readouterr()
+    cli.main(["evaluate", "--cpu", "--json", "--checkpoint", checkpoint, str(root / "test")])
+    assert json.loads(capsys.readouterr().out)["images"] == 6
