@@ -308,7 +308,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from monkeytrain.cachefolder import cache_folder
-    from monkeytrain.data.dataset import discover_splits
+    from monkeytrain.data.dataset import discover_splits, why_no_held_out_image
 
     config = inspected_config(args)
     root, folders = inspected_folders(config)
@@ -326,8 +326,9 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"  {split:<5} {origin}")
     for split in splits.named_splits():  # the counts above do not say which, past MAX_LISTED_CLASSES
         missing = splits.classes_missing_from(split)
-        if missing:
-            print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(map(shown_folder, missing))}")
+        if missing:  # with the reason training's warning gives
+            print(f"  {split:<5} has no image of {len(missing)} class(es): {', '.join(map(shown_folder, missing))} "
+                  f"({why_no_held_out_image(splits, missing)})")
     for line in class_lines(splits.class_folders, splits.class_names):
         print(line)
     for bad in splits.skipped:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from monkeytrain.data.splits import CONTENT_HASH, HELD_OUT_BY, SEEDED_SHUFFLE
 from monkeytrain.errors import UserError
 from monkeytrain.selection import BALANCED, PLAIN
 from monkeytrain.tune_flags import with_preset_values
@@ -119,6 +120,7 @@ def check_same_search(study, space: dict, fixed: dict, study_dir: Path) -> None:
     """A study continues only with the space and fixed flags it began with: other trials would not compare."""
     from monkeytrain.tune_space import space_json
 
+    check_same_held_out_order(study, study_dir)
     values = with_preset_values(fixed)
     for key, value in (("space", space_json(space)), ("fixed_flags", json.dumps(values, sort_keys=True))):
         kept = study.user_attrs.get(key)
@@ -136,3 +138,24 @@ def same_fixed_flags(kept: str, values: dict, fixed: dict) -> bool:
     from monkeytrain.config import with_absolute_paths
 
     return with_absolute_paths(json.loads(kept)) in (with_absolute_paths(values), with_absolute_paths(fixed))
+
+
+def check_same_held_out_order(study, study_dir: Path) -> None:
+    """A study continues only on the validation images its trials chose their best epochs on: the order they
+    were held out by is kept (before the space, so a worker that sees the space sees it too). A study that kept
+    its space but no order began before content hashes (splits.SEEDED_SHUFFLE); once it scored a trial, new
+    trials, held out by content hash, would be ranked against it on other images. Enqueued trials (the README's
+    recipe, before any worker) and a space kept by a worker that scored nothing leave nothing to compare with."""
+    import optuna
+
+    kept = study.user_attrs.get(HELD_OUT_BY)
+    if kept is None and study.user_attrs.get("space") is not None:
+        scored = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED))
+        kept = SEEDED_SHUFFLE if scored else None
+    if kept is None:
+        study.set_user_attr(HELD_OUT_BY, CONTENT_HASH)
+    elif kept != CONTENT_HASH:
+        raise UserError(f"{study_dir} holds a study whose trials chose their best epochs on validation images held "
+                        "out the old way (by a seeded shuffle), and new trials would select on other images, so they "
+                        "would not compare; begin a new --study-dir (this one's trials stay where they are).")

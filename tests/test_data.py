@@ -430,6 +430,22 @@ def test_resolve_dataset_warns_once_about_each_oversized_image(tmp_path, make_im
     assert len(large) == 1 and "huge.png" in large[0]
 
 
+def test_a_class_of_copies_with_no_held_out_image_is_warned_as_one_image(tmp_path, make_image_folder,
+                                                                        cpu_accelerator):
+    """Ten identical files are one image, kept in training with its copies: "add images" alone would mislead."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class={"n0": 1})
+    for i in range(9):
+        shutil.copyfile(root / "n0" / "n0_000.png", root / "n0" / f"copy_{i}.png")
+    log = RecordedLog()
+    resolve_dataset(parse_config(["--data", str(root), "--cache-dir", str(tmp_path / "c")]), cpu_accelerator, log)
+    warnings = [w for w in log.warnings if "held-out" in w]
+    assert warnings[0] == (
+        "class folder(s) n0 have no held-out validation image (one distinct training image stays in training: its "
+        "10 training files are copies of one image, and copies stay together on one side), so the best epoch is "
+        "chosen without them; add different images to them.")
+    assert len(warnings) == 2 and "held-out test image" in warnings[1] and "10 training files" in warnings[1]
+
+
 def test_a_class_with_no_held_out_image_is_named_in_a_warning(tmp_path, make_image_folder, cpu_accelerator):
     """One training image of class n0 must stay in training, so the best epoch is chosen without n0."""
     root = make_image_folder(tmp_path / "d", layout="kaggle", classes=3, per_class={"n0": 1})
@@ -469,3 +485,20 @@ def test_classes_too_small_to_hold_out_a_split_are_one_user_error(tmp_path, make
     root = make_image_folder(tmp_path / "two", layout="train-test", classes=2, per_class=1)
     with pytest.raises(UserError, match="no image is left for the validation split"):
         discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False)
+
+
+@pytest.mark.parametrize("layout_name, split", [("image-folder", "test"), ("train-test", "validation")])
+def test_classes_of_copies_too_few_to_hold_out_say_how_many_distinct_images_they_hold(
+        tmp_path, make_image_folder, layout_name, split):
+    """Twelve identical files a class: each class is one image, copies stay together, so nothing is held out;
+    "too small ... add images" with 24 files read as wrong."""
+    root = make_image_folder(tmp_path / "d", layout=layout_name, classes=2, per_class=1)
+    for image in (root / "train").glob("*/*.png") if layout_name == "train-test" else root.glob("*/*.png"):
+        for i in range(11):
+            shutil.copyfile(image, image.with_name(f"copy_{i}.png"))
+    config = parse_config(["--data", str(root)])
+    with pytest.raises(UserError) as error:
+        discover_splits(find_split_folders(config, root), config.val_fraction, config.seed, strict=False)
+    assert str(error.value) == (
+        f"no image is left for the {split} split: each class holds only 1 distinct image (24 files, 22 of them "
+        "copies): copies stay together on one side, so none can be held out; add different images to the classes.")

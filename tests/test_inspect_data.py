@@ -4,6 +4,7 @@ give each split an image, folders named by numbers or not in UTF-8, images too l
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -22,9 +23,23 @@ def test_the_classes_a_held_out_split_lacks_are_named_past_the_listed_counts(cap
     cli.main(["inspect-data", str(root)])
     lines = capsys.readouterr().out.splitlines()
     assert "  test     24 images  per class 0 to 1, median 1" in lines  # which class has 0 is not said here
-    assert "  val   has no image of 1 class(es): n7" in lines
-    assert "  test  has no image of 1 class(es): n7" in lines
+    assert "  val   has no image of 1 class(es): n7 (one distinct training image stays in training)" in lines
+    assert "  test  has no image of 1 class(es): n7 (one distinct training image stays in training)" in lines
     assert not [line for line in lines if line.startswith("  train has no image")]
+
+
+def test_a_class_of_copies_a_held_out_split_lacks_is_named_with_the_reason_training_warns(capsys, tmp_path,
+                                                                                       make_image_folder):
+    """Ten copies of one image stay in training together: inspect-data said only that val had no image of it."""
+    root = make_image_folder(tmp_path / "d", layout="image-folder", classes=2, per_class={"n0": 1}, size=8)
+    for i in range(9):
+        shutil.copyfile(root / "n0" / "n0_000.png", root / "n0" / f"copy_{i}.png")
+    cli.main(["inspect-data", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    why = ("one distinct training image stays in training: its 10 training files are copies of one image, and copies "
+           "stay together on one side")
+    assert f"  val   has no image of 1 class(es): n0 ({why})" in lines
+    assert f"  test  has no image of 1 class(es): n0 ({why})" in lines
 
 
 def test_classes_are_listed_by_label_with_a_name_only_where_it_differs(capsys, tmp_path, make_image_folder):
@@ -59,7 +74,7 @@ def test_a_class_folder_whose_name_is_not_utf8_shows_its_bytes_beside_its_displa
     lines = capsys.readouterr().out.splitlines()
     start = lines.index("  classes by label (folder: name where it differs):")
     assert lines[start + 1:start + 3] == ["  0. b\\xe9bird: b\ufffdbird", "  1. n1"]
-    assert "  test  has no image of 1 class(es): b\\xe9bird" in lines  # its one image stays in training
+    assert "  test  has no image of 1 class(es): b\\xe9bird (one distinct training image stays in training)" in lines
 
 
 def test_an_image_over_pillows_decompression_bomb_limit_is_noted_as_training_warns(capsys, tmp_path, monkeypatch,

@@ -248,9 +248,21 @@ def empty_class_problem(splits: DatasetSplits, class_folder: Path, label: int) -
 def check_held_out_splits(splits: DatasetSplits) -> None:
     """A split held out of too few images can end up empty: its accuracy would read 0% of nothing."""
     for name, files in (("test", splits.test), ("validation", splits.val)):
-        if not files:
-            raise UserError(f"no image is left for the {name} split: each class is too small to hold one out "
-                            f"({len(splits.train)} images in all); add images to the classes.")
+        if not files:  # nothing was held out, so every image of the folder is in training
+            raise UserError(f"no image is left for the {name} split: {why_none_held_out(splits.train)}")
+
+
+def why_none_held_out(files: list[ImageFile]) -> str:
+    """Why no class could hold an image out of `files`, and what to add. Identical files stay together on one
+    side, so a class of copies is one image: "add images" would mislead where it already has a dozen files."""
+    copies = len(files) - len({f.digest for f in files})
+    if not copies:
+        return f"each class is too small to hold one out ({len(files)} images in all); add images to the classes."
+    distinct = [len({f.digest for f in files if f.label == label}) for label in {f.label for f in files}]
+    held = "each class holds only 1 distinct image" if set(distinct) == {1} else \
+        f"the classes hold only {sum(distinct)} distinct images"
+    return (f"{held} ({len(files)} files, {copies} of them copies): copies stay together on one side, so none "
+            "can be held out; add different images to the classes.")
 
 
 def resolve_dataset(config: TrainConfig, accelerator, log) -> DatasetSplits:
@@ -304,11 +316,33 @@ def report_data_problems(splits: DatasetSplits, log) -> None:
     for split, consequence in (("val", "the best epoch is chosen"), ("test", "the test figure is")):
         missing = splits.classes_missing_from(split)
         if missing:
-            log.warn(f"class folder(s) {', '.join(missing)} have no held-out {HELD_OUT_NAMES[split]} image (one "
-                     f"distinct training image stays in training), so {consequence} without them; add images to them.")
+            more = "different images" if copied_classes(splits, missing) else "images"
+            log.warn(f"class folder(s) {', '.join(missing)} have no held-out {HELD_OUT_NAMES[split]} image "
+                     f"({why_no_held_out_image(splits, missing)}), so {consequence} without them; add {more} to them.")
     if splits.selection_on_test:
         log.warn("--val-fraction 0: the best epoch is chosen on the test split, so the test figure "
                  "will be selection-biased.")
+
+
+def why_no_held_out_image(splits: DatasetSplits, missing: list[str]) -> str:
+    """Why the class folders `missing` have no image in a held-out split, as training warns and inspect-data
+    shows it: each keeps its one distinct image for training, which may be many identical files."""
+    copied = copied_classes(splits, missing)
+    if not copied:
+        return "one distinct training image stays in training"
+    files = (f"its {copied[0]} training files are copies of one image" if len(missing) == 1 else
+             f"the {sum(copied)} training files of {len(copied)} of them are copies of one image each")
+    return f"one distinct training image stays in training: {files}, and copies stay together on one side"
+
+
+def copied_classes(splits: DatasetSplits, folders: list[str]) -> list[int]:
+    """How many training files each of these class folders has, for those whose several are all one image."""
+    counts = []
+    for label in (splits.class_folders.index(folder) for folder in folders):
+        digests = [f.digest for f in splits.train if f.label == label]
+        if len(digests) > 1 and len(set(digests)) == 1:
+            counts.append(len(digests))
+    return counts
 
 
 def elongated_warning(splits: DatasetSplits) -> Optional[str]:
