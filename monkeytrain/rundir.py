@@ -37,7 +37,7 @@ MAY_CHANGE_ON_RESUME = {"num_workers", "cache_dir", "data_pipeline", "recipe", "
                         "cpu", "cpu_threads", "debug", "score_test", "strict_data"}
 
 # Flags added since runs began: what a run whose config.yaml lacks one had, and goes on with when resumed
-BEFORE_THE_FLAG = {"select_on": BEFORE_SELECT_ON}
+BEFORE_THE_FLAG = {"select_on": BEFORE_SELECT_ON, "hflip": 0.5, "random_erasing": 0.0}
 
 
 def prepare_run_dir(config, accelerator) -> Path:

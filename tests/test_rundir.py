@@ -163,6 +163,19 @@ def test_a_run_begun_choosing_on_one_metric_is_not_resumed_choosing_on_the_other
                                        f"with --select-on accuracy, as it began ({run / CONFIG_NAME}).\n")
 
 
+@pytest.mark.parametrize("flag, given, began", [("hflip", "0.2", 0.5), ("random_erasing", "0.25", 0.0)])
+def test_a_run_begun_before_an_augmentation_flag_goes_on_augmenting_as_it_began(tmp_path, capsys, flag, given, began):
+    """Its images were mirrored half the time and never erased: a resume with the new flag would change its
+    augmentation half-way through, silently, as config.yaml has nothing to compare the flag with."""
+    yaml_text = config_yaml(parse_config(["--cpu"]))
+    run = run_begun_with(tmp_path, "".join(line for line in yaml_text.splitlines(keepends=True)
+                                           if not line.startswith(f"{flag}:")))
+    config = parse_config([*RESUME, f"--{flag.replace('_', '-')}", given])
+    check_resumed_config(run, config)
+    assert getattr(config, flag) == began
+    assert f"began before --{flag.replace('_', '-')} existed: it goes on with" in capsys.readouterr().err
+
+
 def stopped_run(tmp_path: Path, name: str, with_state: bool = True) -> Path:
     """A run's folder as a stop leaves it: its best checkpoint and, after its first save, a complete state."""
     from monkeytrain.statestore import COMPLETE
