@@ -219,16 +219,19 @@ def test_hflip_0_warps_unmirrored_and_hflip_1_mirrors_even_at_the_highest_draw()
     assert torch.equal(warp(image, scripted_affine(half, [*crop, 0.5, angle]), IMAGE), unflipped)
 
 
-def test_a_flip_chance_replayed_from_a_graph_draws_as_the_eager_step_does():
-    """As --cuda-graphs captures it: the chance is a number on the host, the draw a tensor op; no host sync."""
+@pytest.mark.parametrize("settings", [{"hflip": 0.3}, {"random_erasing": 0.5}])
+def test_a_chance_replayed_from_a_graph_draws_anew_as_the_eager_step_does(settings):
+    """As --cuda-graphs captures it: the chance is a number on the host, the draws tensor ops; no host sync,
+    nothing frozen at capture: each replay is the next eager batch (a flip or an erased rectangle alike)."""
     views = noise_views(batch=16)
-    eager, graphed = augmenter(seed=3, hflip=0.3), augmenter(seed=3, hflip=0.3)
+    eager, graphed = augmenter(seed=3, **settings), augmenter(seed=3, **settings)
     expected = [eager.train(views) for _ in range(3)]
     outputs: list[torch.Tensor] = []
     replay = EmulatedGraphs().capture(lambda: outputs.append(graphed.train(views)))
     for eager_batch in expected:
         replay()
         assert torch.equal(outputs[0], eager_batch)
+    assert not torch.equal(expected[0], expected[1])
     assert torch.equal(graphed.generator.get_state(), eager.generator.get_state())
 
 

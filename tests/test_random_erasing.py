@@ -13,7 +13,6 @@ import torch
 from timm.data.random_erasing import RandomErasing
 
 from conftest import command_error
-from graph_emulator import EmulatedGraphs
 from monkeytrain.config import parse_config
 from monkeytrain.data.augment import (ERASE_AREA, ERASE_ASPECT, Augmenter, AugmentSettings, color_jitter,
                                       erasing_mask, normalize, random_affine, random_erasing, warp)
@@ -143,20 +142,6 @@ def test_erasing_draws_only_from_the_run_generator():
     erasing.train(views())
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
     assert not torch.equal(erasing.generator.get_state(), before)
-
-
-def test_erasing_replayed_from_a_graph_draws_new_rectangles_as_the_eager_step_does():
-    """As --cuda-graphs captures it: no host sync, nothing frozen; each replay is the next eager batch."""
-    batch = views()
-    eager, graphed = augmenter(seed=3, random_erasing=0.5), augmenter(seed=3, random_erasing=0.5)
-    expected = [eager.train(batch) for _ in range(3)]
-    outputs: list[torch.Tensor] = []
-    replay = EmulatedGraphs().capture(lambda: outputs.append(graphed.train(batch)))
-    for eager_batch in expected:
-        replay()
-        assert torch.equal(outputs[0], eager_batch)
-    assert not torch.equal(expected[0], expected[1])
-    assert torch.equal(graphed.generator.get_state(), eager.generator.get_state())
 
 
 def test_the_flag_reaches_the_augmentation_and_is_off_by_default():
