@@ -69,10 +69,10 @@ def run_flags(tmp_path: Path, data: Path, name: str) -> list[str]:
 
 def start(command: list[str], tmp_path: Path, data: Path, name: str) -> subprocess.Popen:
     """The run in its own process group (so the group can be signalled), logging to a file."""
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([*command, *run_flags(tmp_path, data, name)], cwd=tmp_path,
-                            env=environment(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp_path / f"{name}.log", "w") as log:  # the child has its own copy: closed here, never leaked
+        return subprocess.Popen([*command, *run_flags(tmp_path, data, name)], cwd=tmp_path,
+                                env=environment(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 Resume = tuple[tuple[str, ...], int]  # how a run is resumed: its train.py flags, its number of ranks

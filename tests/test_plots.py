@@ -143,7 +143,8 @@ def test_class_names_no_font_can_draw_are_one_warning_line_not_matplotlibs(tmp_p
     monkeypatch.setattr(plots, "FALLBACK_FONTS", (), raising=False)
     path = plot_confusion_matrix([[3, 1, 0], [0, 4, 0], [0, 0, 1]], ["狗", "cat", "猫猫"], tmp_path / CONFUSION_NAME)
     assert_png(path, min_width=300, min_height=300)
-    assert [str(w.message) for w in recwarn] == []
+    # matplotlib's own ("Glyph 29399 missing from font(s) DejaVu Sans"), not a file another test left unclosed
+    assert [str(w.message) for w in recwarn if "glyph" in str(w.message).lower()] == []
     assert capsys.readouterr().err == (
         "monkeytrain: warning: confusion_matrix.png shows 2 of the 3 class names ('狗' among them) as empty boxes: no "
         "installed font draws their characters; results.json and its confusion matrix hold the names (installed, a "
