@@ -9,7 +9,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import NormalDist
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate.utils import gather_object
@@ -135,11 +135,23 @@ def final_evaluation(accelerator, data: RunData, run_dir: Path, best: BestEpoch)
     """Every rank reloads best.safetensors into a fresh model and scores the test split."""
     model, info = load_model(run_dir / BEST_NAME, accelerator.device)
     prepare, forward = inference(model, info)
-    test = evaluate(forward, data.pipeline.eval_batches("test"), prepare, accelerator, info.num_classes)
+    test = evaluate(in_full_precision(forward, accelerator.device.type), data.pipeline.eval_batches("test"),
+                    prepare, accelerator, info.num_classes)
     summary = results_summary(test, info, data.splits, best, run_dir, accelerator.num_processes)
     summary.update(data_pipeline=data.pipeline.mode, resident_data_bytes=data.pipeline.resident_bytes,
                    peak_gpu_memory_bytes=peak_gpu_memory())
     return summary, misclassified(test, data.splits.test, summary["class_names"], accelerator)
+
+
+def in_full_precision(forward: Callable, device_type: str) -> Callable:
+    """`forward` in fp32 whatever precision the run trained in: the test figures are then those of the model
+    as `monkeytrain predict`, `evaluate` and its ONNX export run it (in fp32); under the run's bf16 autocast a
+    test image or two could land in another class than `evaluate` of the same checkpoint puts it in."""
+    def forward_in_fp32(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return forward(images.float())
+
+    return forward_in_fp32
 
 
 def peak_gpu_memory() -> int:

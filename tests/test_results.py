@@ -324,3 +324,18 @@ def test_other_failures_after_training_keep_their_own_line(error, tune, score_te
     with pytest.raises(type(error)) as failed, after_training(dataset_splits(False), score_test):
         raise error
     assert str(failed.value) == line
+
+
+def test_the_test_split_is_scored_in_fp32_under_the_runs_bf16_autocast():
+    """As predict, evaluate and the ONNX export run the checkpoint: the same logits, not bf16-rounded ones."""
+    from monkeytrain.results import in_full_precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_logits, logits = model(images), in_full_precision(model, "cpu")(images)
+    assert autocast_logits.dtype == torch.bfloat16 and not torch.equal(autocast_logits.float(), expected)
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)

@@ -68,6 +68,19 @@ def trained(tmp_path_factory) -> Path:
     return workdir
 
 
+def test_a_bf16_runs_test_figures_are_those_evaluate_gives_its_checkpoint(tmp_path, synthetic_cache, capsys):
+    """The run trains in bf16 (as every GPU run does); predict, evaluate and the ONNX export run its checkpoint in
+    fp32. Scored under the training's autocast, results.json's confusion matrix differed from evaluate's."""
+    train_here(["--debug", "--image-size", "32", "--mixed-precision", "bf16", "--run-name", "bf16"], tmp_path,
+               MONKEYTRAIN_CACHE=str(synthetic_cache))
+    run_dir = tmp_path / "runs" / "bf16"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    scored = json.loads(monkeytrain("evaluate", "--checkpoint", str(run_dir / "best.safetensors"), "--json",
+                                    str(synthetic_cache / synthetic.VERSION / "test"), capsys=capsys))
+    assert scored["confusion_matrix"] == results["confusion_matrix"]
+
+
 def test_default_command_trains_on_synthetic_data_then_predicts(tmp_path, synthetic_cache, capsys):
     done = train_here(["--debug", "--image-size", "32", "--run-name", "demo"], tmp_path,
                       MONKEYTRAIN_CACHE=str(synthetic_cache))
