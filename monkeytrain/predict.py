@@ -27,7 +27,7 @@ from monkeytrain.data.loaders import DecodedOrWhyNot, as_list, sharded_loader
 from monkeytrain.data.views import view_dataset
 from monkeytrain.engine import EvalResult, evaluate
 from monkeytrain.errors import UserError, to_stderr
-from monkeytrain.runrecords import DATA_RECORD
+from monkeytrain.runrecords import DATA_RECORD, from_its_root
 
 
 @dataclass(frozen=True)
@@ -446,9 +446,8 @@ def counted_in_manifest(record: Path, info: CheckpointInfo, folder: Path, images
     as training was given them, so each is taken relative to its training folder (its `root`)."""
     try:
         manifest = json.loads(record.read_text())
-        root, trained = manifest["root"], manifest["files"]["train"]
-        listed = {os.path.normpath(os.path.relpath(path, root)) for path in trained}
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = {os.path.normpath(path) for path in from_its_root(manifest)["files"]["train"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if manifest.get("class_folders") != info.class_folders:  # another run's
         return None
